@@ -1,0 +1,1 @@
+"""Triton kernels and the torch ops that wrap them."""

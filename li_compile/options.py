@@ -1,0 +1,156 @@
+"""The backend's options: one typed, validated object built from ``torch.compile(options=...)``.
+
+Users pass a nested dict::
+
+    torch.compile(model, backend="light_interaction",
+                  options={"inner": "inductor", "sparsity": {"density": 0.5}, "cache": {"reuse_steps": 2}})
+
+Every key is checked: an unknown key or a bad value raises ``ValueError`` naming the key and listing
+what is valid, before anything is compiled. Each approximation the backend makes is a named option
+here, with a default a user can start from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+INNER_COMPILERS = ("inductor", "eager", "tensorrt")
+SIMILARITY_MEASURES = ("proxy", "frustum")
+WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
+
+
+def _choice(values: tuple[str, ...]) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict:
+    return {"range": (lo, hi)}
+
+
+TRIPLE = {"triple": True}  # a (t, h, w) shape of positive ints
+
+
+@dataclass(frozen=True)
+class SparsityOptions:
+    """3D block-sparse attention: tile shape, local window and density budget."""
+
+    enabled: bool = True
+    tile: tuple[int, int, int] = field(default=(1, 8, 16), metadata=TRIPLE)
+    block_q: int = field(default=128, metadata=_range(16, 256))
+    block_k: int = field(default=128, metadata=_range(16, 256))
+    local_window: tuple[int, int, int] | None = field(default=None, metadata=TRIPLE)
+    density: float = field(default=1.0, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    """Adaptive context: which memory frames to keep and how long the temporal window is."""
+
+    enabled: bool = True
+    similarity: str = field(default="proxy", metadata=_choice(SIMILARITY_MEASURES))
+    keep_threshold: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    window_rule: str = field(default="shrink_on_motion", metadata=_choice(WINDOW_RULES))
+    window_min: int = field(default=1, metadata=_range(1, None))
+    window_max: int = field(default=8, metadata=_range(1, None))
+
+    def __post_init__(self) -> None:
+        if self.window_min > self.window_max:
+            raise ValueError(
+                f"context.window_min ({self.window_min}) must not exceed context.window_max ({self.window_max})"
+            )
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Denoising cache: how many early steps a revisit reuses, when a chunk counts as a revisit."""
+
+    enabled: bool = True
+    reuse_steps: int = field(default=2, metadata=_range(0, None))
+    revisit_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    capacity: int = field(default=64, metadata=_range(1, None))
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything the light_interaction backend can be told. Build with ``Options.from_user``."""
+
+    inner: str = field(default="inductor", metadata=_choice(INNER_COMPILERS))
+    sparsity: SparsityOptions = field(default_factory=SparsityOptions)
+    context: ContextOptions = field(default_factory=ContextOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
+    debug: bool = False
+
+    @classmethod
+    def from_user(cls, options: "Options | Mapping[str, Any] | None") -> "Options":
+        """Validate what the user passed as ``torch.compile(..., options=)`` and return an ``Options``."""
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"light_interaction options must be a dict or li_compile.Options, got {type(options).__name__}"
+            )
+        return _build(cls, options, prefix="")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ValueError(f"unknown option {path!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: {sorted(fields)}")
+        kwargs[key] = _check(fields[key], value, path)
+    return cls(**kwargs)
+
+
+def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default):
+        if isinstance(value, type(default)):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"option {path!r} must be a dict of {sorted(x.name for x in dataclasses.fields(default))}, got {value!r}")
+        return _build(type(default), value, prefix=f"{path}.")
+    if "choices" in f.metadata:
+        if value not in f.metadata["choices"]:
+            raise ValueError(f"option {path!r} must be one of {list(f.metadata['choices'])}, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"option {path!r} must be True or False, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        return _check_number(f, value, path, integer=isinstance(default, int))
+    if f.metadata.get("triple"):
+        return _check_int_triple(value, path, optional=default is None)
+    return value
+
+
+def _check_number(f: dataclasses.Field, value: Any, path: str, integer: bool) -> Any:
+    kind = "an int" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ValueError(f"option {path!r} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"option {path!r} must be finite, got {value!r}")
+    lo, hi = f.metadata.get("range", (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"option {path!r} must be in [{lo}, {'inf' if hi is None else hi}], got {value!r}")
+    return value
+
+
+def _check_int_triple(value: Any, path: str, optional: bool) -> tuple[int, int, int] | None:
+    if value is None and optional:
+        return None
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        expected = "(t, h, w) of positive ints" + (" or None" if optional else "")
+        raise ValueError(f"option {path!r} must be {expected}, got {value!r}")
+    return tuple(value)

@@ -1,0 +1,68 @@
+"""The ordered list of FX passes the backend runs, and how it runs them.
+
+A pass is a function ``pass_fn(gm, ctx) -> None`` that rewrites ``gm`` (a torch-level FX graph,
+as Dynamo hands it to the backend) in place and records every site it looked at in
+``ctx.compilation.sites``. Passes run on a working copy of the graph: if any pass raises, the
+copy is dropped, the reason is recorded, and the untouched graph goes to the inner compiler, so
+a pass bug costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import fx
+
+from li_compile.options import Options
+from li_compile.reporting import Compilation, Site
+
+log = logging.getLogger("li_compile")
+
+
+@dataclass
+class PassContext:
+    """What a pass may read (options, example inputs) and where it records its sites."""
+
+    options: Options
+    example_inputs: Sequence[torch.Tensor]
+    compilation: Compilation
+
+
+GraphPass = Callable[[fx.GraphModule, PassContext], None]
+
+# Filled by later passes, in the order they must run.
+PASSES: list[GraphPass] = []
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass] | None = None) -> fx.GraphModule:
+    """Run ``passes`` (default ``PASSES``) on a copy of ``gm``; return the rewritten copy, or ``gm``
+    itself with a skipped "graph" site recording why, if a pass failed."""
+    passes = PASSES if passes is None else passes
+    if not passes:
+        return gm
+    work = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+    recorded = len(ctx.compilation.sites)
+    try:
+        for graph_pass in passes:
+            graph_pass(work, ctx)
+        work.graph.lint()
+        work.recompile()
+    except Exception as exc:  # noqa: BLE001 - any pass failure means: compile the original graph
+        reason = f"pass {getattr(graph_pass, '__name__', graph_pass)} failed ({type(exc).__name__}: {exc}); graph left as written"
+        log.warning("light_interaction: %s", reason)
+        del ctx.compilation.sites[recorded:]
+        ctx.compilation.sites.append(Site(kind="graph", status="skipped", reason=reason))
+        return gm
+    return work
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new_graph = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    output = new_graph.graph_copy(graph, val_map={}, return_output_node=True)
+    if isinstance(output, tuple):  # graph_copy returns (value, output_node) when asked for the node
+        output = output[0]
+    new_graph.output(output)
+    return new_graph

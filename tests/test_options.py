@@ -1,0 +1,62 @@
+"""The options object: defaults, nested dicts, and clear errors for bad keys and values."""
+
+import pytest
+import torch
+
+from li_compile import Options
+from li_compile.options import INNER_COMPILERS
+
+
+def test_defaults_when_no_options_given():
+    opts = Options.from_user(None)
+    assert opts == Options()
+    assert opts.inner == "inductor"
+
+
+def test_nested_dict_sets_section_fields():
+    opts = Options.from_user({"inner": "eager", "sparsity": {"density": 0.25, "tile": [2, 8, 8]}, "cache": {"reuse_steps": 3}})
+    assert opts.inner == "eager"
+    assert opts.sparsity.density == 0.25
+    assert opts.sparsity.tile == (2, 8, 8)
+    assert opts.cache.reuse_steps == 3
+    assert opts.context == Options().context
+
+
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        ({"speed": "max"}, ["'speed'", "inner", "sparsity"]),
+        ({"sparsity": {"densty": 0.5}}, ["'sparsity.densty'", "density"]),
+        ({"inner": "tvm"}, ["'inner'", *INNER_COMPILERS]),
+        ({"sparsity": {"density": 1.5}}, ["'sparsity.density'", "[0.0, 1.0]"]),
+        ({"sparsity": {"density": float("nan")}}, ["'sparsity.density'", "finite"]),
+        ({"sparsity": {"tile": (1, 8)}}, ["'sparsity.tile'", "(t, h, w)"]),
+        ({"cache": {"reuse_steps": 1.5}}, ["'cache.reuse_steps'", "an int"]),
+        ({"cache": {"enabled": "yes"}}, ["'cache.enabled'", "True or False"]),
+        ({"context": {"window_min": 9, "window_max": 4}}, ["window_min", "window_max"]),
+        ({"context": "fast"}, ["'context'", "keep_threshold"]),
+    ],
+)
+def test_bad_options_name_the_key_and_the_valid_values(options, names):
+    with pytest.raises(ValueError) as err:
+        Options.from_user(options)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_bad_options_fail_at_compile_time_through_torch_compile():
+    fn = torch.compile(lambda x: x + 1, backend="light_interaction", options={"sparsity": {"densty": 0.5}})
+    with pytest.raises(Exception, match="sparsity.densty"):
+        fn(torch.ones(2))
+
+
+def test_tensorrt_inner_without_torch_tensorrt_says_how_to_install():
+    try:
+        import torch_tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch-tensorrt is installed here, so there is no missing-extra error to show")
+    fn = torch.compile(lambda x: x + 1, backend="light_interaction", options={"inner": "tensorrt"})
+    with pytest.raises(Exception, match=r"pip install li-compile\[tensorrt\]"):
+        fn(torch.ones(2))
