@@ -1,0 +1,228 @@
+"""Plan slots: the fixed-capacity tensors that rewritten attention sites read their sparsity from.
+
+The attention pass gives every distinct attention signature (batch, heads, query length, key length,
+device, block sizes) one ``PlanSlot``, created once, and wires the slot's tensors into the compiled
+graph as buffers. The context controller then changes what attention does by writing a new block
+layout into those tensors **in place** (``slot.set_layout(layout)``) or by switching the slot back to
+dense (``slot.clear()``). Nothing the compiled graph was specialised on changes: no shape, no Python
+constant Dynamo guards on, no tensor address a CUDA graph captured. So a whole trajectory compiles once.
+
+Each slot also keeps a host-side flag, ``is_dense``, that ``li::planned_attention`` reads to choose
+between dense SDPA and the block-sparse kernel without a device sync, and a counter of the calls that
+fell back to dense at run time, with the reason (``slot.fallbacks``).
+
+Slot tensors (``B``, ``H``: the site's batch and heads; ``Q``/``K``: query/key blocks; capacity = K,
+so every layout fits)::
+
+    kv_num_blocks       (B, H, Q)    int32  partial key blocks visited per query block
+    kv_indices          (B, H, Q, K) int32  their indices (first kv_num_blocks entries are used)
+    full_kv_num_blocks  (B, H, Q)    int32  key blocks visited without element masks
+    full_kv_indices     (B, H, Q, K) int32
+    key_keep            (B, Lk)      bool   token-level key keep vector (applied on partial blocks)
+
+The controller's API::
+
+    from li_compile.plan import PLAN
+    for slot in PLAN.slots_for(q_len=seq.q_len, kv_len=seq.kv_len):
+        slot.set_layout(layout)       # a li_compile.kernels.block_layout.BlockLayout
+    PLAN.clear()                      # every slot dense again
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+INDEX_DTYPE = torch.int32
+SLOT_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "key_keep")
+
+
+@dataclass(frozen=True)
+class SlotSignature:
+    """What a slot's tensors are sized for: one attention shape on one device, cut into blocks."""
+
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    device: str
+    block_q: int
+    block_k: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "heads", "q_len", "kv_len", "block_q", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SlotSignature.{name} must be a positive int, got {value!r}")
+
+    @property
+    def q_blocks(self) -> int:
+        return -(-self.q_len // self.block_q)
+
+    @property
+    def kv_blocks(self) -> int:
+        return -(-self.kv_len // self.block_k)
+
+
+class PlanSlot:
+    """The plan tensors one group of attention sites (same signature) reads, updated in place."""
+
+    def __init__(self, slot_id: int, signature: SlotSignature) -> None:
+        self.id = slot_id
+        self.signature = signature
+        s = signature
+        blocks, heads_blocks = (s.batch, s.heads, s.q_blocks), (s.batch, s.heads, s.q_blocks, s.kv_blocks)
+        self.kv_num_blocks = torch.zeros(blocks, dtype=INDEX_DTYPE, device=s.device)
+        self.kv_indices = torch.zeros(heads_blocks, dtype=INDEX_DTYPE, device=s.device)
+        self.full_kv_num_blocks = torch.zeros(blocks, dtype=INDEX_DTYPE, device=s.device)
+        self.full_kv_indices = torch.zeros(heads_blocks, dtype=INDEX_DTYPE, device=s.device)
+        self.key_keep = torch.ones((s.batch, s.kv_len), dtype=torch.bool, device=s.device)
+        self.fallbacks: collections.Counter[str] = collections.Counter()
+        self.clear()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The slot's tensors in ``SLOT_TENSORS`` order (the order ``li::planned_attention`` takes them)."""
+        return tuple(getattr(self, name) for name in SLOT_TENSORS)
+
+    def clear(self) -> None:
+        """Make the slot dense: sites run plain SDPA. The tensors are rewritten to list every key
+        block too, so a graph captured on the sparse path (CUDA graphs) also computes dense."""
+        self.is_dense = True
+        self.kv_num_blocks.fill_(self.signature.kv_blocks)
+        self.kv_indices.copy_(torch.arange(self.signature.kv_blocks, dtype=INDEX_DTYPE).expand_as(self.kv_indices))
+        self.full_kv_num_blocks.zero_()
+        self.full_kv_indices.zero_()
+        self.key_keep.fill_(True)
+
+    def set_layout(self, layout: Any) -> None:
+        """Copy ``layout`` (a ``BlockLayout``) into the slot in place and make the slot sparse.
+
+        The layout must have the slot's block sizes and lengths; its batch and head axes may be
+        the slot's or 1 (shared, broadcast); its capacity at most the slot's (``kv_blocks``).
+        Raises ``ValueError`` naming the first mismatch; the slot is unchanged then."""
+        s = self.signature
+        for name in ("block_q", "block_k", "q_len", "kv_len"):
+            if getattr(layout, name) != getattr(s, name):
+                raise ValueError(f"layout {name} is {getattr(layout, name)}, slot {self.id} needs {getattr(s, name)}")
+        sources = {
+            "kv_num_blocks": layout.kv_num_blocks,
+            "kv_indices": layout.kv_indices,
+            "full_kv_num_blocks": getattr(layout, "full_kv_num_blocks", None),
+            "full_kv_indices": getattr(layout, "full_kv_indices", None),
+            "key_keep": getattr(layout, "key_keep", None),
+        }
+        for name, value in sources.items():
+            if value is not None:
+                self._check_fits(name, value)
+        with torch.no_grad():
+            for name, value in sources.items():
+                target = getattr(self, name)
+                if value is None:
+                    target.fill_(name == "key_keep")  # no full blocks; every key kept
+                elif name.endswith("indices"):
+                    target.zero_()
+                    target[..., : value.shape[-1]].copy_(value.expand(*target.shape[:-1], value.shape[-1]))
+                else:
+                    target.copy_(value.expand_as(target))
+        self.is_dense = False
+
+    def _check_fits(self, name: str, value: torch.Tensor) -> None:
+        target = getattr(self, name)
+        if value.dim() != target.dim():
+            raise ValueError(f"layout {name} must have {target.dim()} dims {tuple(target.shape)}, got {tuple(value.shape)}")
+        lead = value.shape[:-1] if name.endswith("indices") else value.shape
+        want = target.shape[:-1] if name.endswith("indices") else target.shape
+        for axis, (got, need) in enumerate(zip(lead, want)):
+            if got not in (1, need):
+                raise ValueError(f"layout {name} axis {axis} is {got}, slot {self.id} needs {need} or 1 (shared)")
+        if name.endswith("indices") and value.shape[-1] > target.shape[-1]:
+            raise ValueError(f"layout {name} capacity is {value.shape[-1]}, slot {self.id} holds at most {target.shape[-1]}")
+
+    def misfit(self, q: torch.Tensor, k: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> str | None:
+        """Why the slot cannot drive a call with these q (B, H, Lq, D) / k (B, Hkv, Lk, D) and slot
+        tensors (capacity, dtype, device, token count), or None when it fits."""
+        s = self.signature
+        got = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if got != (s.batch, s.heads, s.q_len, s.kv_len):
+            return f"call shape (B, H, Lq, Lk)={got} but slot {self.id} is {(s.batch, s.heads, s.q_len, s.kv_len)}"
+        if torch.device(s.device) != q.device:
+            return f"call on {q.device} but slot {self.id} is on {s.device}"
+        for name, given, own in zip(SLOT_TENSORS, tensors, self.tensors()):
+            if given.shape != own.shape or given.dtype != own.dtype or given.device != own.device:
+                return (
+                    f"slot tensor {name} is {tuple(given.shape)} {given.dtype} on {given.device}, "
+                    f"slot {self.id} expects {tuple(own.shape)} {own.dtype} on {own.device}"
+                )
+        return None
+
+    def record_fallback(self, reason: str) -> None:
+        self.fallbacks[reason] += 1
+
+    def __repr__(self) -> str:
+        s = self.signature
+        state = "dense" if self.is_dense else "sparse"
+        return (
+            f"PlanSlot(id={self.id}, {state}, B={s.batch}, H={s.heads}, Lq={s.q_len}, Lk={s.kv_len}, "
+            f"blocks={s.block_q}x{s.block_k}, device={s.device}, fallbacks={sum(self.fallbacks.values())})"
+        )
+
+
+class Plan:
+    """Every plan slot of the process, by id and by signature. Slots are never removed: compiled
+    graphs hold their tensors."""
+
+    def __init__(self) -> None:
+        self._slots: list[PlanSlot] = []
+        self._by_signature: dict[SlotSignature, PlanSlot] = {}
+
+    def slot_for(self, signature: SlotSignature) -> PlanSlot:
+        """The slot for ``signature``, created (dense) on first use."""
+        slot = self._by_signature.get(signature)
+        if slot is None:
+            slot = PlanSlot(len(self._slots), signature)
+            self._slots.append(slot)
+            self._by_signature[signature] = slot
+        return slot
+
+    def slot(self, slot_id: int) -> PlanSlot:
+        if not 0 <= slot_id < len(self._slots):
+            raise ValueError(f"no plan slot {slot_id}: slots are 0..{len(self._slots) - 1}")
+        return self._slots[slot_id]
+
+    def slots_for(
+        self,
+        *,
+        batch: int | None = None,
+        heads: int | None = None,
+        q_len: int | None = None,
+        kv_len: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> list[PlanSlot]:
+        """The slots whose signature matches every given field (e.g. a world's q_len and kv_len)."""
+        want = {"batch": batch, "heads": heads, "q_len": q_len, "kv_len": kv_len}
+        found = []
+        for slot in self._slots:
+            s = slot.signature
+            if any(v is not None and getattr(s, k) != v for k, v in want.items()):
+                continue
+            if device is not None and torch.device(s.device) != torch.device(device):
+                continue
+            found.append(slot)
+        return found
+
+    def clear(self) -> None:
+        """Every slot dense again."""
+        for slot in self._slots:
+            slot.clear()
+
+    def __iter__(self) -> Iterator[PlanSlot]:
+        return iter(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+PLAN = Plan()

@@ -1,0 +1,114 @@
+"""``torch.ops.li.planned_attention``: the op every rewritten attention site calls.
+
+It computes attention on the normalised layout ``q: (B, H, Lq, D)``, ``k: (B, Hkv, Lk, D)``,
+``v: (B, Hkv, Lk, Dv)`` (``Hkv`` divides ``H``: GQA), with an optional mask broadcastable to
+``(B, H, Lq, Lk)`` (bool: True = attend; or additive, in q's dtype), and returns ``(B, H, Lq, Dv)``
+in q's dtype, contiguous. Which path runs is decided by the plan slot ``slot_id``
+(``li_compile.plan``), read on the host, with no device sync:
+
+- dense slot: exactly the original site, ``F.scaled_dot_product_attention``;
+- sparse slot: the block-sparse kernel on the slot's layout, on top of the site's own mask;
+- a slot that does not fit the call (shape, dtype, device, token count) or a call the kernel
+  refuses: dense, and the reason is counted in ``slot.fallbacks``.
+
+It is a ``torch.library.custom_op`` with a fake implementation, which is what traces under
+``torch.compile(fullgraph=True)`` both with the Triton interpreter on CPU and on the GPU (see
+COMPILE-NOTES). Inference only: a call that needs a gradient raises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from li_compile.plan import PLAN, PlanSlot
+
+
+@torch.library.custom_op("li::planned_attention", mutates_args=())
+def planned_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor,
+    full_kv_indices: torch.Tensor,
+    key_keep: torch.Tensor,
+    scale: float | None,
+    is_causal: bool,
+    slot_id: int,
+) -> torch.Tensor:
+    """Attention driven by plan slot ``slot_id`` (shapes in the module docstring)."""
+    slot = PLAN.slot(slot_id)
+    if not slot.is_dense:
+        tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
+        reason = slot.misfit(q, k, tensors)
+        if reason is None:
+            return _sparse(q, k, v, attn_mask, slot, scale, is_causal).contiguous()
+        slot.record_fallback(reason)
+    return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
+
+
+@planned_attention.register_fake
+def _(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, scale, is_causal, slot_id):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _refuse_gradients(ctx, inputs, output) -> None:
+    raise RuntimeError(
+        "li::planned_attention is inference-only and got inputs that require grad: run the compiled model "
+        "under torch.no_grad() or torch.inference_mode()"
+    )
+
+
+def _no_backward(ctx, grad):  # never reached: _refuse_gradients raises first
+    raise RuntimeError("li::planned_attention has no backward")
+
+
+planned_attention.register_autograd(_no_backward, setup_context=_refuse_gradients)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """What the original site computed: SDPA, with GQA when k/v have fewer heads than q."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def _sparse(q, k, v, attn_mask, slot: PlanSlot, scale, is_causal) -> torch.Tensor:
+    """The slot's layout on top of the site's own mask (and causal mask, top-left aligned as SDPA's)."""
+    mask = _with_causal(attn_mask, q.shape[2], k.shape[2], q.device) if is_causal else attn_mask
+    keep = slot_dense_mask(slot)
+    if mask is None:
+        mask = keep
+    elif mask.dtype == torch.bool:
+        mask = mask & keep
+    else:
+        mask = mask.masked_fill(~keep, float("-inf"))
+    return dense_attention(q, k, v, mask, scale, False)
+
+
+def _with_causal(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+    if mask is None:
+        return causal
+    return mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+
+
+def slot_dense_mask(slot: PlanSlot) -> torch.Tensor:
+    """The token-level bool mask (B, H, Lq, Lk) of the slot's layout: True where a query may see a key."""
+    s = slot.signature
+    blocks = torch.zeros(s.batch, s.heads, s.q_blocks, s.kv_blocks + 1, dtype=torch.bool, device=slot.key_keep.device)
+    for counts, indices in ((slot.kv_num_blocks, slot.kv_indices), (slot.full_kv_num_blocks, slot.full_kv_indices)):
+        used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+        blocks.scatter_(-1, torch.where(used, indices, s.kv_blocks).long(), True)
+    tokens = blocks[..., :-1].repeat_interleave(s.block_q, dim=2).repeat_interleave(s.block_k, dim=3)
+    return tokens[:, :, : s.q_len, : s.kv_len] & slot.key_keep[:, None, None, :]

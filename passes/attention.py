@@ -1,0 +1,97 @@
+"""The attention pass: find every attention site in the graph and run it through the plan.
+
+Each ``F.scaled_dot_product_attention`` call and each softmax is examined (``attention_match``);
+a site proven to be exactly attention is replaced by ``torch.ops.li.planned_attention`` reading the
+plan slot of its signature (``li_compile.plan``: dense until the controller sets a layout), and
+recorded in the report as "rewritten". Everything else stays as written, recorded as "skipped"
+with the reason: softmaxes that are not attention, cross-attention (keys projected from text or
+action tokens: left dense on purpose, the controller prunes the video context), sites needing
+gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size).
+
+Why the torch-level graph (before AOT) and not the aten graph after it:
+- the inner compiler is a choice (Inductor, eager, TensorRT); rewriting the graph Dynamo hands the
+  backend helps all three, while an aten post-grad pass exists only inside Inductor;
+- at torch level, attention is still one node (SDPA) or a short chain with readable spellings,
+  and every node carries the user's stack trace for the report; after AOT, SDPA is already
+  decomposed or fused differently per backend and version (2.11 vs 2.13);
+- the slot tensors enter as buffers of the GraphModule: AOT lifts buffers to inputs passed by
+  reference, so in-place plan updates reach the compiled code without recompiling.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from torch import fx
+
+from li_compile.passes.attention_match import AttentionMatch, NotAttention, describe, match_sdpa, match_softmax
+from li_compile.passes.attention_rewrite import heads_shape, rewrite_site
+from li_compile.passes.attention_spellings import Sdpa, Softmax, example, read
+from li_compile.passes.attention_streams import TokenStreams
+from li_compile.plan import PLAN, SlotSignature
+from li_compile.reporting import Site
+
+if TYPE_CHECKING:  # pipeline imports this module to register the pass
+    from li_compile.passes.pipeline import PassContext
+
+KIND = "attention"
+
+
+def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
+    """Rewrite every provable attention site of ``gm`` to ``li::planned_attention``; report each."""
+    streams = TokenStreams()
+    erased: set[fx.Node] = set()
+    for node in list(gm.graph.nodes):
+        if node in erased:
+            continue
+        readings = read(node)
+        if any(isinstance(r, Sdpa) for r in readings):
+            matcher = match_sdpa
+        elif any(isinstance(r, Softmax) for r in readings):
+            matcher = match_softmax
+        else:
+            continue
+        try:
+            match = matcher(node)
+            _check_rewritable(match, streams)
+        except NotAttention as exc:
+            ctx.compilation.sites.append(Site(KIND, "skipped", reason=str(exc), location=location(node)))
+            continue
+        slot = PLAN.slot_for(_signature(match, ctx))
+        detail = {"spelling": match.spelling, "slot": slot.id, "shape": heads_shape(match), "masks": len(match.masks)}
+        where = location(match.out)
+        rewrite_site(gm, match, slot)
+        erased.update(match.nodes)
+        ctx.compilation.sites.append(Site(KIND, "rewritten", location=where, detail=detail))
+
+
+def _check_rewritable(match: AttentionMatch, streams: TokenStreams) -> None:
+    """Reasons to leave a real attention site alone."""
+    operands = [example(x.node) for x in (match.q, match.k, match.v)]
+    if any(not isinstance(s, int) for t in operands for s in t.shape):
+        raise NotAttention("symbolic shapes (dynamic=True): plan slots need static shapes; left as written")
+    if any(t.requires_grad for t in operands):
+        raise NotAttention("needs gradients (traced with grad enabled); planned attention is inference-only: left as written")
+    if streams.is_cross_attention(match.q.node, match.k.node):
+        names = ", ".join(sorted(n.name for n in streams.sources(match.k.node)))
+        raise NotAttention(f"cross-attention (keys projected from other tokens: {names}) left dense")
+
+
+def _signature(match: AttentionMatch, ctx: "PassContext") -> SlotSignature:
+    batch, heads, q_len, kv_len = heads_shape(match)
+    device = str(example(match.q.node).device)
+    sparsity = ctx.options.sparsity
+    return SlotSignature(batch, heads, q_len, kv_len, device, sparsity.block_q, sparsity.block_k)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def location(node: fx.Node) -> str:
+    """The user's source line of ``node`` ("file.py:12 in forward"), from Dynamo's stack trace."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return describe(node)
+    path, line, fn = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"

@@ -1,0 +1,297 @@
+"""The attention pass: every spelling of attention is rewritten to li::planned_attention and still
+matches eager; softmaxes that are not attention, cross-attention and gradient-needing sites are
+left alone with a reason; the rewrite adds no graph break and no recompilation."""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+
+import li_compile
+from li_compile.backend import light_interaction
+from li_compile.plan import PLAN
+
+B, H, HKV, LQ, LK, D = 2, 4, 2, 6, 10, 8
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo_and_dense_plan():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    PLAN.clear()
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, 1, LQ, LK, generator=g) > 0.3
+    keep[..., 0] = True  # no fully masked row: there softmax gives NaN and SDPA zeros
+    return {
+        "q": torch.randn(B, H, LQ, D, generator=g),
+        "k": torch.randn(B, H, LK, D, generator=g),
+        "v": torch.randn(B, H, LK, D, generator=g),
+        "k_gqa": torch.randn(B, HKV, LK, D, generator=g),
+        "v_gqa": torch.randn(B, HKV, LK, D, generator=g),
+        "bias": torch.randn(LQ, LK, generator=g),
+        "keep": keep,
+    }
+
+
+def sites(compiled):
+    """Attention sites of the latest compilation (a function compiled in several tests keeps them all)."""
+    return [s for s in li_compile.report(compiled).compilations[-1].sites if s.kind == "attention"]
+
+
+def compile_eager(fn, **kw):
+    return torch.compile(fn, backend="light_interaction", options={"inner": "eager"}, **kw)
+
+
+def scores_softmax_values(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def flat(x):
+    return x.reshape(-1, *x.shape[-2:])
+
+
+# Each spelling computes attention over the inputs() tensors; all must be rewritten.
+SPELLINGS = {
+    "sdpa": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
+    "sdpa_bool_mask": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t["keep"]),
+    "sdpa_float_mask_and_scale": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], t["bias"], scale=0.3),
+    "sdpa_causal": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True),
+    "sdpa_gqa": lambda t: F.scaled_dot_product_attention(t["q"], t["k_gqa"], t["v_gqa"], enable_gqa=True),
+    "sdpa_blhd_transposed": lambda t: F.scaled_dot_product_attention(
+        *(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (t["q"], t["k"], t["v"]))
+    ).transpose(1, 2),
+    "sdpa_3d_heads_in_batch": lambda t: F.scaled_dot_product_attention(flat(t["q"]), flat(t["k"]), flat(t["v"])),
+    "sdpa_kv_cache_cat": lambda t: F.scaled_dot_product_attention(
+        t["q"], torch.cat([t["k"], t["q"]], dim=2), torch.cat([t["v"], t["q"]], dim=2)
+    ),
+    "matmul_div_scores": lambda t: scores_softmax_values(t["q"], t["k"], t["v"]),
+    "matmul_scale_q": lambda t: ((t["q"] * D**-0.5) @ t["k"].mT).softmax(-1) @ t["v"],
+    "matmul_scale_k_operator_mul": lambda t: torch.matmul(
+        t["q"], (0.25 * t["k"]).transpose(-1, -2)
+    ).softmax(dim=-1).matmul(t["v"]),
+    "fp32_softmax_cast_back": lambda t: F.softmax(
+        (t["q"].half() @ t["k"].half().transpose(-2, -1)).float() * 0.3 + t["bias"], dim=-1, dtype=torch.float32
+    ).to(torch.float16) @ t["v"].half(),
+    "einsum_bhld": lambda t: torch.einsum(
+        "bhij,bhjd->bhid", torch.einsum("bhid,bhjd->bhij", t["q"], t["k"]).mul(0.3).softmax(-1), t["v"]
+    ),
+    "einsum_blhd": lambda t: torch.einsum(
+        "bhij,bjhd->bihd",
+        torch.einsum("bihd,bjhd->bhij", t["q"].transpose(1, 2), t["k"].transpose(1, 2)).div(3.0).softmax(-1),
+        t["v"].transpose(1, 2),
+    ),
+    "einsum_ellipsis": lambda t: torch.einsum(
+        "...ij,...jd->...id", torch.einsum("...id,...jd->...ij", t["q"], t["k"]).softmax(-1), t["v"]
+    ),
+    "bmm_heads_in_batch": lambda t: torch.bmm(
+        torch.softmax(torch.bmm(flat(t["q"]), flat(t["k"]).transpose(1, 2)) * 0.3, dim=-1), flat(t["v"])
+    ).reshape(B, H, LQ, D),
+    "baddbmm_with_mask": lambda t: torch.bmm(
+        torch.baddbmm(t["bias"].expand(B * H, LQ, LK), flat(t["q"]), flat(t["k"]).mT, alpha=0.3).softmax(-1),
+        flat(t["v"]),
+    ),
+    "baddbmm_beta_zero": lambda t: torch.bmm(
+        torch.baddbmm(torch.empty(B * H, LQ, LK), flat(t["q"]), flat(t["k"]).mT, beta=0.0, alpha=0.3).softmax(-1),
+        flat(t["v"]),
+    ),
+    "masked_fill_minus_inf": lambda t: (
+        (t["q"] @ t["k"].mT * 0.3).masked_fill(~t["keep"], float("-inf")).softmax(-1) @ t["v"]
+    ),
+    "where_minus_inf": lambda t: torch.where(t["keep"], t["q"] @ t["k"].mT, float("-inf")).softmax(-1) @ t["v"],
+    "bool_and_additive_masks": lambda t: (
+        (t["q"] @ t["k"].mT + t["bias"]).masked_fill(t["keep"].logical_not(), float("-inf")).softmax(-1) @ t["v"]
+    ),
+    "gqa_repeat_interleave": lambda t: scores_softmax_values(
+        t["q"], t["k_gqa"].repeat_interleave(H // HKV, dim=1), t["v_gqa"].repeat_interleave(H // HKV, dim=1)
+    ),
+    "gqa_expand_reshape": lambda t: scores_softmax_values(
+        t["q"], *(x[:, :, None].expand(B, HKV, H // HKV, LK, D).reshape(B, H, LK, D) for x in (t["k_gqa"], t["v_gqa"]))
+    ),
+    "mqa_broadcast_heads": lambda t: scores_softmax_values(t["q"], t["k"][:, :1], t["v"][:, :1]),
+    "values_transposed": lambda t: (t["v"].mT @ (t["q"] @ t["k"].mT).softmax(-1).mT).mT,
+    "dropout_in_eval": lambda t: F.dropout((t["q"] @ t["k"].mT).softmax(-1), p=0.1, training=False) @ t["v"],
+}
+
+
+def inplace_spelling(t):
+    scores = t["q"] @ t["k"].transpose(-2, -1)
+    scores *= 0.3
+    scores += t["bias"]
+    return scores.softmax(dim=-1) @ t["v"]
+
+
+SPELLINGS["in_place_scale_and_mask"] = inplace_spelling
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_every_spelling_of_attention_is_rewritten_and_matches_eager(name):
+    fn, t = SPELLINGS[name], inputs()
+    compiled = compile_eager(fn, fullgraph=True)
+    with torch.no_grad():
+        expected, got = fn(t), compiled(t)
+    tol = {"rtol": 1e-2, "atol": 1e-3} if expected.dtype == torch.float16 else FP32
+    torch.testing.assert_close(got, expected, **tol)
+    assert [(s.status, s.reason) for s in sites(compiled)] == [("rewritten", "")]
+
+
+def softmax_over_queries(t):
+    s = t["q"] @ t["q"].mT  # (.., LQ, LQ): the wrong axis also fits the shapes
+    return s.softmax(dim=-2) @ t["q"]
+
+
+def weights_also_returned(t):
+    p = (t["q"] @ t["k"].mT).softmax(-1)
+    return p @ t["v"], p
+
+
+NOT_ATTENTION = {
+    "softmax_over_the_query_axis": (softmax_over_queries, "sums"),
+    "contraction_over_the_query_axis": (lambda t: (t["q"] @ t["q"].mT).softmax(-1).mT @ t["q"], "sums"),
+    "softmax_feeding_a_reduction": (lambda t: (t["q"] @ t["k"].mT).softmax(-1).sum(-1), "not a contraction with values"),
+    "softmax_of_a_projection": (lambda t: t["q"].softmax(-1) @ t["q"].mT, "not from a contraction"),
+    "weights_used_twice": (weights_also_returned, "users"),
+    "finite_masked_fill": (
+        lambda t: (t["q"] @ t["k"].mT).masked_fill(~t["keep"], -1e9).softmax(-1) @ t["v"],
+        "finite value",
+    ),
+    "scaled_after_the_mask": (lambda t: ((t["q"] @ t["k"].mT + t["bias"]) * 0.3).softmax(-1) @ t["v"], "after a mask"),
+    "sdpa_with_dropout": (lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], dropout_p=0.5), "dropout_p"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_ATTENTION))
+def test_softmax_graphs_that_are_not_attention_are_left_alone_with_a_reason(name):
+    fn, reason = NOT_ATTENTION[name]
+    t = inputs()
+    compiled = compile_eager(fn)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = fn(t)
+        torch.manual_seed(0)
+        got = compiled(t)
+    torch.testing.assert_close(got, expected, **FP32)
+    found = sites(compiled)
+    assert found and all(s.status == "skipped" for s in found)
+    assert any(reason in s.reason for s in found), [s.reason for s in found]
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def rope(x, angles):
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class DiTBlock(torch.nn.Module):
+    """Self-attention over (cache + chunk) with q/k RMSNorm and RoPE, then cross-attention to text."""
+
+    def __init__(self, width=32, heads=4, text_width=16):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.q_norm, self.k_norm = RMSNorm(width // heads), RMSNorm(width // heads)
+        self.cross_q = torch.nn.Linear(width, width)
+        self.cross_kv = torch.nn.Linear(text_width, 2 * width)
+        self.out = torch.nn.Linear(width, width)
+
+    def split(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, W) -> (B, H, L, W/H)
+
+    def forward(self, x, cache_k, cache_v, text, angles):
+        q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = rope(self.q_norm(q), angles), rope(self.k_norm(k), angles)
+        k, v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        tk, tv = (self.split(t) for t in self.cross_kv(text).chunk(2, dim=-1))
+        scores = self.split(self.cross_q(x)) @ tk.mT / math.sqrt(tk.shape[-1])
+        return x + (scores.softmax(-1) @ tv).transpose(1, 2).flatten(2)
+
+
+def dit_inputs(width=32, heads=4, chunk=6, cached=5):
+    g = torch.Generator().manual_seed(1)
+    head_dim = width // heads
+    return (
+        torch.randn(1, chunk, width, generator=g),
+        torch.randn(1, heads, cached, head_dim, generator=g),
+        torch.randn(1, heads, cached, head_dim, generator=g),
+        torch.randn(1, 3, 16, generator=g),
+        torch.randn(chunk, head_dim // 2, generator=g),
+    )
+
+
+def test_self_attention_with_cache_norm_and_rope_is_rewritten_cross_attention_left_dense():
+    torch.manual_seed(0)
+    block, args = DiTBlock().eval(), dit_inputs()
+    compiled = compile_eager(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), block(*args), **FP32)
+    self_site, cross_site = sites(compiled)
+    assert self_site.status == "rewritten" and self_site.detail["shape"] == (1, 4, 6, 11)
+    assert cross_site.status == "skipped" and cross_site.reason.startswith("cross-attention")
+    assert "left dense" in cross_site.reason and "test_attention_pass.py" in cross_site.location
+
+
+def test_sites_that_need_gradients_are_left_alone():
+    block, args = DiTBlock(), dit_inputs()
+    compiled = compile_eager(block)
+    compiled(*args).sum().backward()  # still trains: the pass left the graph differentiable
+    assert block.qkv.weight.grad is not None
+    assert all(s.status == "skipped" for s in sites(compiled))
+    assert any("inference-only" in s.reason for s in sites(compiled))
+
+
+def test_dynamic_shapes_are_reported_and_left_alone():
+    t = inputs()
+    compiled = compile_eager(SPELLINGS["sdpa"], dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(t), SPELLINGS["sdpa"](t), **FP32)
+    (site,) = sites(compiled)
+    assert site.status == "skipped" and "static shapes" in site.reason
+
+
+@pytest.mark.parametrize("name", ["sdpa_gqa", "fp32_softmax_cast_back", "einsum_blhd", "baddbmm_with_mask"])
+def test_inductor_compiles_the_rewritten_graph_and_matches_eager(name):
+    fn, t = SPELLINGS[name], inputs()
+    compiled = torch.compile(fn, backend="light_interaction", fullgraph=True)
+    with torch.no_grad():
+        expected, got = fn(t), compiled(t)
+    tol = {"rtol": 1e-2, "atol": 1e-3} if expected.dtype == torch.float16 else FP32
+    torch.testing.assert_close(got, expected, **tol)
+    assert [s.status for s in sites(compiled)] == ["rewritten"]
+
+
+def test_the_rewrite_adds_no_graph_break_and_no_recompilation_across_plan_changes():
+    block, args = DiTBlock().eval(), dit_inputs()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        functools.partial(light_interaction, options={"inner": "eager"})
+    )
+    compiled = torch.compile(block, backend=counter)
+    with torch.no_grad():
+        compiled(*args)
+        slot = PLAN.slot(sites(compiled)[0].detail["slot"])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for step in range(3):
+                slot.key_keep[:, : step + 1] = False  # drop the oldest cached keys, in place
+                slot.is_dense = step % 2 == 1
+                compiled(*args)
+            slot.clear()
+            torch.testing.assert_close(compiled(*args), block(*args), **FP32)
+    assert counter.frame_count == 1
+    explained = torch._dynamo.explain(block)(*args)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
