@@ -1,0 +1,243 @@
+"""How much of what the current camera sees did a past camera see? Batched pose similarity.
+
+Two measures score the current camera against a bank of past cameras, ``(4, 4)`` and ``(N, 4, 4)``
+camera-to-world poses (OpenCV axes, see ``poses.py``) -> ``(N,)`` scores in [0, 1]:
+
+- ``frustum_overlap``: the reference. The fraction of the volume of the current view frustum,
+  truncated at depths ``[near, far]``, that also lies inside the past camera's frustum. Estimated
+  from a fixed set of sample points (a jittered, seeded stratified grid of rays x depths, spaced
+  so that each point stands for an equal volume). With one lens for all cameras, as here, both
+  frustums have the same volume, so the measure is symmetric up to sampling error.
+- ``pose_proxy``: a closed form in a few 3x3 operations per past camera: each frustum becomes the
+  Gaussian with its mean and covariance, and the Bhattacharyya distance between the two Gaussians
+  is mapped to [0, 1] by a curve fitted to ``frustum_overlap``. Exactly symmetric; it sees view
+  direction, position and field of view at once (cameras converging on one spot included), but
+  not roll of a square image, and it smooths the hard frustum edges.
+
+``far`` is the scene scale: how deep a camera's view counts, in world units. ``similarity``
+dispatches on the measure's name (``options.context.similarity``); ``find_revisit`` picks the past
+camera a denoising cache may reuse.
+
+The functions check shapes only (no device sync); validate poses once, when they enter the bank,
+with ``poses.validate_poses``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from li_compile.controller.poses import bounds_from_fov, camera_centers, relative_pose
+
+DEFAULT_NEAR = 0.1  # world units
+DEFAULT_FAR = 10.0  # world units: the scene scale
+DEFAULT_FOV_Y_DEG = 60.0
+DEFAULT_ASPECT = 16 / 9
+SAMPLE_RAYS = 16  # per image axis: SAMPLE_RAYS ** 2 rays
+SAMPLE_DEPTHS = 16  # per ray
+SAMPLE_SEED = 0
+KEEP_THRESHOLD = 0.1  # keep a memory frame whose score is at least this (see benchmarks/similarity_agreement.py)
+PROXY_RANGE = 1.5  # sqrt(Bhattacharyya distance) at which pose_proxy reaches 0 (fitted, see pose_proxy)
+REVISIT_THRESHOLD = 0.9  # frustum overlap needed to call a chunk a revisit
+REVISIT_MAX_DISTANCE = 0.05  # ... and camera centres at most this fraction of `far` apart
+
+
+def default_bounds(device: torch.device | str | None = None) -> torch.Tensor:
+    """Image-plane bounds ``(4,)`` of the default lens: 60 degrees vertical FOV, 16:9."""
+    return bounds_from_fov(DEFAULT_FOV_Y_DEG, DEFAULT_ASPECT).to(device)
+
+
+def _check(current: torch.Tensor, bank: torch.Tensor, bounds: torch.Tensor | None, near: float, far: float) -> torch.Tensor:
+    if current.shape != (4, 4):
+        raise ValueError(f"current pose must be (4, 4), got {tuple(current.shape)}")
+    if bank.ndim != 3 or bank.shape[1:] != (4, 4):
+        raise ValueError(f"bank must be (N, 4, 4), got {tuple(bank.shape)}")
+    if bank.device != current.device:
+        raise ValueError(f"bank is on {bank.device}, expected the current pose's device {current.device}")
+    if not 0 < near < far < math.inf:
+        raise ValueError(f"need 0 < near < far < inf, got near={near}, far={far}")
+    if bounds is None:
+        return default_bounds(current.device)
+    if bounds.shape != (4,):
+        raise ValueError(f"bounds must be (4,) = (x_min, x_max, y_min, y_max), got {tuple(bounds.shape)}")
+    return bounds.to(current.device, torch.float32)
+
+
+def frustum_samples(
+    bounds: torch.Tensor,
+    near: float = DEFAULT_NEAR,
+    far: float = DEFAULT_FAR,
+    rays: int = SAMPLE_RAYS,
+    depths: int = SAMPLE_DEPTHS,
+    seed: int = SAMPLE_SEED,
+) -> torch.Tensor:
+    """Camera-space points filling a truncated frustum with equal volume each: ``(rays**2 * depths, 3)``.
+
+    Stratified: one point per cell of a ``rays x rays`` grid over the image rectangle ``bounds``
+    and ``depths`` depth slices of equal volume (depth CDF ``∝ z^3``), jittered inside its cell by
+    a generator seeded with ``seed``, so the set is the same on every call and device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    jitter = torch.rand(rays, rays, depths, 3, generator=gen).to(bounds.device)
+    cell = torch.stack(
+        torch.meshgrid(
+            torch.arange(rays, device=bounds.device),
+            torch.arange(rays, device=bounds.device),
+            torch.arange(depths, device=bounds.device),
+            indexing="ij",
+        ),
+        -1,
+    ).float()
+    unit = (cell + jitter) / torch.tensor([rays, rays, depths], device=bounds.device)  # uniform in [0, 1)^3
+    x_min, x_max, y_min, y_max = bounds.float().unbind()
+    near3, far3 = near**3, far**3
+    z = (near3 + unit[..., 2] * (far3 - near3)) ** (1 / 3)
+    x = (x_min + unit[..., 0] * (x_max - x_min)) * z
+    y = (y_min + unit[..., 1] * (y_max - y_min)) * z
+    return torch.stack([x, y, z], -1).reshape(-1, 3)
+
+
+def frustum_overlap(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    bounds: torch.Tensor | None = None,
+    near: float = DEFAULT_NEAR,
+    far: float = DEFAULT_FAR,
+    rays: int = SAMPLE_RAYS,
+    depths: int = SAMPLE_DEPTHS,
+) -> torch.Tensor:
+    """Fraction of the current frustum's volume inside each past frustum: ``(4, 4)``, ``(N, 4, 4)`` -> ``(N,)``.
+
+    ``bounds: (4,)`` is the lens shared by all cameras (default: ``default_bounds()``); frustums
+    are truncated at depths ``[near, far]``. Cost: ``N * rays**2 * depths`` point tests. Equal
+    poses give 1; the error of the estimate is about ``1 / (rays**2 * depths)`` per boundary
+    crossing, not ``1 / sqrt(samples)``, thanks to stratification.
+    """
+    bounds = _check(current, bank, bounds, near, far)
+    points = frustum_samples(bounds, near, far, rays, depths)  # (S, 3) in the current camera
+    to_past = relative_pose(bank.float(), current.float())  # (N, 4, 4): current camera -> past camera
+    p = points @ to_past[:, :3, :3].transpose(-1, -2) + to_past[:, None, :3, 3]  # (N, S, 3)
+    z = p[..., 2]
+    u = p[..., 0] / z.clamp_min(near)
+    v = p[..., 1] / z.clamp_min(near)
+    x_min, x_max, y_min, y_max = bounds.unbind()
+    inside = (z >= near) & (z <= far) & (u >= x_min) & (u <= x_max) & (v >= y_min) & (v <= y_max)
+    return inside.float().mean(-1)
+
+
+def frustum_moments(bounds: torch.Tensor, near: float, far: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(3,)`` and covariance ``(3, 3)`` of a point uniform in the truncated frustum, camera frame.
+
+    Closed form: depth has density ``∝ z^2`` on ``[near, far]``; given ``z``, ``(x/z, y/z)`` is
+    uniform on the image rectangle ``bounds``. Float64.
+    """
+    x_min, x_max, y_min, y_max = bounds.double().unbind()
+
+    def depth_moment(k: int) -> float:  # E[z^k]
+        return 3 * (far ** (k + 3) - near ** (k + 3)) / ((k + 3) * (far**3 - near**3))
+
+    cx, cy = (x_min + x_max) / 2, (y_min + y_max) / 2
+    sxx = (x_min**2 + x_min * x_max + x_max**2) / 3  # E[(x/z)^2]
+    syy = (y_min**2 + y_min * y_max + y_max**2) / 3
+    one = torch.ones_like(cx)
+    mean = depth_moment(1) * torch.stack([cx, cy, one])
+    second = depth_moment(2) * torch.stack(
+        [torch.stack([sxx, cx * cy, cx]), torch.stack([cx * cy, syy, cy]), torch.stack([cx, cy, one])]
+    )
+    return mean, second - torch.outer(mean, mean)
+
+
+def pose_proxy(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    bounds: torch.Tensor | None = None,
+    near: float = DEFAULT_NEAR,
+    far: float = DEFAULT_FAR,
+) -> torch.Tensor:
+    """Cheap closed-form stand-in for ``frustum_overlap``: ``(4, 4)``, ``(N, 4, 4)`` -> ``(N,)`` in [0, 1].
+
+    Each frustum is replaced by the Gaussian with its mean and covariance (``frustum_moments``),
+    placed by its pose; the score is ``(1 - sqrt(D) / PROXY_RANGE)^2`` clipped at 0, with ``D``
+    the Bhattacharyya distance of the two Gaussians. ``D`` grows with the offset between where the
+    cameras look relative to the frustum's spread, and with how differently the frustums are
+    oriented, so it sees view direction, position and field of view at once, including two
+    cameras converging on one spot. The outer map is fitted to ``frustum_overlap`` by
+    ``benchmarks/similarity_agreement.py``. Cost: a few 3x3 operations per past camera. Exactly
+    symmetric; equal poses give 1 (to ~1e-6); a camera looking the other way gives 0.
+
+    The 3x3 algebra runs in float64: ``sqrt(D)`` magnifies float32 rounding near ``D = 0``.
+    """
+    bounds = _check(current, bank, bounds, near, far)
+    mean, cov = frustum_moments(bounds, near, far)
+    rel = relative_pose(current.double(), bank.double())  # past cameras in the current camera's frame
+    rot, trans = rel[:, :3, :3], rel[:, :3, 3]
+    past_mean = rot @ mean + trans  # (N, 3)
+    past_cov = rot @ cov @ rot.transpose(-1, -2)  # (N, 3, 3)
+    avg_cov = (cov + past_cov) / 2
+    offset = (past_mean - mean)[..., None]
+    mahalanobis = (offset.transpose(-1, -2) @ torch.linalg.solve(avg_cov, offset))[:, 0, 0]
+    spread = torch.logdet(avg_cov) - (torch.logdet(cov) + torch.logdet(past_cov)) / 2
+    distance = (mahalanobis / 8 + spread / 2).clamp_min(0)
+    return ((1 - distance.sqrt() / PROXY_RANGE).clamp_min(0) ** 2).float()
+
+
+MEASURES = {"frustum": frustum_overlap, "proxy": pose_proxy}
+
+
+def similarity(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    measure: str = "proxy",
+    bounds: torch.Tensor | None = None,
+    near: float = DEFAULT_NEAR,
+    far: float = DEFAULT_FAR,
+) -> torch.Tensor:
+    """Score ``bank: (N, 4, 4)`` against ``current: (4, 4)`` with the measure named ``measure``: ``(N,)``."""
+    if measure not in MEASURES:
+        raise ValueError(f"similarity measure must be one of {sorted(MEASURES)}, got {measure!r}")
+    return MEASURES[measure](current, bank, bounds=bounds, near=near, far=far)
+
+
+class Revisit(NamedTuple):
+    """The best-matching past camera: ``index`` (long, -1 when the bank is empty), its ``score``
+    and ``hit`` (bool: a revisit the denoising cache may reuse). 0-d tensors: no device sync."""
+
+    index: torch.Tensor
+    score: torch.Tensor
+    hit: torch.Tensor
+
+
+def find_revisit(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    threshold: float = REVISIT_THRESHOLD,
+    max_distance: float = REVISIT_MAX_DISTANCE,
+    measure: str = "frustum",
+    bounds: torch.Tensor | None = None,
+    near: float = DEFAULT_NEAR,
+    far: float = DEFAULT_FAR,
+) -> Revisit:
+    """Best past camera for reusing denoising work: ``(4, 4)``, ``(N, 4, 4)`` -> ``Revisit``.
+
+    Among past cameras whose centre is within ``max_distance * far`` of the current one (close
+    enough that parallax of nearby content stays small), the highest ``measure`` score; a hit when
+    that score is ``>= threshold``. Ties go to the earliest camera.
+    """
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"revisit threshold must be in [0, 1], got {threshold}")
+    if not max_distance >= 0:
+        raise ValueError(f"max_distance must be >= 0 (a fraction of far), got {max_distance}")
+    scores = similarity(current, bank, measure, bounds, near, far)
+    if bank.shape[0] == 0:
+        return Revisit(
+            torch.tensor(-1, device=current.device), torch.tensor(0.0, device=current.device),
+            torch.tensor(False, device=current.device),
+        )
+    distance = (camera_centers(bank.float()) - camera_centers(current.float())).norm(dim=-1)
+    eligible = torch.where(distance <= max_distance * far, scores, torch.full_like(scores, -1.0))
+    index = eligible.argmax()  # the first of equal maxima
+    best = eligible[index]
+    found = best >= 0
+    return Revisit(torch.where(found, index, -1), best.clamp_min(0), found & (best >= threshold))
