@@ -18,8 +18,9 @@ camera-to-world poses (OpenCV axes, see ``poses.py``) -> ``(N,)`` scores in [0, 
 dispatches on the measure's name (``options.context.similarity``); ``find_revisit`` picks the past
 camera a denoising cache may reuse.
 
-The functions check shapes only (no device sync); validate poses once, when they enter the bank,
-with ``poses.validate_poses``.
+The functions check shapes only; validate poses once, when they enter the bank, with
+``poses.validate_poses``. ``pose_proxy`` never waits on the device; ``frustum_overlap`` copies its
+fixed sample set (drawn on the CPU, so every device scores alike) to the device on each call.
 """
 
 from __future__ import annotations
@@ -149,6 +150,18 @@ def frustum_moments(bounds: torch.Tensor, near: float, far: float) -> tuple[torc
     return mean, second - torch.outer(mean, mean)
 
 
+def _det(m: torch.Tensor) -> torch.Tensor:
+    """Determinants of ``(..., 3, 3)`` matrices: the triple product of their columns."""
+    return (m[..., 0] * torch.linalg.cross(m[..., 1], m[..., 2])).sum(-1)
+
+
+def _adjugate_apply(m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``adj(m) @ v`` and ``det(m)`` for ``(..., 3, 3)`` matrices and ``(..., 3)`` vectors."""
+    c0, c1, c2 = m[..., 0], m[..., 1], m[..., 2]
+    rows = torch.stack([torch.linalg.cross(c1, c2), torch.linalg.cross(c2, c0), torch.linalg.cross(c0, c1)], -2)
+    return (rows @ v[..., None])[..., 0], (c0 * rows[..., 0, :]).sum(-1)
+
+
 def pose_proxy(
     current: torch.Tensor,
     bank: torch.Tensor,
@@ -167,7 +180,8 @@ def pose_proxy(
     ``benchmarks/similarity_agreement.py``. Cost: a few 3x3 operations per past camera. Exactly
     symmetric; equal poses give 1 (to ~1e-6); a camera looking the other way gives 0.
 
-    The 3x3 algebra runs in float64: ``sqrt(D)`` magnifies float32 rounding near ``D = 0``.
+    The 3x3 algebra runs in float64 (``sqrt(D)`` magnifies float32 rounding near ``D = 0``) and
+    in closed form, elementwise: no solver launches and no device sync on CUDA.
     """
     bounds = _check(current, bank, bounds, near, far)
     mean, cov = frustum_moments(bounds, near, far)
@@ -176,9 +190,10 @@ def pose_proxy(
     past_mean = rot @ mean + trans  # (N, 3)
     past_cov = rot @ cov @ rot.transpose(-1, -2)  # (N, 3, 3)
     avg_cov = (cov + past_cov) / 2
-    offset = (past_mean - mean)[..., None]
-    mahalanobis = (offset.transpose(-1, -2) @ torch.linalg.solve(avg_cov, offset))[:, 0, 0]
-    spread = torch.logdet(avg_cov) - (torch.logdet(cov) + torch.logdet(past_cov)) / 2
+    offset = past_mean - mean
+    adjugate_times_offset, avg_det = _adjugate_apply(avg_cov, offset)
+    mahalanobis = (offset * adjugate_times_offset).sum(-1) / avg_det
+    spread = torch.log(avg_det) - (torch.log(_det(cov)) + torch.log(_det(past_cov))) / 2
     distance = (mahalanobis / 8 + spread / 2).clamp_min(0)
     return ((1 - distance.sqrt() / PROXY_RANGE).clamp_min(0) ** 2).float()
 
