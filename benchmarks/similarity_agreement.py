@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from li_compile.controller.poses import look_at, make_poses, rotation_about_axis
+from li_compile.controller.poses import look_at, make_poses, random_poses, rotation_about_axis
 from li_compile.controller.similarity import DEFAULT_FAR, KEEP_THRESHOLD, frustum_overlap, pose_proxy
 
+DECISION_KEYS = ("accuracy", "precision", "recall", "kept_reference")
 SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 TIMING_BANK = 256
 
@@ -141,38 +142,36 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=KEEP_THRESHOLD)
     parser.add_argument("--out", type=Path, default=Path("out/similarity_agreement.json"))
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
     # Both measures are invariant to a rigid transform of the world (tested), so each family
     # scores one random current camera against past cameras placed relative to it.
     refs, proxies, rows = [], [], []
     for family in FAMILIES:
-        current = make_poses(rotation_about_axis(_unit(gen, 1)[0], torch.rand((), generator=gen) * math.pi),
-                             torch.randn(3, generator=gen) * DEFAULT_FAR)
+        current = random_poses(1, DEFAULT_FAR, gen)[0]
         bank = current @ _relative(gen, args.pairs, family)
         ref, prox = frustum_overlap(current, bank), pose_proxy(current, bank)
-        refs.append(ref), proxies.append(prox)
+        refs.append(ref)
+        proxies.append(prox)
         rows.append(_row(family, ref, prox, args.threshold))
     ref, prox = torch.cat(refs), torch.cat(proxies)
     rows.append(_row("all", ref, prox, args.threshold))
     sweep = [{"threshold": t, **decision_agreement(ref, prox, t)} for t in SWEEP]
 
-    current, bank = torch.eye(4), make_poses(torch.eye(3), torch.randn(TIMING_BANK, 3, generator=gen))
-    timing_ms = {"frustum_overlap": _time_call(frustum_overlap, current, bank), "pose_proxy": _time_call(pose_proxy, current, bank)}
+    current, bank = torch.eye(4), random_poses(TIMING_BANK, DEFAULT_FAR, gen)
+    timing_ms = {fn.__name__: _time_call(fn, current, bank) for fn in (frustum_overlap, pose_proxy)}
 
-    header = f"{'family':<9} {'pairs':>6} {'spearman':>8} {'|diff|':>7} {'acc':>6} {'prec':>6} {'recall':>6} {'kept':>6}"
+    decision_header = f"{'acc':>6} {'prec':>6} {'recall':>6} {'kept':>6}"
     print(f"proxy vs frustum overlap, keep threshold {args.threshold} (far = {DEFAULT_FAR})")
-    print(header)
+    print(f"{'family':<9} {'pairs':>6} {'spearman':>8} {'|diff|':>7} {decision_header}")
     for r in rows:
-        print(f"{r['family']:<9} {r['pairs']:>6} {_fmt(r['spearman'], 8)} {_fmt(r['mean_abs_diff'], 7)} "
-              + " ".join(_fmt(r[k]) for k in ("accuracy", "precision", "recall", "kept_reference")))
-    print("\nthreshold sweep (all pairs)")
-    print(f"{'thresh':>6} {'acc':>6} {'prec':>6} {'recall':>6} {'kept':>6}")
+        decisions = " ".join(_fmt(r[k]) for k in DECISION_KEYS)
+        print(f"{r['family']:<9} {r['pairs']:>6} {_fmt(r['spearman'], 8)} {_fmt(r['mean_abs_diff'], 7)} {decisions}")
+    print(f"\nthreshold sweep (all pairs)\n{'thresh':>6} {decision_header}")
     for s in sweep:
-        print(f"{s['threshold']:>6.2f} " + " ".join(_fmt(s[k]) for k in ("accuracy", "precision", "recall", "kept_reference")))
-    print(f"\none call, bank of {TIMING_BANK} (CPU, {torch.get_num_threads()} threads): "
-          + ", ".join(f"{k} {v:.3f} ms" for k, v in timing_ms.items()))
+        print(f"{s['threshold']:>6.2f} " + " ".join(_fmt(s[k]) for k in DECISION_KEYS))
+    timings = ", ".join(f"{k} {v:.3f} ms" for k, v in timing_ms.items())
+    print(f"\none call, bank of {TIMING_BANK} (CPU, {torch.get_num_threads()} threads): {timings}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"seed": args.seed, "far": DEFAULT_FAR, "threshold": args.threshold, "families": rows,

@@ -202,7 +202,10 @@ def look_at(
     right = torch.linalg.cross(forward, up)
     bad = (forward.norm(dim=-1) < 1e-12) | (right.norm(dim=-1) <= 1e-6 * forward.norm(dim=-1) * up.norm(dim=-1))
     if bad.any():
-        raise ValueError(f"{_first_bad(bad, 'look_at')}: eye must differ from target and the view must not be parallel to up={up.reshape(-1, 3)[0].tolist()}")
+        raise ValueError(
+            f"{_first_bad(bad, 'look_at')}: eye must differ from target and the view must not be "
+            f"parallel to up={up.reshape(-1, 3)[0].tolist()}"
+        )
     z = forward / forward.norm(dim=-1, keepdim=True)
     x = right / right.norm(dim=-1, keepdim=True)
     y = torch.linalg.cross(z, x)
