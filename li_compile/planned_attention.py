@@ -6,7 +6,8 @@ It computes attention on the normalised layout ``q: (B, H, Lq, D)``, ``k: (B, Hk
 in q's dtype, contiguous. Which path runs is decided by the plan slot ``slot_id``
 (``li_compile.plan``), read on the host, with no device sync:
 
-- dense slot: exactly the original site, ``F.scaled_dot_product_attention``;
+- dense slot: exactly the original site, ``F.scaled_dot_product_attention`` (except while a CUDA
+  graph is captured: then always the kernel, whose cleared layout lists every block);
 - sparse slot: the block-sparse kernel on the slot's layout, on top of the site's own mask;
 - a slot that does not fit the call (shape, dtype, device, token count) or a call the kernel
   refuses: dense, and the reason is counted in ``slot.fallbacks``.
@@ -41,7 +42,7 @@ def planned_attention(
 ) -> torch.Tensor:
     """Attention driven by plan slot ``slot_id`` (shapes in the module docstring)."""
     slot = PLAN.slot(slot_id)
-    if not slot.is_dense:
+    if not slot.is_dense or _capturing_cuda_graph(q):
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
         if reason is None:
@@ -53,6 +54,12 @@ def planned_attention(
 @planned_attention.register_fake
 def _(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, scale, is_causal, slot_id):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _capturing_cuda_graph(q: torch.Tensor) -> bool:
+    """A CUDA graph replays the path taken at capture: take the sparse path there, always, so that
+    later in-place layout updates reach the replays (a cleared slot lists every block: dense)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _refuse_gradients(ctx, inputs, output) -> None:

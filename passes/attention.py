@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from torch import fx
 
 from li_compile.passes.attention_match import AttentionMatch, NotAttention, describe, match_sdpa, match_softmax
-from li_compile.passes.attention_rewrite import heads_shape, rewrite_site
+from li_compile.passes.attention_rewrite import heads_shape, kv_heads, rewrite_site
 from li_compile.passes.attention_spellings import Sdpa, Softmax, example, read
 from li_compile.passes.attention_streams import TokenStreams
 from li_compile.plan import PLAN, SlotSignature
@@ -59,7 +59,13 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
             ctx.compilation.sites.append(Site(KIND, "skipped", reason=str(exc), location=location(node)))
             continue
         slot = PLAN.slot_for(_signature(match, ctx))
-        detail = {"spelling": match.spelling, "slot": slot.id, "shape": heads_shape(match), "masks": len(match.masks)}
+        detail = {
+            "spelling": match.spelling,
+            "slot": slot.id,
+            "shape": heads_shape(match),
+            "kv_heads": kv_heads(match),
+            "masks": len(match.masks),
+        }
         where = location(match.out)
         rewrite_site(gm, match, slot)
         erased.update(match.nodes)

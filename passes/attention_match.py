@@ -21,7 +21,7 @@ mask broadcasts into the scores without enlarging them, and no intermediate is u
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
@@ -35,6 +35,7 @@ from li_compile.passes.attention_spellings import (
     IDENTITY,
     KEEP_MASK,
     PERMUTE,
+    REPEAT_INTERLEAVE,
     SCALE,
     Contraction,
     Sdpa,
@@ -131,7 +132,7 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
         batch_shape = q_shape[:-2] if call.enable_gqa else torch.broadcast_shapes(q_shape[:-2], k_shape[:-2])
         scores_shape = (*batch_shape, q_shape[-2], k_shape[-2])
         masks = (_mask(call.attn_mask, batch + ("i", "j"), kind, scores_shape),)
-    return AttentionMatch(
+    match = AttentionMatch(
         spelling="sdpa",
         out=node,
         out_labels=batch + ("i", "e"),
@@ -148,6 +149,7 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
         is_causal=call.is_causal,
         nodes=(node,),
     )
+    return _shared_kv_heads(match)
 
 
 # ---- hand-written softmax(q k^T) v -----------------------------------------------------------
@@ -201,7 +203,7 @@ def match_softmax(node: fx.Node) -> AttentionMatch:
 
     pv_node, pv, p_node, p_order, weight_nodes = _weights_chain(node, order)
     out_labels, v_op, value_dim = _values_contraction(pv_node, pv, p_node, p_order, key_axis, query_axis, batch)
-    return AttentionMatch(
+    match = AttentionMatch(
         spelling=_spelling(qk_node),
         out=pv_node,
         out_labels=out_labels,
@@ -218,6 +220,7 @@ def match_softmax(node: fx.Node) -> AttentionMatch:
         is_causal=False,
         nodes=(qk_node, *(n for n, _ in steps), node, *weight_nodes, pv_node),
     )
+    return _shared_kv_heads(match)
 
 
 def _scores_chain(node: fx.Node, depth: int) -> tuple[fx.Node, Contraction, list[tuple[fx.Node, Unary]]]:
@@ -294,6 +297,34 @@ def _values_contraction(pv_node, pv: Contraction, p_node, p_order, key_axis, que
     if not set(v_labels) - {key_axis, value_only[0]} <= set(batch):
         raise NotAttention("the values carry an axis the scores do not")
     return out_labels, Operand(v_local.node, v_labels), value_only[0]
+
+
+def _shared_kv_heads(match: AttentionMatch) -> AttentionMatch:
+    """Keys and values repeated along the heads axis (GQA spelled ``repeat_interleave(g, dim=heads)``,
+    possibly permuted after) become their un-repeated tensors: the op shares each key/value head
+    among ``g`` query heads itself (head h reads kv head h // g, as repeat_interleave does)."""
+    if not match.batch:
+        return match
+    heads = match.batch[-1]
+    k, v = _unrepeated(match.k, heads), _unrepeated(match.v, heads)
+    if k is None or v is None or k[1] != v[1]:
+        return match
+    return replace(match, k=k[0], v=v[0])
+
+
+def _unrepeated(operand: Operand, heads: str) -> tuple[Operand, int] | None:
+    node, labels = operand.node, operand.labels
+    for reading in read(node):
+        if isinstance(reading, Unary) and reading.kind == PERMUTE:
+            node, unpermuted = reading.x, [None] * len(labels)
+            for out_axis, in_axis in enumerate(reading.arg):
+                unpermuted[in_axis] = labels[out_axis]
+            labels = tuple(unpermuted)
+            break
+    for reading in read(node):
+        if isinstance(reading, Unary) and reading.kind == REPEAT_INTERLEAVE and labels[reading.arg[1]] == heads:
+            return Operand(reading.x, labels), reading.arg[0]
+    return None
 
 
 # ---- helpers ---------------------------------------------------------------------------------

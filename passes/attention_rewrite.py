@@ -21,7 +21,7 @@ from torch import fx
 
 import li_compile.planned_attention  # noqa: F401  (registers torch.ops.li.planned_attention)
 from li_compile.passes.attention_match import AttentionMatch, Operand
-from li_compile.passes.attention_spellings import ADD_MASK, DROP_MASK, example, is_pure_view_or_cast
+from li_compile.passes.attention_spellings import ADD_MASK, DROP_MASK, example, is_droppable
 from li_compile.plan import SLOT_TENSORS, PlanSlot
 
 PLAN_BUFFER_PREFIX = "li_plan_slot"  # graph-module buffers holding plan slot tensors
@@ -43,6 +43,13 @@ def heads_shape(match: AttentionMatch) -> tuple[int, int, int, int]:
     batch = math.prod(sizes[b] for b in lead)
     heads = sizes[head[0]] if head else 1
     return batch, heads, sizes[match.query_axis], sizes[match.key_axis]
+
+
+def kv_heads(match: AttentionMatch) -> int:
+    """How many key/value heads the op gets (fewer than H: GQA/MQA, shared by the kernel)."""
+    if not match.batch or match.batch[-1] not in match.k.labels:
+        return 1
+    return example(match.k.node).shape[match.k.labels.index(match.batch[-1])]
 
 
 def rewrite_site(gm: fx.GraphModule, match: AttentionMatch, slot: PlanSlot) -> fx.Node:
@@ -139,7 +146,7 @@ def _erase(graph: fx.Graph, nodes) -> None:
         erased.add(node)
     while candidates:
         node = candidates.pop()
-        if node not in erased and not node.users and is_pure_view_or_cast(node):
+        if node not in erased and not node.users and is_droppable(node):
             candidates.extend(node.all_input_nodes)
             graph.erase_node(node)
             erased.add(node)

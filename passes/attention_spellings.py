@@ -7,8 +7,8 @@ Dynamo hands the backend a graph in which the same operation has many spellings:
 ``read(node)`` turns a node into the few canonical operations the matcher reasons about:
 
 - ``Contraction``: an einsum (operands, equation), with baddbmm's ``alpha`` and ``beta * input``;
-- ``Unary``: a shape-preserving step on one tensor: cast, identity, scale, additive or fill mask,
-  permutation;
+- ``Unary``: a step on one tensor: cast, identity, scale, additive or fill mask, permutation,
+  repeat_interleave (GQA);
 - ``Softmax`` and ``Sdpa``.
 
 A node can have two readings (``a + b``: either side may be the scores), so ``read`` returns a
@@ -35,6 +35,7 @@ KEEP_MASK = "keep_mask"  # arg: a bool mask, True where the score is kept
 DROP_MASK = "drop_mask"  # arg: a bool mask, True where the score is set to -inf
 FINITE_FILL = "finite_fill"  # masked_fill with a finite value (arg): not exactly attention masking
 PERMUTE = "permute"
+REPEAT_INTERLEAVE = "repeat_interleave"  # arg: (repeats, dim); changes the shape (GQA head sharing)
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ class Contraction:
 
 @dataclass(frozen=True)
 class Unary:
-    """A step that keeps one tensor's elements in place (``kind``: one of the constants above).
+    """A step on one tensor ``x`` (``kind``: one of the constants above).
 
-    ``arg``: the factor (SCALE), the mask node (masks) or the permutation (PERMUTE: output axis
-    ``n`` is input axis ``arg[n]``). ``inplace``: the step overwrites ``x`` (``s *= c``)."""
+    ``arg``: the factor (SCALE), the mask node (masks), the fill value (FINITE_FILL), the
+    permutation (PERMUTE: output axis ``n`` is input axis ``arg[n]``) or (repeats, dim)
+    (REPEAT_INTERLEAVE). ``inplace``: the step overwrites ``x`` (``s *= c``)."""
 
     kind: str
     x: fx.Node
@@ -63,6 +65,8 @@ class Unary:
 
 @dataclass(frozen=True)
 class Softmax:
+    """``softmax(x, dim)`` in any spelling (its dtype argument does not change what it computes)."""
+
     x: fx.Node
     dim: int
 
@@ -115,14 +119,15 @@ def read(node: fx.Node) -> tuple[Reading, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
-def is_pure_view_or_cast(node: fx.Node) -> bool:
-    """True for permutations, casts and identities: nodes that may be dropped once unused."""
-    return any(isinstance(r, Unary) and r.kind in (CAST, IDENTITY, PERMUTE) for r in read(node)) or (
-        node.op == "call_method" and node.target in _DROPPABLE_METHODS
-    )
+_DROPPABLE_KINDS = (CAST, IDENTITY, PERMUTE, REPEAT_INTERLEAVE)
+_DROPPABLE_METHODS = frozenset({"reshape", "view", "expand", "unsqueeze", "squeeze", "flatten"})
 
 
-_DROPPABLE_METHODS = frozenset({"reshape", "view", "expand", "unsqueeze", "squeeze", "repeat_interleave", "flatten"})
+def is_droppable(node: fx.Node) -> bool:
+    """True for side-effect-free views, casts, identities and repeats: safe to erase once unused."""
+    if node.op == "call_method" and node.target in _DROPPABLE_METHODS:
+        return True
+    return any(isinstance(r, Unary) and r.kind in _DROPPABLE_KINDS and not r.inplace for r in read(node))
 
 
 class _Args:
@@ -341,6 +346,13 @@ def _where(a: _Args) -> Unary | None:
     return None
 
 
+def _repeat_interleave(a: _Args) -> Unary | None:
+    x, repeats, dim = a(0, "input"), a(1, "repeats"), a(2, "dim")
+    if not _is_tensor(x) or not isinstance(repeats, int) or isinstance(repeats, bool) or not isinstance(dim, int):
+        return None
+    return Unary(REPEAT_INTERLEAVE, x, (repeats, dim % rank(x)))
+
+
 # ---- softmax and SDPA ----------------------------------------------------------------------
 
 
@@ -377,6 +389,7 @@ _FUNCTIONS: dict[Callable, Callable[[_Args], Any]] = {
     torch.nn.functional.dropout: _dropout,
     torch.dropout: _dropout,
     torch.clone: _clone,
+    torch.repeat_interleave: _repeat_interleave,
     # scales
     operator.mul: _scaled(inplace=False, divide=False),
     torch.mul: _scaled(inplace=False, divide=False),
@@ -414,6 +427,7 @@ _METHODS: dict[str, Callable[[_Args], Any]] = {
     "type": _cast,
     "type_as": _cast,
     "contiguous": _identity,
+    "repeat_interleave": _repeat_interleave,
     "clone": _clone,
     "mul": _scaled(inplace=False, divide=False),
     "mul_": _scaled(inplace=True, divide=False),

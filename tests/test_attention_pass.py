@@ -142,6 +142,15 @@ def test_every_spelling_of_attention_is_rewritten_and_matches_eager(name):
     assert [(s.status, s.reason) for s in sites(compiled)] == [("rewritten", "")]
 
 
+@pytest.mark.parametrize("name", ["sdpa_gqa", "gqa_repeat_interleave", "mqa_broadcast_heads", "sdpa"])
+def test_shared_key_value_heads_reach_the_op_unrepeated(name):
+    compiled = compile_eager(SPELLINGS[name])
+    with torch.no_grad():
+        compiled(inputs())
+    (site,) = sites(compiled)
+    assert site.detail["kv_heads"] == {"sdpa": H, "mqa_broadcast_heads": 1}.get(name, HKV)
+
+
 def softmax_over_queries(t):
     s = t["q"] @ t["q"].mT  # (.., LQ, LQ): the wrong axis also fits the shapes
     return s.softmax(dim=-2) @ t["q"]
