@@ -1,0 +1,183 @@
+"""Seeded camera trajectories with exploration and revisits, one camera per latent frame.
+
+A world model is driven along a camera path; the interesting paths for this project come back to
+places they have seen, because that is where retrieved memory frames matter and where a denoising
+cache can hit. Every trajectory here is built so that its revisits are exact: the returning camera
+has the same centre and the same view direction as an earlier one (within float rounding).
+
+Conventions (those of ``li_compile.controller.poses``): camera-to-world ``(N, 4, 4)`` float32,
+OpenCV camera axes (x right, y down, z forward); the world also uses y down, so the ground is
+the x-z plane and turning left or right is a rotation about the world y axis. One lens for all
+cameras: ``fov_y_deg`` and ``aspect`` (the similarity functions take ``bounds_from_fov`` of them).
+Distances are in world units; ``li_compile.controller.similarity`` treats 10 units as the scene
+depth, and the paths move ``STEP`` units per latent frame.
+
+Matrix-Game-style worlds are driven by discrete actions instead of poses: ``Trajectory.actions``
+derives them from the motion (keyboard forward/back/left/right, mouse yaw/pitch deltas).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from li_compile.controller.poses import look_at, make_poses, relative_pose, rotation_about_axis
+
+STEP = 0.25  # world units moved per latent frame
+TURN_DEG = 6.0  # largest yaw change per latent frame, degrees
+FOV_Y_DEG = 60.0
+ASPECT = 16 / 9
+MOVE_EPS = 1e-3  # translation (world units) below which no movement key is pressed
+KEY_COS = 0.5  # a key is pressed when the move's direction is within 60 degrees of the key's axis
+KEYS = ("forward", "back", "left", "right")
+MOUSE = ("yaw", "pitch")
+ACTION_DIM = len(KEYS) + len(MOUSE)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A camera path: ``poses (N, 4, 4)`` camera-to-world per latent frame and one lens for all."""
+
+    name: str
+    poses: torch.Tensor
+    fov_y_deg: float = FOV_Y_DEG
+    aspect: float = ASPECT
+
+    def __len__(self) -> int:
+        return self.poses.shape[0]
+
+    def actions(self) -> torch.Tensor:
+        """Matrix-Game-style actions per frame, derived from the motion: ``(N, 6)`` float32.
+
+        Columns: keyboard ``forward, back, left, right`` (0/1: the camera-frame translation from
+        the previous frame is longer than ``MOVE_EPS`` and within 60 degrees of +z, -z, -x, +x) and
+        mouse ``yaw, pitch``
+        (radians turned since the previous frame: yaw about the camera's y axis, positive to
+        the right; pitch about its x axis, positive up). Frame 0 has no motion: all zeros.
+        """
+        rel = relative_pose(self.poses[:-1], self.poses[1:])  # frame i+1 in the camera of frame i
+        move = rel[:, :3, 3]
+        length = move.norm(dim=-1, keepdim=True)
+        along = move[:, [2, 2, 0, 0]] * torch.tensor([1.0, -1.0, -1.0, 1.0]) / length.clamp_min(MOVE_EPS)
+        keys = (along > KEY_COS) & (length > MOVE_EPS)
+        forward = rel[:, :3, 2]  # the new view direction in the old camera's frame
+        yaw = torch.atan2(forward[:, 0], forward[:, 2])
+        pitch = torch.atan2(-forward[:, 1], forward[:, [0, 2]].norm(dim=-1))
+        per_step = torch.cat([keys.float(), yaw[:, None], pitch[:, None]], -1)
+        return torch.cat([torch.zeros(1, ACTION_DIM), per_step], 0)
+
+
+def ground_poses(x: torch.Tensor, z: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor | None = None) -> torch.Tensor:
+    """Cameras standing on the ground plane: positions ``(x, 0, z)``, heading ``yaw`` (radians,
+    0 looks along +z, positive turns right towards +x), tilt ``pitch`` (positive looks up):
+    ``(N,)`` each -> ``(N, 4, 4)``."""
+    pitch = torch.zeros_like(yaw) if pitch is None else pitch
+    down = torch.tensor([0.0, 1.0, 0.0]).expand(len(yaw), 3)
+    right = torch.tensor([1.0, 0.0, 0.0]).expand(len(yaw), 3)
+    rot = rotation_about_axis(down, yaw) @ rotation_about_axis(right, pitch)  # view (sin yaw, 0, cos yaw) at pitch 0
+    return make_poses(rot, torch.stack([x, torch.zeros_like(x), z], -1))
+
+
+def _walk(steps: torch.Tensor, turns: torch.Tensor, start_yaw: float = 0.0) -> torch.Tensor:
+    """Integrate a forward walk: per-frame step lengths and yaw turns ``(N,)`` -> poses ``(N, 4, 4)``.
+
+    Frame 0 stands at the origin facing ``start_yaw``; frame i turns by ``turns[i]`` then steps.
+    """
+    yaw = start_yaw + torch.cumsum(turns, 0) - turns[0]
+    step = steps.clone()
+    step[0] = 0.0
+    x = torch.cumsum(step * torch.sin(yaw), 0)
+    z = torch.cumsum(step * torch.cos(yaw), 0)
+    return ground_poses(x, z, yaw)
+
+
+def _check_frames(frames: int) -> None:
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"frames must be an int >= 2, got {frames!r}")
+
+
+def out_and_back(frames: int, seed: int = 0) -> Trajectory:
+    """Walk out along a gently curving path, then retreat backwards along it to the start, facing
+    the same way: the second half revisits the first half's cameras in reverse order, exactly."""
+    _check_frames(frames)
+    gen = torch.Generator().manual_seed(seed)
+    out_len = frames // 2 + 1
+    turns = (torch.rand(out_len, generator=gen) * 2 - 1) * math.radians(TURN_DEG) / 2
+    out = _walk(torch.full((out_len,), STEP), turns)
+    back = out.flip(0)[1:]
+    return Trajectory("out_and_back", torch.cat([out, back])[:frames])
+
+
+def loop(frames: int, seed: int = 0, period: int | None = None) -> Trajectory:
+    """Walk a closed loop (a circle, facing along it) again and again: frame ``i`` and frame
+    ``i + period`` are the same camera. Default period: two thirds of ``frames``, so the last
+    third is a revisit. ``seed`` sets the loop's radius and direction."""
+    _check_frames(frames)
+    period = period or max(2, (2 * frames) // 3)
+    gen = torch.Generator().manual_seed(seed)
+    direction = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+    phase = direction * 2 * math.pi * (torch.arange(frames) % period).float() / period
+    radius = period * STEP / (2 * math.pi) * (0.8 + 0.4 * torch.rand(1, generator=gen).item())
+    x = radius * (1 - torch.cos(phase)) * direction
+    z = radius * torch.sin(phase) * direction
+    return Trajectory("loop", ground_poses(x, z, phase))
+
+
+def orbit(frames: int, seed: int = 0, period: int | None = None) -> Trajectory:
+    """Circle a point while looking at it, slightly from above; frame ``i + period`` repeats frame
+    ``i`` (default period: two thirds of ``frames``). ``seed`` sets radius, height and direction."""
+    _check_frames(frames)
+    period = period or max(2, (2 * frames) // 3)
+    gen = torch.Generator().manual_seed(seed)
+    radius = 3.0 + 2.0 * torch.rand(1, generator=gen).item()
+    height = -0.5 - torch.rand(1, generator=gen).item()  # y is down: negative is above the ground
+    direction = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+    angle = direction * 2 * math.pi * (torch.arange(frames) % period).float() / period
+    eye = torch.stack([radius * torch.sin(angle), torch.full_like(angle, height), -radius * torch.cos(angle)], -1)
+    return Trajectory("orbit", look_at(eye, torch.zeros(3)))
+
+
+def random_walk_with_returns(frames: int, seed: int = 0, return_every: int = 8) -> Trajectory:
+    """Explore by a seeded random walk (random turns, steady steps) and, every ``return_every``
+    frames on average, retrace the path backwards (facing as before) for a random number of
+    frames: each return revisits earlier cameras exactly, then exploration resumes from there."""
+    _check_frames(frames)
+    if return_every < 2:
+        raise ValueError(f"return_every must be >= 2, got {return_every}")
+    gen = torch.Generator().manual_seed(seed)
+    path = [torch.eye(4)]  # the cameras of the path as explored so far, including retraced ones
+    stack = [0]  # indices into `path` of the current trail (retracing pops it)
+    yaw, x, z = 0.0, 0.0, 0.0
+    while len(path) < frames:
+        if len(stack) > 2 and torch.rand(1, generator=gen).item() < 1 / return_every:
+            back = int(torch.randint(2, max(3, len(stack) // 2 + 1), (1,), generator=gen))
+            for _ in range(min(back, len(stack) - 1)):
+                stack.pop()
+                path.append(path[stack[-1]])
+            head = path[stack[-1]]
+            x, z = head[0, 3].item(), head[2, 3].item()
+            yaw = math.atan2(head[0, 2].item(), head[2, 2].item())
+            continue
+        yaw += (torch.rand(1, generator=gen).item() * 2 - 1) * math.radians(TURN_DEG)
+        x, z = x + STEP * math.sin(yaw), z + STEP * math.cos(yaw)
+        path.append(ground_poses(torch.tensor([x]), torch.tensor([z]), torch.tensor([yaw]))[0])
+        stack.append(len(path) - 1)
+    return Trajectory("random_walk_with_returns", torch.stack(path[:frames]))
+
+
+TRAJECTORIES: dict[str, Callable[..., Trajectory]] = {
+    "out_and_back": out_and_back,
+    "loop": loop,
+    "orbit": orbit,
+    "random_walk_with_returns": random_walk_with_returns,
+}
+
+
+def make(name: str, frames: int, seed: int = 0) -> Trajectory:
+    """The trajectory called ``name`` (see ``TRAJECTORIES``) with ``frames`` latent frames."""
+    if name not in TRAJECTORIES:
+        raise ValueError(f"trajectory must be one of {sorted(TRAJECTORIES)}, got {name!r}")
+    return TRAJECTORIES[name](frames, seed)
