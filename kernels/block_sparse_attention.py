@@ -1,0 +1,408 @@
+"""Fused block-sparse attention (forward) in Triton, and the ``li::block_sparse_attention`` op.
+
+Reads top to bottom: the kernel (``_attention_kernel`` and its inner loop ``_visit_blocks``), its
+launcher (``block_sparse_attention``, the tensor-argument op that ``li::planned_attention`` calls),
+and the layout-level entry point ``sparse_attention(q, k, v, layout)``.
+
+One program computes ``BLOCK_M`` query rows of one (batch, head). It walks the key blocks that the
+layout lists for its query block, in two passes: *full* blocks with no element mask (the fast path)
+and *partial* blocks under the token-level ``key_keep`` vector. The site's own mask (bool or
+additive, broadcastable to (B, H, Lq, Lk)) and the causal mask (top-left aligned, as SDPA's) apply
+to both. Softmax is online, in fp32, in base 2. A query row that sees no key returns zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from li_compile.kernels.block_layout import BlockLayout
+
+LOG2E = 1.4426950408889634
+MIN_DOT = 16  # smallest M/N/K tl.dot takes on the GPU
+
+
+class UnsupportedAttention(ValueError):
+    """The kernel cannot run this call (shape, block size, dtype); callers may fall back to SDPA."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# -- the kernel -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _visit_blocks(
+    acc, m_i, l_i, q,
+    K_base, V_base, stride_kn, stride_vn,
+    count, idx_ptr,
+    keep_ptr, mask_base, stride_mask_n,
+    offs_m, offs_n, offs_d, offs_dv,
+    Lq, Lk, D, DV, block_k, qk_scale,
+    APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SUBS: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the ``count`` listed key blocks, each cut into ``SUBS`` tiles of BLOCK_N."""
+    NEEDS_MASK: tl.constexpr = (not EVEN_N) or APPLY_KEEP or MASK_KIND != 0 or IS_CAUSAL
+    for j in range(count * SUBS):
+        # one flat loop over (listed block, sub-tile), so that the compiler pipelines the loads
+        sub_start = (j % SUBS) * BLOCK_N
+        cols = tl.load(idx_ptr + j // SUBS) * block_k + sub_start + offs_n
+        if EVEN_N:  # every block whole and tiled exactly: no bounds checks on keys
+            in_bounds = offs_n < BLOCK_N
+            k_mask = offs_d[None, :] < D
+            v_mask = offs_dv[None, :] < DV
+        else:  # ragged last block, or a padded tile wider than a (non power of two) block
+            in_bounds = (cols < Lk) & (sub_start + offs_n < block_k)
+            k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
+            v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
+        if EVEN_N and EVEN_D:
+            k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :])
+        else:
+            k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
+            v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # base-2 logits
+        if NEEDS_MASK:
+            visible = in_bounds[None, :] & (offs_m[:, None] < Lq)
+            if APPLY_KEEP:
+                keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0)
+                visible = visible & (keep != 0)[None, :]
+            if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
+                visible = visible & (offs_m[:, None] >= cols[None, :])
+            if MASK_KIND == 1:  # bool site mask, True = attend
+                site = tl.load(mask_base + cols[None, :] * stride_mask_n, mask=visible, other=0)
+                visible = visible & (site != 0)
+            if MASK_KIND == 2:  # additive site mask, scaled into base 2 like the logits
+                bias = tl.load(mask_base + cols[None, :] * stride_mask_n, mask=visible, other=0.0)
+                qk = qk + bias.to(tl.float32) * 1.4426950408889634
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row that has seen no key yet keeps m = -inf: subtract 0 there, so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    Q, K, V, Out,
+    NUM, IDX, FULL_NUM, FULL_IDX, KEEP, FULL_KEEP, MASK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_nb, stride_nh, stride_nq,
+    stride_ib, stride_ih, stride_iq,
+    stride_fnb, stride_fnh, stride_fnq,
+    stride_fib, stride_fih, stride_fiq,
+    stride_keep_b, stride_fkeep_b,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, Lq, Lk, D, DV, block_q, block_k, qk_scale,
+    HAS_FULL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_FULL_KEEP: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    h_kv = h // GROUP  # GQA: GROUP query heads share one key/value head
+    start_m = pid_m * BLOCK_M
+    qb = start_m // block_q  # BLOCK_M divides block_q: one layout query block per program
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if HAS_FULL:  # full blocks first: no layout mask there
+        acc, m_i, l_i = _visit_blocks(
+            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
+            tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq),
+            FULL_IDX + b * stride_fib + h * stride_fih + qb * stride_fiq,
+            FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
+            offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
+            HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+        )
+    acc, m_i, l_i = _visit_blocks(
+        acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
+        tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq),
+        IDX + b * stride_ib + h * stride_ih + qb * stride_iq,
+        KEEP + b * stride_keep_b, mask_base, stride_mn,
+        offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
+        HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+    )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key has acc = 0: output 0
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    if EVEN_M and EVEN_D:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+
+
+# -- launch configurations -------------------------------------------------------------------------
+
+# Tiles derived from the (autotuned) BLOCK_M / BLOCK_N: a layout key block is SUBS tiles of BLOCK_N,
+# or one padded tile when block_k is not a power of two.
+_TILE_HEURISTICS = {
+    "SUBS": lambda a: max(1, a["block_k"] // a["BLOCK_N"]),
+    "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["Lk"] % a["block_k"] == 0 and a["block_k"] % a["BLOCK_N"] == 0,
+}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; Triton caches the best per shape key.
+CUDA_CONFIGS = [
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 64, 4, 4),
+    (128, 128, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+]
+SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # layouts with blocks under 64 tokens
+INTERPRETER_TILE = 64  # the interpreter takes one config: BLOCK_M/BLOCK_N at most this
+
+
+def _fits(config, block_q: int, block_k: int) -> bool:
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return block_q % m == 0 and block_k % n == 0
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs whose BLOCK_M divides block_q and BLOCK_N divides block_k."""
+    block_q, block_k = named_args["block_q"], named_args["block_k"]
+    return [c for c in configs if _fits(c, block_q, block_k)]
+
+
+def _build_kernel():
+    kernel = triton.heuristics(_TILE_HEURISTICS)(_attention_kernel)
+    if _interpreting():  # autotuning needs a GPU: one config, chosen in the launcher
+        return kernel
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+    ]
+    return triton.autotune(
+        configs,
+        key=["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k",
+             "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP", "MASK_KIND", "IS_CAUSAL", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(kernel)
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """The launchable kernel, built on first use (after TRITON_INTERPRET is settled)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build_kernel()
+    return _KERNEL
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides ``n``, at most ``cap``."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+# -- the op -----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("li::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor | None,
+    full_kv_indices: torch.Tensor | None,
+    key_keep: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    scale: float | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Attention of q (B, H, Lq, D) over k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) that visits only the
+    listed key blocks (the BCSR tensors of ``BlockLayout``), under the optional site mask
+    ``attn_mask`` (broadcastable to (B, H, Lq, Lk); bool True = attend, or additive) and
+    ``is_causal`` (top-left aligned, as SDPA's). Returns (B, H, Lq, Dv) in q's dtype; rows that see
+    no key are zeros. Raises ``UnsupportedAttention`` for a call the kernel cannot run."""
+    check_call(q, k, v, block_q, block_k)
+    B, H, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((B, H, Lq, DV), dtype=q.dtype, device=q.device)
+
+    keep, full_keep, attn_mask = _fold_key_padding(key_keep, attn_mask, Lk)
+    mask_kind, mask, mask_strides = _site_mask(attn_mask, (B, H, Lq, Lk), kv_num_blocks)
+    has_full = full_kv_num_blocks is not None
+    full_num = full_kv_num_blocks if has_full else kv_num_blocks  # stand-ins are never read
+    full_idx = full_kv_indices if has_full else kv_indices
+    keep_t = keep.view(torch.uint8) if keep is not None else kv_num_blocks
+    full_keep_t = full_keep.view(torch.uint8) if full_keep is not None else kv_num_blocks
+    block_d, block_dv = (triton.next_power_of_2(max(n, MIN_DOT)) for n in (D, DV))
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    args = (
+        q, k, v, out, kv_num_blocks, kv_indices, full_num, full_idx, keep_t, full_keep_t, mask,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *_lead_strides(kv_num_blocks), *_lead_strides(kv_indices),
+        *_lead_strides(full_num), *_lead_strides(full_idx),
+        _lead_strides(keep_t, 1)[0] if keep is not None else 0,
+        _lead_strides(full_keep_t, 1)[0] if full_keep is not None else 0,
+        *mask_strides,
+        H, H // Hkv, Lq, Lk, D, DV, block_q, block_k, scale * LOG2E,
+    )
+    flags = dict(
+        HAS_FULL=has_full, HAS_KEEP=keep is not None, HAS_FULL_KEEP=full_keep is not None,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, EVEN_D=D == block_d and DV == block_dv,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    kernel = _kernel()
+    if _interpreting():
+        tiles = dict(BLOCK_M=_pow2_divisor(block_q, INTERPRETER_TILE), BLOCK_N=_interpreter_block_n(block_k))
+        kernel[(triton.cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
+    else:
+        kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)
+    return out
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask, block_q, block_k, scale, is_causal):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _refuse_gradients(ctx, inputs, output) -> None:
+    raise RuntimeError(
+        "li::block_sparse_attention is inference-only and got inputs that require grad: "
+        "call it under torch.no_grad() or torch.inference_mode()"
+    )
+
+
+def _no_backward(ctx, grad):  # never reached: _refuse_gradients raises first
+    raise RuntimeError("li::block_sparse_attention has no backward")
+
+
+block_sparse_attention.register_autograd(_no_backward, setup_context=_refuse_gradients)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Attention of q (B, H, Lq, D) over k, v (B, Hkv, Lk, D|Dv) restricted to ``layout`` (a
+    ``BlockLayout`` with q_len = Lq, kv_len = Lk), on top of an optional site mask / causal mask."""
+    if (layout.q_len, layout.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"layout is for (q_len, kv_len)={(layout.q_len, layout.kv_len)}, got q/k lengths {(q.shape[2], k.shape[2])}"
+        )
+    return torch.ops.li.block_sparse_attention(
+        q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
+        layout.key_keep, attn_mask, layout.block_q, layout.block_k, scale, is_causal,
+    )
+
+
+# -- argument checks and mask plumbing ------------------------------------------------------------
+
+
+def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> None:
+    """Raise ``UnsupportedAttention`` naming the first thing the kernel cannot run."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise UnsupportedAttention(f"q, k, v must be 4-D (B, H, L, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise UnsupportedAttention(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise UnsupportedAttention(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if H % k.shape[1]:
+        raise UnsupportedAttention(f"key/value heads ({k.shape[1]}) must divide query heads ({H})")
+    if max(D, v.shape[3]) > 256:
+        raise UnsupportedAttention(f"head dims up to 256 are supported, got {D} / {v.shape[3]}")
+    if q.is_cuda and (block_q % MIN_DOT or block_k % MIN_DOT):
+        raise UnsupportedAttention(f"on the GPU block sizes must be multiples of {MIN_DOT}, got {block_q}x{block_k}")
+
+
+def _interpreter_block_n(block_k: int) -> int:
+    if block_k & (block_k - 1) == 0:
+        return min(block_k, INTERPRETER_TILE)
+    return triton.next_power_of_2(block_k)  # one padded tile per block, columns past block_k masked
+
+
+def _lead_strides(t: torch.Tensor, n: int = 3) -> list[int]:
+    """Strides of the first ``n`` dims, 0 where the dim has size 1 (broadcast)."""
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n)]
+
+
+def _fold_key_padding(key_keep, attn_mask, kv_len):
+    """A bool key-padding site mask (B|1, 1, 1, Lk) becomes a keep vector (the fast path): partial
+    blocks read ``key_keep & padding``, full blocks ``padding``. Returns (keep, full_keep, mask)."""
+    if (
+        attn_mask is None
+        or attn_mask.dtype != torch.bool
+        or attn_mask.dim() != 4
+        or attn_mask.shape[1:3] != (1, 1)
+        or attn_mask.shape[3] != kv_len
+    ):
+        return key_keep, None, attn_mask
+    padding = attn_mask[:, 0, 0, :]
+    keep = padding if key_keep is None else key_keep & padding
+    return keep.contiguous(), padding.contiguous(), None
+
+
+def _site_mask(attn_mask, shape, stand_in):
+    """(kind, tensor, strides (b, h, m, n)) of the site mask: kind 0 none, 1 bool, 2 additive."""
+    if attn_mask is None:
+        return 0, stand_in, (0, 0, 0, 0)
+    try:
+        mask = attn_mask.expand(shape) if attn_mask.dim() <= 4 else None
+    except RuntimeError:
+        mask = None
+    if mask is None:
+        raise UnsupportedAttention(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk)={shape}")
+    strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
+    if mask.dtype == torch.bool:
+        return 1, mask.view(torch.uint8), strides  # same strides, bytes Triton can load
+    return 2, mask, strides
