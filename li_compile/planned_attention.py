@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, block_sparse_attention
 from li_compile.plan import PLAN, PlanSlot
 
 
@@ -91,7 +92,13 @@ def dense_attention(
 
 
 def _sparse(q, k, v, attn_mask, slot: PlanSlot, scale, is_causal) -> torch.Tensor:
-    """The slot's layout on top of the site's own mask (and causal mask, top-left aligned as SDPA's)."""
+    """The slot's layout on top of the site's own mask (and causal mask, top-left aligned as SDPA's):
+    the fused block-sparse kernel, or masked SDPA (counted in ``slot.fallbacks``) where it refuses."""
+    s = slot.signature
+    try:
+        return block_sparse_attention(q, k, v, *slot.tensors(), attn_mask, s.block_q, s.block_k, scale, is_causal)
+    except UnsupportedAttention as refusal:
+        slot.record_fallback(f"kernel refused: {refusal}")
     mask = _with_causal(attn_mask, q.shape[2], k.shape[2], q.device) if is_causal else attn_mask
     keep = slot_dense_mask(slot)
     if mask is None:
