@@ -89,3 +89,13 @@ def test_bad_pose_shapes_are_refused(bad):
 def test_pose_batch_must_match_the_scene_batch():
     with pytest.raises(ValueError, match="scene"):
         render(make_scenes([1, 2]), _yaw_poses([0.0])[None], size=SIZE)
+
+
+def test_wide_frames_see_more_to_the_sides_with_the_same_vertical_view():
+    scene, pose = make_scene(2), _yaw_poses([0.0])
+    square = render(scene, pose, size=(SIZE, SIZE), supersample=1)[0]
+    wide = render(scene, pose, size=(SIZE, 2 * SIZE), supersample=1)[0]
+    assert wide.shape == (3, SIZE, 2 * SIZE)
+    # the centre column is the same ray in both lenses
+    torch.testing.assert_close(wide[:, :, SIZE - 1:SIZE + 1].mean(-1), square[:, :, SIZE // 2 - 1:SIZE // 2 + 1].mean(-1),
+                               atol=1e-5, rtol=0)

@@ -28,10 +28,10 @@ from li_compile.controller.poses import bounds_from_fov
 
 FLOOR_Y = 1.2  # floor plane (world y, pointing down) below cameras at y = 0
 WALL_TOP_Y = -2.0  # walls rise from the floor to this height; the sky shows above them
-ROOM_HALF = 8.0  # the room spans [-ROOM_HALF, ROOM_HALF] in x and z
+ROOM_HALF = 10.0  # the room spans [-ROOM_HALF, ROOM_HALF] in x and z
 CLEAR_RADIUS = 2.0  # default: no object within this distance (x-z) of the origin, where cameras start
-NUM_BOXES = 10
-NUM_PILLARS = 6
+NUM_BOXES = 12
+NUM_PILLARS = 8
 NUM_PATTERNS = 5  # checker, stripes, dots, bricks, grid
 FOG_DISTANCE = 30.0  # e-folding distance of the fog that blends far surfaces into the haze colour
 AMBIENT = 0.45  # light reaching surfaces facing away from the sun
@@ -160,17 +160,27 @@ def make_scenes(seeds: Sequence[int], **kwargs) -> Scene:
     return Scene(**{f.name: torch.cat([getattr(s, f.name) for s in scenes]) for f in fields(Scene)})
 
 
-def camera_rays(poses: torch.Tensor, fov_y_deg: float, size: int, supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _height_width(size: int | Sequence[int]) -> tuple[int, int]:
+    """``size`` (an int for square frames, or ``(height, width)``) as ``(height, width)``."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
+        raise ValueError(f"size must be an int >= 1 or (height, width), got {size!r}")
+    return hw
+
+
+def camera_rays(poses: torch.Tensor, fov_y_deg: float, size: int | Sequence[int],
+                supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
     """World-space ray origins and unit directions for every subpixel of every camera.
 
-    ``poses: (..., 4, 4)`` -> ``(..., R, 3)`` each with ``R = (size * supersample) ** 2`` in row-major
-    subpixel order (rows down the image: camera +y).
+    ``poses: (..., 4, 4)`` -> ``(..., R, 3)`` each with ``R = H * W * supersample ** 2`` for
+    ``size = (H, W)`` (aspect ``W / H``), in row-major subpixel order (rows down: camera +y).
     """
-    n = size * supersample
-    x_min, x_max, y_min, y_max = bounds_from_fov(fov_y_deg).tolist()
-    step_x, step_y = (x_max - x_min) / n, (y_max - y_min) / n
-    xs = x_min + step_x * (torch.arange(n, device=poses.device, dtype=torch.float32) + 0.5)
-    ys = y_min + step_y * (torch.arange(n, device=poses.device, dtype=torch.float32) + 0.5)
+    height, width = _height_width(size)
+    n_y, n_x = height * supersample, width * supersample
+    x_min, x_max, y_min, y_max = bounds_from_fov(fov_y_deg, width / height).tolist()
+    step_x, step_y = (x_max - x_min) / n_x, (y_max - y_min) / n_y
+    xs = x_min + step_x * (torch.arange(n_x, device=poses.device, dtype=torch.float32) + 0.5)
+    ys = y_min + step_y * (torch.arange(n_y, device=poses.device, dtype=torch.float32) + 0.5)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     local = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(-1, 3)  # (R, 3) camera coordinates
     dirs = local @ poses[..., :3, :3].transpose(-1, -2)
@@ -327,18 +337,21 @@ def _trace(scene: Scene, o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.where(hit[..., None], surface, _sky(scene, d))
 
 
-def render(scene: Scene, poses: torch.Tensor, fov_y_deg: float = 60.0, size: int = 64, supersample: int = 2) -> torch.Tensor:
+def render(scene: Scene, poses: torch.Tensor, fov_y_deg: float = 60.0, size: int | Sequence[int] = 64,
+           supersample: int = 2) -> torch.Tensor:
     """RGB frames of ``scene`` seen by cameras ``poses``; values in [0, 1], float32.
 
     ``poses``: ``(4, 4)``, ``(F, 4, 4)`` (one scene) or ``(S, F, 4, 4)`` (one trajectory per scene),
-    camera-to-world, OpenCV axes. Returns ``(3, size, size)``, ``(F, 3, size, size)`` or
-    ``(S, F, 3, size, size)`` on the poses' device (the scene is moved there). ``supersample``
-    rays per pixel side are averaged (anti-aliasing).
+    camera-to-world, OpenCV axes. ``size``: an int (square) or ``(H, W)``; the vertical field of
+    view is ``fov_y_deg``. Returns ``(3, H, W)``, ``(F, 3, H, W)`` or ``(S, F, 3, H, W)`` on the
+    poses' device (the scene is moved there). ``supersample`` rays per pixel side are averaged
+    (anti-aliasing).
     """
     if poses.shape[-2:] != (4, 4) or poses.ndim not in (2, 3, 4):
         raise ValueError(f"poses must be (4, 4), (F, 4, 4) or (S, F, 4, 4), got {tuple(poses.shape)}")
-    if size < 1 or supersample < 1:
-        raise ValueError(f"size and supersample must be >= 1, got size={size}, supersample={supersample}")
+    height, width = _height_width(size)
+    if supersample < 1:
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
     lead = poses.shape[:-2]
     batched = poses.float().reshape(-1, 4, 4) if poses.ndim < 4 else poses.float()
     batched = batched[None] if poses.ndim < 4 else batched  # (S, F, 4, 4)
@@ -351,7 +364,6 @@ def render(scene: Scene, poses: torch.Tensor, fov_y_deg: float = 60.0, size: int
     per_pass = max(1, MAX_RAYS_PER_PASS // max(1, num_scenes))
     colour = torch.cat([_trace(scene, o[:, i:i + per_pass], d[:, i:i + per_pass])
                         for i in range(0, o.shape[1], per_pass)], 1)
-    n = size * supersample
-    img = colour.reshape(num_scenes * frames, n, n, 3).permute(0, 3, 1, 2)
+    img = colour.reshape(num_scenes * frames, height * supersample, width * supersample, 3).permute(0, 3, 1, 2)
     img = torch.nn.functional.avg_pool2d(img, supersample) if supersample > 1 else img
-    return img.reshape(*lead, 3, size, size)
+    return img.reshape(*lead, 3, height, width)
