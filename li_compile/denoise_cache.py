@@ -1,0 +1,197 @@
+"""The denoising cache: per-step model outputs of past chunks, reused on revisits.
+
+When the camera comes back to a place it has generated before, the early denoising steps of the
+new chunk mostly decide coarse layout, which the first visit already decided. The cache keeps, for
+each generated chunk, the model's outputs at its early steps, keyed by the chunk's cameras and
+stamped with everything that makes outputs comparable (model/graph fingerprint, latent shape, dtype,
+device, what was stored). A lookup only returns an entry with the identical stamp, so a hit never
+crosses models, resolutions, dtypes or devices. Capacity is bounded (entries, and bytes if asked),
+least recently used first out; the bytes held are accounted.
+
+Which past chunk is "the same place": every camera of the chunk ``(F, 4, 4)`` must match the
+camera of the same frame of the past chunk (``chunk_revisit``: the score of a chunk is the lowest
+of its frames' ``li_compile.controller.similarity`` scores, cameras farther apart than the revisit
+distance do not count), the same rule ``find_revisit`` applies to one camera.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from li_compile.controller.poses import camera_centers
+from li_compile.controller.similarity import DEFAULT_FAR, REVISIT_MAX_DISTANCE, similarity
+
+REVISIT_MEASURE = "frustum"  # the reference measure: a revisit decision is rare and worth its cost
+PREDICTIONS = ("x0", "raw")
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What must match for a cached output to be reusable: the model/graph fingerprint, the latent
+    shape, dtype and device, and what was stored (``"x0"``: the clean-latent prediction, ``"raw"``:
+    the model output as returned)."""
+
+    fingerprint: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    prediction: str = "raw"
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"Stamp.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
+
+    @classmethod
+    def of(cls, fingerprint: str, latents: torch.Tensor, prediction: str = "raw") -> "Stamp":
+        """The stamp of outputs shaped like ``latents`` made by the model ``fingerprint``."""
+        return cls(fingerprint, tuple(latents.shape), latents.dtype, str(latents.device), prediction)
+
+
+@dataclass
+class Entry:
+    """One past chunk: its cameras ``(F, 4, 4)`` (CPU, float32), its stamp, its outputs by step."""
+
+    key: int
+    poses: torch.Tensor
+    stamp: Stamp
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.outputs.values())
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was made (per-chunk figures are differences of these)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+def chunk_poses(poses: torch.Tensor) -> torch.Tensor:
+    """``poses`` of one chunk as the cache keeps them: ``(F, 4, 4)`` (a single ``(4, 4)`` becomes
+    ``(1, 4, 4)``), float32 on the CPU. Raises ``ValueError`` on any other shape."""
+    if poses.shape == (4, 4):
+        poses = poses[None]
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4) or poses.shape[0] == 0:
+        raise ValueError(f"chunk poses must be (F, 4, 4) camera-to-world matrices, got {tuple(poses.shape)}")
+    return poses.detach().to("cpu", torch.float32).clone()
+
+
+def chunk_revisit_scores(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    measure: str = REVISIT_MEASURE,
+    max_distance: float = REVISIT_MAX_DISTANCE,
+    far: float = DEFAULT_FAR,
+) -> torch.Tensor:
+    """How well each past chunk matches the current one: ``(F, 4, 4)``, ``(N, F, 4, 4)`` -> ``(N,)``.
+
+    The score of a past chunk is the lowest, over frames ``f``, of ``similarity(current[f],
+    bank[:, f])``; a past chunk with any camera centre farther than ``max_distance * far`` from the
+    current one scores 0 (parallax of near content would differ, as in ``find_revisit``).
+    """
+    if bank.ndim != 4 or bank.shape[1:] != current.shape:
+        raise ValueError(f"bank must be (N, {', '.join(map(str, current.shape))}), got {tuple(bank.shape)}")
+    scores = torch.stack([similarity(current[f], bank[:, f], measure, far=far) for f in range(current.shape[0])], -1)
+    distance = (camera_centers(bank) - camera_centers(current)[None]).norm(dim=-1)  # (N, F)
+    scores = torch.where(distance <= max_distance * far, scores, torch.zeros_like(scores))
+    return scores.min(-1).values
+
+
+class DenoiseCache:
+    """Bounded LRU store of per-step model outputs of past chunks.
+
+    ``capacity``: most entries kept; ``max_bytes``: most bytes of stored outputs (None: no byte bound).
+    """
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"DenoiseCache capacity must be >= 1, got {capacity}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"DenoiseCache max_bytes must be >= 0 or None, got {max_bytes}")
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, entry: Entry) -> bool:
+        return self._entries.get(entry.key) is entry
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by stored outputs."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def clear(self) -> None:
+        """Drop every entry (counters are kept)."""
+        self._entries.clear()
+
+    def open_entry(self, poses: torch.Tensor, stamp: Stamp) -> Entry:
+        """Start the entry of the chunk being generated (``poses``: its cameras, see ``chunk_poses``);
+        its outputs are added with ``store``. May evict the least recently used entry."""
+        entry = Entry(self._next_key, chunk_poses(poses), stamp)
+        self._next_key += 1
+        self._entries[entry.key] = entry
+        self._evict(keep=entry.key)
+        return entry
+
+    def store(self, entry: Entry, step: int, output: torch.Tensor) -> None:
+        """Keep ``output`` (a copy) as ``entry``'s stored output at denoising ``step``. Does nothing if
+        the entry was evicted meanwhile; may evict other entries to stay within ``max_bytes``."""
+        if tuple(output.shape) != entry.stamp.shape or output.dtype != entry.stamp.dtype:
+            raise ValueError(
+                f"cached output must match the entry's stamp {entry.stamp.shape}/{entry.stamp.dtype}, "
+                f"got {tuple(output.shape)}/{output.dtype}"
+            )
+        if entry in self:
+            entry.outputs[step] = output.detach().clone()
+            self._evict(keep=entry.key)
+
+    def lookup(
+        self,
+        poses: torch.Tensor,
+        stamp: Stamp,
+        steps: int,
+        threshold: float,
+        measure: str = REVISIT_MEASURE,
+        max_distance: float = REVISIT_MAX_DISTANCE,
+    ) -> Entry | None:
+        """The best-matching past chunk (``chunk_revisit_scores``) with the identical ``stamp``, outputs
+        for steps ``0 .. steps - 1`` and a score of at least ``threshold``; counts a hit or a miss and
+        marks a hit most recently used. Ties go to the oldest entry."""
+        current = chunk_poses(poses)
+        candidates = [
+            e for e in self._entries.values()
+            if e.stamp == stamp and e.poses.shape == current.shape and all(s in e.outputs for s in range(steps))
+        ]
+        best = None
+        if candidates:
+            scores = chunk_revisit_scores(current, torch.stack([e.poses for e in candidates]), measure, max_distance)
+            index = int(scores.argmax())
+            if float(scores[index]) >= threshold:
+                best = candidates[index]
+        if best is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self._entries.move_to_end(best.key)
+        return best
+
+    def _evict(self, keep: int) -> None:
+        """Drop least recently used entries (never ``keep``) until within capacity and ``max_bytes``."""
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.capacity or (self.max_bytes is not None and self.nbytes > self.max_bytes)
+        ):
+            oldest = next(k for k in self._entries if k != keep)
+            del self._entries[oldest]
+            self.stats.evictions += 1

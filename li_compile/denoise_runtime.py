@@ -1,0 +1,160 @@
+"""Per-chunk, per-step host decisions of the denoising cache: serve a stored output or compute.
+
+The generation loop (the reference pipeline, the controller, or the user's own loop) brackets each
+chunk::
+
+    from li_compile.denoise_runtime import DENOISE
+    DENOISE.begin_chunk(chunk, poses, sigmas)   # poses: (F, 4, 4) cameras of the chunk's frames
+    ... run the compiled model (or the compiled chunk function) ...
+    stats = DENOISE.end_chunk()                 # a ChunkStats for the report
+
+Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) goes through
+``DENOISE.step``: the n-th call of a runner in a chunk is denoising step n. On the first early step
+(``step < reuse_steps``) the chunk is looked up once per stamp; on a revisit hit the early steps
+return the stored output of the matched past chunk and the model does not run; otherwise the model
+runs and its early outputs are stored under the chunk's cameras. Outside ``begin_chunk`` /
+``end_chunk`` nothing is cached: the model always runs. All of this happens on the host, between
+calls of compiled graphs, so hits and misses never change anything Dynamo guards on.
+
+What is stored: with the chunk's ``sigmas`` known, the clean-latent prediction ``x0 = x - sigma * v``
+of a flow-matching velocity model (both reference worlds), served back as ``v = (x - x0) / sigma``
+against the *current* latent ``x``. The new chunk's noise then stays consistent with its own latent
+(reusing ``v`` itself would mix the past chunk's noise into this one). Without ``sigmas`` the raw
+output is stored and served unchanged. The stamp records which, so the two never mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from li_compile.denoise_cache import DenoiseCache, Entry, Stamp, chunk_poses
+from li_compile.options import CacheOptions
+from li_compile.reporting import ChunkStats
+
+
+@dataclass
+class _Chunk:
+    """The chunk being generated: its cameras, schedule, looked-up entries and step counters."""
+
+    chunk: int
+    poses: torch.Tensor
+    sigmas: list[float] | None
+    start: tuple[int, int, int]  # cache hits, misses, evictions at begin_chunk
+    matches: dict[Stamp, Entry | None] = field(default_factory=dict)
+    opened: dict[Stamp, Entry] = field(default_factory=dict)
+    calls: dict[Hashable, int] = field(default_factory=dict)
+    reused: int = 0
+    computed: int = 0
+
+
+class DenoiseRuntime:
+    """Host state of the denoising cache: the cache itself and the chunk being generated."""
+
+    def __init__(self, capacity: int = CacheOptions().capacity) -> None:
+        self.cache = DenoiseCache(capacity)
+        self.history: list[ChunkStats] = []
+        self._chunk: _Chunk | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a chunk is open (between ``begin_chunk`` and ``end_chunk``)."""
+        return self._chunk is not None
+
+    def configure(self, options: CacheOptions) -> None:
+        """Adopt ``options.capacity`` (the latest compilation with the cache enabled sets it)."""
+        self.cache.capacity = options.capacity
+
+    def begin_chunk(self, chunk: int, poses: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None = None) -> None:
+        """Open ``chunk``: ``poses`` ``(F, 4, 4)`` are its frames' cameras (camera-to-world);
+        ``sigmas`` ``(steps + 1,)`` its noise schedule (``sigmas[i]``: noise level of the latent
+        entering step ``i``), or None to store raw outputs. A still-open chunk is ended first."""
+        if self._chunk is not None:
+            self.end_chunk()
+        schedule = None
+        if sigmas is not None:
+            schedule = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+            if len(schedule) < 2:
+                raise ValueError(f"sigmas must list steps + 1 >= 2 noise levels, got {schedule}")
+        s = self.cache.stats
+        self._chunk = _Chunk(chunk, chunk_poses(poses), schedule, (s.hits, s.misses, s.evictions))
+
+    def end_chunk(self) -> ChunkStats:
+        """Close the open chunk and return its statistics (also appended to ``history``)."""
+        if self._chunk is None:
+            raise ValueError("end_chunk() without begin_chunk(): no chunk is open")
+        c, s = self._chunk, self.cache.stats
+        hit = any(e is not None for e in c.matches.values())
+        stats = ChunkStats(
+            c.chunk,
+            {
+                "cache": "hit" if hit else ("miss" if c.matches else "off"),
+                "steps_reused": c.reused,
+                "steps_computed": c.computed,
+                "cache_hits": s.hits - c.start[0],
+                "cache_misses": s.misses - c.start[1],
+                "cache_evictions": s.evictions - c.start[2],
+                "cache_entries": len(self.cache),
+                "cache_bytes": self.cache.nbytes,
+            },
+        )
+        self.history.append(stats)
+        self._chunk = None
+        return stats
+
+    def reuse_limit(self, options: CacheOptions, steps: int | None = None) -> int:
+        """How many early steps may be served in the open chunk: ``reuse_steps``, but never the last
+        step (known from ``steps`` or the chunk's ``sigmas``); 0 when caching is off or no chunk is open."""
+        c = self._chunk
+        if c is None or not options.enabled:
+            return 0
+        limit = options.reuse_steps
+        total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else None)
+        return limit if total is None else min(limit, total - 1)
+
+    def step(
+        self,
+        runner: Hashable,
+        fingerprint: str,
+        latents: torch.Tensor,
+        compute: Callable[[], torch.Tensor],
+        options: CacheOptions,
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """One model call of ``runner`` (the n-th in this chunk is step n): the stored output of the
+        matched past chunk on an early step of a revisit, else ``compute()`` (stored on early steps).
+
+        ``latents``: the model's noisy latent input; the output has its shape and dtype.
+        ``fingerprint``: the model/graph identity that goes into the stamp.
+        """
+        c = self._chunk
+        if c is None:
+            return compute()
+        step = c.calls.get(runner, 0)
+        c.calls[runner] = step + 1
+        if step >= self.reuse_limit(options, steps):
+            c.computed += 1
+            return compute()
+        sigma = None if c.sigmas is None else c.sigmas[step]
+        if sigma is not None and sigma <= 0:
+            raise ValueError(f"sigmas[{step}] = {sigma}: an early step reused from the cache needs a noise level > 0")
+        stamp = Stamp.of(fingerprint, latents, "raw" if sigma is None else "x0")
+        if stamp not in c.matches:
+            c.matches[stamp] = self.cache.lookup(c.poses, stamp, self.reuse_limit(options, steps), options.revisit_threshold)
+        entry = c.matches[stamp]
+        if entry is not None and step in entry.outputs:
+            c.reused += 1
+            stored = entry.outputs[step]
+            return stored.clone() if sigma is None else ((latents - stored) / sigma).to(latents.dtype)
+        out = compute()
+        c.computed += 1
+        if entry is None:
+            if stamp not in c.opened:
+                c.opened[stamp] = self.cache.open_entry(c.poses, stamp)
+            self.cache.store(c.opened[stamp], step, out if sigma is None else (latents - sigma * out).to(out.dtype))
+        return out
+
+
+DENOISE = DenoiseRuntime()

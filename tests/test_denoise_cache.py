@@ -1,0 +1,160 @@
+"""The denoising cache store and its per-chunk runtime: stamps, revisit lookup, LRU, bytes, steps."""
+
+import pytest
+import torch
+
+from li_compile.controller.poses import look_at
+from li_compile.denoise_cache import DenoiseCache, Stamp, chunk_revisit_scores
+from li_compile.denoise_runtime import DenoiseRuntime
+from li_compile.options import CacheOptions
+
+
+def chunk_cameras(x: float, frames: int = 2) -> torch.Tensor:
+    """A chunk of cameras at (x, 0, 0) .. moving 1cm per frame, all looking down +z."""
+    eye = torch.tensor([[x + 0.01 * f, 0.0, 0.0] for f in range(frames)])
+    return look_at(eye, eye + torch.tensor([0.0, 0.0, 5.0]))
+
+
+LATENT = torch.zeros(1, 4, 2, 3, 3)
+STAMP = Stamp.of("model-a", LATENT)
+
+
+def filled(cache, poses, stamp=STAMP, steps=2, value=1.0):
+    entry = cache.open_entry(poses, stamp)
+    for step in range(steps):
+        cache.store(entry, step, torch.full(stamp.shape, value + step, dtype=stamp.dtype))
+    return entry
+
+
+def test_same_cameras_hit_and_distant_cameras_miss():
+    cache = DenoiseCache(capacity=4)
+    entry = filled(cache, chunk_cameras(0.0))
+    assert cache.lookup(chunk_cameras(0.0), STAMP, steps=2, threshold=0.9) is entry
+    assert cache.lookup(chunk_cameras(3.0), STAMP, steps=2, threshold=0.9) is None
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Stamp.of("model-b", LATENT),
+        Stamp.of("model-a", torch.zeros(1, 4, 2, 6, 6)),
+        Stamp.of("model-a", LATENT.half()),
+        Stamp.of("model-a", LATENT, prediction="x0"),
+        Stamp("model-a", tuple(LATENT.shape), LATENT.dtype, "cuda:0"),
+    ],
+    ids=["model", "resolution", "dtype", "prediction", "device"],
+)
+def test_an_entry_with_another_stamp_never_hits(other):
+    cache = DenoiseCache(capacity=4)
+    filled(cache, chunk_cameras(0.0), stamp=other)
+    assert cache.lookup(chunk_cameras(0.0), STAMP, steps=2, threshold=0.0) is None
+
+
+def test_an_entry_missing_an_early_step_does_not_hit():
+    cache = DenoiseCache(capacity=4)
+    filled(cache, chunk_cameras(0.0), steps=1)
+    assert cache.lookup(chunk_cameras(0.0), STAMP, steps=2, threshold=0.5) is None
+
+
+def test_least_recently_used_entry_is_evicted_first_and_bytes_are_accounted():
+    cache = DenoiseCache(capacity=2)
+    a = filled(cache, chunk_cameras(0.0))
+    b = filled(cache, chunk_cameras(3.0))
+    assert cache.nbytes == 2 * 2 * LATENT.numel() * 4
+    assert cache.lookup(chunk_cameras(0.0), STAMP, 2, 0.9) is a  # a is now most recently used
+    filled(cache, chunk_cameras(6.0))
+    assert a in cache and b not in cache and len(cache) == 2
+    assert cache.stats.evictions == 1
+
+
+def test_byte_bound_evicts_older_entries_but_keeps_the_one_being_filled():
+    per_entry = 2 * LATENT.numel() * 4
+    cache = DenoiseCache(capacity=10, max_bytes=per_entry)
+    a = filled(cache, chunk_cameras(0.0))
+    b = filled(cache, chunk_cameras(3.0))
+    assert b in cache and a not in cache and cache.nbytes == per_entry
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        DenoiseCache(0)
+    with pytest.raises(ValueError, match=r"must be \(F, 4, 4\).*\(3, 4\)"):
+        DenoiseCache(1).open_entry(torch.eye(4)[:3], STAMP)
+    with pytest.raises(ValueError, match="must match the entry's stamp"):
+        cache = DenoiseCache(1)
+        cache.store(cache.open_entry(chunk_cameras(0.0), STAMP), 0, torch.zeros(3))
+
+
+def test_chunk_score_is_the_worst_frame():
+    current = chunk_cameras(0.0)
+    turned = current.clone()
+    turned[1] = look_at(torch.tensor([0.01, 0.0, 0.0]), torch.tensor([5.0, 0.0, 0.0]))
+    scores = chunk_revisit_scores(current, torch.stack([current, turned]))
+    assert scores[0] > 0.99 and scores[1] < 0.5
+
+
+# ---- the runtime: which model calls run ----
+
+
+class Model:
+    """A stand-in model: counts calls, returns a step-dependent velocity."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, step):
+        self.calls += 1
+        return x * 0.5 + step
+
+
+def run_chunk(runtime, model, poses, steps=4, sigmas=None, options=CacheOptions(reuse_steps=2), x=None):
+    x = torch.randn(LATENT.shape, generator=torch.Generator().manual_seed(0)) if x is None else x
+    runtime.begin_chunk(0, poses, sigmas)
+    outs = [runtime.step("model", "fp", x, lambda i=i: model(x, i), options) for i in range(steps)]
+    return outs, runtime.end_chunk()
+
+
+def test_outside_a_chunk_the_model_always_runs():
+    runtime, model = DenoiseRuntime(), Model()
+    for _ in range(3):
+        runtime.step("model", "fp", LATENT, lambda: model(LATENT, 0), CacheOptions())
+    assert model.calls == 3 and len(runtime.cache) == 0
+
+
+def test_revisit_serves_reuse_steps_and_computes_the_rest():
+    runtime, model = DenoiseRuntime(), Model()
+    first, stats = run_chunk(runtime, model, chunk_cameras(0.0))
+    assert model.calls == 4 and stats.values["cache"] == "miss" and stats.values["cache_entries"] == 1
+    again, stats = run_chunk(runtime, model, chunk_cameras(0.0))
+    assert model.calls == 4 + 2
+    assert stats.values["steps_reused"] == 2 and stats.values["steps_computed"] == 2
+    assert stats.values["cache"] == "hit" and stats.values["cache_bytes"] == 2 * LATENT.numel() * 4
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_x0_reuse_with_the_same_latent_gives_the_same_velocity():
+    runtime, model = DenoiseRuntime(), Model()
+    sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
+    first, _ = run_chunk(runtime, model, chunk_cameras(0.0), sigmas=sigmas)
+    again, stats = run_chunk(runtime, model, chunk_cameras(0.0), sigmas=sigmas)
+    assert stats.values["steps_reused"] == 2
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_last_step_always_computes():
+    runtime, model = DenoiseRuntime(), Model()
+    run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=[1.0, 0.5, 0.0], options=CacheOptions(reuse_steps=5))
+    _, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=[1.0, 0.5, 0.0], options=CacheOptions(reuse_steps=5))
+    assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 1
+
+
+def test_disabled_cache_or_new_place_never_hits():
+    runtime, model = DenoiseRuntime(), Model()
+    run_chunk(runtime, model, chunk_cameras(0.0))
+    _, stats = run_chunk(runtime, model, chunk_cameras(0.0), options=CacheOptions(enabled=False))
+    assert stats.values["cache"] == "off" and stats.values["steps_reused"] == 0
+    _, stats = run_chunk(runtime, model, chunk_cameras(4.0))
+    assert stats.values["cache"] == "miss" and model.calls == 12
