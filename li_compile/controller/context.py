@@ -1,0 +1,168 @@
+"""The context controller: per chunk, which past frames a world model attends to, and the plan for it.
+
+``ContextController.select`` implements the context-policy protocol of the reference generation loop
+(``li_compile.worlds.pipeline``; same call as its ``DensePolicy``)::
+
+    selection = controller.select(chunk, poses, chunk_poses, latents)
+    #   poses       (N, 4, 4)   camera-to-world of every past latent frame
+    #   chunk_poses (F, 4, 4)   cameras of the frames about to be generated
+    #   latents     (N, C, h, w) the past generated latent frames
+    #   -> ContextSelection(memory=[...], recent=[...], capacity=...)
+
+Per chunk it
+1. sizes the temporal window (``recent``: the last ``w`` frames) from the local latent dynamics with
+   the configured rule (``window.py``; ``options.window_rule``, ``window_min``..``window_max``);
+2. scores every older frame against the chunk's cameras (``similarity.py``, the best score over the
+   chunk's frames) and keeps the ``memory_k`` best of those scoring ``>= keep_threshold``: novel
+   exploration drops stale memory instead of feeding the model frames that show something else;
+3. picks the context capacity: the smallest capacity bucket (``buckets.py``) holding the kept frames,
+   which the pipeline pads to (compact context: dropped frames cost no compute, one compile per bucket);
+4. writes the attention plan for that capacity in place (``attention_plan.py``) and records the
+   decisions as a ``ChunkStats`` in ``controller.stats``.
+
+With ``options.enabled = False`` it is the dense policy: a ``window_max`` window, the ``memory_k`` most
+similar older frames whatever their score, and the full capacity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
+from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
+from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
+from li_compile.controller.window import latent_dynamics, window_size
+from li_compile.options import ContextOptions, Options
+from li_compile.reporting import ChunkStats
+from li_compile.worlds.pipeline import ContextSelection
+
+DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense policy's fixed k)
+
+
+class ContextController:
+    """Adaptive context for chunk-by-chunk world generation (see the module docstring).
+
+    ``options``: ``ContextOptions`` (or a full ``Options``, or the ``context`` dict of the backend
+    options); ``memory_k``: the most memory frames fed per chunk; the lens as ``bounds (4,)`` or
+    ``fov_y_deg`` (+ ``aspect``), and the depth range ``near``/``far`` (scene scale) for similarity;
+    ``capacity_fractions``: the capacity buckets as fractions of ``memory_k + window_max``.
+    """
+
+    def __init__(
+        self,
+        options: ContextOptions | Options | Mapping[str, Any] | None = None,
+        *,
+        memory_k: int = DEFAULT_MEMORY_K,
+        bounds: torch.Tensor | None = None,
+        fov_y_deg: float | None = None,
+        aspect: float = 1.0,
+        near: float = DEFAULT_NEAR,
+        far: float = DEFAULT_FAR,
+        capacity_fractions: tuple[float, ...] = CAPACITY_FRACTIONS,
+    ) -> None:
+        self.options = _context_options(options)
+        if isinstance(memory_k, bool) or not isinstance(memory_k, int) or memory_k < 0:
+            raise ValueError(f"memory_k must be an int >= 0, got {memory_k!r}")
+        if bounds is not None and fov_y_deg is not None:
+            raise ValueError("give the lens as bounds or as fov_y_deg, not both")
+        if fov_y_deg is not None:
+            bounds = bounds_from_fov(fov_y_deg, aspect)
+        self.bounds = None if bounds is None else validate_bounds(bounds)
+        if not 0 < near < far:
+            raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
+        self.near, self.far = near, far
+        self.memory_k = memory_k
+        self.max_context = memory_k + self.options.window_max
+        self.buckets = capacity_buckets(self.max_context, capacity_fractions)
+        self.stats: list[ChunkStats] = []
+
+    def warm_up_buckets(self) -> tuple[int, ...]:
+        """The context capacities ``select`` may return, ascending: run one chunk at each during
+        warm-up so the model compiles every bucket then (once each) and never afterwards."""
+        return self.buckets if self.options.enabled else (self.max_context,)
+
+    def select(
+        self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor, latents: torch.Tensor
+    ) -> ContextSelection:
+        """The context for ``chunk``: memory and recent frame indices into the past frames, and the
+        capacity to pad them to. Shapes in the module docstring; raises ``ValueError`` naming bad input."""
+        poses, chunk_poses = self._check(chunk, poses, chunk_poses, latents)
+        past = poses.shape[0]
+        window, dynamics = self._window(latents)
+        recent = list(range(max(0, past - window), past))
+        candidates = recent[0] if recent else past
+        scores = self._scores(poses[:candidates], chunk_poses)
+        memory = self._memory(scores)
+        capacity = self._capacity(len(memory) + len(recent))
+        self.stats.append(
+            ChunkStats(
+                chunk,
+                {
+                    "window": len(recent),
+                    "dynamics": dynamics,
+                    "memory_candidates": candidates,
+                    "memory_kept": len(memory),
+                    "memory_dropped": min(candidates, self.memory_k) - len(memory),
+                    "capacity": capacity,
+                },
+            )
+        )
+        return ContextSelection(memory=memory, recent=recent, capacity=capacity)
+
+    def _check(self, chunk, poses, chunk_poses, latents) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"chunk must be an int >= 0, got {chunk!r}")
+        poses = validate_poses(poses, "poses")
+        chunk_poses = validate_poses(chunk_poses, "chunk_poses")
+        if poses.ndim != 3:
+            raise ValueError(f"poses must be (N, 4, 4) for N past frames, got {tuple(poses.shape)}")
+        if chunk_poses.ndim != 3 or chunk_poses.shape[0] < 1:
+            raise ValueError(f"chunk_poses must be (F, 4, 4) with F >= 1, got {tuple(chunk_poses.shape)}")
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != poses.shape[0]:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be (N, C, h, w) with N = {poses.shape[0]} past frames (one per pose), got {shape}")
+        return poses, chunk_poses
+
+    def _window(self, latents: torch.Tensor) -> tuple[int, float | None]:
+        """Window length from the dynamics of the last ``window_max`` frames (``window_max`` itself
+        while fewer than two frames exist or the controller is off)."""
+        opts = self.options
+        recent = latents[-opts.window_max :]
+        if not opts.enabled or recent.shape[0] < 2:
+            return opts.window_max, None
+        dynamics = latent_dynamics(recent)
+        window = window_size(dynamics, opts.window_rule, opts.window_min, opts.window_max)
+        return int(window), round(float(dynamics), 4)
+
+    def _scores(self, bank: torch.Tensor, chunk_poses: torch.Tensor) -> torch.Tensor:
+        """Best similarity of each older frame ``(M, 4, 4)`` to any of the chunk's cameras: ``(M,)``."""
+        bounds = None if self.bounds is None else self.bounds.to(bank.device)
+        per_camera = [
+            similarity(camera, bank, self.options.similarity, bounds, self.near, self.far) for camera in chunk_poses
+        ]
+        return torch.stack(per_camera).amax(0)
+
+    def _memory(self, scores: torch.Tensor) -> list[int]:
+        """Indices of the kept memory frames, ascending: the ``memory_k`` best (ties: earliest),
+        of those at or above the keep threshold when the controller is on."""
+        order = torch.sort(scores, descending=True, stable=True).indices[: self.memory_k]
+        if self.options.enabled:
+            order = order[scores[order] >= self.options.keep_threshold]
+        return sorted(order.tolist())
+
+    def _capacity(self, frames: int) -> int:
+        return bucket_for(frames, self.buckets) if self.options.enabled else self.max_context
+
+
+def _context_options(options: ContextOptions | Options | Mapping[str, Any] | None) -> ContextOptions:
+    if options is None:
+        return ContextOptions()
+    if isinstance(options, ContextOptions):
+        return options
+    if isinstance(options, Options):
+        return options.context
+    if isinstance(options, Mapping):
+        return Options.from_user({"context": dict(options)}).context
+    raise ValueError(f"options must be ContextOptions, Options or a dict of context options, got {type(options).__name__}")

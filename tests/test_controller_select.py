@@ -1,0 +1,138 @@
+"""ContextController.select: which past frames a chunk attends to, its capacity bucket, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from li_compile.controller.buckets import bucket_for, capacity_buckets
+from li_compile.controller.context import ContextController
+from li_compile.controller.poses import make_poses, rotation_about_axis
+from li_compile.options import ContextOptions
+
+C, H, W = 4, 4, 4
+Y_AXIS = torch.tensor([0.0, 1.0, 0.0])
+
+
+def _turned(yaw_deg: list[float], x: list[float] | None = None) -> torch.Tensor:
+    """Cameras at (x, 0, 0) turned by ``yaw_deg`` about the world y axis: (N, 4, 4)."""
+    yaw = torch.tensor([math.radians(a) for a in yaw_deg])
+    centers = torch.zeros(len(yaw_deg), 3)
+    if x is not None:
+        centers[:, 0] = torch.tensor(x)
+    return make_poses(rotation_about_axis(Y_AXIS.expand(len(yaw_deg), 3), yaw), centers)
+
+
+def _static_latents(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` identical latent frames: no dynamics, so the shrink rule keeps the full window."""
+    frame = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed))
+    return frame.expand(n, C, H, W).clone()
+
+
+def _moving_latents(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` unrelated latent frames: maximal dynamics, so the shrink rule gives the shortest window."""
+    return torch.randn(n, C, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def _controller(**context) -> ContextController:
+    options = {"window_min": 1, "window_max": 2, "keep_threshold": 0.3, **context}
+    return ContextController(options, memory_k=3)
+
+
+def test_memory_keeps_frames_facing_the_chunk_and_drops_the_opposite_view():
+    # frames 0..3 face the chunk's way (0 deg), 4..5 look the opposite way; 6..7 are the recent window
+    past = _turned([0, 2, 0, 4, 180, 178, 0, 0])
+    selection = _controller().select(3, past, _turned([0]), _static_latents(8))
+    assert selection.recent == [6, 7]
+    assert 4 not in selection.memory and 5 not in selection.memory
+    assert len(selection.memory) == 3 and set(selection.memory) <= {0, 1, 2, 3}
+
+
+def test_novel_exploration_drops_all_stale_memory():
+    past = _turned([180] * 6 + [0, 0])
+    controller = _controller()
+    selection = controller.select(1, past, _turned([0]), _static_latents(8))
+    assert selection.memory == []
+    stats = controller.stats[-1].values
+    assert stats["memory_kept"] == 0 and stats["memory_dropped"] == 3 and stats["memory_candidates"] == 6
+
+
+def test_loop_revisit_brings_back_the_frames_of_the_first_visit():
+    # walk away along +x facing +z, turn around and come back: the chunk stands where frame 0 stood
+    past = _turned([0, 0, 0, 90, 180, 180, 180, 180], x=[0, 1, 2, 3, 3, 2, 1, 0.5])
+    selection = _controller().select(2, past, _turned([0], x=[0.0]), _static_latents(8))
+    assert selection.memory[:2] == [0, 1]
+
+
+def test_identical_pose_scores_highest():
+    past = _turned([30, 0, 15, 0, 0], x=[0, 0, 0, 0, 0])
+    controller = ContextController({"window_min": 1, "window_max": 1, "keep_threshold": 0.0}, memory_k=1)
+    assert controller.select(0, past, _turned([0]), _static_latents(5)).memory == [1]
+
+
+def test_window_shrinks_on_motion_and_stays_full_when_static():
+    controller = _controller(window_min=1, window_max=4, window_rule="shrink_on_motion")
+    past = _turned([0] * 8)
+    assert controller.select(0, past, _turned([0]), _static_latents(8)).recent == [4, 5, 6, 7]
+    assert controller.select(1, past, _turned([0]), _moving_latents(8)).recent == [7]
+    assert [s.values["window"] for s in controller.stats] == [4, 1]
+
+
+def test_capacity_is_the_smallest_bucket_holding_the_kept_frames():
+    controller = _controller(window_min=1, window_max=5)  # max context 3 + 5 = 8: buckets 2, 4, 6, 8
+    assert controller.warm_up_buckets() == (2, 4, 6, 8)
+    past = _turned([180] * 8 + [0] * 2)
+    assert controller.select(0, past, _turned([0]), _moving_latents(10)).capacity == 2  # 1 recent, 1 memory
+    assert controller.select(1, past, _turned([0]), _static_latents(10)).capacity == 6  # 5 recent
+    first = controller.select(2, past[:1], _turned([0]), _static_latents(1))
+    assert (first.memory, first.recent, first.capacity) == ([], [0], 2)
+
+
+def test_disabled_controller_is_the_dense_policy():
+    controller = _controller(enabled=False, keep_threshold=1.0)
+    past = _turned([180] * 6 + [0, 0])
+    selection = controller.select(0, past, _turned([0]), _moving_latents(8))
+    assert selection.recent == [6, 7] and len(selection.memory) == 3 and selection.capacity == 5
+    assert controller.warm_up_buckets() == (5,)
+
+
+def test_capacity_buckets_cover_every_context_size():
+    assert capacity_buckets(12) == (3, 6, 9, 12)
+    assert capacity_buckets(3) == (1, 2, 3)
+    for frames in range(13):
+        assert bucket_for(frames, capacity_buckets(12)) >= frames
+    with pytest.raises(ValueError, match="exceed the largest capacity bucket 12"):
+        bucket_for(13, capacity_buckets(12))
+    with pytest.raises(ValueError, match="fractions"):
+        capacity_buckets(8, (0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "poses, chunk_poses, latents, message",
+    [
+        (_turned([0, 0]).index_put((torch.tensor([1]), torch.tensor([0]), torch.tensor([3])), torch.tensor(math.nan)),
+         _turned([0]), _static_latents(2), r"poses\[1\] contains NaN or inf"),
+        (_turned([0, 0]) * torch.tensor([2.0, 1, 1, 1])[:, None], _turned([0]), _static_latents(2),
+         r"poses\[0\].* rotation is not orthonormal"),
+        (_turned([0, 0])[:, :3], _turned([0]), _static_latents(2), r"poses must have shape \(\.\.\., 4, 4\)"),
+        (_turned([0, 0])[0], _turned([0]), _static_latents(2), r"poses must be \(N, 4, 4\)"),
+        (_turned([0, 0]), _turned([0]).index_put((torch.tensor([0]), torch.tensor([2]), torch.tensor([3])),
+                                                 torch.tensor(math.inf)), _static_latents(2),
+         r"chunk_poses\[0\] contains NaN or inf"),
+        (_turned([0, 0]), _turned([0]), _static_latents(3), r"latents must be \(N, C, h, w\) with N = 2"),
+    ],
+    ids=["nan", "scaled-rotation", "wrong-shape", "single-pose", "inf-chunk", "latents-count"],
+)
+def test_bad_input_raises_value_error_naming_the_problem(poses, chunk_poses, latents, message):
+    with pytest.raises(ValueError, match=message):
+        _controller().select(0, poses, chunk_poses, latents)
+
+
+def test_bad_options_raise_value_error():
+    with pytest.raises(ValueError, match="context.window_min"):
+        ContextController({"window_min": 5, "window_max": 2})
+    with pytest.raises(ValueError, match="memory_k"):
+        ContextController(memory_k=-1)
+    with pytest.raises(ValueError, match="keep_threshold"):
+        ContextController({"keep_threshold": 2.0})
+    assert ContextController(ContextOptions(window_max=3)).max_context == 3 + 4
