@@ -1,0 +1,215 @@
+"""Block-sparse attention kernel vs dense SDPA vs compiled FlexAttention, at world-model shapes (GPU).
+
+Queries are one chunk (``--q-len`` tokens, e.g. 4 latent frames of 24x40), keys 1x..8x that; heads 24
+and 40, head dim 128, bf16. Two layout families at each density:
+
+- ``random``: per head and query block, a random set of round(density * K) key blocks, all full
+  (no element mask): the kernel's and Flex's fast paths;
+- ``frames``: whole latent frames kept or dropped (the controller's case): frames do not align to
+  blocks, so boundary blocks are partial and read a token-level keep vector (Flex: a mask_mod).
+
+Times are medians of ``triton.testing.do_bench``. TFLOP/s count only visited blocks
+(4 * B * H * D * visited_pairs * block_q * block_k). Writes ``attention.json`` and
+``attention.png`` into ``--out`` and prints a table.
+
+    python benchmarks/attention.py --out results/            # the full sweep
+    python benchmarks/attention.py --out results/ --smoke    # a few shapes, to check and tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.block_sparse_attention import sparse_attention
+
+BLOCK = 128
+HEAD_DIM = 128
+DENSITIES = (1.0, 0.5, 0.25, 0.125)
+
+
+def random_layout(heads: int, q_len: int, kv_len: int, density: float, gen: torch.Generator) -> BlockLayout:
+    """Per head and query block, round(density * K) random key blocks, all full."""
+    q_blocks, kv_blocks = cdiv(q_len, BLOCK), cdiv(kv_len, BLOCK)
+    n = max(1, round(density * kv_blocks))
+    scores = torch.rand(1, heads, q_blocks, kv_blocks, generator=gen)
+    chosen = scores.argsort(-1)[..., :n]
+    blocks = torch.zeros(1, heads, q_blocks, kv_blocks, dtype=torch.bool).scatter_(-1, chosen, True)
+    return BlockLayout.from_block_mask(blocks, block_q=BLOCK, block_k=BLOCK, q_len=q_len, kv_len=kv_len, full=blocks)
+
+
+def frames_layout(q_len: int, kv_len: int, frame_tokens: int, density: float, gen: torch.Generator) -> BlockLayout:
+    """Keep round(density * frames) whole key frames (the last chunk's frames first), shared by heads."""
+    frames = cdiv(kv_len, frame_tokens)
+    kept_count = max(1, round(density * frames))
+    chunk_frames = cdiv(q_len, frame_tokens)
+    order = torch.cat([torch.arange(frames - chunk_frames, frames), torch.randperm(frames - chunk_frames, generator=gen)])
+    kept = torch.zeros(frames, dtype=torch.bool)
+    kept[order[:kept_count]] = True
+    keep = kept.repeat_interleave(frame_tokens)[:kv_len]
+    padded = torch.cat([keep, keep.new_zeros(cdiv(kv_len, BLOCK) * BLOCK - kv_len)]).view(-1, BLOCK)
+    any_kept, all_kept = padded.any(-1), padded.all(-1)
+    q_blocks = cdiv(q_len, BLOCK)
+    blocks = any_kept.expand(q_blocks, -1).contiguous()
+    full = all_kept.expand(q_blocks, -1).contiguous()
+    return BlockLayout.from_block_mask(
+        blocks, block_q=BLOCK, block_k=BLOCK, q_len=q_len, kv_len=kv_len, full=full, key_keep=keep[None]
+    )
+
+
+def flex_block_mask(layout: BlockLayout, heads: int):
+    """The same layout as a FlexAttention BlockMask (partial blocks: a mask_mod reading key_keep)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def expand(t):
+        return None if t is None else t.expand(1, heads, *t.shape[2:]).contiguous()
+
+    mask_mod = None
+    if layout.key_keep is not None:
+        keep = layout.key_keep[0]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return keep[kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        expand(layout.kv_num_blocks), expand(layout.kv_indices),
+        expand(layout.full_kv_num_blocks), expand(layout.full_kv_indices),
+        BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod,
+        seq_lengths=(layout.q_len, layout.kv_len),
+    )
+
+
+def time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def run_case(heads, q_len, kv_len, kind, density, flex, gen, frame_tokens):
+    q = torch.randn(1, heads, q_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, heads, kv_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, heads, kv_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    if kind == "random":
+        layout = random_layout(heads, q_len, kv_len, density, gen)
+    else:
+        layout = frames_layout(q_len, kv_len, frame_tokens, density, gen)
+    visited = layout.block_mask().expand(1, heads, -1, -1).sum().item()
+    real_density = visited / (heads * layout.q_blocks * layout.kv_blocks)
+    layout = layout.to("cuda")
+    block_mask = flex_block_mask(layout, heads)
+
+    with torch.no_grad():
+        ours = sparse_attention(q, k, v, layout)
+        theirs = flex(q, k, v, block_mask=block_mask)
+        row = {
+            "heads": heads, "q_len": q_len, "kv_len": kv_len, "kind": kind, "density": density,
+            "visited_density": real_density, "err_vs_flex": rel_err(ours, theirs),
+        }
+        row["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        row["ours_ms"] = time_ms(lambda: sparse_attention(q, k, v, layout))
+        row["flex_ms"] = time_ms(lambda: flex(q, k, v, block_mask=block_mask))
+    dense_flops = 4 * heads * HEAD_DIM * q_len * kv_len
+    sparse_flops = 4 * heads * HEAD_DIM * visited * BLOCK * BLOCK
+    row["sdpa_tflops"] = dense_flops / row["sdpa_ms"] / 1e9
+    row["ours_tflops"] = sparse_flops / row["ours_ms"] / 1e9
+    row["flex_tflops"] = sparse_flops / row["flex_ms"] / 1e9
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    row["flex_speedup_vs_sdpa"] = row["sdpa_ms"] / row["flex_ms"]
+    row["target_speedup"] = 0.9 / real_density
+    return row
+
+
+def check_against_sdpa(gen) -> dict[str, float]:
+    """Small ragged cases with GQA, causal and an odd head dim against SDPA under the expanded mask
+    (fp32 reference), per dtype: relative error."""
+    errors = {}
+    for dtype, dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 80)):
+        q = torch.randn(2, 8, 1000, dim, device="cuda", dtype=dtype)
+        k = torch.randn(2, 2, 1900, dim, device="cuda", dtype=dtype)
+        v = torch.randn(2, 2, 1900, dim, device="cuda", dtype=dtype)
+        layout = frames_layout(1000, 1900, 300, 0.5, gen).to("cuda")
+        out = sparse_attention(q, k, v, layout, is_causal=True)
+        mask = layout.to_dense_mask() & torch.ones(1000, 1900, dtype=torch.bool, device="cuda").tril()
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+        ref = torch.where(mask.any(-1, keepdim=True), ref, 0)
+        errors[f"{str(dtype)[6:]}_d{dim}"] = rel_err(out, ref)
+    return errors
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["kind"] for r in rows})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for (heads, kv_len) in sorted({(r["heads"], r["kv_len"]) for r in rows if r["kind"] == kind}):
+            sel = sorted((r for r in rows if r["kind"] == kind and r["heads"] == heads and r["kv_len"] == kv_len),
+                         key=lambda r: r["density"])
+            x = [r["visited_density"] for r in sel]
+            line, = ax.plot(x, [r["speedup_vs_sdpa"] for r in sel], "o-", label=f"ours H={heads} Lk={kv_len}")
+            ax.plot(x, [r["flex_speedup_vs_sdpa"] for r in sel], "x--", color=line.get_color(), alpha=0.6)
+        xs = [0.1 + i * 0.01 for i in range(91)]
+        ax.plot(xs, [0.9 / x for x in xs], "k:", label="target 0.9/density")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("visited block density")
+        ax.set_ylabel("speedup over dense SDPA (x: Flex, dashed)")
+        ax.set_title(f"{kind} layouts, bf16, D={HEAD_DIM}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="a few shapes only")
+    parser.add_argument("--q-len", type=int, default=3840, help="one chunk: 4 frames of 24x40 tokens")
+    parser.add_argument("--frame-tokens", type=int, default=960)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    gen = torch.Generator().manual_seed(0)
+    started = time.time()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "err_vs_sdpa_small_ragged_gqa_causal": check_against_sdpa(gen)}
+    print(info, flush=True)
+    heads_list, ratios, kinds = ((24,), (4,), ("random", "frames")) if args.smoke else ((24, 40), (1, 2, 4, 8), ("random", "frames"))
+    rows = []
+    for heads in heads_list:
+        for ratio in ratios:
+            for kind in kinds:
+                for density in DENSITIES:
+                    row = run_case(heads, args.q_len, ratio * args.q_len, kind, density, flex, gen, args.frame_tokens)
+                    rows.append(row)
+                    print(
+                        f"H={heads:3d} Lk={row['kv_len']:6d} {kind:7s} d={row['visited_density']:.3f} "
+                        f"sdpa {row['sdpa_ms']:7.3f} ms ({row['sdpa_tflops']:4.0f} TF/s) | ours {row['ours_ms']:7.3f} ms "
+                        f"({row['ours_tflops']:4.0f}) x{row['speedup_vs_sdpa']:.2f} (target x{row['target_speedup']:.2f}) | "
+                        f"flex {row['flex_ms']:7.3f} ms ({row['flex_tflops']:4.0f}) x{row['flex_speedup_vs_sdpa']:.2f} "
+                        f"| err {row['err_vs_flex']:.1e}",
+                        flush=True,
+                    )
+    info["seconds"] = time.time() - started
+    (args.out / "attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    plot(rows, args.out / "attention.png")
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
