@@ -1,0 +1,168 @@
+"""What every reference world is: a preset (``WorldSpec``) and the ``World`` the generation loop drives.
+
+A ``World`` owns its denoiser ``model`` (the ``nn.Module`` a user compiles) and knows how to turn
+one chunk's context (clean latent frames chosen by a context policy, padded to a fixed number of
+slots) and cameras into the keyword arguments of ``model(x, sigma, **inputs)``. The loop in
+``li_compile.worlds.pipeline`` does the rest: noise, sampler steps, history, timing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from li_compile.sequence import SequenceLayout
+from li_compile.worlds.sampling import SAMPLERS, sigma_schedule
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Sizes of one preset of a reference world.
+
+    Latents: ``latent_channels x latent_h x latent_w`` per latent frame, cut into ``patch x patch``
+    tokens (``tokens_per_frame``); the model generates ``chunk_frames`` latent frames per chunk from
+    up to ``context_frames = memory + window`` clean context frames (retrieved memory + recent),
+    with ``steps`` sampler steps (``sampler`` of ``li_compile.worlds.sampling``, timestep ``shift``).
+    Transformer: ``depth`` blocks of width ``dim = heads * head_dim``, MLP ``mlp_ratio``, and
+    ``text_tokens`` prompt tokens of width ``text_dim`` for cross-attention. ``dtype``: weights and
+    activations.
+    """
+
+    name: str
+    latent_channels: int
+    latent_h: int
+    latent_w: int
+    patch: int
+    chunk_frames: int
+    window: int
+    memory: int
+    steps: int
+    shift: float
+    sampler: str
+    depth: int
+    heads: int
+    head_dim: int
+    mlp_ratio: float
+    text_tokens: int
+    text_dim: int
+    dtype: torch.dtype = torch.float32
+    vae_stride: tuple[int, int, int] = (4, 16, 16)  # (time, height, width) pixels per latent
+
+    def __post_init__(self) -> None:
+        for key in ("latent_channels", "latent_h", "latent_w", "patch", "chunk_frames", "window", "steps",
+                    "depth", "heads", "head_dim", "text_tokens", "text_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"WorldSpec.{key} must be an int >= 1, got {value!r}")
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
+            raise ValueError(f"WorldSpec.memory must be an int >= 0, got {self.memory!r}")
+        if self.latent_h % self.patch or self.latent_w % self.patch:
+            raise ValueError(
+                f"latent size {self.latent_h}x{self.latent_w} must be divisible by the patch {self.patch}"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"WorldSpec.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def context_frames(self) -> int:
+        """Most context frames a chunk sees: retrieved memory plus the recent window."""
+        return self.memory + self.window
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Tokens per frame along height and width."""
+        return self.latent_h // self.patch, self.latent_w // self.patch
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """One latent frame: ``(C, h, w)``."""
+        return self.latent_channels, self.latent_h, self.latent_w
+
+    def sigmas(self) -> torch.Tensor:
+        """The sampler's noise levels ``(steps + 1,)``, from 1 to 0."""
+        return sigma_schedule(self.steps, self.shift)
+
+
+@dataclass
+class Context:
+    """The clean context of one chunk, right-aligned in ``capacity`` slots (padding first).
+
+    ``latents: (1, capacity, C, h, w)``, ``poses: (1, capacity, 4, 4)`` (identity on padding),
+    ``valid: (1, capacity)`` bool, ``frame_index: (1, capacity)`` float32 (the frame's index in the
+    generated video; 0 on padding). ``frames`` lists the history indices in slot order.
+    """
+
+    latents: torch.Tensor
+    poses: torch.Tensor
+    valid: torch.Tensor
+    frame_index: torch.Tensor
+    frames: list[int]
+
+    @property
+    def capacity(self) -> int:
+        return self.latents.shape[1]
+
+
+class World:
+    """A reference world: ``spec``, the denoiser ``model`` and a fixed prompt embedding ``text``.
+
+    Subclasses implement ``layout`` and ``inputs``; ``compile`` returns a copy whose modules went
+    through a compile function (e.g. ``lambda m: torch.compile(m, backend="light_interaction")``).
+    """
+
+    spec: WorldSpec
+    model: nn.Module
+    text: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.device
+
+    def layout(self, capacity: int | None = None) -> SequenceLayout:
+        """Token layout of the model's self-attention with ``capacity`` context slots."""
+        raise NotImplementedError
+
+    def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
+               first_frame: int) -> dict[str, torch.Tensor]:
+        """Keyword inputs of ``model(x, sigma, **inputs)`` for one chunk (run once per chunk)."""
+        raise NotImplementedError
+
+    def compiled_modules(self) -> tuple[str, ...]:
+        """Names of the attributes holding modules that ``compile`` compiles."""
+        return ("model",)
+
+    def compile(self, compile_fn: Callable[[nn.Module], Callable]) -> "World":
+        """A shallow copy of this world whose modules are ``compile_fn(module)``; weights are shared."""
+        twin = copy.copy(self)
+        for name in self.compiled_modules():
+            setattr(twin, name, compile_fn(getattr(self, name)))
+        return twin
+
+
+def prompt_embedding(spec: WorldSpec, seed: int, device: torch.device | str | None) -> torch.Tensor:
+    """A fixed random stand-in for the text encoder's output: ``(1, text_tokens, text_dim)``."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    return torch.randn(1, spec.text_tokens, spec.text_dim, generator=gen).to(device, spec.dtype)
+
+
+def resolve_spec(preset: "str | WorldSpec", presets: dict[str, WorldSpec], dtype: torch.dtype | None) -> WorldSpec:
+    """The ``WorldSpec`` named ``preset`` in ``presets`` (or ``preset`` itself), with ``dtype`` if given."""
+    if isinstance(preset, WorldSpec):
+        spec = preset
+    elif preset in presets:
+        spec = presets[preset]
+    else:
+        raise ValueError(f"preset must be one of {sorted(presets)} or a WorldSpec, got {preset!r}")
+    return spec if dtype is None else replace(spec, dtype=dtype)

@@ -1,0 +1,161 @@
+"""Building blocks shared by the reference DiTs: patches, timestep and camera embeddings, 3D RoPE,
+per-frame modulation, cross-attention and the MLP.
+
+Token order everywhere: frame-major, each frame's tokens in raster order (``grid_h`` rows of
+``grid_w``), i.e. hidden states ``(B, frames * tokens_per_frame, D)`` that view as
+``(B, frames, tokens_per_frame, D)``; this is the order ``li_compile.sequence.SequenceLayout`` describes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from li_compile.controller.poses import relative_pose
+
+TIMESTEP_SCALE = 1000.0  # sigma in [0, 1] -> the timestep the sinusoidal embedding sees
+FREQ_DIM = 256  # width of the sinusoidal timestep features
+ROPE_THETA = 10000.0
+CAMERA_DIM = 12  # a relative pose's 3x4 block, flattened
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Latent frames to patch tokens: ``(B, T, C, h, w)`` -> ``(B, T * (h/p) * (w/p), C * p * p)``."""
+    b, t, c, h, w = x.shape
+    x = x.reshape(b, t, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, t * (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, frames: int, channels: int, h: int, w: int, patch: int) -> torch.Tensor:
+    """Inverse of ``patchify``: ``(B, T * (h/p) * (w/p), C * p * p)`` -> ``(B, T, C, h, w)``."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, frames, h // patch, w // patch, channels, patch, patch)
+    return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, frames, channels, h, w)
+
+
+def timestep_features(sigma: torch.Tensor, dim: int = FREQ_DIM) -> torch.Tensor:
+    """Sinusoidal features of noise levels: ``(...)`` -> ``(..., dim)`` float32 (timestep = 1000 sigma)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+    angles = sigma.float()[..., None] * TIMESTEP_SCALE * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], -1)
+
+
+def camera_features(reference: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+    """Camera conditioning: ``poses (..., 4, 4)`` seen from the ``reference (4, 4)`` camera, their
+    3x4 block flattened: ``(..., 12)``. Relative, so the world frame does not matter."""
+    return relative_pose(reference, poses)[..., :3, :4].flatten(-2)
+
+
+class Embedder(nn.Module):
+    """MLP from input features to the model width: ``(..., in_dim)`` -> ``(..., dim)``."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class Rope3D(nn.Module):
+    """Rotary position embedding over (t, h, w) with ``split = (dt, dh, dw)`` of the head dim.
+
+    Spatial angles are fixed by the grid (buffers); temporal positions come per frame as a tensor,
+    so a world can place frames where it likes (HY-WorldPlay reframes memory next to the chunk).
+    """
+
+    def __init__(self, split: tuple[int, int, int], grid: tuple[int, int]) -> None:
+        super().__init__()
+        if any(d % 2 for d in split):
+            raise ValueError(f"RoPE split {split} must be even numbers")
+        self.split = split
+        dt, dh, dw = split
+        self.register_buffer("inv_t", _inv_freq(dt), persistent=False)
+        rows = torch.arange(grid[0], dtype=torch.float32)[:, None].expand(grid).reshape(-1)
+        cols = torch.arange(grid[1], dtype=torch.float32)[None, :].expand(grid).reshape(-1)
+        hw = torch.cat([rows[:, None] * _inv_freq(dh), cols[:, None] * _inv_freq(dw)], -1)  # (T, (dh + dw) / 2)
+        self.register_buffer("hw_angles", hw, persistent=False)
+
+    def forward(self, frame_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of shape ``(B, 1, frames * T, head_dim / 2)`` for temporal positions
+        ``frame_t: (B, frames)`` (float)."""
+        b, frames = frame_t.shape
+        tokens = self.hw_angles.shape[0]
+        t = (frame_t.float()[..., None] * self.inv_t)[:, :, None, :].expand(b, frames, tokens, -1)
+        hw = self.hw_angles.expand(b, frames, tokens, -1)
+        angles = torch.cat([t, hw], -1).reshape(b, 1, frames * tokens, -1)
+        return angles.cos(), angles.sin()
+
+
+def _inv_freq(d: int) -> torch.Tensor:
+    return 1.0 / ROPE_THETA ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: (B, H, L, D)`` by angles ``cos, sin: (B, 1, L, D/2)`` (half-split pairs), in float32."""
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
+    """Per-frame adaLN modulation: ``x (B, frames * T, D)``, ``shift, scale (B, frames, D)``."""
+    b, length, d = x.shape
+    x = x.reshape(b, frames, length // frames, d)
+    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(b, length, d)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor, frames: int) -> torch.Tensor:
+    """Per-frame gate: ``x (B, frames * T, D) * g (B, frames, D)``."""
+    b, length, d = x.shape
+    return (x.reshape(b, frames, length // frames, d) * g[:, :, None]).reshape(b, length, d)
+
+
+def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``(B, L, H * D)`` -> ``(B, H, L, D)``."""
+    b, length, _ = x.shape
+    return x.reshape(b, length, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, D)`` -> ``(B, L, H * D)``."""
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+def key_padding_mask(valid: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Bool SDPA mask ``(B, 1, 1, frames * T)`` keeping the tokens of valid frames ``(B, frames)``."""
+    b, frames = valid.shape
+    return valid[:, :, None].expand(b, frames, tokens_per_frame).reshape(b, 1, 1, frames * tokens_per_frame)
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to prompt tokens (kept small; the attention pass leaves it dense)."""
+
+    def __init__(self, dim: int, n_heads: int, text_dim: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(text_dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(text).chunk(2, -1)
+        out = F.scaled_dot_product_attention(heads(self.q(x), self.n_heads), heads(k, self.n_heads), heads(v, self.n_heads))
+        return self.out(merge_heads(out))
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP: ``Linear -> GELU(tanh) -> Linear``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

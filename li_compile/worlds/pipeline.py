@@ -1,0 +1,218 @@
+"""The chunk-by-chunk generation loop every reference world runs, and the dense context policy.
+
+One chunk of an interactive world model, as both upstream families run it::
+
+    selection = policy.select(chunk, past poses, chunk poses, past latents)   # which past frames
+    context   = gather_context(history, selection, capacity)                  # static-shaped slots
+    inputs    = world.inputs(context, chunk poses, chunk actions, first frame)
+    x = noise
+    for each sampler step:  v = model(x, sigma, **inputs);  x = update(x, v, sigma, sigma_next)
+    history += x (the chunk's clean latent frames) and its poses
+
+This loop is the only place that builds the context. A *context policy* decides which past
+latent frames it feeds: ``DensePolicy`` mirrors upstream (a fixed recent window plus a fixed number
+of memory frames retrieved by camera similarity); ``li_compile.controller`` provides the adaptive
+one with the same ``select`` method.
+
+Static shapes: the context is padded to ``capacity`` frame slots (right-aligned, padding first,
+masked with a key-padding mask) so the model sees the same shapes on every chunk, from the first
+one on, and ``torch.compile`` compiles it once per capacity. A policy may ask for a smaller
+capacity (``ContextSelection.capacity``, e.g. a controller's compaction buckets); ``None`` means the
+world's full context (``spec.context_frames``).
+
+A denoising cache plugs in through ``step_hook(chunk, step, model_call) -> output``: called instead
+of the model at every step; the default calls ``model_call()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from li_compile.controller.similarity import similarity
+from li_compile.worlds.base import Context, World
+from li_compile.worlds.decode import LatentDecoder
+from li_compile.worlds.sampling import sampler_update
+from li_compile.worlds.trajectories import Trajectory
+
+DENSE_MEASURE = "frustum"  # upstream retrieves memory by field-of-view overlap, which frustum_overlap estimates
+
+StepHook = Callable[[int, int, Callable[[], torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class ContextSelection:
+    """Which past latent frames (indices into the generated history) a chunk sees as context.
+
+    ``memory``: retrieved frames, ``recent``: the temporal window; fed in that order (each sorted
+    by time). ``capacity``: number of frame slots to pad the context to (``None``: the world's
+    full context).
+    """
+
+    memory: list[int]
+    recent: list[int]
+    capacity: int | None = None
+
+    @property
+    def frames(self) -> list[int]:
+        return list(self.memory) + list(self.recent)
+
+
+class ContextPolicy(Protocol):
+    def select(self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor,
+               latents: torch.Tensor) -> ContextSelection: ...
+
+
+class DensePolicy:
+    """Upstream's context: the last ``window`` frames, plus the ``memory`` past frames outside the
+    window whose cameras best match the chunk's (highest similarity to any chunk camera, ``measure``
+    of ``li_compile.controller.similarity``). Fixed counts: nothing is pruned."""
+
+    def __init__(self, window: int, memory: int, measure: str = DENSE_MEASURE) -> None:
+        if window < 0 or memory < 0:
+            raise ValueError(f"DensePolicy needs window >= 0 and memory >= 0, got {window}, {memory}")
+        self.window, self.memory, self.measure = window, memory, measure
+
+    def select(self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor,
+               latents: torch.Tensor) -> ContextSelection:
+        """``poses: (N, 4, 4)`` of the past frames, ``chunk_poses: (F, 4, 4)``; ``latents`` unused."""
+        n = poses.shape[0]
+        recent = list(range(max(0, n - self.window), n))
+        candidates = n - len(recent)
+        k = min(self.memory, candidates)
+        if k == 0:
+            return ContextSelection(memory=[], recent=recent)
+        bank = poses[:candidates]
+        scores = torch.stack([similarity(p, bank, self.measure) for p in chunk_poses]).amax(0)
+        memory = sorted(torch.topk(scores, k, sorted=True).indices.tolist())
+        return ContextSelection(memory=memory, recent=recent)
+
+
+def gather_context(latents: torch.Tensor, poses: torch.Tensor, selection: ContextSelection,
+                   capacity: int) -> Context:
+    """Pad the selected history frames into ``capacity`` slots, right-aligned (padding first).
+
+    ``latents: (N, C, h, w)`` and ``poses: (N, 4, 4)`` of the history; raises ``ValueError`` when
+    the selection repeats a frame, names one outside ``[0, N)`` or holds more than ``capacity``.
+    """
+    frames = selection.frames
+    n = latents.shape[0]
+    if len(set(frames)) != len(frames):
+        raise ValueError(f"context selection repeats frames: memory={selection.memory}, recent={selection.recent}")
+    if any(not 0 <= f < n for f in frames):
+        raise ValueError(f"context selection names frames outside [0, {n}): {frames}")
+    if len(frames) > capacity:
+        raise ValueError(f"context selection holds {len(frames)} frames, more than its capacity {capacity}")
+    pad = capacity - len(frames)
+    index = torch.tensor(frames, dtype=torch.long)
+    ctx_latents = latents.new_zeros(1, capacity, *latents.shape[1:])
+    ctx_poses = torch.eye(4).expand(1, capacity, 4, 4).clone()
+    valid = torch.zeros(1, capacity, dtype=torch.bool)
+    frame_index = torch.zeros(1, capacity)
+    if frames:
+        ctx_latents[0, pad:] = latents[index.to(latents.device)]
+        ctx_poses[0, pad:] = poses[index]
+        valid[0, pad:] = True
+        frame_index[0, pad:] = index.float()
+    device = latents.device
+    return Context(ctx_latents, ctx_poses.to(device), valid.to(device), frame_index.to(device), frames)
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns.
+
+    ``latents: (N, C, h, w)`` float32 CPU, every generated latent frame; ``poses: (N, 4, 4)``;
+    ``frames: (N, 3, H, W)`` decoded pictures in [0, 1] (``None`` if not decoded);
+    ``chunk_times``: seconds per chunk; ``selections``: the context of each chunk.
+    """
+
+    latents: torch.Tensor
+    poses: torch.Tensor
+    frames: torch.Tensor | None
+    chunk_times: list[float]
+    selections: list[ContextSelection]
+    chunk_frames: int
+
+    def chunk(self, c: int) -> slice:
+        """The frame indices of chunk ``c``."""
+        return slice(c * self.chunk_frames, (c + 1) * self.chunk_frames)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def chunk_noise(world: World, chunk: int, seed: int) -> torch.Tensor:
+    """Noise of one chunk: ``(steps + 1, 1, F, C, h, w)`` (the start plus one per renoise step),
+    drawn on the CPU from ``seed`` and ``chunk`` so that every device and run draws the same."""
+    spec = world.spec
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+    noise = torch.randn(spec.steps + 1, 1, spec.chunk_frames, *spec.latent_shape, generator=gen)
+    return noise.to(world.device, spec.dtype)
+
+
+def generate(
+    world: World,
+    trajectory: Trajectory,
+    policy: ContextPolicy | None = None,
+    chunks: int | None = None,
+    *,
+    step_hook: StepHook | None = None,
+    seed: int = 0,
+    decode: bool = True,
+    progress: bool = False,
+) -> Generation:
+    """Generate ``chunks`` chunks of ``world`` along ``trajectory`` (default: as many as it holds).
+
+    ``policy``: which past frames each chunk sees (default ``DensePolicy`` with the world's window
+    and memory); ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
+    return pictures (``LatentDecoder``). Chunk ``c`` generates frames ``[c F, (c + 1) F)`` with the
+    cameras ``trajectory.poses`` of those frames. Timing covers selection, inputs and all steps of
+    the chunk (synchronised on CUDA).
+    """
+    spec = world.spec
+    per_chunk = spec.chunk_frames
+    available = len(trajectory) // per_chunk
+    chunks = available if chunks is None else chunks
+    if not 1 <= chunks <= available:
+        raise ValueError(
+            f"chunks must be in [1, {available}] for a {len(trajectory)}-frame trajectory "
+            f"and {per_chunk} frames per chunk, got {chunks}"
+        )
+    policy = policy or DensePolicy(spec.window, spec.memory)
+    sigmas = spec.sigmas().to(world.device, spec.dtype)
+    all_poses = trajectory.poses.float().cpu()
+    all_actions = trajectory.actions()
+    history = torch.zeros(chunks * per_chunk, *spec.latent_shape, device=world.device, dtype=spec.dtype)
+    times: list[float] = []
+    selections: list[ContextSelection] = []
+    step_hook = step_hook or (lambda chunk, step, model_call: model_call())
+    bar = tqdm(range(chunks), desc=spec.name, disable=not progress, leave=False)
+    with torch.no_grad():
+        for c in bar:
+            first = c * per_chunk
+            chunk_poses = all_poses[first:first + per_chunk]
+            noise = chunk_noise(world, c, seed)
+            _sync(world.device)
+            start = time.perf_counter()
+            selection = policy.select(c, all_poses[:first], chunk_poses, history[:first])
+            capacity = selection.capacity or spec.context_frames
+            context = gather_context(history[:first], all_poses[:first], selection, capacity)
+            inputs = world.inputs(context, chunk_poses, all_actions[first:first + per_chunk], first)
+            x = noise[0]
+            for s in range(spec.steps):
+                v = step_hook(c, s, lambda: world.model(x, sigmas[s], **inputs))
+                x = sampler_update(spec.sampler, x, v, sigmas[s], sigmas[s + 1], noise[s + 1])
+            history[first:first + per_chunk] = x[0]
+            _sync(world.device)
+            times.append(time.perf_counter() - start)
+            selections.append(selection)
+    latents = history.float().cpu()
+    frames = LatentDecoder(spec.latent_channels)(latents) if decode else None
+    return Generation(latents, all_poses[:chunks * per_chunk], frames, times, selections, per_chunk)
