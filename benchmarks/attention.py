@@ -205,6 +205,7 @@ def main() -> None:
                         f"| err {row['err_vs_flex']:.1e}",
                         flush=True,
                     )
+                    (args.out / "attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     info["seconds"] = time.time() - started
     (args.out / "attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     plot(rows, args.out / "attention.png")
