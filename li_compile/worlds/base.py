@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -166,3 +166,14 @@ def resolve_spec(preset: "str | WorldSpec", presets: dict[str, WorldSpec], dtype
     else:
         raise ValueError(f"preset must be one of {sorted(presets)} or a WorldSpec, got {preset!r}")
     return spec if dtype is None else replace(spec, dtype=dtype)
+
+
+def init_model(model_cls: Callable[[WorldSpec], nn.Module], spec: WorldSpec, device: Any, seed: int) -> nn.Module:
+    """``model_cls(spec)`` with weights drawn from ``seed`` directly on ``device`` (default CPU),
+    cast to ``spec.dtype``, in eval mode without gradients. The global RNG is left untouched."""
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with device:
+            model = model_cls(spec)
+    return model.to(device, spec.dtype).eval().requires_grad_(False)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from li_compile.sequence import SequenceLayout
-from li_compile.worlds.base import Context, World, WorldSpec, prompt_embedding, resolve_spec
+from li_compile.worlds.base import Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
     key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
@@ -180,10 +180,5 @@ def build(preset: str | WorldSpec = "tiny", device: Any = None, dtype: torch.dty
     """The world of ``preset`` (a name in ``PRESETS`` or a ``WorldSpec``) with seeded random weights,
     on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16)."""
     spec = resolve_spec(preset, PRESETS, dtype)
-    device = torch.device(device or "cpu")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with device:
-            model = HYWorldPlayDiT(spec)
-    model = model.to(device, spec.dtype).eval().requires_grad_(False)
-    return HYWorldPlay(spec, model, prompt_embedding(spec, seed, device))
+    model = init_model(HYWorldPlayDiT, spec, device, seed)
+    return HYWorldPlay(spec, model, prompt_embedding(spec, seed, model.patch_in.weight.device))
