@@ -26,16 +26,20 @@ similar older frames whatever their score, and the full capacity.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
+from li_compile.controller.attention_plan import padded_context_keep, write_chunk_plan
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
 from li_compile.controller.window import latent_dynamics, window_size
 from li_compile.options import ContextOptions, Options
+from li_compile.passes.guards import take_fallbacks
+from li_compile.plan import PLAN
 from li_compile.reporting import ChunkStats
+from li_compile.sequence import SequenceLayout
 from li_compile.worlds.pipeline import ContextSelection
 
 DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense policy's fixed k)
@@ -47,7 +51,9 @@ class ContextController:
     ``options``: ``ContextOptions`` (or a full ``Options``, or the ``context`` dict of the backend
     options); ``memory_k``: the most memory frames fed per chunk; the lens as ``bounds (4,)`` or
     ``fov_y_deg`` (+ ``aspect``), and the depth range ``near``/``far`` (scene scale) for similarity;
-    ``capacity_fractions``: the capacity buckets as fractions of ``memory_k + window_max``.
+    ``capacity_fractions``: the capacity buckets as fractions of ``memory_k + window_max``;
+    ``layout``: the model's attention token layout for a given context capacity (e.g. a reference
+    world's ``world.layout``); without it no attention plan is written (context selection only).
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class ContextController:
         near: float = DEFAULT_NEAR,
         far: float = DEFAULT_FAR,
         capacity_fractions: tuple[float, ...] = CAPACITY_FRACTIONS,
+        layout: Callable[[int], SequenceLayout] | None = None,
     ) -> None:
         self.options = _context_options(options)
         if isinstance(memory_k, bool) or not isinstance(memory_k, int) or memory_k < 0:
@@ -76,6 +83,7 @@ class ContextController:
         self.memory_k = memory_k
         self.max_context = memory_k + self.options.window_max
         self.buckets = capacity_buckets(self.max_context, capacity_fractions)
+        self.layout = layout
         self.stats: list[ChunkStats] = []
 
     def warm_up_buckets(self) -> tuple[int, ...]:
@@ -96,20 +104,28 @@ class ContextController:
         scores = self._scores(poses[:candidates], chunk_poses)
         memory = self._memory(scores)
         capacity = self._capacity(len(memory) + len(recent))
-        self.stats.append(
-            ChunkStats(
-                chunk,
-                {
-                    "window": len(recent),
-                    "dynamics": dynamics,
-                    "memory_candidates": candidates,
-                    "memory_kept": len(memory),
-                    "memory_dropped": min(candidates, self.memory_k) - len(memory),
-                    "capacity": capacity,
-                },
-            )
-        )
+        self.flush_fallbacks()
+        values = {
+            "window": len(recent),
+            "dynamics": dynamics,
+            "memory_candidates": candidates,
+            "memory_kept": len(memory),
+            "memory_dropped": min(candidates, self.memory_k) - len(memory),
+            "capacity": capacity,
+        }
+        if self.layout is not None and self.options.enabled:
+            keep = padded_context_keep(len(memory) + len(recent), capacity)
+            values.update(write_chunk_plan(self.layout(capacity), keep))
+        self.stats.append(ChunkStats(chunk, values))
         return ContextSelection(memory=memory, recent=recent, capacity=capacity)
+
+    def flush_fallbacks(self) -> None:
+        """File the attention calls that ran dense since the last chunk began (reason -> count,
+        from the plan guards) under ``fallbacks`` in the latest chunk's stats. ``select`` does this
+        for the previous chunk; call it once after the last chunk."""
+        fallbacks = take_fallbacks(PLAN)
+        if fallbacks and self.stats:
+            self.stats[-1].values["fallbacks"] = fallbacks
 
     def _check(self, chunk, poses, chunk_poses, latents) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:

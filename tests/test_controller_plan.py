@@ -1,0 +1,110 @@
+"""The attention plan the controller writes: dropped context never visited, guards, sessions."""
+
+import pytest
+import torch
+
+from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep, token_keep, write_chunk_plan
+from li_compile.controller.context import ContextController
+from li_compile.controller.session import active_controller, session
+from li_compile.passes.guards import layout_misfit, plan_fits, take_fallbacks, write_plan
+from li_compile.plan import Plan, SlotSignature
+from li_compile.sequence import SequenceLayout
+
+GRID = 3  # 3 x 3 = 9 tokens per frame: frames straddle 8-token blocks
+BLOCK = 8
+
+
+def _sequence(context: int, queries: str = "all", prefix: int = 0) -> SequenceLayout:
+    return SequenceLayout(context, 2, GRID, GRID, prefix_tokens=prefix, queries=queries)
+
+
+def _slot(plan: Plan, seq: SequenceLayout, block: int = BLOCK):
+    return plan.slot_for(SlotSignature(1, 2, seq.q_len, seq.kv_len, "cpu", block, block))
+
+
+@pytest.mark.parametrize("queries", ["all", "chunk"])
+@pytest.mark.parametrize("kept", [0, 1, 3, 4])
+def test_dropped_context_tokens_are_never_visited(queries, kept):
+    seq = _sequence(4, queries, prefix=3)
+    keep = padded_context_keep(kept, 4)
+    layout = frame_drop_layout(seq, keep, BLOCK, BLOCK)
+    tokens = token_keep(seq, keep)
+    visible = layout.to_dense_mask()[0, 0]  # (q_len, kv_len)
+    assert not visible[:, ~tokens].any()
+    rows = tokens if queries == "all" else torch.ones(seq.q_len, dtype=torch.bool)
+    assert visible[rows][:, tokens].all()  # every kept query sees every kept key
+    # 9-token frames straddle 8-token blocks: one dropped frame (kept=3) empties no whole block
+    assert (kept <= 1) == (layout.density < 1.0)
+
+
+def test_full_blocks_hold_only_kept_tokens():
+    seq = _sequence(4)
+    keep = padded_context_keep(2, 4)
+    layout = frame_drop_layout(seq, keep, BLOCK, BLOCK)
+    full_blocks = layout.block_mask(full_only=True)[0, 0].any(0)
+    tokens = token_keep(seq, keep)
+    for block in torch.nonzero(full_blocks).flatten().tolist():
+        assert tokens[block * BLOCK:(block + 1) * BLOCK].all()
+
+
+def test_padding_comes_first_in_the_context_slots():
+    assert padded_context_keep(2, 5).tolist() == [False, False, False, True, True]
+    with pytest.raises(ValueError, match=r"kept frames must be in \[0, capacity=2\], got 3"):
+        padded_context_keep(3, 2)
+    with pytest.raises(ValueError, match="context_keep must be bool"):
+        token_keep(_sequence(4), torch.ones(3, dtype=torch.bool))
+
+
+def test_chunk_plan_is_sparse_when_frames_drop_and_dense_when_all_are_kept():
+    plan = Plan()
+    seq = _sequence(4)
+    assert write_chunk_plan(seq, padded_context_keep(4, 4), plan)["plan"] == "no site"
+    slot = _slot(plan, seq)
+    stats = write_chunk_plan(seq, padded_context_keep(1, 4), plan)
+    assert stats["plan"] == "sparse" and stats["density"] < 1 and stats["slots"] == [slot.id]
+    assert not slot.is_dense and not slot.key_keep[0, : 3 * GRID * GRID].any()
+    assert write_chunk_plan(seq, padded_context_keep(4, 4), plan)["plan"] == "dense" and slot.is_dense
+
+
+def test_a_plan_for_another_model_raises_and_leaves_slots_untouched():
+    plan = Plan()
+    ours, other = _sequence(4), _sequence(3)
+    slot = _slot(plan, ours)
+    layout = frame_drop_layout(other, padded_context_keep(1, 3), BLOCK, BLOCK)
+    assert "plan for another model" in layout_misfit(slot, layout)
+    with pytest.raises(ValueError, match=r"plan for another model: layout \(q_len, kv_len, block_q, block_k\)"):
+        write_plan([slot], layout)
+    assert slot.is_dense
+    coarse = frame_drop_layout(ours, padded_context_keep(1, 4), 16, 16)
+    with pytest.raises(ValueError, match="plan for another model"):
+        write_plan([slot], coarse)
+
+
+def test_run_time_misfit_is_recorded_and_collected_per_chunk():
+    plan = Plan()
+    seq = _sequence(4)
+    slot = _slot(plan, seq)
+    q = torch.zeros(1, 2, seq.q_len, 4)
+    assert plan_fits(slot, q, q, slot.tensors())
+    short = torch.zeros(1, 2, seq.q_len - 1, 4)
+    assert not plan_fits(slot, short, short, slot.tensors())
+    fallbacks = take_fallbacks(plan)
+    assert list(fallbacks.values()) == [1] and "call shape" in next(iter(fallbacks))
+    assert take_fallbacks(plan) == {}
+
+
+def test_session_attaches_the_controller_and_clears_plans_on_exit():
+    from li_compile.plan import PLAN
+
+    seq = _sequence(4)
+    slot = _slot(PLAN, seq)
+    controller = ContextController()
+    assert active_controller() is None
+    with session(controller) as active:
+        assert active is controller and active_controller() is controller
+        write_chunk_plan(seq, padded_context_keep(1, 4))
+        assert not slot.is_dense
+    assert active_controller() is None and slot.is_dense
+    with pytest.raises(ValueError, match="session\\(\\) needs a ContextController"):
+        with session(object()):
+            pass
