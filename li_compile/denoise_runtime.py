@@ -122,18 +122,22 @@ class DenoiseRuntime:
         compute: Callable[[], torch.Tensor],
         options: CacheOptions,
         steps: int | None = None,
+        step: int | None = None,
     ) -> torch.Tensor:
-        """One model call of ``runner`` (the n-th in this chunk is step n): the stored output of the
-        matched past chunk on an early step of a revisit, else ``compute()`` (stored on early steps).
+        """One model call of ``runner``: the stored output of the matched past chunk on an early step
+        of a revisit, else ``compute()`` (stored on early steps).
 
         ``latents``: the model's noisy latent input; the output has its shape and dtype.
-        ``fingerprint``: the model/graph identity that goes into the stamp.
+        ``fingerprint``: the model/graph identity that goes into the stamp. ``step``: the denoising
+        step, if the caller knows it (default: the n-th call of ``runner`` in this chunk is step n);
+        ``steps``: the chunk's step count, if known (the last step is never served).
         """
         c = self._chunk
         if c is None:
             return compute()
-        step = c.calls.get(runner, 0)
-        c.calls[runner] = step + 1
+        if step is None:
+            step = c.calls.get(runner, 0)
+            c.calls[runner] = step + 1
         if step >= self.reuse_limit(options, steps):
             c.computed += 1
             return compute()

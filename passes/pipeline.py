@@ -18,6 +18,7 @@ from torch import fx
 
 from li_compile.options import Options
 from li_compile.passes.attention import attention_pass
+from li_compile.passes.sampler import sampler_pass
 from li_compile.reporting import Compilation, Site
 
 log = logging.getLogger("li_compile")
@@ -35,7 +36,7 @@ class PassContext:
 GraphPass = Callable[[fx.GraphModule, PassContext], None]
 
 # Filled by later passes, in the order they must run.
-PASSES: list[GraphPass] = [attention_pass]
+PASSES: list[GraphPass] = [attention_pass, sampler_pass]
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass] | None = None) -> fx.GraphModule:

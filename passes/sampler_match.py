@@ -1,0 +1,247 @@
+"""Find the sampler in a torch-level FX graph: the timestep input of a denoiser, and the per-step
+model outputs of an unrolled denoising loop.
+
+Two granularities, as users compile them:
+
+- **transformer only**: the graph is one model call. Its *timestep input* is a non-parameter input
+  of shape ``()`` or ``(B,)`` that reaches a ``sin``/``cos`` (the sinusoidal timestep embedding)
+  through at most ``EMBEDDING_HOPS`` nodes, or, failing that, one named like a timestep
+  (``timestep``, ``t``, ``sigma``, ...). Its *latent input* is the input shaped like the single
+  output (a denoiser predicts noise, velocity or x0: all latent-shaped).
+- **chunk function**: the graph is the whole chunk generation with its denoising loop unrolled.
+  A *step* is an update ``x ± c * v`` (either order; ``c`` a scalar-like factor) where ``v`` is
+  latent-shaped and computed from ``x``: the flow-matching Euler step ``x + (s' - s) * v`` and the
+  ``x0 = x - s * v`` of predict-and-renoise samplers both have it. Steps must chain: the first
+  step's ``x`` comes from an input through pointwise latent-shaped ops, each later step's ``x``
+  from the previous update the same way (a residual ``h + c * f(h)`` inside a transformer starts
+  from a projection, not from an input, and is not taken for a step). The step's *model piece*
+  is every node that only serves ``v``: what a cache hit may skip.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+EMBEDDING_HOPS = 12  # nodes between the timestep input and its sin/cos
+TIMESTEP_NAME = re.compile(r"^(l_|g_)?_*(t|ts|timesteps?|sigmas?|noise_levels?|time)_*$", re.IGNORECASE)
+_SIN_COS = {torch.sin, torch.cos, "sin", "cos"}
+_ADD = {operator.add, torch.add, "add"}
+_SUB = {operator.sub, torch.sub, "sub"}
+_MUL = {operator.mul, torch.mul, "mul"}
+_POINTWISE = _ADD | _SUB | _MUL | {operator.truediv, torch.div, "div", operator.neg, torch.neg, "neg", "to", "float",
+                                   "half", "bfloat16", "type", "clone", "contiguous", "type_as", torch.lerp, "lerp"}
+
+
+class NotSampler(Exception):
+    """Why a graph is not a sampler site we can cache; the message is the reason. ``relevant``:
+    the graph looked like a sampler (a timestep input, a denoising update), so the report shows why."""
+
+    def __init__(self, reason: str, relevant: bool = True) -> None:
+        super().__init__(reason)
+        self.relevant = relevant
+
+
+@dataclass
+class TransformerSite:
+    """One model call: the positions of its latent and timestep inputs among the graph inputs."""
+
+    latent_index: int
+    timestep_index: int
+    timestep_name: str
+    found_by: str  # "sin/cos embedding" or "name"
+
+
+@dataclass
+class Step:
+    """One denoising step of an unrolled loop: the latent ``x`` entering it, the model output ``v``,
+    the update node and the nodes that only serve ``v`` (the model piece, in graph order)."""
+
+    x: fx.Node
+    v: fx.Node
+    update: fx.Node
+    piece: list[fx.Node]
+
+
+def value(node: object) -> object:
+    """The example value Dynamo recorded for ``node`` (a FakeTensor, a number, ...), or ``node``
+    itself for constants."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def _target(node: fx.Node) -> object:
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def is_parameter(node: fx.Node) -> bool:
+    """A graph input that is a parameter or buffer of a module (Dynamo's ``grapharg`` source)."""
+    ex = value(node)
+    if isinstance(ex, torch.nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return source is not None and ("_parameters" in source.name or "_buffers" in source.name)
+
+
+def _scalar_like(x: object) -> bool:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    ex = value(x)
+    return isinstance(ex, torch.Tensor) and ex.numel() == 1
+
+
+def _same_shape(a: object, b: object) -> bool:
+    ea, eb = value(a), value(b)
+    return isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and ea.shape == eb.shape
+
+
+def mutation_node(node: fx.Node) -> bool:
+    """Whether ``node`` updates something in place (``x.add_(...)``, ``x[i] = ...``, ``copy_``)."""
+    target = _target(node)
+    name = getattr(target, "__name__", target)
+    return target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.endswith("__"))
+
+
+def mutation(nodes) -> str | None:
+    """The first in-place update among ``nodes`` ("name (op)"), or None: skipping nodes that
+    update state would lose the update."""
+    for node in nodes:
+        if mutation_node(node):
+            return f"{node.name} ({getattr(_target(node), '__name__', _target(node))})"
+    return None
+
+
+# ---- transformer granularity ----
+
+
+def _reaches_sin_cos(node: fx.Node) -> bool:
+    frontier, seen = [node], {node}
+    for _ in range(EMBEDDING_HOPS):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+        if any(_target(u) in _SIN_COS for u in frontier):
+            return True
+    return False
+
+
+def _input_name(node: fx.Node) -> str:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return getattr(source, "local_name", None) or node.name
+
+
+def match_transformer(gm: fx.GraphModule) -> TransformerSite:
+    """The latent and timestep inputs of a graph that is one denoiser call; ``NotSampler`` otherwise."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    candidates = [
+        (i, n) for i, n in enumerate(inputs)
+        if not is_parameter(n) and isinstance(value(n), torch.Tensor) and value(n).dim() <= 1 and value(n).numel() >= 1
+    ]
+    by_embedding = [(i, n) for i, n in candidates if _reaches_sin_cos(n)]
+    by_name = [(i, n) for i, n in candidates if TIMESTEP_NAME.match(_input_name(n))]
+    if not (by_embedding or by_name):
+        raise NotSampler("no timestep input (shape () or (B,), feeding a sin/cos embedding or named like a timestep)", False)
+    index, node = (by_embedding or by_name)[0]
+    (output_node,) = [n for n in gm.graph.nodes if n.op == "output"]
+    outs = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else (output_node.args[0],)
+    if len(outs) != 1 or not isinstance(outs[0], fx.Node) or not isinstance(value(outs[0]), torch.Tensor):
+        raise NotSampler(f"graph returns {len(outs)} values; a cached model call replaces exactly one tensor output")
+    out = value(outs[0])
+    latents = [
+        i for i, n in enumerate(inputs)
+        if not is_parameter(n) and isinstance(value(n), torch.Tensor)
+        and value(n).shape == out.shape and value(n).dtype == out.dtype
+    ]
+    if not latents:
+        raise NotSampler(f"no input shaped like the output {tuple(out.shape)} {out.dtype}: not a denoiser call")
+    batch = out.shape[0] if out.dim() else 1
+    if value(node).numel() not in (1, batch):
+        raise NotSampler(f"timestep input {_input_name(node)} has {value(node).numel()} values for a batch of {batch}")
+    reason = mutation(gm.graph.nodes)
+    if reason is not None:
+        raise NotSampler(f"the model call updates state in place at {reason}; skipping it on a cache hit would lose that")
+    return TransformerSite(latents[0], index, _input_name(node), "sin/cos embedding" if by_embedding else "name")
+
+
+# ---- chunk-function granularity ----
+
+
+def _update_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(x, v)`` when ``node`` is ``x + c*v``, ``c*v + x`` or ``x - c*v`` with ``c`` scalar-like."""
+    target = _target(node)
+    if target not in _ADD | _SUB or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    orders = [(a, b)] if target in _SUB else [(a, b), (b, a)]
+    for x, scaled in orders:
+        if not (isinstance(x, fx.Node) and isinstance(scaled, fx.Node) and _target(scaled) in _MUL):
+            continue
+        if len(scaled.args) != 2 or scaled.kwargs:
+            continue
+        for c, v in (scaled.args, scaled.args[::-1]):
+            if isinstance(v, fx.Node) and _scalar_like(c) and _same_shape(v, x) and _same_shape(node, x):
+                return x, v
+    return None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
+def _latent_sources(x: fx.Node) -> set[fx.Node]:
+    """Nodes that ``x`` comes from through pointwise, latent-shaped ops (``x`` included)."""
+    seen, stack = {x}, [x]
+    while stack:
+        n = stack.pop()
+        if _target(n) not in _POINTWISE:
+            continue
+        for i in n.all_input_nodes:
+            if i not in seen and _same_shape(i, x):
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
+def _piece(v: fx.Node) -> list[fx.Node]:
+    """``v`` and every node all of whose users are in the piece: what only serves ``v``."""
+    piece, feeds_v = {v}, _ancestors(v)
+    for node in reversed(list(v.graph.nodes)):
+        if node in piece or node not in feeds_v or node.op in ("placeholder", "get_attr"):
+            continue
+        if all(u in piece for u in node.users):
+            piece.add(node)
+    return [n for n in v.graph.nodes if n in piece]
+
+
+def match_steps(gm: fx.GraphModule) -> list[Step]:
+    """The chained denoising steps of an unrolled loop, first to last; ``NotSampler`` if none."""
+    steps: list[Step] = []
+    for node in gm.graph.nodes:
+        operands = _update_operands(node)
+        if operands is None:
+            continue
+        x, v = operands
+        if x not in _ancestors(v):
+            continue
+        sources = _latent_sources(x)
+        chained = steps[-1].update in sources if steps else any(n.op == "placeholder" for n in sources)
+        if chained:
+            steps.append(Step(x, v, node, _piece(v)))
+    if not steps:
+        raise NotSampler("no denoising update x ± c*v with a model output v computed from x", False)
+    for step in steps:
+        reason = mutation(step.piece)
+        if reason is not None:
+            raise NotSampler(f"the model call of a step updates state in place at {reason}; skipping it would lose that")
+    return steps
