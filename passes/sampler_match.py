@@ -10,7 +10,7 @@ Two granularities, as users compile them:
   output (a denoiser predicts noise, velocity or x0: all latent-shaped).
 - **chunk function**: the graph is the whole chunk generation with its denoising loop unrolled.
   A *step* is an update ``x ± c * v`` (either order; ``c`` a scalar-like factor) where ``v`` is
-  latent-shaped and computed from ``x``: the flow-matching Euler step ``x + (s' - s) * v`` and the
+  latent-shaped and computed from ``x`` by a model piece that sees a timestep: the flow-matching Euler step ``x + (s' - s) * v`` and the
   ``x0 = x - s * v`` of predict-and-renoise samplers both have it. Steps must chain: the first
   step's ``x`` comes from an input through pointwise latent-shaped ops, each later step's ``x``
   from the previous update the same way (a residual ``h + c * f(h)`` inside a transformer starts
@@ -224,6 +224,19 @@ def _piece(v: fx.Node) -> list[fx.Node]:
     return [n for n in v.graph.nodes if n in piece]
 
 
+def _has_timestep(piece: list[fx.Node], x: fx.Node) -> bool:
+    """Whether a model piece sees a timestep: a sin/cos inside it, or a non-parameter input of
+    one value (or one per batch row) other than the latent ``x``."""
+    inside = set(piece)
+    if any(_target(n) in _SIN_COS for n in piece):
+        return True
+    batch = value(x).shape[0] if value(x).dim() else 1
+    return any(
+        i is not x and not is_parameter(i) and isinstance(value(i), torch.Tensor) and value(i).numel() in (1, batch)
+        for n in piece for i in n.all_input_nodes if i not in inside
+    )
+
+
 def match_steps(gm: fx.GraphModule) -> list[Step]:
     """The chained denoising steps of an unrolled loop, first to last; ``NotSampler`` if none."""
     steps: list[Step] = []
@@ -236,8 +249,9 @@ def match_steps(gm: fx.GraphModule) -> list[Step]:
             continue
         sources = _latent_sources(x)
         chained = steps[-1].update in sources if steps else any(n.op == "placeholder" for n in sources)
-        if chained:
-            steps.append(Step(x, v, node, _piece(v)))
+        piece = _piece(v)
+        if chained and _has_timestep(piece, x):
+            steps.append(Step(x, v, node, piece))
     if not steps:
         raise NotSampler("no denoising update x ± c*v with a model output v computed from x", False)
     for step in steps:

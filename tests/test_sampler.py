@@ -1,0 +1,281 @@
+"""The sampler pass and its cached-denoise runners, on a toy flow-matching denoiser.
+
+Both granularities: the model compiled alone (one graph per model call) and the whole chunk with
+its denoising loop unrolled. Model calls are counted by a custom op inside the model, so the count
+does not rely on what the runtime says it did.
+"""
+
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import li_compile
+from li_compile.controller.poses import look_at
+from li_compile.denoise_runtime import DENOISE
+from li_compile.worlds.sampling import renoise_step, sigma_schedule
+
+CALLS = [0]
+SHAPE = (1, 4, 2, 4, 4)  # (B, C, F, h, w)
+
+
+@torch.library.custom_op("li_sampler_test::model_call", mutates_args=())
+def model_call(x: torch.Tensor) -> torch.Tensor:
+    """Identity that counts the model calls that really ran."""
+    CALLS[0] += 1
+    return x.clone()
+
+
+@model_call.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class ToyDenoiser(nn.Module):
+    """A flow-matching velocity model that knows its scene: ``x0 = scene + small(x, sigma)``,
+    ``v = (x - x0) / sigma``, with a sinusoidal timestep embedding as real DiTs have."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.scene = nn.Parameter(torch.randn(SHAPE, generator=gen))
+        self.mix = nn.Linear(4, 4)
+        self.temb = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x = model_call(x)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(8, dtype=torch.float32) / 8)
+        angles = sigma.reshape(-1, 1).float() * 1000 * freqs
+        emb = torch.cat([angles.sin(), angles.cos()], -1).to(x.dtype)
+        feat = self.mix(x.movedim(1, -1)).movedim(-1, 1) + self.temb(emb)[:, :, None, None, None]
+        x0 = self.scene + 0.1 * torch.tanh(feat)
+        return (x - x0) / sigma.clamp_min(1e-3)
+
+
+def cameras(x: float) -> torch.Tensor:
+    """Two frames of cameras at (x, 0, 0), looking down +z."""
+    eye = torch.tensor([[x, 0.0, 0.0], [x + 0.01, 0.0, 0.0]])
+    return look_at(eye, eye + torch.tensor([0.0, 0.0, 5.0]))
+
+
+HERE, ELSEWHERE = cameras(0.0), cameras(4.0)
+
+
+def noise(seed: int, dtype=torch.float32, shape=SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    peak = b.abs().max()
+    return float(10 * torch.log10(peak**2 / (a - b).pow(2).mean()))
+
+
+def sample(model, x, sigmas, sampler="euler"):
+    """The reference loop: Euler or predict-x0-and-renoise (fixed renoise noise)."""
+    for i in range(len(sigmas) - 1):
+        v = model(x, sigmas[i])
+        if sampler == "euler":
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        else:
+            x = renoise_step(x, v, sigmas[i], sigmas[i + 1], noise(100 + i, x.dtype, x.shape))
+    return x
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    torch._dynamo.reset()
+    DENOISE.__init__()
+    yield
+    assert not DENOISE.active, "a test left a chunk open"
+    torch._dynamo.reset()
+
+
+def run_chunk(fn, poses, sigmas, *args, chunk=0):
+    """One chunk through ``fn`` inside begin/end_chunk: (output, model calls that ran, stats)."""
+    before = CALLS[0]
+    DENOISE.begin_chunk(chunk, poses, sigmas)
+    with torch.no_grad():
+        out = fn(*args)
+    return out, CALLS[0] - before, DENOISE.end_chunk().values
+
+
+# ---- the model compiled alone: one graph per model call ----
+
+
+def compiled_model(model, reuse_steps=2, inner="eager"):
+    options = {"inner": inner, "cache": {"reuse_steps": reuse_steps}}
+    return torch.compile(model, backend="light_interaction", fullgraph=True, options=options)
+
+
+def test_the_timestep_input_of_a_denoiser_call_is_found_and_reported():
+    model = ToyDenoiser()
+    compiled = compiled_model(model)
+    with torch.no_grad():
+        compiled(noise(0), torch.tensor(0.5))
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert site.status == "rewritten"
+    assert site.detail["granularity"] == "model call" and site.detail["timestep"] == "sigma"
+    assert site.detail["found_by"] == "sin/cos embedding"
+
+
+def test_a_cache_miss_gives_exactly_the_dense_output_and_a_trajectory_without_revisits_never_hits():
+    model, sigmas = ToyDenoiser(), sigma_schedule(4)
+    compiled = compiled_model(model)
+    for chunk, x in enumerate([0.0, 4.0, 8.0]):
+        out, calls, stats = run_chunk(lambda: sample(compiled, noise(chunk), sigmas), cameras(x), sigmas, chunk=chunk)
+        with torch.no_grad():
+            assert torch.equal(out, sample(model, noise(chunk), sigmas))
+        assert calls == 4 and stats["cache"] == "miss" and stats["steps_reused"] == 0
+
+
+@pytest.mark.parametrize("reuse_steps", [1, 2, 3])
+def test_a_revisit_skips_reuse_steps_model_calls_and_stays_close_to_dense(reuse_steps):
+    model, sigmas = ToyDenoiser(), sigma_schedule(4, shift=3.0)
+    compiled = compiled_model(model, reuse_steps)
+    run_chunk(lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
+    run_chunk(lambda: sample(compiled, noise(1), sigmas), ELSEWHERE, sigmas, chunk=1)
+    out, calls, stats = run_chunk(lambda: sample(compiled, noise(2), sigmas), HERE, sigmas, chunk=2)
+    assert calls == 4 - reuse_steps and stats["steps_computed"] == 4 - reuse_steps
+    assert stats["cache"] == "hit" and stats["steps_reused"] == reuse_steps
+    with torch.no_grad():
+        dense = sample(model, noise(2), sigmas)
+    assert psnr(out, dense) > 30, f"PSNR {psnr(out, dense):.1f} dB against dense"
+
+
+def test_compiles_once_across_hits_and_misses_with_no_graph_break():
+    model, sigmas = ToyDenoiser(), sigma_schedule(3)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("light_interaction")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    run_chunk(lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for chunk, poses in enumerate([HERE, ELSEWHERE, HERE, HERE], start=1):
+            run_chunk(lambda: sample(compiled, noise(chunk), sigmas), poses, sigmas, chunk=chunk)
+        with torch.no_grad():
+            sample(compiled, noise(9), sigmas)  # outside any chunk: plain calls
+    assert counter.frame_count == 1
+    assert [c.values["cache"] for c in DENOISE.history] == ["miss", "hit", "miss", "hit", "hit"]
+
+
+@pytest.mark.parametrize("change", ["model", "resolution", "dtype"])
+def test_an_entry_from_another_model_resolution_or_dtype_never_hits(change):
+    sigmas = sigma_schedule(3)
+    first, second = ToyDenoiser(seed=0), ToyDenoiser(seed=0)
+    x, y = noise(0), noise(1)
+    if change == "model":
+        second = ToyDenoiser(seed=1)
+    elif change == "resolution":
+        second.scene = nn.Parameter(torch.randn(1, 4, 2, 8, 8))
+        y = noise(1, shape=(1, 4, 2, 8, 8))
+    else:
+        second = second.double()
+        y = y.double()
+    run_chunk(lambda: sample(compiled_model(first), x, sigmas), HERE, sigmas, chunk=0)
+    out, calls, stats = run_chunk(lambda: sample(compiled_model(second), y, sigmas), HERE, sigmas, chunk=1)
+    assert calls == 3 and stats["cache"] == "miss"
+    with torch.no_grad():
+        assert torch.equal(out, sample(second, y, sigmas))
+
+
+def test_same_model_compiled_with_inductor_hits_on_revisits():
+    model, sigmas = ToyDenoiser(), sigma_schedule(3)
+    compiled = compiled_model(model, reuse_steps=1, inner="inductor")
+    run_chunk(lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
+    out, calls, stats = run_chunk(lambda: sample(compiled, noise(1), sigmas), HERE, sigmas, chunk=1)
+    assert calls == 2 and stats["cache"] == "hit"
+    with torch.no_grad():
+        assert psnr(out, sample(model, noise(1), sigmas)) > 30
+
+
+def test_a_graph_that_updates_state_in_place_is_left_alone_with_the_reason():
+    class Stateful(ToyDenoiser):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x, sigma):
+            self.seen.add_(1)
+            return super().forward(x, sigma)
+
+    compiled = compiled_model(Stateful())
+    with torch.no_grad():
+        compiled(noise(0), torch.tensor(0.5))
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert site.status == "skipped" and "in place" in site.reason
+
+
+# ---- the whole chunk compiled: the denoising loop unrolled in one graph ----
+
+
+def spelled_euler(spelling):
+    """The Euler update written the ways people write it."""
+    return {
+        "x + (s1 - s0) * v": lambda x, v, s0, s1: x + (s1 - s0) * v,
+        "(s1 - s0) * v + x": lambda x, v, s0, s1: (s1 - s0) * v + x,
+        "x - (s0 - s1) * v": lambda x, v, s0, s1: x - (s0 - s1) * v,
+    }[spelling]
+
+
+def chunk_function(model, sigmas, sampler, spelling, python_sigmas):
+    schedule = sigmas.tolist() if python_sigmas else sigmas
+    update = spelled_euler(spelling)
+
+    def generate_chunk(x, renoise):
+        for i in range(len(schedule) - 1):
+            v = model(x, sigmas[i])
+            if sampler == "euler":
+                x = update(x, v, schedule[i], schedule[i + 1])
+            else:
+                x = renoise_step(x, v, schedule[i], schedule[i + 1], renoise[i])
+        return x
+
+    return generate_chunk
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    sampler=st.sampled_from(["euler", "renoise"]),
+    spelling=st.sampled_from(["x + (s1 - s0) * v", "(s1 - s0) * v + x", "x - (s0 - s1) * v"]),
+    steps=st.integers(2, 5),
+    shift=st.sampled_from([1.0, 3.0]),
+    reuse_steps=st.integers(0, 5),
+    python_sigmas=st.booleans(),
+)
+def test_unrolled_chunk_steps_are_found_and_early_steps_reused_on_revisits(
+    sampler, spelling, steps, shift, reuse_steps, python_sigmas
+):
+    torch._dynamo.reset()
+    DENOISE.__init__()
+    model, sigmas = ToyDenoiser(), sigma_schedule(steps, shift)
+    fn = chunk_function(model, sigmas, sampler, spelling, python_sigmas)
+    compiled = torch.compile(
+        fn, backend="light_interaction", fullgraph=True, options={"inner": "eager", "cache": {"reuse_steps": reuse_steps}}
+    )
+    renoise = torch.stack([noise(50 + i) for i in range(steps)])
+    out, calls, _ = run_chunk(compiled, HERE, sigmas, noise(0), renoise, chunk=0)
+    with torch.no_grad():
+        assert torch.equal(out, fn(noise(0), renoise))  # a miss is exactly dense
+    sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert [s.detail["step"] for s in sites] == list(range(steps)) and calls == steps
+
+    out, calls, stats = run_chunk(compiled, HERE, sigmas, noise(1), renoise, chunk=1)
+    reused = min(reuse_steps, steps - 1)  # the last step always runs
+    assert calls == steps - reused and stats["steps_reused"] == reused
+    with torch.no_grad():
+        dense = fn(noise(1), renoise)
+    assert psnr(out, dense) > 25, f"PSNR {psnr(out, dense):.1f} dB against dense"
+
+
+def test_a_loop_in_a_function_without_a_model_is_not_taken_for_a_sampler():
+    def residual(x, w):
+        for _ in range(3):
+            h = x @ w
+            x = x + 0.5 * torch.tanh(h @ w)
+        return x
+
+    compiled = torch.compile(residual, backend="light_interaction", options={"inner": "eager"})
+    compiled(torch.randn(4, 4), torch.randn(4, 4))
+    assert [s for s in li_compile.report(compiled).sites if s.kind == "sampler"] == []
