@@ -181,17 +181,16 @@ _TILE_HEURISTICS = {
     "EVEN_N": lambda a: a["Lk"] % a["block_k"] == 0 and a["block_k"] % a["BLOCK_N"] == 0,
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; Triton caches the best per shape key.
+# bf16/fp16 at head dim 128 on H100: 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages.
 CUDA_CONFIGS = [
     (128, 128, 8, 3),
-    (128, 128, 8, 2),
     (128, 64, 8, 3),
+    (128, 64, 8, 4),
     (128, 64, 4, 3),
-    (128, 64, 4, 4),
-    (128, 128, 4, 3),
     (64, 128, 4, 3),
     (64, 64, 4, 3),
 ]
-SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # layouts with blocks under 64 tokens
+SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # only for layouts whose blocks the above do not tile
 INTERPRETER_TILE = 64  # the interpreter takes one config: BLOCK_M/BLOCK_N at most this
 
 
@@ -201,9 +200,12 @@ def _fits(config, block_q: int, block_k: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose BLOCK_M divides block_q and BLOCK_N divides block_k."""
+    """Keep the configs whose BLOCK_M divides block_q and BLOCK_N divides block_k; the small-block
+    configs only where no regular one fits."""
     block_q, block_k = named_args["block_q"], named_args["block_k"]
-    return [c for c in configs if _fits(c, block_q, block_k)]
+    fitting = [c for c in configs if _fits(c, block_q, block_k)]
+    regular = [c for c in fitting if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 64]
+    return regular or fitting
 
 
 def _build_kernel():
@@ -294,7 +296,7 @@ def block_sparse_attention(
     flags = dict(
         HAS_FULL=has_full, HAS_KEEP=keep is not None, HAS_FULL_KEEP=full_keep is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=is_causal, EVEN_D=D == block_d and DV == block_dv,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION=_dot_precision(q),
     )
     kernel = _kernel()
     if _interpreting():
@@ -363,6 +365,14 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, 
         raise UnsupportedAttention(f"head dims up to 256 are supported, got {D} / {v.shape[3]}")
     if q.is_cuda and (block_q % MIN_DOT or block_k % MIN_DOT):
         raise UnsupportedAttention(f"on the GPU block sizes must be multiples of {MIN_DOT}, got {block_q}x{block_k}")
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """fp32 inputs: exact products in the interpreter, 3xTF32 on the GPU (fp32-grade, tensor cores;
+    plain FMA dots compile for minutes there). Half types: ignored."""
+    if q.dtype != torch.float32:
+        return "tf32"
+    return "ieee" if _interpreting() else "tf32x3"
 
 
 def _interpreter_block_n(block_k: int) -> int:
