@@ -161,4 +161,34 @@ class DenoiseRuntime:
         return out
 
 
+class ChunkHook:
+    """A ``step_hook(chunk, step, model_call)`` for ``li_compile.worlds.pipeline.generate`` (or any
+    loop that calls its model through such a hook): opens chunk ``c`` on its first step with the
+    cameras of its frames and the schedule, closes it after its last step, and keeps the chunk stats.
+
+    ``poses: (N, 4, 4)`` the cameras of every latent frame of the trajectory; ``chunk_frames``:
+    frames per chunk; ``sigmas: (steps + 1,)`` the schedule.
+    """
+
+    def __init__(
+        self, poses: torch.Tensor, chunk_frames: int, sigmas: Sequence[float] | torch.Tensor,
+        runtime: "DenoiseRuntime | None" = None,
+    ) -> None:
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.poses, self.chunk_frames, self.sigmas = poses, chunk_frames, sigmas
+        self.steps = len(sigmas) - 1
+        self.runtime = runtime or DENOISE
+        self.stats: list[ChunkStats] = []
+
+    def __call__(self, chunk: int, step: int, model_call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if step == 0:
+            frames = self.poses[chunk * self.chunk_frames:(chunk + 1) * self.chunk_frames]
+            self.runtime.begin_chunk(chunk, frames, self.sigmas)
+        out = model_call()
+        if step == self.steps - 1:
+            self.stats.append(self.runtime.end_chunk())
+        return out
+
+
 DENOISE = DenoiseRuntime()
