@@ -1,0 +1,144 @@
+"""The controller driving the tiny reference worlds, compiled with light_interaction.
+
+Specifications: a 64-chunk trajectory with pruning active compiles once per capacity bucket during
+warm-up and never after (no graph break: fullgraph); pruned frames never reach attention; with
+thresholds that keep everything the controller reproduces dense generation.
+"""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from li_compile.backend import light_interaction
+from li_compile.controller.context import ContextController
+from li_compile.controller.session import session
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate
+
+WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
+BACKEND_OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16}}  # one 4x4-token frame per block
+PRUNING_THRESHOLD = 0.6  # on the tiny loop trajectory this drops memory frames on most chunks
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _world(name: str, **spec_changes):
+    """The tiny preset, one block deep and two sampler steps: the structure is what is tested."""
+    module = WORLDS[name]
+    spec = dataclasses.replace(module.PRESETS["tiny"], **{"depth": 1, "steps": 2, **spec_changes})
+    return module.build(spec)
+
+
+def _compiled(world, counter=None):
+    backend = counter or functools.partial(light_interaction, options=BACKEND_OPTIONS)
+    return world.compile(lambda m: torch.compile(m, backend=backend, fullgraph=True, dynamic=False))
+
+
+def _controller(world, trajectory, **context) -> ContextController:
+    spec = world.spec
+    buckets = {"capacity_fractions": context.pop("capacity_fractions")} if "capacity_fractions" in context else {}
+    options = {"window_min": 1, "window_max": spec.window, "keep_threshold": PRUNING_THRESHOLD, **context}
+    return ContextController(
+        options, memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
+        layout=world.layout, **buckets,
+    )
+
+
+class _Capacity:
+    """A policy that feeds no context in ``capacity`` slots: compiles that bucket (warm-up)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+
+    def select(self, chunk, poses, chunk_poses, latents) -> ContextSelection:
+        return ContextSelection(memory=[], recent=[], capacity=self.capacity)
+
+
+def _warm_up(compiled, trajectory, controller) -> None:
+    for capacity in controller.warm_up_buckets():
+        generate(compiled, trajectory, _Capacity(capacity), chunks=1, decode=False)
+
+
+def test_64_chunks_with_pruning_compile_once_per_bucket_during_warm_up():
+    world = _world("hy_worldplay", steps=1)
+    trajectory = trajectories.make("loop", 64 * world.spec.chunk_frames)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        functools.partial(light_interaction, options=BACKEND_OPTIONS)
+    )
+    compiled = _compiled(world, counter)
+    # one bucket per context size: compaction fits exactly and the plan stays dense, so the long run
+    # avoids the (slow, interpreted) kernel; chunk 0 (no context, one padded slot) runs it sparse
+    controller = _controller(world, trajectory, capacity_fractions=tuple(i / 6 for i in range(1, 7)))
+    with session(controller):
+        _warm_up(compiled, trajectory, controller)
+        warm = counter.frame_count
+        with torch.compiler.set_stance("fail_on_recompile"):
+            generate(compiled, trajectory, controller, chunks=64, decode=False)
+        controller.flush_fallbacks()
+    assert warm == len(controller.warm_up_buckets()) == 6
+    assert counter.frame_count == warm
+    stats = [s.values for s in controller.stats]
+    assert sum(s["memory_dropped"] for s in stats) > 0  # pruning was active
+    assert len({s["capacity"] for s in stats}) > 1  # and the compact context changed size
+    assert stats[0]["plan"] == "sparse"  # a plan written in place, not a recompile
+    assert not any("fallbacks" in s for s in stats)
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_pruned_frames_never_reach_attention(name):
+    world = _world(name)
+    spec = world.spec
+    trajectory = trajectories.make("loop", 12 * spec.chunk_frames)
+    compiled = _compiled(world)
+    # one full-size bucket: the frames pruned by the threshold leave padding that the plan skips
+    controller = _controller(world, trajectory, window_rule="fixed", window_max=1, capacity_fractions=(1.0,))
+    first = 10 * spec.chunk_frames
+    history = torch.randn(first, *spec.latent_shape, generator=torch.Generator().manual_seed(0))
+    poses, chunk_poses = trajectory.poses[:first], trajectory.poses[first:first + spec.chunk_frames]
+    actions = trajectory.actions()[first:first + spec.chunk_frames]
+    noise = torch.randn(1, spec.chunk_frames, *spec.latent_shape, generator=torch.Generator().manual_seed(1))
+
+    def chunk_output(latents: torch.Tensor) -> tuple[torch.Tensor, ContextSelection]:
+        selection = controller.select(10, poses, chunk_poses, latents)
+        context = gather_context(latents, poses, selection, selection.capacity)
+        inputs = compiled.inputs(context, chunk_poses, actions, first)
+        return compiled.model(noise, spec.sigmas()[0], **inputs), selection
+
+    with session(controller), torch.no_grad():
+        chunk_output(history)  # compiles; the plan slots exist from now on
+        reference, selection = chunk_output(history)
+        stats = controller.stats[-1].values
+        assert stats["memory_dropped"] > 0 and stats["plan"] == "sparse"
+        dropped = [f for f in range(first) if f not in selection.frames]
+        perturbed = history.clone()
+        perturbed[dropped] = torch.randn(len(dropped), *spec.latent_shape) * 100
+        out, again = chunk_output(perturbed)
+        assert again.frames == selection.frames
+        assert torch.equal(out, reference)
+        kept = history.clone()
+        kept[selection.memory[0]] += 1.0
+        assert not torch.equal(chunk_output(kept)[0], reference)  # a kept frame does reach attention
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_thresholds_that_keep_everything_reproduce_dense_generation(name):
+    world = _world(name)
+    spec = world.spec
+    trajectory = trajectories.make("out_and_back", 4 * spec.chunk_frames)
+    dense = generate(world, trajectory, DensePolicy(spec.window, spec.memory), decode=False)
+    controller = _controller(world, trajectory, keep_threshold=0.0, window_rule="fixed", similarity="frustum")
+    compiled = _compiled(world)
+    with session(controller):
+        _warm_up(compiled, trajectory, controller)
+        ours = generate(compiled, trajectory, controller, decode=False)
+    assert [s.frames for s in ours.selections] == [s.frames for s in dense.selections]
+    assert any(s.values.get("plan") == "sparse" for s in controller.stats)  # padded buckets ran the kernel
+    torch.testing.assert_close(ours.latents, dense.latents, rtol=1e-4, atol=1e-5)
