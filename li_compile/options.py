@@ -20,6 +20,7 @@ from typing import Any, Mapping
 INNER_COMPILERS = ("inductor", "eager", "tensorrt")
 SIMILARITY_MEASURES = ("proxy", "frustum")
 WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
+CACHE_STORED = ("x0", "raw")  # what the denoising cache keeps: see li_compile.denoise_runtime
 
 
 def _choice(values: tuple[str, ...]) -> dict:
@@ -65,12 +66,15 @@ class ContextOptions:
 
 @dataclass(frozen=True)
 class CacheOptions:
-    """Denoising cache: how many early steps a revisit reuses, when a chunk counts as a revisit."""
+    """Denoising cache: how many early steps a revisit reuses, when a chunk counts as a revisit,
+    how many past chunks are kept, and what is kept: the clean-latent prediction ("x0", served
+    against the new chunk's own latent; needs the chunk's sigmas) or the raw model output ("raw")."""
 
     enabled: bool = True
     reuse_steps: int = field(default=2, metadata=_range(0, None))
     revisit_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0))
     capacity: int = field(default=64, metadata=_range(1, None))
+    stored: str = field(default="x0", metadata=_choice(CACHE_STORED))
 
 
 @dataclass(frozen=True)
