@@ -152,11 +152,15 @@ def make_scene(seed: int, clear_points: torch.Tensor | None = None, clearance: f
                  color_a[None], color_b[None], pattern[None], pattern_scale[None], sky[None], cloud_phase[None])
 
 
-def make_scenes(seeds: Sequence[int], **kwargs) -> Scene:
-    """A batch of ``len(seeds)`` rooms, scene ``i`` equal to ``make_scene(seeds[i], **kwargs)``."""
+def make_scenes(seeds: Sequence[int], clear_points: Sequence[torch.Tensor] | None = None, **kwargs) -> Scene:
+    """A batch of ``len(seeds)`` rooms, scene ``i`` equal to
+    ``make_scene(seeds[i], clear_points=clear_points[i], **kwargs)`` (no ``clear_points``: defaults)."""
     if len(seeds) == 0:
         raise ValueError("seeds must not be empty")
-    scenes = [make_scene(s, **kwargs) for s in seeds]
+    if clear_points is not None and len(clear_points) != len(seeds):
+        raise ValueError(f"clear_points must hold one path per seed ({len(seeds)}), got {len(clear_points)}")
+    paths = [None] * len(seeds) if clear_points is None else clear_points
+    scenes = [make_scene(s, clear_points=path, **kwargs) for s, path in zip(seeds, paths)]
     return Scene(**{f.name: torch.cat([getattr(s, f.name) for s in scenes]) for f in fields(Scene)})
 
 

@@ -1,0 +1,155 @@
+"""Fidelity of the trained world against the renderer's ground truth, on held-out rooms and paths.
+
+A **case** is a trajectory through a room neither seen in training (held-out seeds) with its
+ground-truth frames. The world starts from the first chunk's true frames (image-to-world, as the
+real models start from a picture) and generates the rest with the shared loop
+``li_compile.worlds.pipeline.generate``; ``prefix_hook`` feeds the true first chunk through the
+loop's ``step_hook`` (the Euler steps of chunk 0 land exactly on it), so nothing else changes.
+
+Scores (per-frame PSNR in dB and SSIM on RGB in [0, 1], averaged over the generated frames):
+``dense`` (``DensePolicy``), ``repeat_last`` (the trivial predictor: every future frame is the last
+given frame) and, on **revisit** frames (cameras that returned to a place last seen before the
+recent window, so only memory can bring it back), dense with memory against ``DensePolicy(window,
+0)`` (memory removed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from li_compile.controller.poses import camera_centers, view_directions
+from li_compile.worlds.base import World
+from li_compile.worlds.pipeline import ContextPolicy, DensePolicy, StepHook, chunk_noise, generate
+from li_compile.worlds.pixel_codec import PixelPatchCodec
+from li_compile.worlds.scenes import make_scene, render
+from li_compile.worlds.trajectories import TRAJECTORIES, Trajectory, make
+
+HELD_OUT_SEED = 900_000  # scene and trajectory seeds of held-out cases start here (training uses small seeds)
+REVISIT_DISTANCE = 0.05  # world units: a camera this close to an earlier one (and facing alike) revisits it
+REVISIT_COS = 0.998  # cosine between view directions of a revisit (about 3.6 degrees)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
+
+
+@dataclass
+class Case:
+    """A held-out trajectory and its true frames ``(T, 3, H, W)`` (CPU, [0, 1])."""
+
+    trajectory: Trajectory
+    scene_seed: int
+    frames: torch.Tensor
+
+
+def held_out_cases(frames: int, per_trajectory: int, image_size: int, names: tuple[str, ...] | None = None) -> list[Case]:
+    """``per_trajectory`` cases of each trajectory name (default: all of ``TRAJECTORIES``), ``frames``
+    long, rendered at ``image_size`` with objects kept clear of the path."""
+    cases = []
+    for n, name in enumerate(sorted(names or TRAJECTORIES)):
+        for i in range(per_trajectory):
+            seed = HELD_OUT_SEED + 100 * n + i
+            trajectory = make(name, frames, seed)
+            scene = make_scene(seed, clear_points=camera_centers(trajectory.poses))
+            cases.append(Case(trajectory, seed, render(scene, trajectory.poses, trajectory.fov_y_deg, image_size)))
+    return cases
+
+
+def prefix_hook(world: World, prefix: torch.Tensor, seed: int, then: StepHook | None = None) -> StepHook:
+    """A ``step_hook`` that makes chunk 0 come out as ``prefix (F, C, h, w)`` (clean latents).
+
+    The Euler steps from ``chunk_noise(world, 0, seed)`` along the constant velocity
+    ``noise - prefix`` end exactly at the prefix; later chunks call ``then`` (default: the model).
+    """
+    if world.spec.sampler != "euler":
+        raise ValueError(f"prefix_hook needs the euler sampler, got {world.spec.sampler!r}")
+    noise = chunk_noise(world, 0, seed)[0]
+    if tuple(prefix.shape) != tuple(noise.shape[1:]):
+        raise ValueError(f"prefix must be {tuple(noise.shape[1:])} latents, got {tuple(prefix.shape)}")
+    velocity = noise - prefix[None].to(noise)
+
+    def hook(chunk: int, step: int, model_call):
+        if chunk == 0:
+            return velocity
+        return then(chunk, step, model_call) if then is not None else model_call()
+
+    return hook
+
+
+def rollout(world: World, codec: PixelPatchCodec, case: Case, policy: ContextPolicy | None = None,
+            seed: int = 0) -> torch.Tensor:
+    """Frames ``(T, 3, H, W)`` generated along the case's trajectory from its true first chunk."""
+    prefix = codec.encode(case.frames[:world.spec.chunk_frames])
+    hook = prefix_hook(world, prefix, seed)
+    result = generate(world, case.trajectory, policy, step_hook=hook, seed=seed, decode=False)
+    return codec.decode(result.latents)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-frame PSNR in dB of images in [0, 1]: ``(N, 3, H, W)`` twice -> ``(N,)``."""
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(-1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-frame SSIM (Gaussian window 11, sigma 1.5, per channel then averaged): ``(N, 3, H, W)`` -> ``(N,)``."""
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
+    g = torch.exp(-x**2 / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    channels = pred.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).to(pred.device)
+    blur = lambda t: F.conv2d(t, kernel, groups=channels)  # noqa: E731
+    a, b = pred.float(), target.float()
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2))
+    return score.flatten(1).mean(-1)
+
+
+def revisit_frames(poses: torch.Tensor, chunk_frames: int, window: int) -> torch.Tensor:
+    """Which frames ``(T,)`` bool return to a camera last seen before their chunk's recent window.
+
+    Frame ``i`` of chunk ``c`` revisits when some frame ``j < c * chunk_frames - window`` has its
+    centre within ``REVISIT_DISTANCE`` and its view direction within ``REVISIT_COS``.
+    """
+    centres, dirs = camera_centers(poses), view_directions(poses)
+    close = (torch.cdist(centres, centres) < REVISIT_DISTANCE) & (dirs @ dirs.T > REVISIT_COS)
+    frames = torch.arange(len(poses))
+    horizon = (frames // chunk_frames) * chunk_frames - window  # frames before this are out of the window
+    earlier = frames[None, :] < horizon[:, None]
+    return (close & earlier).any(-1)
+
+
+def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int = 0) -> dict:
+    """Scores of ``world`` on ``cases``: per case and averaged (see the module docstring).
+
+    Returns ``{"cases": [...], "mean": {...}}`` with keys ``psnr_dense``, ``psnr_repeat_last``,
+    ``ssim_dense``, ``ssim_repeat_last``, and on revisit frames ``psnr_revisit_memory``,
+    ``psnr_revisit_no_memory`` (absent where a case has no revisit frame).
+    """
+    spec = world.spec
+    rows = []
+    for case in cases:
+        truth = case.frames
+        generated = slice(spec.chunk_frames, len(truth) // spec.chunk_frames * spec.chunk_frames)
+        dense = rollout(world, codec, case, DensePolicy(spec.window, spec.memory), seed)
+        repeat = truth[spec.chunk_frames - 1].expand_as(truth[generated])
+        row = {
+            "trajectory": case.trajectory.name, "scene_seed": case.scene_seed,
+            "psnr_dense": psnr(dense[generated], truth[generated]).mean().item(),
+            "psnr_repeat_last": psnr(repeat, truth[generated]).mean().item(),
+            "ssim_dense": ssim(dense[generated], truth[generated]).mean().item(),
+            "ssim_repeat_last": ssim(repeat, truth[generated]).mean().item(),
+        }
+        revisits = revisit_frames(case.trajectory.poses, spec.chunk_frames, spec.window)[:len(dense)]
+        revisits[:spec.chunk_frames] = False
+        if revisits.any():
+            no_memory = rollout(world, codec, case, DensePolicy(spec.window, 0), seed)
+            row["revisit_frames"] = int(revisits.sum())
+            row["psnr_revisit_memory"] = psnr(dense[revisits], truth[:len(dense)][revisits]).mean().item()
+            row["psnr_revisit_no_memory"] = psnr(no_memory[revisits], truth[:len(dense)][revisits]).mean().item()
+        rows.append(row)
+    keys = sorted({k for row in rows for k in row if k.startswith(("psnr", "ssim"))})
+    mean = {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
+    return {"cases": rows, "mean": mean}

@@ -1,0 +1,222 @@
+"""The ``trained`` preset of the HY-WorldPlay-style world: its sizes, its training, its weights.
+
+Same code path as the other presets: ``hy_worldplay.build(TRAINED_SPEC)`` builds the very
+``HYWorldPlayDiT`` the examples compile, here small (6 blocks, width 192, 64 tokens per frame) and
+trained on rendered rooms (``li_compile.worlds.scenes``) instead of random. Frames become latents
+by pixel patches (``PixelPatchCodec``, stride 4: 64x64 RGB -> 48 x 16 x 16), the DiT's patch 2
+makes 8 x 8 tokens per latent frame; a chunk is 4 frames with a context of 4 recent + 4 memory
+frames retrieved by camera overlap (``DensePolicy``).
+
+Training is plain flow matching (``x_sigma = (1 - sigma) x0 + sigma noise``, target velocity
+``noise - x0``) on teacher-forced chunks (``training_data.sample_batch``), AdamW with warm-up and
+cosine decay, bf16 autocast on CUDA, an exponential moving average of the weights (exported).
+The model takes one ``sigma`` per call, so each step splits its batch into ``sigma_groups``
+groups: one at ``sigma = 1`` (the sampler's first step, which decides the content) and the rest
+at stratified levels drawn with the sampler's timestep shift. Checkpoints make it resumable; a
+fixed ``seed`` fixes data, noise and initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from li_compile.worlds.base import WorldSpec
+from li_compile.worlds.hy_worldplay import HYWorldPlay, build
+from li_compile.worlds.pixel_codec import PixelPatchCodec
+from li_compile.worlds.training_data import ClipPool, make_pool, sample_batch
+
+IMAGE_SIZE = 64  # rendered frames are IMAGE_SIZE x IMAGE_SIZE RGB
+PIXEL_STRIDE = 4  # pixels per latent along each axis
+WEIGHTS_PATH = Path(__file__).parent / "weights" / "hy_trained.pt"
+TRAINED_SPEC = WorldSpec(
+    name="hy_worldplay/trained", latent_channels=3 * PIXEL_STRIDE**2, latent_h=IMAGE_SIZE // PIXEL_STRIDE,
+    latent_w=IMAGE_SIZE // PIXEL_STRIDE, patch=2, chunk_frames=4, window=4, memory=4, steps=4, shift=2.0,
+    sampler="euler", depth=6, heads=6, head_dim=32, mlp_ratio=4.0, text_tokens=1, text_dim=32,
+    vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE),
+)
+MODEL_SEED = 0  # build(seed=...) of the trained world: its initial weights and its fixed prompt embedding
+SPEED_PROBE_STEPS = 60  # with a time budget, the schedule's length is set from the speed of these first steps
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``train`` (defaults: the shipped weights' run on one H100)."""
+
+    steps: int = 9000
+    batch: int = 48
+    sigma_groups: int = 4
+    lr: float = 5e-4
+    warmup: int = 300
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    clips: int = 4096
+    clip_frames: int = 32
+    seed: int = 0
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch", "sigma_groups", "clips", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch % self.sigma_groups:
+            raise ValueError(f"TrainConfig.batch {self.batch} must be divisible by sigma_groups {self.sigma_groups}")
+
+
+@dataclass
+class TrainState:
+    """What ``train`` returns and checkpoints: the world (EMA weights live in ``ema``), the length
+    of the schedule (``config.steps``, or resolved from a time budget), the step reached, the loss
+    of every step, and the seconds spent training."""
+
+    world: HYWorldPlay
+    ema: dict[str, torch.Tensor]
+    total_steps: int
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYWorldPlay:
+    """A world of ``spec`` with fresh trainable weights (DiT init: adaLN and output zeroed, so
+    every block starts as the identity)."""
+    world = build(spec, device=device, seed=MODEL_SEED)
+    model = world.model.float().train().requires_grad_(True)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("mod") or name in ("final_mod", "patch_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    return world
+
+
+def load_trained(device: torch.device | str | None = None, path: Path | str = WEIGHTS_PATH) -> HYWorldPlay:
+    """The trained world with the shipped (or given) weights, in eval mode without gradients."""
+    world = build(TRAINED_SPEC, device=device, seed=MODEL_SEED)
+    world.model.load_state_dict(torch.load(path, map_location=world.device, weights_only=True))
+    return world
+
+
+def export_weights(ema: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Save the EMA weights as float16 (half the bytes; exact enough for a 64x64 world)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().half().cpu() for k, v in ema.items()}, path)
+
+
+def training_sigmas(groups: int, shift: float, generator: torch.Generator) -> list[float]:
+    """Noise levels of one step's groups: ``1.0`` first, then stratified uniform ``t`` shifted
+    like the sampler's schedule (``shift t / (1 + (shift - 1) t)``)."""
+    t = (torch.arange(groups - 1) + torch.rand(groups - 1, generator=generator)) / max(1, groups - 1)
+    sigmas = shift * t / (1 + (shift - 1) * t)
+    return [1.0] + sigmas.clamp(1e-3, 1.0).tolist()
+
+
+def flow_matching_loss(world: HYWorldPlay, batch: dict[str, torch.Tensor], sigma: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity of one noised chunk batch."""
+    x0 = batch["target"]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x = (1 - sigma) * x0 + sigma * noise
+    text = world.text.expand(x0.shape[0], -1, -1)
+    inputs = {k: v for k, v in batch.items() if k != "target"}
+    velocity = world.model(x, torch.tensor(sigma, device=x0.device), text=text, **inputs)
+    return F.mse_loss(velocity.float(), noise - x0)
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to ``final_lr_fraction`` of ``lr`` at ``total_steps``."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = min(1.0, (step - config.warmup) / max(1, total_steps - config.warmup))
+    floor = config.final_lr_fraction
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _split(batch: dict[str, torch.Tensor], groups: int) -> list[dict[str, torch.Tensor]]:
+    return [{k: v[i::groups] for k, v in batch.items()} for i in range(groups)]
+
+
+def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | str | None = None,
+          time_budget_s: float | None = None, on_step: Callable[[TrainState], None] | None = None,
+          pool: ClipPool | None = None, spec: WorldSpec = TRAINED_SPEC) -> TrainState:
+    """Train a world of ``spec`` (default: the trained preset) from ``config``, resuming from
+    ``checkpoint`` when it exists. Frames are ``PIXEL_STRIDE`` times the latent size.
+
+    Renders the clip pool (or uses ``pool``), then runs ``config.steps`` steps, saving to
+    ``checkpoint`` every ``checkpoint_every`` steps and at the end. With ``time_budget_s`` the
+    schedule's length is resolved once, after ``SPEED_PROBE_STEPS`` steps, from the measured
+    speed (at most ``config.steps``; ``state.total_steps`` records it: pass it as ``steps`` to
+    reproduce the run without a budget; resuming without a budget runs to ``config.steps``). ``on_step`` is called after every step (progress bars).
+    Returns the state with the EMA weights.
+    """
+    device = torch.device(device)
+    codec = PixelPatchCodec(PIXEL_STRIDE)
+    world = new_world(device, spec)
+    model = world.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.99), fused=device.type == "cuda")
+    data_gen = torch.Generator(device=device).manual_seed(config.seed)
+    sigma_gen = torch.Generator().manual_seed(config.seed + 1)
+    state = TrainState(world, {k: v.detach().clone() for k, v in model.state_dict().items()}, config.steps)
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.ema, state.step, state.losses = saved["ema"], saved["step"], saved["losses"]
+        state.seconds = saved["seconds"]
+        state.total_steps = saved["total_steps"] if time_budget_s is not None else config.steps
+        data_gen.set_state(saved["data_rng"].cpu())
+        sigma_gen.set_state(saved["sigma_rng"])
+    pool = pool or make_pool(config.clips, config.clip_frames, spec, config.seed, device, spec.latent_h * PIXEL_STRIDE)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    live = model.state_dict()
+    params, averages = [live[k] for k in state.ema], list(state.ema.values())
+    start = time.perf_counter() - state.seconds
+    while state.step < state.total_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, state.step, state.total_steps)
+        batch = sample_batch(pool, config.batch, spec, codec, data_gen)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for part, sigma in zip(_split(batch, config.sigma_groups), training_sigmas(config.sigma_groups, spec.shift, sigma_gen)):
+            with autocast:
+                loss = flow_matching_loss(world, part, sigma, data_gen) / config.sigma_groups
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(averages, params, 1 - config.ema)
+        state.step += 1
+        state.losses.append(total)
+        state.seconds = time.perf_counter() - start
+        if time_budget_s is not None and state.step == SPEED_PROBE_STEPS:
+            per_step = state.seconds / state.step
+            state.total_steps = min(config.steps, int(time_budget_s / per_step))
+        if on_step is not None:
+            on_step(state)
+        if path is not None and (state.step % config.checkpoint_every == 0 or state.step == state.total_steps):
+            _save(path, state, optimizer, data_gen, sigma_gen, config)
+    return state
+
+
+def _save(path: Path, state: TrainState, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
+          sigma_gen: torch.Generator, config: TrainConfig) -> None:
+    """Write a resumable checkpoint atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": state.world.model.state_dict(), "optimizer": optimizer.state_dict(), "ema": state.ema,
+        "step": state.step, "total_steps": state.total_steps, "losses": state.losses, "seconds": state.seconds,
+        "data_rng": data_gen.get_state(), "sigma_rng": sigma_gen.get_state(), "config": asdict(config),
+    }, tmp)
+    tmp.replace(path)

@@ -1,0 +1,160 @@
+"""Training clips for the trained world: rendered trajectories and teacher-forced chunk batches.
+
+A **clip** is one trajectory of ``li_compile.worlds.trajectories`` (exploration with revisits)
+through its own procedural room (``li_compile.worlds.scenes``, objects kept clear of the path),
+rendered on the device. A **pool** holds many clips plus, for every chunk of every clip, the
+context that ``DensePolicy`` would feed the generation loop (recent window + memory frames
+retrieved by frustum overlap), computed for all clips at once by ``dense_context_slots``.
+
+A training example is one chunk of one clip: its clean latent frames (the target), and its
+context as ``gather_context`` lays it out (right-aligned slots, padding first, zero latents and
+identity poses on padding) but with ground-truth frames (teacher forcing), lightly noised so the
+model tolerates its own imperfect frames at generation time. Memory is dropped from a fraction of
+examples, so that "no memory" (``DensePolicy(window, 0)``) is a condition the model knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from li_compile.controller.poses import relative_pose
+from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, default_bounds, frustum_samples
+from li_compile.worlds.base import WorldSpec
+from li_compile.worlds.layers import camera_features
+from li_compile.worlds.pixel_codec import PixelPatchCodec
+from li_compile.worlds.scenes import make_scenes, render
+from li_compile.worlds.trajectories import ACTION_DIM, TRAJECTORIES, make
+
+CONTEXT_NOISE = 0.1  # largest std of the Gaussian noise added to (unit-variance) context latents
+MEMORY_DROPOUT = 0.15  # fraction of training examples whose memory frames are removed
+PAIRS_PER_PASS = 1 << 12  # (clip, frame, frame) pairs scored at once by dense_context_slots
+SCENE_SEED_STRIDE = 1_000_003  # scene seed of clip i: seed * stride + i (held-out seeds differ by seed)
+
+
+@dataclass
+class ClipPool:
+    """Rendered clips on one device.
+
+    ``frames: (P, T, 3, H, W)`` uint8; ``poses: (P, T, 4, 4)`` float32; ``actions: (P, T, 6)``;
+    ``slots: (P, T // F, capacity)`` long: for chunk ``c`` the frame indices of its context slots
+    (``-1`` = padding, right-aligned: padding, memory, recent), as ``DensePolicy`` picks them.
+    """
+
+    frames: torch.Tensor
+    poses: torch.Tensor
+    actions: torch.Tensor
+    slots: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+
+def pairwise_overlap(poses: torch.Tensor) -> torch.Tensor:
+    """``frustum_overlap`` of every frame against every frame of each clip: ``(P, T, 4, 4)`` -> ``(P, T, T)``.
+
+    Entry ``[p, i, j]`` is the fraction of camera ``i``'s frustum inside camera ``j``'s, with the
+    default lens, depths and samples of ``li_compile.controller.similarity`` (so it equals
+    ``frustum_overlap(poses[p, i], poses[p, j:j+1])``); batched over pairs for the GPU.
+    """
+    bounds = default_bounds(poses.device)
+    points = frustum_samples(bounds, DEFAULT_NEAR, DEFAULT_FAR)  # (S, 3) in the current camera
+    x_min, x_max, y_min, y_max = bounds.unbind()
+    p_count, t = poses.shape[:2]
+    current = poses[:, :, None].expand(p_count, t, t, 4, 4).reshape(-1, 4, 4)
+    past = poses[:, None, :].expand(p_count, t, t, 4, 4).reshape(-1, 4, 4)
+    scores = []
+    for i in range(0, current.shape[0], PAIRS_PER_PASS):
+        to_past = relative_pose(past[i:i + PAIRS_PER_PASS], current[i:i + PAIRS_PER_PASS])
+        p = points @ to_past[:, :3, :3].transpose(-1, -2) + to_past[:, None, :3, 3]
+        z = p[..., 2]
+        u, v = p[..., 0] / z.clamp_min(DEFAULT_NEAR), p[..., 1] / z.clamp_min(DEFAULT_NEAR)
+        inside = (z >= DEFAULT_NEAR) & (z <= DEFAULT_FAR) & (u >= x_min) & (u <= x_max) & (v >= y_min) & (v <= y_max)
+        scores.append(inside.float().mean(-1))
+    return torch.cat(scores).reshape(p_count, t, t)
+
+
+def dense_context_slots(poses: torch.Tensor, chunk_frames: int, window: int, memory: int) -> torch.Tensor:
+    """``DensePolicy(window, memory)``'s context of every chunk of every clip: ``(P, T, 4, 4)`` ->
+    ``(P, T // chunk_frames, window + memory)`` long frame indices, ``-1`` on padding (first).
+
+    Chunk ``c`` (frames ``[c F, (c + 1) F)``) keeps the last ``window`` past frames and the
+    ``memory`` older ones that best overlap any of its cameras, each group sorted by time.
+    """
+    p_count, t = poses.shape[:2]
+    chunks, capacity = t // chunk_frames, window + memory
+    overlap = pairwise_overlap(poses).cpu()
+    slots = torch.full((p_count, chunks, capacity), -1, dtype=torch.long)
+    for c in range(chunks):
+        first = c * chunk_frames
+        recent = torch.arange(max(0, first - window), first)
+        candidates = first - len(recent)
+        k = min(memory, candidates)
+        if k > 0:
+            scores = overlap[:, first:first + chunk_frames, :candidates].amax(1)  # (P, candidates)
+            chosen = torch.topk(scores, k, sorted=True).indices.sort(-1).values
+            slots[:, c, capacity - len(recent) - k:capacity - len(recent)] = chosen
+        if len(recent):
+            slots[:, c, capacity - len(recent):] = recent
+    return slots
+
+
+def make_pool(clips: int, frames: int, spec: WorldSpec, seed: int, device: torch.device | str,
+              image_size: int, batch: int = 64) -> ClipPool:
+    """Render ``clips`` clips of ``frames`` frames on ``device``: clip ``i`` walks
+    ``make(name, frames, seed * clips + i)`` (names cycling through ``TRAJECTORIES``) through the
+    room ``seed * SCENE_SEED_STRIDE + i``. Deterministic per ``seed``."""
+    if frames < 2 * spec.chunk_frames:
+        raise ValueError(f"clips need at least 2 chunks ({2 * spec.chunk_frames} frames) to train on, got {frames}")
+    names = sorted(TRAJECTORIES)
+    trajectories = [make(names[i % len(names)], frames, seed * clips + i) for i in range(clips)]
+    poses = torch.stack([tr.poses for tr in trajectories]).to(device)
+    actions = torch.stack([tr.actions() for tr in trajectories]).to(device)
+    rendered = []
+    for start in range(0, clips, batch):
+        group = trajectories[start:start + batch]
+        scenes = make_scenes([seed * SCENE_SEED_STRIDE + start + j for j in range(len(group))],
+                             clear_points=[tr.poses[:, :3, 3] for tr in group])
+        images = render(scenes, poses[start:start + len(group)], size=image_size)
+        rendered.append((images * 255).round().to(torch.uint8))
+    slots = dense_context_slots(poses, spec.chunk_frames, spec.window, spec.memory).to(device)
+    return ClipPool(torch.cat(rendered), poses, actions, slots)
+
+
+def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchCodec,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One teacher-forced batch of chunks (``generator`` on the pool's device).
+
+    Returns ``target: (B, F, C, h, w)`` clean chunk latents and the model's keyword inputs
+    ``context (B, K, C, h, w)``, ``context_valid (B, K)``, ``camera (B, K + F, 12)`` (relative to
+    the chunk's first camera, as ``HYWorldPlay.inputs``), ``actions (B, K + F, 6)`` (zero on
+    context). Chunk 0 (no context: the generation's given prefix) is never a target.
+    """
+    device, per_chunk = pool.frames.device, spec.chunk_frames
+    chunks = pool.slots.shape[1]
+    clip = torch.randint(0, len(pool), (batch,), generator=generator, device=device)
+    chunk = torch.randint(1, chunks, (batch,), generator=generator, device=device)
+    slots = pool.slots[clip, chunk].clone()  # (B, K)
+    drop = torch.rand(batch, generator=generator, device=device) < MEMORY_DROPOUT
+    slots[:, :spec.memory] = torch.where(drop[:, None], -1, slots[:, :spec.memory])
+    valid = slots >= 0
+    chunk_index = chunk[:, None] * per_chunk + torch.arange(per_chunk, device=device)
+    rows = clip[:, None]
+    to_float = lambda u8: u8.float() / 255  # noqa: E731
+    context = codec.encode(to_float(pool.frames[rows, slots.clamp_min(0)])) * valid[..., None, None, None]
+    noise_std = CONTEXT_NOISE * torch.rand(batch, 1, 1, 1, 1, generator=generator, device=device)
+    context = context + noise_std * torch.randn(context.shape, generator=generator, device=device) * valid[..., None, None, None]
+    eye = torch.eye(4, device=device)
+    context_poses = torch.where(valid[..., None, None], pool.poses[rows, slots.clamp_min(0)], eye)
+    chunk_poses = pool.poses[rows, chunk_index]
+    camera = camera_features(chunk_poses[:, :1], torch.cat([context_poses, chunk_poses], 1))
+    actions = torch.cat([torch.zeros(batch, slots.shape[1], ACTION_DIM, device=device),
+                         pool.actions[rows, chunk_index]], 1)
+    return {
+        "target": codec.encode(to_float(pool.frames[rows, chunk_index])),
+        "context": context,
+        "context_valid": valid,
+        "camera": camera,
+        "actions": actions,
+    }

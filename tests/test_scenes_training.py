@@ -1,0 +1,149 @@
+"""Specifications of the trained world's pieces: pixel codec, training clips, training loop, fidelity."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from li_compile.controller.similarity import frustum_overlap
+from li_compile.worlds import training_data
+from li_compile.worlds.fidelity import prefix_hook, psnr, revisit_frames, ssim
+from li_compile.worlds.hy_worldplay import build
+from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
+from li_compile.worlds.pixel_codec import PixelPatchCodec
+from li_compile.worlds.training import TRAINED_SPEC, TrainConfig, flow_matching_loss, new_world, train
+from li_compile.worlds.training_data import dense_context_slots, make_pool, pairwise_overlap, sample_batch
+from li_compile.worlds.trajectories import make
+
+# the trained preset's shapes at 16x16 pixels and one small block: same code, fast on CPU
+TINY = replace(TRAINED_SPEC, name="trained/test", latent_h=4, latent_w=4, depth=1, heads=2, head_dim=16)
+IMAGE = 16
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return make_pool(2, 12, TINY, seed=0, device="cpu", image_size=IMAGE)
+
+
+def test_pixel_codec_round_trips_frames_exactly():
+    codec = PixelPatchCodec(4)
+    frames = torch.rand(2, 5, 3, 16, 8)
+    latents = codec.encode(frames)
+    assert latents.shape == (2, 5, 48, 4, 2)
+    torch.testing.assert_close(codec.decode(latents), frames, atol=1e-6, rtol=0)
+
+
+def test_pixel_codec_refuses_frames_not_divisible_by_the_stride():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        PixelPatchCodec(4).encode(torch.rand(3, 10, 8))
+
+
+def test_pairwise_overlap_equals_frustum_overlap_of_each_pair():
+    poses = make("random_walk_with_returns", 10, seed=3).poses
+    batched = pairwise_overlap(poses[None])[0]
+    for i in (0, 4, 9):
+        torch.testing.assert_close(batched[i], frustum_overlap(poses[i], poses), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["out_and_back", "random_walk_with_returns"])
+def test_training_context_is_what_dense_policy_feeds_the_generation_loop(name):
+    poses = make(name, 24, seed=1).poses
+    policy = DensePolicy(window=4, memory=4)
+    slots = dense_context_slots(poses[None], chunk_frames=4, window=4, memory=4)[0]
+    for c in range(1, 6):
+        chosen = policy.select(c, poses[:4 * c], poses[4 * c:4 * c + 4], torch.empty(0))
+        ours = [f for f in slots[c].tolist() if f >= 0]
+        assert ours[len(ours) - len(chosen.recent):] == chosen.recent
+        # memory: same count and same scores (exact revisits tie, so indices may differ)
+        theirs_mem, ours_mem = chosen.memory, ours[:len(ours) - len(chosen.recent)]
+        assert len(ours_mem) == len(theirs_mem)
+        score = torch.stack([frustum_overlap(p, poses[:4 * c]) for p in poses[4 * c:4 * c + 4]]).amax(0)
+        torch.testing.assert_close(score[ours_mem].sort().values, score[theirs_mem].sort().values)
+
+
+def test_teacher_forced_batch_matches_the_inputs_the_generation_loop_builds(pool, monkeypatch):
+    monkeypatch.setattr(training_data, "CONTEXT_NOISE", 0.0)
+    monkeypatch.setattr(training_data, "MEMORY_DROPOUT", 0.0)
+    codec, world = PixelPatchCodec(4), build(TINY)
+    batch = sample_batch(pool, 6, TINY, codec, torch.Generator().manual_seed(0))
+    assert batch["target"].shape == (6, 4, 48, 4, 4) and batch["context"].shape == (6, 8, 48, 4, 4)
+    # rebuild example 0 the way pipeline.generate does, from the clip it came from
+    for clip in range(len(pool)):
+        for c in range(1, pool.slots.shape[1]):
+            frames = pool.frames[clip, 4 * c:4 * c + 4].float() / 255
+            if not torch.equal(codec.encode(frames), batch["target"][0]):
+                continue
+            history = codec.encode(pool.frames[clip, :4 * c].float() / 255)
+            selection = DensePolicy(4, 4).select(c, pool.poses[clip, :4 * c], pool.poses[clip, 4 * c:4 * c + 4], history)
+            context = gather_context(history, pool.poses[clip, :4 * c], selection, TINY.context_frames)
+            inputs = world.inputs(context, pool.poses[clip, 4 * c:4 * c + 4], pool.actions[clip, 4 * c:4 * c + 4], 4 * c)
+            torch.testing.assert_close(batch["context_valid"][0], inputs["context_valid"][0])
+            torch.testing.assert_close(batch["camera"][0], inputs["camera"][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch["actions"][0], inputs["actions"][0])
+            if selection.memory == [f for f in pool.slots[clip, c, :4].tolist() if f >= 0]:
+                torch.testing.assert_close(batch["context"][0], inputs["context"][0])
+            return
+    pytest.fail("the batch's first target is no chunk of the pool")
+
+
+def test_memory_dropout_removes_only_memory_slots(pool, monkeypatch):
+    monkeypatch.setattr(training_data, "MEMORY_DROPOUT", 1.0)
+    batch = sample_batch(pool, 4, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(1))
+    assert not batch["context_valid"][:, :4].any() and batch["context_valid"][:, 4:].all()
+    assert (batch["context"][:, :4] == 0).all()
+
+
+def test_untrained_world_predicts_zero_velocity_so_the_loss_is_the_velocity_power(pool):
+    world = new_world("cpu", TINY)
+    batch = sample_batch(pool, 4, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    loss = flow_matching_loss(world, batch, 0.5, gen)
+    noise = torch.randn(batch["target"].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss, (noise - batch["target"]).pow(2).mean())
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(pool):
+    config = TrainConfig(steps=40, batch=8, sigma_groups=2, lr=3e-3, warmup=2, clips=2, clip_frames=12)
+    batch = sample_batch(pool, 8, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(4))
+
+    def loss(world):
+        with torch.no_grad():
+            return flow_matching_loss(world, batch, 1.0, torch.Generator().manual_seed(5)).item()
+
+    assert loss(train(config, "cpu", pool=pool, spec=TINY).world) < 0.9 * loss(new_world("cpu", TINY))
+
+
+def test_resumed_constant_lr_run_equals_the_uninterrupted_run(pool, tmp_path):
+    config = TrainConfig(steps=6, batch=4, sigma_groups=2, warmup=1, final_lr_fraction=1.0, clips=2,
+                         clip_frames=12, checkpoint_every=3)
+    whole = train(config, "cpu", pool=pool, spec=TINY)
+    ckpt = tmp_path / "ckpt.pt"
+    train(replace(config, steps=3), "cpu", ckpt, pool=pool, spec=TINY)
+    resumed = train(config, "cpu", ckpt, pool=pool, spec=TINY)
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    for k in whole.ema:
+        torch.testing.assert_close(resumed.ema[k], whole.ema[k])
+
+
+def test_prefix_hook_makes_the_first_chunk_the_given_frames():
+    world = build(TINY)
+    prefix = torch.randn(4, *TINY.latent_shape)
+    trajectory = make("loop", 8, seed=0)
+    result = generate(world, trajectory, step_hook=prefix_hook(world, prefix, seed=5), seed=5, decode=False)
+    torch.testing.assert_close(result.latents[:4], prefix, atol=1e-5, rtol=0)
+    assert not torch.allclose(result.latents[4:], torch.zeros_like(result.latents[4:]))
+
+
+def test_revisit_frames_are_the_returning_half_of_out_and_back():
+    poses = make("out_and_back", 32, seed=0).poses
+    flags = revisit_frames(poses, chunk_frames=4, window=4)
+    assert not flags[:17].any()  # going out, and the first steps back are still in the window
+    assert flags[24:].all()
+
+
+def test_psnr_and_ssim_rank_a_small_error_above_a_large_one():
+    truth = torch.rand(2, 3, 16, 16)
+    slight, heavy = (truth + 0.01).clamp(0, 1), torch.rand(2, 3, 16, 16)
+    assert (psnr(slight, truth) > 35).all() and (psnr(heavy, truth) < 15).all()
+    torch.testing.assert_close(ssim(truth, truth), torch.ones(2))
+    assert (ssim(slight, truth) > ssim(heavy, truth)).all()
