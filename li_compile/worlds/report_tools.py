@@ -1,0 +1,338 @@
+"""What the examples share: flags, the dense-vs-light_interaction comparison, metrics, table, plots.
+
+``examples/hy_worldplay.py`` and ``examples/matrix_game3.py`` call ``run_example(world_module)``:
+build the reference world, generate a trajectory with revisits twice (dense: ``torch.compile`` with
+Inductor; and ``backend="light_interaction"``), print a per-chunk table and a summary, and write
+plots (``--out``) and a JSON summary (``--json``).
+
+``light_interaction_setup`` is the one place that decides how the light_interaction run is driven
+(context policy, denoising-cache step hook, per-chunk statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from tqdm.auto import tqdm
+
+from li_compile.kernels.block_layout import BlockLayout
+from li_compile.worlds import trajectories
+from li_compile.worlds.base import World
+from li_compile.worlds.pipeline import ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate
+
+PSNR_CAP_DB = 100.0  # PSNR of identical pictures (finite, so the JSON stays valid)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # the usual Gaussian window of SSIM
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
+WARMUP_CHUNKS = 2  # chunks generated once before timing, so compilation is not timed
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+
+def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The examples' flags: ``--preset --device --chunks --trajectory --seed --out --json``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "full"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chunks", type=int, default=16, help="chunks to generate (default 16)")
+    parser.add_argument("--trajectory", default=default_trajectory, choices=sorted(trajectories.TRAJECTORIES))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the noise and the trajectory")
+    parser.add_argument("--out", type=Path, default=None, help="folder for plots and pictures")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.chunks < 1:
+        parser.error(f"--chunks must be >= 1, got {args.chunks}")
+    return args
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of pictures in [0, 1] (any equal shapes), capped at ``PSNR_CAP_DB``."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(1.0 / mse))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM of RGB pictures ``(N, 3, H, W)`` in [0, 1] (Gaussian window 11, sigma 1.5)."""
+    coords = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
+    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, SSIM_WINDOW, SSIM_WINDOW)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, padding=SSIM_WINDOW // 2, groups=a.shape[1])
+
+    a, b = a.float(), b.float()
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
+    den = (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
+    return (num / den).mean().item()
+
+
+# --- the two runs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """How one run is driven: the compiled world, a fresh context policy per run, an optional
+    denoising-cache step hook, and the statistics of each chunk (``chunk_stats(chunk, selection)``
+    -> dict with ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``)."""
+
+    world: World
+    make_policy: Callable[[], ContextPolicy]
+    step_hook: StepHook | None
+    chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
+
+
+def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
+    """Statistics of a dense chunk: every selected memory frame kept, attention dense, no cache."""
+    return {"memory_kept": len(selection.memory), "memory_pruned": 0, "density": 1.0, "cache_hits": 0}
+
+
+def dense_setup(world: World) -> Setup:
+    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
+    spec = world.spec
+    return Setup(world.compile(torch.compile), lambda: DensePolicy(spec.window, spec.memory), None, dense_stats)
+
+
+def light_interaction_setup(world: World, options: dict[str, Any] | None = None) -> Setup:
+    """The light_interaction run. THE place where the context controller and the denoising cache plug
+    in: for now the dense policy, no step hook, dense statistics (so the two runs differ only by
+    the backend)."""
+    spec = world.spec
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options or {}))
+    return Setup(compiled, lambda: DensePolicy(spec.window, spec.memory), None, dense_stats)
+
+
+@dataclass
+class Run:
+    """A timed generation: the result, per-chunk statistics, and compilations during the timed run."""
+
+    generation: Generation
+    stats: list[dict[str, float]]
+    recompiles: int
+
+
+def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int) -> Run:
+    """Warm up (``WARMUP_CHUNKS`` chunks: compiles), then generate ``chunks`` chunks from scratch and
+    count the frames Dynamo compiled during that second run."""
+    generate(setup.world, trajectory, setup.make_policy(), min(WARMUP_CHUNKS, chunks),
+             step_hook=setup.step_hook, seed=seed, decode=False)
+    compiled_before = counters["frames"]["ok"]
+    gen = generate(setup.world, trajectory, setup.make_policy(), chunks, step_hook=setup.step_hook, seed=seed,
+                   progress=True)
+    recompiles = counters["frames"]["ok"] - compiled_before
+    stats = [setup.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
+    return Run(gen, stats, recompiles)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def chunk_rows(dense: Run, light: Run) -> list[dict[str, float]]:
+    """One row per chunk: times, context decisions, cache hits, PSNR and SSIM of light vs dense."""
+    rows = []
+    for c, (t_dense, t_light) in enumerate(zip(dense.generation.chunk_times, light.generation.chunk_times)):
+        frames = dense.generation.chunk(c)
+        a, b = dense.generation.frames[frames], light.generation.frames[frames]
+        stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, **light.stats[c]}
+        rows.append({
+            "chunk": c, "dense_ms": 1000 * t_dense, "light_ms": 1000 * t_light,
+            "window": len(light.generation.selections[c].recent), **stats,
+            "psnr_db": psnr(a, b), "ssim": ssim(a, b),
+        })
+    return rows
+
+
+TABLE = (  # column title, row key, decimals (None: an integer)
+    ("chunk", "chunk", None), ("dense ms", "dense_ms", 1), ("li ms", "light_ms", 1), ("window", "window", None),
+    ("mem kept", "memory_kept", None), ("pruned", "memory_pruned", None), ("density", "density", 2),
+    ("hits", "cache_hits", None), ("PSNR dB", "psnr_db", 1), ("SSIM", "ssim", 3),
+)
+
+
+def format_table(rows: list[dict[str, float]]) -> str:
+    """The per-chunk table as text, one line per chunk."""
+    def cell(value: float, decimals: int | None, width: int) -> str:
+        return f"{int(value):>{width}d}" if decimals is None else f"{float(value):>{width}.{decimals}f}"
+
+    widths = [max(len(title), 7) for title, _, _ in TABLE]
+    lines = ["  ".join(f"{title:>{w}}" for (title, _, _), w in zip(TABLE, widths))]
+    for row in rows:
+        lines.append("  ".join(cell(row[key], dec, w) for (_, key, dec), w in zip(TABLE, widths)))
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict[str, float]], dense: Run, light: Run) -> dict[str, Any]:
+    """The summary (the JSON keys of issue 7): speedup, recompiles, cache hits, pruning, density, fidelity, times."""
+    time_dense, time_light = sum(dense.generation.chunk_times), sum(light.generation.chunk_times)
+    return {
+        "speedup": time_dense / time_light,
+        "recompiles_after_warmup": light.recompiles,
+        "cache_hits": int(sum(r["cache_hits"] for r in rows)),
+        "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
+        "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
+        "attention_density_mean": sum(r["density"] for r in rows) / len(rows),
+        "psnr_db_vs_dense": sum(r["psnr_db"] for r in rows) / len(rows),
+        "min_psnr_db": min(r["psnr_db"] for r in rows),
+        "ssim_vs_dense": sum(r["ssim"] for r in rows) / len(rows),
+        "time_dense_s": time_dense,
+        "time_li_s": time_light,
+        "dense_recompiles_after_warmup": dense.recompiles,
+        "chunks": len(rows),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    s = summary
+    return "\n".join([
+        f"speedup {s['speedup']:.2f}x  (dense {s['time_dense_s']:.2f} s, light_interaction {s['time_li_s']:.2f} s, "
+        f"{s['chunks']} chunks)",
+        f"memory frames kept {s['memory_frames_kept']}, pruned {s['memory_frames_pruned']}; "
+        f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}",
+        f"vs dense: PSNR {s['psnr_db_vs_dense']:.1f} dB (min {s['min_psnr_db']:.1f}), SSIM {s['ssim_vs_dense']:.3f}",
+        f"recompilations after warm-up: {s['recompiles_after_warmup']} (dense: {s['dense_recompiles_after_warmup']})",
+    ])
+
+
+# --- pictures ------------------------------------------------------------------------------------
+
+
+def plot_timeline(rows: list[dict[str, float]], trajectory: trajectories.Trajectory, chunk_frames: int, path: Path) -> None:
+    """Per-chunk time (dense vs light_interaction), decisions (memory kept/pruned, cache hits, PSNR)
+    and the trajectory seen from above, coloured by chunk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunks = [r["chunk"] for r in rows]
+    fig, (ax_time, ax_ctx, ax_path) = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax_time.plot(chunks, [r["dense_ms"] for r in rows], "o-", label="dense (Inductor)")
+    ax_time.plot(chunks, [r["light_ms"] for r in rows], "s-", label="light_interaction")
+    ax_time.set(xlabel="chunk", ylabel="ms per chunk", title="time per chunk")
+    ax_time.legend()
+    kept = [r["memory_kept"] for r in rows]
+    ax_ctx.bar(chunks, kept, label="memory kept")
+    ax_ctx.bar(chunks, [r["memory_pruned"] for r in rows], bottom=kept, label="memory pruned")
+    ax_ctx.plot(chunks, [r["cache_hits"] for r in rows], "k^", label="cache hits")
+    ax_psnr = ax_ctx.twinx()
+    ax_psnr.plot(chunks, [r["psnr_db"] for r in rows], "r.-", label="PSNR vs dense")
+    ax_psnr.set_ylabel("PSNR dB", color="r")
+    ax_ctx.set(xlabel="chunk", ylabel="frames / hits", title="decisions per chunk")
+    ax_ctx.legend(loc="upper left", fontsize=8)
+    centers = trajectory.poses[: len(rows) * chunk_frames, :3, 3]
+    colour = torch.arange(len(centers)) // chunk_frames
+    points = ax_path.scatter(centers[:, 0], centers[:, 2], c=colour, cmap="viridis", s=14)
+    ax_path.set(xlabel="x", ylabel="z", title=f"trajectory {trajectory.name!r} (top view)")
+    ax_path.set_aspect("equal", adjustable="datalim")
+    fig.colorbar(points, ax=ax_path, label="chunk")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_frames(dense: Generation, light: Generation, path: Path, shown: int = 6) -> None:
+    """The last frame of ``shown`` chunks spread over the run: dense, light_interaction, |difference| x 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunks = len(dense.chunk_times)
+    picks = sorted({round(i * (chunks - 1) / max(1, shown - 1)) for i in range(min(shown, chunks))})
+    fig, axes = plt.subplots(3, len(picks), figsize=(2.2 * len(picks), 6.6), squeeze=False)
+    for col, c in enumerate(picks):
+        frame = dense.chunk(c).stop - 1
+        a, b = dense.frames[frame], light.frames[frame]
+        for row, (img, title) in enumerate(((a, "dense"), (b, "light_interaction"), (((a - b).abs() * 4).clamp(0, 1), "|diff| x4"))):
+            axes[row, col].imshow(img.permute(1, 2, 0).numpy())
+            axes[row, col].set_xticks([]), axes[row, col].set_yticks([])
+            axes[row, col].set_title(f"{title}\nchunk {c}" if row == 0 else title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_block_layout(layout: BlockLayout, title: str, path: Path) -> None:
+    """The visited (query block, key block) pairs of a layout: full, partial (masked) and skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = layout.block_mask(full_only=True)[0, 0].float() if layout.full_kv_num_blocks is not None else 0
+    picture = layout.block_mask()[0, 0].float() * 0.5 + full * 0.5
+    fig, ax = plt.subplots(figsize=(6, 6 * picture.shape[0] / max(1, picture.shape[1]) + 1))
+    ax.imshow(picture.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set(xlabel="key block", ylabel="query block", title=f"{title}\ndark: full, light: partial, white: skipped")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def chunk_layout(world: World, selection: ContextSelection) -> BlockLayout:
+    """The block layout a chunk's self-attention runs with ``selection`` (one block per frame):
+    padding and dropped slots of the context are skipped, by ``li_compile.controller.attention_plan``."""
+    from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
+
+    capacity = selection.capacity or world.spec.context_frames
+    sequence = world.layout(capacity)
+    keep = padded_context_keep(len(selection.frames), capacity)
+    tokens = world.spec.tokens_per_frame
+    return frame_drop_layout(sequence, keep, tokens, tokens)
+
+
+# --- the example ----------------------------------------------------------------------------------
+
+
+def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Build the world of ``world_module`` (``hy_worldplay`` or ``matrix_game3``), run dense and
+    light_interaction along a trajectory with revisits, print the table and summary, write plots
+    and JSON as flagged. Returns the summary."""
+    args = parse_args(world_module.__doc__.splitlines()[0], default_trajectory, argv)
+    start = time.perf_counter()
+    world = world_module.build(args.preset, device=args.device, seed=args.seed)
+    spec = world.spec
+    trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed)
+    print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
+          f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
+          f"trajectory '{args.trajectory}'")
+    runs = {}
+    for label, setup in tqdm([("dense", dense_setup), ("light_interaction", light_interaction_setup)], desc="runs"):
+        runs[label] = timed_run(setup(world), trajectory, args.chunks, args.seed)
+    dense, light = runs["dense"], runs["light_interaction"]
+    rows = chunk_rows(dense, light)
+    summary = summarize(rows, dense, light)
+    print(format_table(rows))
+    print(format_summary(summary))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_timeline(rows, trajectory, spec.chunk_frames, args.out / "timeline.png")
+        save_frames(dense.generation, light.generation, args.out / "frames.png")
+        pick = max(range(len(rows)), key=lambda c: (rows[c]["memory_pruned"], c))
+        plot_block_layout(chunk_layout(world, light.generation.selections[pick]),
+                          f"{spec.name}: self-attention blocks of chunk {pick}", args.out / "block_layout.png")
+        print(f"pictures in {args.out}/: timeline.png, frames.png, block_layout.png")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {**summary, "world": spec.name, "trajectory": args.trajectory, "device": args.device,
+                  "per_chunk": rows}
+        args.json.write_text(json.dumps(record, indent=2))
+        print(f"summary written to {args.json}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return summary
