@@ -15,7 +15,7 @@ from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_con
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
-CHUNKS = 8
+CHUNKS = 6
 
 
 @pytest.fixture(scope="module", params=sorted(WORLDS))
