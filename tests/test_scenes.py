@@ -9,6 +9,15 @@ from li_compile.worlds.scenes import FLOOR_Y, ROOM_HALF, make_scene, make_scenes
 SIZE = 24  # small frames keep the suite fast; the geometry does not depend on resolution
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread avoids thread-pool waits that dominate on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _yaw_poses(angles, centre=(0.0, 0.0, 0.0)):
     angles = torch.as_tensor(angles, dtype=torch.float32)
     axis = torch.tensor([0.0, 1.0, 0.0]).expand(len(angles), 3)

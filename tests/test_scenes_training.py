@@ -20,6 +20,15 @@ TINY = replace(TRAINED_SPEC, name="trained/test", latent_h=4, latent_w=4, depth=
 IMAGE = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool waits that dominate on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pool():
     return make_pool(2, 12, TINY, seed=0, device="cpu", image_size=IMAGE)
@@ -103,14 +112,14 @@ def test_untrained_world_predicts_zero_velocity_so_the_loss_is_the_velocity_powe
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(pool):
-    config = TrainConfig(steps=40, batch=8, sigma_groups=2, lr=3e-3, warmup=2, clips=2, clip_frames=12)
+    config = TrainConfig(steps=30, batch=8, sigma_groups=2, lr=3e-3, warmup=2, clips=2, clip_frames=12)
     batch = sample_batch(pool, 8, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(4))
 
     def loss(world):
         with torch.no_grad():
-            return flow_matching_loss(world, batch, 1.0, torch.Generator().manual_seed(5)).item()
+            return flow_matching_loss(world, batch, 0.5, torch.Generator().manual_seed(5)).item()
 
-    assert loss(train(config, "cpu", pool=pool, spec=TINY).world) < 0.9 * loss(new_world("cpu", TINY))
+    assert loss(train(config, "cpu", pool=pool, spec=TINY).world) < 0.8 * loss(new_world("cpu", TINY))
 
 
 def test_resumed_constant_lr_run_equals_the_uninterrupted_run(pool, tmp_path):

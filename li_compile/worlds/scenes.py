@@ -36,6 +36,10 @@ NUM_PATTERNS = 5  # checker, stripes, dots, bricks, grid
 FOG_DISTANCE = 30.0  # e-folding distance of the fog that blends far surfaces into the haze colour
 AMBIENT = 0.45  # light reaching surfaces facing away from the sun
 SUN_DIRECTION = (0.35, -0.8, 0.45)  # direction towards the sun (world, y down: mostly up)
+PLACEMENT_TRIES = 64  # candidate positions drawn per object
+OBJECT_GAP = 0.3  # metres kept free between objects
+WALL_GAP = 0.2  # metres kept free between objects and walls
+PARKED_RADIUS = 0.05  # size of an object that found no free place (parked in a corner)
 MAX_RAYS_PER_PASS = 1 << 20  # rays traced at once; bounds the (rays x objects) temporaries
 _NO_HIT = float("inf")
 _EPS = 1e-6
@@ -91,27 +95,29 @@ def _place_objects(count: int, radius_range: tuple[float, float], clear: torch.T
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random x-z centres ``(count, 2)`` and radii ``(count,)`` away from ``clear (P, 2)`` and the walls.
 
-    Rejection sampling over a fixed number of candidates keeps the draw deterministic per seed; a
-    candidate that never fits is parked in a corner with a tiny radius.
+    Rejection sampling over ``PLACEMENT_TRIES`` candidates drawn up front per object keeps the draw
+    deterministic per seed; an object none of whose candidates fits is parked in a corner, tiny.
+    The checks run on Python floats: a few hundred tiny comparisons, cheaper than tensor calls.
     """
-    centres, radii = [], []
     lo, hi = radius_range
-    for _ in range(count):
-        placed = False
-        for _ in range(64):
-            r = lo + (hi - lo) * torch.rand((), generator=generator)
-            c = (torch.rand(2, generator=generator) * 2 - 1) * (ROOM_HALF - r - 0.2)
-            far_from_path = len(clear) == 0 or bool(((clear - c).norm(dim=-1) > r + clearance).all())
-            apart = all(bool((c - c2).norm() > r + r2 + 0.3) for c2, r2 in zip(centres, radii))
-            if far_from_path and apart:
-                centres.append(c)
-                radii.append(r)
-                placed = True
+    draws = torch.rand(count, PLACEMENT_TRIES, 3, generator=generator).tolist()
+    path = clear.tolist()
+    centres: list[tuple[float, float]] = []
+    radii: list[float] = []
+    for k in range(count):
+        centre, radius = (ROOM_HALF - WALL_GAP, ROOM_HALF - WALL_GAP), PARKED_RADIUS
+        for u, a, b in draws[k]:
+            r = lo + (hi - lo) * u
+            half = ROOM_HALF - r - WALL_GAP
+            x, z = (2 * a - 1) * half, (2 * b - 1) * half
+            if all((x - px) ** 2 + (z - pz) ** 2 > (r + clearance) ** 2 for px, pz in path) and all(
+                (x - cx) ** 2 + (z - cz) ** 2 > (r + cr + OBJECT_GAP) ** 2 for (cx, cz), cr in zip(centres, radii)
+            ):
+                centre, radius = (x, z), r
                 break
-        if not placed:
-            centres.append(torch.full((2,), ROOM_HALF - 0.3))
-            radii.append(torch.tensor(0.05))
-    return torch.stack(centres), torch.stack(radii)
+        centres.append(centre)
+        radii.append(radius)
+    return torch.tensor(centres), torch.tensor(radii)
 
 
 def make_scene(seed: int, clear_points: torch.Tensor | None = None, clearance: float = 0.6,

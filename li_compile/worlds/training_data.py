@@ -30,6 +30,7 @@ from li_compile.worlds.trajectories import ACTION_DIM, TRAJECTORIES, make
 CONTEXT_NOISE = 0.1  # largest std of the Gaussian noise added to (unit-variance) context latents
 MEMORY_DROPOUT = 0.15  # fraction of training examples whose memory frames are removed
 PAIRS_PER_PASS = 1 << 12  # (clip, frame, frame) pairs scored at once by dense_context_slots
+CLIPS_PER_TRAJECTORY = 4  # clips share camera paths (cheap variety: each clip has its own room)
 SCENE_SEED_STRIDE = 1_000_003  # scene seed of clip i: seed * stride + i (held-out seeds differ by seed)
 
 
@@ -102,24 +103,28 @@ def dense_context_slots(poses: torch.Tensor, chunk_frames: int, window: int, mem
 
 def make_pool(clips: int, frames: int, spec: WorldSpec, seed: int, device: torch.device | str,
               image_size: int, batch: int = 64) -> ClipPool:
-    """Render ``clips`` clips of ``frames`` frames on ``device``: clip ``i`` walks
-    ``make(name, frames, seed * clips + i)`` (names cycling through ``TRAJECTORIES``) through the
-    room ``seed * SCENE_SEED_STRIDE + i``. Deterministic per ``seed``."""
+    """Render ``clips`` clips of ``frames`` frames on ``device``. Clip ``i`` walks trajectory
+    ``i % n`` of ``n = ceil(clips / CLIPS_PER_TRAJECTORY)`` paths, path ``j`` being
+    ``make(name, frames, seed * clips + j)`` (names cycling through ``TRAJECTORIES``), through its
+    own room ``seed * SCENE_SEED_STRIDE + i``. Deterministic per ``seed``."""
     if frames < 2 * spec.chunk_frames:
         raise ValueError(f"clips need at least 2 chunks ({2 * spec.chunk_frames} frames) to train on, got {frames}")
     names = sorted(TRAJECTORIES)
-    trajectories = [make(names[i % len(names)], frames, seed * clips + i) for i in range(clips)]
-    poses = torch.stack([tr.poses for tr in trajectories]).to(device)
-    actions = torch.stack([tr.actions() for tr in trajectories]).to(device)
+    paths = -(-clips // CLIPS_PER_TRAJECTORY)
+    trajectories = [make(names[j % len(names)], frames, seed * clips + j) for j in range(paths)]
+    path_poses = torch.stack([tr.poses for tr in trajectories])
+    path_slots = dense_context_slots(path_poses.to(device), spec.chunk_frames, spec.window, spec.memory)
+    path_of_clip = torch.arange(clips) % paths
+    poses = path_poses[path_of_clip].to(device)
     rendered = []
     for start in range(0, clips, batch):
-        group = trajectories[start:start + batch]
-        scenes = make_scenes([seed * SCENE_SEED_STRIDE + start + j for j in range(len(group))],
-                             clear_points=[tr.poses[:, :3, 3] for tr in group])
-        images = render(scenes, poses[start:start + len(group)], size=image_size)
+        count = min(batch, clips - start)
+        seeds = [seed * SCENE_SEED_STRIDE + start + j for j in range(count)]
+        centres = [trajectories[int(path_of_clip[start + j])].poses[:, :3, 3] for j in range(count)]
+        images = render(make_scenes(seeds, clear_points=centres), poses[start:start + count], size=image_size)
         rendered.append((images * 255).round().to(torch.uint8))
-    slots = dense_context_slots(poses, spec.chunk_frames, spec.window, spec.memory).to(device)
-    return ClipPool(torch.cat(rendered), poses, actions, slots)
+    actions = torch.stack([tr.actions() for tr in trajectories])[path_of_clip].to(device)
+    return ClipPool(torch.cat(rendered), poses, actions, path_slots[path_of_clip].to(device))
 
 
 def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchCodec,
