@@ -52,12 +52,14 @@ class Stamp:
 
 @dataclass
 class Entry:
-    """One past chunk: its cameras ``(F, 4, 4)`` (CPU, float32), its stamp, its outputs by step."""
+    """One past chunk: its cameras ``(F, 4, 4)`` (CPU, float32), its stamp, its outputs by step, and
+    the chunk number it was generated as (for reports; -1 when not told)."""
 
     key: int
     poses: torch.Tensor
     stamp: Stamp
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    chunk: int = -1
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +129,10 @@ class DenoiseCache:
     def __contains__(self, entry: Entry) -> bool:
         return self._entries.get(entry.key) is entry
 
+    def entries(self) -> list[Entry]:
+        """The entries held, least recently used first."""
+        return list(self._entries.values())
+
     @property
     def nbytes(self) -> int:
         """Bytes held by stored outputs."""
@@ -136,10 +142,10 @@ class DenoiseCache:
         """Drop every entry (counters are kept)."""
         self._entries.clear()
 
-    def open_entry(self, poses: torch.Tensor, stamp: Stamp) -> Entry:
-        """Start the entry of the chunk being generated (``poses``: its cameras, see ``chunk_poses``);
+    def open_entry(self, poses: torch.Tensor, stamp: Stamp, chunk: int = -1) -> Entry:
+        """Start the entry of chunk number ``chunk`` (``poses``: its cameras, see ``chunk_poses``);
         its outputs are added with ``store``. May evict the least recently used entry."""
-        entry = Entry(self._next_key, chunk_poses(poses), stamp)
+        entry = Entry(self._next_key, chunk_poses(poses), stamp, chunk=chunk)
         self._next_key += 1
         self._entries[entry.key] = entry
         self._evict(keep=entry.key)

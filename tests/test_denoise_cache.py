@@ -130,6 +130,7 @@ def test_revisit_serves_reuse_steps_and_computes_the_rest():
     assert model.calls == 4 + 2
     assert stats.values["steps_reused"] == 2 and stats.values["steps_computed"] == 2
     assert stats.values["cache"] == "hit" and stats.values["cache_bytes"] == 2 * LATENT.numel() * 4
+    assert stats.values["reused_chunk"] == 0
     for a, b in zip(first, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -142,6 +143,18 @@ def test_x0_reuse_with_the_same_latent_gives_the_same_velocity():
     assert stats.values["steps_reused"] == 2
     for a, b in zip(first, again):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_raw_storage_is_chosen_by_option_even_with_sigmas():
+    runtime, model = DenoiseRuntime(), Model()
+    sigmas, options = [1.0, 0.5, 0.0], CacheOptions(reuse_steps=1, stored="raw")
+    run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=sigmas, options=options)
+    (entry,) = runtime.cache.entries()
+    assert entry.stamp.prediction == "raw"
+    x = torch.randn(LATENT.shape)
+    out, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=sigmas, options=options, x=x)
+    assert stats.values["steps_reused"] == 1
+    torch.testing.assert_close(out[0], entry.outputs[0], rtol=0, atol=0)  # served unchanged
 
 
 def test_the_last_step_always_computes():
