@@ -1,0 +1,203 @@
+"""The fused block-sparse attention kernel computes dense attention under the layout's expanded mask.
+
+Reference: SDPA in fp32 (inputs upcast) with the bool mask ``layout.to_dense_mask()`` combined with the
+site mask and the causal mask; rows that see no key are zeros. Runs in the Triton interpreter on CPU
+(bf16 arithmetic is not trusted there: bf16 is covered by benchmarks/attention.py on the GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, block_sparse_attention, sparse_attention
+
+TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
+
+
+def qkv(batch, heads, kv_heads, q_len, kv_len, dim, dtype, dim_v=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, heads, q_len, dim, generator=g).to(dtype),
+        torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(dtype),
+        torch.randn(batch, kv_heads, kv_len, dim_v or dim, generator=g).to(dtype),
+    )
+
+
+def random_layout(g, batch, heads, q_len, kv_len, block_q, block_k, shared=False, with_full=True, with_keep=True):
+    q_blocks, kv_blocks = cdiv(q_len, block_q), cdiv(kv_len, block_k)
+    lead = (1, 1) if shared else (batch, heads)
+    blocks = torch.rand(*lead, q_blocks, kv_blocks, generator=g) < 0.6
+    full = blocks & (torch.rand(*lead, q_blocks, kv_blocks, generator=g) < 0.5) if with_full else None
+    keep = torch.rand(batch, kv_len, generator=g) < 0.7 if with_keep else None
+    return BlockLayout.from_block_mask(
+        blocks, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, full=full, key_keep=keep
+    )
+
+
+def reference(q, k, v, layout, attn_mask=None, is_causal=False, scale=None):
+    """fp32 SDPA under the expanded layout mask, the site mask and the causal mask; empty rows -> 0."""
+    visible = layout.to_dense_mask().expand(q.shape[0], q.shape[1], -1, -1)
+    bias = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    elif attn_mask is not None:
+        bias = attn_mask.float()
+    if is_causal:
+        visible = visible & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+    mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+    return torch.where(visible.any(-1, keepdim=True), out, 0.0)
+
+
+def site_mask(kind, g, batch, heads, q_len, kv_len, dtype):
+    if kind == "bool":
+        return torch.rand(batch, 1, q_len, kv_len, generator=g) < 0.8
+    if kind == "additive":
+        return torch.randn(1, heads, q_len, kv_len, generator=g).to(dtype)
+    if kind == "key_padding":
+        return torch.rand(batch, 1, 1, kv_len, generator=g) < 0.8
+    return None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    q_len=st.integers(1, 40),
+    kv_len=st.integers(1, 70),
+    dim=st.sampled_from([16, 32, 24]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    blocks=st.sampled_from([(16, 16), (8, 16), (16, 32), (32, 8)]),
+    shared=st.booleans(),
+    with_full=st.booleans(),
+    with_keep=st.booleans(),
+    mask_kind=st.sampled_from([None, "bool", "additive", "key_padding"]),
+    is_causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_sdpa_under_the_expanded_layout_mask(
+    batch, kv_heads, group, q_len, kv_len, dim, dtype, blocks, shared, with_full, with_keep, mask_kind, is_causal, seed
+):
+    heads = kv_heads * group
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = qkv(batch, heads, kv_heads, q_len, kv_len, dim, dtype, seed=seed)
+    layout = random_layout(g, batch, heads, q_len, kv_len, *blocks, shared=shared, with_full=with_full, with_keep=with_keep)
+    mask = site_mask(mask_kind, g, batch, heads, q_len, kv_len, dtype)
+    out = sparse_attention(q, k, v, layout, attn_mask=mask, is_causal=is_causal)
+    assert out.dtype == dtype and out.shape == (batch, heads, q_len, dim)
+    torch.testing.assert_close(out.float(), reference(q, k, v, layout, mask, is_causal), **TOLERANCE[dtype])
+
+
+def test_blocks_the_layout_does_not_list_are_never_read():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = qkv(1, 2, 2, 32, 64, 16, torch.float32)
+    layout = random_layout(g, 1, 2, 32, 64, 16, 16, with_keep=False)
+    unvisited = ~layout.block_mask().repeat_interleave(16, -1).any(-2)  # (1, 2, 64) keys no query block visits
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[unvisited] = float("nan")
+    v_poisoned[unvisited] = float("nan")
+    out = sparse_attention(q, k_poisoned, v_poisoned, layout)
+    assert unvisited.any() and out.isfinite().all()
+    torch.testing.assert_close(out, reference(q, k, v, layout), **TOLERANCE[torch.float32])
+
+
+def test_rows_that_see_no_key_are_zero_not_nan():
+    q, k, v = qkv(1, 1, 1, 20, 20, 16, torch.float32)
+    blocks = torch.tensor([[True, False], [False, False]])  # the second query block visits nothing
+    layout = BlockLayout.from_block_mask(blocks, block_q=16, block_k=16, q_len=20, kv_len=20)
+    out = sparse_attention(q, k, v, layout)
+    assert out.isfinite().all() and (out[:, :, 16:] == 0).all()
+    masked = torch.zeros(20, 20, dtype=torch.bool)  # and a site mask that hides every key from row 3
+    masked[:, :16] = True
+    masked[3] = False
+    out = sparse_attention(q, k, v, layout, attn_mask=masked)
+    assert (out[:, :, 3] == 0).all() and out.isfinite().all()
+
+
+def test_full_blocks_skip_the_key_keep_vector():
+    q, k, v = qkv(1, 1, 1, 16, 32, 16, torch.float32)
+    blocks = torch.ones(1, 2, dtype=torch.bool)
+    full = torch.tensor([[True, False]])
+    keep = torch.zeros(1, 32, dtype=torch.bool)
+    keep[0, 20:] = True
+    layout = BlockLayout.from_block_mask(blocks, block_q=16, block_k=16, q_len=16, kv_len=32, full=full, key_keep=keep)
+    seen = torch.cat([torch.ones(16, dtype=torch.bool), keep[0, 16:]])
+    expected = F.scaled_dot_product_attention(q, k[:, :, seen], v[:, :, seen])
+    torch.testing.assert_close(sparse_attention(q, k, v, layout), expected, **TOLERANCE[torch.float32])
+
+
+def test_key_padding_fast_path_equals_the_general_mask_path():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = qkv(2, 2, 2, 24, 40, 16, torch.float32)
+    layout = random_layout(g, 2, 2, 24, 40, 8, 16)
+    padding = torch.rand(2, 1, 1, 40, generator=g) < 0.7
+    fast = sparse_attention(q, k, v, layout, attn_mask=padding)
+    general = sparse_attention(q, k, v, layout, attn_mask=padding.expand(2, 1, 24, 40).contiguous())
+    torch.testing.assert_close(fast, general, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dim, dim_v", [(64, 64), (128, 128), (40, 40), (16, 48)], ids=["d64", "d128", "d40", "dv48"])
+def test_head_dims_including_padded_and_a_different_value_dim(dim, dim_v):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = qkv(1, 2, 1, 16, 48, dim, torch.float16, dim_v=dim_v)
+    layout = random_layout(g, 1, 2, 16, 48, 16, 16)
+    out = sparse_attention(q, k, v, layout, scale=0.2)
+    assert out.shape == (1, 2, 16, dim_v)
+    torch.testing.assert_close(out.float(), reference(q, k, v, layout, scale=0.2), **TOLERANCE[torch.float16])
+
+
+def test_block_sizes_that_are_not_powers_of_two():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = qkv(1, 1, 1, 30, 41, 16, torch.float32)
+    layout = random_layout(g, 1, 1, 30, 41, 12, 12)
+    torch.testing.assert_close(sparse_attention(q, k, v, layout), reference(q, k, v, layout), **TOLERANCE[torch.float32])
+
+
+def test_compiles_fullgraph_and_matches_eager():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = qkv(1, 2, 2, 16, 32, 16, torch.float32)
+    layout = random_layout(g, 1, 2, 16, 32, 16, 16)
+
+    def attend(q, k, v, num, idx, full_num, full_idx, keep):
+        return torch.ops.li.block_sparse_attention(q, k, v, num, idx, full_num, full_idx, keep, None, 16, 16, None, False) * 2
+
+    tensors = (layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices, layout.key_keep)
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, *tensors), attend(q, k, v, *tensors))
+
+
+def test_the_op_passes_opcheck():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = qkv(1, 2, 1, 8, 16, 16, torch.float32)
+    layout = random_layout(g, 1, 2, 8, 16, 8, 8)
+    args = (q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
+            layout.key_keep, None, 8, 8, None, True)
+    torch.library.opcheck(torch.ops.li.block_sparse_attention.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_gradients_are_refused_with_a_clear_error():
+    q, k, v = qkv(1, 1, 1, 8, 8, 16, torch.float32)
+    layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=8)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        sparse_attention(q.requires_grad_(), k, v, layout)
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), "must divide"),
+        (((1, 2, 8, 16), (1, 2, 8, 32), (1, 2, 8, 32)), "do not match"),
+        (((1, 2, 8, 512), (1, 2, 8, 512), (1, 2, 8, 512)), "head dims"),
+    ],
+    ids=["gqa_heads", "head_dim", "too_wide"],
+)
+def test_unsupported_calls_raise_naming_the_problem(shapes, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=8)
+    with pytest.raises(UnsupportedAttention, match=match):
+        sparse_attention(q, k, v, layout)
