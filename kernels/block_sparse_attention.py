@@ -63,7 +63,11 @@ def _visit_blocks(
             in_bounds = (cols < Lk) & (sub_start + offs_n < block_k)
             k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
             v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
-        if EVEN_N and EVEN_D:
+        if APPLY_KEEP:
+            # dropped keys' values are never read: 0 * (NaN or Inf garbage in a cache slot) would poison the row
+            keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0) != 0
+            v_mask = v_mask & keep[:, None]
+        if EVEN_N and EVEN_D and not APPLY_KEEP:
             k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :])
         else:
@@ -73,8 +77,7 @@ def _visit_blocks(
         if NEEDS_MASK:
             visible = in_bounds[None, :] & (offs_m[:, None] < Lq)
             if APPLY_KEEP:
-                keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0)
-                visible = visible & (keep != 0)[None, :]
+                visible = visible & keep[None, :]
             if IS_CAUSAL:  # top-left aligned, as SDPA's is_causal
                 visible = visible & (offs_m[:, None] >= cols[None, :])
             if MASK_KIND == 1:  # bool site mask, True = attend
