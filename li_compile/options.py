@@ -48,12 +48,18 @@ class SparsityOptions:
 
 @dataclass(frozen=True)
 class ContextOptions:
-    """Adaptive context: which memory frames to keep and how long the temporal window is."""
+    """Adaptive context: which memory frames to keep and how long the temporal window is.
+
+    Defaults from ``benchmarks/window_rules.py`` on the reference trajectories: ``grow_on_motion``
+    matched dense generation on the tiny worlds and kept rendered-content coverage within 0.06 dB
+    of dense with 90% of the context; ``shrink_on_motion`` (the published rule) fed 64% but lost
+    0.6 dB of coverage and 25-32 dB of PSNR against dense. Keep threshold 0.1: -0.08 dB, 97%.
+    """
 
     enabled: bool = True
     similarity: str = field(default="proxy", metadata=_choice(SIMILARITY_MEASURES))
     keep_threshold: float = field(default=0.1, metadata=_range(0.0, 1.0))
-    window_rule: str = field(default="shrink_on_motion", metadata=_choice(WINDOW_RULES))
+    window_rule: str = field(default="grow_on_motion", metadata=_choice(WINDOW_RULES))
     window_min: int = field(default=1, metadata=_range(1, None))
     window_max: int = field(default=8, metadata=_range(1, None))
 

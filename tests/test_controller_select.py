@@ -35,7 +35,7 @@ def _moving_latents(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _controller(**context) -> ContextController:
-    options = {"window_min": 1, "window_max": 2, "keep_threshold": 0.3, **context}
+    options = {"window_min": 1, "window_max": 2, "keep_threshold": 0.3, "window_rule": "fixed", **context}
     return ContextController(options, memory_k=3)
 
 
@@ -70,16 +70,17 @@ def test_identical_pose_scores_highest():
     assert controller.select(0, past, _turned([0]), _static_latents(5)).memory == [1]
 
 
-def test_window_shrinks_on_motion_and_stays_full_when_static():
-    controller = _controller(window_min=1, window_max=4, window_rule="shrink_on_motion")
+@pytest.mark.parametrize("rule, static, moving", [("shrink_on_motion", 4, 1), ("grow_on_motion", 1, 4), ("fixed", 4, 4)])
+def test_window_follows_the_rule_on_static_and_moving_latents(rule, static, moving):
+    controller = _controller(window_min=1, window_max=4, window_rule=rule)
     past = _turned([0] * 8)
-    assert controller.select(0, past, _turned([0]), _static_latents(8)).recent == [4, 5, 6, 7]
-    assert controller.select(1, past, _turned([0]), _moving_latents(8)).recent == [7]
-    assert [s.values["window"] for s in controller.stats] == [4, 1]
+    assert controller.select(0, past, _turned([0]), _static_latents(8)).recent == list(range(8 - static, 8))
+    assert controller.select(1, past, _turned([0]), _moving_latents(8)).recent == list(range(8 - moving, 8))
+    assert [s.values["window"] for s in controller.stats] == [static, moving]
 
 
 def test_capacity_is_the_smallest_bucket_holding_the_kept_frames():
-    controller = _controller(window_min=1, window_max=5)  # max context 3 + 5 = 8: buckets 2, 4, 6, 8
+    controller = _controller(window_min=1, window_max=5, window_rule="shrink_on_motion")  # buckets 2, 4, 6, 8
     assert controller.warm_up_buckets() == (2, 4, 6, 8)
     past = _turned([180] * 8 + [0] * 2)
     assert controller.select(0, past, _turned([0]), _moving_latents(10)).capacity == 2  # 1 recent, 1 memory
