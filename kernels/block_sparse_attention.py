@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from li_compile.kernels.block_layout import BlockLayout
+from li_compile.kernels.block_layout import BlockLayout, cdiv
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # smallest M/N/K tl.dot takes on the GPU
@@ -249,8 +249,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 # -- the op -----------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("li::block_sparse_attention", mutates_args=())
-def block_sparse_attention(
+def launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -269,7 +268,10 @@ def block_sparse_attention(
     listed key blocks (the BCSR tensors of ``BlockLayout``), under the optional site mask
     ``attn_mask`` (broadcastable to (B, H, Lq, Lk); bool True = attend, or additive) and
     ``is_causal`` (top-left aligned, as SDPA's). Returns (B, H, Lq, Dv) in q's dtype; rows that see
-    no key are zeros. Raises ``UnsupportedAttention`` for a call the kernel cannot run."""
+    no key are zeros. Raises ``UnsupportedAttention`` for a call the kernel cannot run.
+
+    The plain launcher behind the ``li::block_sparse_attention`` op: code that already runs inside a
+    custom op (``li::planned_attention``) or in eager inference calls it directly, saving a dispatch."""
     check_call(q, k, v, block_q, block_k)
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -283,7 +285,7 @@ def block_sparse_attention(
     full_idx = full_kv_indices if has_full else kv_indices
     keep_t = keep.view(torch.uint8) if keep is not None else kv_num_blocks
     full_keep_t = full_keep.view(torch.uint8) if full_keep is not None else kv_num_blocks
-    block_d, block_dv = (triton.next_power_of_2(max(n, MIN_DOT)) for n in (D, DV))
+    block_d, block_dv = (_next_pow2(max(n, MIN_DOT)) for n in (D, DV))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     args = (
@@ -304,10 +306,13 @@ def block_sparse_attention(
     kernel = _kernel()
     if _interpreting():
         tiles = dict(BLOCK_M=_pow2_divisor(block_q, INTERPRETER_TILE), BLOCK_N=_interpreter_block_n(block_k))
-        kernel[(triton.cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
+        kernel[(cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
     else:
-        kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)
+        kernel[lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)
     return out
+
+
+block_sparse_attention = torch.library.custom_op("li::block_sparse_attention", launch, mutates_args=())
 
 
 @block_sparse_attention.register_fake
@@ -344,10 +349,12 @@ def sparse_attention(
         raise ValueError(
             f"layout is for (q_len, kv_len)={(layout.q_len, layout.kv_len)}, got q/k lengths {(q.shape[2], k.shape[2])}"
         )
-    return torch.ops.li.block_sparse_attention(
+    args = (
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
         layout.key_keep, attn_mask, layout.block_q, layout.block_k, scale, is_causal,
     )
+    needs_op = torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return block_sparse_attention(*args) if needs_op else launch(*args)  # eager inference: skip the dispatch
 
 
 # -- argument checks and mask plumbing ------------------------------------------------------------
@@ -366,6 +373,8 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, 
         raise UnsupportedAttention(f"key/value heads ({k.shape[1]}) must divide query heads ({H})")
     if max(D, v.shape[3]) > 256:
         raise UnsupportedAttention(f"head dims up to 256 are supported, got {D} / {v.shape[3]}")
+    if not q.is_cuda and not _interpreting():
+        raise UnsupportedAttention(f"the Triton kernel runs on CUDA tensors (or with TRITON_INTERPRET=1), got {q.device}")
     if q.is_cuda and (block_q % MIN_DOT or block_k % MIN_DOT):
         raise UnsupportedAttention(f"on the GPU block sizes must be multiples of {MIN_DOT}, got {block_q}x{block_k}")
 
@@ -381,7 +390,12 @@ def _dot_precision(q: torch.Tensor) -> str:
 def _interpreter_block_n(block_k: int) -> int:
     if block_k & (block_k - 1) == 0:
         return min(block_k, INTERPRETER_TILE)
-    return triton.next_power_of_2(block_k)  # one padded tile per block, columns past block_k masked
+    return _next_pow2(block_k)  # one padded tile per block, columns past block_k masked
+
+
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= n (plain Python: triton.next_power_of_2 costs microseconds a call)."""
+    return 1 << (n - 1).bit_length()
 
 
 def _lead_strides(t: torch.Tensor, n: int = 3) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from li_compile.kernels.block_sparse_attention import UnsupportedAttention, block_sparse_attention
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch
 from li_compile.plan import PLAN, PlanSlot
 
 
@@ -96,7 +96,7 @@ def _sparse(q, k, v, attn_mask, slot: PlanSlot, scale, is_causal) -> torch.Tenso
     the fused block-sparse kernel, or masked SDPA (counted in ``slot.fallbacks``) where it refuses."""
     s = slot.signature
     try:
-        return block_sparse_attention(q, k, v, *slot.tensors(), attn_mask, s.block_q, s.block_k, scale, is_causal)
+        return launch(q, k, v, *slot.tensors(), attn_mask, s.block_q, s.block_k, scale, is_causal)
     except UnsupportedAttention as refusal:
         slot.record_fallback(f"kernel refused: {refusal}")
     mask = _with_causal(attn_mask, q.shape[2], k.shape[2], q.device) if is_causal else attn_mask
