@@ -21,4 +21,4 @@ from li_compile.worlds import hy_worldplay
 from li_compile.worlds.report_tools import run_example
 
 if __name__ == "__main__":
-    run_example(hy_worldplay, default_trajectory="random_walk_with_returns")
+    run_example(hy_worldplay, default_trajectory="loop")

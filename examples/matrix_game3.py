@@ -21,4 +21,4 @@ from li_compile.worlds import matrix_game3
 from li_compile.worlds.report_tools import run_example
 
 if __name__ == "__main__":
-    run_example(matrix_game3, default_trajectory="out_and_back")
+    run_example(matrix_game3, default_trajectory="loop")

@@ -27,7 +27,10 @@ import torch
 from li_compile.controller.poses import look_at, make_poses, relative_pose, rotation_about_axis
 
 STEP = 0.25  # world units moved per latent frame
-TURN_DEG = 6.0  # largest yaw change per latent frame, degrees
+TURN_DEG = 6.0  # largest yaw change per latent frame while walking, degrees
+CORNER_DEG = (60.0, 120.0)  # a random walk turns corners of this many degrees (either way) ...
+CORNER_FRAMES = 3  # ... over this many frames ...
+CORNER_EVERY = 6  # ... every this many frames on average
 FOV_Y_DEG = 60.0
 ASPECT = 16 / 9
 MOVE_EPS = 1e-3  # translation (world units) below which no movement key is pressed
@@ -141,9 +144,10 @@ def orbit(frames: int, seed: int = 0, period: int | None = None) -> Trajectory:
 
 
 def random_walk_with_returns(frames: int, seed: int = 0, return_every: int = 8) -> Trajectory:
-    """Explore by a seeded random walk (random turns, steady steps) and, every ``return_every``
-    frames on average, retrace the path backwards (facing as before) for a random number of
-    frames: each return revisits earlier cameras exactly, then exploration resumes from there."""
+    """Explore by a seeded random walk (steady steps, small random turns, and now and then a corner
+    of 60-120 degrees, so the view really changes) and, every ``return_every`` frames on average,
+    retrace the path backwards (facing as before) for a random number of frames: each return
+    revisits earlier cameras exactly, then exploration resumes from there."""
     _check_frames(frames)
     if return_every < 2:
         raise ValueError(f"return_every must be >= 2, got {return_every}")
@@ -151,6 +155,7 @@ def random_walk_with_returns(frames: int, seed: int = 0, return_every: int = 8) 
     path = [torch.eye(4)]  # the cameras of the path as explored so far, including retraced ones
     stack = [0]  # indices into `path` of the current trail (retracing pops it)
     yaw, x, z = 0.0, 0.0, 0.0
+    corner: list[float] = []  # the rest of a corner being turned, radians per frame
     while len(path) < frames:
         if len(stack) > 2 and torch.rand(1, generator=gen).item() < 1 / return_every:
             back = int(torch.randint(2, max(3, len(stack) // 2 + 1), (1,), generator=gen))
@@ -161,7 +166,13 @@ def random_walk_with_returns(frames: int, seed: int = 0, return_every: int = 8) 
             x, z = head[0, 3].item(), head[2, 3].item()
             yaw = math.atan2(head[0, 2].item(), head[2, 2].item())
             continue
-        yaw += (torch.rand(1, generator=gen).item() * 2 - 1) * math.radians(TURN_DEG)
+        if not corner and torch.rand(1, generator=gen).item() < 1 / CORNER_EVERY:
+            low, high = CORNER_DEG
+            angle = math.radians(low + (high - low) * torch.rand(1, generator=gen).item())
+            sign = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+            corner = [sign * angle / CORNER_FRAMES] * CORNER_FRAMES
+        jitter = (torch.rand(1, generator=gen).item() * 2 - 1) * math.radians(TURN_DEG)
+        yaw += corner.pop() if corner else jitter
         x, z = x + STEP * math.sin(yaw), z + STEP * math.cos(yaw)
         path.append(ground_poses(torch.tensor([x]), torch.tensor([z]), torch.tensor([yaw]))[0])
         stack.append(len(path) - 1)
