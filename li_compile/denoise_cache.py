@@ -52,13 +52,15 @@ class Stamp:
 
 @dataclass
 class Entry:
-    """One past chunk: its cameras ``(F, 4, 4)`` (CPU, float32), its stamp, its outputs by step, and
-    the chunk number it was generated as (for reports; -1 when not told)."""
+    """One past chunk: its cameras ``(F, 4, 4)`` (CPU, float32), its stamp, its outputs by
+    ``(step, call)`` (``call``: the model call within the step, 0 unless a step calls the model more
+    than once, e.g. guidance as separate calls), and the chunk number it was generated as (for
+    reports; -1 when not told)."""
 
     key: int
     poses: torch.Tensor
     stamp: Stamp
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     chunk: int = -1
 
     @property
@@ -151,16 +153,17 @@ class DenoiseCache:
         self._evict(keep=entry.key)
         return entry
 
-    def store(self, entry: Entry, step: int, output: torch.Tensor) -> None:
-        """Keep ``output`` (a copy) as ``entry``'s stored output at denoising ``step``. Does nothing if
-        the entry was evicted meanwhile; may evict other entries to stay within ``max_bytes``."""
+    def store(self, entry: Entry, step: int, output: torch.Tensor, call: int = 0) -> None:
+        """Keep ``output`` (a copy) as ``entry``'s stored output of model ``call`` at denoising ``step``.
+        Does nothing if the entry was evicted meanwhile; may evict other entries to stay within
+        ``max_bytes``."""
         if tuple(output.shape) != entry.stamp.shape or output.dtype != entry.stamp.dtype:
             raise ValueError(
                 f"cached output must match the entry's stamp {entry.stamp.shape}/{entry.stamp.dtype}, "
                 f"got {tuple(output.shape)}/{output.dtype}"
             )
         if entry in self:
-            entry.outputs[step] = output.detach().clone()
+            entry.outputs[step, call] = output.detach().clone()
             self._evict(keep=entry.key)
 
     def lookup(
@@ -178,7 +181,7 @@ class DenoiseCache:
         current = chunk_poses(poses)
         candidates = [
             e for e in self._entries.values()
-            if e.stamp == stamp and e.poses.shape == current.shape and all(s in e.outputs for s in range(steps))
+            if e.stamp == stamp and e.poses.shape == current.shape and all((s, 0) in e.outputs for s in range(steps))
         ]
         best = None
         if candidates:

@@ -9,7 +9,9 @@ chunk::
     stats = DENOISE.end_chunk()                 # a ChunkStats for the report
 
 Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) goes through
-``DENOISE.step``: the n-th call of a runner in a chunk is denoising step n. On the first early step
+``DENOISE.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
+the step (``DENOISE.set_step``, as ``ChunkHook`` does; then several calls per step, such as
+classifier-free guidance as separate calls, are kept apart). On the first early step
 (``step < reuse_steps``) the chunk is looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. Outside ``begin_chunk`` /
@@ -53,6 +55,7 @@ class _Chunk:
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
     opened: dict[Stamp, Entry] = field(default_factory=dict)
     calls: dict[Hashable, int] = field(default_factory=dict)
+    step: int | None = None  # told by the loop (set_step), else counted per runner
     reused: int = 0
     computed: int = 0
 
@@ -112,6 +115,14 @@ class DenoiseRuntime:
         self._chunk = None
         return stats
 
+    def set_step(self, step: int) -> None:
+        """Tell the open chunk that denoising ``step`` starts: model calls until the next
+        ``set_step`` belong to it (the 1st, 2nd, ... call of a runner in it are told apart, so a
+        step may call the model more than once). Without it, a runner's n-th call is step n."""
+        if self._chunk is None:
+            raise ValueError("set_step() without begin_chunk(): no chunk is open")
+        self._chunk.step = step
+
     def reuse_limit(self, options: CacheOptions, steps: int | None = None) -> int:
         """How many early steps may be served in the open chunk: ``reuse_steps``, but never the last
         step (known from ``steps`` or the chunk's ``sigmas``); 0 when caching is off or no chunk is open."""
@@ -137,13 +148,19 @@ class DenoiseRuntime:
 
         ``latents``: the model's noisy latent input; the output has its shape and dtype.
         ``fingerprint``: the model/graph identity that goes into the stamp. ``step``: the denoising
-        step, if the caller knows it (default: the n-th call of ``runner`` in this chunk is step n);
-        ``steps``: the chunk's step count, if known (the last step is never served).
+        step, if the caller knows it (else the step told by ``set_step``, else the n-th call of
+        ``runner`` in this chunk is step n); ``steps``: the chunk's step count, if known (the last
+        step is never served).
         """
         c = self._chunk
         if c is None:
             return compute()
-        if step is None:
+        call = 0
+        if step is None and c.step is not None:
+            step = c.step
+            call = c.calls.get((runner, step), 0)
+            c.calls[runner, step] = call + 1
+        elif step is None:
             step = c.calls.get(runner, 0)
             c.calls[runner] = step + 1
         if step >= self.reuse_limit(options, steps):
@@ -156,16 +173,17 @@ class DenoiseRuntime:
         if stamp not in c.matches:
             c.matches[stamp] = self.cache.lookup(c.poses, stamp, self.reuse_limit(options, steps), options.revisit_threshold)
         entry = c.matches[stamp]
-        if entry is not None and step in entry.outputs:
+        if entry is not None and (step, call) in entry.outputs:
             c.reused += 1
-            stored = entry.outputs[step]
+            stored = entry.outputs[step, call]
             return stored.clone() if sigma is None else ((latents - stored) / sigma).to(latents.dtype)
         out = compute()
         c.computed += 1
         if entry is None:
             if stamp not in c.opened:
                 c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)
-            self.cache.store(c.opened[stamp], step, out if sigma is None else (latents - sigma * out).to(out.dtype))
+            stored = out if sigma is None else (latents - sigma * out).to(out.dtype)
+            self.cache.store(c.opened[stamp], step, stored, call)
         return out
 
 
@@ -193,6 +211,7 @@ class ChunkHook:
         if step == 0:
             frames = self.poses[chunk * self.chunk_frames:(chunk + 1) * self.chunk_frames]
             self.runtime.begin_chunk(chunk, frames, self.sigmas)
+        self.runtime.set_step(step)
         out = model_call()
         if step == self.steps - 1:
             self.stats.append(self.runtime.end_chunk())

@@ -154,7 +154,23 @@ def test_raw_storage_is_chosen_by_option_even_with_sigmas():
     x = torch.randn(LATENT.shape)
     out, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=sigmas, options=options, x=x)
     assert stats.values["steps_reused"] == 1
-    torch.testing.assert_close(out[0], entry.outputs[0], rtol=0, atol=0)  # served unchanged
+    torch.testing.assert_close(out[0], entry.outputs[0, 0], rtol=0, atol=0)  # served unchanged
+
+
+def test_told_steps_keep_several_calls_per_step_apart():
+    runtime, sigmas, options = DenoiseRuntime(), [1.0, 0.5, 0.0], CacheOptions(reuse_steps=1, stored="raw")
+    outputs = []
+    for chunk in range(2):
+        runtime.begin_chunk(chunk, chunk_cameras(0.0), sigmas)
+        for step in range(2):
+            runtime.set_step(step)
+            for guidance in (0.0, 1.0):  # conditional and unconditional, as separate calls
+                fresh = torch.full(LATENT.shape, 10 * step + guidance + chunk)
+                outputs.append(runtime.step("model", "fp", LATENT, lambda f=fresh: f, options))
+        assert runtime.end_chunk().values["steps_reused"] == (0 if chunk == 0 else 2)
+    first, again = outputs[:4], outputs[4:]
+    assert [float(o[0, 0, 0, 0, 0]) for o in again] == [0.0, 1.0, 11.0, 12.0]  # step 0 served, call by call
+    assert [float(o[0, 0, 0, 0, 0]) for o in first] == [0.0, 1.0, 10.0, 11.0]
 
 
 def test_the_last_step_always_computes():
