@@ -4,7 +4,8 @@ The generation loop feeds the kept context frames right-aligned in ``capacity`` 
 first (``li_compile.worlds.pipeline.gather_context``), and masks the padding itself. The plan makes
 that padding (and, for KV-cache models that keep dropped frames in their cache, the dropped frames)
 stop costing attention: key blocks holding only dropped tokens are never visited, blocks holding
-only kept tokens are visited with no element mask, mixed blocks apply the token-level ``key_keep``.
+only kept tokens are visited with no element mask, mixed blocks apply the token-level ``key_keep``
+(``kernels.tiling.frame_layout`` over the model's raster token order, ``key_frame_ids``).
 Full-sequence models (``queries="all"``) also skip query blocks made only of dropped tokens: their
 rows are never read by a kept token (the keys are masked), so they are left as zeros.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.tiling import frame_layout
 from li_compile.passes.guards import write_plan
 from li_compile.plan import PLAN, Plan
 from li_compile.sequence import SequenceLayout
@@ -30,19 +32,29 @@ def padded_context_keep(kept: int, capacity: int) -> torch.Tensor:
     return torch.arange(capacity) >= capacity - kept
 
 
-def token_keep(sequence: SequenceLayout, context_keep: torch.Tensor) -> torch.Tensor:
-    """Key keep vector ``(kv_len,)`` bool: prefix, suffix and chunk tokens always, context tokens of
-    the kept slots (``context_keep: (context_frames,)`` bool)."""
+def key_frame_ids(sequence: SequenceLayout) -> torch.Tensor:
+    """Frame of every key token ``(kv_len,)`` long: context slots ``0..C-1``, chunk frames ``C..``,
+    -1 for the always-visible prefix and suffix tokens (``kernels.tiling.frame_layout``'s convention)."""
+    frames = torch.arange(sequence.frames).repeat_interleave(sequence.tokens_per_frame)
+    prefix = torch.full((sequence.prefix_tokens,), -1)
+    suffix = torch.full((sequence.suffix_tokens,), -1)
+    return torch.cat([prefix, frames, suffix])
+
+
+def _frame_keep(sequence: SequenceLayout, context_keep: torch.Tensor) -> torch.Tensor:
     if context_keep.shape != (sequence.context_frames,) or context_keep.dtype != torch.bool:
         raise ValueError(
             f"context_keep must be bool ({sequence.context_frames},) (one per context slot), "
             f"got {context_keep.dtype} {tuple(context_keep.shape)}"
         )
-    frames = torch.cat([context_keep.cpu(), torch.ones(sequence.chunk_frames, dtype=torch.bool)])
-    tokens = frames.repeat_interleave(sequence.tokens_per_frame)
-    prefix = torch.ones(sequence.prefix_tokens, dtype=torch.bool)
-    suffix = torch.ones(sequence.suffix_tokens, dtype=torch.bool)
-    return torch.cat([prefix, tokens, suffix])
+    return torch.cat([context_keep.cpu(), torch.ones(sequence.chunk_frames, dtype=torch.bool)])
+
+
+def token_keep(sequence: SequenceLayout, context_keep: torch.Tensor) -> torch.Tensor:
+    """Key keep vector ``(kv_len,)`` bool: prefix, suffix and chunk tokens always, context tokens of
+    the kept slots (``context_keep: (context_frames,)`` bool)."""
+    ids = key_frame_ids(sequence)
+    return torch.where(ids < 0, True, _frame_keep(sequence, context_keep)[ids.clamp_min(0)])
 
 
 def frame_drop_layout(
@@ -51,28 +63,22 @@ def frame_drop_layout(
 ) -> BlockLayout:
     """The layout that never visits dropped context tokens (rules in the module docstring), shared
     by batch and heads: ``kv_num_blocks (1, 1, Q)`` etc., ``key_keep (1, kv_len)``."""
-    keep = token_keep(sequence, context_keep)
-    keys = _pad_to_blocks(keep, block_k)  # (K, block_k)
-    visit_keys, full_keys = keys.any(-1), keys.all(-1)
-    if sequence.queries == "all":
-        active_queries = _pad_to_blocks(keep, block_q).any(-1)
-    else:
-        active_queries = torch.ones(cdiv(sequence.q_len, block_q), dtype=torch.bool)
-    blocks = active_queries[:, None] & visit_keys[None, :]
-    full = active_queries[:, None] & full_keys[None, :]
-    layout = BlockLayout.from_block_mask(
-        blocks, block_q=block_q, block_k=block_k, q_len=sequence.q_len, kv_len=sequence.kv_len,
-        full=full, key_keep=keep[None],
+    layout = frame_layout(
+        _frame_keep(sequence, context_keep), key_frame_ids(sequence), sequence.q_len, block_q=block_q, block_k=block_k
     )
+    if sequence.queries == "all":  # queries are the keys: skip query blocks of dropped tokens only
+        active = _pad_to_blocks(token_keep(sequence, context_keep), block_q).any(-1)[:, None]
+        layout = BlockLayout.from_block_mask(
+            layout.block_mask() & active, block_q=block_q, block_k=block_k, q_len=sequence.q_len,
+            kv_len=sequence.kv_len, full=layout.block_mask(full_only=True) & active, key_keep=layout.key_keep,
+        )
     return layout.to(device)
 
 
 def _pad_to_blocks(keep: torch.Tensor, block: int) -> torch.Tensor:
-    """``(L,)`` -> ``(ceil(L / block), block)``; the ragged tail is padded with the last block's own
-    values (so an all-kept ragged block stays full)."""
+    """``(L,)`` -> ``(ceil(L / block), block)``, the ragged tail padded with False."""
     blocks = cdiv(keep.shape[0], block)
-    padded = torch.cat([keep, keep[-1:].expand(blocks * block - keep.shape[0])])
-    return padded.reshape(blocks, block)
+    return torch.cat([keep, keep.new_zeros(blocks * block - keep.shape[0])]).reshape(blocks, block)
 
 
 def write_chunk_plan(sequence: SequenceLayout, context_keep: torch.Tensor, plan: Plan = PLAN) -> dict[str, object]:
