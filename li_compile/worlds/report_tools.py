@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
+from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
@@ -288,8 +289,6 @@ def plot_block_layout(layout: BlockLayout, title: str, path: Path) -> None:
 def chunk_layout(world: World, selection: ContextSelection) -> BlockLayout:
     """The block layout a chunk's self-attention runs with ``selection`` (one block per frame):
     padding and dropped slots of the context are skipped, by ``li_compile.controller.attention_plan``."""
-    from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
-
     capacity = selection.capacity or world.spec.context_frames
     sequence = world.layout(capacity)
     keep = padded_context_keep(len(selection.frames), capacity)
