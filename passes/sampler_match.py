@@ -100,11 +100,27 @@ def _same_shape(a: object, b: object) -> bool:
     return isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and ea.shape == eb.shape
 
 
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_VIEWS = {operator.getitem, "view", "reshape", "transpose", "permute", "flatten", "unflatten", "squeeze",
+          "unsqueeze", "expand", "narrow", "select", "unbind", "chunk", "split", "view_as", "movedim",
+          torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze, torch.unsqueeze,
+          torch.narrow, torch.select, torch.chunk, torch.split, torch.movedim}
+
+
 def mutation_node(node: fx.Node) -> bool:
-    """Whether ``node`` updates something in place (``x.add_(...)``, ``x[i] = ...``, ``copy_``)."""
+    """Whether ``node`` updates an input, parameter or buffer (or a view of one) in place:
+    ``x.add_(...)``, ``x += y``, ``x[i] = ...``, ``copy_``. In-place updates of intermediates are local."""
     target = _target(node)
     name = getattr(target, "__name__", target)
-    return target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.endswith("__"))
+    in_place = (callable(target) and target in _IN_PLACE_OPERATORS) or (
+        isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    )
+    if not in_place or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    base = node.args[0]
+    while _target(base) in _VIEWS and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    return base.op in ("placeholder", "get_attr")
 
 
 def mutation(nodes) -> str | None:
@@ -238,20 +254,29 @@ def _has_timestep(piece: list[fx.Node], x: fx.Node) -> bool:
 
 
 def match_steps(gm: fx.GraphModule) -> list[Step]:
-    """The chained denoising steps of an unrolled loop, first to last; ``NotSampler`` if none."""
-    steps: list[Step] = []
+    """The chained denoising steps of an unrolled loop, first to last; ``NotSampler`` if none.
+
+    Candidates are the updates ``x ± c*v`` whose ``v`` is computed from ``x`` by a piece that sees a
+    timestep. A candidate inside another candidate's model piece (guidance ``u + g * (c - u)``, a
+    residual inside the model) is part of that model call, not a step. The rest must chain."""
+    candidates = []
     for node in gm.graph.nodes:
         operands = _update_operands(node)
         if operands is None:
             continue
         x, v = operands
-        if x not in _ancestors(v):
+        if x in _ancestors(v):
+            piece = _piece(v)
+            if _has_timestep(piece, x):
+                candidates.append(Step(x, v, node, piece))
+    inside = {n for c in candidates for n in c.piece}
+    steps: list[Step] = []
+    for step in candidates:
+        if step.update in inside:
             continue
-        sources = _latent_sources(x)
-        chained = steps[-1].update in sources if steps else any(n.op == "placeholder" for n in sources)
-        piece = _piece(v)
-        if chained and _has_timestep(piece, x):
-            steps.append(Step(x, v, node, piece))
+        sources = _latent_sources(step.x)
+        if steps[-1].update in sources if steps else any(n.op == "placeholder" for n in sources):
+            steps.append(step)
     if not steps:
         raise NotSampler("no denoising update x ± c*v with a model output v computed from x", False)
     for step in steps:

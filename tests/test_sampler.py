@@ -279,3 +279,39 @@ def test_a_loop_in_a_function_without_a_model_is_not_taken_for_a_sampler():
     compiled = torch.compile(residual, backend="light_interaction", options={"inner": "eager"})
     compiled(torch.randn(4, 4), torch.randn(4, 4))
     assert [s for s in li_compile.report(compiled).sites if s.kind == "sampler"] == []
+
+
+def test_in_place_updates_of_intermediates_do_not_block_the_cache():
+    class Accumulating(ToyDenoiser):
+        def forward(self, x, sigma):
+            v = super().forward(x, sigma)
+            v += 0.0
+            return v
+
+    compiled = compiled_model(Accumulating())
+    with torch.no_grad():
+        compiled(noise(0), torch.tensor(0.5))
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert site.status == "rewritten"
+
+
+def test_guidance_inside_an_unrolled_step_skips_both_model_calls_on_a_hit():
+    model, sigmas = ToyDenoiser(), sigma_schedule(3)
+
+    def guided_chunk(x, cond):
+        for i in range(3):
+            uncond_v = model(x, sigmas[i])
+            cond_v = model(x + cond, sigmas[i])
+            v = uncond_v + 2.0 * (cond_v - uncond_v)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        return x
+
+    compiled = torch.compile(guided_chunk, backend="light_interaction", fullgraph=True,
+                             options={"inner": "eager", "cache": {"reuse_steps": 1}})
+    cond = 0.1 * noise(7)
+    _, calls, _ = run_chunk(compiled, HERE, sigmas, noise(0), cond, chunk=0)
+    assert calls == 6
+    out, calls, stats = run_chunk(compiled, HERE, sigmas, noise(1), cond, chunk=1)
+    assert calls == 4 and stats["steps_reused"] == 1
+    with torch.no_grad():
+        assert psnr(out, guided_chunk(noise(1), cond)) > 30
