@@ -43,7 +43,7 @@ def light_interaction(
     record_compilation(compilation)
     rewritten = run_passes(gm, PassContext(options=opts, example_inputs=example_inputs, compilation=compilation))
     # The inner compiler, behind the denoising cache's host runner if the sampler pass found a sampler.
-    return compile_with_cache(rewritten, example_inputs, inner, mode, opts)
+    return compile_with_cache(rewritten, example_inputs, inner, mode, opts, compilation)
 
 
 _graph_counter = iter(range(1, 1 << 62))

@@ -16,6 +16,7 @@ them (recompiles) or make the graph take the stored output as an extra input on 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -26,10 +27,12 @@ from li_compile.options import Options
 from li_compile.passes.attention import location
 from li_compile.passes.sampler_match import NotSampler, match_steps, match_transformer
 from li_compile.passes.sampler_runners import ChunkRunner, InnerCompiler, ModelCallRunner
-from li_compile.reporting import Site
+from li_compile.reporting import Compilation, Site
 
 if TYPE_CHECKING:
     from li_compile.passes.pipeline import PassContext
+
+log = logging.getLogger("li_compile")
 
 KIND = "sampler"
 META = "li_sampler"
@@ -66,14 +69,30 @@ def sampler_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
 
 
 def compile_with_cache(
-    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], inner: InnerCompiler, mode: str | None, options: Options
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    inner: InnerCompiler,
+    mode: str | None,
+    options: Options,
+    compilation: Compilation,
 ) -> Callable:
     """Compile ``gm`` with ``inner``; if ``sampler_pass`` found a sampler in it, return the compiled
-    code behind the denoising cache (``ModelCallRunner`` or ``ChunkRunner``)."""
+    code behind the denoising cache (``ModelCallRunner`` or ``ChunkRunner``). If the chunk graph
+    cannot be split, compile it whole (no cache) and turn its sampler sites to skipped, with why."""
     found = gm.meta.get(META)
     if found is None:
         return inner(gm, example_inputs, mode)
     DENOISE.configure(options.cache)
-    if isinstance(found, list):
+    if not isinstance(found, list):
+        return ModelCallRunner(inner(gm, example_inputs, mode), gm, found, options.cache)
+    try:
         return ChunkRunner(gm, found, inner, mode, options.cache)
-    return ModelCallRunner(inner(gm, example_inputs, mode), gm, found, options.cache)
+    except Exception as exc:  # noqa: BLE001 - a split we cannot make costs the cache, never correctness
+        reason = f"could not split the chunk graph into per-step pieces ({type(exc).__name__}: {exc}); compiled whole"
+        log.warning("light_interaction: %s", reason)
+        compilation.sites[:] = [
+            Site(KIND, "skipped", reason=reason, location=s.location, detail=s.detail)
+            if s.kind == KIND and s.status == "rewritten" else s
+            for s in compilation.sites
+        ]
+        return inner(gm, example_inputs, mode)

@@ -15,6 +15,7 @@ nothing Dynamo guards on: the model compiles once.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +25,8 @@ from torch.fx.passes.split_module import split_module
 from li_compile.denoise_runtime import DENOISE
 from li_compile.options import CacheOptions
 from li_compile.passes.sampler_match import Step, TransformerSite, is_parameter
+
+log = logging.getLogger("li_compile")
 
 InnerCompiler = Callable[[fx.GraphModule, Sequence[torch.Tensor], "str | None"], Callable]
 
@@ -69,7 +72,12 @@ class _LazyCompiled(torch.nn.Module):
 
     def forward(self, *args):
         if self.compiled is None:
-            self.compiled = self.inner(self.piece, list(args), self.mode)
+            try:
+                self.compiled = self.inner(self.piece, list(args), self.mode)
+            except Exception as exc:  # noqa: BLE001 - an uncompilable piece still runs, as written
+                log.warning("light_interaction: inner compiler failed on a chunk piece (%s: %s); running it as "
+                            "written", type(exc).__name__, exc)
+                self.compiled = self.piece.forward
         return self.compiled(*args)
 
 

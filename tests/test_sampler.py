@@ -17,6 +17,7 @@ from torch import nn
 import li_compile
 from li_compile.controller.poses import look_at
 from li_compile.denoise_runtime import DENOISE
+from li_compile.passes import sampler_runners
 from li_compile.worlds.sampling import renoise_step, sigma_schedule
 
 CALLS = [0]
@@ -315,3 +316,19 @@ def test_guidance_inside_an_unrolled_step_skips_both_model_calls_on_a_hit():
     assert calls == 4 and stats["steps_reused"] == 1
     with torch.no_grad():
         assert psnr(out, guided_chunk(noise(1), cond)) > 30
+
+
+def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no split today")
+
+    monkeypatch.setattr(sampler_runners, "split_module", refuse)
+    model, sigmas = ToyDenoiser(), sigma_schedule(2)
+    fn = chunk_function(model, sigmas, "euler", "x + (s1 - s0) * v", False)
+    compiled = torch.compile(fn, backend="light_interaction", options={"inner": "eager"})
+    out, calls, stats = run_chunk(compiled, HERE, sigmas, noise(0), None)
+    with torch.no_grad():
+        assert torch.equal(out, fn(noise(0), None))
+    sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert len(sites) == 2 and all(s.status == "skipped" and "no split today" in s.reason for s in sites)
+    assert calls == 2 and stats["cache"] == "off"
