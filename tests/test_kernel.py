@@ -201,3 +201,15 @@ def test_unsupported_calls_raise_naming_the_problem(shapes, match):
     layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=8)
     with pytest.raises(UnsupportedAttention, match=match):
         sparse_attention(q, k, v, layout)
+
+
+def test_cuda_graph_capture_launches_a_fixed_config_that_tiles_the_layout_blocks():
+    from li_compile.kernels.block_sparse_attention import CAPTURE_CONFIG, _fixed_launch
+
+    assert _fixed_launch(128, 128, interpreting=False) == dict(
+        zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), CAPTURE_CONFIG)
+    )
+    tiles = _fixed_launch(48, 96, interpreting=False)
+    assert 48 % tiles["BLOCK_M"] == 0 and 96 % tiles["BLOCK_N"] == 0
+    with pytest.raises(UnsupportedAttention, match="8x8"):
+        _fixed_launch(8, 8, interpreting=False)
