@@ -11,7 +11,7 @@ from li_compile.controller.similarity import frustum_overlap
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.base import Context
 from li_compile.worlds.layers import patchify, unpatchify
-from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate
+from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate, warm_up
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
@@ -260,3 +260,21 @@ def test_dense_policy_keeps_shapes_static_so_the_model_compiles_once(world):
     generate(compiled, _trajectory(world), step_hook=hook)
     assert counter.frame_count == len(world.compiled_modules())  # the denoiser (and the KV-cache encoder)
     assert after_first_chunk == [counter.frame_count]  # nothing compiled after the first step
+
+
+def test_warm_up_compiles_every_capacity_before_the_trajectory_runs(world):
+    counter = CompileCounterWithBackend("eager")
+    compiled = world.compile(lambda m: torch.compile(m, backend=counter, dynamic=False))
+    full = world.spec.context_frames
+    warm_up(compiled, (2, full))
+    warmed = counter.frame_count
+    assert warmed == 2 * len(world.compiled_modules())  # one static graph per capacity (slots are fixed-size)
+
+    class Alternating:  # a policy switching between two capacities, like a controller's buckets
+        def select(self, chunk, poses, chunk_poses, latents):
+            n = poses.shape[0]
+            capacity = 2 if chunk % 2 else full
+            return ContextSelection(memory=[], recent=list(range(max(0, n - 2), n)), capacity=capacity)
+
+    generate(compiled, _trajectory(world, chunks=4), Alternating(), chunks=4, decode=False)
+    assert counter.frame_count == warmed

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -39,7 +39,7 @@ from li_compile.options import ContextOptions
 from li_compile.worlds.base import Context, World
 from li_compile.worlds.decode import LatentDecoder
 from li_compile.worlds.sampling import sampler_update
-from li_compile.worlds.trajectories import Trajectory
+from li_compile.worlds.trajectories import ACTION_DIM, Trajectory
 
 # Upstream retrieves memory by field-of-view overlap (frustum_overlap estimates it); the dense baseline
 # scores with the same cheap closed form as the controller by default (pose_proxy agrees with frustum
@@ -160,6 +160,22 @@ def chunk_noise(world: World, chunk: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
     noise = torch.randn(spec.steps + 1, 1, spec.chunk_frames, *spec.latent_shape, generator=gen)
     return noise.to(world.device, spec.dtype)
+
+
+def warm_up(world: World, capacities: Sequence[int]) -> None:
+    """Call the model once at each context capacity (an empty context), so that compiled modules
+    compile now, once per capacity, and never while a trajectory is timed. ``capacities``: e.g.
+    ``(world.spec.context_frames,)`` for the dense policy, or a controller's capacity buckets."""
+    spec = world.spec
+    history = torch.zeros(0, *spec.latent_shape, device=world.device, dtype=spec.dtype)
+    poses = torch.eye(4).expand(spec.chunk_frames, 4, 4)
+    noise = chunk_noise(world, 0, 0)
+    with torch.no_grad():
+        for capacity in capacities:
+            context = gather_context(history, poses[:0], ContextSelection([], [], capacity), capacity)
+            inputs = world.inputs(context, poses, torch.zeros(spec.chunk_frames, ACTION_DIM), 0)
+            world.model(noise[0], spec.sigmas()[0].to(world.device, spec.dtype), **inputs)
+    _sync(world.device)
 
 
 def generate(

@@ -16,6 +16,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
@@ -23,18 +24,21 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+
+import li_compile
 from tqdm.auto import tqdm
 
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
-from li_compile.worlds.pipeline import ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate
+from li_compile.worlds.pipeline import (
+    ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate, warm_up,
+)
 
 PSNR_CAP_DB = 100.0  # PSNR of identical pictures (finite, so the JSON stays valid)
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # the usual Gaussian window of SSIM
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
-WARMUP_CHUNKS = 2  # chunks generated once before timing, so compilation is not timed
 
 
 # --- flags ------------------------------------------------------------------------------------
@@ -90,13 +94,15 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 @dataclass
 class Setup:
     """How one run is driven: the compiled world, a fresh context policy per run, an optional
-    denoising-cache step hook, and the statistics of each chunk (``chunk_stats(chunk, selection)``
-    -> dict with ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``)."""
+    denoising-cache step hook, the statistics of each chunk (``chunk_stats(chunk, selection)``
+    -> dict with ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``), and the context
+    capacities the policy may ask for (each is compiled during warm-up)."""
 
     world: World
     make_policy: Callable[[], ContextPolicy]
     step_hook: StepHook | None
     chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
+    capacities: tuple[int, ...]
 
 
 def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
@@ -107,16 +113,21 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
 def dense_setup(world: World) -> Setup:
     """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
     spec = world.spec
-    return Setup(world.compile(torch.compile), lambda: DensePolicy(spec.window, spec.memory), None, dense_stats)
+    return Setup(world.compile(partial(torch.compile, dynamic=False)), lambda: DensePolicy(spec.window, spec.memory), None, dense_stats,
+                 (spec.context_frames,))
 
 
 def light_interaction_setup(world: World, options: dict[str, Any] | None = None) -> Setup:
     """The light_interaction run. THE place where the context controller and the denoising cache plug
     in: for now the dense policy, no step hook, dense statistics (so the two runs differ only by
-    the backend)."""
+    the backend). ``dynamic=False``: each context capacity gets its own static graph (Dynamo would
+    otherwise make the context length symbolic at the second capacity, and the attention pass only
+    rewrites static sites)."""
     spec = world.spec
-    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options or {}))
-    return Setup(compiled, lambda: DensePolicy(spec.window, spec.memory), None, dense_stats)
+    compiled = world.compile(
+        lambda m: torch.compile(m, backend="light_interaction", options=options or {}, dynamic=False)
+    )
+    return Setup(compiled, lambda: DensePolicy(spec.window, spec.memory), None, dense_stats, (spec.context_frames,))
 
 
 @dataclass
@@ -129,10 +140,9 @@ class Run:
 
 
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int) -> Run:
-    """Warm up (``WARMUP_CHUNKS`` chunks: compiles), then generate ``chunks`` chunks from scratch and
-    count the frames Dynamo compiled during that second run."""
-    generate(setup.world, trajectory, setup.make_policy(), min(WARMUP_CHUNKS, chunks),
-             step_hook=setup.step_hook, seed=seed, decode=False)
+    """Warm up (one model call per context capacity: compiles), then generate ``chunks`` chunks and
+    count the frames Dynamo compiled while they ran."""
+    warm_up(setup.world, setup.capacities)
     compiled_before = counters["frames"]["ok"]
     gen = generate(setup.world, trajectory, setup.make_policy(), chunks, step_hook=setup.step_hook, seed=seed,
                    progress=True)
@@ -196,6 +206,15 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run) -> dict[str,
         "dense_recompiles_after_warmup": dense.recompiles,
         "chunks": len(rows),
     }
+
+
+def format_sites(report: li_compile.Report) -> str:
+    """One line: how many attention sites the backend rewrote and skipped, with the skip reasons."""
+    sites = [s for s in report.sites if s.kind == "attention"]
+    rewritten = sum(s.status == "rewritten" for s in sites)
+    reasons = sorted({s.reason.split(" (")[0] for s in sites if s.status == "skipped"})
+    skipped = f", skipped {len(sites) - rewritten} ({'; '.join(reasons)})" if len(sites) > rewritten else ""
+    return f"light_interaction rewrote {rewritten} of {len(sites)} attention sites of the denoiser{skipped}"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -311,10 +330,10 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
-    runs = {}
-    for label, setup in tqdm([("dense", dense_setup), ("light_interaction", light_interaction_setup)], desc="runs"):
-        runs[label] = timed_run(setup(world), trajectory, args.chunks, args.seed)
+    setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world)}
+    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in tqdm(setups.items(), desc="runs")}
     dense, light = runs["dense"], runs["light_interaction"]
+    print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
     rows = chunk_rows(dense, light)
     summary = summarize(rows, dense, light)
     print(format_table(rows))
