@@ -5,7 +5,9 @@ compiled by light_interaction (cache on, through ``ChunkHook``), and compare the
 chunk that hit the cache with the dense ones (PSNR). For scale, ``revisit_psnr`` compares the dense
 revisit chunk with the dense chunk it revisits (same cameras, other noise and context): a cached
 chunk much closer to dense than that has lost little. Prints a table and writes a JSON (and a plot
-if matplotlib is installed).
+if matplotlib is installed). ``hy_trained`` (``--worlds hy_trained``) needs the trained weights
+(``li_compile.worlds.training.WEIGHTS_PATH``): on a model that predicts velocity well, x0 reuse is
+expected to beat raw reuse, unlike on the random-weight tiny worlds.
 
     python benchmarks/denoise_cache.py --out denoise_cache.json [--device cuda] [--inner inductor]
 """
@@ -19,10 +21,14 @@ import statistics
 import torch
 
 from li_compile.denoise_runtime import DENOISE, ChunkHook
-from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds import hy_worldplay, matrix_game3, training, trajectories
 from li_compile.worlds.pipeline import generate
 
-WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
+WORLDS = {  # name -> build(device): the random-weight tiny worlds, and the trained one (its weights shipped)
+    "hy_worldplay": lambda device: hy_worldplay.build("tiny", device=device),
+    "matrix_game3": lambda device: matrix_game3.build("tiny", device=device),
+    "hy_trained": lambda device: training.load_trained(device),
+}
 TRAJECTORIES = ("loop", "orbit", "random_walk_with_returns")
 
 
@@ -35,7 +41,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def run(world_name: str, trajectory_name: str, frames: int, reuse_steps: int, stored: str, device: str,
         inner: str) -> dict:
     """One row: hits, model calls, PSNR of cached hit chunks against dense."""
-    world = WORLDS[world_name].build("tiny", device=device)
+    world = WORLDS[world_name](device)
     trajectory = trajectories.make(trajectory_name, frames)
     dense = generate(world, trajectory, decode=False)
     torch._dynamo.reset()
@@ -76,6 +82,7 @@ def run(world_name: str, trajectory_name: str, frames: int, reuse_steps: int, st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="denoise_cache.json")
+    parser.add_argument("--worlds", nargs="+", default=["hy_worldplay", "matrix_game3"], choices=sorted(WORLDS))
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--inner", default="eager", choices=["eager", "inductor"])
@@ -84,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [
         run(w, t, args.frames, k, stored, args.device, args.inner)
-        for w in WORLDS for t in TRAJECTORIES for k in args.reuse for stored in args.stored
+        for w in args.worlds for t in TRAJECTORIES for k in args.reuse for stored in args.stored
     ]
     header = ("world", "trajectory", "reuse_steps", "stored", "hits", "model_calls", "dense_model_calls",
               "misses_before_first_hit_exact", "cached_psnr_mean", "cached_psnr_min", "revisit_psnr_mean")
