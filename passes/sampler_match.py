@@ -10,12 +10,13 @@ Two granularities, as users compile them:
   output (a denoiser predicts noise, velocity or x0: all latent-shaped).
 - **chunk function**: the graph is the whole chunk generation with its denoising loop unrolled.
   A *step* is an update ``x ± c * v`` (either order; ``c`` a scalar-like factor) where ``v`` is
-  latent-shaped and computed from ``x`` by a model piece that sees a timestep: the flow-matching Euler step ``x + (s' - s) * v`` and the
-  ``x0 = x - s * v`` of predict-and-renoise samplers both have it. Steps must chain: the first
+  latent-shaped and computed from ``x`` by a model piece that sees a timestep: the flow-matching
+  Euler step ``x + (s' - s) * v`` and the ``x0 = x - s * v`` of predict-and-renoise samplers both
+  have it. An update inside another one's model piece (guidance ``u + g * (c - u)``, a residual
+  ``h + c * f(h)`` inside the model) belongs to that model call. Steps must chain: the first
   step's ``x`` comes from an input through pointwise latent-shaped ops, each later step's ``x``
-  from the previous update the same way (a residual ``h + c * f(h)`` inside a transformer starts
-  from a projection, not from an input, and is not taken for a step). The step's *model piece*
-  is every node that only serves ``v``: what a cache hit may skip.
+  from the previous update the same way. The step's *model piece* is every node that only serves
+  ``v``: what a cache hit may skip.
 """
 
 from __future__ import annotations
