@@ -223,7 +223,7 @@ def generate(
             _sync(world.device)
             start = time.perf_counter()
             selection = policy.select(c, all_poses[:first], chunk_poses, history[:first])
-            capacity = selection.capacity or spec.context_frames
+            capacity = spec.context_frames if selection.capacity is None else selection.capacity
             context = gather_context(history[:first], all_poses[:first], selection, capacity)
             inputs = world.inputs(context, chunk_poses, all_actions[first:first + per_chunk], first)
             x = noise[0]

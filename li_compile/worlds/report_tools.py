@@ -24,10 +24,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-
-import li_compile
 from tqdm.auto import tqdm
 
+import li_compile
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.worlds import trajectories
@@ -113,8 +112,8 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
 def dense_setup(world: World) -> Setup:
     """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
     spec = world.spec
-    return Setup(world.compile(partial(torch.compile, dynamic=False)), lambda: DensePolicy(spec.window, spec.memory), None, dense_stats,
-                 (spec.context_frames,))
+    compiled = world.compile(partial(torch.compile, dynamic=False))
+    return Setup(compiled, lambda: DensePolicy(spec.window, spec.memory), None, dense_stats, (spec.context_frames,))
 
 
 def light_interaction_setup(world: World, options: dict[str, Any] | None = None) -> Setup:
