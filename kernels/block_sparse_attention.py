@@ -1,8 +1,10 @@
 """Fused block-sparse attention (forward) in Triton, and the ``li::block_sparse_attention`` op.
 
 Reads top to bottom: the kernel (``_attention_kernel`` and its inner loop ``_visit_blocks``), its
-launcher (``block_sparse_attention``, the tensor-argument op that ``li::planned_attention`` calls),
-and the layout-level entry point ``sparse_attention(q, k, v, layout)``.
+launch configurations (autotuned on CUDA), the tensor-argument launcher ``launch`` (what
+``li::planned_attention`` calls) and its op ``li::block_sparse_attention`` (``custom_op`` + fake, so
+``torch.compile(fullgraph=True)`` traces it), and the layout-level entry point
+``sparse_attention(q, k, v, layout)``.
 
 One program computes ``BLOCK_M`` query rows of one (batch, head). It walks the key blocks that the
 layout lists for its query block, in two passes: *full* blocks with no element mask (the fast path)
@@ -227,7 +229,7 @@ def _build_kernels():
         key=["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k",
              "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP", "MASK_KIND", "IS_CAUSAL", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune},
-    )(triton.heuristics(_TILE_HEURISTICS)(_attention_kernel))
+    )(fixed)
     return fixed, tuned
 
 
