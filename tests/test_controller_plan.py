@@ -108,3 +108,22 @@ def test_session_attaches_the_controller_and_clears_plans_on_exit():
     with pytest.raises(ValueError, match="session\\(\\) needs a ContextController"):
         with session(object()):
             pass
+
+
+def test_controller_writes_the_plan_of_its_capacity_and_a_disabled_one_keeps_it_dense():
+    from li_compile.controller.poses import make_poses
+    from li_compile.plan import PLAN
+
+    def layout(capacity: int) -> SequenceLayout:
+        return SequenceLayout(capacity, 1, GRID, GRID, prefix_tokens=5)  # shapes no other test uses
+
+    options = {"window_min": 1, "window_max": 2, "window_rule": "fixed"}
+    past, chunk = make_poses(torch.eye(3), torch.zeros(2, 3)), make_poses(torch.eye(3), torch.zeros(1, 3))
+    latents = torch.randn(2, 4, 4, 4)
+    slot = _slot(PLAN, layout(4))  # memory_k 2 + window 2 = 4: buckets 1, 2, 3, 4
+    with session(ContextController(options, memory_k=2, layout=layout, capacity_fractions=(1.0,))) as controller:
+        assert controller.select(0, past, chunk, latents).capacity == 4  # 2 recent frames in 4 slots
+        assert controller.stats[-1].values["plan"] == "sparse" and not slot.is_dense
+        disabled = ContextController({**options, "enabled": False}, memory_k=2, layout=layout)
+        disabled.select(0, past, chunk, latents)
+        assert disabled.stats[-1].values["plan"] == "dense" and slot.is_dense

@@ -113,9 +113,9 @@ class ContextController:
             "memory_dropped": min(candidates, self.memory_k) - len(memory),
             "capacity": capacity,
         }
-        if self.layout is not None and self.options.enabled:
-            keep = padded_context_keep(len(memory) + len(recent), capacity)
-            values.update(write_chunk_plan(self.layout(capacity), keep))
+        if self.layout is not None:  # disabled: every slot kept, so the plan is dense
+            kept = len(memory) + len(recent) if self.options.enabled else capacity
+            values.update(write_chunk_plan(self.layout(capacity), padded_context_keep(kept, capacity)))
         self.stats.append(ChunkStats(chunk, values))
         return ContextSelection(memory=memory, recent=recent, capacity=capacity)
 
