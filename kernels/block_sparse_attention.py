@@ -124,8 +124,9 @@ def _attention_kernel(
     """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # 64-bit batch/head offsets: B * H * L * D passes 2**31 elements at a few dozen video sequences
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     h_kv = h // GROUP  # GQA: GROUP query heads share one key/value head
     start_m = pid_m * BLOCK_M
     qb = start_m // block_q  # BLOCK_M divides block_q: one layout query block per program
@@ -143,7 +144,7 @@ def _attention_kernel(
 
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
-    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
