@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from li_compile.worlds.training import TrainConfig, export_weights, train  # noqa: E402
+from li_compile.worlds.training import IMAGE_SIZE, TRAINED_SPEC, TrainConfig, export_weights, train  # noqa: E402
+from li_compile.worlds.training_data import make_pool  # noqa: E402
 
 SMOOTHING = 50  # steps averaged in the plotted loss curve
 
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/trained"))
     parser.add_argument("--weights", type=Path, default=None, help="where to write the EMA weights")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="fit the schedule into about this many seconds of training (see train())")
+                        help="fit pool rendering and training into about this many seconds (see train())")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     args = parser.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -66,6 +68,15 @@ def main() -> None:
         checkpoint.unlink()
     torch.backends.cuda.matmul.allow_tf32 = True
 
+    start = time.perf_counter()
+    pool = make_pool(config.clips, config.clip_frames, TRAINED_SPEC, config.seed, args.device, IMAGE_SIZE)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    pool_s = time.perf_counter() - start
+    frames = config.clips * config.clip_frames
+    print(f"rendered {frames} frames of {IMAGE_SIZE}x{IMAGE_SIZE} in {pool_s:.1f} s ({frames / pool_s:.0f} frames/s, "
+          "scene building and context selection included)", flush=True)
+    budget = None if args.time_budget is None else args.time_budget - pool_s
     bar = tqdm(total=config.steps, desc="training", unit="step")
 
     def on_step(state) -> None:
@@ -74,13 +85,14 @@ def main() -> None:
         bar.set_postfix(loss=f"{state.losses[-1]:.4f}", refresh=False)
         bar.update(0)
 
-    state = train(config, args.device, checkpoint, args.time_budget, on_step)
+    state = train(config, args.device, checkpoint, budget, on_step, pool=pool)
     bar.close()
     weights = args.weights or args.out / "hy_trained.pt"
     export_weights(state.ema, weights)
     plot_losses(state.losses, args.out / "loss.png")
     tail = state.losses[-SMOOTHING:]
-    summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1), "final_loss": sum(tail) / len(tail),
+    summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1),
+               "pool_seconds": round(pool_s, 1), "frames_rendered": frames, "final_loss": sum(tail) / len(tail),
                "weights": str(weights), "config": asdict(config)}
     (args.out / "train.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))

@@ -47,12 +47,13 @@ SPEED_PROBE_STEPS = 60  # with a time budget, the schedule's length is set from 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``train`` (defaults: the shipped weights' run on one H100)."""
+    """Hyper-parameters of ``train`` (defaults: the shipped weights' run on one H100; that run's
+    ``--time-budget`` resolved the schedule's length, recorded in its ``train.json``)."""
 
-    steps: int = 9000
-    batch: int = 48
+    steps: int = 12000
+    batch: int = 96
     sigma_groups: int = 4
-    lr: float = 5e-4
+    lr: float = 6e-4
     warmup: int = 300
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.01
