@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
-from li_compile.kernels.block_sparse_attention import UnsupportedAttention, block_sparse_attention, sparse_attention
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, sparse_attention
 
 TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
 
