@@ -14,7 +14,7 @@ Two granularities, as users compile them:
   Euler step ``x + (s' - s) * v`` and the ``x0 = x - s * v`` of predict-and-renoise samplers both
   have it. An update inside another one's model piece (guidance ``u + g * (c - u)``, a residual
   ``h + c * f(h)`` inside the model) belongs to that model call. Steps must chain: the first
-  step's ``x`` comes from an input through pointwise latent-shaped ops, each later step's ``x``
+  step's ``x`` comes from an input through pointwise ops and views, each later step's ``x``
   from the previous update the same way. The step's *model piece* is every node that only serves
   ``v``: what a cache hit may skip.
 """
@@ -216,15 +216,17 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _latent_sources(x: fx.Node) -> set[fx.Node]:
-    """Nodes that ``x`` comes from through pointwise, latent-shaped ops (``x`` included)."""
+def _latent_sources(x: fx.Node, through_views: bool = False) -> set[fx.Node]:
+    """Nodes that ``x`` comes from through pointwise, latent-shaped ops (``x`` included); with
+    ``through_views``, also through indexing and views of any shape (``noise[0]``)."""
     seen, stack = {x}, [x]
     while stack:
         n = stack.pop()
-        if _target(n) not in _POINTWISE:
+        view = through_views and _target(n) in _VIEWS
+        if _target(n) not in _POINTWISE and not view:
             continue
         for i in n.all_input_nodes:
-            if i not in seen and _same_shape(i, x):
+            if i not in seen and (view or _same_shape(i, x)):
                 seen.add(i)
                 stack.append(i)
     return seen
@@ -275,8 +277,11 @@ def match_steps(gm: fx.GraphModule) -> list[Step]:
     for step in candidates:
         if step.update in inside:
             continue
-        sources = _latent_sources(step.x)
-        if steps[-1].update in sources if steps else any(n.op == "placeholder" for n in sources):
+        if steps:
+            chained = steps[-1].update in _latent_sources(step.x)
+        else:
+            chained = any(n.op == "placeholder" for n in _latent_sources(step.x, through_views=True))
+        if chained:
             steps.append(step)
     if not steps:
         raise NotSampler("no denoising update x ± c*v with a model output v computed from x", False)

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+import li_compile
 from li_compile import inner
 from li_compile.passes.sampler import META
 from li_compile.denoise_runtime import DENOISE, ChunkHook
-from li_compile.worlds import matrix_game3, trajectories
-from li_compile.worlds.pipeline import generate
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.pipeline import DensePolicy, chunk_noise, gather_context, generate
+from li_compile.worlds.sampling import sampler_update
 
 FRAMES, PERIOD = 12, 8  # 6 chunks of 2 frames; frames 8..11 repeat the cameras of frames 0..3
 
@@ -52,3 +54,36 @@ def test_revisited_chunks_skip_early_steps_and_stay_close_to_dense(graph_runs):
             torch.testing.assert_close(cached.latents[frames], dense.latents[frames], rtol=1e-5, atol=1e-5)
         else:
             assert psnr(cached.latents[frames], dense.latents[frames]) > 25
+
+
+def test_a_compiled_chunk_function_of_a_world_caches_its_unrolled_steps(graph_runs):
+    world = hy_worldplay.build("tiny")
+    spec, trajectory = world.spec, trajectories.loop(FRAMES, period=PERIOD)
+    poses, sigmas = trajectory.poses.float(), spec.sigmas()
+    history = torch.randn(4, *spec.latent_shape, generator=torch.Generator().manual_seed(0))
+    selection = DensePolicy(spec.window, spec.memory).select(2, poses[:4], poses[4:6], history)
+    context = gather_context(history, poses[:4], selection, spec.context_frames)
+    inputs = world.inputs(context, poses[4:6], trajectory.actions()[4:6], 4)
+
+    def denoise_chunk(noise, inputs):
+        x = noise[0]
+        for s in range(spec.steps):
+            v = world.model(x, sigmas[s], **inputs)
+            x = sampler_update(spec.sampler, x, v, sigmas[s], sigmas[s + 1], noise[s + 1])
+        return x
+
+    compiled = torch.compile(denoise_chunk, backend="light_interaction",
+                             options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    outputs = []
+    with torch.no_grad():
+        for chunk in range(2):  # the same cameras twice, other noise
+            DENOISE.begin_chunk(chunk, poses[4:6], sigmas)
+            outputs.append(compiled(chunk_noise(world, chunk, 0), inputs))
+            DENOISE.end_chunk()
+        dense = [denoise_chunk(chunk_noise(world, chunk, 0), inputs) for chunk in range(2)]
+    sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert [s.detail["step"] for s in sites] == list(range(spec.steps))
+    assert [c.values["cache"] for c in DENOISE.history] == ["miss", "hit"]
+    assert DENOISE.history[1].values["steps_reused"] == 2
+    torch.testing.assert_close(outputs[0], dense[0], rtol=1e-5, atol=1e-5)
+    assert psnr(outputs[1], dense[1]) > 20
