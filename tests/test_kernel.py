@@ -45,7 +45,7 @@ def reference(q, k, v, layout, attn_mask=None, is_causal=False, scale=None):
     elif attn_mask is not None:
         bias = attn_mask.float()
     if is_causal:
-        visible = visible & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        visible = visible & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
     out = F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
