@@ -292,6 +292,7 @@ def launch(
     The plain launcher behind the ``li::block_sparse_attention`` op: code that already runs inside a
     custom op (``li::planned_attention``) or in eager inference calls it directly, saving a dispatch."""
     check_call(q, k, v, block_q, block_k)
+    check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -397,6 +398,33 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, 
         raise UnsupportedAttention(f"the Triton kernel runs on CUDA tensors (or with TRITON_INTERPRET=1), got {q.device}")
     if q.is_cuda and (block_q % MIN_DOT or block_k % MIN_DOT):
         raise UnsupportedAttention(f"on the GPU block sizes must be multiples of {MIN_DOT}, got {block_q}x{block_k}")
+
+
+def check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k) -> None:
+    """Raise ``ValueError`` naming the first layout tensor whose shape, dtype or device does not fit the
+    call (the kernel would read out of bounds). Index values are trusted: checking them would sync."""
+    B, H, Lq = q.shape[:3]
+    Lk = k.shape[2]
+    q_blocks = cdiv(Lq, block_q)
+    lists = [("kv_num_blocks", kv_num_blocks, "kv_indices", kv_indices)]
+    if full_kv_num_blocks is not None or full_kv_indices is not None:
+        lists.append(("full_kv_num_blocks", full_kv_num_blocks, "full_kv_indices", full_kv_indices))
+    for count_name, counts, index_name, indices in lists:
+        for name, t, dims in ((count_name, counts, 3), (index_name, indices, 4)):
+            if t is None or t.dim() != dims or t.dtype != torch.int32 or t.device != q.device:
+                got = "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                raise ValueError(f"{name} must be int32 with {dims} dims on {q.device}, got {got}")
+            if t.shape[0] not in (1, B) or t.shape[1] not in (1, H) or t.shape[2] != q_blocks:
+                raise ValueError(f"{name} is {tuple(t.shape)}, needs (B|1={B}, H|1={H}, Q={q_blocks}, ...)")
+        if indices.shape[:3] != counts.shape:
+            raise ValueError(f"{index_name} {tuple(indices.shape)} does not match {count_name} {tuple(counts.shape)}")
+    if key_keep is not None and (
+        key_keep.dtype != torch.bool or key_keep.dim() != 2 or key_keep.shape[0] not in (1, B)
+        or key_keep.shape[1] != Lk or key_keep.device != q.device
+    ):
+        raise ValueError(
+            f"key_keep must be bool (B|1={B}, Lk={Lk}) on {q.device}, got {key_keep.dtype} {tuple(key_keep.shape)} on {key_keep.device}"
+        )
 
 
 def _dot_precision(q: torch.Tensor) -> str:

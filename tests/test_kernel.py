@@ -213,3 +213,24 @@ def test_cuda_graph_capture_launches_a_fixed_config_that_tiles_the_layout_blocks
     assert 48 % tiles["BLOCK_M"] == 0 and 96 % tiles["BLOCK_N"] == 0
     with pytest.raises(UnsupportedAttention, match="8x8"):
         _fixed_launch(8, 8, interpreting=False)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("kv_num_blocks", torch.zeros(1, 1, 5, dtype=torch.int32), "kv_num_blocks"),
+        ("kv_indices", torch.zeros(1, 1, 1, 1, dtype=torch.int64), "kv_indices"),
+        ("key_keep", torch.ones(3, 8, dtype=torch.bool), "key_keep"),
+    ],
+    ids=["query_blocks", "index_dtype", "keep_batch"],
+)
+def test_layout_tensors_that_do_not_fit_the_call_are_refused_before_launch(field, value, match):
+    q, k, v = qkv(2, 2, 2, 8, 8, 16, torch.float32)
+    layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=8)
+    args = dict(
+        kv_num_blocks=layout.kv_num_blocks, kv_indices=layout.kv_indices, full_kv_num_blocks=None,
+        full_kv_indices=None, key_keep=None,
+    )
+    args[field] = value
+    with pytest.raises(ValueError, match=match):
+        torch.ops.li.block_sparse_attention(q, k, v, *args.values(), None, 8, 8, None, False)
