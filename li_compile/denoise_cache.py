@@ -98,14 +98,18 @@ def chunk_revisit_scores(
 
     The score of a past chunk is the lowest, over frames ``f``, of ``similarity(current[f],
     bank[:, f])``; a past chunk with any camera centre farther than ``max_distance * far`` from the
-    current one scores 0 (parallax of near content would differ, as in ``find_revisit``).
+    current one scores 0 (parallax of near content would differ, as in ``find_revisit``); only the
+    others are scored, so a lookup costs little more than the distance test when nothing is near.
     """
     if bank.ndim != 4 or bank.shape[1:] != current.shape:
         raise ValueError(f"bank must be (N, {', '.join(map(str, current.shape))}), got {tuple(bank.shape)}")
-    scores = torch.stack([similarity(current[f], bank[:, f], measure, far=far) for f in range(current.shape[0])], -1)
     distance = (camera_centers(bank) - camera_centers(current)[None]).norm(dim=-1)  # (N, F)
-    scores = torch.where(distance <= max_distance * far, scores, torch.zeros_like(scores))
-    return scores.min(-1).values
+    near = (distance <= max_distance * far).all(-1).nonzero()[:, 0]  # only these can score above 0
+    scores = torch.zeros(bank.shape[0])
+    if len(near):
+        frames = [similarity(current[f], bank[near, f], measure, far=far) for f in range(current.shape[0])]
+        scores[near] = torch.stack(frames, -1).min(-1).values
+    return scores
 
 
 class DenoiseCache:
