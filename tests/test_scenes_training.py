@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from li_compile.controller.similarity import frustum_overlap
+from li_compile.controller.similarity import MEASURES, similarity
 from li_compile.worlds import training_data
 from li_compile.worlds.fidelity import prefix_hook, psnr, revisit_frames, ssim
 from li_compile.worlds.hy_worldplay import build
 from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.training import TRAINED_SPEC, TrainConfig, flow_matching_loss, new_world, train
-from li_compile.worlds.training_data import dense_context_slots, make_pool, pairwise_overlap, sample_batch
+from li_compile.worlds.training_data import dense_context_slots, make_pool, pairwise_similarity, sample_batch
 from li_compile.worlds.trajectories import make
 
 # the trained preset's shapes at 16x16 pixels and one small block: same code, fast on CPU
@@ -47,11 +47,12 @@ def test_pixel_codec_refuses_frames_not_divisible_by_the_stride():
         PixelPatchCodec(4).encode(torch.rand(3, 10, 8))
 
 
-def test_pairwise_overlap_equals_frustum_overlap_of_each_pair():
+@pytest.mark.parametrize("measure", sorted(MEASURES))
+def test_pairwise_similarity_equals_the_measure_of_each_pair(measure):
     poses = make("random_walk_with_returns", 10, seed=3).poses
-    batched = pairwise_overlap(poses[None])[0]
+    batched = pairwise_similarity(poses[None], measure)[0]
     for i in (0, 4, 9):
-        torch.testing.assert_close(batched[i], frustum_overlap(poses[i], poses), atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched[i], similarity(poses[i], poses, measure), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["out_and_back", "random_walk_with_returns"])
@@ -66,8 +67,8 @@ def test_training_context_is_what_dense_policy_feeds_the_generation_loop(name):
         # memory: same count and same scores (exact revisits tie, so indices may differ)
         theirs_mem, ours_mem = chosen.memory, ours[:len(ours) - len(chosen.recent)]
         assert len(ours_mem) == len(theirs_mem)
-        score = torch.stack([frustum_overlap(p, poses[:4 * c]) for p in poses[4 * c:4 * c + 4]]).amax(0)
-        torch.testing.assert_close(score[ours_mem].sort().values, score[theirs_mem].sort().values)
+        score = torch.stack([similarity(p, poses[:4 * c], policy.measure) for p in poses[4 * c:4 * c + 4]]).amax(0)
+        torch.testing.assert_close(score[ours_mem].sort().values, score[theirs_mem].sort().values, atol=1e-6, rtol=0)
 
 
 def test_teacher_forced_batch_matches_the_inputs_the_generation_loop_builds(pool, monkeypatch):

@@ -4,7 +4,7 @@ A **clip** is one trajectory of ``li_compile.worlds.trajectories`` (exploration 
 through its own procedural room (``li_compile.worlds.scenes``, objects kept clear of the path),
 rendered on the device. A **pool** holds many clips plus, for every chunk of every clip, the
 context that ``DensePolicy`` would feed the generation loop (recent window + memory frames
-retrieved by frustum overlap), computed for all clips at once by ``dense_context_slots``.
+retrieved by camera similarity), computed for all clips at once by ``dense_context_slots``.
 
 A training example is one chunk of one clip: its clean latent frames (the target), and its
 context as ``gather_context`` lays it out (right-aligned slots, padding first, zero latents and
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from li_compile.controller.poses import relative_pose
-from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, default_bounds, frustum_samples
+from li_compile.controller.similarity import similarity
 from li_compile.worlds.base import WorldSpec
 from li_compile.worlds.layers import camera_features
+from li_compile.worlds.pipeline import DENSE_MEASURE
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.scenes import make_scenes, render
 from li_compile.worlds.trajectories import ACTION_DIM, TRAJECTORIES, make
@@ -52,40 +53,35 @@ class ClipPool:
         return self.frames.shape[0]
 
 
-def pairwise_overlap(poses: torch.Tensor) -> torch.Tensor:
-    """``frustum_overlap`` of every frame against every frame of each clip: ``(P, T, 4, 4)`` -> ``(P, T, T)``.
+def pairwise_similarity(poses: torch.Tensor, measure: str = DENSE_MEASURE) -> torch.Tensor:
+    """``similarity`` of every frame against every frame of each clip: ``(P, T, 4, 4)`` -> ``(P, T, T)``.
 
-    Entry ``[p, i, j]`` is the fraction of camera ``i``'s frustum inside camera ``j``'s, with the
-    default lens, depths and samples of ``li_compile.controller.similarity`` (so it equals
-    ``frustum_overlap(poses[p, i], poses[p, j:j+1])``); batched over pairs for the GPU.
+    Entry ``[p, i, j]`` scores past camera ``j`` for current camera ``i``, as
+    ``similarity(poses[p, i], poses[p, j:j+1], measure)`` does. Every measure depends on the
+    relative pose only, so all pairs go through one call per ``PAIRS_PER_PASS`` as banks seen from
+    an identity camera: batched, and the very same function the policies use.
     """
-    bounds = default_bounds(poses.device)
-    points = frustum_samples(bounds, DEFAULT_NEAR, DEFAULT_FAR)  # (S, 3) in the current camera
-    x_min, x_max, y_min, y_max = bounds.unbind()
     p_count, t = poses.shape[:2]
     current = poses[:, :, None].expand(p_count, t, t, 4, 4).reshape(-1, 4, 4)
     past = poses[:, None, :].expand(p_count, t, t, 4, 4).reshape(-1, 4, 4)
-    scores = []
-    for i in range(0, current.shape[0], PAIRS_PER_PASS):
-        to_past = relative_pose(past[i:i + PAIRS_PER_PASS], current[i:i + PAIRS_PER_PASS])
-        p = points @ to_past[:, :3, :3].transpose(-1, -2) + to_past[:, None, :3, 3]
-        z = p[..., 2]
-        u, v = p[..., 0] / z.clamp_min(DEFAULT_NEAR), p[..., 1] / z.clamp_min(DEFAULT_NEAR)
-        inside = (z >= DEFAULT_NEAR) & (z <= DEFAULT_FAR) & (u >= x_min) & (u <= x_max) & (v >= y_min) & (v <= y_max)
-        scores.append(inside.float().mean(-1))
+    eye = torch.eye(4, device=poses.device)
+    scores = [similarity(eye, relative_pose(current[i:i + PAIRS_PER_PASS], past[i:i + PAIRS_PER_PASS]), measure)
+              for i in range(0, current.shape[0], PAIRS_PER_PASS)]
     return torch.cat(scores).reshape(p_count, t, t)
 
 
-def dense_context_slots(poses: torch.Tensor, chunk_frames: int, window: int, memory: int) -> torch.Tensor:
-    """``DensePolicy(window, memory)``'s context of every chunk of every clip: ``(P, T, 4, 4)`` ->
-    ``(P, T // chunk_frames, window + memory)`` long frame indices, ``-1`` on padding (first).
+def dense_context_slots(poses: torch.Tensor, chunk_frames: int, window: int, memory: int,
+                        measure: str = DENSE_MEASURE) -> torch.Tensor:
+    """``DensePolicy(window, memory, measure)``'s context of every chunk of every clip:
+    ``(P, T, 4, 4)`` -> ``(P, T // chunk_frames, window + memory)`` long frame indices, ``-1`` on
+    padding (first).
 
     Chunk ``c`` (frames ``[c F, (c + 1) F)``) keeps the last ``window`` past frames and the
-    ``memory`` older ones that best overlap any of its cameras, each group sorted by time.
+    ``memory`` older ones that best match any of its cameras, each group sorted by time.
     """
     p_count, t = poses.shape[:2]
     chunks, capacity = t // chunk_frames, window + memory
-    overlap = pairwise_overlap(poses).cpu()
+    overlap = pairwise_similarity(poses, measure).cpu()
     slots = torch.full((p_count, chunks, capacity), -1, dtype=torch.long)
     for c in range(chunks):
         first = c * chunk_frames
