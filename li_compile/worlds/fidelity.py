@@ -6,7 +6,8 @@ real models start from a picture) and generates the rest with the shared loop
 ``li_compile.worlds.pipeline.generate``; ``prefix_hook`` feeds the true first chunk through the
 loop's ``step_hook`` (the Euler steps of chunk 0 land exactly on it), so nothing else changes.
 
-Scores (per-frame PSNR in dB and SSIM on RGB in [0, 1], averaged over the generated frames):
+Scores (per-frame PSNR in dB and SSIM on RGB in [0, 1] of ``report_tools``, averaged over the
+generated frames):
 ``dense`` (``DensePolicy``), ``repeat_last`` (the trivial predictor: every future frame is the last
 given frame) and, on **revisit** frames (cameras that returned to a place last seen before the
 recent window, so only memory can bring it back), dense with memory against ``DensePolicy(window,
@@ -18,20 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from li_compile.controller.poses import camera_centers, view_directions
 from li_compile.worlds.base import World
 from li_compile.worlds.pipeline import ContextPolicy, DensePolicy, StepHook, chunk_noise, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
+from li_compile.worlds.report_tools import psnr, ssim
 from li_compile.worlds.scenes import make_scene, render
 from li_compile.worlds.trajectories import TRAJECTORIES, Trajectory, make
 
 HELD_OUT_SEED = 900_000  # scene and trajectory seeds of held-out cases start here (training uses small seeds)
 REVISIT_DISTANCE = 0.05  # world units: a camera this close to an earlier one (and facing alike) revisits it
 REVISIT_COS = 0.998  # cosine between view directions of a revisit (about 3.6 degrees)
-SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
-SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
 
 
 @dataclass
@@ -86,25 +85,9 @@ def rollout(world: World, codec: PixelPatchCodec, case: Case, policy: ContextPol
     return codec.decode(result.latents)
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR in dB of images in [0, 1]: ``(N, 3, H, W)`` twice -> ``(N,)``."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(-1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-frame SSIM (Gaussian window 11, sigma 1.5, per channel then averaged): ``(N, 3, H, W)`` -> ``(N,)``."""
-    x = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
-    g = torch.exp(-x**2 / (2 * SSIM_SIGMA**2))
-    g = g / g.sum()
-    channels = pred.shape[1]
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).to(pred.device)
-    blur = lambda t: F.conv2d(t, kernel, groups=channels)  # noqa: E731
-    a, b = pred.float(), target.float()
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    score = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2))
-    return score.flatten(1).mean(-1)
+def frame_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over frames of the per-frame PSNR (dB) of ``(N, 3, H, W)`` pictures in [0, 1]."""
+    return sum(psnr(p, t) for p, t in zip(pred, target)) / len(pred)
 
 
 def revisit_frames(poses: torch.Tensor, chunk_frames: int, window: int) -> torch.Tensor:
@@ -137,18 +120,18 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
         repeat = truth[spec.chunk_frames - 1].expand_as(truth[generated])
         row = {
             "trajectory": case.trajectory.name, "scene_seed": case.scene_seed,
-            "psnr_dense": psnr(dense[generated], truth[generated]).mean().item(),
-            "psnr_repeat_last": psnr(repeat, truth[generated]).mean().item(),
-            "ssim_dense": ssim(dense[generated], truth[generated]).mean().item(),
-            "ssim_repeat_last": ssim(repeat, truth[generated]).mean().item(),
+            "psnr_dense": frame_psnr(dense[generated], truth[generated]),
+            "psnr_repeat_last": frame_psnr(repeat, truth[generated]),
+            "ssim_dense": ssim(dense[generated], truth[generated]),
+            "ssim_repeat_last": ssim(repeat.contiguous(), truth[generated]),
         }
         revisits = revisit_frames(case.trajectory.poses, spec.chunk_frames, spec.window)[:len(dense)]
         revisits[:spec.chunk_frames] = False
         if revisits.any():
             no_memory = rollout(world, codec, case, DensePolicy(spec.window, 0), seed)
             row["revisit_frames"] = int(revisits.sum())
-            row["psnr_revisit_memory"] = psnr(dense[revisits], truth[:len(dense)][revisits]).mean().item()
-            row["psnr_revisit_no_memory"] = psnr(no_memory[revisits], truth[:len(dense)][revisits]).mean().item()
+            row["psnr_revisit_memory"] = frame_psnr(dense[revisits], truth[:len(dense)][revisits])
+            row["psnr_revisit_no_memory"] = frame_psnr(no_memory[revisits], truth[:len(dense)][revisits])
         rows.append(row)
     keys = sorted({k for row in rows for k in row if k.startswith(("psnr", "ssim"))})
     mean = {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
