@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from li_compile.controller.similarity import MEASURES, similarity
-from li_compile.worlds import training_data
+from li_compile.worlds import training, training_data
 from li_compile.worlds.fidelity import frame_psnr, prefix_hook, revisit_frames
 from li_compile.worlds.hy_worldplay import build
 from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
@@ -133,6 +133,15 @@ def test_resumed_constant_lr_run_equals_the_uninterrupted_run(pool, tmp_path):
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
     for k in whole.ema:
         torch.testing.assert_close(resumed.ema[k], whole.ema[k])
+
+
+@pytest.mark.parametrize("budget_s, expected", [(1e6, 12), (1e-6, 4)])
+def test_a_time_budget_sets_the_schedule_length_from_the_measured_speed(pool, monkeypatch, budget_s, expected):
+    monkeypatch.setattr(training, "SPEED_WARMUP_STEPS", 2)
+    monkeypatch.setattr(training, "SPEED_PROBE_STEPS", 4)
+    config = TrainConfig(steps=12, batch=2, sigma_groups=1, clips=2, clip_frames=12)
+    state = train(config, "cpu", time_budget_s=budget_s, pool=pool, spec=TINY)
+    assert state.total_steps == expected and state.step == expected
 
 
 def test_prefix_hook_makes_the_first_chunk_the_given_frames():

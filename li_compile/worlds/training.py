@@ -42,7 +42,8 @@ TRAINED_SPEC = WorldSpec(
     vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE),
 )
 MODEL_SEED = 0  # build(seed=...) of the trained world: its initial weights and its fixed prompt embedding
-SPEED_PROBE_STEPS = 60  # with a time budget, the schedule's length is set from the speed of these first steps
+SPEED_WARMUP_STEPS = 20  # with a time budget: steps not timed (lazy initialisation, autotuning) ...
+SPEED_PROBE_STEPS = 120  # ... then the speed of the steps up to this one sets the schedule's length
 
 
 @dataclass
@@ -155,8 +156,8 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     ``checkpoint`` every ``checkpoint_every`` steps and at the end. With ``time_budget_s`` the
     schedule's length is resolved once, after ``SPEED_PROBE_STEPS`` steps, from the measured
     speed (at most ``config.steps``; ``state.total_steps`` records it: pass it as ``steps`` to
-    reproduce the run without a budget; resuming without a budget runs to ``config.steps``). ``on_step`` is called after every step (progress bars).
-    Returns the state with the EMA weights.
+    reproduce the run without a budget; resuming without a budget runs to ``config.steps``).
+    ``on_step`` is called after every step (progress bars). Returns the state with the EMA weights.
     """
     device = torch.device(device)
     codec = PixelPatchCodec(PIXEL_STRIDE)
@@ -182,6 +183,7 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     live = model.state_dict()
     params, averages = [live[k] for k in state.ema], list(state.ema.values())
     start = time.perf_counter() - state.seconds
+    warm_seconds = 0.0
     while state.step < state.total_steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, state.step, state.total_steps)
@@ -200,9 +202,12 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         state.step += 1
         state.losses.append(total)
         state.seconds = time.perf_counter() - start
+        if time_budget_s is not None and state.step == SPEED_WARMUP_STEPS:
+            warm_seconds = state.seconds
         if time_budget_s is not None and state.step == SPEED_PROBE_STEPS:
-            per_step = state.seconds / state.step
-            state.total_steps = min(config.steps, int(time_budget_s / per_step))
+            per_step = (state.seconds - warm_seconds) / (SPEED_PROBE_STEPS - SPEED_WARMUP_STEPS)
+            left = int((time_budget_s - state.seconds) / per_step)
+            state.total_steps = max(state.step, min(config.steps, state.step + left))
         if on_step is not None:
             on_step(state)
         if path is not None and (state.step % config.checkpoint_every == 0 or state.step == state.total_steps):
