@@ -12,6 +12,7 @@ plots (``--out``) and a JSON summary (``--json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,11 @@ from tqdm.auto import tqdm
 
 import li_compile
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
+from li_compile.controller.context import ContextController
+from li_compile.controller.session import session
+from li_compile.denoise_runtime import DENOISE, ChunkHook
 from li_compile.kernels.block_layout import BlockLayout
+from li_compile.options import Options
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
 from li_compile.worlds.pipeline import (
@@ -91,16 +96,25 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @dataclass
+class Driver:
+    """What drives one generation along one trajectory: the context policy, the denoising-cache step
+    hook, the scope the generation runs in (``li_compile.session`` for the controller), and the
+    statistics of each chunk afterwards (``chunk_stats(chunk, selection)`` -> dict with
+    ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``)."""
+
+    policy: ContextPolicy
+    step_hook: StepHook | None
+    scope: Callable[[], ContextManager]
+    chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
+
+
+@dataclass
 class Setup:
-    """How one run is driven: the compiled world, a fresh context policy per run, an optional
-    denoising-cache step hook, the statistics of each chunk (``chunk_stats(chunk, selection)``
-    -> dict with ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``), and the context
+    """How one run is driven: the compiled world, a fresh ``Driver`` per trajectory, and the context
     capacities the policy may ask for (each is compiled during warm-up)."""
 
     world: World
-    make_policy: Callable[[], ContextPolicy]
-    step_hook: StepHook | None
-    chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
+    driver: Callable[[trajectories.Trajectory], Driver]
     capacities: tuple[int, ...]
 
 
@@ -109,24 +123,57 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
     return {"memory_kept": len(selection.memory), "memory_pruned": 0, "density": 1.0, "cache_hits": 0}
 
 
-def dense_setup(world: World) -> Setup:
+def dense_setup(world: World, trajectory: trajectories.Trajectory) -> Setup:
     """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
     spec = world.spec
     compiled = world.compile(partial(torch.compile, dynamic=False))
-    return Setup(compiled, lambda: DensePolicy(spec.window, spec.memory), None, dense_stats, (spec.context_frames,))
+
+    def driver(trajectory: trajectories.Trajectory) -> Driver:
+        return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats)
+
+    return Setup(compiled, driver, (spec.context_frames,))
 
 
-def light_interaction_setup(world: World, options: dict[str, Any] | None = None) -> Setup:
-    """The light_interaction run. THE place where the context controller and the denoising cache plug
-    in: for now the dense policy, no step hook, dense statistics (so the two runs differ only by
-    the backend). ``dynamic=False``: each context capacity gets its own static graph (Dynamo would
-    otherwise make the context length symbolic at the second capacity, and the attention pass only
-    rewrites static sites)."""
+def light_interaction_options(world: World, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The backend options of a reference world's run: the user's, on top of the world's own context
+    sizes (the controller's window range ends at the dense window, so keeping everything is dense)."""
+    user = dict(options or {})
+    context = {"window_max": world.spec.window, "window_min": min(world.spec.window, 1), **user.get("context", {})}
+    return {**user, "context": context}
+
+
+def light_interaction_setup(world: World, options: Mapping[str, Any] | None = None) -> Setup:
+    """The light_interaction run: the world compiled with the backend, driven per chunk by a
+    ``ContextController`` (memory pruning, adaptive window, compact context buckets, attention plan)
+    and the denoising cache (``ChunkHook``: early steps of revisited chunks served from the cache).
+    ``dynamic=False``: each context capacity gets its own static graph (Dynamo would otherwise make
+    the context length symbolic at the second capacity, and the attention pass only rewrites static
+    sites)."""
     spec = world.spec
+    user = light_interaction_options(world, options)
+    opts = Options.from_user(user)
     compiled = world.compile(
-        lambda m: torch.compile(m, backend="light_interaction", options=options or {}, dynamic=False)
+        lambda m: torch.compile(m, backend="light_interaction", options=user, dynamic=False)
     )
-    return Setup(compiled, lambda: DensePolicy(spec.window, spec.memory), None, dense_stats, (spec.context_frames,))
+
+    def controller(trajectory: trajectories.Trajectory) -> ContextController:
+        return ContextController(opts, memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg,
+                                 aspect=trajectory.aspect, layout=world.layout)
+
+    def driver(trajectory: trajectories.Trajectory) -> Driver:
+        policy = controller(trajectory)
+        DENOISE.cache.clear()  # a run never reuses what another run stored
+        hook = ChunkHook(trajectory.poses, spec.chunk_frames, spec.sigmas()) if opts.cache.enabled else None
+
+        def chunk_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
+            context = policy.stats[chunk].values
+            cache = hook.stats[chunk].values if hook else {}
+            return {"memory_kept": context["memory_kept"], "memory_pruned": context["memory_dropped"],
+                    "density": context.get("density", 1.0), "cache_hits": cache.get("steps_reused", 0)}
+
+        return Driver(policy, hook, partial(session, policy), chunk_stats)
+
+    return Setup(compiled, driver, controller(trajectories.make("loop", spec.chunk_frames)).warm_up_buckets())
 
 
 @dataclass
@@ -143,10 +190,12 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
     count the frames Dynamo compiled while they ran."""
     warm_up(setup.world, setup.capacities)
     compiled_before = counters["frames"]["ok"]
-    gen = generate(setup.world, trajectory, setup.make_policy(), chunks, step_hook=setup.step_hook, seed=seed,
-                   progress=True)
+    driver = setup.driver(trajectory)
+    with driver.scope():
+        gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=driver.step_hook, seed=seed,
+                       progress=True)
     recompiles = counters["frames"]["ok"] - compiled_before
-    stats = [setup.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
+    stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
     return Run(gen, stats, recompiles)
 
 
@@ -329,7 +378,7 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
-    setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world)}
+    setups = {"dense": dense_setup(world, trajectory), "light_interaction": light_interaction_setup(world, trajectory)}
     runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in tqdm(setups.items(), desc="runs")}
     dense, light = runs["dense"], runs["light_interaction"]
     print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
