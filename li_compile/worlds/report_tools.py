@@ -123,7 +123,7 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
     return {"memory_kept": len(selection.memory), "memory_pruned": 0, "density": 1.0, "cache_hits": 0}
 
 
-def dense_setup(world: World, trajectory: trajectories.Trajectory) -> Setup:
+def dense_setup(world: World) -> Setup:
     """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
     spec = world.spec
     compiled = world.compile(partial(torch.compile, dynamic=False))
@@ -374,11 +374,12 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     start = time.perf_counter()
     world = world_module.build(args.preset, device=args.device, seed=args.seed)
     spec = world.spec
-    trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed)
+    trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed,
+                                   chunk_frames=spec.chunk_frames)
     print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
-    setups = {"dense": dense_setup(world, trajectory), "light_interaction": light_interaction_setup(world, trajectory)}
+    setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world)}
     runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in tqdm(setups.items(), desc="runs")}
     dense, light = runs["dense"], runs["light_interaction"]
     print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
