@@ -16,7 +16,7 @@ from li_compile.backend import light_interaction
 from li_compile.controller.context import ContextController
 from li_compile.controller.session import session
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
-from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate
+from li_compile.worlds.pipeline import DENSE_MEASURE, ContextSelection, DensePolicy, gather_context, generate, warm_up
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
 BACKEND_OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16}}  # one 4x4-token frame per block
@@ -52,21 +52,6 @@ def _controller(world, trajectory, **context) -> ContextController:
     )
 
 
-class _Capacity:
-    """A policy that feeds no context in ``capacity`` slots: compiles that bucket (warm-up)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-
-    def select(self, chunk, poses, chunk_poses, latents) -> ContextSelection:
-        return ContextSelection(memory=[], recent=[], capacity=self.capacity)
-
-
-def _warm_up(compiled, trajectory, controller) -> None:
-    for capacity in controller.warm_up_buckets():
-        generate(compiled, trajectory, _Capacity(capacity), chunks=1, decode=False)
-
-
 def test_64_chunks_with_pruning_compile_once_per_bucket_during_warm_up():
     world = _world("hy_worldplay", steps=1)
     trajectory = trajectories.make("loop", 64 * world.spec.chunk_frames)
@@ -78,7 +63,7 @@ def test_64_chunks_with_pruning_compile_once_per_bucket_during_warm_up():
     # avoids the (slow, interpreted) kernel; chunk 0 (no context, one padded slot) runs it sparse
     controller = _controller(world, trajectory, capacity_fractions=tuple(i / 6 for i in range(1, 7)))
     with session(controller):
-        _warm_up(compiled, trajectory, controller)
+        warm_up(compiled, controller.warm_up_buckets())
         warm = counter.frame_count
         with torch.compiler.set_stance("fail_on_recompile"):
             generate(compiled, trajectory, controller, chunks=64, decode=False)
@@ -132,12 +117,12 @@ def test_pruned_frames_never_reach_attention(name):
 def test_thresholds_that_keep_everything_reproduce_dense_generation(name):
     world = _world(name)
     spec = world.spec
-    trajectory = trajectories.make("out_and_back", 4 * spec.chunk_frames)
+    trajectory = trajectories.make("out_and_back", 3 * spec.chunk_frames)  # chunk 2: 4 frames in 5 slots
     dense = generate(world, trajectory, DensePolicy(spec.window, spec.memory), decode=False)
-    controller = _controller(world, trajectory, keep_threshold=0.0, window_rule="fixed", similarity="frustum")
+    controller = _controller(world, trajectory, keep_threshold=0.0, window_rule="fixed", similarity=DENSE_MEASURE)
     compiled = _compiled(world)
     with session(controller):
-        _warm_up(compiled, trajectory, controller)
+        warm_up(compiled, controller.warm_up_buckets())
         ours = generate(compiled, trajectory, controller, decode=False)
     assert [s.frames for s in ours.selections] == [s.frames for s in dense.selections]
     assert any(s.values.get("plan") == "sparse" for s in controller.stats)  # padded buckets ran the kernel
