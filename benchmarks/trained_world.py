@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     world = load_trained(args.device, args.weights)
     codec = PixelPatchCodec(PIXEL_STRIDE)
-    cases = held_out_cases(args.frames, args.per_trajectory, IMAGE_SIZE)
+    cases = held_out_cases(args.frames, args.per_trajectory, IMAGE_SIZE, device=args.device)
     result = evaluate(world, codec, cases)
     mean = result["mean"]
     result["dense_gain_over_repeat_last_db"] = mean["psnr_dense"] - mean["psnr_repeat_last"]

@@ -42,16 +42,19 @@ class Case:
     frames: torch.Tensor
 
 
-def held_out_cases(frames: int, per_trajectory: int, image_size: int, names: tuple[str, ...] | None = None) -> list[Case]:
+def held_out_cases(frames: int, per_trajectory: int, image_size: int, names: tuple[str, ...] | None = None,
+                   device: torch.device | str = "cpu") -> list[Case]:
     """``per_trajectory`` cases of each trajectory name (default: all of ``TRAJECTORIES``), ``frames``
-    long, rendered at ``image_size`` with objects kept clear of the path."""
+    long, rendered at ``image_size`` on ``device`` (frames returned on the CPU) with objects kept
+    clear of the path."""
     cases = []
     for n, name in enumerate(sorted(names or TRAJECTORIES)):
         for i in range(per_trajectory):
             seed = HELD_OUT_SEED + 100 * n + i
             trajectory = make(name, frames, seed)
             scene = make_scene(seed, clear_points=camera_centers(trajectory.poses))
-            cases.append(Case(trajectory, seed, render(scene, trajectory.poses, trajectory.fov_y_deg, image_size)))
+            truth = render(scene, trajectory.poses.to(device), trajectory.fov_y_deg, image_size).cpu()
+            cases.append(Case(trajectory, seed, truth))
     return cases
 
 
