@@ -45,7 +45,7 @@ def run(world_name: str, trajectory_name: str, frames: int, reuse_steps: int, st
     trajectory = trajectories.make(trajectory_name, frames)
     dense = generate(world, trajectory, decode=False)
     torch._dynamo.reset()
-    DENOISE.__init__()
+    DENOISE.reset()
     options = {"inner": inner, "cache": {"reuse_steps": reuse_steps, "stored": stored}}
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options))
     hook = ChunkHook(trajectory.poses, world.spec.chunk_frames, world.spec.sigmas())

@@ -89,7 +89,7 @@ def sample(model, x, sigmas, sampler="euler"):
 @pytest.fixture(autouse=True)
 def fresh():
     torch._dynamo.reset()
-    DENOISE.__init__()
+    DENOISE.reset()
     yield
     assert not DENOISE.active, "a test left a chunk open"
     torch._dynamo.reset()
@@ -249,7 +249,7 @@ def test_unrolled_chunk_steps_are_found_and_early_steps_reused_on_revisits(
     sampler, spelling, steps, shift, reuse_steps, python_sigmas
 ):
     torch._dynamo.reset()
-    DENOISE.__init__()
+    DENOISE.reset()
     model, sigmas = ToyDenoiser(), sigma_schedule(steps, shift)
     fn = chunk_function(model, sigmas, sampler, spelling, python_sigmas)
     compiled = torch.compile(

@@ -27,7 +27,7 @@ def graph_runs(monkeypatch):
 
     monkeypatch.setitem(inner.INNER, "eager", counting_eager)
     torch._dynamo.reset()
-    DENOISE.__init__()
+    DENOISE.reset()
     yield runs
     torch._dynamo.reset()
 
