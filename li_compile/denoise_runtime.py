@@ -15,7 +15,8 @@ classifier-free guidance as separate calls, are kept apart). On the first early 
 (``step < reuse_steps``) the chunk is looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. Outside ``begin_chunk`` /
-``end_chunk`` nothing is cached: the model always runs. All of this happens on the host, between
+``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
+the model always runs. All of this happens on the host, between
 calls of compiled graphs, so hits and misses never change anything Dynamo guards on.
 
 What is stored (``options.cache.stored``):
@@ -157,7 +158,7 @@ class DenoiseRuntime:
         step is never served).
         """
         c = self._chunk
-        if c is None:
+        if c is None or torch.is_grad_enabled():  # inference only: a served output has no gradient
             return compute()
         call = 0
         if step is None and c.step is not None:

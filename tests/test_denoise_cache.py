@@ -111,7 +111,8 @@ class Model:
 def run_chunk(runtime, model, poses, steps=4, sigmas=None, options=CacheOptions(reuse_steps=2), x=None):
     x = torch.randn(LATENT.shape, generator=torch.Generator().manual_seed(0)) if x is None else x
     runtime.begin_chunk(0, poses, sigmas)
-    outs = [runtime.step("model", "fp", x, lambda i=i: model(x, i), options) for i in range(steps)]
+    with torch.no_grad():
+        outs = [runtime.step("model", "fp", x, lambda i=i: model(x, i), options) for i in range(steps)]
     return outs, runtime.end_chunk()
 
 
@@ -166,7 +167,8 @@ def test_told_steps_keep_several_calls_per_step_apart():
             runtime.set_step(step)
             for guidance in (0.0, 1.0):  # conditional and unconditional, as separate calls
                 fresh = torch.full(LATENT.shape, 10 * step + guidance + chunk)
-                outputs.append(runtime.step("model", "fp", LATENT, lambda f=fresh: f, options))
+                with torch.no_grad():
+                    outputs.append(runtime.step("model", "fp", LATENT, lambda f=fresh: f, options))
         assert runtime.end_chunk().values["steps_reused"] == (0 if chunk == 0 else 2)
     first, again = outputs[:4], outputs[4:]
     assert [float(o[0, 0, 0, 0, 0]) for o in again] == [0.0, 1.0, 11.0, 12.0]  # step 0 served, call by call
@@ -178,6 +180,16 @@ def test_the_last_step_always_computes():
     run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=[1.0, 0.5, 0.0], options=CacheOptions(reuse_steps=5))
     _, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=[1.0, 0.5, 0.0], options=CacheOptions(reuse_steps=5))
     assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 1
+
+
+def test_with_gradients_enabled_the_model_always_runs():
+    runtime, model = DenoiseRuntime(), Model()
+    run_chunk(runtime, model, chunk_cameras(0.0))
+    runtime.begin_chunk(1, chunk_cameras(0.0))
+    with torch.enable_grad():
+        for i in range(4):
+            runtime.step("model", "fp", LATENT, lambda i=i: model(LATENT, i), CacheOptions(reuse_steps=2))
+    assert runtime.end_chunk().values["cache"] == "off" and model.calls == 8
 
 
 def test_disabled_cache_or_new_place_never_hits():
