@@ -32,14 +32,18 @@ InnerCompiler = Callable[[fx.GraphModule, Sequence[torch.Tensor], "str | None"],
 
 
 class _Fingerprint:
-    """The model/graph identity of a call: a hash of the graph's code plus the storage of its
-    parameter inputs (two models with one architecture share the code, not the weights)."""
+    """The model identity of a call: a hash of the model's parameters, by name and by storage (two
+    models with one architecture share the names, not the weights). Not the graph's code: the
+    graphs one model compiles to at its several context capacities (the controller's buckets) are
+    one model, and a revisit served across them is right; resolution, dtype and device are in the
+    cache stamp."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.params = [i for i, n in enumerate(inputs) if is_parameter(n)]
-        held = [f"{name}:{id(t)}" for name, t in (*gm.named_parameters(), *gm.named_buffers())]
-        self.code = hashlib.sha1((gm.code + "".join(held)).encode()).hexdigest()[:16]
+        names = [inputs[i].target for i in self.params]
+        held = [f"{name}:{id(t)}" for name, t in gm.named_parameters()]  # not buffers: plan slots live there
+        self.code = hashlib.sha1("".join(names + held).encode()).hexdigest()[:16]
 
     def of(self, args: Sequence) -> str:
         ptrs = ",".join(str(args[i].data_ptr()) for i in self.params if isinstance(args[i], torch.Tensor))

@@ -169,7 +169,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
             context = policy.stats[chunk].values
             cache = hook.stats[chunk].values if hook else {}
             return {"memory_kept": context["memory_kept"], "memory_pruned": context["memory_dropped"],
-                    "density": context.get("density", 1.0), "cache_hits": cache.get("steps_reused", 0)}
+                    "density": context.get("density", 1.0), "cache_hits": cache.get("cache_hits", 0)}
 
         return Driver(policy, hook, partial(session, policy), chunk_stats)
 

@@ -119,7 +119,7 @@ def loop(frames: int, seed: int = 0, period: int | None = None) -> Trajectory:
     ``i + period`` are the same camera. Default period: two thirds of ``frames``, so the last
     third is a revisit. ``seed`` sets the loop's radius and direction."""
     _check_frames(frames)
-    period = period or max(2, (2 * frames) // 3)
+    period = period or default_period(frames)
     gen = torch.Generator().manual_seed(seed)
     direction = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
     phase = direction * 2 * math.pi * (torch.arange(frames) % period).float() / period
@@ -133,7 +133,7 @@ def orbit(frames: int, seed: int = 0, period: int | None = None) -> Trajectory:
     """Circle a point while looking at it, slightly from above; frame ``i + period`` repeats frame
     ``i`` (default period: two thirds of ``frames``). ``seed`` sets radius, height and direction."""
     _check_frames(frames)
-    period = period or max(2, (2 * frames) // 3)
+    period = period or default_period(frames)
     gen = torch.Generator().manual_seed(seed)
     radius = 3.0 + 2.0 * torch.rand(1, generator=gen).item()
     height = -0.5 - torch.rand(1, generator=gen).item()  # y is down: negative is above the ground
@@ -187,8 +187,21 @@ TRAJECTORIES: dict[str, Callable[..., Trajectory]] = {
 }
 
 
-def make(name: str, frames: int, seed: int = 0) -> Trajectory:
-    """The trajectory called ``name`` (see ``TRAJECTORIES``) with ``frames`` latent frames."""
+PERIODIC = ("loop", "orbit")  # the paths that repeat themselves with a period
+
+
+def default_period(frames: int, chunk_frames: int = 1) -> int:
+    """The period of a periodic path: two thirds of ``frames``, rounded down to whole chunks of
+    ``chunk_frames`` frames, so a revisiting chunk has the same cameras, in the same order, as the
+    chunk it revisits (what a denoising cache needs to reuse it)."""
+    return max(2, chunk_frames, (2 * frames) // 3 // chunk_frames * chunk_frames)
+
+
+def make(name: str, frames: int, seed: int = 0, chunk_frames: int = 1) -> Trajectory:
+    """The trajectory called ``name`` (see ``TRAJECTORIES``) with ``frames`` latent frames; periodic
+    paths get ``default_period(frames, chunk_frames)``."""
     if name not in TRAJECTORIES:
         raise ValueError(f"trajectory must be one of {sorted(TRAJECTORIES)}, got {name!r}")
+    if name in PERIODIC:
+        return TRAJECTORIES[name](frames, seed, period=default_period(frames, chunk_frames))
     return TRAJECTORIES[name](frames, seed)
