@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch
 from li_compile.plan import PLAN, PlanSlot
 
@@ -118,11 +119,7 @@ def _with_causal(mask: torch.Tensor | None, q_len: int, kv_len: int, device: tor
 
 
 def slot_dense_mask(slot: PlanSlot) -> torch.Tensor:
-    """The token-level bool mask (B, H, Lq, Lk) of the slot's layout: True where a query may see a key."""
+    """The token-level bool mask (B, H, Lq, Lk) of the slot's layout: True where a query may see a key
+    (what the kernel computes: ``BlockLayout.to_dense_mask`` of the slot's tensors)."""
     s = slot.signature
-    blocks = torch.zeros(s.batch, s.heads, s.q_blocks, s.kv_blocks + 1, dtype=torch.bool, device=slot.key_keep.device)
-    for counts, indices in ((slot.kv_num_blocks, slot.kv_indices), (slot.full_kv_num_blocks, slot.full_kv_indices)):
-        used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
-        blocks.scatter_(-1, torch.where(used, indices, s.kv_blocks).long(), True)
-    tokens = blocks[..., :-1].repeat_interleave(s.block_q, dim=2).repeat_interleave(s.block_k, dim=3)
-    return tokens[:, :, : s.q_len, : s.kv_len] & slot.key_keep[:, None, None, :]
+    return BlockLayout(*slot.tensors(), block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len).to_dense_mask()
