@@ -65,11 +65,12 @@ class DenoiseRuntime:
     """Host state of the denoising cache: the cache itself and the chunk being generated."""
 
     def __init__(self, capacity: int = CacheOptions().capacity) -> None:
-        self.reset(capacity)
-
-    def reset(self, capacity: int = CacheOptions().capacity) -> None:
-        """Forget every entry, the chunk statistics and any open chunk."""
         self.cache = DenoiseCache(capacity)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every entry, the chunk statistics and any open chunk (the capacity stays)."""
+        self.cache = DenoiseCache(self.cache.capacity)
         self.history: list[ChunkStats] = []
         self._chunk: _Chunk | None = None
 

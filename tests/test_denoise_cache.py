@@ -192,6 +192,15 @@ def test_with_gradients_enabled_the_model_always_runs():
     assert runtime.end_chunk().values["cache"] == "off" and model.calls == 8
 
 
+def test_reset_forgets_entries_and_stats_but_keeps_the_capacity():
+    runtime, model = DenoiseRuntime(capacity=3), Model()
+    run_chunk(runtime, model, chunk_cameras(0.0))
+    runtime.reset()
+    assert len(runtime.cache) == 0 and runtime.history == [] and runtime.cache.capacity == 3
+    _, stats = run_chunk(runtime, model, chunk_cameras(0.0))
+    assert stats.values["cache"] == "miss"
+
+
 def test_disabled_cache_or_new_place_never_hits():
     runtime, model = DenoiseRuntime(), Model()
     run_chunk(runtime, model, chunk_cameras(0.0))
