@@ -11,7 +11,8 @@ graph break.
 
 Why a host runner and not ``torch.cond`` in the graph: the decision needs the chunk's cameras and
 the cache contents, which live on the host; reading them inside the graph would either guard on
-them (recompiles) or make the graph take the stored output as an extra input on every call.
+them (recompiles) or make the graph take the stored output as an extra input on every call, and a
+``torch.cond`` on a device flag reads the flag back to the host (a sync) on every model call.
 """
 
 from __future__ import annotations
