@@ -99,7 +99,7 @@ class WorldSpec:
 class Context:
     """The clean context of one chunk, right-aligned in ``capacity`` slots (padding first).
 
-    ``latents: (1, capacity, C, h, w)``, ``poses: (1, capacity, 4, 4)`` (identity on padding),
+    ``latents: (1, capacity, C, h, w)``, ``poses: (1, capacity, 4, 4)`` (CPU float32, identity on padding),
     ``valid: (1, capacity)`` bool, ``frame_index: (1, capacity)`` float32 (the frame's index in the
     generated video; 0 on padding). ``frames`` lists the history indices in slot order.
     """

@@ -163,7 +163,7 @@ class HYWorldPlay(World):
                first_frame: int) -> dict[str, torch.Tensor]:
         """Cameras relative to the chunk's first camera; actions for chunk frames only."""
         dtype = self.spec.dtype
-        poses = torch.cat([context.poses[0].cpu(), chunk_poses])
+        poses = torch.cat([context.poses[0], chunk_poses])
         camera = camera_features(chunk_poses[0], poses)[None]
         actions = torch.cat([torch.zeros(context.capacity, ACTION_DIM), chunk_actions])[None]
         return {

@@ -207,7 +207,7 @@ class MatrixGame3(World):
         """Cameras relative to the chunk's first camera; fills the KV cache from the context."""
         dtype, device = self.spec.dtype, self.device
         reference = chunk_poses[0]
-        context_camera = camera_features(reference, context.poses[0].cpu())[None].to(device, dtype)
+        context_camera = camera_features(reference, context.poses[0])[None].to(device, dtype)
         no_action = torch.zeros(1, context.capacity, ACTION_DIM, device=device, dtype=dtype)
         kv = self.encoder(context.latents, context.valid, context_camera, no_action, context.frame_index, self.text)
         frame_t = (first_frame + torch.arange(self.spec.chunk_frames)).float()[None]

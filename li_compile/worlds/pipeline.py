@@ -124,7 +124,7 @@ def gather_context(latents: torch.Tensor, poses: torch.Tensor, selection: Contex
         valid[0, pad:] = True
         frame_index[0, pad:] = index.float()
     device = latents.device
-    return Context(ctx_latents, ctx_poses.to(device), valid.to(device), frame_index.to(device), frames)
+    return Context(ctx_latents, ctx_poses, valid.to(device), frame_index.to(device), frames)
 
 
 @dataclass
