@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # pipeline imports this module to register the pass
 
 KIND = "attention"
 
+SPARSITY_OFF = "attention (sparsity.enabled is False: left to the inner compiler)"
+
 
 def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
     """Rewrite every provable attention site of ``gm`` to ``li::planned_attention``; report each."""
@@ -57,6 +59,9 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
             _check_rewritable(match, streams)
         except NotAttention as exc:
             ctx.compilation.sites.append(Site(KIND, "skipped", reason=str(exc), location=location(node)))
+            continue
+        if not ctx.options.sparsity.enabled:
+            ctx.compilation.sites.append(Site(KIND, "skipped", reason=SPARSITY_OFF, location=location(node)))
             continue
         slot = PLAN.slot_for(_signature(match, ctx))
         detail = {

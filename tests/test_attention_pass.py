@@ -304,3 +304,12 @@ def test_the_rewrite_adds_no_graph_break_and_no_recompilation_across_plan_change
     assert counter.frame_count == 1
     explained = torch._dynamo.explain(block)(*args)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_with_sparsity_disabled_attention_is_left_to_the_inner_compiler_with_the_reason():
+    fn, t = SPELLINGS["sdpa"], inputs()
+    compiled = torch.compile(fn, backend="light_interaction", options={"inner": "eager", "sparsity": {"enabled": False}})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(t), fn(t), **FP32)
+    (site,) = sites(compiled)
+    assert site.status == "skipped" and "sparsity.enabled is False" in site.reason

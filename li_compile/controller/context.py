@@ -91,6 +91,13 @@ class ContextController:
         warm-up so the model compiles every bucket then (once each) and never afterwards."""
         return self.buckets if self.options.enabled else (self.max_context,)
 
+    def warm_up_plan(self, capacity: int) -> None:
+        """Write the plan of a chunk whose ``capacity`` context slots are all padding (the warm-up
+        call's context), so that warm-up runs the block-sparse kernel at that shape: the kernel
+        compiles and autotunes then, never while a trajectory is timed."""
+        if self.layout is not None and self.options.enabled:
+            write_chunk_plan(self.layout(capacity), padded_context_keep(0, capacity))
+
     def select(
         self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor, latents: torch.Tensor
     ) -> ContextSelection:

@@ -111,11 +111,12 @@ class Driver:
 @dataclass
 class Setup:
     """How one run is driven: the compiled world, a fresh ``Driver`` per trajectory, and the context
-    capacities the policy may ask for (each is compiled during warm-up)."""
+    warm-up (``warm_up()``: one model call per context capacity the policy may ask for, so every
+    graph compiles, and every kernel autotunes, before the trajectory is timed)."""
 
     world: World
     driver: Callable[[trajectories.Trajectory], Driver]
-    capacities: tuple[int, ...]
+    warm_up: Callable[[], None]
 
 
 def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
@@ -131,7 +132,7 @@ def dense_setup(world: World) -> Setup:
     def driver(trajectory: trajectories.Trajectory) -> Driver:
         return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats)
 
-    return Setup(compiled, driver, (spec.context_frames,))
+    return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,)))
 
 
 def light_interaction_options(world: World, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -173,7 +174,14 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
 
         return Driver(policy, hook, partial(session, policy), chunk_stats)
 
-    return Setup(compiled, driver, controller(trajectories.make("loop", spec.chunk_frames)).warm_up_buckets())
+    def warm_up_buckets() -> None:
+        policy = controller(trajectories.make("loop", spec.chunk_frames))
+        with session(policy):  # the plans it writes are cleared when the session ends
+            for capacity in policy.warm_up_buckets():
+                policy.warm_up_plan(capacity)
+                warm_up(compiled, (capacity,))
+
+    return Setup(compiled, driver, warm_up_buckets)
 
 
 @dataclass
@@ -188,7 +196,7 @@ class Run:
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int) -> Run:
     """Warm up (one model call per context capacity: compiles), then generate ``chunks`` chunks and
     count the frames Dynamo compiled while they ran."""
-    warm_up(setup.world, setup.capacities)
+    setup.warm_up()
     compiled_before = counters["frames"]["ok"]
     driver = setup.driver(trajectory)
     with driver.scope():
