@@ -163,4 +163,17 @@ def report(compiled: Any) -> Report:
             f"{name} has not been compiled by the light_interaction backend yet: torch.compile is lazy, "
             "call the compiled model once, then ask for its report"
         )
-    return Report(target=name, compilations=comps)
+    return Report(target=name, compilations=comps, chunks=_chunk_stats())
+
+
+def _chunk_stats() -> list[ChunkStats]:
+    """Per-chunk statistics of the latest run: the last attached context controller's decisions,
+    merged by chunk with the denoising cache's (imported here: both modules import this one)."""
+    from li_compile.controller.session import last_controller
+    from li_compile.denoise_runtime import DENOISE
+
+    merged: dict[int, ChunkStats] = {}
+    controller = last_controller()
+    for stats in [*(controller.stats if controller else []), *DENOISE.history]:
+        merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
+    return [merged[c] for c in sorted(merged)]

@@ -127,3 +127,18 @@ def test_thresholds_that_keep_everything_reproduce_dense_generation(name):
     assert [s.frames for s in ours.selections] == [s.frames for s in dense.selections]
     assert any(s.values.get("plan") == "sparse" for s in controller.stats)  # padded buckets ran the kernel
     torch.testing.assert_close(ours.latents, dense.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_the_report_lists_each_chunks_context_decisions():
+    import li_compile
+
+    world = _world("hy_worldplay")
+    trajectory = trajectories.make("loop", 3 * world.spec.chunk_frames)
+    compiled = _compiled(world)
+    controller = _controller(world, trajectory)
+    with li_compile.session(controller):
+        generate(compiled, trajectory, controller, chunks=3, decode=False)
+    chunks = li_compile.report(compiled.model).chunks
+    assert [c.chunk for c in chunks] == [0, 1, 2]
+    assert [c.values["memory_kept"] for c in chunks] == [s.values["memory_kept"] for s in controller.stats]
+    assert "chunk 2: window=" in str(li_compile.report(compiled.model))

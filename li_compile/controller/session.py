@@ -20,6 +20,7 @@ from li_compile.controller.context import ContextController
 from li_compile.plan import PLAN
 
 _ACTIVE: list[ContextController] = []  # innermost last
+_LAST: list[ContextController] = []  # the controller of the latest session (for li_compile.report)
 
 
 @contextlib.contextmanager
@@ -28,6 +29,7 @@ def session(controller: ContextController) -> Iterator[ContextController]:
     if not isinstance(controller, ContextController):
         raise ValueError(f"session() needs a ContextController, got {type(controller).__name__}")
     _ACTIVE.append(controller)
+    _LAST[:] = [controller]
     try:
         yield controller
     finally:
@@ -39,3 +41,8 @@ def session(controller: ContextController) -> Iterator[ContextController]:
 def active_controller() -> ContextController | None:
     """The controller of the innermost open session, or None outside any session."""
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+def last_controller() -> ContextController | None:
+    """The controller of the latest session, open or ended (its stats fill ``li_compile.report``)."""
+    return _LAST[0] if _LAST else None
