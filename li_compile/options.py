@@ -3,7 +3,7 @@
 Users pass a nested dict::
 
     torch.compile(model, backend="light_interaction",
-                  options={"inner": "inductor", "sparsity": {"density": 0.5}, "cache": {"reuse_steps": 2}})
+                  options={"inner": "inductor", "context": {"keep_threshold": 0.2}, "cache": {"reuse_steps": 2}})
 
 Every key is checked: an unknown key or a bad value raises ``ValueError`` naming the key and listing
 what is valid, before anything is compiled. Each approximation the backend makes is a named option
@@ -31,19 +31,15 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict:
     return {"range": (lo, hi)}
 
 
-TRIPLE = {"triple": True}  # a (t, h, w) shape of positive ints
-
 
 @dataclass(frozen=True)
 class SparsityOptions:
-    """3D block-sparse attention: tile shape, local window and density budget."""
+    """Block-sparse attention: whether attention sites run through ``li::planned_attention`` (the
+    block-sparse kernel on the controller's plans), and the token blocks its plans are cut into."""
 
     enabled: bool = True
-    tile: tuple[int, int, int] = field(default=(1, 8, 16), metadata=TRIPLE)
     block_q: int = field(default=128, metadata=_range(16, 256))
     block_k: int = field(default=128, metadata=_range(16, 256))
-    local_window: tuple[int, int, int] | None = field(default=None, metadata=TRIPLE)
-    density: float = field(default=1.0, metadata=_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,6 @@ class Options:
     sparsity: SparsityOptions = field(default_factory=SparsityOptions)
     context: ContextOptions = field(default_factory=ContextOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)
-    debug: bool = False
 
     @classmethod
     def from_user(cls, options: "Options | Mapping[str, Any] | None") -> "Options":
@@ -136,8 +131,6 @@ def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
         return value
     if isinstance(default, (int, float)):
         return _check_number(f, value, path, integer=isinstance(default, int))
-    if f.metadata.get("triple"):
-        return _check_int_triple(value, path, optional=default is None)
     return value
 
 
@@ -152,15 +145,3 @@ def _check_number(f: dataclasses.Field, value: Any, path: str, integer: bool) ->
         raise ValueError(f"option {path!r} must be in [{lo}, {'inf' if hi is None else hi}], got {value!r}")
     return value
 
-
-def _check_int_triple(value: Any, path: str, optional: bool) -> tuple[int, int, int] | None:
-    if value is None and optional:
-        return None
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        expected = "(t, h, w) of positive ints" + (" or None" if optional else "")
-        raise ValueError(f"option {path!r} must be {expected}, got {value!r}")
-    return tuple(value)

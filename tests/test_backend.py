@@ -127,12 +127,12 @@ def test_passes_see_options_and_record_sites(monkeypatch):
     seen = {}
 
     def recording_pass(gm, ctx):
-        seen["density"] = ctx.options.sparsity.density
+        seen["block_q"] = ctx.options.sparsity.block_q
         ctx.compilation.sites.append(Site(kind="attention", status="skipped", reason="test", location="here.py:1"))
 
     monkeypatch.setattr(pipeline, "PASSES", [recording_pass])
-    compiled = torch.compile(TwoLayer(), backend="light_interaction", options={"inner": "eager", "sparsity": {"density": 0.5}})
+    compiled = torch.compile(TwoLayer(), backend="light_interaction", options={"inner": "eager", "sparsity": {"block_q": 64}})
     compiled(torch.randn(2, 8))
-    assert seen == {"density": 0.5}
+    assert seen == {"block_q": 64}
     text = str(li_compile.report(compiled))
     assert "attention" in text and "skipped" in text and "here.py:1" in text

@@ -14,10 +14,10 @@ def test_defaults_when_no_options_given():
 
 
 def test_nested_dict_sets_section_fields():
-    opts = Options.from_user({"inner": "eager", "sparsity": {"density": 0.25, "tile": [2, 8, 8]}, "cache": {"reuse_steps": 3}})
+    opts = Options.from_user({"inner": "eager", "sparsity": {"block_k": 64}, "cache": {"reuse_steps": 3}})
     assert opts.inner == "eager"
-    assert opts.sparsity.density == 0.25
-    assert opts.sparsity.tile == (2, 8, 8)
+    assert opts.sparsity.block_k == 64
+    assert opts.sparsity.block_q == Options().sparsity.block_q
     assert opts.cache.reuse_steps == 3
     assert opts.context == Options().context
 
@@ -26,11 +26,11 @@ def test_nested_dict_sets_section_fields():
     "options, names",
     [
         ({"speed": "max"}, ["'speed'", "inner", "sparsity"]),
-        ({"sparsity": {"densty": 0.5}}, ["'sparsity.densty'", "density"]),
+        ({"sparsity": {"blok_q": 64}}, ["'sparsity.blok_q'", "block_q"]),
         ({"inner": "tvm"}, ["'inner'", *INNER_COMPILERS]),
-        ({"sparsity": {"density": 1.5}}, ["'sparsity.density'", "[0.0, 1.0]"]),
-        ({"sparsity": {"density": float("nan")}}, ["'sparsity.density'", "finite"]),
-        ({"sparsity": {"tile": (1, 8)}}, ["'sparsity.tile'", "(t, h, w)"]),
+        ({"context": {"keep_threshold": 1.5}}, ["'context.keep_threshold'", "[0.0, 1.0]"]),
+        ({"context": {"keep_threshold": float("nan")}}, ["'context.keep_threshold'", "finite"]),
+        ({"sparsity": {"block_q": 8}}, ["'sparsity.block_q'", "[16, 256]"]),
         ({"cache": {"reuse_steps": 1.5}}, ["'cache.reuse_steps'", "an int"]),
         ({"cache": {"enabled": "yes"}}, ["'cache.enabled'", "True or False"]),
         ({"context": {"window_min": 9, "window_max": 4}}, ["window_min", "window_max"]),
@@ -45,8 +45,8 @@ def test_bad_options_name_the_key_and_the_valid_values(options, names):
 
 
 def test_bad_options_fail_at_compile_time_through_torch_compile():
-    fn = torch.compile(lambda x: x + 1, backend="light_interaction", options={"sparsity": {"densty": 0.5}})
-    with pytest.raises(Exception, match="sparsity.densty"):
+    fn = torch.compile(lambda x: x + 1, backend="light_interaction", options={"sparsity": {"blok_q": 64}})
+    with pytest.raises(Exception, match="sparsity.blok_q"):
         fn(torch.ones(2))
 
 
