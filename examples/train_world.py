@@ -26,7 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from li_compile.worlds.training import IMAGE_SIZE, TRAINED_SPEC, TrainConfig, export_weights, train  # noqa: E402
+from li_compile.worlds.training import (  # noqa: E402
+    IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, train,
+)
 from li_compile.worlds.training_data import make_pool  # noqa: E402
 
 SMOOTHING = 50  # steps averaged in the plotted loss curve
@@ -88,7 +90,7 @@ def main() -> None:
     state = train(config, args.device, checkpoint, budget, on_step, pool=pool)
     bar.close()
     weights = args.weights or args.out / "hy_trained.pt"
-    export_weights(state.ema, weights)
+    export_weights(averaged_weights(state, config.ema), weights)
     plot_losses(state.losses, args.out / "loss.png")
     tail = state.losses[-SMOOTHING:]
     summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1),

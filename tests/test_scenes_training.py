@@ -11,7 +11,7 @@ from li_compile.worlds.fidelity import frame_psnr, prefix_hook, revisit_frames
 from li_compile.worlds.hy_worldplay import build
 from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training import TRAINED_SPEC, TrainConfig, flow_matching_loss, new_world, train
+from li_compile.worlds.training import TRAINED_SPEC, TrainConfig, averaged_weights, flow_matching_loss, new_world, train
 from li_compile.worlds.training_data import dense_context_slots, make_pool, pairwise_similarity, sample_batch
 from li_compile.worlds.trajectories import make
 
@@ -133,6 +133,13 @@ def test_resumed_constant_lr_run_equals_the_uninterrupted_run(pool, tmp_path):
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
     for k in whole.ema:
         torch.testing.assert_close(resumed.ema[k], whole.ema[k])
+
+
+def test_averaged_weights_of_a_constant_model_are_that_model(pool):
+    config = TrainConfig(steps=3, batch=2, sigma_groups=1, lr=0.0, clips=2, clip_frames=12, ema=0.999)
+    state = train(config, "cpu", pool=pool, spec=TINY)
+    for k, v in averaged_weights(state, config.ema).items():
+        torch.testing.assert_close(v, state.world.model.state_dict()[k])
 
 
 @pytest.mark.parametrize("budget_s, expected", [(1e6, 12), (1e-6, 4)])
