@@ -7,11 +7,13 @@ import torch
 
 from li_compile.controller.similarity import MEASURES, similarity
 from li_compile.worlds import training, training_data
-from li_compile.worlds.fidelity import frame_psnr, prefix_hook, revisit_frames
+from li_compile.worlds.fidelity import evaluate, frame_psnr, held_out_cases, prefix_hook, revisit_frames
 from li_compile.worlds.hy_worldplay import build
 from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training import TRAINED_SPEC, TrainConfig, averaged_weights, flow_matching_loss, new_world, train
+from li_compile.worlds.training import (
+    IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, flow_matching_loss, load_trained, new_world, train,
+)
 from li_compile.worlds.training_data import dense_context_slots, make_pool, pairwise_similarity, sample_batch
 from li_compile.worlds.trajectories import make
 
@@ -171,3 +173,10 @@ def test_frame_psnr_averages_the_psnr_of_each_frame():
     truth = torch.zeros(2, 3, 8, 8)
     pred = torch.stack([torch.full((3, 8, 8), 0.1), torch.full((3, 8, 8), 0.01)])  # 20 dB and 40 dB
     assert frame_psnr(pred, truth) == pytest.approx(30.0, abs=1e-4)
+
+
+def test_shipped_weights_bring_back_revisited_places_from_memory():
+    world, codec = load_trained(), PixelPatchCodec(4)
+    case = held_out_cases(24, 1, IMAGE_SIZE, names=("loop",))
+    result = evaluate(world, codec, case)["mean"]
+    assert result["psnr_revisit_memory"] > result["psnr_revisit_no_memory"] + 0.5

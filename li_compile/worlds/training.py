@@ -12,7 +12,9 @@ Training is plain flow matching (``x_sigma = (1 - sigma) x0 + sigma noise``, tar
 cosine decay, bf16 autocast on CUDA, an exponential moving average of the weights (exported).
 The model takes one ``sigma`` per call, so each step splits its batch into ``sigma_groups``
 groups: one at ``sigma = 1`` (the sampler's first step, which decides the content) and the rest
-at stratified levels drawn with the sampler's timestep shift. Checkpoints make it resumable; a
+at stratified levels drawn with a timestep shift (``sigma_shift``). The sampler runs 4 Euler
+steps with shift 7 as the other HY-WorldPlay presets (measured on the shipped weights: +0.3 dB
+PSNR against ground truth over shift 2). Checkpoints make it resumable; a
 fixed ``seed`` fixes data, noise and initialisation.
 """
 
@@ -37,7 +39,7 @@ PIXEL_STRIDE = 4  # pixels per latent along each axis
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "hy_trained.pt"
 TRAINED_SPEC = WorldSpec(
     name="hy_worldplay/trained", latent_channels=3 * PIXEL_STRIDE**2, latent_h=IMAGE_SIZE // PIXEL_STRIDE,
-    latent_w=IMAGE_SIZE // PIXEL_STRIDE, patch=2, chunk_frames=4, window=4, memory=4, steps=4, shift=2.0,
+    latent_w=IMAGE_SIZE // PIXEL_STRIDE, patch=2, chunk_frames=4, window=4, memory=4, steps=4, shift=7.0,
     sampler="euler", depth=6, heads=6, head_dim=32, mlp_ratio=4.0, text_tokens=1, text_dim=32,
     vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE),
 )
@@ -60,6 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema: float = 0.999
+    sigma_shift: float = 2.0  # timestep shift of the training noise levels (the sampler's is TRAINED_SPEC.shift)
     clips: int = 4096
     clip_frames: int = 32
     seed: int = 0
@@ -128,7 +131,7 @@ def export_weights(weights: dict[str, torch.Tensor], path: Path | str) -> None:
 
 def training_sigmas(groups: int, shift: float, generator: torch.Generator) -> list[float]:
     """Noise levels of one step's groups: ``1.0`` first, then stratified uniform ``t`` shifted
-    like the sampler's schedule (``shift t / (1 + (shift - 1) t)``)."""
+    as a sampler schedule is (``shift t / (1 + (shift - 1) t)``)."""
     t = (torch.arange(groups - 1) + torch.rand(groups - 1, generator=generator)) / max(1, groups - 1)
     sigmas = shift * t / (1 + (shift - 1) * t)
     return [1.0] + sigmas.clamp(1e-3, 1.0).tolist()
@@ -203,7 +206,8 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         batch = sample_batch(pool, config.batch, spec, codec, data_gen)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for part, sigma in zip(_split(batch, config.sigma_groups), training_sigmas(config.sigma_groups, spec.shift, sigma_gen)):
+        sigmas = training_sigmas(config.sigma_groups, config.sigma_shift, sigma_gen)
+        for part, sigma in zip(_split(batch, config.sigma_groups), sigmas):
             with autocast:
                 loss = flow_matching_loss(world, part, sigma, data_gen) / config.sigma_groups
             loss.backward()
