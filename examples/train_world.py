@@ -1,6 +1,6 @@
 """Train the ``trained`` preset of the HY-WorldPlay-style world on rendered rooms.
 
-    python examples/train_world.py --device cuda --out runs/trained          # ~7 minutes on one H100
+    python examples/train_world.py --device cuda --time-budget 900 --out runs/trained   # 15 minutes, one H100
     python examples/train_world.py --steps 3 --clips 8 --batch 4 --out /tmp/smoke   # CPU smoke run
 
 Renders a pool of clips (procedural rooms x camera trajectories with revisits), trains the DiT by
