@@ -114,7 +114,8 @@ def main() -> None:
               f"PSNR {summary['psnr_db_vs_dense']:.1f} dB (min {summary['min_psnr_db']:.1f}), "
               f"hits {summary['cache_hits']}, pruned {summary['memory_frames_pruned']}, "
               f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][name]['peak_gb']} GB, "
-              f"recompiles {summary['recompiles_after_warmup']}", flush=True)
+              f"recompiles {summary['recompiles_after_warmup']}, attention fallbacks {summary['attention_fallbacks']}, "
+              f"kernel autotunes {summary['kernel_autotunes_after_warmup']}", flush=True)
         _write(args.out, record)
     _plot(record, args.out / f"{args.world}.png")
 

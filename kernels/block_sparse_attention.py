@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
+from typing import Callable
 
 import torch
 import triton
@@ -201,18 +203,51 @@ INTERPRETER_TILE = 64  # the interpreter takes one config: BLOCK_M/BLOCK_N at mo
 CAPTURE_CONFIG = (128, 64, 4, 3)  # the autotuned winner at every H100 benchmark shape (bf16, D=128)
 
 
-def _fits(config, block_q: int, block_k: int) -> bool:
-    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return block_q % m == 0 and block_k % n == 0
+def shared_memory_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv: int, elem: int) -> int:
+    """Shared memory one program of a config takes: its query tile plus ``stages`` buffered key and
+    value tiles (what Triton allocates; fp32 tiles of 128 at head dim 128 exceed an H100's 227 KB)."""
+    return elem * (block_m * block_d + stages * block_n * (block_d + block_dv))
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device``, as Triton checks it at launch."""
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+
+def fitting_configs(configs: list[tuple[int, int, int, int]], block_q: int, block_k: int,
+                    memory: Callable[[int, int, int], int], limit: int) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, warps, stages) configs that tile the layout's blocks (BLOCK_M divides
+    block_q, BLOCK_N divides block_k) and whose ``memory(m, n, stages)`` fits ``limit``; the small-block
+    configs only where no regular one fits. Raises UnsupportedAttention when none fits."""
+    tiling = [c for c in configs if block_q % c[0] == 0 and block_k % c[1] == 0]
+    fitting = [c for c in tiling if memory(c[0], c[1], c[3]) <= limit]
+    regular = [c for c in fitting if min(c[0], c[1]) >= 64]
+    if not fitting:
+        raise UnsupportedAttention(
+            f"no kernel tile divides blocks {block_q}x{block_k} within {limit} bytes of shared memory"
+        )
+    return regular or fitting
+
+
+def _config_tuple(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose BLOCK_M divides block_q and BLOCK_N divides block_k; the small-block
-    configs only where no regular one fits."""
-    block_q, block_k = named_args["block_q"], named_args["block_k"]
-    fitting = [c for c in configs if _fits(c, block_q, block_k)]
-    regular = [c for c in fitting if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 64]
-    return regular or fitting
+    """Autotuning candidates: the configs ``fitting_configs`` keeps for this call's blocks, head dims,
+    dtype and device."""
+    q = named_args["Q"]
+    dims = [_next_pow2(max(named_args[n], MIN_DOT)) for n in ("D", "DV")]
+    memory = partial(_tile_memory, dims=dims, elem=q.element_size())
+    keep = set(fitting_configs([_config_tuple(c) for c in configs], named_args["block_q"], named_args["block_k"],
+                               memory, _shared_memory_limit(q.device)))
+    return [c for c in configs if _config_tuple(c) in keep]
+
+
+def _tile_memory(m: int, n: int, stages: int, dims: list[int], elem: int) -> int:
+    return shared_memory_bytes(m, n, stages, dims[0], dims[1], elem)
 
 
 def _build_kernels():
@@ -245,16 +280,26 @@ def _kernels():
     return _KERNELS
 
 
-def _fixed_launch(block_q: int, block_k: int, interpreting: bool) -> dict:
+def autotuned_shapes() -> int:
+    """How many call shapes the kernel has autotuned in this process (0 in the interpreter): a count
+    that grows while a trajectory is timed means warm-up missed a shape."""
+    if _KERNELS is None or _interpreting():
+        return 0
+    return len(_KERNELS[1].cache)
+
+
+def _fixed_launch(block_q: int, block_k: int, interpreting: bool,
+                  memory: Callable[[int, int, int], int] | None = None, limit: int = 0) -> dict:
     """Explicit tiles and launch settings for a call that cannot autotune: the interpreter (one
     config), and CUDA graph capture (timing configs inside a capture fails), where the config that
-    won every H100 benchmark shape is used, or the first regular config that tiles the blocks."""
+    won every H100 benchmark shape is used, or else the first regular config that tiles the blocks
+    and fits ``limit`` bytes of shared memory by ``memory(m, n, stages)``."""
     if interpreting:
         return dict(BLOCK_M=_pow2_divisor(block_q, INTERPRETER_TILE), BLOCK_N=_interpreter_block_n(block_k))
-    for m, n, w, s in [CAPTURE_CONFIG] + CUDA_CONFIGS + SMALL_BLOCK_CONFIGS:
-        if block_q % m == 0 and block_k % n == 0:
-            return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-    raise UnsupportedAttention(f"no kernel tile divides blocks {block_q}x{block_k}")
+    memory = memory or (lambda m, n, stages: 0)
+    candidates = [CAPTURE_CONFIG] + CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+    m, n, w, s = fitting_configs(candidates, block_q, block_k, memory, limit)[0]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -326,7 +371,9 @@ def launch(
     fixed, tuned = _kernels()
     interpreting = _interpreting()
     if interpreting or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        tiles = _fixed_launch(block_q, block_k, interpreting)
+        memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
+        limit = 0 if interpreting else _shared_memory_limit(q.device)
+        tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
         fixed[(cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
     else:
         tuned[lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)

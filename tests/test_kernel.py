@@ -215,6 +215,39 @@ def test_cuda_graph_capture_launches_a_fixed_config_that_tiles_the_layout_blocks
         _fixed_launch(8, 8, interpreting=False)
 
 
+H100_SHARED_MEMORY = 232448  # bytes per block (opt-in), what Triton reported launching fp32 128x128 tiles
+
+
+@pytest.mark.parametrize("elem", [2, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_configs_that_overflow_shared_memory_are_never_launched(elem, dim):
+    from li_compile.kernels.block_sparse_attention import (
+        CAPTURE_CONFIG, CUDA_CONFIGS, SMALL_BLOCK_CONFIGS, _fixed_launch, fitting_configs, shared_memory_bytes,
+    )
+
+    memory = lambda m, n, stages: shared_memory_bytes(m, n, stages, dim, dim, elem)  # noqa: E731
+    configs = CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+    kept = fitting_configs(configs, 128, 128, memory, H100_SHARED_MEMORY)
+    assert kept and all(memory(m, n, s) <= H100_SHARED_MEMORY for m, n, _, s in kept)
+    tiled_and_small_enough = [c for c in configs if memory(c[0], c[1], c[3]) <= H100_SHARED_MEMORY]
+    assert set(kept) <= set(tiled_and_small_enough)
+    tiles = _fixed_launch(128, 128, False, memory, H100_SHARED_MEMORY)
+    assert memory(tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["num_stages"]) <= H100_SHARED_MEMORY
+    if memory(CAPTURE_CONFIG[0], CAPTURE_CONFIG[1], CAPTURE_CONFIG[3]) <= H100_SHARED_MEMORY:
+        assert (tiles["BLOCK_M"], tiles["BLOCK_N"]) == CAPTURE_CONFIG[:2]
+
+
+def test_shared_memory_counts_the_query_tile_and_every_key_value_stage():
+    from li_compile.kernels.block_sparse_attention import shared_memory_bytes
+
+    # the figure Triton printed refusing fp32, head dim 128, 128x128 tiles, 3 stages on an H100
+    assert shared_memory_bytes(128, 128, 3, 128, 128, 4) == 458752
+    with pytest.raises(UnsupportedAttention, match="shared memory"):
+        from li_compile.kernels.block_sparse_attention import CUDA_CONFIGS, fitting_configs
+
+        fitting_configs(CUDA_CONFIGS, 128, 128, lambda m, n, s: shared_memory_bytes(m, n, s, 1024, 1024, 4), 1000)
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [

@@ -29,10 +29,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from li_compile.controller.similarity import similarity
 from li_compile.options import ContextOptions
@@ -153,6 +152,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def progress_bar(items: Iterable, desc: str, enabled: bool = True) -> Iterable:
+    """A tqdm progress bar over `items` when enabled and tqdm (the `examples` extra) is installed, else `items`."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, leave=False)
+
+
 def chunk_noise(world: World, chunk: int, seed: int) -> torch.Tensor:
     """Noise of one chunk: ``(steps + 1, 1, F, C, h, w)`` (the start plus one per renoise step),
     drawn on the CPU from ``seed`` and ``chunk`` so that every device and run draws the same."""
@@ -214,7 +224,7 @@ def generate(
     times: list[float] = []
     selections: list[ContextSelection] = []
     step_hook = step_hook or (lambda chunk, step, model_call: model_call())
-    bar = tqdm(range(chunks), desc=spec.name, disable=not progress, leave=False)
+    bar = progress_bar(range(chunks), spec.name, enabled=progress)
     with torch.no_grad():
         for c in bar:
             first = c * per_chunk

@@ -25,7 +25,6 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from tqdm.auto import tqdm
 
 import li_compile
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
@@ -33,11 +32,12 @@ from li_compile.controller.context import ContextController
 from li_compile.controller.session import session
 from li_compile.denoise_runtime import DENOISE, ChunkHook
 from li_compile.kernels.block_layout import BlockLayout
+from li_compile.kernels.block_sparse_attention import autotuned_shapes
 from li_compile.options import Options
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
 from li_compile.worlds.pipeline import (
-    ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate, warm_up,
+    ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate, progress_bar, warm_up,
 )
 
 PSNR_CAP_DB = 100.0  # PSNR of identical pictures (finite, so the JSON stays valid)
@@ -170,7 +170,8 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
             context = policy.stats[chunk].values
             cache = hook.stats[chunk].values if hook else {}
             return {"memory_kept": context["memory_kept"], "memory_pruned": context["memory_dropped"],
-                    "density": context.get("density", 1.0), "cache_hits": cache.get("cache_hits", 0)}
+                    "density": context.get("density", 1.0), "cache_hits": cache.get("cache_hits", 0),
+                    "fallbacks": sum(context.get("fallbacks", {}).values())}
 
         return Driver(policy, hook, partial(session, policy), chunk_stats)
 
@@ -186,25 +187,27 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
 
 @dataclass
 class Run:
-    """A timed generation: the result, per-chunk statistics, and compilations during the timed run."""
+    """A timed generation: the result, per-chunk statistics, and compilations during the timed run
+    (Dynamo frames, and shapes the block-sparse kernel autotuned)."""
 
     generation: Generation
     stats: list[dict[str, float]]
     recompiles: int
+    kernel_autotunes: int = 0
 
 
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int) -> Run:
     """Warm up (one model call per context capacity: compiles), then generate ``chunks`` chunks and
     count the frames Dynamo compiled while they ran."""
     setup.warm_up()
-    compiled_before = counters["frames"]["ok"]
+    compiled_before, tuned_before = counters["frames"]["ok"], autotuned_shapes()
     driver = setup.driver(trajectory)
     with driver.scope():
         gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=driver.step_hook, seed=seed,
                        progress=True)
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
-    return Run(gen, stats, recompiles)
+    return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -216,7 +219,8 @@ def chunk_rows(dense: Run, light: Run) -> list[dict[str, float]]:
     for c, (t_dense, t_light) in enumerate(zip(dense.generation.chunk_times, light.generation.chunk_times)):
         frames = dense.generation.chunk(c)
         a, b = dense.generation.frames[frames], light.generation.frames[frames]
-        stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, **light.stats[c]}
+        stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, "fallbacks": 0,
+                 **light.stats[c]}
         rows.append({
             "chunk": c, "dense_ms": 1000 * t_dense, "light_ms": 1000 * t_light,
             "window": len(light.generation.selections[c].recent), **stats,
@@ -250,9 +254,11 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run) -> dict[str,
     return {
         "speedup": time_dense / time_light,
         "recompiles_after_warmup": light.recompiles,
+        "kernel_autotunes_after_warmup": light.kernel_autotunes,
         "cache_hits": int(sum(r["cache_hits"] for r in rows)),
         "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
         "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
+        "attention_fallbacks": int(sum(r["fallbacks"] for r in rows)),
         "attention_density_mean": sum(r["density"] for r in rows) / len(rows),
         "psnr_db_vs_dense": sum(r["psnr_db"] for r in rows) / len(rows),
         "min_psnr_db": min(r["psnr_db"] for r in rows),
@@ -388,7 +394,7 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
     setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world)}
-    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in tqdm(setups.items(), desc="runs")}
+    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in progress_bar(setups.items(), "runs")}
     dense, light = runs["dense"], runs["light_interaction"]
     print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
     rows = chunk_rows(dense, light)
