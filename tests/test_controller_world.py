@@ -5,6 +5,7 @@ warm-up and never after (no graph break: fullgraph); pruned frames never reach a
 thresholds that keep everything the controller reproduces dense generation.
 """
 
+import collections
 import dataclasses
 import functools
 
@@ -12,10 +13,12 @@ import pytest
 import torch
 import torch._dynamo.testing
 
+from li_compile import planned_attention
 from li_compile.backend import light_interaction
 from li_compile.controller.context import ContextController
 from li_compile.controller.session import session
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.report_tools import light_interaction_setup
 from li_compile.worlds.pipeline import DENSE_MEASURE, ContextSelection, DensePolicy, gather_context, generate, warm_up
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
@@ -142,3 +145,23 @@ def test_the_report_lists_each_chunks_context_decisions():
     assert [c.chunk for c in chunks] == [0, 1, 2]
     assert [c.values["memory_kept"] for c in chunks] == [s.values["memory_kept"] for s in controller.stats]
     assert "chunk 2: window=" in str(li_compile.report(compiled.model))
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, monkeypatch):
+    """The kernel compiles and autotunes per shape on its first sparse call: warm-up must make that
+    call at every bucket (a bucket's sites get their plan slots only once it has compiled), or the
+    first pruned chunk of each bucket stalls in a timed run."""
+    world = _world(name)
+    sparse_calls = collections.Counter()
+    original = planned_attention._sparse
+
+    def spy(q, k, v, attn_mask, slot, *rest):
+        sparse_calls[slot.signature.kv_len] += 1
+        return original(q, k, v, attn_mask, slot, *rest)
+
+    monkeypatch.setattr(planned_attention, "_sparse", spy)
+    setup = light_interaction_setup(world, BACKEND_OPTIONS)
+    setup.warm_up()
+    buckets = _controller(world, trajectories.make("loop", world.spec.chunk_frames)).warm_up_buckets()
+    assert set(sparse_calls) == {world.layout(capacity).kv_len for capacity in buckets}

@@ -91,12 +91,16 @@ class ContextController:
         warm-up so the model compiles every bucket then (once each) and never afterwards."""
         return self.buckets if self.options.enabled else (self.max_context,)
 
-    def warm_up_plan(self, capacity: int) -> None:
+    def warm_up_plan(self, capacity: int) -> bool:
         """Write the plan of a chunk whose ``capacity`` context slots are all padding (the warm-up
-        call's context), so that warm-up runs the block-sparse kernel at that shape: the kernel
-        compiles and autotunes then, never while a trajectory is timed."""
-        if self.layout is not None and self.options.enabled:
-            write_chunk_plan(self.layout(capacity), padded_context_keep(0, capacity))
+        call's context), so that a warm-up call at that capacity runs the block-sparse kernel: it
+        compiles and autotunes then, never while a trajectory is timed. The attention sites get
+        their plan slots when the model first compiles at ``capacity``, so call the model once at
+        that capacity before this. Returns whether a sparse plan was written (False: no site at
+        that capacity yet, or nothing to sparsify)."""
+        if self.layout is None or not self.options.enabled:
+            return False
+        return write_chunk_plan(self.layout(capacity), padded_context_keep(0, capacity))["plan"] == "sparse"
 
     def select(
         self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor, latents: torch.Tensor
