@@ -180,3 +180,15 @@ def test_shipped_weights_bring_back_revisited_places_from_memory():
     case = held_out_cases(24, 1, IMAGE_SIZE, names=("loop",))
     result = evaluate(world, codec, case)["mean"]
     assert result["psnr_revisit_memory"] > result["psnr_revisit_no_memory"] + 0.5
+
+
+def test_the_trained_preset_is_the_shipped_world_and_decodes_pixels_with_its_codec():
+    """``build("trained")`` (what ``--preset trained`` runs) is ``load_trained()``: same weights, and
+    generated latents decode with the pixel codec, not the random stand-in decoder."""
+    world, shipped = build("trained"), load_trained()
+    assert world.spec == TRAINED_SPEC
+    for (name, a), b in zip(world.model.state_dict().items(), shipped.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    frames = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    codec = PixelPatchCodec(4)
+    assert torch.allclose(world.decode(codec.encode(frames)), frames, atol=1e-6)

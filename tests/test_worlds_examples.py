@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
-from li_compile.worlds import hy_worldplay
-from li_compile.worlds.report_tools import PSNR_CAP_DB, format_table, psnr, run_example, ssim
+from li_compile.worlds import hy_worldplay, matrix_game3
+from li_compile.worlds.report_tools import PSNR_CAP_DB, format_table, parse_args, psnr, run_example, ssim
 
 JSON_KEYS = {
     "speedup", "recompiles_after_warmup", "cache_hits", "memory_frames_pruned", "attention_density_mean",
@@ -45,3 +46,11 @@ def test_example_writes_the_summary_json_and_pictures(tmp_path):
     assert summary["psnr_db_vs_dense"] >= 25  # same policy, same weights: the backend changes nothing visible
     for picture in ("timeline.png", "frames.png", "block_layout.png"):
         assert (tmp_path / picture).stat().st_size > 0
+
+
+def test_the_preset_flag_offers_each_worlds_own_presets():
+    """``--preset trained`` exists for the HY-WorldPlay-style world only (the one with trained weights)."""
+
+    assert parse_args("x", "loop", ["--preset", "trained"], hy_worldplay.PRESET_NAMES).preset == "trained"
+    with pytest.raises(SystemExit):
+        parse_args("x", "loop", ["--preset", "trained"], matrix_game3.PRESET_NAMES)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from li_compile.sequence import SequenceLayout
+from li_compile.worlds.decode import LatentDecoder
 from li_compile.worlds.sampling import SAMPLERS, sigma_schedule
 
 
@@ -138,6 +139,15 @@ class World:
                first_frame: int) -> dict[str, torch.Tensor]:
         """Keyword inputs of ``model(x, sigma, **inputs)`` for one chunk (run once per chunk)."""
         raise NotImplementedError
+
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures; None: the stand-in
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pictures ``(N, 3, H, W)`` in [0, 1] of latents ``(N, C, h, w)``: the world's own decoder
+        (the trained world's pixel codec), else the seeded stand-in for a VAE (``LatentDecoder``)."""
+        if self.decoder is not None:
+            return self.decoder(latents)
+        return LatentDecoder(self.spec.latent_channels)(latents)
 
     def compiled_modules(self) -> tuple[str, ...]:
         """Names of the attributes holding modules that ``compile`` compiles."""

@@ -63,6 +63,8 @@ PRESETS: dict[str, WorldSpec] = {
         mlp_ratio=4.0, text_tokens=256, text_dim=3584, dtype=torch.bfloat16,
     ),
 }
+TRAINED = "trained"  # the preset with trained weights (li_compile.worlds.training)
+PRESET_NAMES = (*PRESETS, TRAINED)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -178,7 +180,12 @@ class HYWorldPlay(World):
 def build(preset: str | WorldSpec = "tiny", device: Any = None, dtype: torch.dtype | None = None,
           seed: int = 0) -> HYWorldPlay:
     """The world of ``preset`` (a name in ``PRESETS`` or a ``WorldSpec``) with seeded random weights,
-    on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16)."""
+    on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16); ``"trained"``:
+    the world trained on rendered rooms, with the shipped weights (fp32; ``seed`` and ``dtype`` unused)."""
+    if preset == TRAINED:
+        from li_compile.worlds.training import load_trained  # training builds on this module
+
+        return load_trained(device)
     spec = resolve_spec(preset, PRESETS, dtype)
     model = init_model(HYWorldPlayDiT, spec, device, seed)
     return HYWorldPlay(spec, model, prompt_embedding(spec, seed, model.patch_in.weight.device))

@@ -66,6 +66,7 @@ PRESETS: dict[str, WorldSpec] = {
         mlp_ratio=14336 / 3072, text_tokens=512, text_dim=4096, dtype=torch.bfloat16,
     ),
 }
+PRESET_NAMES = tuple(PRESETS)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:

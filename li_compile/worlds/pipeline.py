@@ -36,7 +36,6 @@ import torch
 from li_compile.controller.similarity import similarity
 from li_compile.options import ContextOptions
 from li_compile.worlds.base import Context, World
-from li_compile.worlds.decode import LatentDecoder
 from li_compile.worlds.sampling import sampler_update
 from li_compile.worlds.trajectories import ACTION_DIM, Trajectory
 
@@ -203,7 +202,7 @@ def generate(
 
     ``policy``: which past frames each chunk sees (default ``DensePolicy`` with the world's window
     and memory); ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
-    return pictures (``LatentDecoder``). Chunk ``c`` generates frames ``[c F, (c + 1) F)`` with the
+    return pictures (``world.decode``). Chunk ``c`` generates frames ``[c F, (c + 1) F)`` with the
     cameras ``trajectory.poses`` of those frames. Timing covers selection, inputs and all steps of
     the chunk (synchronised on CUDA).
     """
@@ -245,5 +244,5 @@ def generate(
             times.append(time.perf_counter() - start)
             selections.append(selection)
     latents = history.float().cpu()
-    frames = LatentDecoder(spec.latent_channels)(latents) if decode else None
+    frames = world.decode(latents) if decode else None
     return Generation(latents, all_poses[:chunks * per_chunk], frames, times, selections, per_chunk)

@@ -33,6 +33,7 @@ from li_compile.controller.session import session
 from li_compile.denoise_runtime import DENOISE, ChunkHook
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import autotuned_shapes
+from li_compile.reporting import ChunkStats
 from li_compile.options import Options
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
@@ -48,10 +49,11 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
 # --- flags ------------------------------------------------------------------------------------
 
 
-def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None,
+               presets: Sequence[str] = ("tiny", "small", "full")) -> argparse.Namespace:
     """The examples' flags: ``--preset --device --chunks --trajectory --seed --out --json``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "full"))
+    parser.add_argument("--preset", default="tiny", choices=presets)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunks", type=int, default=16, help="chunks to generate (default 16)")
     parser.add_argument("--trajectory", default=default_trajectory, choices=sorted(trajectories.TRAJECTORIES))
@@ -167,9 +169,9 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
         hook = ChunkHook(trajectory.poses, spec.chunk_frames, spec.sigmas()) if opts.cache.enabled else None
 
         def chunk_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
-            context = policy.stats[chunk].values
-            cache = hook.stats[chunk].values if hook else {}
-            return {"memory_kept": context["memory_kept"], "memory_pruned": context["memory_dropped"],
+            context = _stats_of(policy.stats, chunk)
+            cache = _stats_of(hook.stats, chunk) if hook else {}
+            return {"memory_kept": context.get("memory_kept", 0), "memory_pruned": context.get("memory_dropped", 0),
                     "density": context.get("density", 1.0), "cache_hits": cache.get("cache_hits", 0),
                     "fallbacks": sum(context.get("fallbacks", {}).values())}
 
@@ -184,6 +186,12 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
                     warm_up(compiled, (capacity,))
 
     return Setup(compiled, driver, warm_up_buckets)
+
+
+def _stats_of(stats: Sequence[ChunkStats], chunk: int) -> dict[str, Any]:
+    """The values recorded for ``chunk`` (empty when the chunk never reached the recorder, e.g. a
+    chunk given rather than generated)."""
+    return next((s.values for s in stats if s.chunk == chunk), {})
 
 
 @dataclass
@@ -385,7 +393,7 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     """Build the world of ``world_module`` (``hy_worldplay`` or ``matrix_game3``), run dense and
     light_interaction along a trajectory with revisits, print the table and summary, write plots
     and JSON as flagged. Returns the summary."""
-    args = parse_args(world_module.__doc__.splitlines()[0], default_trajectory, argv)
+    args = parse_args(world_module.__doc__.splitlines()[0], default_trajectory, argv, world_module.PRESET_NAMES)
     start = time.perf_counter()
     world = world_module.build(args.preset, device=args.device, seed=args.seed)
     spec = world.spec

@@ -112,6 +112,7 @@ def load_trained(device: torch.device | str | None = None, path: Path | str = WE
     """The trained world with the shipped (or given) weights, in eval mode without gradients."""
     world = build(TRAINED_SPEC, device=device, seed=MODEL_SEED)
     world.model.load_state_dict(torch.load(path, map_location=world.device, weights_only=True))
+    world.decoder = PixelPatchCodec(PIXEL_STRIDE).decode
     return world
 
 
