@@ -22,11 +22,9 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from li_compile.worlds.fidelity import frame_psnr, held_out_cases, rollout
+from li_compile.worlds.fidelity import add_case_arguments, frame_psnr, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
-from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.report_tools import light_interaction_setup, ssim
-from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE, WEIGHTS_PATH, load_trained
 
 REVISIT_TRAJECTORIES = ("loop", "orbit", "out_and_back")
 SETTINGS: dict[str, dict[str, Any]] = {  # label -> backend options (on top of inner="eager")
@@ -97,16 +95,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_PATH)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--frames", type=int, default=48, help="frames per trajectory (12 chunks of 4)")
-    parser.add_argument("--per-trajectory", type=int, default=1, help="held-out cases per trajectory")
+    add_case_arguments(parser, per_trajectory=1)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated labels of SETTINGS")
     parser.add_argument("--out", type=Path, default=Path("out/tradeoff"))
     args = parser.parse_args()
-    world = load_trained(args.device, args.weights)
-    codec = PixelPatchCodec(PIXEL_STRIDE)
-    cases = held_out_cases(args.frames, args.per_trajectory, IMAGE_SIZE, REVISIT_TRAJECTORIES, args.device)
+    world, codec, cases = trained_world_and_cases(args, REVISIT_TRAJECTORIES)
     spec = world.spec
     dense, dense_s = [], 0.0
     with torch.no_grad():

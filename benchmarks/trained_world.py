@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from li_compile.worlds.fidelity import evaluate, held_out_cases, rollout
+from li_compile.worlds.fidelity import add_case_arguments, evaluate, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
-from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE, WEIGHTS_PATH, load_trained
 
 COLUMNS = ("psnr_dense", "psnr_repeat_last", "ssim_dense", "ssim_repeat_last", "psnr_revisit_memory",
            "psnr_revisit_no_memory")
@@ -58,16 +56,11 @@ def save_strips(world, codec, cases, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_PATH)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--frames", type=int, default=48, help="frames per trajectory (12 chunks of 4)")
-    parser.add_argument("--per-trajectory", type=int, default=2, help="held-out cases per trajectory name")
+    add_case_arguments(parser, per_trajectory=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="folder for the picture of the rollouts")
     args = parser.parse_args()
-    world = load_trained(args.device, args.weights)
-    codec = PixelPatchCodec(PIXEL_STRIDE)
-    cases = held_out_cases(args.frames, args.per_trajectory, IMAGE_SIZE, device=args.device)
+    world, codec, cases = trained_world_and_cases(args)
     result = evaluate(world, codec, cases)
     mean = result["mean"]
     result["dense_gain_over_repeat_last_db"] = mean["psnr_dense"] - mean["psnr_repeat_last"]

@@ -388,18 +388,23 @@ def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, k
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def _refuse_gradients(ctx, inputs, output) -> None:
-    raise RuntimeError(
-        "li::block_sparse_attention is inference-only and got inputs that require grad: "
-        "call it under torch.no_grad() or torch.inference_mode()"
-    )
+def register_inference_only(op, name: str) -> None:
+    """Make the custom op ``op`` (named ``name``) raise a clear error, rather than return a result
+    without gradients, when any input requires grad: the attention ops here have no backward."""
+
+    def refuse_gradients(ctx, inputs, output) -> None:
+        raise RuntimeError(
+            f"{name} is inference-only and got inputs that require grad: "
+            "run it under torch.no_grad() or torch.inference_mode()"
+        )
+
+    def no_backward(ctx, grad):  # never reached: refuse_gradients raises first
+        raise RuntimeError(f"{name} has no backward")
+
+    op.register_autograd(no_backward, setup_context=refuse_gradients)
 
 
-def _no_backward(ctx, grad):  # never reached: _refuse_gradients raises first
-    raise RuntimeError("li::block_sparse_attention has no backward")
-
-
-block_sparse_attention.register_autograd(_no_backward, setup_context=_refuse_gradients)
+register_inference_only(block_sparse_attention, "li::block_sparse_attention")
 
 
 def sparse_attention(

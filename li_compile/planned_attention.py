@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout
-from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch, register_inference_only
 from li_compile.plan import PLAN, PlanSlot
 
 
@@ -64,18 +64,7 @@ def _capturing_cuda_graph(q: torch.Tensor) -> bool:
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _refuse_gradients(ctx, inputs, output) -> None:
-    raise RuntimeError(
-        "li::planned_attention is inference-only and got inputs that require grad: run the compiled model "
-        "under torch.no_grad() or torch.inference_mode()"
-    )
-
-
-def _no_backward(ctx, grad):  # never reached: _refuse_gradients raises first
-    raise RuntimeError("li::planned_attention has no backward")
-
-
-planned_attention.register_autograd(_no_backward, setup_context=_refuse_gradients)
+register_inference_only(planned_attention, "li::planned_attention")
 
 
 def dense_attention(

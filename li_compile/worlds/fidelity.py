@@ -16,7 +16,9 @@ recent window, so only memory can bring it back), dense with memory against ``De
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -140,3 +142,25 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
     keys = sorted({k for row in rows for k in row if k.startswith(("psnr", "ssim"))})
     mean = {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
     return {"cases": rows, "mean": mean}
+
+
+def add_case_arguments(parser: argparse.ArgumentParser, per_trajectory: int) -> None:
+    """The flags of a held-out evaluation of the trained world: ``--weights --device --frames
+    --per-trajectory`` (the benchmarks' shared command line)."""
+    from li_compile.worlds.training import WEIGHTS_PATH
+
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_PATH)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frames", type=int, default=48, help="frames per trajectory (12 chunks of 4)")
+    parser.add_argument("--per-trajectory", type=int, default=per_trajectory, help="held-out cases per trajectory name")
+
+
+def trained_world_and_cases(args: argparse.Namespace, names: tuple[str, ...] | None = None
+                            ) -> tuple[World, PixelPatchCodec, list[Case]]:
+    """The trained world with ``args.weights``, its pixel codec, and the held-out cases the flags of
+    ``add_case_arguments`` ask for (trajectory ``names``, default all)."""
+    from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE, load_trained
+
+    world = load_trained(args.device, args.weights)
+    cases = held_out_cases(args.frames, args.per_trajectory, IMAGE_SIZE, names, args.device)
+    return world, PixelPatchCodec(PIXEL_STRIDE), cases
