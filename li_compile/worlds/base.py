@@ -126,6 +126,7 @@ class World:
     spec: WorldSpec
     model: nn.Module
     text: torch.Tensor
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures; None: the stand-in
 
     @property
     def device(self) -> torch.device:
@@ -139,8 +140,6 @@ class World:
                first_frame: int) -> dict[str, torch.Tensor]:
         """Keyword inputs of ``model(x, sigma, **inputs)`` for one chunk (run once per chunk)."""
         raise NotImplementedError
-
-    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures; None: the stand-in
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pictures ``(N, 3, H, W)`` in [0, 1] of latents ``(N, C, h, w)``: the world's own decoder
