@@ -96,11 +96,22 @@ class ContextController:
         call's context), so that a warm-up call at that capacity runs the block-sparse kernel: it
         compiles and autotunes then, never while a trajectory is timed. The attention sites get
         their plan slots when the model first compiles at ``capacity``, so call the model once at
-        that capacity before this. Returns whether a sparse plan was written (False: no site at
-        that capacity yet, or nothing to sparsify)."""
+        that capacity before this (``warm_up`` does both). Returns whether a sparse plan was written
+        (False: no site at that capacity yet, or nothing to sparsify)."""
         if self.layout is None or not self.options.enabled:
             return False
         return write_chunk_plan(self.layout(capacity), padded_context_keep(0, capacity))["plan"] == "sparse"
+
+    def warm_up(self, call: Callable[[int], object]) -> None:
+        """Compile every capacity bucket and run the block-sparse kernel at each, before anything is
+        timed. ``call(capacity)`` runs the model once on a context of ``capacity`` slots (all padding
+        is fine). Each bucket is called once (it compiles, and its attention sites get plan slots),
+        then, with the all-padding sparse plan of ``warm_up_plan`` written, once more (the kernel
+        compiles and autotunes at that shape). Run it inside ``session(controller)``."""
+        for capacity in self.warm_up_buckets():
+            call(capacity)
+            if self.warm_up_plan(capacity):
+                call(capacity)
 
     def select(
         self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor, latents: torch.Tensor

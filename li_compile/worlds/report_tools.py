@@ -180,10 +180,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
     def warm_up_buckets() -> None:
         policy = controller(trajectories.make("loop", spec.chunk_frames))
         with session(policy):  # the plans it writes are cleared when the session ends
-            for capacity in policy.warm_up_buckets():
-                warm_up(compiled, (capacity,))  # compiles the bucket: its attention sites get plan slots
-                if policy.warm_up_plan(capacity):  # then a sparse plan makes the kernel compile and autotune
-                    warm_up(compiled, (capacity,))
+            policy.warm_up(lambda capacity: warm_up(compiled, (capacity,)))
 
     return Setup(compiled, driver, warm_up_buckets)
 
