@@ -8,6 +8,8 @@ every component on and with one component at a time:
     context   memory pruning, adaptive window and compact context buckets only
     cache     the denoising cache only (early steps of revisited chunks reused)
     sparse    block-sparse attention only (plans from the controller, context kept whole)
+    all_topk  all, plus top-k block selection at density 0.5 (``sparsity.density``; opt-in, run it
+              with ``--ablations all,all_topk``)
 
 and writes a JSON (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM against the
 dense run, recompilations after warm-up) and a bar plot. The per-component time breakdown is the
@@ -47,7 +49,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "context": {"cache": {"enabled": False}, "sparsity": {"enabled": False}},
     "cache": {"context": {"enabled": False}, "sparsity": {"enabled": False}},
     "sparse": {"context": {"enabled": False}, "cache": {"enabled": False}},
+    "all_topk": {"sparsity": {"density": 0.5}},  # opt-in: top-k blocks within every plan
 }
+DEFAULT_ABLATIONS = "all,context,cache,sparse"
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=None, help="DiT blocks (default: the preset's)")
     parser.add_argument("--chunks", type=int, default=12)
     parser.add_argument("--trajectory", default="loop", choices=sorted(trajectories.TRAJECTORIES))
-    parser.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated subset of " + ",".join(ABLATIONS))
+    parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma-separated subset of " + ",".join(ABLATIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))

@@ -38,6 +38,8 @@ SETTINGS: dict[str, dict[str, Any]] = {  # label -> backend options (on top of i
     "reuse 3 steps": {"cache": {"reuse_steps": 3}},
     "cache off": {"cache": {"enabled": False}},
     "context off": {"context": {"enabled": False}},
+    "density 0.5": {"sparsity": {"density": 0.5}},
+    "density 0.25": {"sparsity": {"density": 0.25}},
 }
 
 

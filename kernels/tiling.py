@@ -17,7 +17,7 @@ the main case; queries = all tokens works the same way):
 - ``frame_layout``: keep or drop whole key frames (dropped frames are never visited);
 - ``local_window_layout``: each query tile sees key tiles within a (dt, dh, dw) tile neighbourhood;
 - ``topk_layout``: per query block, the key blocks with the highest pooled q.k similarity, within a
-  density budget;
+  density budget (of every block, or of the blocks another layout visits), plus ``own_blocks``;
 - ``union``: visit a block when any of the given layouts visits it (conservative: partial blocks
   read the union of the key_keep vectors).
 """
@@ -215,13 +215,17 @@ def topk_layout(
     block_q: int = 128,
     block_k: int = 128,
     always: torch.Tensor | None = None,
+    within: BlockLayout | None = None,
 ) -> BlockLayout:
-    """Per (batch, head, query block), the ``ceil(density * K)`` key blocks with the highest
-    similarity of mean-pooled queries and keys (scaled dot product), plus the blocks in ``always``
-    ((Q, K) or broadcastable bool, e.g. the diagonal or a frame layout's blocks).
+    """Per (batch, head, query block), the ``ceil(density * n)`` of its ``n`` candidate key blocks
+    with the highest similarity of mean-pooled queries and keys, plus the candidates in ``always``
+    ((Q, K) or broadcastable bool, e.g. ``own_blocks`` or a frame layout's blocks).
 
-    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) in tile order (so a block is a compact 3D tile). The layout
-    is per batch and head (B, H, Q, C); its blocks are full (top-k is a block-level approximation)."""
+    Candidates: every key block (``n = K``), or the blocks ``within`` visits (e.g. a frame-drop plan:
+    dropped frames stay dropped), whose full/partial split and ``key_keep`` the result keeps; without
+    ``within`` every chosen block is full (top-k is a block-level approximation). q: (B, H, Lq, D),
+    k: (B, Hkv, Lk, D). Static shapes (capacity K), no host sync: it can run inside an attention op.
+    The result is per batch and head (B, H, Q, K)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     B, H, Lq, D = q.shape
@@ -230,13 +234,45 @@ def topk_layout(
         raise ValueError(f"key heads ({Hkv}) must divide query heads ({H})")
     pooled_q = _pool_blocks(q, block_q)
     pooled_k = _pool_blocks(k, block_k).repeat_interleave(H // Hkv, dim=1)
-    scores = pooled_q.float() @ pooled_k.float().transpose(-1, -2) / D**0.5  # (B, H, Q, K)
-    kv_blocks = scores.shape[-1]
-    top = scores.topk(min(kv_blocks, max(1, math.ceil(density * kv_blocks))), dim=-1).indices
-    blocks = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)  # (B, H, Q, K); the scale does not change the order
+    if within is None:
+        candidates, full = torch.ones_like(scores, dtype=torch.bool), None
+    else:
+        full = within.block_mask(full_only=True) if within.full_kv_num_blocks is not None else None
+        candidates = within.block_mask().expand_as(scores)
+    chosen = _top_fraction(scores, candidates, density)
     if always is not None:
-        blocks |= always.to(blocks.device)
-    return BlockLayout.from_block_mask(blocks, block_q=block_q, block_k=block_k, q_len=Lq, kv_len=Lk, full=blocks)
+        chosen |= always.to(chosen.device) & candidates
+    return BlockLayout.from_block_mask(
+        chosen, block_q=block_q, block_k=block_k, q_len=Lq, kv_len=Lk,
+        full=chosen if within is None else (chosen & full if full is not None else None),
+        key_keep=None if within is None else within.key_keep,
+    )
+
+
+def _top_fraction(scores: torch.Tensor, candidates: torch.Tensor, density: float) -> torch.Tensor:
+    """The ``ceil(density * n)`` highest-scoring candidates of each row (``n`` candidates in the row,
+    at least one kept where any exists), as a bool mask; static shapes (a rank per entry)."""
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    quota = torch.ceil(density * candidates.sum(-1, keepdim=True)).clamp_min(1)
+    return candidates & (rank < quota)
+
+
+def own_blocks(q_len: int, kv_len: int, block_q: int, block_k: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(Q, K) bool: the key blocks holding each query block's own positions, queries aligned to the
+    end of the keys (self-attention: the diagonal; a chunk after its cached context: the chunk's own
+    keys). Kept by top-k selection so that no token loses its neighbourhood."""
+    if q_len > kv_len:
+        raise ValueError(f"queries ({q_len}) cannot be aligned to the end of fewer keys ({kv_len})")
+    offset = kv_len - q_len
+    starts = torch.arange(0, q_len, block_q, device=device)
+    first = (starts + offset) // block_k
+    last = (torch.clamp(starts + block_q, max=q_len) - 1 + offset) // block_k
+    kv = torch.arange(cdiv(kv_len, block_k), device=device)
+    return (kv >= first[:, None]) & (kv <= last[:, None])
 
 
 def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

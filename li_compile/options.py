@@ -27,19 +27,24 @@ def _choice(values: tuple[str, ...]) -> dict:
     return {"choices": values}
 
 
-def _range(lo: float | None = None, hi: float | None = None) -> dict:
-    return {"range": (lo, hi)}
+def _range(lo: float | None = None, hi: float | None = None, above_lo: bool = False) -> dict:
+    """Valid values: [lo, hi], or (lo, hi] with ``above_lo``; None: unbounded."""
+    return {"range": (lo, hi), "above_lo": above_lo}
 
 
 
 @dataclass(frozen=True)
 class SparsityOptions:
     """Block-sparse attention: whether attention sites run through ``li::planned_attention`` (the
-    block-sparse kernel on the controller's plans), and the token blocks its plans are cut into."""
+    block-sparse kernel on the controller's plans), the token blocks its plans are cut into, and
+    ``density``: below 1, each query block visits only that fraction of the key blocks its plan
+    allows, those whose mean-pooled keys score highest against its mean-pooled queries (plus its
+    own position's blocks). 1 (the default) computes exactly what the plan allows."""
 
     enabled: bool = True
     block_q: int = field(default=128, metadata=_range(16, 256))
     block_k: int = field(default=128, metadata=_range(16, 256))
+    density: float = field(default=1.0, metadata=_range(0.0, 1.0, above_lo=True))
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,10 @@ def _check_number(f: dataclasses.Field, value: Any, path: str, integer: bool) ->
     if not math.isfinite(value):
         raise ValueError(f"option {path!r} must be finite, got {value!r}")
     lo, hi = f.metadata.get("range", (None, None))
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"option {path!r} must be in [{lo}, {'inf' if hi is None else hi}], got {value!r}")
+    above = f.metadata.get("above_lo", False)
+    if (lo is not None and (value <= lo if above else value < lo)) or (hi is not None and value > hi):
+        raise ValueError(
+            f"option {path!r} must be in {'(' if above else '['}{lo}, {'inf' if hi is None else hi}], got {value!r}"
+        )
     return value
 

@@ -9,6 +9,9 @@ in q's dtype, contiguous. Which path runs is decided by the plan slot ``slot_id`
 - dense slot: exactly the original site, ``F.scaled_dot_product_attention`` (except while a CUDA
   graph is captured: then always the kernel, whose cleared layout lists every block);
 - sparse slot: the block-sparse kernel on the slot's layout, on top of the site's own mask;
+- ``density`` < 1 (``sparsity.density``, a constant of the graph): any slot, dense or sparse, is
+  refined per call to the best-scoring fraction of its blocks (mean-pooled q.k, plus each query
+  block's own position: ``kernels.tiling.topk_layout``), computed on q's device with static shapes;
 - a slot that does not fit the call (shape, dtype, device, token count) or a call the kernel
   refuses: dense, and the reason is counted in ``slot.fallbacks``.
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch, register_inference_only
+from li_compile.kernels.tiling import own_blocks, topk_layout
 from li_compile.plan import PLAN, PlanSlot
 
 
@@ -41,21 +45,37 @@ def planned_attention(
     scale: float | None,
     is_causal: bool,
     slot_id: int,
+    density: float = 1.0,
 ) -> torch.Tensor:
-    """Attention driven by plan slot ``slot_id`` (shapes in the module docstring)."""
+    """Attention driven by plan slot ``slot_id`` (shapes in the module docstring); ``density`` < 1:
+    top-k selection within the slot's layout (``sparsity.density``)."""
     slot = PLAN.slot(slot_id)
-    if not slot.is_dense or _capturing_cuda_graph(q):
+    if not slot.is_dense or density < 1.0 or _capturing_cuda_graph(q):
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
         if reason is None:
-            return _sparse(q, k, v, attn_mask, slot, scale, is_causal).contiguous()
+            return _sparse(q, k, v, attn_mask, _layout(q, k, slot, density), scale, is_causal, slot).contiguous()
         slot.record_fallback(reason)
     return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
 
 
 @planned_attention.register_fake
-def _(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, scale, is_causal, slot_id):
+def _(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, scale, is_causal,
+      slot_id, density=1.0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _layout(q: torch.Tensor, k: torch.Tensor, slot: PlanSlot, density: float) -> BlockLayout:
+    """The layout the call runs: the slot's, or with ``density`` < 1 its top-k refinement (the
+    slot's blocks, each query block keeping the best-scoring fraction and its own position's)."""
+    layout = slot_layout(slot)
+    if density >= 1.0:
+        return layout
+    s = slot.signature
+    own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, q.device) if s.q_len <= s.kv_len else None
+    if slot.is_dense:  # a cleared slot lists every block as partial with every key kept: all full
+        layout = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=q.device)
+    return topk_layout(q, k, density, block_q=s.block_q, block_k=s.block_k, always=own, within=layout)
 
 
 def _capturing_cuda_graph(q: torch.Tensor) -> bool:
@@ -81,16 +101,17 @@ def dense_attention(
     )
 
 
-def _sparse(q, k, v, attn_mask, slot: PlanSlot, scale, is_causal) -> torch.Tensor:
-    """The slot's layout on top of the site's own mask (and causal mask, top-left aligned as SDPA's):
-    the fused block-sparse kernel, or masked SDPA (counted in ``slot.fallbacks``) where it refuses."""
-    s = slot.signature
+def _sparse(q, k, v, attn_mask, layout: BlockLayout, scale, is_causal, slot: PlanSlot) -> torch.Tensor:
+    """``layout`` on top of the site's own mask (and causal mask, top-left aligned as SDPA's): the
+    fused block-sparse kernel, or masked SDPA (counted in ``slot.fallbacks``) where it refuses."""
+    tensors = (layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
+               layout.key_keep)
     try:
-        return launch(q, k, v, *slot.tensors(), attn_mask, s.block_q, s.block_k, scale, is_causal)
+        return launch(q, k, v, *tensors, attn_mask, layout.block_q, layout.block_k, scale, is_causal)
     except UnsupportedAttention as refusal:
         slot.record_fallback(f"kernel refused: {refusal}")
     mask = _with_causal(attn_mask, q.shape[2], k.shape[2], q.device) if is_causal else attn_mask
-    keep = slot_dense_mask(slot)
+    keep = layout.to_dense_mask()
     if mask is None:
         mask = keep
     elif mask.dtype == torch.bool:
@@ -107,8 +128,7 @@ def _with_causal(mask: torch.Tensor | None, q_len: int, kv_len: int, device: tor
     return mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
 
 
-def slot_dense_mask(slot: PlanSlot) -> torch.Tensor:
-    """The token-level bool mask (B, H, Lq, Lk) of the slot's layout: True where a query may see a key
-    (what the kernel computes: ``BlockLayout.to_dense_mask`` of the slot's tensors)."""
+def slot_layout(slot: PlanSlot) -> BlockLayout:
+    """The slot's tensors as a ``BlockLayout`` (its ``to_dense_mask()`` is what the kernel computes)."""
     s = slot.signature
-    return BlockLayout(*slot.tensors(), block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len).to_dense_mask()
+    return BlockLayout(*slot.tensors(), block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len)

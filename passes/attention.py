@@ -72,7 +72,7 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
             "masks": len(match.masks),
         }
         where = location(match.out)
-        rewrite_site(gm, match, slot)
+        rewrite_site(gm, match, slot, ctx.options.sparsity.density)
         erased.update(match.nodes)
         ctx.compilation.sites.append(Site(KIND, "rewritten", location=where, detail=detail))
 

@@ -52,8 +52,9 @@ def kv_heads(match: AttentionMatch) -> int:
     return example(match.k.node).shape[match.k.labels.index(match.batch[-1])]
 
 
-def rewrite_site(gm: fx.GraphModule, match: AttentionMatch, slot: PlanSlot) -> fx.Node:
-    """Replace ``match.out`` by a ``planned_attention`` call on ``slot``; returns the new output node."""
+def rewrite_site(gm: fx.GraphModule, match: AttentionMatch, slot: PlanSlot, density: float) -> fx.Node:
+    """Replace ``match.out`` by a ``planned_attention`` call on ``slot`` (top-k ``density`` of the
+    plan's blocks: ``sparsity.density``); returns the new output node."""
     em = _Emitter(gm, match.out)
     sizes = axis_sizes(match)
     seq_q, seq_k, dim, value_dim = match.query_axis, match.key_axis, match.head_dim, match.value_dim
@@ -65,7 +66,8 @@ def rewrite_site(gm: fx.GraphModule, match: AttentionMatch, slot: PlanSlot) -> f
     mask = _combined_mask(em, match, sizes, dtype)
     buffers = [em.buffer(f"{PLAN_BUFFER_PREFIX}{slot.id}_{name}", t) for name, t in zip(SLOT_TENSORS, slot.tensors())]
     out = em.function(
-        torch.ops.li.planned_attention.default, q, k, v, mask, *buffers, match.scale, match.is_causal, slot.id
+        torch.ops.li.planned_attention.default, q, k, v, mask, *buffers, match.scale, match.is_causal, slot.id,
+        density,
     )
     out = _from_heads(em, out, match, sizes)
     match.out.replace_all_uses_with(out)

@@ -156,12 +156,32 @@ def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, monkeypatc
     sparse_calls = collections.Counter()
     original = planned_attention._sparse
 
-    def spy(q, k, v, attn_mask, slot, *rest):
-        sparse_calls[slot.signature.kv_len] += 1
-        return original(q, k, v, attn_mask, slot, *rest)
+    def spy(q, k, v, attn_mask, layout, *rest):
+        sparse_calls[layout.kv_len] += 1
+        return original(q, k, v, attn_mask, layout, *rest)
 
     monkeypatch.setattr(planned_attention, "_sparse", spy)
     setup = light_interaction_setup(world, BACKEND_OPTIONS)
     setup.warm_up()
     buckets = _controller(world, trajectories.make("loop", world.spec.chunk_frames)).warm_up_buckets()
     assert set(sparse_calls) == {world.layout(capacity).kv_len for capacity in buckets}
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_top_k_density_compiles_once_per_bucket_and_changes_only_what_it_drops(name):
+    """``sparsity.density`` < 1 selects blocks inside the op at run time: no recompilation, finite
+    output, different from keeping every planned block (so the selection is live)."""
+    from li_compile.worlds.report_tools import timed_run
+
+    world = _world(name)
+    trajectory = trajectories.make("loop", 8 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+    runs = {}
+    for density in (1.0, 0.5):
+        torch._dynamo.reset()
+        options = {**BACKEND_OPTIONS, "sparsity": {**BACKEND_OPTIONS["sparsity"], "density": density},
+                   "cache": {"enabled": False}}
+        runs[density] = timed_run(light_interaction_setup(world, options), trajectory, 8, seed=0)
+        assert runs[density].recompiles == 0
+    latents = {d: r.generation.latents for d, r in runs.items()}
+    assert torch.isfinite(latents[0.5]).all()
+    assert not torch.equal(latents[0.5], latents[1.0])

@@ -31,6 +31,8 @@ def test_nested_dict_sets_section_fields():
         ({"context": {"keep_threshold": 1.5}}, ["'context.keep_threshold'", "[0.0, 1.0]"]),
         ({"context": {"keep_threshold": float("nan")}}, ["'context.keep_threshold'", "finite"]),
         ({"sparsity": {"block_q": 8}}, ["'sparsity.block_q'", "[16, 256]"]),
+        ({"sparsity": {"density": 0.0}}, ["'sparsity.density'", "(0.0, 1.0]"]),
+        ({"sparsity": {"density": 1.2}}, ["'sparsity.density'", "(0.0, 1.0]"]),
         ({"cache": {"reuse_steps": 1.5}}, ["'cache.reuse_steps'", "an int"]),
         ({"cache": {"enabled": "yes"}}, ["'cache.enabled'", "True or False"]),
         ({"context": {"window_min": 9, "window_max": 4}}, ["window_min", "window_max"]),

@@ -190,3 +190,65 @@ def test_a_compiled_site_follows_its_slot_in_place_without_recompiling(inner):
                 torch.testing.assert_close(compiled(q, k, v), expected, **FP32)
             slot.clear()
             torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
+
+
+def topk_reference_mask(slot, q, k, density, within):
+    """The token mask that top-k selection inside ``within`` (a BlockLayout) should produce, built
+    by brute force per row: the ceil(density * n) best pooled-score candidates plus the own blocks."""
+    import math
+
+    from li_compile.kernels.block_layout import BlockLayout
+    from li_compile.kernels.tiling import own_blocks
+
+    s = slot.signature
+    pad_q, pad_k = s.q_blocks * s.block_q - s.q_len, s.kv_blocks * s.block_k - s.kv_len
+    counts_q = torch.full((s.q_blocks,), float(s.block_q))
+    counts_q[-1] = s.block_q - pad_q
+    counts_k = torch.full((s.kv_blocks,), float(s.block_k))
+    counts_k[-1] = s.block_k - pad_k
+    pq = F.pad(q, (0, 0, 0, pad_q)).view(*q.shape[:2], s.q_blocks, s.block_q, -1).sum(3) / counts_q[:, None]
+    pk = F.pad(k, (0, 0, 0, pad_k)).view(*k.shape[:2], s.kv_blocks, s.block_k, -1).sum(3) / counts_k[:, None]
+    scores = pq @ pk.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)
+    candidates = within.block_mask().expand_as(scores)
+    own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k)
+    chosen = torch.zeros_like(candidates)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in scores.shape[:3])):
+        b, h, r = idx.tolist()
+        cand = candidates[b, h, r].nonzero().flatten()
+        quota = max(1, math.ceil(density * len(cand)))
+        best = cand[scores[b, h, r, cand].argsort(descending=True, stable=True)[:quota]]
+        chosen[b, h, r, best] = True
+        chosen[b, h, r] |= own[r] & candidates[b, h, r]
+    refined = BlockLayout.from_block_mask(chosen, block_q=s.block_q, block_k=s.block_k, q_len=s.q_len,
+                                          kv_len=s.kv_len, key_keep=within.key_keep)
+    return refined.to_dense_mask()
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5])
+@pytest.mark.parametrize("sparse_plan", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_density_below_one_visits_the_best_scoring_blocks_of_the_plan(density, sparse_plan, kv_heads):
+    from li_compile.kernels.block_layout import BlockLayout
+
+    slot, (q, k, v) = make_slot(q_len=13, kv_len=29), qkv(q_len=13, kv_len=29, kv_heads=kv_heads, seed=3)
+    s = slot.signature
+    if sparse_plan:
+        layout, _ = random_layout(slot, seed=1)
+        slot.set_layout(layout)
+        within = BlockLayout(layout.kv_num_blocks, layout.kv_indices, None, None, None, s.block_q, s.block_k, s.q_len, s.kv_len)
+    else:
+        within = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len)
+    mask = topk_reference_mask(slot, q, k, density, within)
+    assert mask.float().mean() < within.to_dense_mask().float().mean()  # it does drop blocks
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != 4)
+    got = planned_attention(q, k, v, None, *slot.tensors(), None, False, slot.id, density)
+    torch.testing.assert_close(got, expected, **FP32)
+    assert not slot.fallbacks
+
+
+def test_density_one_is_exactly_the_plan():
+    slot, (q, k, v) = make_slot(), qkv()
+    layout, tokens = random_layout(slot, seed=2)
+    slot.set_layout(layout)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens)
+    torch.testing.assert_close(planned_attention(q, k, v, None, *slot.tensors(), None, False, slot.id, 1.0), expected, **FP32)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from li_compile.kernels.block_layout import BlockLayout
+from li_compile.kernels.block_layout import BlockLayout, cdiv
 from li_compile.kernels.block_sparse_attention import sparse_attention
 from li_compile.kernels.tiling import TileOrder, frame_layout, local_window_layout, topk_layout, union
 
@@ -169,3 +169,36 @@ def test_union_visits_what_any_layout_visits():
     assert not (a.to_dense_mask() & ~dense).any() and not (b.to_dense_mask() & ~dense).any()
     with pytest.raises(ValueError, match="different"):
         union(a, BlockLayout.dense(block_q=8, block_k=16, q_len=20, kv_len=40))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_topk_within_a_layout_never_leaves_it_and_keeps_its_full_split_and_key_keep(density):
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 72, 16, generator=g)
+    blocks = torch.rand(1, 1, 5, 9, generator=g) < 0.6
+    blocks[..., 0] = True
+    full = blocks & (torch.rand(1, 1, 5, 9, generator=g) < 0.5)
+    keep = torch.rand(1, 72, generator=g) < 0.7
+    within = BlockLayout.from_block_mask(blocks, block_q=8, block_k=8, q_len=40, kv_len=72, full=full, key_keep=keep)
+    layout = topk_layout(q, k, density, block_q=8, block_k=8, within=within)
+    chosen = layout.block_mask()
+    assert not (chosen & ~blocks).any()
+    quota = torch.ceil(density * blocks.sum(-1)).clamp_min(1)
+    assert torch.equal(chosen.sum(-1), quota.expand(1, 2, 5).to(chosen.sum(-1).dtype))
+    assert torch.equal(layout.block_mask(full_only=True), chosen & full)
+    assert torch.equal(layout.key_keep, keep)
+    if density == 1.0:
+        assert torch.equal(layout.to_dense_mask(), within.to_dense_mask().expand(1, 2, -1, -1))
+
+
+@pytest.mark.parametrize("q_len, kv_len, block_q, block_k", [(40, 40, 8, 8), (24, 72, 8, 16), (13, 29, 4, 4), (30, 30, 16, 8)])
+def test_own_blocks_hold_each_querys_own_position_aligned_to_the_end_of_the_keys(q_len, kv_len, block_q, block_k):
+    from li_compile.kernels.tiling import own_blocks
+
+    own = own_blocks(q_len, kv_len, block_q, block_k)
+    expected = torch.zeros(cdiv(q_len, block_q), cdiv(kv_len, block_k), dtype=torch.bool)
+    for i in range(q_len):
+        expected[i // block_q, (i + kv_len - q_len) // block_k] = True
+    assert torch.equal(own, expected)
+    with pytest.raises(ValueError, match="aligned"):
+        own_blocks(kv_len + 1, kv_len, block_q, block_k)
