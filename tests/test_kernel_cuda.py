@@ -53,3 +53,21 @@ def test_a_captured_cuda_graph_follows_in_place_layout_updates():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, reference(q, k, v, layout)) < RELATIVE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25])
+def test_top_k_selection_runs_the_kernel_on_the_gpu_and_equals_its_masked_reference(density):
+    """``sparsity.density`` on the GPU: the refined layout is built on the device and the kernel
+    computes SDPA under exactly that layout's mask (bf16 against fp32)."""
+    from li_compile.kernels.tiling import own_blocks, topk_layout
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, 1000, 128, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(1, 4, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(1, 4, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    within = random_layout(g, 1, 1, 1000, 3000, 128, 128, shared=True).to("cuda")
+    own = own_blocks(1000, 3000, 128, 128, "cuda")
+    layout = topk_layout(q, k, density, block_q=128, block_k=128, always=own, within=within)
+    assert layout.block_mask().float().mean() < within.block_mask().float().mean()
+    out = sparse_attention(q, k, v, layout)
+    assert rel_err(out, reference(q, k, v, layout)) < RELATIVE[torch.bfloat16]
