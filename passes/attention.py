@@ -70,6 +70,7 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
             "shape": heads_shape(match),
             "kv_heads": kv_heads(match),
             "masks": len(match.masks),
+            "density": ctx.options.sparsity.density,
         }
         where = location(match.out)
         rewrite_site(gm, match, slot, ctx.options.sparsity.density)
