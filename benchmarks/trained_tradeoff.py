@@ -40,6 +40,8 @@ SETTINGS: dict[str, dict[str, Any]] = {  # label -> backend options (on top of i
     "context off": {"context": {"enabled": False}},
     "density 0.5": {"sparsity": {"density": 0.5}},
     "density 0.25": {"sparsity": {"density": 0.25}},
+    "density 0.5 blocks 32": {"sparsity": {"density": 0.5, "block_q": 32, "block_k": 32}},
+    "density 0.25 blocks 32": {"sparsity": {"density": 0.25, "block_q": 32, "block_k": 32}},
 }
 
 

@@ -73,7 +73,8 @@ def _layout(q: torch.Tensor, k: torch.Tensor, slot: PlanSlot, density: float) ->
         return layout
     s = slot.signature
     own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, q.device) if s.q_len <= s.kv_len else None
-    if slot.is_dense:  # a cleared slot lists every block as partial with every key kept: all full
+    if slot.is_dense and not _capturing_cuda_graph(q):  # a cleared slot lists every block as partial
+        # with every key kept: the same blocks, all full (a capture must read the slot: replays follow it)
         layout = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=q.device)
     return topk_layout(q, k, density, block_q=s.block_q, block_k=s.block_k, always=own, within=layout)
 
