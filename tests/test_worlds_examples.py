@@ -54,3 +54,13 @@ def test_the_preset_flag_offers_each_worlds_own_presets():
     assert parse_args("x", "loop", ["--preset", "trained"], hy_worldplay.PRESET_NAMES).preset == "trained"
     with pytest.raises(SystemExit):
         parse_args("x", "loop", ["--preset", "trained"], matrix_game3.PRESET_NAMES)
+
+
+def test_the_options_flag_takes_backend_options_as_json_and_rejects_bad_ones(capsys):
+    args = parse_args("x", "loop", ["--options", '{"sparsity": {"density": 0.5}}'])
+    assert args.options == {"sparsity": {"density": 0.5}}
+    assert parse_args("x", "loop", []).options == {}
+    for bad, why in (("{not json", "not JSON"), ("[1]", "JSON object"), ('{"context": {"keep": 1}}', "context.keep")):
+        with pytest.raises(SystemExit):
+            parse_args("x", "loop", ["--options", bad])
+        assert why in capsys.readouterr().err

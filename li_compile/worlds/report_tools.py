@@ -51,19 +51,37 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
 
 def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None,
                presets: Sequence[str] = ("tiny", "small", "full")) -> argparse.Namespace:
-    """The examples' flags: ``--preset --device --chunks --trajectory --seed --out --json``."""
+    """The examples' flags: ``--preset --device --chunks --trajectory --seed --options --out --json``;
+    ``--options`` is the backend's ``options=`` dict as JSON, checked as the backend checks it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="tiny", choices=presets)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunks", type=int, default=16, help="chunks to generate (default 16)")
     parser.add_argument("--trajectory", default=default_trajectory, choices=sorted(trajectories.TRAJECTORIES))
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the noise and the trajectory")
+    parser.add_argument("--options", type=_backend_options, default={},
+                        help='backend options as JSON, e.g. \'{"context": {"keep_threshold": 0.3}}\'')
     parser.add_argument("--out", type=Path, default=None, help="folder for plots and pictures")
     parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON to this file")
     args = parser.parse_args(argv)
     if args.chunks < 1:
         parser.error(f"--chunks must be >= 1, got {args.chunks}")
     return args
+
+
+def _backend_options(text: str) -> dict[str, Any]:
+    """``--options``: a JSON object that ``Options.from_user`` accepts (argparse reports the error)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    try:
+        Options.from_user(options)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return options
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -399,7 +417,7 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
-    setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world)}
+    setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world, args.options)}
     runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in progress_bar(setups.items(), "runs")}
     dense, light = runs["dense"], runs["light_interaction"]
     print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
@@ -418,7 +436,7 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {**summary, "world": spec.name, "trajectory": args.trajectory, "device": args.device,
-                  "per_chunk": rows}
+                  "options": args.options, "per_chunk": rows}
         args.json.write_text(json.dumps(record, indent=2))
         print(f"summary written to {args.json}")
     print(f"done in {time.perf_counter() - start:.1f} s")
