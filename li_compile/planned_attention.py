@@ -22,13 +22,15 @@ COMPILE-NOTES). Inference only: a call that needs a gradient raises.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout
-from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch, register_inference_only
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, register_inference_only, sparse_attention
 from li_compile.kernels.tiling import own_blocks, topk_layout
-from li_compile.plan import PLAN, PlanSlot
+from li_compile.plan import PLAN, PlanSlot, SlotSignature
 
 
 @torch.library.custom_op("li::planned_attention", mutates_args=())
@@ -68,15 +70,22 @@ def _(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv
 def _layout(q: torch.Tensor, k: torch.Tensor, slot: PlanSlot, density: float) -> BlockLayout:
     """The layout the call runs: the slot's, or with ``density`` < 1 its top-k refinement (the
     slot's blocks, each query block keeping the best-scoring fraction and its own position's)."""
-    layout = slot_layout(slot)
     if density >= 1.0:
-        return layout
+        return slot_layout(slot)
     s = slot.signature
-    own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, q.device) if s.q_len <= s.kv_len else None
-    if slot.is_dense and not _capturing_cuda_graph(q):  # a cleared slot lists every block as partial
-        # with every key kept: the same blocks, all full (a capture must read the slot: replays follow it)
-        layout = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=q.device)
-    return topk_layout(q, k, density, block_q=s.block_q, block_k=s.block_k, always=own, within=layout)
+    own, dense = _topk_constants(s, q.device)
+    # a cleared slot lists every block as partial with every key kept: the same blocks as ``dense``,
+    # all full (a CUDA graph capture must read the slot instead: its replays follow later plans)
+    within = dense if slot.is_dense and not _capturing_cuda_graph(q) else slot_layout(slot)
+    return topk_layout(q, k, density, block_q=s.block_q, block_k=s.block_k, always=own, within=within)
+
+
+@functools.lru_cache(maxsize=None)
+def _topk_constants(s: SlotSignature, device: torch.device) -> tuple[torch.Tensor | None, BlockLayout]:
+    """What top-k selection needs per slot shape and never changes: the own-position blocks (None
+    when queries outnumber keys) and the all-full dense layout; built once, not on every call."""
+    own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, device) if s.q_len <= s.kv_len else None
+    return own, BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=device)
 
 
 def _capturing_cuda_graph(q: torch.Tensor) -> bool:
@@ -105,10 +114,8 @@ def dense_attention(
 def _sparse(q, k, v, attn_mask, layout: BlockLayout, scale, is_causal, slot: PlanSlot) -> torch.Tensor:
     """``layout`` on top of the site's own mask (and causal mask, top-left aligned as SDPA's): the
     fused block-sparse kernel, or masked SDPA (counted in ``slot.fallbacks``) where it refuses."""
-    tensors = (layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
-               layout.key_keep)
     try:
-        return launch(q, k, v, *tensors, attn_mask, layout.block_q, layout.block_k, scale, is_causal)
+        return sparse_attention(q, k, v, layout, scale, attn_mask, is_causal)
     except UnsupportedAttention as refusal:
         slot.record_fallback(f"kernel refused: {refusal}")
     mask = _with_causal(attn_mask, q.shape[2], k.shape[2], q.device) if is_causal else attn_mask
