@@ -197,6 +197,7 @@ CUDA_CONFIGS = [
     (128, 64, 4, 3),
     (64, 128, 4, 3),
     (64, 64, 4, 3),
+    (64, 64, 4, 2),  # fits fp32 at head dim 128
 ]
 SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # only for layouts whose blocks the above do not tile
 INTERPRETER_TILE = 64  # the interpreter takes one config: BLOCK_M/BLOCK_N at most this
@@ -204,9 +205,13 @@ CAPTURE_CONFIG = (128, 64, 4, 3)  # the autotuned winner at every H100 benchmark
 
 
 def shared_memory_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv: int, elem: int) -> int:
-    """Shared memory one program of a config takes: its query tile plus ``stages`` buffered key and
-    value tiles (what Triton allocates; fp32 tiles of 128 at head dim 128 exceed an H100's 227 KB)."""
-    return elem * (block_m * block_d + stages * block_n * (block_d + block_dv))
+    """An upper bound on the shared memory one program of a config takes: its query tile, ``stages``
+    buffered key and value tiles, and one tile of scratch for layout conversions. Triton on an H200
+    asked for exactly the first two for fp32 128x128 tiles, 3 stages, head dim 128 (458752 bytes),
+    and for them plus a 64x128 fp32 tile with 64x64 tiles (262144), so the scratch is counted always."""
+    buffers = block_m * block_d + stages * block_n * (block_d + block_dv)
+    scratch = max(block_m, block_n) * max(block_d, block_dv)
+    return elem * (buffers + scratch)
 
 
 def _shared_memory_limit(device: torch.device) -> int:
