@@ -17,6 +17,9 @@ ablation: what each component alone saves against dense. Run it as::
 
     python benchmarks/end_to_end.py --world hy_worldplay --preset full --depth 8 --chunks 12 --out out/e2e
 
+``--preset trained`` (HY) runs the world trained on rendered rooms from the true first chunk of a
+held-out room and adds PSNR/SSIM of dense and of each run against the renderer's ground truth.
+
 ``--depth`` keeps the preset's width, heads, tokens per frame and context, and cuts the number of
 DiT blocks (every block costs the same, so time per chunk scales with depth and the speedup does
 not depend on it); use it to fit a long trajectory into a short GPU session.
@@ -35,6 +38,7 @@ import torch
 import torch._dynamo
 
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.fidelity import trained_truth
 from li_compile.worlds.report_tools import (
     chunk_rows,
     dense_setup,
@@ -57,7 +61,8 @@ DEFAULT_ABLATIONS = "all,context,cache,sparse"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=sorted(WORLDS), default="hy_worldplay")
-    parser.add_argument("--preset", default="full", choices=("tiny", "small", "full"))
+    parser.add_argument("--preset", default="full", choices=hy_worldplay.PRESET_NAMES,
+                        help="'trained' (HY only): the world trained on rendered rooms, also scored against ground truth")
     parser.add_argument("--depth", type=int, default=None, help="DiT blocks (default: the preset's)")
     parser.add_argument("--chunks", type=int, default=12)
     parser.add_argument("--trajectory", default="loop", choices=sorted(trajectories.TRAJECTORIES))
@@ -81,12 +86,23 @@ def _peak_gb(device: str) -> float | None:
 def main() -> None:
     args = parse_args()
     module = WORLDS[args.world]
-    spec = module.PRESETS[args.preset]
-    if args.depth is not None:
-        spec = dataclasses.replace(spec, depth=args.depth)
-    world = module.build(spec, device=args.device, seed=args.seed)
+    if args.preset not in module.PRESET_NAMES:
+        raise SystemExit(f"--preset {args.preset} is not a preset of {args.world} ({', '.join(module.PRESET_NAMES)})")
+    if args.preset == hy_worldplay.TRAINED:
+        if args.depth is not None:
+            raise SystemExit("--depth does not apply to the trained preset (its weights fix the depth)")
+        world = module.build(args.preset, device=args.device)
+    else:
+        spec = module.PRESETS[args.preset]
+        if args.depth is not None:
+            spec = dataclasses.replace(spec, depth=args.depth)
+        world = module.build(spec, device=args.device, seed=args.seed)
+    spec = world.spec
     trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed,
                                    chunk_frames=spec.chunk_frames)
+    truth = prefix = None
+    if args.preset == hy_worldplay.TRAINED:
+        truth, prefix = trained_truth(world, trajectory, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "world": spec.name, "depth": spec.depth, "chunks": args.chunks, "trajectory": args.trajectory,
@@ -99,7 +115,7 @@ def main() -> None:
     torch._dynamo.reset()
     _peak_reset(args.device)
     start = time.perf_counter()
-    dense = timed_run(dense_setup(world), trajectory, args.chunks, args.seed)
+    dense = timed_run(dense_setup(world), trajectory, args.chunks, args.seed, prefix)
     record["dense"] = {"time_s": sum(dense.generation.chunk_times), "peak_gb": _peak_gb(args.device),
                        "wall_s": time.perf_counter() - start, "recompiles_after_warmup": dense.recompiles}
     print(f"dense: {record['dense']['time_s']:.2f} s, peak {record['dense']['peak_gb']} GB", flush=True)
@@ -109,9 +125,9 @@ def main() -> None:
         torch._dynamo.reset()  # every ablation compiles afresh (and stays under Dynamo's recompile limit)
         _peak_reset(args.device)
         start = time.perf_counter()
-        light = timed_run(light_interaction_setup(world, ABLATIONS[name]), trajectory, args.chunks, args.seed)
+        light = timed_run(light_interaction_setup(world, ABLATIONS[name]), trajectory, args.chunks, args.seed, prefix)
         rows = chunk_rows(dense, light)
-        summary = summarize(rows, dense, light)
+        summary = summarize(rows, dense, light, truth)
         record["runs"][name] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
                                 "per_chunk": rows}
         print(f"{name}: {summary['time_li_s']:.2f} s, speedup {summary['speedup']:.2f}x, "
@@ -120,13 +136,17 @@ def main() -> None:
               f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][name]['peak_gb']} GB, "
               f"recompiles {summary['recompiles_after_warmup']}, attention fallbacks {summary['attention_fallbacks']}, "
               f"kernel autotunes {summary['kernel_autotunes_after_warmup']}", flush=True)
+        if truth is not None:
+            print(f"  vs ground truth: PSNR dense {summary['psnr_db_dense_vs_truth']:.2f} dB, {name} "
+                  f"{summary['psnr_db_li_vs_truth']:.2f} dB, repeat-last {summary['psnr_db_repeat_last_vs_truth']:.2f} dB",
+                  flush=True)
         _write(args.out, record)
-    _plot(record, args.out / f"{args.world}.png")
+    _plot(record, args.out / f"{spec.name.replace('/', '_')}.png")
 
 
 def _write(out: Path, record: dict[str, Any]) -> None:
     """The JSON after every run, so a run cut short keeps what it measured."""
-    name = record["world"].split("/")[0]
+    name = record["world"].replace("/", "_")
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from li_compile.worlds.fidelity import add_case_arguments, frame_psnr, rollout, trained_world_and_cases
+from li_compile.worlds.fidelity import add_case_arguments, rollout, trained_world_and_cases
+from li_compile.worlds.report_tools import frame_psnr
 from li_compile.worlds.pipeline import DensePolicy
 
 STEPS = (1, 2, 4)

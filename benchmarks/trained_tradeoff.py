@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from li_compile.worlds.fidelity import add_case_arguments, frame_psnr, rollout, trained_world_and_cases
+from li_compile.worlds.fidelity import add_case_arguments, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
-from li_compile.worlds.report_tools import light_interaction_setup, psnr, ssim
+from li_compile.worlds.report_tools import frame_psnr, light_interaction_setup, psnr, ssim
 
 REVISIT_TRAJECTORIES = ("loop", "orbit", "out_and_back")
 SETTINGS: dict[str, dict[str, Any]] = {  # label -> backend options (on top of inner="eager")

@@ -37,7 +37,8 @@ from li_compile.controller.context import ContextController
 from li_compile.controller.window import latent_dynamics, window_size
 from li_compile.options import WINDOW_RULES
 from li_compile.worlds import hy_worldplay, matrix_game3
-from li_compile.worlds.fidelity import held_out_cases, psnr
+from li_compile.worlds.fidelity import held_out_cases
+from li_compile.worlds.report_tools import psnr
 from li_compile.worlds.pipeline import DensePolicy, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.trajectories import TRAJECTORIES, make

@@ -1,6 +1,7 @@
 """Train the ``trained`` preset of the HY-WorldPlay-style world on rendered rooms.
 
-    python examples/train_world.py --device cuda --time-budget 900 --out runs/trained   # 15 minutes, one H100
+    python examples/train_world.py --device cuda --time-budget 900 --out runs/trained   # 15 minutes, one GPU
+    python examples/train_world.py --device cuda --steps 1162 --out runs/repro          # the shipped weights' schedule
     python examples/train_world.py --steps 3 --clips 8 --batch 4 --out /tmp/smoke   # CPU smoke run
 
 Renders a pool of clips (procedural rooms x camera trajectories with revisits), trains the DiT by
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from li_compile.worlds.base import OUTPUTS  # noqa: E402
 from li_compile.worlds.training import (  # noqa: E402
     IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, train,
 )
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="fit pool rendering and training into about this many seconds (see train())")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--output", choices=OUTPUTS, default=TRAINED_SPEC.output,
+                        help="what the network predicts (WorldSpec.output; 'velocity' is the ablation)")
     args = parser.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     start = time.perf_counter()
-    pool = make_pool(config.clips, config.clip_frames, TRAINED_SPEC, config.seed, args.device, IMAGE_SIZE)
+    spec = replace(TRAINED_SPEC, output=args.output)
+    pool = make_pool(config.clips, config.clip_frames, spec, config.seed, args.device, IMAGE_SIZE)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     pool_s = time.perf_counter() - start
@@ -87,7 +92,7 @@ def main() -> None:
         bar.set_postfix(loss=f"{state.losses[-1]:.4f}", refresh=False)
         bar.update(0)
 
-    state = train(config, args.device, checkpoint, budget, on_step, pool=pool)
+    state = train(config, args.device, checkpoint, budget, on_step, pool=pool, spec=spec)
     bar.close()
     weights = args.weights or args.out / "hy_trained.pt"
     export_weights(averaged_weights(state, config.ema), weights)
@@ -95,7 +100,7 @@ def main() -> None:
     tail = state.losses[-SMOOTHING:]
     summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1),
                "pool_seconds": round(pool_s, 1), "frames_rendered": frames, "final_loss": sum(tail) / len(tail),
-               "weights": str(weights), "config": asdict(config)}
+               "weights": str(weights), "output": args.output, "config": asdict(config)}
     (args.out / "train.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

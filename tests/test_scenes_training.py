@@ -7,7 +7,8 @@ import torch
 
 from li_compile.controller.similarity import MEASURES, similarity
 from li_compile.worlds import training, training_data
-from li_compile.worlds.fidelity import evaluate, frame_psnr, held_out_cases, prefix_hook, revisit_frames
+from li_compile.worlds.fidelity import evaluate, held_out_cases, prefix_hook, revisit_frames
+from li_compile.worlds.report_tools import frame_psnr
 from li_compile.worlds.hy_worldplay import build
 from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
@@ -105,13 +106,18 @@ def test_memory_dropout_removes_only_memory_slots(pool, monkeypatch):
     assert (batch["context"][:, :4] == 0).all()
 
 
-def test_untrained_world_predicts_zero_velocity_so_the_loss_is_the_velocity_power(pool):
-    world = new_world("cpu", TINY)
-    batch = sample_batch(pool, 4, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("output", ["x0", "velocity"])
+def test_untrained_world_predicts_zero_so_the_loss_is_the_power_of_its_target(pool, output):
+    """The zeroed output layer predicts 0: a clean chunk of 0 (x0 world, loss = power of the clean
+    chunk) or a velocity of 0 (velocity world, loss = power of ``noise - x0``)."""
+    spec = replace(TINY, output=output)
+    world = new_world("cpu", spec)
+    batch = sample_batch(pool, 4, spec, PixelPatchCodec(4), torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(3)
     loss = flow_matching_loss(world, batch, 0.5, gen)
     noise = torch.randn(batch["target"].shape, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(loss, (noise - batch["target"]).pow(2).mean())
+    target = batch["target"] if output == "x0" else noise - batch["target"]
+    torch.testing.assert_close(loss, target.pow(2).mean())
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(pool):

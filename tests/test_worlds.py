@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -9,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from li_compile.controller.poses import camera_centers, validate_poses, view_directions
 from li_compile.controller.similarity import frustum_overlap
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
-from li_compile.worlds.base import Context
+from li_compile.worlds.base import X0_MIN_SIGMA, Context
 from li_compile.worlds.layers import patchify, unpatchify
 from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate, warm_up
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
@@ -174,6 +176,29 @@ def test_build_is_seeded_and_rejects_unknown_presets():
         assert torch.equal(pa, pb)
     with pytest.raises(ValueError, match="preset must be one of"):
         matrix_game3.build("huge")
+
+
+def test_an_x0_world_returns_the_velocity_of_its_clean_prediction():
+    """With ``output="x0"`` the network's last layer is the clean chunk: one Euler step from any
+    noise level lands on it, and the forward returns ``(x - x0) / sigma`` (sigma clamped)."""
+    spec = dataclasses.replace(hy_worldplay.PRESETS["tiny"], output="x0")
+    world = hy_worldplay.build(spec, seed=0)
+    traj = _trajectory(world, chunks=2)
+    f = spec.chunk_frames
+    context = gather_context(torch.randn(f, *spec.latent_shape), traj.poses[:f], ContextSelection([], [f - 1]),
+                             spec.context_frames)
+    inputs = world.inputs(context, traj.poses[f:2 * f], traj.actions()[f:2 * f], f)
+    x = torch.randn(1, spec.chunk_frames, *spec.latent_shape)
+    velocity = world.model(x, torch.tensor(1.0), **inputs)
+    with torch.no_grad():  # the same network read as a velocity predictor gives its raw output
+        raw = hy_worldplay.HYWorldPlayDiT(dataclasses.replace(spec, output="velocity"))
+        raw.load_state_dict(world.model.state_dict())
+    clean = raw(x, torch.tensor(1.0), **inputs)
+    torch.testing.assert_close(euler_step(x, velocity, 1.0, 0.0), clean, rtol=1e-5, atol=1e-5)
+    tiny = world.model(x, torch.tensor(1e-4), **inputs)  # sigma below X0_MIN_SIGMA is clamped
+    torch.testing.assert_close(tiny, (x - raw(x, torch.tensor(1e-4), **inputs)) / X0_MIN_SIGMA, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="WorldSpec.output must be one of"):
+        dataclasses.replace(spec, output="epsilon")
 
 
 def test_generation_is_deterministic_and_finite(world):

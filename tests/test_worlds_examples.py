@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
-from li_compile.worlds import hy_worldplay, matrix_game3
-from li_compile.worlds.report_tools import PSNR_CAP_DB, format_table, parse_args, psnr, run_example, ssim
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.fidelity import trained_truth
+from li_compile.worlds.report_tools import (
+    PSNR_CAP_DB, dense_setup, format_table, frame_psnr, parse_args, psnr, run_example, ssim, timed_run, truth_scores,
+)
 
 JSON_KEYS = {
     "speedup", "recompiles_after_warmup", "cache_hits", "memory_frames_pruned", "attention_density_mean",
@@ -64,3 +67,30 @@ def test_the_options_flag_takes_backend_options_as_json_and_rejects_bad_ones(cap
         with pytest.raises(SystemExit):
             parse_args("x", "loop", ["--options", bad])
         assert why in capsys.readouterr().err
+
+
+TRUTH_KEYS = {"psnr_db_dense_vs_truth", "psnr_db_li_vs_truth", "psnr_db_repeat_last_vs_truth", "ssim_dense_vs_truth",
+              "ssim_li_vs_truth"}
+
+
+def test_trained_runs_start_from_the_true_first_chunk_and_score_generated_frames_against_truth():
+    world = hy_worldplay.build("trained")
+    f = world.spec.chunk_frames
+    trajectory = trajectories.make("loop", 2 * f, seed=0, chunk_frames=f)
+    truth, prefix = trained_truth(world, trajectory, seed=0)
+    torch.testing.assert_close(world.decode(prefix), truth[:f], atol=1e-6, rtol=0)
+    run = timed_run(dense_setup(world), trajectory, 2, 0, prefix)
+    torch.testing.assert_close(run.generation.latents[:f], prefix, atol=1e-5, rtol=0)
+    scores = truth_scores(run.generation, run.generation, truth)
+    assert set(scores) == TRUTH_KEYS
+    assert scores["psnr_db_dense_vs_truth"] == scores["psnr_db_li_vs_truth"]
+    assert scores["psnr_db_dense_vs_truth"] == pytest.approx(frame_psnr(run.generation.frames[f:], truth[f:2 * f]))
+    repeat = truth[f - 1].expand(f, -1, -1, -1)
+    assert scores["psnr_db_repeat_last_vs_truth"] == pytest.approx(frame_psnr(repeat, truth[f:2 * f]))
+
+
+def test_trained_example_reports_fidelity_against_ground_truth(tmp_path):
+    run_example(hy_worldplay, "loop", ["--preset", "trained", "--chunks", "3", "--json", str(tmp_path / "s.json")])
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert JSON_KEYS | TRUTH_KEYS <= set(record) and record["recompiles_after_warmup"] == 0
+    assert all(math.isfinite(record[k]) for k in TRUTH_KEYS)

@@ -20,6 +20,10 @@ from li_compile.worlds.decode import LatentDecoder
 from li_compile.worlds.sampling import SAMPLERS, sigma_schedule
 
 
+OUTPUTS = ("velocity", "x0")  # what a world's network predicts (WorldSpec.output)
+X0_MIN_SIGMA = 0.05  # an "x0" network's velocity divides by sigma, clamped here (as JiT does)
+
+
 @dataclass(frozen=True)
 class WorldSpec:
     """Sizes of one preset of a reference world.
@@ -30,7 +34,10 @@ class WorldSpec:
     with ``steps`` sampler steps (``sampler`` of ``li_compile.worlds.sampling``, timestep ``shift``).
     Transformer: ``depth`` blocks of width ``dim = heads * head_dim``, MLP ``mlp_ratio``, and
     ``text_tokens`` prompt tokens of width ``text_dim`` for cross-attention. ``dtype``: weights and
-    activations.
+    activations. ``output``: what the network's last layer predicts, ``"velocity"`` (as the upstream
+    models) or ``"x0"`` (the clean chunk, turned into the velocity ``(x - x0) / sigma`` inside
+    ``forward``, so the sampler and the backend see a velocity either way; pixel-space worlds learn
+    this far better, as a small network cannot copy high-dimensional noise through itself).
     """
 
     name: str
@@ -52,6 +59,7 @@ class WorldSpec:
     text_dim: int
     dtype: torch.dtype = torch.float32
     vae_stride: tuple[int, int, int] = (4, 16, 16)  # (time, height, width) pixels per latent
+    output: str = "velocity"
 
     def __post_init__(self) -> None:
         for key in ("latent_channels", "latent_h", "latent_w", "patch", "chunk_frames", "window", "steps",
@@ -65,6 +73,8 @@ class WorldSpec:
             raise ValueError(
                 f"latent size {self.latent_h}x{self.latent_w} must be divisible by the patch {self.patch}"
             )
+        if self.output not in OUTPUTS:
+            raise ValueError(f"WorldSpec.output must be one of {list(OUTPUTS)}, got {self.output!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"WorldSpec.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
 

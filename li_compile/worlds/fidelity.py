@@ -17,7 +17,7 @@ recent window, so only memory can bring it back), dense with memory against ``De
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from li_compile.controller.poses import camera_centers, view_directions
 from li_compile.worlds.base import World
 from li_compile.worlds.pipeline import ContextPolicy, DensePolicy, StepHook, chunk_noise, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.report_tools import psnr, ssim
+from li_compile.worlds.report_tools import frame_psnr, ssim
 from li_compile.worlds.scenes import make_scene, render
 from li_compile.worlds.trajectories import TRAJECTORIES, Trajectory, make
 
@@ -53,11 +53,25 @@ def held_out_cases(frames: int, per_trajectory: int, image_size: int, names: tup
     for n, name in enumerate(sorted(names or TRAJECTORIES)):
         for i in range(per_trajectory):
             seed = HELD_OUT_SEED + 100 * n + i
-            trajectory = make(name, frames, seed)
-            scene = make_scene(seed, clear_points=camera_centers(trajectory.poses))
-            truth = render(scene, trajectory.poses.to(device), trajectory.fov_y_deg, image_size).cpu()
-            cases.append(Case(trajectory, seed, truth))
+            cases.append(render_case(make(name, frames, seed), seed, image_size, device))
     return cases
+
+
+def render_case(trajectory: Trajectory, scene_seed: int, image_size: int, device: torch.device | str = "cpu") -> Case:
+    """Room ``scene_seed`` (objects kept clear of the path) rendered along ``trajectory`` on ``device``."""
+    scene = make_scene(scene_seed, clear_points=camera_centers(trajectory.poses))
+    truth = render(scene, trajectory.poses.to(device), trajectory.fov_y_deg, image_size).cpu()
+    return Case(trajectory, scene_seed, truth)
+
+
+def trained_truth(world: World, trajectory: Trajectory, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth for a run of the trained world along ``trajectory`` (e.g. an example's): the
+    frames ``(T, 3, H, W)`` of held-out room ``HELD_OUT_SEED + seed``, and chunk 0's clean latents
+    (the run starts from them through ``prefix_hook``, as ``rollout`` does)."""
+    from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE
+
+    case = render_case(trajectory, HELD_OUT_SEED + seed, IMAGE_SIZE)
+    return case.frames, PixelPatchCodec(PIXEL_STRIDE).encode(case.frames[:world.spec.chunk_frames])
 
 
 def prefix_hook(world: World, prefix: torch.Tensor, seed: int, then: StepHook | None = None) -> StepHook:
@@ -89,11 +103,6 @@ def rollout(world: World, codec: PixelPatchCodec, case: Case, policy: ContextPol
     hook = prefix_hook(world, prefix, seed, then)
     result = generate(world, case.trajectory, policy, step_hook=hook, seed=seed, decode=False)
     return codec.decode(result.latents)
-
-
-def frame_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean over frames of the per-frame PSNR (dB) of ``(N, 3, H, W)`` pictures in [0, 1]."""
-    return sum(psnr(p, t) for p, t in zip(pred, target)) / len(pred)
 
 
 def revisit_frames(poses: torch.Tensor, chunk_frames: int, window: int) -> torch.Tensor:
@@ -145,11 +154,14 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
 
 
 def add_case_arguments(parser: argparse.ArgumentParser, per_trajectory: int) -> None:
-    """The flags of a held-out evaluation of the trained world: ``--weights --device --frames
+    """The flags of a held-out evaluation of the trained world: ``--weights --output --device --frames
     --per-trajectory`` (the benchmarks' shared command line)."""
-    from li_compile.worlds.training import WEIGHTS_PATH
+    from li_compile.worlds.base import OUTPUTS
+    from li_compile.worlds.training import TRAINED_SPEC, WEIGHTS_PATH
 
     parser.add_argument("--weights", type=Path, default=WEIGHTS_PATH)
+    parser.add_argument("--output", choices=OUTPUTS, default=TRAINED_SPEC.output,
+                        help="what the weights' network predicts (as trained: train_world.py --output)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frames", type=int, default=48, help="frames per trajectory (12 chunks of 4)")
     parser.add_argument("--per-trajectory", type=int, default=per_trajectory, help="held-out cases per trajectory name")
@@ -159,8 +171,8 @@ def trained_world_and_cases(args: argparse.Namespace, names: tuple[str, ...] | N
                             ) -> tuple[World, PixelPatchCodec, list[Case]]:
     """The trained world with ``args.weights``, its pixel codec, and the held-out cases the flags of
     ``add_case_arguments`` ask for (trajectory ``names``, default all)."""
-    from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE, load_trained
+    from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE, TRAINED_SPEC, load_trained
 
-    world = load_trained(args.device, args.weights)
+    world = load_trained(args.device, args.weights, replace(TRAINED_SPEC, output=args.output))
     cases = held_out_cases(args.frames, args.per_trajectory, IMAGE_SIZE, names, args.device)
     return world, PixelPatchCodec(PIXEL_STRIDE), cases

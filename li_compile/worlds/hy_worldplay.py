@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from li_compile.sequence import SequenceLayout
-from li_compile.worlds.base import Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec
+from li_compile.worlds.base import (
+    X0_MIN_SIGMA, Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
+)
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
     key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
@@ -112,7 +114,8 @@ class HYWorldPlayDiT(nn.Module):
     ``x: (B, F, C, h, w)`` the noisy chunk at noise level ``sigma`` (0-d tensor);
     ``context: (B, K, C, h, w)`` clean context frames in ``K`` slots, ``context_valid: (B, K)`` bool;
     ``camera: (B, K + F, 12)`` relative poses, ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
-    Returns the velocity ``(B, F, C, h, w)``. Tokens: context frames then chunk frames.
+    Returns the velocity ``(B, F, C, h, w)`` (with ``spec.output == "x0"`` the network predicts the
+    clean chunk and returns its velocity). Tokens: context frames then chunk frames.
     """
 
     def __init__(self, spec: WorldSpec) -> None:
@@ -146,7 +149,10 @@ class HYWorldPlayDiT(nn.Module):
         shift, scale = self.final_mod(F.silu(cond)).chunk(2, -1)
         out = self.patch_out(modulate(self.final_norm(h), shift, scale, frames))
         out = out[:, slots * spec.tokens_per_frame:]
-        return unpatchify(out, chunk, spec.latent_channels, spec.latent_h, spec.latent_w, spec.patch)
+        out = unpatchify(out, chunk, spec.latent_channels, spec.latent_h, spec.latent_w, spec.patch)
+        if spec.output == "x0":
+            return (x - out) / sigma.clamp_min(X0_MIN_SIGMA)
+        return out
 
 
 class HYWorldPlay(World):

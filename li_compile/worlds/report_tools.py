@@ -37,6 +37,7 @@ from li_compile.reporting import ChunkStats
 from li_compile.options import Options
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
+from li_compile.worlds.hy_worldplay import TRAINED
 from li_compile.worlds.pipeline import (
     ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate, progress_bar, warm_up,
 )
@@ -91,6 +92,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of pictures in [0, 1] (any equal shapes), capped at ``PSNR_CAP_DB``."""
     mse = F.mse_loss(a.float(), b.float()).item()
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(1.0 / mse))
+
+
+def frame_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over frames of the per-frame PSNR (dB) of ``(N, 3, H, W)`` pictures in [0, 1]."""
+    return sum(psnr(p, t) for p, t in zip(pred, target)) / len(pred)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -220,14 +226,21 @@ class Run:
     kernel_autotunes: int = 0
 
 
-def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int) -> Run:
+def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int,
+              prefix: torch.Tensor | None = None) -> Run:
     """Warm up (one model call per context capacity: compiles), then generate ``chunks`` chunks and
-    count the frames Dynamo compiled while they ran."""
+    count the frames Dynamo compiled while they ran. ``prefix``: clean latents chunk 0 comes out as
+    (a run compared with ground truth starts from the true first chunk, ``fidelity.prefix_hook``)."""
     setup.warm_up()
     compiled_before, tuned_before = counters["frames"]["ok"], autotuned_shapes()
     driver = setup.driver(trajectory)
+    step_hook = driver.step_hook
+    if prefix is not None:
+        from li_compile.worlds.fidelity import prefix_hook  # fidelity builds on this module
+
+        step_hook = prefix_hook(setup.world, prefix, seed, then=step_hook)
     with driver.scope():
-        gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=driver.step_hook, seed=seed,
+        gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=step_hook, seed=seed,
                        progress=True)
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
@@ -272,9 +285,11 @@ def format_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def summarize(rows: list[dict[str, float]], dense: Run, light: Run) -> dict[str, Any]:
-    """The summary (the JSON keys of issue 7): speedup, recompiles, cache hits, pruning, density, fidelity, times."""
+def summarize(rows: list[dict[str, float]], dense: Run, light: Run, truth: torch.Tensor | None = None) -> dict[str, Any]:
+    """The summary (the JSON keys of issue 7): speedup, recompiles, cache hits, pruning, density, fidelity, times;
+    with ground-truth frames ``truth`` also ``truth_scores``."""
     time_dense, time_light = sum(dense.generation.chunk_times), sum(light.generation.chunk_times)
+    scores = truth_scores(dense.generation, light.generation, truth) if truth is not None else {}
     return {
         "speedup": time_dense / time_light,
         "recompiles_after_warmup": light.recompiles,
@@ -291,6 +306,24 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run) -> dict[str,
         "time_li_s": time_light,
         "dense_recompiles_after_warmup": dense.recompiles,
         "chunks": len(rows),
+        **scores,
+    }
+
+
+def truth_scores(dense: Generation, light: Generation, truth: torch.Tensor) -> dict[str, float]:
+    """PSNR (mean of per-frame dB) and SSIM against ground truth ``(T, 3, H, W)`` of the dense run,
+    the light_interaction run and "repeat the last given frame", over the generated frames (chunk 0
+    is given)."""
+    given = dense.chunk(0).stop
+    frames = slice(given, len(dense.frames))
+    target = truth[frames]
+    repeat = truth[given - 1].expand_as(target).contiguous()
+    return {
+        "psnr_db_dense_vs_truth": frame_psnr(dense.frames[frames], target),
+        "psnr_db_li_vs_truth": frame_psnr(light.frames[frames], target),
+        "psnr_db_repeat_last_vs_truth": frame_psnr(repeat, target),
+        "ssim_dense_vs_truth": ssim(dense.frames[frames], target),
+        "ssim_li_vs_truth": ssim(light.frames[frames], target),
     }
 
 
@@ -312,6 +345,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}",
         f"vs dense: PSNR {s['psnr_db_vs_dense']:.1f} dB (min {s['min_psnr_db']:.1f}), SSIM {s['ssim_vs_dense']:.3f}",
         f"recompilations after warm-up: {s['recompiles_after_warmup']} (dense: {s['dense_recompiles_after_warmup']})",
+        *([f"vs ground truth: PSNR dense {s['psnr_db_dense_vs_truth']:.2f} dB, light_interaction "
+           f"{s['psnr_db_li_vs_truth']:.2f} dB, repeat-last {s['psnr_db_repeat_last_vs_truth']:.2f} dB; "
+           f"SSIM dense {s['ssim_dense_vs_truth']:.3f}, light_interaction {s['ssim_li_vs_truth']:.3f}"]
+          if "psnr_db_dense_vs_truth" in s else []),
     ])
 
 
@@ -417,12 +454,18 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
+    truth = prefix = None
+    if args.preset == TRAINED:  # rendered rooms: scored against the renderer, starting from the true first chunk
+        from li_compile.worlds.fidelity import trained_truth  # fidelity builds on this module
+
+        truth, prefix = trained_truth(world, trajectory, args.seed)
     setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world, args.options)}
-    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed) for label, setup in progress_bar(setups.items(), "runs")}
+    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed, prefix)
+            for label, setup in progress_bar(setups.items(), "runs")}
     dense, light = runs["dense"], runs["light_interaction"]
     print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
     rows = chunk_rows(dense, light)
-    summary = summarize(rows, dense, light)
+    summary = summarize(rows, dense, light, truth)
     print(format_table(rows))
     print(format_summary(summary))
     if args.out:

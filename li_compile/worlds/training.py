@@ -7,8 +7,10 @@ by pixel patches (``PixelPatchCodec``, stride 4: 64x64 RGB -> 48 x 16 x 16), the
 makes 8 x 8 tokens per latent frame; a chunk is 4 frames with a context of 4 recent + 4 memory
 frames retrieved by camera overlap (``DensePolicy``).
 
-Training is plain flow matching (``x_sigma = (1 - sigma) x0 + sigma noise``, target velocity
-``noise - x0``) on teacher-forced chunks (``training_data.sample_batch``), AdamW with warm-up and
+Training is flow matching (``x_sigma = (1 - sigma) x0 + sigma noise``) with the network predicting
+the clean chunk (``output="x0"``, scored by its squared error; a network of this width cannot copy
+192-dimensional pixel-patch noise through itself, so a velocity network leaves the noise in its
+frames: ``--output velocity`` of ``examples/train_world.py`` is that ablation) on teacher-forced chunks (``training_data.sample_batch``), AdamW with warm-up and
 cosine decay, bf16 autocast on CUDA, an exponential moving average of the weights (exported).
 The model takes one ``sigma`` per call, so each step splits its batch into ``sigma_groups``
 groups: one at ``sigma = 1`` (the sampler's first step, which decides the content) and the rest
@@ -36,16 +38,15 @@ from li_compile.worlds.training_data import ClipPool, make_pool, sample_batch
 
 IMAGE_SIZE = 64  # rendered frames are IMAGE_SIZE x IMAGE_SIZE RGB
 PIXEL_STRIDE = 4  # pixels per latent along each axis
-# Shipped weights: `examples/train_world.py --device cuda --time-budget 400` on one H100 (2129 steps of
-# batch 96 in 363 s, 22.6 s rendering 131072 frames). That run's average started at the initial
-# weights (before `averaged_weights`); its zero-initialised layers were rescaled by 1 / (1 - 0.999^2129)
-# afterwards, the other layers keep 12% of their (CUDA-seeded) initial values.
+# Shipped weights: `examples/train_world.py --device cuda --time-budget 520` on one H200, sharing it
+# with two other trainings (1162 steps of batch 192 in 466 s, 42 s rendering 131072 frames; a second
+# run of the same command, 1157 steps, scored within 0.01 dB of it: benchmarks/results/trained_world.md).
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "hy_trained.pt"
 TRAINED_SPEC = WorldSpec(
     name="hy_worldplay/trained", latent_channels=3 * PIXEL_STRIDE**2, latent_h=IMAGE_SIZE // PIXEL_STRIDE,
     latent_w=IMAGE_SIZE // PIXEL_STRIDE, patch=2, chunk_frames=4, window=4, memory=4, steps=4, shift=7.0,
     sampler="euler", depth=6, heads=6, head_dim=32, mlp_ratio=4.0, text_tokens=1, text_dim=32,
-    vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE),
+    vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE), output="x0",
 )
 MODEL_SEED = 0  # build(seed=...) of the trained world: its initial weights and its fixed prompt embedding
 SPEED_WARMUP_STEPS = 20  # with a time budget: steps not timed (lazy initialisation, autotuning) ...
@@ -54,11 +55,11 @@ SPEED_PROBE_STEPS = 120  # ... then the speed of the steps up to this one sets t
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``train`` (defaults: the shipped weights' run on one H100; that run's
+    """Hyper-parameters of ``train`` (defaults: the shipped weights' run on one H200; that run's
     ``--time-budget`` resolved the schedule's length, recorded in its ``train.json``)."""
 
     steps: int = 12000
-    batch: int = 96
+    batch: int = 192
     sigma_groups: int = 4
     lr: float = 6e-4
     warmup: int = 300
@@ -108,9 +109,11 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYW
     return world
 
 
-def load_trained(device: torch.device | str | None = None, path: Path | str = WEIGHTS_PATH) -> HYWorldPlay:
-    """The trained world with the shipped (or given) weights, in eval mode without gradients."""
-    world = build(TRAINED_SPEC, device=device, seed=MODEL_SEED)
+def load_trained(device: torch.device | str | None = None, path: Path | str = WEIGHTS_PATH,
+                 spec: WorldSpec = TRAINED_SPEC) -> HYWorldPlay:
+    """The trained world with the shipped (or given) weights, in eval mode without gradients
+    (``spec``: the preset the weights were trained as, e.g. ``output="velocity"`` for that ablation)."""
+    world = build(spec, device=device, seed=MODEL_SEED)
     world.model.load_state_dict(torch.load(path, map_location=world.device, weights_only=True))
     world.decoder = PixelPatchCodec(PIXEL_STRIDE).decode
     return world
@@ -144,14 +147,18 @@ def training_sigmas(groups: int, shift: float, generator: torch.Generator) -> li
 
 def flow_matching_loss(world: HYWorldPlay, batch: dict[str, torch.Tensor], sigma: float,
                        generator: torch.Generator) -> torch.Tensor:
-    """Mean squared error between the predicted and the true velocity of one noised chunk batch."""
+    """Mean squared error of one noised chunk batch: of the clean chunk for an ``output="x0"``
+    world (the velocity loss would weigh noise level ``sigma`` by ``1 / sigma^2``, spending the
+    model on nearly clean inputs the 4-step sampler never visits), else of the velocity."""
     x0 = batch["target"]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     x = (1 - sigma) * x0 + sigma * noise
     text = world.text.expand(x0.shape[0], -1, -1)
     inputs = {k: v for k, v in batch.items() if k != "target"}
-    velocity = world.model(x, torch.tensor(sigma, device=x0.device), text=text, **inputs)
-    return F.mse_loss(velocity.float(), noise - x0)
+    velocity = world.model(x, torch.tensor(sigma, device=x0.device), text=text, **inputs).float()
+    if world.spec.output == "x0":  # score the clean prediction itself: every noise level weighs alike
+        return F.mse_loss(x - sigma * velocity, x0)
+    return F.mse_loss(velocity, noise - x0)
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
