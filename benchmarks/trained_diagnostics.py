@@ -1,4 +1,4 @@
-"""Why the trained world does not beat "repeat the last frame": sampler or model? (CPU, a few minutes)
+"""Where the trained world's distance to the truth comes from: sampler or model? (CPU, a few minutes)
 
     python benchmarks/trained_diagnostics.py --json out/trained_diagnostics.json
 
