@@ -199,6 +199,8 @@ def test_an_x0_world_returns_the_velocity_of_its_clean_prediction():
     torch.testing.assert_close(tiny, (x - raw(x, torch.tensor(1e-4), **inputs)) / X0_MIN_SIGMA, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="WorldSpec.output must be one of"):
         dataclasses.replace(spec, output="epsilon")
+    with pytest.raises(ValueError, match="supported by hy_worldplay worlds only"):
+        matrix_game3.build(dataclasses.replace(matrix_game3.PRESETS["tiny"], output="x0"))
 
 
 def test_generation_is_deterministic_and_finite(world):

@@ -122,6 +122,9 @@ class MatrixGame3DiT(nn.Module):
 
     def __init__(self, spec: WorldSpec) -> None:
         super().__init__()
+        if spec.output != "velocity":  # its sampler re-noises a clean prediction made from the velocity
+            raise ValueError(f"matrix_game3 worlds predict a velocity; WorldSpec.output={spec.output!r} is "
+                             "supported by hy_worldplay worlds only")
         self.spec = spec
         dim, p, c = spec.dim, spec.patch, spec.latent_channels
         self.patch_in = nn.Linear(c * p * p, dim)
