@@ -36,7 +36,7 @@ SETTINGS: dict[str, dict[str, Any]] = {  # label -> backend options (on top of i
     "revisit 0.95": {"cache": {"revisit_threshold": 0.95}},
     "reuse 1 step": {"cache": {"reuse_steps": 1}},
     "reuse 3 steps": {"cache": {"reuse_steps": 3}},
-    "window fixed": {"context": {"window_rule": "fixed"}},
+    "window grow": {"context": {"window_rule": "grow_on_motion"}},
     "window shrink": {"context": {"window_rule": "shrink_on_motion"}},
     "cache off": {"cache": {"enabled": False}},
     "context off": {"context": {"enabled": False}},
