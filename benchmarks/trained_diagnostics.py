@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from li_compile.worlds.fidelity import add_case_arguments, rollout, trained_world_and_cases
-from li_compile.worlds.report_tools import frame_psnr
+from li_compile.worlds.report_tools import frame_psnr, repeat_last
 from li_compile.worlds.pipeline import DensePolicy
 
 STEPS = (1, 2, 4)
@@ -52,7 +52,7 @@ def steps_probe(world, codec, cases) -> dict[str, float]:
     f = world.spec.chunk_frames
     result = {f"dense_{steps}_steps": dense_score(world, codec, cases, steps=steps) for steps in STEPS}
     result |= {f"dense_shift_{shift:g}": dense_score(world, codec, cases, shift=shift) for shift in SHIFTS}
-    result["repeat_last"] = mean([frame_psnr(c.frames[f - 1].expand_as(c.frames[f:]), c.frames[f:]) for c in cases])
+    result["repeat_last"] = mean([frame_psnr(repeat_last(c.frames, f), c.frames[f:]) for c in cases])
     return result
 
 
@@ -76,7 +76,7 @@ def context_probe(world, codec, cases) -> dict[str, float]:
         "true_context": score(DensePolicy(spec.window, spec.memory), swap=False),
         "last_frame_only": score(DensePolicy(1, 0), swap=False),
         "other_room_context": score(DensePolicy(spec.window, spec.memory), swap=True),
-        "repeat_last": mean([frame_psnr(c.frames[f - 1].expand_as(c.frames[chunk]), c.frames[chunk]) for c in two_chunks]),
+        "repeat_last": mean([frame_psnr(repeat_last(c.frames, f, 2 * f), c.frames[chunk]) for c in two_chunks]),
     }
 
 

@@ -26,7 +26,7 @@ from li_compile.controller.poses import camera_centers, view_directions
 from li_compile.worlds.base import World
 from li_compile.worlds.pipeline import ContextPolicy, DensePolicy, StepHook, chunk_noise, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.report_tools import frame_psnr, ssim
+from li_compile.worlds.report_tools import frame_psnr, repeat_last, ssim
 from li_compile.worlds.scenes import make_scene, render
 from li_compile.worlds.trajectories import TRAJECTORIES, Trajectory, make
 
@@ -132,13 +132,13 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
         truth = case.frames
         generated = slice(spec.chunk_frames, len(truth) // spec.chunk_frames * spec.chunk_frames)
         dense = rollout(world, codec, case, DensePolicy(spec.window, spec.memory), seed)
-        repeat = truth[spec.chunk_frames - 1].expand_as(truth[generated])
+        repeat = repeat_last(truth, generated.start, generated.stop)
         row = {
             "trajectory": case.trajectory.name, "scene_seed": case.scene_seed,
             "psnr_dense": frame_psnr(dense[generated], truth[generated]),
             "psnr_repeat_last": frame_psnr(repeat, truth[generated]),
             "ssim_dense": ssim(dense[generated], truth[generated]),
-            "ssim_repeat_last": ssim(repeat.contiguous(), truth[generated]),
+            "ssim_repeat_last": ssim(repeat, truth[generated]),
         }
         revisits = revisit_frames(case.trajectory.poses, spec.chunk_frames, spec.window)[:len(dense)]
         revisits[:spec.chunk_frames] = False

@@ -99,6 +99,13 @@ def frame_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return sum(psnr(p, t) for p, t in zip(pred, target)) / len(pred)
 
 
+def repeat_last(truth: torch.Tensor, given: int, stop: int | None = None) -> torch.Tensor:
+    """The trivial predictor scored against world models: the last given frame ``truth[given - 1]``
+    repeated over frames ``[given, stop)`` (default: to the end of ``truth``)."""
+    stop = len(truth) if stop is None else stop
+    return truth[given - 1].expand(stop - given, *truth.shape[1:]).contiguous()
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean SSIM of RGB pictures ``(N, 3, H, W)`` in [0, 1] (Gaussian window 11, sigma 1.5)."""
     coords = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
@@ -317,7 +324,7 @@ def truth_scores(dense: Generation, light: Generation, truth: torch.Tensor) -> d
     given = dense.chunk(0).stop
     frames = slice(given, len(dense.frames))
     target = truth[frames]
-    repeat = truth[given - 1].expand_as(target).contiguous()
+    repeat = repeat_last(truth, given, frames.stop)
     return {
         "psnr_db_dense_vs_truth": frame_psnr(dense.frames[frames], target),
         "psnr_db_li_vs_truth": frame_psnr(light.frames[frames], target),
