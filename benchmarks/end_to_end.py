@@ -38,10 +38,10 @@ import torch
 import torch._dynamo
 
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
-from li_compile.worlds.fidelity import trained_truth
 from li_compile.worlds.report_tools import (
     chunk_rows,
     dense_setup,
+    ground_truth,
     light_interaction_setup,
     summarize,
     timed_run,
@@ -100,9 +100,7 @@ def main() -> None:
     spec = world.spec
     trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed,
                                    chunk_frames=spec.chunk_frames)
-    truth = prefix = None
-    if args.preset == hy_worldplay.TRAINED:
-        truth, prefix = trained_truth(world, trajectory, args.seed)
+    truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "world": spec.name, "depth": spec.depth, "chunks": args.chunks, "trajectory": args.trajectory,

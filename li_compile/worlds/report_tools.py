@@ -233,6 +233,18 @@ class Run:
     kernel_autotunes: int = 0
 
 
+def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory, seed: int
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For the trained preset, whose rooms the renderer draws: the true frames along ``trajectory``
+    and chunk 0's clean latents (runs start from them: ``timed_run(..., prefix)``); else
+    ``(None, None)``."""
+    if preset != TRAINED:
+        return None, None
+    from li_compile.worlds.fidelity import trained_truth  # fidelity builds on this module
+
+    return trained_truth(world, trajectory, seed)
+
+
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int,
               prefix: torch.Tensor | None = None) -> Run:
     """Warm up (one model call per context capacity: compiles), then generate ``chunks`` chunks and
@@ -461,11 +473,7 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     print(f"{spec.name} on {args.device}: {args.chunks} chunks x {spec.chunk_frames} latent frames, "
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
-    truth = prefix = None
-    if args.preset == TRAINED:  # rendered rooms: scored against the renderer, starting from the true first chunk
-        from li_compile.worlds.fidelity import trained_truth  # fidelity builds on this module
-
-        truth, prefix = trained_truth(world, trajectory, args.seed)
+    truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world, args.options)}
     runs = {label: timed_run(setup, trajectory, args.chunks, args.seed, prefix)
             for label, setup in progress_bar(setups.items(), "runs")}
