@@ -137,6 +137,14 @@ def test_gather_context_right_aligns_frames_and_masks_padding():
     torch.testing.assert_close(context.poses[0, 2], poses[1])
 
 
+def test_gather_context_drops_the_mask_of_a_full_context_only_when_asked():
+    latents, poses = torch.zeros(3, 2, 1, 1), trajectories.make("loop", 3).poses
+    full, partial = ContextSelection(memory=[0], recent=[1, 2]), ContextSelection(memory=[], recent=[1, 2])
+    assert gather_context(latents, poses, full, 3, mask_full=False).valid is None
+    assert gather_context(latents, poses, full, 3).valid.tolist() == [[True, True, True]]
+    assert gather_context(latents, poses, partial, 3, mask_full=False).valid.tolist() == [[False, True, True]]
+
+
 @pytest.mark.parametrize(
     "selection, match",
     [
@@ -305,3 +313,27 @@ def test_warm_up_compiles_every_capacity_before_the_trajectory_runs(world):
 
     generate(compiled, _trajectory(world, chunks=4), Alternating(), chunks=4, decode=False)
     assert counter.frame_count == warmed
+
+
+def test_an_unmasked_full_context_generates_what_the_masked_one_does(world):
+    """``mask_full=False`` (the dense baseline's): same frames, the model called without a mask
+    once the context is full, and its extra graph compiled by the warm-up, not during the run."""
+    traj = _trajectory(world)
+    masked = generate(world, traj, decode=False)
+    counter = CompileCounterWithBackend("eager")
+    compiled = world.compile(lambda m: torch.compile(m, backend=counter, dynamic=False))
+    warm_up(compiled, (world.spec.context_frames,), mask_full=False)
+    warmed = counter.frame_count
+    assert warmed == 2 * len(world.compiled_modules())  # masked and unmasked graphs
+    masks = []
+
+    def hook(chunk, step, model_call):
+        masks.append(model_call.keywords["context_valid"] is None)
+        return model_call()
+
+    with torch.compiler.set_stance("fail_on_recompile"):
+        unmasked = generate(compiled, traj, step_hook=hook, decode=False, mask_full=False)
+    assert counter.frame_count == warmed
+    full = [len(s.frames) == world.spec.context_frames for s in unmasked.selections]
+    assert masks == [f for f in full for _ in range(world.spec.steps)] and any(full) and not all(full)
+    torch.testing.assert_close(unmasked.latents, masked.latents, rtol=1e-5, atol=1e-5)

@@ -111,13 +111,15 @@ class Context:
     """The clean context of one chunk, right-aligned in ``capacity`` slots (padding first).
 
     ``latents: (1, capacity, C, h, w)``, ``poses: (1, capacity, 4, 4)`` (CPU float32, identity on padding),
-    ``valid: (1, capacity)`` bool, ``frame_index: (1, capacity)`` float32 (the frame's index in the
-    generated video; 0 on padding). ``frames`` lists the history indices in slot order.
+    ``valid: (1, capacity)`` bool, or ``None`` when every slot holds a frame and the caller asked
+    for no key-padding mask (``gather_context(..., mask_full=False)``); ``frame_index: (1, capacity)``
+    float32 (the frame's index in the generated video; 0 on padding). ``frames`` lists the history
+    indices in slot order.
     """
 
     latents: torch.Tensor
     poses: torch.Tensor
-    valid: torch.Tensor
+    valid: torch.Tensor | None
     frame_index: torch.Tensor
     frames: list[int]
 

@@ -112,8 +112,8 @@ class HYWorldPlayDiT(nn.Module):
     """The denoiser: ``forward(x, sigma, context, context_valid, camera, actions, text) -> velocity``.
 
     ``x: (B, F, C, h, w)`` the noisy chunk at noise level ``sigma`` (0-d tensor);
-    ``context: (B, K, C, h, w)`` clean context frames in ``K`` slots, ``context_valid: (B, K)`` bool;
-    ``camera: (B, K + F, 12)`` relative poses, ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
+    ``context: (B, K, C, h, w)`` clean context frames in ``K`` slots, ``context_valid: (B, K)`` bool
+    (``None``: every slot valid, no mask); ``camera: (B, K + F, 12)`` relative poses, ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
     Returns the velocity ``(B, F, C, h, w)`` (with ``spec.output == "x0"`` the network predicts the
     clean chunk and returns its velocity). Tokens: context frames then chunk frames.
     """
@@ -132,7 +132,7 @@ class HYWorldPlayDiT(nn.Module):
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.patch_out = nn.Linear(dim, c * p * p)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor,
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor | None,
                 camera: torch.Tensor, actions: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         b, chunk, slots = x.shape[0], x.shape[1], context.shape[1]
@@ -142,8 +142,8 @@ class HYWorldPlayDiT(nn.Module):
         cond = self.time(timestep_features(noise_level).to(h.dtype)) + self.camera(camera) + self.action(actions)
         reframed = (torch.arange(frames, device=x.device) - slots).float().expand(b, frames)
         rope = self.rope(reframed)
-        valid = torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1)
-        mask = key_padding_mask(valid, spec.tokens_per_frame)
+        mask = None if context_valid is None else key_padding_mask(
+            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), spec.tokens_per_frame)
         for block in self.blocks:
             h = block(h, cond, rope, mask, text)
         shift, scale = self.final_mod(F.silu(cond)).chunk(2, -1)

@@ -115,8 +115,8 @@ class MatrixGame3DiT(nn.Module):
     """The denoiser: ``forward(x, sigma, kv, context_valid, camera, actions, frame_t, text) -> velocity``.
 
     ``x: (B, F, C, h, w)`` the noisy chunk at noise level ``sigma`` (0-d tensor); ``kv`` the KV cache
-    from ``encode_context`` for ``K`` context slots, ``context_valid: (B, K)`` bool; ``camera: (B, F, 12)``,
-    ``actions: (B, F, 6)``, ``frame_t: (B, F)`` the chunk frames' latent indices (RoPE time),
+    from ``encode_context`` for ``K`` context slots, ``context_valid: (B, K)`` bool (``None``: every
+    slot valid, no mask); ``camera: (B, F, 12)``, ``actions: (B, F, 6)``, ``frame_t: (B, F)`` the chunk frames' latent indices (RoPE time),
     ``text: (B, N, text_dim)``. Returns the velocity ``(B, F, C, h, w)``.
     """
 
@@ -145,31 +145,34 @@ class MatrixGame3DiT(nn.Module):
         e = self.time_projection(F.silu(cond)).unflatten(-1, (6, -1))
         return h, cond, e, self.rope(frame_t)
 
-    def encode_context(self, context: torch.Tensor, context_valid: torch.Tensor, camera: torch.Tensor,
+    def encode_context(self, context: torch.Tensor, context_valid: torch.Tensor | None, camera: torch.Tensor,
                        actions: torch.Tensor, frame_t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The KV cache of the clean context: ``(depth, 2, B, heads, K * T, head_dim)``.
 
-        ``context: (B, K, C, h, w)`` at timestep 0, ``context_valid: (B, K)``, ``camera: (B, K, 12)``,
-        ``actions: (B, K, 6)``, ``frame_t: (B, K)``. Context frames attend to each other (padding
-        masked; with no valid frame at all, to everything, so nothing is NaN: the chunk masks them).
+        ``context: (B, K, C, h, w)`` at timestep 0, ``context_valid: (B, K)`` (``None``: all valid, no
+        mask), ``camera: (B, K, 12)``, ``actions: (B, K, 6)``, ``frame_t: (B, K)``. Context frames
+        attend to each other (padding masked; with no valid frame at all, to everything, so nothing
+        is NaN: the chunk masks them).
         """
-        b, slots = context_valid.shape
+        b, slots = context.shape[:2]
         h, _, e, rope = self._embed(context, context.new_zeros(b, slots), camera, actions, frame_t)
-        keep = key_padding_mask(context_valid, self.spec.tokens_per_frame)
-        mask = keep | ~keep.any(-1, keepdim=True)
+        mask = None
+        if context_valid is not None:
+            keep = key_padding_mask(context_valid, self.spec.tokens_per_frame)
+            mask = keep | ~keep.any(-1, keepdim=True)
         cache = []
         for block in self.blocks:
             h, k, v = block(h, e, rope, mask, text)
             cache.append(torch.stack([k, v]))
         return torch.stack(cache)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, kv: torch.Tensor, context_valid: torch.Tensor,
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, kv: torch.Tensor, context_valid: torch.Tensor | None,
                 camera: torch.Tensor, actions: torch.Tensor, frame_t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         b, chunk = x.shape[:2]
         h, cond, e, rope = self._embed(x, sigma.reshape(1, 1).expand(b, chunk), camera, actions, frame_t)
-        valid = torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1)
-        mask = key_padding_mask(valid, spec.tokens_per_frame)
+        mask = None if context_valid is None else key_padding_mask(
+            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), spec.tokens_per_frame)
         for block, cache in zip(self.blocks, kv.unbind(0)):
             h, _, _ = block(h, e, rope, mask, text, cache)
         shift, scale = (self.head_modulation + cond[:, :, None]).unbind(2)

@@ -16,7 +16,8 @@ one with the same ``select`` method.
 
 Static shapes: the context is padded to ``capacity`` frame slots (right-aligned, padding first,
 masked with a key-padding mask) so the model sees the same shapes on every chunk, from the first
-one on, and ``torch.compile`` compiles it once per capacity. A policy may ask for a smaller
+one on, and ``torch.compile`` compiles it once per capacity (the dense baseline drops the mask of
+a full context, ``mask_full=False``: one more graph, compiled by ``warm_up``). A policy may ask for a smaller
 capacity (``ContextSelection.capacity``, e.g. a controller's compaction buckets); ``None`` means the
 world's full context (``spec.context_frames``).
 
@@ -96,11 +97,13 @@ class DensePolicy:
 
 
 def gather_context(latents: torch.Tensor, poses: torch.Tensor, selection: ContextSelection,
-                   capacity: int) -> Context:
+                   capacity: int, mask_full: bool = True) -> Context:
     """Pad the selected history frames into ``capacity`` slots, right-aligned (padding first).
 
     ``latents: (N, C, h, w)`` and ``poses: (N, 4, 4)`` of the history; raises ``ValueError`` when
     the selection repeats a frame, names one outside ``[0, N)`` or holds more than ``capacity``.
+    ``mask_full=False``: a context that fills every slot comes with ``valid=None`` (the model
+    attends without a key-padding mask, so SDPA may pick its flash kernel).
     """
     frames = selection.frames
     n = latents.shape[0]
@@ -122,7 +125,8 @@ def gather_context(latents: torch.Tensor, poses: torch.Tensor, selection: Contex
         valid[0, pad:] = True
         frame_index[0, pad:] = index.float()
     device = latents.device
-    return Context(ctx_latents, ctx_poses, valid.to(device), frame_index.to(device), frames)
+    mask = None if not mask_full and pad == 0 else valid.to(device)
+    return Context(ctx_latents, ctx_poses, mask, frame_index.to(device), frames)
 
 
 @dataclass
@@ -171,19 +175,22 @@ def chunk_noise(world: World, chunk: int, seed: int) -> torch.Tensor:
     return noise.to(world.device, spec.dtype)
 
 
-def warm_up(world: World, capacities: Sequence[int]) -> None:
+def warm_up(world: World, capacities: Sequence[int], mask_full: bool = True) -> None:
     """Call the model once at each context capacity (an empty context), so that compiled modules
     compile now, once per capacity, and never while a trajectory is timed. ``capacities``: e.g.
-    ``(world.spec.context_frames,)`` for the dense policy, or a controller's capacity buckets."""
+    ``(world.spec.context_frames,)`` for the dense policy, or a controller's capacity buckets.
+    ``mask_full=False`` (as ``generate``'s): also once with a full context, which has no mask."""
     spec = world.spec
-    history = torch.zeros(0, *spec.latent_shape, device=world.device, dtype=spec.dtype)
-    poses = torch.eye(4).expand(spec.chunk_frames, 4, 4)
+    poses = torch.eye(4).expand(max([spec.chunk_frames, *capacities]), 4, 4)
     noise = chunk_noise(world, 0, 0)
     with torch.no_grad():
         for capacity in capacities:
-            context = gather_context(history, poses[:0], ContextSelection([], [], capacity), capacity)
-            inputs = world.inputs(context, poses, torch.zeros(spec.chunk_frames, ACTION_DIM), 0)
-            world.model(noise[0], spec.sigmas()[0].to(world.device, spec.dtype), **inputs)
+            for filled in (0,) if mask_full else (0, capacity):
+                history = torch.zeros(filled, *spec.latent_shape, device=world.device, dtype=spec.dtype)
+                selection = ContextSelection([], list(range(filled)), capacity)
+                context = gather_context(history, poses[:filled], selection, capacity, mask_full)
+                inputs = world.inputs(context, poses[:spec.chunk_frames], torch.zeros(spec.chunk_frames, ACTION_DIM), 0)
+                world.model(noise[0], spec.sigmas()[0].to(world.device, spec.dtype), **inputs)
     _sync(world.device)
 
 
@@ -197,12 +204,15 @@ def generate(
     seed: int = 0,
     decode: bool = True,
     progress: bool = False,
+    mask_full: bool = True,
 ) -> Generation:
     """Generate ``chunks`` chunks of ``world`` along ``trajectory`` (default: as many as it holds).
 
     ``policy``: which past frames each chunk sees (default ``DensePolicy`` with the world's window
     and memory); ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
-    return pictures (``world.decode``). Chunk ``c`` generates frames ``[c F, (c + 1) F)`` with the
+    return pictures (``world.decode``); ``mask_full=False``: a chunk whose context fills every slot
+    runs without a key-padding mask (``gather_context``; the compiled model then has one more graph,
+    which ``warm_up(..., mask_full=False)`` compiles). Chunk ``c`` generates frames ``[c F, (c + 1) F)`` with the
     cameras ``trajectory.poses`` of those frames. Timing covers selection, inputs and all steps of
     the chunk (synchronised on CUDA).
     """
@@ -233,7 +243,7 @@ def generate(
             start = time.perf_counter()
             selection = policy.select(c, all_poses[:first], chunk_poses, history[:first])
             capacity = spec.context_frames if selection.capacity is None else selection.capacity
-            context = gather_context(history[:first], all_poses[:first], selection, capacity)
+            context = gather_context(history[:first], all_poses[:first], selection, capacity, mask_full)
             inputs = world.inputs(context, chunk_poses, all_actions[first:first + per_chunk], first)
             x = noise[0]
             for s in range(spec.steps):

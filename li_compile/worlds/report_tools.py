@@ -133,12 +133,13 @@ class Driver:
     """What drives one generation along one trajectory: the context policy, the denoising-cache step
     hook, the scope the generation runs in (``li_compile.session`` for the controller), and the
     statistics of each chunk afterwards (``chunk_stats(chunk, selection)`` -> dict with
-    ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``)."""
+    ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``); ``mask_full``: ``generate``'s."""
 
     policy: ContextPolicy
     step_hook: StepHook | None
     scope: Callable[[], ContextManager]
     chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
+    mask_full: bool = True
 
 
 @dataclass
@@ -158,14 +159,16 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
 
 
 def dense_setup(world: World) -> Setup:
-    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
+    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``; once the
+    context fills every slot, attention runs without the key-padding mask (``mask_full=False``),
+    so SDPA may use its flash kernel, as a dense deployment with a full context would."""
     spec = world.spec
     compiled = world.compile(partial(torch.compile, dynamic=False))
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
-        return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats)
+        return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats, mask_full=False)
 
-    return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,)))
+    return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,), mask_full=False))
 
 
 def light_interaction_options(world: World, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -260,7 +263,7 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
         step_hook = prefix_hook(setup.world, prefix, seed, then=step_hook)
     with driver.scope():
         gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=step_hook, seed=seed,
-                       progress=True)
+                       progress=True, mask_full=driver.mask_full)
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
     return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before)
