@@ -10,13 +10,14 @@ from li_compile.worlds import training, training_data
 from li_compile.worlds.fidelity import evaluate, held_out_cases, prefix_hook, revisit_frames
 from li_compile.worlds.report_tools import frame_psnr
 from li_compile.worlds.hy_worldplay import build
-from li_compile.worlds.pipeline import DensePolicy, gather_context, generate
+from li_compile.worlds.pipeline import DensePolicy, chunk_noise, gather_context, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.training import (
-    IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, flow_matching_loss, load_trained, new_world, train,
+    IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, flow_matching_loss, load_trained,
+    new_world, roll_out, train,
 )
-from li_compile.worlds.training_data import dense_context_slots, make_pool, pairwise_similarity, sample_batch
-from li_compile.worlds.trajectories import make
+from li_compile.worlds.training_data import Rollouts, dense_context_slots, make_pool, pairwise_similarity, sample_batch
+from li_compile.worlds.trajectories import Trajectory, make
 
 # the trained preset's shapes at 16x16 pixels and one small block: same code, fast on CPU
 TINY = replace(TRAINED_SPEC, name="trained/test", latent_h=4, latent_w=4, depth=1, heads=2, head_dim=16)
@@ -104,6 +105,50 @@ def test_memory_dropout_removes_only_memory_slots(pool, monkeypatch):
     batch = sample_batch(pool, 4, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(1))
     assert not batch["context_valid"][:, :4].any() and batch["context_valid"][:, 4:].all()
     assert (batch["context"][:, :4] == 0).all()
+
+
+def test_roll_out_generates_what_the_generation_loop_does(pool):
+    """Self-forcing's context: each clip rolled out in a batch equals ``generate`` along the clip's
+    cameras from its true first chunk with the same noise (fp32)."""
+    codec, world, seed = PixelPatchCodec(4), build(TINY, seed=3), 7
+    clips = torch.tensor([1, 0])
+    rolled = roll_out(world, pool, clips, codec, lambda c: chunk_noise(world, c, seed).expand(-1, 2, -1, -1, -1, -1))
+    for row, clip in enumerate(clips.tolist()):
+        truth = pool.frames[clip].float() / 255
+        hook = prefix_hook(world, codec.encode(truth[:4]), seed)
+        loop = generate(world, Trajectory("pool", pool.poses[clip]), step_hook=hook, seed=seed, decode=False)
+        torch.testing.assert_close(rolled.latents[row], loop.latents, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rolled.latents[:, 4:], codec.encode(pool.frames[clips, 4:].float() / 255))
+
+
+def test_a_self_forced_batch_reads_its_context_from_the_rollouts(pool, monkeypatch):
+    monkeypatch.setattr(training_data, "CONTEXT_NOISE", 0.0)
+    monkeypatch.setattr(training_data, "MEMORY_DROPOUT", 0.0)
+    codec = PixelPatchCodec(4)
+    rollouts = Rollouts(torch.tensor([1]), torch.randn(1, 12, *TINY.latent_shape))
+    batch = sample_batch(pool, 6, TINY, codec, torch.Generator().manual_seed(6), rollouts)
+    truth = codec.encode(pool.frames[1].float() / 255)
+    for i in range(6):
+        chunk = next(c for c in (1, 2) if torch.equal(batch["target"][i], truth[4 * c:4 * c + 4]))
+        slots = pool.slots[1, chunk]
+        expected = rollouts.latents[0, slots.clamp_min(0)] * (slots >= 0)[:, None, None, None]
+        torch.testing.assert_close(batch["context"][i], expected, atol=0, rtol=0)
+
+
+def test_a_second_stage_starts_from_its_init_weights_and_trains_on_rollouts(pool, tmp_path):
+    """``init`` loads the weights (with lr 0 they stay: the average is them); a self-forced run
+    (``rollout_fraction``) takes its steps; a fraction outside [0, 1] is refused."""
+    start = build(TINY, seed=4)
+    export_weights(start.model.state_dict(), tmp_path / "start.pt")
+    config = TrainConfig(steps=2, batch=4, sigma_groups=2, lr=0.0, clips=2, clip_frames=12, init=str(tmp_path / "start.pt"),
+                         rollout_fraction=0.5, rollout_clips=2, rollout_every=1)
+    state = train(config, "cpu", pool=pool, spec=TINY)
+    assert state.step == 2 and all(torch.isfinite(torch.tensor(state.losses)))
+    saved = torch.load(tmp_path / "start.pt", weights_only=True)
+    for k, v in averaged_weights(state, config.ema).items():
+        torch.testing.assert_close(v, saved[k].float(), atol=1e-6, rtol=1e-3)
+    with pytest.raises(ValueError, match="rollout_fraction must be in"):
+        TrainConfig(rollout_fraction=1.5)
 
 
 @pytest.mark.parametrize("output", ["x0", "velocity"])

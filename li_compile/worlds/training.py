@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from li_compile.worlds.base import WorldSpec
 from li_compile.worlds.hy_worldplay import HYWorldPlay, build
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training_data import ClipPool, make_pool, sample_batch
+from li_compile.worlds.sampling import sampler_update
+from li_compile.worlds.training_data import ClipPool, Rollouts, chunk_inputs, make_pool, sample_batch
 
 IMAGE_SIZE = 64  # rendered frames are IMAGE_SIZE x IMAGE_SIZE RGB
 PIXEL_STRIDE = 4  # pixels per latent along each axis
@@ -73,13 +74,19 @@ class TrainConfig:
     clip_frames: int = 32
     seed: int = 0
     checkpoint_every: int = 1000
+    init: str = ""  # weights to start from (``export_weights``' file; "": fresh), e.g. a second stage's
+    rollout_fraction: float = 0.0  # share of each batch whose context the world generated itself ...
+    rollout_clips: int = 64  # ... in this many clips (``roll_out``) ...
+    rollout_every: int = 4  # ... generated afresh every this many steps
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch", "sigma_groups", "clips", "checkpoint_every"):
+        for key in ("steps", "batch", "sigma_groups", "clips", "checkpoint_every", "rollout_clips", "rollout_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
         if self.batch % self.sigma_groups:
             raise ValueError(f"TrainConfig.batch {self.batch} must be divisible by sigma_groups {self.sigma_groups}")
+        if not 0.0 <= self.rollout_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.rollout_fraction must be in [0, 1], got {self.rollout_fraction}")
 
 
 @dataclass
@@ -162,6 +169,32 @@ def flow_matching_loss(world: HYWorldPlay, batch: dict[str, torch.Tensor], sigma
     return F.mse_loss(velocity, noise - x0)
 
 
+@torch.no_grad()
+def roll_out(world: HYWorldPlay, pool: ClipPool, clips: torch.Tensor, codec: PixelPatchCodec,
+             noise: Callable[[int], torch.Tensor]) -> Rollouts:
+    """Generate pool clips ``clips (R,)`` as the generation loop does, batched over the clips:
+    from each clip's true first chunk, every later chunk by the world's sampler with the dense
+    context (``pool.slots``) of the frames generated before it. ``noise(c)``: chunk ``c``'s noise,
+    ``(steps + 1, R, F, C, h, w)`` as ``pipeline.chunk_noise`` lays it out for one clip."""
+    spec, per_chunk = world.spec, world.spec.chunk_frames
+    latents = codec.encode(pool.frames[clips].float() / 255)  # chunk 0 stays true; the rest is replaced
+    sigmas = spec.sigmas().to(latents.device)
+    text = world.text.expand(len(clips), -1, -1)
+    for c in range(1, pool.slots.shape[1]):
+        chunk = torch.full_like(clips, c)
+        slots = pool.slots[clips, c]
+        context = latents[torch.arange(len(clips), device=clips.device)[:, None], slots.clamp_min(0)]
+        inputs = chunk_inputs(pool, clips, chunk, slots, context, spec, codec)
+        del inputs["target"]
+        steps_noise = noise(c)
+        x = steps_noise[0]
+        for s in range(spec.steps):
+            v = world.model(x, sigmas[s], text=text, **inputs).float()
+            x = sampler_update(spec.sampler, x, v, sigmas[s], sigmas[s + 1], steps_noise[s + 1])
+        latents[:, c * per_chunk:(c + 1) * per_chunk] = x
+    return Rollouts(clips, latents)
+
+
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """Linear warm-up, then cosine decay to ``final_lr_fraction`` of ``lr`` at ``total_steps``."""
     if step < config.warmup:
@@ -186,12 +219,18 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     schedule's length is resolved once, after ``SPEED_PROBE_STEPS`` steps, from the measured
     speed (at most ``config.steps``; ``state.total_steps`` records it: pass it as ``steps`` to
     reproduce the run without a budget; resuming without a budget runs to ``config.steps``).
-    ``on_step`` is called after every step (progress bars). Returns the state with the EMA weights.
+    ``on_step`` is called after every step (progress bars). ``config.init``: start from those
+    weights (a fresh run only; a checkpoint wins). With ``config.rollout_fraction`` > 0 that share
+    of every batch reads its context from ``roll_out`` clips of the current weights (self-forcing),
+    generated afresh every ``rollout_every`` steps and at every start or resume (a resumed run
+    then draws other data than an uninterrupted one). Returns the state with the EMA weights.
     """
     device = torch.device(device)
     codec = PixelPatchCodec(PIXEL_STRIDE)
     world = new_world(device, spec)
     model = world.model
+    if config.init:
+        model.load_state_dict(torch.load(config.init, map_location=device, weights_only=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.99), fused=device.type == "cuda")
     data_gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -213,10 +252,15 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     params, averages = [live[k] for k in state.ema], list(state.ema.values())
     start = time.perf_counter() - state.seconds
     warm_seconds = 0.0
+    rolled = round(config.batch * config.rollout_fraction)
+    rollouts = None
     while state.step < state.total_steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, state.step, state.total_steps)
-        batch = sample_batch(pool, config.batch, spec, codec, data_gen)
+        if rolled and (rollouts is None or state.step % config.rollout_every == 0):
+            with autocast:
+                rollouts = _fresh_rollouts(world, pool, config.rollout_clips, codec, data_gen)
+        batch = _batch(pool, config.batch, rolled, rollouts, spec, codec, data_gen)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         sigmas = training_sigmas(config.sigma_groups, config.sigma_shift, sigma_gen)
@@ -243,6 +287,24 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         if path is not None and (state.step % config.checkpoint_every == 0 or state.step == state.total_steps):
             _save(path, state, optimizer, data_gen, sigma_gen, config)
     return state
+
+
+def _fresh_rollouts(world: HYWorldPlay, pool: ClipPool, count: int, codec: PixelPatchCodec,
+                    generator: torch.Generator) -> Rollouts:
+    """``roll_out`` of ``count`` random pool clips with noise from ``generator``."""
+    device, spec = pool.frames.device, world.spec
+    clips = torch.randint(0, len(pool), (count,), generator=generator, device=device)
+    shape = (spec.steps + 1, count, spec.chunk_frames, *spec.latent_shape)
+    return roll_out(world, pool, clips, codec, lambda c: torch.randn(shape, generator=generator, device=device))
+
+
+def _batch(pool: ClipPool, size: int, rolled: int, rollouts: Rollouts | None, spec: WorldSpec,
+           codec: PixelPatchCodec, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``size`` examples: ``size - rolled`` teacher-forced, then ``rolled`` with generated context."""
+    parts = [sample_batch(pool, size - rolled, spec, codec, generator)] if rolled < size else []
+    if rolled:
+        parts.append(sample_batch(pool, rolled, spec, codec, generator, rollouts))
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
 
 def _save(path: Path, state: TrainState, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,

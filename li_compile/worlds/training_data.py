@@ -123,29 +123,26 @@ def make_pool(clips: int, frames: int, spec: WorldSpec, seed: int, device: torch
     return ClipPool(torch.cat(rendered), poses, actions, path_slots[path_of_clip].to(device))
 
 
-def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchCodec,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One teacher-forced batch of chunks (``generator`` on the pool's device).
+@dataclass
+class Rollouts:
+    """Clips of a pool as the world generates them (``training.roll_out``): ``clips: (R,)`` pool
+    indices, ``latents: (R, T, C, h, w)``, the true first chunk followed by generated chunks."""
 
-    Returns ``target: (B, F, C, h, w)`` clean chunk latents and the model's keyword inputs
-    ``context (B, K, C, h, w)``, ``context_valid (B, K)``, ``camera (B, K + F, 12)`` (relative to
-    the chunk's first camera, as ``HYWorldPlay.inputs``), ``actions (B, K + F, 6)`` (zero on
-    context). Chunk 0 (no context: the generation's given prefix) is never a target.
-    """
+    clips: torch.Tensor
+    latents: torch.Tensor
+
+
+def chunk_inputs(pool: ClipPool, clip: torch.Tensor, chunk: torch.Tensor, slots: torch.Tensor,
+                 context: torch.Tensor, spec: WorldSpec, codec: PixelPatchCodec) -> dict[str, torch.Tensor]:
+    """The example of chunk ``chunk (B,)`` of clip ``clip (B,)`` with context slots ``slots (B, K)``
+    (frame indices, ``-1`` = padding) holding the latents ``context (B, K, C, h, w)``: the clean
+    chunk ``target`` and the model's keyword inputs as ``HYWorldPlay.inputs`` builds them (padding
+    zeroed, identity poses on padding, cameras relative to the chunk's first, no actions on context)."""
     device, per_chunk = pool.frames.device, spec.chunk_frames
-    chunks = pool.slots.shape[1]
-    clip = torch.randint(0, len(pool), (batch,), generator=generator, device=device)
-    chunk = torch.randint(1, chunks, (batch,), generator=generator, device=device)
-    slots = pool.slots[clip, chunk].clone()  # (B, K)
-    drop = torch.rand(batch, generator=generator, device=device) < MEMORY_DROPOUT
-    slots[:, :spec.memory] = torch.where(drop[:, None], -1, slots[:, :spec.memory])
+    batch = clip.shape[0]
     valid = slots >= 0
     chunk_index = chunk[:, None] * per_chunk + torch.arange(per_chunk, device=device)
     rows = clip[:, None]
-    to_float = lambda u8: u8.float() / 255  # noqa: E731
-    context = codec.encode(to_float(pool.frames[rows, slots.clamp_min(0)])) * valid[..., None, None, None]
-    noise_std = CONTEXT_NOISE * torch.rand(batch, 1, 1, 1, 1, generator=generator, device=device)
-    context = context + noise_std * torch.randn(context.shape, generator=generator, device=device) * valid[..., None, None, None]
     eye = torch.eye(4, device=device)
     context_poses = torch.where(valid[..., None, None], pool.poses[rows, slots.clamp_min(0)], eye)
     chunk_poses = pool.poses[rows, chunk_index]
@@ -153,9 +150,39 @@ def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchC
     actions = torch.cat([torch.zeros(batch, slots.shape[1], ACTION_DIM, device=device),
                          pool.actions[rows, chunk_index]], 1)
     return {
-        "target": codec.encode(to_float(pool.frames[rows, chunk_index])),
-        "context": context,
+        "target": codec.encode(pool.frames[rows, chunk_index].float() / 255),
+        "context": context * valid[..., None, None, None],
         "context_valid": valid,
         "camera": camera,
         "actions": actions,
     }
+
+
+def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchCodec,
+                 generator: torch.Generator, rollouts: Rollouts | None = None) -> dict[str, torch.Tensor]:
+    """One batch of chunks (``generator`` on the pool's device), as ``chunk_inputs`` lays them out.
+
+    Returns ``target: (B, F, C, h, w)`` clean chunk latents and the model's keyword inputs
+    ``context (B, K, C, h, w)``, ``context_valid (B, K)``, ``camera (B, K + F, 12)`` (relative to
+    the chunk's first camera, as ``HYWorldPlay.inputs``), ``actions (B, K + F, 6)`` (zero on
+    context). Chunk 0 (no context: the generation's given prefix) is never a target. The context
+    holds the true frames (teacher forcing), or with ``rollouts`` the frames the world generated
+    for those clips (self-forcing: the context a generation really sees); either lightly noised.
+    """
+    device = pool.frames.device
+    chunks = pool.slots.shape[1]
+    source = len(pool) if rollouts is None else len(rollouts.clips)
+    row = torch.randint(0, source, (batch,), generator=generator, device=device)
+    clip = row if rollouts is None else rollouts.clips[row]
+    chunk = torch.randint(1, chunks, (batch,), generator=generator, device=device)
+    slots = pool.slots[clip, chunk].clone()  # (B, K)
+    drop = torch.rand(batch, generator=generator, device=device) < MEMORY_DROPOUT
+    slots[:, :spec.memory] = torch.where(drop[:, None], -1, slots[:, :spec.memory])
+    index = slots.clamp_min(0)
+    if rollouts is None:
+        context = codec.encode(pool.frames[clip[:, None], index].float() / 255)
+    else:
+        context = rollouts.latents[row[:, None], index]
+    noise_std = CONTEXT_NOISE * torch.rand(batch, 1, 1, 1, 1, generator=generator, device=device)
+    context = context + noise_std * torch.randn(context.shape, generator=generator, device=device)
+    return chunk_inputs(pool, clip, chunk, slots, context, spec, codec)
