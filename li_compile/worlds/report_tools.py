@@ -161,7 +161,9 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
 def dense_setup(world: World) -> Setup:
     """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``; once the
     context fills every slot, attention runs without the key-padding mask (``mask_full=False``),
-    so SDPA may use its flash kernel, as a dense deployment with a full context would."""
+    so SDPA may use its flash kernel, as a dense deployment with a full context would. (The
+    light_interaction run keeps the mask: an unmasked twin of each of its capacity buckets would
+    double its graphs, past Dynamo's recompile limit; its dense-plan chunks pay the masked SDPA.)"""
     spec = world.spec
     compiled = world.compile(partial(torch.compile, dynamic=False))
 
