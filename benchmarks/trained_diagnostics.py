@@ -2,7 +2,7 @@
 
     python benchmarks/trained_diagnostics.py --json out/trained_diagnostics.json
 
-Two probes on held-out rooms, scored by PSNR against the renderer's ground truth:
+Three probes on held-out rooms, scored by PSNR against the renderer's ground truth:
 
 - **steps**: dense rollouts with 1, 2 and 4 Euler steps, and with 4 steps at timestep shifts 1, 3,
   7 (the preset's) and 15. One step from pure noise returns the model's mean prediction (the
@@ -12,20 +12,25 @@ Two probes on held-out rooms, scored by PSNR against the renderer's ground truth
   given frame, and with the first chunk of a *different* room. The gap between the true and the
   wrong room says how much the model reads its context; "repeat last" is what copying the last
   given frame would score.
+- **drift** (the preset's sampler): PSNR of each generated chunk in the rollout (context: the
+  model's own frames) against the same chunk generated from the true history (teacher forced:
+  every earlier chunk is the truth, ``prefix_hook``), and repeat-last. The gap between the two is
+  what generating from its own frames costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from li_compile.worlds.fidelity import add_case_arguments, rollout, trained_world_and_cases
+from li_compile.worlds.fidelity import add_case_arguments, prefix_hook, rollout, trained_world_and_cases
 from li_compile.worlds.report_tools import frame_psnr, repeat_last
-from li_compile.worlds.pipeline import DensePolicy
+from li_compile.worlds.pipeline import DensePolicy, generate
 
 STEPS = (1, 2, 4)
 SHIFTS = (1.0, 3.0, 7.0, 15.0)  # timestep shifts of the 4-step sampler (the preset's: 7)
@@ -35,16 +40,24 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@contextlib.contextmanager
+def sampler_settings(world, **settings):
+    """Within the block, the world samples with ``settings`` (``steps``, ``shift``) in place of its preset's."""
+    preset = world.spec
+    world.spec = dataclasses.replace(preset, **settings)
+    try:
+        yield
+    finally:
+        world.spec = preset
+
+
 def dense_score(world, codec, cases, **sampler) -> float:
     """Mean PSNR of whole dense rollouts (frames after the given chunk) with the sampler settings
     ``sampler`` (``steps``, ``shift``) in place of the preset's."""
-    f, preset = world.spec.chunk_frames, world.spec
-    world.spec = dataclasses.replace(preset, **sampler)
-    try:
-        return mean([frame_psnr(rollout(world, codec, c, DensePolicy(preset.window, preset.memory))[f:], c.frames[f:])
+    f, spec = world.spec.chunk_frames, world.spec
+    with sampler_settings(world, **sampler):
+        return mean([frame_psnr(rollout(world, codec, c, DensePolicy(spec.window, spec.memory))[f:], c.frames[f:])
                      for c in cases])
-    finally:
-        world.spec = preset
 
 
 def steps_probe(world, codec, cases) -> dict[str, float]:
@@ -58,8 +71,7 @@ def steps_probe(world, codec, cases) -> dict[str, float]:
 
 def context_probe(world, codec, cases) -> dict[str, float]:
     """PSNR of the first generated chunk (one step: the mean prediction) under three contexts."""
-    f = world.spec.chunk_frames
-    world.spec = dataclasses.replace(world.spec, steps=1)
+    f, spec = world.spec.chunk_frames, world.spec
     chunk = slice(f, 2 * f)
     two_chunks = [dataclasses.replace(c, frames=c.frames[:2 * f]) for c in cases]
 
@@ -71,13 +83,37 @@ def context_probe(world, codec, cases) -> dict[str, float]:
             values.append(frame_psnr(rollout(world, codec, probe, policy)[chunk], case.frames[chunk]))
         return mean(values)
 
-    spec = world.spec
-    return {
-        "true_context": score(DensePolicy(spec.window, spec.memory), swap=False),
-        "last_frame_only": score(DensePolicy(1, 0), swap=False),
-        "other_room_context": score(DensePolicy(spec.window, spec.memory), swap=True),
-        "repeat_last": mean([frame_psnr(repeat_last(c.frames, f, 2 * f), c.frames[chunk]) for c in two_chunks]),
-    }
+    with sampler_settings(world, steps=1):
+        return {
+            "true_context": score(DensePolicy(spec.window, spec.memory), swap=False),
+            "last_frame_only": score(DensePolicy(1, 0), swap=False),
+            "other_room_context": score(DensePolicy(spec.window, spec.memory), swap=True),
+            "repeat_last": mean([frame_psnr(repeat_last(c.frames, f, 2 * f), c.frames[chunk]) for c in two_chunks]),
+        }
+
+
+def drift_probe(world, codec, cases) -> dict[str, list[float] | float]:
+    """Per generated chunk (1, 2, ...), mean PSNR over the cases: rollout, teacher forced, repeat-last."""
+    f, spec = world.spec.chunk_frames, world.spec
+    chunks = min(len(c.frames) for c in cases) // f
+    policy = DensePolicy(spec.window, spec.memory)
+    rows = {"rollout": [], "teacher_forced": [], "repeat_last": []}
+    for case in cases:
+        truth, latents = case.frames, codec.encode(case.frames)
+        dense = rollout(world, codec, case, policy)
+        last = truth[f - 1:f]
+        scores = {"rollout": [], "teacher_forced": [], "repeat_last": []}
+        for c in range(1, chunks):
+            frames = slice(c * f, (c + 1) * f)
+            forced = generate(world, case.trajectory, policy, c + 1, step_hook=prefix_hook(world, latents[:c * f], 0),
+                              decode=False)
+            scores["rollout"].append(frame_psnr(dense[frames], truth[frames]))
+            scores["teacher_forced"].append(frame_psnr(codec.decode(forced.latents[frames]), truth[frames]))
+            scores["repeat_last"].append(frame_psnr(last.expand(f, -1, -1, -1), truth[frames]))
+        for key, values in scores.items():
+            rows[key].append(values)
+    per_chunk = {key: [mean(list(column)) for column in zip(*values)] for key, values in rows.items()}
+    return per_chunk | {f"{key}_mean": mean(values) for key, values in per_chunk.items()}
 
 
 def main() -> None:
@@ -92,6 +128,11 @@ def main() -> None:
         print("steps:", {k: round(v, 2) for k, v in result["steps"].items()}, flush=True)
         result["context"] = context_probe(world, codec, cases)
         print("context (first generated chunk, 1 step):", {k: round(v, 2) for k, v in result["context"].items()})
+        result["drift"] = drift_probe(world, codec, cases)
+        print("drift (per generated chunk: rollout / teacher forced / repeat last):")
+        for c, row in enumerate(zip(*(result["drift"][k] for k in ("rollout", "teacher_forced", "repeat_last"))), 1):
+            print(f"  chunk {c:2d}: " + " / ".join(f"{v:.2f}" for v in row))
+        print("  mean    : " + " / ".join(f"{result['drift'][k + '_mean']:.2f}" for k in ("rollout", "teacher_forced", "repeat_last")))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -3,6 +3,8 @@
     python examples/train_world.py --device cuda --time-budget 900 --out runs/trained   # 15 minutes, one GPU
     python examples/train_world.py --device cuda --steps 1162 --out runs/repro          # the shipped weights' schedule
     python examples/train_world.py --steps 3 --clips 8 --batch 4 --out /tmp/smoke   # CPU smoke run
+    python examples/train_world.py --device cuda --init li_compile/worlds/weights/hy_trained.pt \
+        --rollout-fraction 0.5 --lr 2e-4 --warmup 50 --ema 0.995 --time-budget 500 --out runs/sf  # self-forcing stage
 
 Renders a pool of clips (procedural rooms x camera trajectories with revisits), trains the DiT by
 flow matching with a progress bar, checkpoints every ``--checkpoint-every`` steps to
@@ -10,6 +12,8 @@ flow matching with a progress bar, checkpoints every ``--checkpoint-every`` step
 (``--weights``, default ``OUT/hy_trained.pt``; the package ships them as
 ``li_compile/worlds/weights/hy_trained.pt``) and the loss curve ``OUT/loss.png``. The seed
 fixes everything: the same command reproduces the same weights up to GPU nondeterminism.
+``--rollout-fraction`` trains that share of each batch on context the world generated itself
+(self-forcing; ``--init`` starts from given weights): see ``li_compile.worlds.training``.
 """
 
 from __future__ import annotations

@@ -30,13 +30,6 @@ class WithGraphBreak(TwoLayer):
         return self.b(y.relu())
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_backend_is_found_in_a_fresh_interpreter_without_importing_li_compile():
     code = textwrap.dedent(
         """

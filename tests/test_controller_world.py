@@ -26,13 +26,6 @@ BACKEND_OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16}}
 PRUNING_THRESHOLD = 0.6  # on the tiny loop trajectory this drops memory frames on most chunks
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _world(name: str, **spec_changes):
     """The tiny preset, one block deep and two sampler steps: the structure is what is tested."""
     module = WORLDS[name]

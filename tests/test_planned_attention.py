@@ -18,7 +18,6 @@ BLOCK_Q, BLOCK_K = 4, 4
 
 @pytest.fixture(autouse=True)
 def dense_plan():
-    torch._dynamo.reset()
     yield
     PLAN.clear()
 

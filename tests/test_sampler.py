@@ -88,11 +88,9 @@ def sample(model, x, sigmas, sampler="euler"):
 
 @pytest.fixture(autouse=True)
 def fresh():
-    torch._dynamo.reset()
     DENOISE.reset()
     yield
     assert not DENOISE.active, "a test left a chunk open"
-    torch._dynamo.reset()
 
 
 def run_chunk(fn, poses, sigmas, *args, chunk=0):

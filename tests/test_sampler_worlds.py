@@ -26,10 +26,8 @@ def graph_runs(monkeypatch):
         return run
 
     monkeypatch.setitem(inner.INNER, "eager", counting_eager)
-    torch._dynamo.reset()
     DENOISE.reset()
     yield runs
-    torch._dynamo.reset()
 
 
 def psnr(a, b):

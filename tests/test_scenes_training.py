@@ -204,13 +204,17 @@ def test_a_time_budget_sets_the_schedule_length_from_the_measured_speed(pool, mo
     assert state.total_steps == expected and state.step == expected
 
 
-def test_prefix_hook_makes_the_first_chunk_the_given_frames():
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_prefix_hook_makes_the_first_chunks_the_given_frames(chunks):
     world = build(TINY)
-    prefix = torch.randn(4, *TINY.latent_shape)
-    trajectory = make("loop", 8, seed=0)
+    prefix = torch.randn(4 * chunks, *TINY.latent_shape)
+    trajectory = make("loop", 12, seed=0)
+    plain = generate(world, trajectory, seed=5, decode=False)
     result = generate(world, trajectory, step_hook=prefix_hook(world, prefix, seed=5), seed=5, decode=False)
-    torch.testing.assert_close(result.latents[:4], prefix, atol=1e-5, rtol=0)
-    assert not torch.allclose(result.latents[4:], torch.zeros_like(result.latents[4:]))
+    torch.testing.assert_close(result.latents[:4 * chunks], prefix, atol=1e-5, rtol=0)
+    assert not torch.allclose(result.latents[4 * chunks:], plain.latents[4 * chunks:])  # generated from that history
+    with pytest.raises(ValueError, match="latents of whole chunks"):
+        prefix_hook(world, prefix[:3], seed=5)
 
 
 def test_revisit_frames_are_the_returning_half_of_out_and_back():

@@ -75,21 +75,26 @@ def trained_truth(world: World, trajectory: Trajectory, seed: int) -> tuple[torc
 
 
 def prefix_hook(world: World, prefix: torch.Tensor, seed: int, then: StepHook | None = None) -> StepHook:
-    """A ``step_hook`` that makes chunk 0 come out as ``prefix (F, C, h, w)`` (clean latents).
+    """A ``step_hook`` that makes the first chunks come out as ``prefix (k F, C, h, w)`` (clean
+    latents of ``k`` whole chunks; ``k = 1``: the given first chunk, more: a teacher-forced history).
 
-    The Euler steps from ``chunk_noise(world, 0, seed)`` along the constant velocity
-    ``noise - prefix`` end exactly at the prefix; later chunks call ``then`` (default: the model).
+    The Euler steps of chunk ``c < k`` from ``chunk_noise(world, c, seed)`` along the constant
+    velocity ``noise - prefix`` end exactly at the prefix; later chunks call ``then`` (default: the model).
     """
     if world.spec.sampler != "euler":
         raise ValueError(f"prefix_hook needs the euler sampler, got {world.spec.sampler!r}")
-    noise = chunk_noise(world, 0, seed)[0]
-    if tuple(prefix.shape) != tuple(noise.shape[1:]):
-        raise ValueError(f"prefix must be {tuple(noise.shape[1:])} latents, got {tuple(prefix.shape)}")
-    velocity = noise - prefix[None].to(noise)
+    per_chunk, shape = world.spec.chunk_frames, tuple(world.spec.latent_shape)
+    if prefix.ndim != 4 or tuple(prefix.shape[1:]) != shape or prefix.shape[0] % per_chunk or not len(prefix):
+        raise ValueError(f"prefix must be (k * {per_chunk}, {', '.join(map(str, shape))}) latents of whole chunks, "
+                         f"got {tuple(prefix.shape)}")
+    velocities = []
+    for c in range(prefix.shape[0] // per_chunk):
+        noise = chunk_noise(world, c, seed)[0]
+        velocities.append(noise - prefix[c * per_chunk:(c + 1) * per_chunk][None].to(noise))
 
     def hook(chunk: int, step: int, model_call):
-        if chunk == 0:
-            return velocity
+        if chunk < len(velocities):
+            return velocities[chunk]
         return then(chunk, step, model_call) if then is not None else model_call()
 
     return hook

@@ -125,6 +125,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return (num / den).mean().item()
 
 
+# Graphs Dynamo may keep of one function (``recompile_limit``, default 8): every run of a process
+# compiles the same model forward, dense with 2 graphs (padded, full), a light_interaction run with
+# 2 per capacity bucket; past the limit Dynamo would run the forward eagerly, silently.
+GRAPHS_PER_FUNCTION = 64
+
 # --- the two runs ----------------------------------------------------------------------------------
 
 
@@ -133,20 +138,22 @@ class Driver:
     """What drives one generation along one trajectory: the context policy, the denoising-cache step
     hook, the scope the generation runs in (``li_compile.session`` for the controller), and the
     statistics of each chunk afterwards (``chunk_stats(chunk, selection)`` -> dict with
-    ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``); ``mask_full``: ``generate``'s."""
+    ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``)."""
 
     policy: ContextPolicy
     step_hook: StepHook | None
     scope: Callable[[], ContextManager]
     chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
-    mask_full: bool = True
 
 
 @dataclass
 class Setup:
     """How one run is driven: the compiled world, a fresh ``Driver`` per trajectory, and the context
-    warm-up (``warm_up()``: one model call per context capacity the policy may ask for, so every
-    graph compiles, and every kernel autotunes, before the trajectory is timed)."""
+    warm-up (``warm_up()``: model calls at every context capacity the policy may ask for, padded
+    and full, so every graph compiles, and every kernel autotunes, before the trajectory is timed).
+    Both runs drop the key-padding mask of a context that fills its slots
+    (``generate(..., mask_full=False)``), as a runner with a full context would, so SDPA may use its
+    flash kernel: each capacity has a masked and an unmasked graph."""
 
     world: World
     driver: Callable[[trajectories.Trajectory], Driver]
@@ -159,16 +166,12 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
 
 
 def dense_setup(world: World) -> Setup:
-    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``; once the
-    context fills every slot, attention runs without the key-padding mask (``mask_full=False``),
-    so SDPA may use its flash kernel, as a dense deployment with a full context would. (The
-    light_interaction run keeps the mask: an unmasked twin of each of its capacity buckets would
-    double its graphs, past Dynamo's recompile limit; its dense-plan chunks pay the masked SDPA.)"""
+    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
     spec = world.spec
     compiled = world.compile(partial(torch.compile, dynamic=False))
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
-        return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats, mask_full=False)
+        return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats)
 
     return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,), mask_full=False))
 
@@ -216,7 +219,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
     def warm_up_buckets() -> None:
         policy = controller(trajectories.make("loop", spec.chunk_frames))
         with session(policy):  # the plans it writes are cleared when the session ends
-            policy.warm_up(lambda capacity: warm_up(compiled, (capacity,)))
+            policy.warm_up(lambda capacity: warm_up(compiled, (capacity,), mask_full=False))
 
     return Setup(compiled, driver, warm_up_buckets)
 
@@ -252,9 +255,13 @@ def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory,
 
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int,
               prefix: torch.Tensor | None = None) -> Run:
-    """Warm up (one model call per context capacity: compiles), then generate ``chunks`` chunks and
-    count the frames Dynamo compiled while they ran. ``prefix``: clean latents chunk 0 comes out as
-    (a run compared with ground truth starts from the true first chunk, ``fidelity.prefix_hook``)."""
+    """Warm up (model calls at every context capacity: compiles), then generate ``chunks`` chunks
+    (a full context unmasked, see ``Setup``) and count the frames Dynamo compiled while they ran
+    (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
+    chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
+    ``fidelity.prefix_hook``)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_FUNCTION)
     setup.warm_up()
     compiled_before, tuned_before = counters["frames"]["ok"], autotuned_shapes()
     driver = setup.driver(trajectory)
@@ -265,7 +272,7 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
         step_hook = prefix_hook(setup.world, prefix, seed, then=step_hook)
     with driver.scope():
         gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=step_hook, seed=seed,
-                       progress=True, mask_full=driver.mask_full)
+                       progress=True, mask_full=False)
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
     return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before)

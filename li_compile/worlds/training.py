@@ -19,6 +19,12 @@ timestep shift (``sigma_shift``). The sampler runs 4 Euler steps with shift 7 as
 HY-WorldPlay presets (``benchmarks/trained_diagnostics.py`` on the shipped weights: shifts 1, 3, 7,
 15 score 17.14, 17.36, 17.58, 17.62 dB against ground truth). Checkpoints make it resumable; a
 fixed ``seed`` fixes data, noise and initialisation.
+
+Self-forcing (off by default): with ``rollout_fraction`` > 0, that share of each batch reads its
+context from clips the world itself generated (``roll_out``: the generation loop, batched over
+clips, with the current weights), so training sees the blurred context that generation feeds it;
+``init`` starts such a run from trained weights. Measured as a second stage from the shipped
+weights it did not pay (``benchmarks/results/trained_world.md``), so the shipped weights do not use it.
 """
 
 from __future__ import annotations
