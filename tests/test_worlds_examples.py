@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds import hy_worldplay, matrix_game3, report_tools, trajectories
 from li_compile.worlds.fidelity import trained_truth
 from li_compile.worlds.report_tools import (
-    PSNR_CAP_DB, dense_setup, format_table, frame_psnr, parse_args, psnr, run_example, ssim, timed_run, truth_scores,
+    PSNR_CAP_DB, dense_setup, format_table, frame_psnr, light_interaction_setup, parse_args, psnr, run_example, ssim,
+    timed_run, truth_scores,
 )
 
 JSON_KEYS = {
@@ -95,3 +96,23 @@ def test_trained_example_reports_fidelity_against_ground_truth(tmp_path):
     record = json.loads((tmp_path / "s.json").read_text())
     assert JSON_KEYS | TRUTH_KEYS <= set(record) and record["recompiles_after_warmup"] == 0
     assert all(math.isfinite(record[k]) for k in TRUTH_KEYS)
+
+
+@pytest.mark.parametrize("world_module", [hy_worldplay, matrix_game3])
+def test_the_cuda_harness_runs_full_contexts_unmasked_with_every_graph_warmed_up(world_module, monkeypatch):
+    """On CUDA (``full_context_masked`` False; forced here) a light_interaction run has a padded
+    and a full graph per capacity bucket: warm-up compiles them all (no recompile in the timed run)
+    and the run raises a recompile limit lower than that (else Dynamo would run the model eagerly:
+    no cache hit), the denoising cache still hits, and the frames equal the masked run's."""
+    world = world_module.build("tiny", seed=0)
+    f = world.spec.chunk_frames
+    trajectory = trajectories.make("loop", 16 * f, seed=0, chunk_frames=f)
+    options = {"inner": "eager"}
+    masked = timed_run(light_interaction_setup(world, options), trajectory, 16, 0)
+    monkeypatch.setattr(report_tools, "full_context_masked", lambda world: False)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        unmasked = timed_run(light_interaction_setup(world, options), trajectory, 16, 0)
+    assert unmasked.recompiles == 0 and unmasked.kernel_autotunes == 0
+    hits = [[s["cache_hits"] for s in run.stats] for run in (masked, unmasked)]
+    assert hits[0] == hits[1] and sum(hits[1]) > 0
+    torch.testing.assert_close(unmasked.generation.latents, masked.generation.latents, rtol=1e-5, atol=1e-5)

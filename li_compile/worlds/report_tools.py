@@ -149,15 +149,22 @@ class Driver:
 @dataclass
 class Setup:
     """How one run is driven: the compiled world, a fresh ``Driver`` per trajectory, and the context
-    warm-up (``warm_up()``: model calls at every context capacity the policy may ask for, padded
-    and full, so every graph compiles, and every kernel autotunes, before the trajectory is timed).
-    Both runs drop the key-padding mask of a context that fills its slots
-    (``generate(..., mask_full=False)``), as a runner with a full context would, so SDPA may use its
-    flash kernel: each capacity has a masked and an unmasked graph."""
+    warm-up (``warm_up()``: model calls at every context capacity the policy may ask for, so every
+    graph compiles, and every kernel autotunes, before the trajectory is timed). On CUDA both runs
+    drop the key-padding mask of a context that fills its slots (``mask_full``), as a runner with a
+    full context would, so SDPA may use its flash kernel: each capacity then has a padded and a
+    full graph, both warmed up."""
 
     world: World
     driver: Callable[[trajectories.Trajectory], Driver]
     warm_up: Callable[[], None]
+
+
+def full_context_masked(world: World) -> bool:
+    """Whether a full context keeps its key-padding mask in the timed runs (``generate``'s
+    ``mask_full``): not on CUDA, where an unmasked SDPA call may take the flash kernel; elsewhere
+    yes, since the CPU kernels gain little and a second graph per capacity costs compile time."""
+    return world.device.type != "cuda"
 
 
 def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
@@ -173,7 +180,7 @@ def dense_setup(world: World) -> Setup:
     def driver(trajectory: trajectories.Trajectory) -> Driver:
         return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats)
 
-    return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,), mask_full=False))
+    return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,), full_context_masked(world)))
 
 
 def light_interaction_options(world: World, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -219,7 +226,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
     def warm_up_buckets() -> None:
         policy = controller(trajectories.make("loop", spec.chunk_frames))
         with session(policy):  # the plans it writes are cleared when the session ends
-            policy.warm_up(lambda capacity: warm_up(compiled, (capacity,), mask_full=False))
+            policy.warm_up(lambda capacity: warm_up(compiled, (capacity,), full_context_masked(world)))
 
     return Setup(compiled, driver, warm_up_buckets)
 
@@ -256,7 +263,7 @@ def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory,
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int,
               prefix: torch.Tensor | None = None) -> Run:
     """Warm up (model calls at every context capacity: compiles), then generate ``chunks`` chunks
-    (a full context unmasked, see ``Setup``) and count the frames Dynamo compiled while they ran
+    (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo compiled while they ran
     (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
     chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
     ``fidelity.prefix_hook``)."""
@@ -272,7 +279,7 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
         step_hook = prefix_hook(setup.world, prefix, seed, then=step_hook)
     with driver.scope():
         gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=step_hook, seed=seed,
-                       progress=True, mask_full=False)
+                       progress=True, mask_full=full_context_masked(setup.world))
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
     return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before)
