@@ -101,7 +101,7 @@ def drift_probe(world, codec, cases) -> dict[str, list[float] | float]:
     for case in cases:
         truth, latents = case.frames, codec.encode(case.frames)
         dense = rollout(world, codec, case, policy)
-        last = truth[f - 1:f]
+        repeat = repeat_last(truth, f, chunks * f)
         scores = {"rollout": [], "teacher_forced": [], "repeat_last": []}
         for c in range(1, chunks):
             frames = slice(c * f, (c + 1) * f)
@@ -109,7 +109,7 @@ def drift_probe(world, codec, cases) -> dict[str, list[float] | float]:
                               decode=False)
             scores["rollout"].append(frame_psnr(dense[frames], truth[frames]))
             scores["teacher_forced"].append(frame_psnr(codec.decode(forced.latents[frames]), truth[frames]))
-            scores["repeat_last"].append(frame_psnr(last.expand(f, -1, -1, -1), truth[frames]))
+            scores["repeat_last"].append(frame_psnr(repeat[(c - 1) * f:c * f], truth[frames]))
         for key, values in scores.items():
             rows[key].append(values)
     per_chunk = {key: [mean(list(column)) for column in zip(*values)] for key, values in rows.items()}
@@ -129,10 +129,11 @@ def main() -> None:
         result["context"] = context_probe(world, codec, cases)
         print("context (first generated chunk, 1 step):", {k: round(v, 2) for k, v in result["context"].items()})
         result["drift"] = drift_probe(world, codec, cases)
+        drift, columns = result["drift"], ("rollout", "teacher_forced", "repeat_last")
         print("drift (per generated chunk: rollout / teacher forced / repeat last):")
-        for c, row in enumerate(zip(*(result["drift"][k] for k in ("rollout", "teacher_forced", "repeat_last"))), 1):
+        for c, row in enumerate(zip(*(drift[k] for k in columns)), 1):
             print(f"  chunk {c:2d}: " + " / ".join(f"{v:.2f}" for v in row))
-        print("  mean    : " + " / ".join(f"{result['drift'][k + '_mean']:.2f}" for k in ("rollout", "teacher_forced", "repeat_last")))
+        print("  mean    : " + " / ".join(f"{drift[k + '_mean']:.2f}" for k in columns))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -140,8 +140,8 @@ def test_a_second_stage_starts_from_its_init_weights_and_trains_on_rollouts(pool
     (``rollout_fraction``) takes its steps; a fraction outside [0, 1] is refused."""
     start = build(TINY, seed=4)
     export_weights(start.model.state_dict(), tmp_path / "start.pt")
-    config = TrainConfig(steps=2, batch=4, sigma_groups=2, lr=0.0, clips=2, clip_frames=12, init=str(tmp_path / "start.pt"),
-                         rollout_fraction=0.5, rollout_clips=2, rollout_every=1)
+    config = TrainConfig(steps=2, batch=4, sigma_groups=2, lr=0.0, clips=2, clip_frames=12,
+                         init=str(tmp_path / "start.pt"), rollout_fraction=0.5, rollout_clips=2, rollout_every=1)
     state = train(config, "cpu", pool=pool, spec=TINY)
     assert state.step == 2 and all(torch.isfinite(torch.tensor(state.losses)))
     saved = torch.load(tmp_path / "start.pt", weights_only=True)

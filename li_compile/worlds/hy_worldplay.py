@@ -113,7 +113,8 @@ class HYWorldPlayDiT(nn.Module):
 
     ``x: (B, F, C, h, w)`` the noisy chunk at noise level ``sigma`` (0-d tensor);
     ``context: (B, K, C, h, w)`` clean context frames in ``K`` slots, ``context_valid: (B, K)`` bool
-    (``None``: every slot valid, no mask); ``camera: (B, K + F, 12)`` relative poses, ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
+    (``None``: every slot valid, no mask); ``camera: (B, K + F, 12)`` relative poses,
+    ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
     Returns the velocity ``(B, F, C, h, w)`` (with ``spec.output == "x0"`` the network predicts the
     clean chunk and returns its velocity). Tokens: context frames then chunk frames.
     """

@@ -116,8 +116,9 @@ class MatrixGame3DiT(nn.Module):
 
     ``x: (B, F, C, h, w)`` the noisy chunk at noise level ``sigma`` (0-d tensor); ``kv`` the KV cache
     from ``encode_context`` for ``K`` context slots, ``context_valid: (B, K)`` bool (``None``: every
-    slot valid, no mask); ``camera: (B, F, 12)``, ``actions: (B, F, 6)``, ``frame_t: (B, F)`` the chunk frames' latent indices (RoPE time),
-    ``text: (B, N, text_dim)``. Returns the velocity ``(B, F, C, h, w)``.
+    slot valid, no mask); ``camera: (B, F, 12)``, ``actions: (B, F, 6)``, ``frame_t: (B, F)`` the
+    chunk frames' latent indices (RoPE time), ``text: (B, N, text_dim)``. Returns the velocity
+    ``(B, F, C, h, w)``.
     """
 
     def __init__(self, spec: WorldSpec) -> None:

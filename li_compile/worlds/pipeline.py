@@ -16,10 +16,11 @@ one with the same ``select`` method.
 
 Static shapes: the context is padded to ``capacity`` frame slots (right-aligned, padding first,
 masked with a key-padding mask) so the model sees the same shapes on every chunk, from the first
-one on, and ``torch.compile`` compiles it once per capacity (the dense baseline drops the mask of
-a full context, ``mask_full=False``: one more graph, compiled by ``warm_up``). A policy may ask for a smaller
-capacity (``ContextSelection.capacity``, e.g. a controller's compaction buckets); ``None`` means the
-world's full context (``spec.context_frames``).
+one on, and ``torch.compile`` compiles it once per capacity. A runner may drop the mask of a full
+context (``mask_full=False``, as the CUDA benchmarks do, so SDPA can use flash): one more graph per
+capacity, compiled by ``warm_up``. A policy may ask for a smaller capacity
+(``ContextSelection.capacity``, e.g. a controller's compaction buckets); ``None`` means the world's
+full context (``spec.context_frames``).
 
 A denoising cache plugs in through ``step_hook(chunk, step, model_call) -> output``: called instead
 of the model at every step; the default calls ``model_call()``.
@@ -211,10 +212,10 @@ def generate(
     ``policy``: which past frames each chunk sees (default ``DensePolicy`` with the world's window
     and memory); ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
     return pictures (``world.decode``); ``mask_full=False``: a chunk whose context fills every slot
-    runs without a key-padding mask (``gather_context``; the compiled model then has one more graph,
-    which ``warm_up(..., mask_full=False)`` compiles). Chunk ``c`` generates frames ``[c F, (c + 1) F)`` with the
-    cameras ``trajectory.poses`` of those frames. Timing covers selection, inputs and all steps of
-    the chunk (synchronised on CUDA).
+    runs without a key-padding mask (``gather_context``; the compiled model then has one more
+    graph, which ``warm_up(..., mask_full=False)`` compiles). Chunk ``c`` generates frames
+    ``[c F, (c + 1) F)`` with the cameras ``trajectory.poses`` of those frames. Timing covers
+    selection, inputs and all steps of the chunk (synchronised on CUDA).
     """
     spec = world.spec
     per_chunk = spec.chunk_frames
