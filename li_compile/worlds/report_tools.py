@@ -263,8 +263,8 @@ def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory,
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int,
               prefix: torch.Tensor | None = None) -> Run:
     """Warm up (model calls at every context capacity: compiles), then generate ``chunks`` chunks
-    (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo compiled while they ran
-    (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
+    (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo compiled while
+    they ran (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
     chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
     ``fidelity.prefix_hook``)."""
     config = torch._dynamo.config
