@@ -2,7 +2,7 @@
 
     python benchmarks/trained_diagnostics.py --json out/trained_diagnostics.json
 
-Three probes on held-out rooms, scored by PSNR against the renderer's ground truth:
+Four probes (``--probes``), scored by PSNR against the renderer's ground truth (held-out rooms):
 
 - **steps**: dense rollouts with 1, 2 and 4 Euler steps, and with 4 steps at timestep shifts 1, 3,
   7 (the preset's) and 15. One step from pure noise returns the model's mean prediction (the
@@ -16,6 +16,10 @@ Three probes on held-out rooms, scored by PSNR against the renderer's ground tru
   model's own frames) against the same chunk generated from the true history (teacher forced:
   every earlier chunk is the truth, ``prefix_hook``), and repeat-last. The gap between the two is
   what generating from its own frames costs.
+- **copy** (one step, teacher forced, no context noise): chunks of rendered clips whose memory slots
+  hold the chunk's own frames at its own cameras (``sample_batch(..., revisit_fraction=1)``), so
+  copying memory would be exact, against the same chunks with ``DensePolicy``'s memory. A model
+  that brings a remembered view back scores far above the second number.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import torch
 
 from li_compile.worlds.fidelity import add_case_arguments, prefix_hook, rollout, trained_world_and_cases
 from li_compile.worlds.report_tools import frame_psnr, repeat_last
+from li_compile.worlds import training_data
 from li_compile.worlds.pipeline import DensePolicy, generate
+from li_compile.worlds.training_data import make_pool, sample_batch
 
+PROBES = ("steps", "context", "copy", "drift")
 STEPS = (1, 2, 4)
 SHIFTS = (1.0, 3.0, 7.0, 15.0)  # timestep shifts of the 4-step sampler (the preset's: 7)
 
@@ -118,24 +125,68 @@ def drift_probe(world, codec, cases) -> dict[str, list[float] | float]:
     return per_chunk | {f"{key}_mean": mean(values) for key, values in per_chunk.items()}
 
 
+COPY_CLIPS, COPY_SEED = 16, 5  # the copy probe's clips (rendered rooms; training draws seed 0) and seed
+
+
+def copy_probe(world, codec) -> dict[str, float]:
+    """One-step PSNR of the clean chunk when memory holds the chunk itself, and with the usual memory."""
+    spec = world.spec
+    pool = make_pool(COPY_CLIPS, 8 * spec.chunk_frames, spec, COPY_SEED, world.device, codec.stride * spec.latent_h)
+    scores = {}
+    with patched(training_data, CONTEXT_NOISE=0.0, MEMORY_DROPOUT=0.0):
+        for key, fraction in (("memory_is_the_chunk", 1.0), ("dense_policy_memory", 0.0)):
+            batch = sample_batch(pool, COPY_CLIPS, spec, codec, torch.Generator(world.device).manual_seed(0),
+                                 revisit_fraction=fraction)
+            target = batch.pop("target")
+            noise = torch.randn(target.shape, generator=torch.Generator(world.device).manual_seed(1), device=target.device)
+            clean = noise - world.model(noise, torch.tensor(1.0, device=target.device),
+                                        text=world.text.expand(len(target), -1, -1), **batch)
+            scores[key] = frame_psnr(codec.decode(clean).flatten(0, 1), codec.decode(target).flatten(0, 1))
+    return scores
+
+
+@contextlib.contextmanager
+def patched(module, **values):
+    """Within the block, ``module``'s attributes ``values`` replace its own."""
+    saved = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(parser, per_trajectory=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)}")
     args = parser.parse_args()
+    probes = args.probes.split(",")
+    if not set(probes) <= set(PROBES):
+        parser.error(f"--probes must name some of {', '.join(PROBES)}, got {args.probes!r}")
     world, codec, cases = trained_world_and_cases(args)
     result = {"cases": [f"{c.trajectory.name}/{c.scene_seed}" for c in cases], "frames": args.frames}
     with torch.no_grad():
-        result["steps"] = steps_probe(world, codec, cases)
-        print("steps:", {k: round(v, 2) for k, v in result["steps"].items()}, flush=True)
-        result["context"] = context_probe(world, codec, cases)
-        print("context (first generated chunk, 1 step):", {k: round(v, 2) for k, v in result["context"].items()})
-        result["drift"] = drift_probe(world, codec, cases)
-        drift, columns = result["drift"], ("rollout", "teacher_forced", "repeat_last")
-        print("drift (per generated chunk: rollout / teacher forced / repeat last):")
-        for c, row in enumerate(zip(*(drift[k] for k in columns)), 1):
-            print(f"  chunk {c:2d}: " + " / ".join(f"{v:.2f}" for v in row))
-        print("  mean    : " + " / ".join(f"{drift[k + '_mean']:.2f}" for k in columns))
+        if "steps" in probes:
+            result["steps"] = steps_probe(world, codec, cases)
+            print("steps:", {k: round(v, 2) for k, v in result["steps"].items()}, flush=True)
+        if "context" in probes:
+            result["context"] = context_probe(world, codec, cases)
+            print("context (first generated chunk, 1 step):", {k: round(v, 2) for k, v in result["context"].items()})
+        if "copy" in probes:
+            result["copy"] = copy_probe(world, codec)
+            print("copy (one step; memory: the chunk itself, the usual):",
+                  {k: round(v, 2) for k, v in result["copy"].items()}, flush=True)
+        if "drift" in probes:
+            result["drift"] = drift = drift_probe(world, codec, cases)
+            columns = ("rollout", "teacher_forced", "repeat_last")
+            print("drift (per generated chunk: rollout / teacher forced / repeat last):")
+            for c, row in enumerate(zip(*(drift[k] for k in columns)), 1):
+                print(f"  chunk {c:2d}: " + " / ".join(f"{v:.2f}" for v in row))
+            print("  mean    : " + " / ".join(f"{drift[k + '_mean']:.2f}" for k in columns))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -20,16 +20,16 @@ import torch
 from li_compile.worlds.fidelity import add_case_arguments, evaluate, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
 
-COLUMNS = ("psnr_dense", "psnr_repeat_last", "ssim_dense", "ssim_repeat_last", "psnr_revisit_memory",
-           "psnr_revisit_no_memory")
+COLUMNS = ("psnr_dense", "psnr_repeat_last", "psnr_video_dense", "psnr_video_repeat_last", "ssim_dense",
+           "ssim_repeat_last", "psnr_revisit_memory", "psnr_revisit_no_memory")
 
 
 def print_table(result: dict) -> None:
     """One row per case and the mean; '-' where a case has no revisit frames."""
-    header = f"{'trajectory':26s}" + "".join(f"{c.replace('psnr_', '').replace('_', ' '):>20s}" for c in COLUMNS)
+    header = f"{'trajectory':26s}" + "".join(f"{c.replace('psnr_', '').replace('_', ' '):>19s}" for c in COLUMNS)
     print(header)
     for row in result["cases"] + [dict(result["mean"], trajectory="mean")]:
-        cells = "".join(f"{row[c]:20.3f}" if c in row else f"{'-':>20s}" for c in COLUMNS)
+        cells = "".join(f"{row[c]:19.3f}" if c in row else f"{'-':>19s}" for c in COLUMNS)
         print(f"{row['trajectory']:26s}{cells}")
 
 
@@ -64,10 +64,13 @@ def main() -> None:
     result = evaluate(world, codec, cases)
     mean = result["mean"]
     result["dense_gain_over_repeat_last_db"] = mean["psnr_dense"] - mean["psnr_repeat_last"]
+    result["dense_gain_over_repeat_last_video_db"] = mean["psnr_video_dense"] - mean["psnr_video_repeat_last"]
+    result["repeat_last_exact_frames"] = sum(case["repeat_last_exact_frames"] for case in result["cases"])
     if "psnr_revisit_memory" in mean:
         result["memory_gain_on_revisits_db"] = mean["psnr_revisit_memory"] - mean["psnr_revisit_no_memory"]
     print_table(result)
-    print({k: round(v, 3) for k, v in result.items() if k.endswith("_db")})
+    print({k: round(v, 3) for k, v in result.items() if k.endswith("_db")},
+          f"repeat-last is exact on {result['repeat_last_exact_frames']} frames")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if args.out:

@@ -36,6 +36,7 @@ from li_compile.worlds.training import (  # noqa: E402
     IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, train,
 )
 from li_compile.worlds.training_data import make_pool  # noqa: E402
+from li_compile.worlds.trajectories import FOV_Y_DEG  # noqa: E402
 
 SMOOTHING = 50  # steps averaged in the plotted loss curve
 
@@ -70,6 +71,10 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--output", choices=OUTPUTS, default=TRAINED_SPEC.output,
                         help="what the network predicts (WorldSpec.output; 'velocity' is the ablation)")
+    parser.add_argument("--camera-rays", action=argparse.BooleanOptionalAction, default=TRAINED_SPEC.ray_fov_deg is not None,
+                        help="embed every token's camera rays (WorldSpec.ray_fov_deg; --no-camera-rays is the ablation)")
+    parser.add_argument("--heads", type=int, default=TRAINED_SPEC.heads,
+                        help=f"attention heads of {TRAINED_SPEC.head_dim} dims (the model's width)")
     args = parser.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +84,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     start = time.perf_counter()
-    spec = replace(TRAINED_SPEC, output=args.output)
+    spec = replace(TRAINED_SPEC, output=args.output, heads=args.heads,
+                   ray_fov_deg=FOV_Y_DEG if args.camera_rays else None)
     pool = make_pool(config.clips, config.clip_frames, spec, config.seed, args.device, IMAGE_SIZE)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -104,7 +110,8 @@ def main() -> None:
     tail = state.losses[-SMOOTHING:]
     summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1),
                "pool_seconds": round(pool_s, 1), "frames_rendered": frames, "final_loss": sum(tail) / len(tail),
-               "weights": str(weights), "output": args.output, "config": asdict(config)}
+               "weights": str(weights), "output": args.output, "heads": args.heads,
+               "camera_rays": args.camera_rays, "config": asdict(config)}
     (args.out / "train.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

@@ -107,6 +107,24 @@ def test_memory_dropout_removes_only_memory_slots(pool, monkeypatch):
     assert (batch["context"][:, :4] == 0).all()
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_a_revisit_example_remembers_the_chunk_itself_at_its_own_cameras(pool, monkeypatch, fraction):
+    """``revisit_fraction=1``: every memory slot holds a frame of the chunk, seen from the chunk's
+    camera (the recent window is untouched); 0: the memory ``DensePolicy`` picked."""
+    monkeypatch.setattr(training_data, "CONTEXT_NOISE", 0.0)
+    monkeypatch.setattr(training_data, "MEMORY_DROPOUT", 0.0)
+    plain = sample_batch(pool, 6, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(8))
+    batch = sample_batch(pool, 6, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(8), revisit_fraction=fraction)
+    revisit = fraction == 1.0
+    assert torch.equal(batch["context"][:, :4], batch["target"]) == revisit
+    assert torch.equal(batch["camera"][:, :4], batch["camera"][:, 8:]) == revisit
+    assert torch.equal(batch["target"], plain["target"])  # the same chunks ...
+    assert torch.equal(batch["context"][:, 4:], plain["context"][:, 4:])  # ... and the same recent window
+    assert torch.equal(batch["context"][:, :4], plain["context"][:, :4]) != revisit
+    with pytest.raises(ValueError, match="revisit_fraction must be in"):
+        TrainConfig(revisit_fraction=-0.1)
+
+
 def test_roll_out_generates_what_the_generation_loop_does(pool):
     """Self-forcing's context: each clip rolled out in a batch equals ``generate`` along the clip's
     cameras from its true first chunk with the same noise (fp32)."""
@@ -230,11 +248,26 @@ def test_frame_psnr_averages_the_psnr_of_each_frame():
     assert frame_psnr(pred, truth) == pytest.approx(30.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("heads, depth, rays", [(2, 1, True), (3, 2, False)])
+def test_load_trained_reads_the_sizes_and_camera_rays_from_the_weights(tmp_path, heads, depth, rays):
+    spec = replace(TINY, heads=heads, depth=depth, ray_fov_deg=60.0 if rays else None)
+    world = new_world("cpu", spec)
+    export_weights(world.model.state_dict(), tmp_path / "w.pt")
+    loaded = load_trained("cpu", tmp_path / "w.pt", TINY)
+    assert loaded.spec == spec
+    assert (loaded.model.rays is not None) == rays
+
+
 def test_shipped_weights_bring_back_revisited_places_from_memory():
     world, codec = load_trained(), PixelPatchCodec(4)
     case = held_out_cases(24, 1, IMAGE_SIZE, names=("loop",))
-    result = evaluate(world, codec, case)["mean"]
+    scores = evaluate(world, codec, case)
+    result = scores["mean"]
     assert result["psnr_revisit_memory"] > result["psnr_revisit_no_memory"] + 0.5
+    # the loop's period is 16 frames: frame 19 is the last given frame 3 again, which repeat-last gets
+    # exactly (PSNR_CAP_DB in the per-frame mean, a zero error in the video PSNR)
+    assert scores["cases"][0]["repeat_last_exact_frames"] == 1
+    assert result["psnr_video_repeat_last"] < result["psnr_repeat_last"] - 1.0
 
 
 def test_the_trained_preset_is_the_shipped_world_and_decodes_pixels_with_its_codec():

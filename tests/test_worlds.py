@@ -12,7 +12,8 @@ from li_compile.controller.poses import camera_centers, validate_poses, view_dir
 from li_compile.controller.similarity import frustum_overlap
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.base import X0_MIN_SIGMA, Context
-from li_compile.worlds.layers import patchify, unpatchify
+from li_compile.worlds.layers import RayEmbedder, camera_features, patchify, unpatchify
+from li_compile.worlds.scenes import camera_rays
 from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate, warm_up
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
 
@@ -109,6 +110,33 @@ def test_patchify_round_trips():
     tokens = patchify(x, 2)
     assert tokens.shape == (2, 3 * 4 * 3, 16)
     torch.testing.assert_close(unpatchify(tokens, 3, 4, 8, 6, 2), x, rtol=0, atol=0)
+
+
+def test_ray_embedding_gives_each_latent_pixel_the_renderers_ray_in_pluecker_coordinates():
+    """Directions are the renderer's rays of the camera seen from the reference camera, moments are
+    origin x direction, and a camera slid along one pixel's ray keeps that pixel's coordinates."""
+    poses = trajectories.make("random_walk_with_returns", 6, seed=2).poses
+    embedder = RayEmbedder(60.0, 4, 6, 2, 8)
+    rays = embedder.plucker(camera_features(poses[0], poses)[None])[0]  # (T, 24, 6)
+    origins, dirs = camera_rays(torch.linalg.solve(poses[0], poses), 60.0, (4, 6), 1)  # seen from camera 0
+    torch.testing.assert_close(rays[..., :3], dirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rays[..., 3:], torch.linalg.cross(origins, dirs, dim=-1), rtol=1e-5, atol=1e-5)
+    slid = poses[3].clone()
+    slid[:3, 3] += 0.7 * (poses[3][:3, :3] @ embedder.local_dirs[5])  # along pixel 5's ray
+    moved = embedder.plucker(camera_features(poses[0], torch.stack([poses[3], slid]))[None])[0]
+    torch.testing.assert_close(moved[1, 5], moved[0, 5], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(moved[1, 4], moved[0, 4], atol=1e-3)  # other pixels' rays did move
+    camera = camera_features(poses[0], poses)[None]
+    assert embedder(camera).shape == (1, 6 * 2 * 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs: the rays stay float32
+        torch.testing.assert_close(embedder.plucker(camera)[0], rays, rtol=0, atol=0)
+
+
+def test_ray_worlds_are_validated_and_hy_only():
+    with pytest.raises(ValueError, match="ray_fov_deg must be None or in"):
+        dataclasses.replace(hy_worldplay.PRESETS["tiny"], ray_fov_deg=180.0)
+    with pytest.raises(ValueError, match="ray_fov_deg=60.0 is supported by hy_worldplay worlds only"):
+        matrix_game3.build(dataclasses.replace(matrix_game3.PRESETS["tiny"], ray_fov_deg=60.0))
 
 
 # --- context policy and gathering ----------------------------------------------------------------
@@ -273,8 +301,9 @@ def test_compiled_tiny_world_matches_eager_along_a_trajectory(world):
     torch.testing.assert_close(generate(compiled, traj).latents, eager.latents, rtol=1e-4, atol=1e-5)
 
 
-def test_inductor_compiled_hy_world_matches_eager():
-    world = hy_worldplay.build("tiny", seed=1)
+@pytest.mark.parametrize("ray_fov_deg", [None, 60.0])
+def test_inductor_compiled_hy_world_matches_eager(ray_fov_deg):
+    world = hy_worldplay.build(dataclasses.replace(hy_worldplay.PRESETS["tiny"], ray_fov_deg=ray_fov_deg), seed=1)
     traj = trajectories.make("loop", 3 * world.spec.chunk_frames)
     eager = generate(world, traj)
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction"))

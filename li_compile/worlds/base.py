@@ -38,6 +38,10 @@ class WorldSpec:
     models) or ``"x0"`` (the clean chunk, turned into the velocity ``(x - x0) / sigma`` inside
     ``forward``, so the sampler and the backend see a velocity either way; pixel-space worlds learn
     this far better, as a small network cannot copy high-dimensional noise through itself).
+    ``ray_fov_deg``: when set (the lens' vertical field of view, degrees), the DiT also adds every
+    token's camera rays (Plücker coordinates, ``layers.RayEmbedder``) to its input, so attention can
+    match a chunk token to the context tokens that saw the same ray; ``None``: cameras enter through
+    the per-frame modulation only, as in the random-weight presets.
     """
 
     name: str
@@ -60,6 +64,7 @@ class WorldSpec:
     dtype: torch.dtype = torch.float32
     vae_stride: tuple[int, int, int] = (4, 16, 16)  # (time, height, width) pixels per latent
     output: str = "velocity"
+    ray_fov_deg: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("latent_channels", "latent_h", "latent_w", "patch", "chunk_frames", "window", "steps",
@@ -75,6 +80,8 @@ class WorldSpec:
             )
         if self.output not in OUTPUTS:
             raise ValueError(f"WorldSpec.output must be one of {list(OUTPUTS)}, got {self.output!r}")
+        if self.ray_fov_deg is not None and not 0 < self.ray_fov_deg < 180:
+            raise ValueError(f"WorldSpec.ray_fov_deg must be None or in (0, 180) degrees, got {self.ray_fov_deg!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"WorldSpec.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
 

@@ -7,9 +7,11 @@ real models start from a picture) and generates the rest with the shared loop
 loop's ``step_hook`` (the Euler steps of chunk 0 land exactly on it), so nothing else changes.
 
 Scores (per-frame PSNR in dB and SSIM on RGB in [0, 1] of ``report_tools``, averaged over the
-generated frames):
+generated frames; ``psnr_video_*``: the PSNR of the squared error over all of them, where a frame
+that happens to be exact adds its zero error instead of ``PSNR_CAP_DB``):
 ``dense`` (``DensePolicy``), ``repeat_last`` (the trivial predictor: every future frame is the last
-given frame) and, on **revisit** frames (cameras that returned to a place last seen before the
+given frame; ``repeat_last_exact_frames`` counts the frames it gets exactly right, where the camera
+is back at the last given view) and, on **revisit** frames (cameras that returned to a place last seen before the
 recent window, so only memory can bring it back), dense with memory against ``DensePolicy(window,
 0)`` (memory removed).
 """
@@ -26,7 +28,7 @@ from li_compile.controller.poses import camera_centers, view_directions
 from li_compile.worlds.base import World
 from li_compile.worlds.pipeline import ContextPolicy, DensePolicy, StepHook, chunk_noise, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.report_tools import frame_psnr, repeat_last, ssim
+from li_compile.worlds.report_tools import frame_psnr, psnr, repeat_last, ssim
 from li_compile.worlds.scenes import make_scene, render
 from li_compile.worlds.trajectories import TRAJECTORIES, Trajectory, make
 
@@ -128,7 +130,8 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
     """Scores of ``world`` on ``cases``: per case and averaged (see the module docstring).
 
     Returns ``{"cases": [...], "mean": {...}}`` with keys ``psnr_dense``, ``psnr_repeat_last``,
-    ``ssim_dense``, ``ssim_repeat_last``, and on revisit frames ``psnr_revisit_memory``,
+    ``ssim_dense``, ``ssim_repeat_last``, ``psnr_video_dense``, ``psnr_video_repeat_last``
+    (``repeat_last_exact_frames`` per case only), and on revisit frames ``psnr_revisit_memory``,
     ``psnr_revisit_no_memory`` (absent where a case has no revisit frame).
     """
     spec = world.spec
@@ -144,6 +147,9 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
             "psnr_repeat_last": frame_psnr(repeat, truth[generated]),
             "ssim_dense": ssim(dense[generated], truth[generated]),
             "ssim_repeat_last": ssim(repeat, truth[generated]),
+            "psnr_video_dense": psnr(dense[generated], truth[generated]),
+            "psnr_video_repeat_last": psnr(repeat, truth[generated]),
+            "repeat_last_exact_frames": int((repeat == truth[generated]).flatten(1).all(1).sum()),
         }
         revisits = revisit_frames(case.trajectory.poses, spec.chunk_frames, spec.window)[:len(dense)]
         revisits[:spec.chunk_frames] = False

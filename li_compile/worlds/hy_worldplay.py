@@ -43,7 +43,7 @@ from li_compile.worlds.base import (
     X0_MIN_SIGMA, Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
 )
 from li_compile.worlds.layers import (
-    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
+    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_rope, camera_features, gate, heads,
     key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
 )
 from li_compile.worlds.trajectories import ACTION_DIM
@@ -116,7 +116,8 @@ class HYWorldPlayDiT(nn.Module):
     (``None``: every slot valid, no mask); ``camera: (B, K + F, 12)`` relative poses,
     ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
     Returns the velocity ``(B, F, C, h, w)`` (with ``spec.output == "x0"`` the network predicts the
-    clean chunk and returns its velocity). Tokens: context frames then chunk frames.
+    clean chunk and returns its velocity; with ``spec.ray_fov_deg`` every token also gets its camera
+    rays, ``RayEmbedder``). Tokens: context frames then chunk frames.
     """
 
     def __init__(self, spec: WorldSpec) -> None:
@@ -126,6 +127,8 @@ class HYWorldPlayDiT(nn.Module):
         self.patch_in = nn.Linear(c * p * p, dim)
         self.time = Embedder(FREQ_DIM, dim)
         self.camera = Embedder(CAMERA_DIM, dim)
+        self.rays = None if spec.ray_fov_deg is None else RayEmbedder(
+            spec.ray_fov_deg, spec.latent_h, spec.latent_w, p, dim)
         self.action = Embedder(ACTION_DIM, dim)
         self.rope = Rope3D(rope_split(spec.head_dim), spec.grid)
         self.blocks = nn.ModuleList(HYBlock(spec) for _ in range(spec.depth))
@@ -139,6 +142,8 @@ class HYWorldPlayDiT(nn.Module):
         b, chunk, slots = x.shape[0], x.shape[1], context.shape[1]
         frames = slots + chunk
         h = self.patch_in(patchify(torch.cat([context, x], 1), spec.patch))
+        if self.rays is not None:
+            h = h + self.rays(camera)
         noise_level = torch.cat([sigma.new_zeros(b, slots), sigma.reshape(1, 1).expand(b, chunk)], 1)
         cond = self.time(timestep_features(noise_level).to(h.dtype)) + self.camera(camera) + self.action(actions)
         reframed = (torch.arange(frames, device=x.device) - slots).float().expand(b, frames)

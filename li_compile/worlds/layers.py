@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from li_compile.controller.poses import relative_pose
+from li_compile.worlds.scenes import camera_rays
 
 TIMESTEP_SCALE = 1000.0  # sigma in [0, 1] -> the timestep the sinusoidal embedding sees
 FREQ_DIM = 256  # width of the sinusoidal timestep features
 ROPE_THETA = 10000.0
 CAMERA_DIM = 12  # a relative pose's 3x4 block, flattened
+PLUCKER_DIM = 6  # a camera ray in Plücker coordinates: direction, then origin x direction
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -48,6 +50,41 @@ def camera_features(reference: torch.Tensor, poses: torch.Tensor) -> torch.Tenso
     """Camera conditioning: ``poses (..., 4, 4)`` seen from the ``reference (4, 4)`` camera, their
     3x4 block flattened: ``(..., 12)``. Relative, so the world frame does not matter."""
     return relative_pose(reference, poses)[..., :3, :4].flatten(-2)
+
+
+class RayEmbedder(nn.Module):
+    """Every token's camera rays, embedded: ``camera (B, T, 12)`` relative poses (``camera_features``)
+    -> ``(B, T * tokens_per_frame, dim)``.
+
+    One ray per latent pixel, through its centre, for a lens of vertical field of view ``fov_y_deg``
+    on the ``latent_h x latent_w`` grid (the renderer's ``camera_rays``), in Plücker coordinates
+    (unit direction, origin x direction: the same line gives the same six numbers wherever along it
+    the camera stands), stacked per ``patch x patch`` token as ``patchify`` stacks latents, then a
+    linear layer. Two frames whose cameras saw a point along the same ray get the same features
+    there, so attention can find in the context what a chunk frame sees (CameraCtrl-style camera
+    conditioning).
+    """
+
+    def __init__(self, fov_y_deg: float, latent_h: int, latent_w: int, patch: int, dim: int) -> None:
+        super().__init__()
+        _, local = camera_rays(torch.eye(4), fov_y_deg, (latent_h, latent_w), 1)
+        self.register_buffer("local_dirs", local, persistent=False)  # (h * w, 3), camera coordinates
+        self.grid, self.patch = (latent_h, latent_w), patch
+        self.proj = nn.Linear(PLUCKER_DIM * patch * patch, dim)
+
+    def plucker(self, camera: torch.Tensor) -> torch.Tensor:
+        """The rays of every latent pixel: ``camera (B, T, 12)`` -> ``(B, T, h * w, 6)`` float32,
+        raster order, unit direction then moment."""
+        pose = camera.float().unflatten(-1, (3, 4))
+        # rotate by a sum of products, not a matmul, so autocast leaves the rays in float32
+        dirs = (pose[..., None, :, :3] * self.local_dirs[:, None, :]).sum(-1)  # unit length still
+        moments = torch.linalg.cross(pose[..., None, :, 3].expand_as(dirs), dirs, dim=-1)
+        return torch.cat([dirs, moments], -1)
+
+    def forward(self, camera: torch.Tensor) -> torch.Tensor:
+        b, t = camera.shape[:2]
+        rays = self.plucker(camera).reshape(b, t, *self.grid, PLUCKER_DIM).permute(0, 1, 4, 2, 3)
+        return self.proj(patchify(rays, self.patch).to(self.proj.weight.dtype))
 
 
 class Embedder(nn.Module):

@@ -126,6 +126,9 @@ class MatrixGame3DiT(nn.Module):
         if spec.output != "velocity":  # its sampler re-noises a clean prediction made from the velocity
             raise ValueError(f"matrix_game3 worlds predict a velocity; WorldSpec.output={spec.output!r} is "
                              "supported by hy_worldplay worlds only")
+        if spec.ray_fov_deg is not None:
+            raise ValueError(f"matrix_game3 worlds take cameras through modulation; WorldSpec.ray_fov_deg="
+                             f"{spec.ray_fov_deg!r} is supported by hy_worldplay worlds only")
         self.spec = spec
         dim, p, c = spec.dim, spec.patch, spec.latent_channels
         self.patch_in = nn.Linear(c * p * p, dim)

@@ -25,13 +25,19 @@ context from clips the world itself generated (``roll_out``: the generation loop
 clips, with the current weights), so training sees the blurred context that generation feeds it;
 ``init`` starts such a run from trained weights. Measured as a second stage from the shipped
 weights it did not pay (``benchmarks/results/trained_world.md``), so the shipped weights do not use it.
+
+Two more options aimed at bringing a remembered view back exactly, both off by default for the same
+reason (measured in that file): ``revisit_fraction`` trains that share of the teacher-forced examples
+with the chunk's own frames in its memory slots, and a spec with ``ray_fov_deg`` gives every token
+its camera rays (``layers.RayEmbedder``); ``load_trained`` reads the latter, the width and the depth
+from the weights (``spec_of_weights``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +49,7 @@ from li_compile.worlds.hy_worldplay import HYWorldPlay, build
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.sampling import sampler_update
 from li_compile.worlds.training_data import ClipPool, Rollouts, chunk_inputs, make_pool, sample_batch
+from li_compile.worlds.trajectories import FOV_Y_DEG
 
 IMAGE_SIZE = 64  # rendered frames are IMAGE_SIZE x IMAGE_SIZE RGB
 PIXEL_STRIDE = 4  # pixels per latent along each axis
@@ -84,6 +91,7 @@ class TrainConfig:
     rollout_fraction: float = 0.0  # share of each batch whose context the world generated itself ...
     rollout_clips: int = 64  # ... in this many clips (``roll_out``) ...
     rollout_every: int = 4  # ... generated afresh every this many steps
+    revisit_fraction: float = 0.0  # share of teacher-forced examples whose memory is the chunk's own frames
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "sigma_groups", "clips", "checkpoint_every", "rollout_clips", "rollout_every"):
@@ -91,8 +99,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
         if self.batch % self.sigma_groups:
             raise ValueError(f"TrainConfig.batch {self.batch} must be divisible by sigma_groups {self.sigma_groups}")
-        if not 0.0 <= self.rollout_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.rollout_fraction must be in [0, 1], got {self.rollout_fraction}")
+        for key in ("rollout_fraction", "revisit_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"TrainConfig.{key} must be in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -123,12 +132,27 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYW
     return world
 
 
+def spec_of_weights(weights: dict[str, torch.Tensor], spec: WorldSpec = TRAINED_SPEC) -> WorldSpec:
+    """``spec`` with the sizes ``weights`` (a ``state_dict``) were trained at: the number of heads
+    (of ``spec.head_dim``), of blocks, and whether the DiT embeds camera rays. What the network
+    predicts (``output``) cannot be read from weights: ``spec`` keeps it."""
+    width = weights["patch_in.weight"].shape[0]
+    if width % spec.head_dim:
+        raise ValueError(f"weights of width {width} do not split into heads of {spec.head_dim}")
+    depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+    rays = "rays.proj.weight" in weights
+    return replace(spec, heads=width // spec.head_dim, depth=depth,
+                   ray_fov_deg=(spec.ray_fov_deg or FOV_Y_DEG) if rays else None)
+
+
 def load_trained(device: torch.device | str | None = None, path: Path | str = WEIGHTS_PATH,
                  spec: WorldSpec = TRAINED_SPEC) -> HYWorldPlay:
     """The trained world with the shipped (or given) weights, in eval mode without gradients
-    (``spec``: the preset the weights were trained as, e.g. ``output="velocity"`` for that ablation)."""
-    world = build(spec, device=device, seed=MODEL_SEED)
-    world.model.load_state_dict(torch.load(path, map_location=world.device, weights_only=True))
+    (``spec``: the preset the weights were trained as, e.g. ``output="velocity"`` for that ablation;
+    its sizes and camera rays follow the weights, ``spec_of_weights``)."""
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    world = build(spec_of_weights(weights, spec), device=device, seed=MODEL_SEED)
+    world.model.load_state_dict(weights)
     world.decoder = PixelPatchCodec(PIXEL_STRIDE).decode
     return world
 
@@ -266,7 +290,7 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         if rolled and (rollouts is None or state.step % config.rollout_every == 0):
             with autocast:
                 rollouts = _fresh_rollouts(world, pool, config.rollout_clips, codec, data_gen)
-        batch = _batch(pool, config.batch, rolled, rollouts, spec, codec, data_gen)
+        batch = _batch(pool, config, rolled, rollouts, spec, codec, data_gen)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         sigmas = training_sigmas(config.sigma_groups, config.sigma_shift, sigma_gen)
@@ -304,10 +328,13 @@ def _fresh_rollouts(world: HYWorldPlay, pool: ClipPool, count: int, codec: Pixel
     return roll_out(world, pool, clips, codec, lambda c: torch.randn(shape, generator=generator, device=device))
 
 
-def _batch(pool: ClipPool, size: int, rolled: int, rollouts: Rollouts | None, spec: WorldSpec,
+def _batch(pool: ClipPool, config: TrainConfig, rolled: int, rollouts: Rollouts | None, spec: WorldSpec,
            codec: PixelPatchCodec, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """``size`` examples: ``size - rolled`` teacher-forced, then ``rolled`` with generated context."""
-    parts = [sample_batch(pool, size - rolled, spec, codec, generator)] if rolled < size else []
+    """``config.batch`` examples: ``batch - rolled`` teacher-forced (``revisit_fraction`` of them
+    exact revisits), then ``rolled`` with generated context."""
+    size = config.batch
+    parts = [sample_batch(pool, size - rolled, spec, codec, generator, revisit_fraction=config.revisit_fraction)
+             ] if rolled < size else []
     if rolled:
         parts.append(sample_batch(pool, rolled, spec, codec, generator, rollouts))
     return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}

@@ -159,7 +159,8 @@ def chunk_inputs(pool: ClipPool, clip: torch.Tensor, chunk: torch.Tensor, slots:
 
 
 def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchCodec,
-                 generator: torch.Generator, rollouts: Rollouts | None = None) -> dict[str, torch.Tensor]:
+                 generator: torch.Generator, rollouts: Rollouts | None = None,
+                 revisit_fraction: float = 0.0) -> dict[str, torch.Tensor]:
     """One batch of chunks (``generator`` on the pool's device), as ``chunk_inputs`` lays them out.
 
     Returns ``target: (B, F, C, h, w)`` clean chunk latents and the model's keyword inputs
@@ -168,6 +169,9 @@ def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchC
     context). Chunk 0 (no context: the generation's given prefix) is never a target. The context
     holds the true frames (teacher forcing), or with ``rollouts`` the frames the world generated
     for those clips (self-forcing: the context a generation really sees); either lightly noised.
+    ``revisit_fraction`` of the teacher-forced examples are exact revisits: their memory slots
+    hold the chunk's own frames at the chunk's own cameras, as when the camera comes back to a
+    place it saw (``loop`` at its period); the others keep ``DensePolicy``'s memory.
     """
     device = pool.frames.device
     chunks = pool.slots.shape[1]
@@ -176,6 +180,11 @@ def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchC
     clip = row if rollouts is None else rollouts.clips[row]
     chunk = torch.randint(1, chunks, (batch,), generator=generator, device=device)
     slots = pool.slots[clip, chunk].clone()  # (B, K)
+    if revisit_fraction > 0 and rollouts is None:
+        revisit = torch.rand(batch, generator=generator, device=device) < revisit_fraction
+        own = chunk[:, None] * spec.chunk_frames + torch.arange(spec.chunk_frames, device=device)
+        count = min(spec.memory, spec.chunk_frames)
+        slots[:, :count] = torch.where(revisit[:, None], own[:, :count], slots[:, :count])
     drop = torch.rand(batch, generator=generator, device=device) < MEMORY_DROPOUT
     slots[:, :spec.memory] = torch.where(drop[:, None], -1, slots[:, :spec.memory])
     index = slots.clamp_min(0)
