@@ -40,6 +40,7 @@ SETTINGS: dict[str, dict[str, Any]] = {  # label -> backend options (on top of i
     "window shrink": {"context": {"window_rule": "shrink_on_motion"}},
     "cache off": {"cache": {"enabled": False}},
     "context off": {"context": {"enabled": False}},
+    "keep 0.7 no fill": {"context": {"keep_threshold": 0.7, "fill_density": 1.0}},
     "density 0.5": {"sparsity": {"density": 0.5}},
     "density 0.25": {"sparsity": {"density": 0.25}},
     "density 0.5 blocks 32": {"sparsity": {"density": 0.5, "block_q": 32, "block_k": 32}},

@@ -58,6 +58,14 @@ class ContextOptions:
     slowly, and this model reads those frames). On the random-weight tiny worlds
     (``benchmarks/window_rules.py``) ``grow_on_motion`` matched ``fixed``; the adaptive rules stay
     options. Keep threshold 0.1: rendered-content coverage -0.08 dB with 97% of the context.
+
+    ``fill_density``: a chunk whose kept frames leave padding in their capacity bucket, and whose
+    plan would still visit more than this share of its (query, key) pairs, gets the padding filled
+    with the next-best memory frames (the dense policy's, whatever their score), up to ``memory_k``.
+    Its context is then full, so it runs dense attention (flash, unmasked where the runner drops
+    the mask of a full context) at no more cost than the padded plan, and with more context. The
+    block-sparse kernel reaches about 75% of flash's rate on an H200, so denser plans ran slower
+    than dense (``benchmarks/results/end_to_end.md``). 1.0: never fill.
     """
 
     enabled: bool = True
@@ -66,6 +74,7 @@ class ContextOptions:
     window_rule: str = field(default="fixed", metadata=_choice(WINDOW_RULES))
     window_min: int = field(default=1, metadata=_range(1, None))
     window_max: int = field(default=8, metadata=_range(1, None))
+    fill_density: float = field(default=0.75, metadata=_range(0.0, 1.0))
 
     def __post_init__(self) -> None:
         if self.window_min > self.window_max:

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep, token_keep, write_chunk_plan
+from li_compile.controller.attention_plan import (
+    frame_drop_layout, padded_context_keep, token_keep, visited_share, write_chunk_plan,
+)
 from li_compile.controller.context import ContextController
 from li_compile.controller.session import active_controller, session
 from li_compile.passes.guards import layout_misfit, plan_fits, take_fallbacks, write_plan
@@ -35,6 +37,20 @@ def test_dropped_context_tokens_are_never_visited(queries, kept):
     assert visible[rows][:, tokens].all()  # every kept query sees every kept key
     # 9-token frames straddle 8-token blocks: one dropped frame (kept=3) empties no whole block
     assert (kept <= 1) == (layout.density < 1.0)
+
+
+@pytest.mark.parametrize("queries", ["all", "chunk"])
+@pytest.mark.parametrize("kept", [0, 2, 3])
+@pytest.mark.parametrize("grid, block", [(4, 16), (GRID, BLOCK)])
+def test_visited_share_is_the_share_of_kept_token_pairs_and_bounds_the_block_density(queries, kept, grid, block):
+    """Frames of whole blocks (16 tokens, blocks of 16): the plan's density is exactly the share of
+    kept (query, key) pairs; frames straddling blocks: a little more, never less."""
+    seq = SequenceLayout(4, 2, grid, grid, queries=queries)
+    keep = padded_context_keep(kept, 4)
+    pairs = frame_drop_layout(seq, keep, 1, 1).density  # token-level blocks: every pair counted
+    assert visited_share(seq, kept) == pytest.approx(pairs, abs=1e-6)  # density is float32
+    density = frame_drop_layout(seq, keep, block, block).density
+    assert density == pytest.approx(pairs, abs=1e-6) if grid == 4 else density >= pairs - 1e-6
 
 
 def test_full_blocks_hold_only_kept_tokens():

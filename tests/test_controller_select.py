@@ -9,6 +9,7 @@ from li_compile.controller.buckets import bucket_for, capacity_buckets
 from li_compile.controller.context import ContextController
 from li_compile.controller.poses import make_poses, rotation_about_axis
 from li_compile.options import ContextOptions
+from li_compile.sequence import SequenceLayout
 
 C, H, W = 4, 4, 4
 Y_AXIS = torch.tensor([0.0, 1.0, 0.0])
@@ -87,6 +88,24 @@ def test_capacity_is_the_smallest_bucket_holding_the_kept_frames():
     assert controller.select(1, past, _turned([0]), _static_latents(10)).capacity == 6  # 5 recent
     first = controller.select(2, past[:1], _turned([0]), _static_latents(1))
     assert (first.memory, first.recent, first.capacity) == ([], [0], 2)
+
+
+@pytest.mark.parametrize("chunk_frames, fill_density, filled", [(4, 0.75, True), (4, 0.8, False), (1, 0.75, False),
+                                                                  (4, 1.0, False)])
+def test_padding_of_a_dense_plan_is_filled_with_the_next_best_memory_frames(chunk_frames, fill_density, filled):
+    """2 kept memory frames + 2 recent in a 5-slot bucket: with a 4-frame chunk the plan would visit
+    (8/9)^2 = 0.79 of its token pairs, so above ``fill_density`` the padding takes the best of the
+    frames below the keep threshold (frame 2, turned 90 degrees, over 3 and 4, facing away); a
+    1-frame chunk's plan visits (5/6)^2 = 0.69 and keeps its padding."""
+    layout = lambda capacity: SequenceLayout(capacity, chunk_frames, 2, 2)  # noqa: E731
+    controller = ContextController({"window_max": 2, "keep_threshold": 0.3, "fill_density": fill_density},
+                                   memory_k=3, capacity_fractions=(1.0,), layout=layout)
+    past = _turned([0, 2, 90, 180, 180, 0, 0])
+    selection = controller.select(1, past, _turned([0]), _static_latents(7))
+    assert selection.capacity == 5 and selection.recent == [5, 6]
+    assert selection.memory == ([0, 1, 2] if filled else [0, 1])
+    stats = controller.stats[-1].values
+    assert stats["memory_filled"] == int(filled) and stats["memory_dropped"] == 3 - len(selection.memory)
 
 
 def test_disabled_controller_is_the_dense_policy():

@@ -80,7 +80,9 @@ def test_pruned_frames_never_reach_attention(name):
     trajectory = trajectories.make("loop", 12 * spec.chunk_frames)
     compiled = _compiled(world)
     # one full-size bucket: the frames pruned by the threshold leave padding that the plan skips
-    controller = _controller(world, trajectory, window_rule="fixed", window_max=1, capacity_fractions=(1.0,))
+    # (never filled with other memory frames here: that is what this test must see)
+    controller = _controller(world, trajectory, window_rule="fixed", window_max=1, capacity_fractions=(1.0,),
+                             fill_density=1.0)
     first = 10 * spec.chunk_frames
     history = torch.randn(first, *spec.latent_shape, generator=torch.Generator().manual_seed(0))
     poses, chunk_poses = trajectory.poses[:first], trajectory.poses[first:first + spec.chunk_frames]

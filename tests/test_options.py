@@ -29,6 +29,7 @@ def test_nested_dict_sets_section_fields():
         ({"sparsity": {"blok_q": 64}}, ["'sparsity.blok_q'", "block_q"]),
         ({"inner": "tvm"}, ["'inner'", *INNER_COMPILERS]),
         ({"context": {"keep_threshold": 1.5}}, ["'context.keep_threshold'", "[0.0, 1.0]"]),
+        ({"context": {"fill_density": -0.1}}, ["'context.fill_density'", "[0.0, 1.0]"]),
         ({"context": {"keep_threshold": float("nan")}}, ["'context.keep_threshold'", "finite"]),
         ({"sparsity": {"block_q": 8}}, ["'sparsity.block_q'", "[16, 256]"]),
         ({"sparsity": {"density": 0.0}}, ["'sparsity.density'", "(0.0, 1.0]"]),

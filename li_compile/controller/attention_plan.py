@@ -32,6 +32,16 @@ def padded_context_keep(kept: int, capacity: int) -> torch.Tensor:
     return torch.arange(capacity) >= capacity - kept
 
 
+def visited_share(sequence: SequenceLayout, kept: int) -> float:
+    """The share of (query, key) token pairs a plan visits when ``kept`` of the context slots hold
+    frames: kept keys over keys, times kept queries over queries (``queries="all"``; chunk queries
+    are all kept). The block-level ``density`` of the written plan is this or a little more (blocks
+    that mix kept and dropped tokens are visited whole)."""
+    dropped = (sequence.context_frames - kept) * sequence.tokens_per_frame
+    keys = 1 - dropped / sequence.kv_len
+    return keys * keys if sequence.queries == "all" else keys
+
+
 def key_frame_ids(sequence: SequenceLayout) -> torch.Tensor:
     """Frame of every key token ``(kv_len,)`` long: context slots ``0..C-1``, chunk frames ``C..``,
     -1 for the always-visible prefix and suffix tokens (``kernels.tiling.frame_layout``'s convention)."""

@@ -17,6 +17,8 @@ Per chunk it
    exploration drops stale memory instead of feeding the model frames that show something else;
 3. picks the context capacity: the smallest capacity bucket (``buckets.py``) holding the kept frames,
    which the pipeline pads to (compact context: dropped frames cost no compute, one compile per bucket);
+   when the padding would leave the plan denser than ``fill_density``, it fills the padding with the
+   next-best memory frames instead (dense attention beats the kernel on such plans);
 4. writes the attention plan for that capacity in place (``attention_plan.py``) and records the
    decisions as a ``ChunkStats`` in ``controller.stats``.
 
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from li_compile.controller.attention_plan import padded_context_keep, write_chunk_plan
+from li_compile.controller.attention_plan import padded_context_keep, visited_share, write_chunk_plan
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
@@ -124,8 +126,9 @@ class ContextController:
         recent = list(range(max(0, past - window), past))
         candidates = recent[0] if recent else past
         scores = self._scores(poses[:candidates], chunk_poses)
-        memory = self._memory(scores)
-        capacity = self._capacity(len(memory) + len(recent))
+        retrieved = self._memory(scores)
+        capacity = self._capacity(len(retrieved) + len(recent))
+        memory = self._fill(retrieved, scores, capacity, len(recent))
         self.flush_fallbacks()
         values = {
             "window": len(recent),
@@ -133,6 +136,7 @@ class ContextController:
             "memory_candidates": candidates,
             "memory_kept": len(memory),
             "memory_dropped": min(candidates, self.memory_k) - len(memory),
+            "memory_filled": len(memory) - len(retrieved),
             "capacity": capacity,
         }
         if self.layout is not None:  # disabled: every slot kept, so the plan is dense
@@ -189,6 +193,19 @@ class ContextController:
         if self.options.enabled:
             order = order[scores[order] >= self.options.keep_threshold]
         return sorted(order.tolist())
+
+    def _fill(self, memory: list[int], scores: torch.Tensor, capacity: int, recent: int) -> list[int]:
+        """``memory`` topped up with the next-best older frames, whatever their score, up to
+        ``memory_k`` and the capacity, when the plan at ``capacity`` would visit more than
+        ``fill_density`` of its token pairs (``ContextOptions``); else ``memory`` itself."""
+        opts = self.options
+        kept = len(memory) + recent
+        if not opts.enabled or self.layout is None or kept == capacity:
+            return memory
+        if visited_share(self.layout(capacity), kept) <= opts.fill_density:
+            return memory
+        room = min(self.memory_k, capacity - recent)
+        return sorted(torch.sort(scores, descending=True, stable=True).indices[:room].tolist())
 
     def _capacity(self, frames: int) -> int:
         return bucket_for(frames, self.buckets) if self.options.enabled else self.max_context
