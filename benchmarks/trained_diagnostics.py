@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -133,29 +134,17 @@ def copy_probe(world, codec) -> dict[str, float]:
     spec = world.spec
     pool = make_pool(COPY_CLIPS, 8 * spec.chunk_frames, spec, COPY_SEED, world.device, codec.stride * spec.latent_h)
     scores = {}
-    with patched(training_data, CONTEXT_NOISE=0.0, MEMORY_DROPOUT=0.0):
+    with mock.patch.multiple(training_data, CONTEXT_NOISE=0.0, MEMORY_DROPOUT=0.0):
         for key, fraction in (("memory_is_the_chunk", 1.0), ("dense_policy_memory", 0.0)):
             batch = sample_batch(pool, COPY_CLIPS, spec, codec, torch.Generator(world.device).manual_seed(0),
                                  revisit_fraction=fraction)
             target = batch.pop("target")
-            noise = torch.randn(target.shape, generator=torch.Generator(world.device).manual_seed(1), device=target.device)
+            noise = torch.randn(target.shape, generator=torch.Generator(world.device).manual_seed(1),
+                                device=target.device)
             clean = noise - world.model(noise, torch.tensor(1.0, device=target.device),
                                         text=world.text.expand(len(target), -1, -1), **batch)
             scores[key] = frame_psnr(codec.decode(clean).flatten(0, 1), codec.decode(target).flatten(0, 1))
     return scores
-
-
-@contextlib.contextmanager
-def patched(module, **values):
-    """Within the block, ``module``'s attributes ``values`` replace its own."""
-    saved = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
 
 
 def main() -> None:

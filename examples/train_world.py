@@ -71,8 +71,9 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--output", choices=OUTPUTS, default=TRAINED_SPEC.output,
                         help="what the network predicts (WorldSpec.output; 'velocity' is the ablation)")
-    parser.add_argument("--camera-rays", action=argparse.BooleanOptionalAction, default=TRAINED_SPEC.ray_fov_deg is not None,
-                        help="embed every token's camera rays (WorldSpec.ray_fov_deg; --no-camera-rays is the ablation)")
+    parser.add_argument("--camera-rays", action=argparse.BooleanOptionalAction,
+                        default=TRAINED_SPEC.ray_fov_deg is not None,
+                        help="embed every token's camera rays (WorldSpec.ray_fov_deg; measured, not shipped)")
     parser.add_argument("--heads", type=int, default=TRAINED_SPEC.heads,
                         help=f"attention heads of {TRAINED_SPEC.head_dim} dims (the model's width)")
     args = parser.parse_args()

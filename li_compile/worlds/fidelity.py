@@ -11,9 +11,9 @@ generated frames; ``psnr_video_*``: the PSNR of the squared error over all of th
 that happens to be exact adds its zero error instead of ``PSNR_CAP_DB``):
 ``dense`` (``DensePolicy``), ``repeat_last`` (the trivial predictor: every future frame is the last
 given frame; ``repeat_last_exact_frames`` counts the frames it gets exactly right, where the camera
-is back at the last given view) and, on **revisit** frames (cameras that returned to a place last seen before the
-recent window, so only memory can bring it back), dense with memory against ``DensePolicy(window,
-0)`` (memory removed).
+is back at the last given view) and, on **revisit** frames (cameras that returned to a place last
+seen before the recent window, so only memory can bring it back), dense with memory against
+``DensePolicy(window, 0)`` (memory removed).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from li_compile.worlds.base import (
     X0_MIN_SIGMA, Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
 )
 from li_compile.worlds.layers import (
-    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_rope, camera_features, gate, heads,
-    key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
+    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_rope, camera_features,
+    gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
 )
 from li_compile.worlds.trajectories import ACTION_DIM
 

@@ -134,8 +134,9 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYW
 
 def spec_of_weights(weights: dict[str, torch.Tensor], spec: WorldSpec = TRAINED_SPEC) -> WorldSpec:
     """``spec`` with the sizes ``weights`` (a ``state_dict``) were trained at: the number of heads
-    (of ``spec.head_dim``), of blocks, and whether the DiT embeds camera rays. What the network
-    predicts (``output``) cannot be read from weights: ``spec`` keeps it."""
+    (of ``spec.head_dim``), of blocks, and whether the DiT embeds camera rays (for ``spec``'s lens,
+    else the trajectories' ``FOV_Y_DEG``). What the network predicts (``output``) cannot be read
+    from weights: ``spec`` keeps it."""
     width = weights["patch_in.weight"].shape[0]
     if width % spec.head_dim:
         raise ValueError(f"weights of width {width} do not split into heads of {spec.head_dim}")
