@@ -127,6 +127,25 @@ def test_thresholds_that_keep_everything_reproduce_dense_generation(name):
     torch.testing.assert_close(ours.latents, dense.latents, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_filled_padding_brings_back_the_dense_policys_memory_and_its_output(name):
+    """Every memory frame below the keep threshold (1.0), but any padding filled (fill_density 0):
+    the controller feeds exactly the dense policy's memory frames, all of which reach attention."""
+    world = _world(name)
+    spec = world.spec
+    trajectory = trajectories.make("out_and_back", 4 * spec.chunk_frames)
+    dense = generate(world, trajectory, DensePolicy(spec.window, spec.memory), decode=False)
+    controller = _controller(world, trajectory, keep_threshold=1.0, fill_density=0.0, window_rule="fixed",
+                             similarity=DENSE_MEASURE, capacity_fractions=(1.0,))
+    compiled = _compiled(world)
+    with session(controller):
+        warm_up(compiled, controller.warm_up_buckets())
+        ours = generate(compiled, trajectory, controller, decode=False)
+    assert [s.frames for s in ours.selections] == [s.frames for s in dense.selections]
+    assert sum(s.values["memory_filled"] for s in controller.stats) > 0
+    torch.testing.assert_close(ours.latents, dense.latents, rtol=1e-4, atol=1e-5)
+
+
 def test_the_report_lists_each_chunks_context_decisions():
     import li_compile
 
