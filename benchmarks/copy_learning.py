@@ -36,7 +36,6 @@ def main() -> None:
     parser.add_argument("--revisit-fraction", type=float, default=0.5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.manual_seed(0)
     latent = IMAGE // PIXEL_STRIDE
     spec = replace(TRAINED_SPEC, name="trained/copy", latent_h=latent, latent_w=latent, depth=2, heads=4,
                    ray_fov_deg=FOV_Y_DEG if args.camera_rays else None)

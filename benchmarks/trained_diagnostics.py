@@ -37,6 +37,7 @@ from li_compile.worlds.fidelity import add_case_arguments, prefix_hook, rollout,
 from li_compile.worlds.report_tools import frame_psnr, repeat_last
 from li_compile.worlds import training_data
 from li_compile.worlds.pipeline import DensePolicy, generate
+from li_compile.worlds.sampling import euler_step
 from li_compile.worlds.training_data import make_pool, sample_batch
 
 PROBES = ("steps", "context", "copy", "drift")
@@ -141,8 +142,9 @@ def copy_probe(world, codec) -> dict[str, float]:
             target = batch.pop("target")
             noise = torch.randn(target.shape, generator=torch.Generator(world.device).manual_seed(1),
                                 device=target.device)
-            clean = noise - world.model(noise, torch.tensor(1.0, device=target.device),
-                                        text=world.text.expand(len(target), -1, -1), **batch)
+            velocity = world.model(noise, torch.tensor(1.0, device=target.device),
+                                   text=world.text.expand(len(target), -1, -1), **batch)
+            clean = euler_step(noise, velocity, 1.0, 0.0)
             scores[key] = frame_psnr(codec.decode(clean).flatten(0, 1), codec.decode(target).flatten(0, 1))
     return scores
 

@@ -333,9 +333,10 @@ def _batch(pool: ClipPool, config: TrainConfig, rolled: int, rollouts: Rollouts 
            codec: PixelPatchCodec, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """``config.batch`` examples: ``batch - rolled`` teacher-forced (``revisit_fraction`` of them
     exact revisits), then ``rolled`` with generated context."""
-    size = config.batch
-    parts = [sample_batch(pool, size - rolled, spec, codec, generator, revisit_fraction=config.revisit_fraction)
-             ] if rolled < size else []
+    parts = []
+    if rolled < config.batch:
+        parts.append(sample_batch(pool, config.batch - rolled, spec, codec, generator,
+                                  revisit_fraction=config.revisit_fraction))
     if rolled:
         parts.append(sample_batch(pool, rolled, spec, codec, generator, rollouts))
     return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}

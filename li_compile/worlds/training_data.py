@@ -132,6 +132,11 @@ class Rollouts:
     latents: torch.Tensor
 
 
+def chunk_frame_indices(chunk: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """The frame indices of chunks ``chunk (B,)`` of ``chunk_frames`` frames each: ``(B, chunk_frames)``."""
+    return chunk[:, None] * chunk_frames + torch.arange(chunk_frames, device=chunk.device)
+
+
 def chunk_inputs(pool: ClipPool, clip: torch.Tensor, chunk: torch.Tensor, slots: torch.Tensor,
                  context: torch.Tensor, spec: WorldSpec, codec: PixelPatchCodec) -> dict[str, torch.Tensor]:
     """The example of chunk ``chunk (B,)`` of clip ``clip (B,)`` with context slots ``slots (B, K)``
@@ -141,7 +146,7 @@ def chunk_inputs(pool: ClipPool, clip: torch.Tensor, chunk: torch.Tensor, slots:
     device, per_chunk = pool.frames.device, spec.chunk_frames
     batch = clip.shape[0]
     valid = slots >= 0
-    chunk_index = chunk[:, None] * per_chunk + torch.arange(per_chunk, device=device)
+    chunk_index = chunk_frame_indices(chunk, per_chunk)
     rows = clip[:, None]
     eye = torch.eye(4, device=device)
     context_poses = torch.where(valid[..., None, None], pool.poses[rows, slots.clamp_min(0)], eye)
@@ -182,7 +187,7 @@ def sample_batch(pool: ClipPool, batch: int, spec: WorldSpec, codec: PixelPatchC
     slots = pool.slots[clip, chunk].clone()  # (B, K)
     if revisit_fraction > 0 and rollouts is None:
         revisit = torch.rand(batch, generator=generator, device=device) < revisit_fraction
-        own = chunk[:, None] * spec.chunk_frames + torch.arange(spec.chunk_frames, device=device)
+        own = chunk_frame_indices(chunk, spec.chunk_frames)
         count = min(spec.memory, spec.chunk_frames)
         slots[:, :count] = torch.where(revisit[:, None], own[:, :count], slots[:, :count])
     drop = torch.rand(batch, generator=generator, device=device) < MEMORY_DROPOUT
