@@ -1,6 +1,6 @@
 """How fast can the trained world's network learn to copy a remembered view? (CPU, minutes)
 
-    python benchmarks/copy_learning.py --steps 1500 --camera-rays --json out/copy.json
+    python benchmarks/copy_learning.py --steps 1500 --camera-rays [--prope-unit 4] --json out/copy.json
 
 The trained world scores about 19 dB where memory holds the exact view the camera sees
 (``trained_diagnostics.py --probes copy``), so it does not bring a remembered place back token by
@@ -34,11 +34,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--camera-rays", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--revisit-fraction", type=float, default=0.5)
+    parser.add_argument("--prope-unit", type=float, default=None,
+                        help="camera-relative attention (WorldSpec.prope_unit), translations in this many scene lengths")
+    parser.add_argument("--heads", type=int, default=4, help="heads of 32 dims (width = 32 heads)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     latent = IMAGE // PIXEL_STRIDE
-    spec = replace(TRAINED_SPEC, name="trained/copy", latent_h=latent, latent_w=latent, depth=2, heads=4,
-                   ray_fov_deg=FOV_Y_DEG if args.camera_rays else None)
+    spec = replace(TRAINED_SPEC, name="trained/copy", latent_h=latent, latent_w=latent, depth=2, heads=args.heads,
+                   ray_fov_deg=FOV_Y_DEG if args.camera_rays else None, prope_unit=args.prope_unit)
     config = TrainConfig(steps=args.steps, batch=32, sigma_groups=2, lr=1e-3, warmup=50, ema=0.99, clips=CLIPS,
                          clip_frames=CLIP_FRAMES, revisit_fraction=args.revisit_fraction)
     pool = make_pool(CLIPS, CLIP_FRAMES, spec, config.seed, "cpu", IMAGE)
@@ -49,6 +52,7 @@ def main() -> None:
     with torch.no_grad():
         scores = copy_probe(world, PixelPatchCodec(PIXEL_STRIDE))
     result = {"steps": args.steps, "camera_rays": args.camera_rays, "revisit_fraction": args.revisit_fraction,
+              "prope_unit": args.prope_unit, "heads": args.heads,
               "seconds": round(state.seconds, 1), "final_loss": sum(state.losses[-50:]) / len(state.losses[-50:]),
               **scores}
     print(json.dumps(result))

@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--camera-rays", action=argparse.BooleanOptionalAction,
                         default=TRAINED_SPEC.ray_fov_deg is not None,
                         help="embed every token's camera rays (WorldSpec.ray_fov_deg; measured, not shipped)")
+    parser.add_argument("--prope-unit", type=float, default=TRAINED_SPEC.prope_unit,
+                        help="camera-relative attention, translations in this many scene lengths (WorldSpec.prope_unit)")
     parser.add_argument("--heads", type=int, default=TRAINED_SPEC.heads,
                         help=f"attention heads of {TRAINED_SPEC.head_dim} dims (the model's width)")
     args = parser.parse_args()
@@ -86,7 +88,7 @@ def main() -> None:
 
     start = time.perf_counter()
     spec = replace(TRAINED_SPEC, output=args.output, heads=args.heads,
-                   ray_fov_deg=FOV_Y_DEG if args.camera_rays else None)
+                   ray_fov_deg=FOV_Y_DEG if args.camera_rays else None, prope_unit=args.prope_unit)
     pool = make_pool(config.clips, config.clip_frames, spec, config.seed, args.device, IMAGE_SIZE)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -112,7 +114,7 @@ def main() -> None:
     summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1),
                "pool_seconds": round(pool_s, 1), "frames_rendered": frames, "final_loss": sum(tail) / len(tail),
                "weights": str(weights), "output": args.output, "heads": args.heads,
-               "camera_rays": args.camera_rays, "config": asdict(config)}
+               "camera_rays": args.camera_rays, "prope_unit": args.prope_unit, "config": asdict(config)}
     (args.out / "train.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

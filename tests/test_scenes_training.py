@@ -248,14 +248,15 @@ def test_frame_psnr_averages_the_psnr_of_each_frame():
     assert frame_psnr(pred, truth) == pytest.approx(30.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("heads, depth, rays", [(2, 1, True), (3, 2, False)])
-def test_load_trained_reads_the_sizes_and_camera_rays_from_the_weights(tmp_path, heads, depth, rays):
-    spec = replace(TINY, heads=heads, depth=depth, ray_fov_deg=60.0 if rays else None)
+@pytest.mark.parametrize("heads, depth, rays, prope_unit", [(2, 1, True, None), (3, 2, False, 2.5)])
+def test_load_trained_reads_the_sizes_and_camera_rays_from_the_weights(tmp_path, heads, depth, rays, prope_unit):
+    spec = replace(TINY, heads=heads, depth=depth, ray_fov_deg=60.0 if rays else None, prope_unit=prope_unit)
     world = new_world("cpu", spec)
     export_weights(world.model.state_dict(), tmp_path / "w.pt")
     loaded = load_trained("cpu", tmp_path / "w.pt", TINY)
     assert loaded.spec == spec
     assert (loaded.model.rays is not None) == rays
+    assert (loaded.model.prope is not None) == (prope_unit is not None)
 
 
 def test_shipped_weights_bring_back_revisited_places_from_memory():

@@ -12,7 +12,7 @@ from li_compile.controller.poses import camera_centers, validate_poses, view_dir
 from li_compile.controller.similarity import frustum_overlap
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.base import X0_MIN_SIGMA, Context
-from li_compile.worlds.layers import RayEmbedder, camera_features, patchify, unpatchify
+from li_compile.worlds.layers import CameraRope, RayEmbedder, apply_camera_rope, camera_features, patchify, unpatchify
 from li_compile.worlds.scenes import camera_rays
 from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate, warm_up
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
@@ -137,6 +137,60 @@ def test_ray_worlds_are_validated_and_hy_only():
         dataclasses.replace(hy_worldplay.PRESETS["tiny"], ray_fov_deg=180.0)
     with pytest.raises(ValueError, match="ray_fov_deg=60.0 is supported by hy_worldplay worlds only"):
         matrix_game3.build(dataclasses.replace(matrix_game3.PRESETS["tiny"], ray_fov_deg=60.0))
+
+
+def _camera_attention(rope: CameraRope, camera, q, k, v):
+    to_query, to_key, to_out = rope(camera)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        apply_camera_rope(q, to_query), apply_camera_rope(k, to_key), apply_camera_rope(v, to_key))
+    return apply_camera_rope(out, to_out)
+
+
+def test_camera_rope_attention_sees_relative_poses_only():
+    """PRoPE: moving every camera by one rigid motion changes neither scores nor outputs; moving one
+    frame's camera does."""
+    poses = trajectories.make("random_walk_with_returns", 5, seed=3).poses
+    motion = trajectories.make("orbit", 7, seed=4).poses[6]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5 * 6, 8, generator=gen) for _ in range(3))
+    rope = CameraRope(2.0)  # float32 arithmetic, hence the tolerance
+
+    def attend(p):  # the cameras as given, not made relative to one of them first
+        return _camera_attention(rope, p[..., :3, :4].flatten(-2)[None], q, k, v)
+
+    reference = attend(poses)
+    torch.testing.assert_close(attend(motion @ poses), reference, rtol=1e-5, atol=1e-5)
+    one_moved = poses.clone()
+    one_moved[2] = motion @ poses[2]
+    assert not torch.allclose(attend(one_moved), reference, atol=1e-3)
+
+
+def test_camera_rope_hands_a_value_over_unchanged_between_frames_at_one_camera():
+    """A query frame attending to a key frame at the same camera gets the value as it is; at another
+    camera it gets the value seen from its own camera. The matrices stay float32 under autocast."""
+    poses = trajectories.make("random_walk_with_returns", 4, seed=5).poses
+    rope = CameraRope(2.0)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 2, 8, generator=gen) for _ in range(3))  # frame 0: one key, frame 1: one query
+    same = camera_features(poses[0], torch.stack([poses[3], poses[3]]))[None]
+    out = _camera_attention(rope, same, q, k, v)
+    # each frame's single token attends to both tokens: with one camera, the values arrive as they are
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        apply_camera_rope(q, rope(same)[0]), apply_camera_rope(k, rope(same)[1]), v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    other = camera_features(poses[0], torch.stack([poses[0], poses[3]]))[None]
+    assert not torch.allclose(_camera_attention(rope, other, q, k, v), out, atol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for matrices in rope(other.bfloat16()):
+            assert matrices.dtype == torch.float32
+
+
+def test_camera_rope_worlds_are_validated_and_hy_only():
+    with pytest.raises(ValueError, match="prope_unit must be None or > 0"):
+        dataclasses.replace(hy_worldplay.PRESETS["tiny"], prope_unit=0.0)
+    with pytest.raises(ValueError, match="prope_unit=2.0 is supported by hy_worldplay worlds only"):
+        matrix_game3.build(dataclasses.replace(matrix_game3.PRESETS["tiny"], prope_unit=2.0))
+    assert dataclasses.replace(hy_worldplay.PRESETS["tiny"], prope_unit=2.0).camera_rope_dims == 16
 
 
 # --- context policy and gathering ----------------------------------------------------------------
@@ -301,9 +355,10 @@ def test_compiled_tiny_world_matches_eager_along_a_trajectory(world):
     torch.testing.assert_close(generate(compiled, traj).latents, eager.latents, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("ray_fov_deg", [None, 60.0])
-def test_inductor_compiled_hy_world_matches_eager(ray_fov_deg):
-    world = hy_worldplay.build(dataclasses.replace(hy_worldplay.PRESETS["tiny"], ray_fov_deg=ray_fov_deg), seed=1)
+@pytest.mark.parametrize("ray_fov_deg, prope_unit", [(None, None), (60.0, None), (None, 2.0)])
+def test_inductor_compiled_hy_world_matches_eager(ray_fov_deg, prope_unit):
+    spec = dataclasses.replace(hy_worldplay.PRESETS["tiny"], ray_fov_deg=ray_fov_deg, prope_unit=prope_unit)
+    world = hy_worldplay.build(spec, seed=1)
     traj = trajectories.make("loop", 3 * world.spec.chunk_frames)
     eager = generate(world, traj)
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction"))

@@ -41,7 +41,10 @@ class WorldSpec:
     ``ray_fov_deg``: when set (the lens' vertical field of view, degrees), the DiT also adds every
     token's camera rays (Plücker coordinates, ``layers.RayEmbedder``) to its input, so attention can
     match a chunk token to the context tokens that saw the same ray; ``None``: cameras enter through
-    the per-frame modulation only, as in the random-weight presets.
+    the per-frame modulation only, as in the random-weight presets. ``prope_unit``: when set,
+    self-attention is camera-relative (PRoPE, ``layers.CameraRope``) on ``camera_rope_dims`` of each
+    head (the rest keeps the 3D RoPE), translations measured in this many scene lengths; ``None``:
+    off, as in the random-weight presets.
     """
 
     name: str
@@ -65,6 +68,7 @@ class WorldSpec:
     vae_stride: tuple[int, int, int] = (4, 16, 16)  # (time, height, width) pixels per latent
     output: str = "velocity"
     ray_fov_deg: float | None = None
+    prope_unit: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("latent_channels", "latent_h", "latent_w", "patch", "chunk_frames", "window", "steps",
@@ -82,12 +86,21 @@ class WorldSpec:
             raise ValueError(f"WorldSpec.output must be one of {list(OUTPUTS)}, got {self.output!r}")
         if self.ray_fov_deg is not None and not 0 < self.ray_fov_deg < 180:
             raise ValueError(f"WorldSpec.ray_fov_deg must be None or in (0, 180) degrees, got {self.ray_fov_deg!r}")
+        if self.prope_unit is not None and not self.prope_unit > 0:
+            raise ValueError(f"WorldSpec.prope_unit must be None or > 0, got {self.prope_unit!r}")
+        if self.prope_unit is not None and self.head_dim < 8:
+            raise ValueError(f"WorldSpec.prope_unit needs head_dim >= 8 (camera and RoPE halves), got {self.head_dim}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"WorldSpec.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
 
     @property
     def dim(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def camera_rope_dims(self) -> int:
+        """Leading dims of each head that attend camera-relatively (half, in 4-blocks; 0: PRoPE off)."""
+        return 0 if self.prope_unit is None else self.head_dim // 2 // 4 * 4
 
     @property
     def context_frames(self) -> int:

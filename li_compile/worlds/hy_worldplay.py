@@ -24,7 +24,8 @@ What it mirrors (upstream: Tencent-Hunyuan/HY-WorldPlay, ``hyvideo/pipelines/wor
 
 Assumed (not confirmed from upstream code in the time available): 4 sampler steps for the
 distilled model; the camera enters as a flattened relative 3x4 pose through an MLP (upstream:
-camera/action embeddings; PRoPE-style camera encodings are not modelled); the prompt enters
+camera/action embeddings; PRoPE-style camera-relative attention is an option, ``WorldSpec.prope_unit``,
+off in the random-weight presets); the prompt enters
 through a small cross-attention (upstream joins text tokens in the attention, MMDiT-style; here
 the self-attention sequence holds video tokens only); discrete actions per chunk frame through an
 MLP, zero for context frames.
@@ -43,8 +44,8 @@ from li_compile.worlds.base import (
     X0_MIN_SIGMA, Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
 )
 from li_compile.worlds.layers import (
-    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_rope, camera_features,
-    gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
+    CAMERA_DIM, FREQ_DIM, CameraRope, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_camera_rope,
+    apply_rope, camera_features, gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
 )
 from li_compile.worlds.trajectories import ACTION_DIM
 
@@ -77,13 +78,15 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 class HYBlock(nn.Module):
-    """Self-attention over the whole sequence (QK RMSNorm, 3D RoPE, key padding), prompt
-    cross-attention, MLP; adaLN shift/scale/gate per frame."""
+    """Self-attention over the whole sequence (QK RMSNorm, 3D RoPE, key padding; with
+    ``spec.prope_unit`` PRoPE on the heads' first ``camera_rope_dims``), prompt cross-attention,
+    MLP; adaLN shift/scale/gate per frame."""
 
     def __init__(self, spec: WorldSpec) -> None:
         super().__init__()
         dim = spec.dim
         self.n_heads = spec.heads
+        self.camera_dims = spec.camera_rope_dims
         self.mod = nn.Linear(dim, 6 * dim)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -96,13 +99,22 @@ class HYBlock(nn.Module):
         self.mlp = FeedForward(dim, int(dim * spec.mlp_ratio))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, text: torch.Tensor,
+                camera_rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         frames = cond.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(F.silu(cond)).chunk(6, -1)
         q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1, frames)).chunk(3, -1)
-        q = apply_rope(self.q_norm(heads(q, self.n_heads)), *rope)
-        k = apply_rope(self.k_norm(heads(k, self.n_heads)), *rope)
-        attn = F.scaled_dot_product_attention(q, k, heads(v, self.n_heads), attn_mask=mask)
+        q, k, v = self.q_norm(heads(q, self.n_heads)), self.k_norm(heads(k, self.n_heads)), heads(v, self.n_heads)
+        if camera_rope is None:
+            attn = F.scaled_dot_product_attention(apply_rope(q, *rope), apply_rope(k, *rope), v, attn_mask=mask)
+        else:
+            to_query, to_key, to_out = camera_rope
+            c = self.camera_dims
+            q = torch.cat([apply_camera_rope(q[..., :c], to_query), apply_rope(q[..., c:], *rope)], -1)
+            k = torch.cat([apply_camera_rope(k[..., :c], to_key), apply_rope(k[..., c:], *rope)], -1)
+            v = torch.cat([apply_camera_rope(v[..., :c], to_key), v[..., c:]], -1)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attn = torch.cat([apply_camera_rope(attn[..., :c], to_out), attn[..., c:]], -1)
         x = x + gate(self.proj(merge_heads(attn)), gate1, frames)
         x = x + self.cross(self.norm2(x), text)
         return x + gate(self.mlp(modulate(self.norm3(x), shift2, scale2, frames)), gate2, frames)
@@ -117,7 +129,8 @@ class HYWorldPlayDiT(nn.Module):
     ``actions: (B, K + F, 6)``, ``text: (B, N, text_dim)``.
     Returns the velocity ``(B, F, C, h, w)`` (with ``spec.output == "x0"`` the network predicts the
     clean chunk and returns its velocity; with ``spec.ray_fov_deg`` every token also gets its camera
-    rays, ``RayEmbedder``). Tokens: context frames then chunk frames.
+    rays, ``RayEmbedder``; with ``spec.prope_unit`` self-attention is camera-relative, ``CameraRope``).
+    Tokens: context frames then chunk frames.
     """
 
     def __init__(self, spec: WorldSpec) -> None:
@@ -130,7 +143,8 @@ class HYWorldPlayDiT(nn.Module):
         self.rays = None if spec.ray_fov_deg is None else RayEmbedder(
             spec.ray_fov_deg, spec.latent_h, spec.latent_w, p, dim)
         self.action = Embedder(ACTION_DIM, dim)
-        self.rope = Rope3D(rope_split(spec.head_dim), spec.grid)
+        self.prope = None if spec.prope_unit is None else CameraRope(spec.prope_unit)
+        self.rope = Rope3D(rope_split(spec.head_dim - spec.camera_rope_dims), spec.grid)
         self.blocks = nn.ModuleList(HYBlock(spec) for _ in range(spec.depth))
         self.final_mod = nn.Linear(dim, 2 * dim)
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -150,8 +164,9 @@ class HYWorldPlayDiT(nn.Module):
         rope = self.rope(reframed)
         mask = None if context_valid is None else key_padding_mask(
             torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), spec.tokens_per_frame)
+        camera_rope = None if self.prope is None else self.prope(camera)
         for block in self.blocks:
-            h = block(h, cond, rope, mask, text)
+            h = block(h, cond, rope, mask, text, camera_rope)
         shift, scale = self.final_mod(F.silu(cond)).chunk(2, -1)
         out = self.patch_out(modulate(self.final_norm(h), shift, scale, frames))
         out = out[:, slots * spec.tokens_per_frame:]

@@ -1,5 +1,5 @@
-"""Building blocks shared by the reference DiTs: patches, timestep and camera embeddings, 3D RoPE,
-per-frame modulation, cross-attention and the MLP.
+"""Building blocks shared by the reference DiTs: patches, timestep and camera embeddings, camera
+rays, 3D RoPE, camera-relative attention (PRoPE), per-frame modulation, cross-attention and the MLP.
 
 Token order everywhere: frame-major, each frame's tokens in raster order (``grid_h`` rows of
 ``grid_w``), i.e. hidden states ``(B, frames * tokens_per_frame, D)`` that view as
@@ -85,6 +85,49 @@ class RayEmbedder(nn.Module):
         b, t = camera.shape[:2]
         rays = self.plucker(camera).reshape(b, t, *self.grid, PLUCKER_DIM).permute(0, 1, 4, 2, 3)
         return self.proj(patchify(rays, self.patch).to(self.proj.weight.dtype))
+
+
+class CameraRope(nn.Module):
+    """Camera-relative attention (PRoPE, "Cameras as Relative Positional Encoding"): the
+    per-frame matrices that make attention between two frames depend on their relative pose only.
+
+    ``forward(camera (B, T, 12))`` (``camera_features``: camera-to-reference poses ``C``) returns
+    ``(to_query, to_key, to_out)``, each ``(B, T, 4, 4)`` float32: ``C^-T``, ``C`` and ``C^-1``,
+    translations measured in ``unit`` scene lengths. With queries multiplied by ``C_i^-T``, keys and
+    values by ``C_j`` and the output by ``C_i^-1`` (``apply_camera_rope`` on the camera part of the
+    head dim), a score is ``q_i . (C_i^-1 C_j) k_j`` and a value arrives as ``C_i^-1 C_j v_j``: the
+    pose of frame ``j`` seen from frame ``i``, whatever the world frame. Two frames at the same
+    camera meet through the identity, so a remembered view lines up with the chunk token for token.
+    ``unit`` is a persistent buffer: weights record that they were trained with it.
+    """
+
+    def __init__(self, unit: float) -> None:
+        super().__init__()
+        self.register_buffer("unit", torch.tensor(float(unit)))
+
+    def forward(self, camera: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pose = camera.float().unflatten(-1, (3, 4))
+        rot, shift = pose[..., :3], pose[..., 3:] / self.unit.float()
+        bottom = torch.zeros_like(pose[..., :1, :])
+        bottom[..., 3] = 1.0
+        rot_t = rot.transpose(-1, -2)
+        # products by sums, not matmuls, so autocast leaves the poses in float32
+        back = -(rot_t * shift.transpose(-1, -2)).sum(-1, keepdim=True)
+        to_camera = torch.cat([torch.cat([rot_t, back], -1), bottom], -2)
+        to_reference = torch.cat([pose[..., :3], shift], -1)
+        to_reference = torch.cat([to_reference, bottom], -2)
+        return to_camera.transpose(-1, -2), to_reference, to_camera
+
+
+def apply_camera_rope(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Multiply every 4-vector of ``x: (B, H, T * N, D)`` (``D % 4 == 0``, ``T`` frames of ``N``
+    tokens) by its frame's matrix of ``matrices: (B, T, 4, 4)`` (``CameraRope``), in float32."""
+    b, h, length, d = x.shape
+    frames = matrices.shape[1]
+    blocks = x.float().reshape(b, h, frames, length // frames, d // 4, 4)
+    m = matrices.float()[:, None, :, None, None]  # (B, 1, T, 1, 1, 4, 4)
+    out = sum(m[..., :, j] * blocks[..., j:j + 1] for j in range(4))
+    return out.reshape(b, h, length, d).to(x.dtype)
 
 
 class Embedder(nn.Module):

@@ -129,6 +129,9 @@ class MatrixGame3DiT(nn.Module):
         if spec.ray_fov_deg is not None:
             raise ValueError(f"matrix_game3 worlds take cameras through modulation; WorldSpec.ray_fov_deg="
                              f"{spec.ray_fov_deg!r} is supported by hy_worldplay worlds only")
+        if spec.prope_unit is not None:
+            raise ValueError(f"matrix_game3 worlds take cameras through modulation; WorldSpec.prope_unit="
+                             f"{spec.prope_unit!r} is supported by hy_worldplay worlds only")
         self.spec = spec
         dim, p, c = spec.dim, spec.patch, spec.latent_channels
         self.patch_in = nn.Linear(c * p * p, dim)

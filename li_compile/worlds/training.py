@@ -134,16 +134,18 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYW
 
 def spec_of_weights(weights: dict[str, torch.Tensor], spec: WorldSpec = TRAINED_SPEC) -> WorldSpec:
     """``spec`` with the sizes ``weights`` (a ``state_dict``) were trained at: the number of heads
-    (of ``spec.head_dim``), of blocks, and whether the DiT embeds camera rays (for ``spec``'s lens,
-    else the trajectories' ``FOV_Y_DEG``). What the network predicts (``output``) cannot be read
+    (of ``spec.head_dim``), of blocks, whether the DiT embeds camera rays (for ``spec``'s lens,
+    else the trajectories' ``FOV_Y_DEG``) and its camera-relative attention's unit. What the network predicts (``output``) cannot be read
     from weights: ``spec`` keeps it."""
     width = weights["patch_in.weight"].shape[0]
     if width % spec.head_dim:
         raise ValueError(f"weights of width {width} do not split into heads of {spec.head_dim}")
     depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
     rays = "rays.proj.weight" in weights
+    unit = weights.get("prope.unit")
     return replace(spec, heads=width // spec.head_dim, depth=depth,
-                   ray_fov_deg=(spec.ray_fov_deg or FOV_Y_DEG) if rays else None)
+                   ray_fov_deg=(spec.ray_fov_deg or FOV_Y_DEG) if rays else None,
+                   prope_unit=None if unit is None else float(unit))
 
 
 def load_trained(device: torch.device | str | None = None, path: Path | str = WEIGHTS_PATH,
