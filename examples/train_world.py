@@ -13,7 +13,9 @@ flow matching with a progress bar, checkpoints every ``--checkpoint-every`` step
 ``li_compile/worlds/weights/hy_trained.pt``) and the loss curve ``OUT/loss.png``. The seed
 fixes everything: the same command reproduces the same weights up to GPU nondeterminism.
 ``--rollout-fraction`` trains that share of each batch on context the world generated itself
-(self-forcing; ``--init`` starts from given weights): see ``li_compile.worlds.training``.
+(self-forcing; ``--init`` starts from given weights): see ``li_compile.worlds.training``. Measured
+and off by default (``benchmarks/results/trained_world.md``): ``--camera-rays``, ``--revisit-fraction``,
+``--qk-gain`` (sharper attention at the start) and ``--prope-unit`` (camera-relative attention).
 """
 
 from __future__ import annotations

@@ -183,6 +183,25 @@ def test_untrained_world_predicts_zero_so_the_loss_is_the_power_of_its_target(po
     torch.testing.assert_close(loss, target.pow(2).mean())
 
 
+def test_qk_gain_scales_the_attention_logits_a_fresh_world_starts_with(pool):
+    """The QK RMSNorm weights start at ``qk_gain``, so every self-attention logit is ``gain^2``
+    times the gain-1 world's (same seed): sharper attention from the first step."""
+    batch = sample_batch(pool, 2, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(2))
+    logits = {}
+    for gain in (1.0, 1.5):
+        world = new_world("cpu", TINY, qk_gain=gain)
+        block = world.model.blocks[0]
+        seen = []
+        block.q_norm.register_forward_hook(lambda m, i, o: seen.append(o))
+        block.k_norm.register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            flow_matching_loss(world, batch, 0.5, torch.Generator().manual_seed(3))
+        logits[gain] = seen[0] @ seen[1].transpose(-1, -2)
+    torch.testing.assert_close(logits[1.5], 1.5**2 * logits[1.0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="qk_gain must be > 0"):
+        new_world("cpu", TINY, qk_gain=0.0)
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(pool):
     config = TrainConfig(steps=30, batch=8, sigma_groups=2, lr=3e-3, warmup=2, clips=2, clip_frames=12)
     batch = sample_batch(pool, 8, TINY, PixelPatchCodec(4), torch.Generator().manual_seed(4))

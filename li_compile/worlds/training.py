@@ -31,6 +31,11 @@ reason (measured in that file): ``revisit_fraction`` trains that share of the te
 with the chunk's own frames in its memory slots, and a spec with ``ray_fov_deg`` gives every token
 its camera rays (``layers.RayEmbedder``); ``load_trained`` reads the latter, the width and the depth
 from the weights (``spec_of_weights``).
+
+Two more aimed at attention itself, also measured and off by default: ``qk_gain`` starts the QK
+RMSNorm weights above 1 so attention can be sharp from the first step (``new_world``), and a spec
+with ``prope_unit`` makes self-attention camera-relative (PRoPE, ``layers.CameraRope``; also read
+from the weights).
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class TrainConfig:
     rollout_clips: int = 64  # ... in this many clips (``roll_out``) ...
     rollout_every: int = 4  # ... generated afresh every this many steps
     revisit_fraction: float = 0.0  # share of teacher-forced examples whose memory is the chunk's own frames
+    qk_gain: float = 1.0  # initial QK RMSNorm weight (new_world): how sharp attention can start
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "sigma_groups", "clips", "checkpoint_every", "rollout_clips", "rollout_every"):
@@ -119,9 +125,17 @@ class TrainState:
     seconds: float = 0.0
 
 
-def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYWorldPlay:
+def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC, qk_gain: float = 1.0) -> HYWorldPlay:
     """A world of ``spec`` with fresh trainable weights (DiT init: adaLN and output zeroed, so
-    every block starts as the identity)."""
+    every block starts as the identity; the self-attention's QK RMSNorm weights start at ``qk_gain``).
+
+    QK RMSNorm bounds an attention logit by ``gain_q * gain_k * sqrt(head_dim)``: about 5.7 for the
+    trained preset's heads of 32 at gain 1. Against 767 keys orthogonal to the query, one key then
+    gets at most 27% of the weight: too flat to copy a remembered token. Gain ``sqrt(2)`` gives heads
+    of 32 the bound heads of 128 have at gain 1 (11.3). Measured, not shipped (the shipped weights
+    start at 1: ``benchmarks/results/trained_world.md``)."""
+    if not qk_gain > 0:
+        raise ValueError(f"qk_gain must be > 0, got {qk_gain!r}")
     world = build(spec, device=device, seed=MODEL_SEED)
     model = world.model.float().train().requires_grad_(True)
     with torch.no_grad():
@@ -129,6 +143,8 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC) -> HYW
             if name.endswith("mod") or name in ("final_mod", "patch_out"):
                 module.weight.zero_()
                 module.bias.zero_()
+            if name.endswith(("q_norm", "k_norm")):
+                module.weight.fill_(qk_gain)
     return world
 
 
@@ -260,7 +276,7 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     """
     device = torch.device(device)
     codec = PixelPatchCodec(PIXEL_STRIDE)
-    world = new_world(device, spec)
+    world = new_world(device, spec, config.qk_gain)
     model = world.model
     if config.init:
         model.load_state_dict(torch.load(config.init, map_location=device, weights_only=True))
