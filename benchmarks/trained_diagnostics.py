@@ -2,7 +2,7 @@
 
     python benchmarks/trained_diagnostics.py --json out/trained_diagnostics.json
 
-Four probes (``--probes``), scored by PSNR against the renderer's ground truth (held-out rooms):
+Five probes (``--probes``), scored by PSNR against the renderer's ground truth (held-out rooms):
 
 - **steps**: dense rollouts with 1, 2 and 4 Euler steps, and with 4 steps at timestep shifts 1, 3,
   7 (the preset's) and 15. One step from pure noise returns the model's mean prediction (the
@@ -20,6 +20,8 @@ Four probes (``--probes``), scored by PSNR against the renderer's ground truth (
   hold the chunk's own frames at its own cameras (``sample_batch(..., revisit_fraction=1)``), so
   copying memory would be exact, against the same chunks with ``DensePolicy``'s memory. A model
   that brings a remembered view back scores far above the second number.
+- **attention** (the copy probe's first batch, ``sigma = 1``): per block, the mean over chunk
+  queries of their largest self-attention weight. Copying one token per query needs it near 1.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from li_compile.worlds.pipeline import DensePolicy, generate
 from li_compile.worlds.sampling import euler_step
 from li_compile.worlds.training_data import make_pool, sample_batch
 
-PROBES = ("steps", "context", "copy", "drift")
+PROBES = ("steps", "context", "copy", "attention", "drift")
 STEPS = (1, 2, 4)
 SHIFTS = (1.0, 3.0, 7.0, 15.0)  # timestep shifts of the 4-step sampler (the preset's: 7)
 
@@ -130,23 +132,51 @@ def drift_probe(world, codec, cases) -> dict[str, list[float] | float]:
 COPY_CLIPS, COPY_SEED = 16, 5  # the copy probe's clips (rendered rooms; training draws seed 0) and seed
 
 
-def copy_probe(world, codec) -> dict[str, float]:
-    """One-step PSNR of the clean chunk when memory holds the chunk itself, and with the usual memory."""
+def _copy_batches(world, codec):
+    """``(name, inputs, target, noise)`` of the copy probe's two batches (no context noise or memory
+    dropout): memory slots holding the chunk's own frames, then ``DensePolicy``'s memory."""
     spec = world.spec
     pool = make_pool(COPY_CLIPS, 8 * spec.chunk_frames, spec, COPY_SEED, world.device, codec.stride * spec.latent_h)
-    scores = {}
     with mock.patch.multiple(training_data, CONTEXT_NOISE=0.0, MEMORY_DROPOUT=0.0):
-        for key, fraction in (("memory_is_the_chunk", 1.0), ("dense_policy_memory", 0.0)):
+        for name, fraction in (("memory_is_the_chunk", 1.0), ("dense_policy_memory", 0.0)):
             batch = sample_batch(pool, COPY_CLIPS, spec, codec, torch.Generator(world.device).manual_seed(0),
                                  revisit_fraction=fraction)
             target = batch.pop("target")
             noise = torch.randn(target.shape, generator=torch.Generator(world.device).manual_seed(1),
                                 device=target.device)
-            velocity = world.model(noise, torch.tensor(1.0, device=target.device),
-                                   text=world.text.expand(len(target), -1, -1), **batch)
-            clean = euler_step(noise, velocity, 1.0, 0.0)
-            scores[key] = frame_psnr(codec.decode(clean).flatten(0, 1), codec.decode(target).flatten(0, 1))
+            yield name, {**batch, "text": world.text.expand(len(target), -1, -1)}, target, noise
+
+
+def copy_probe(world, codec) -> dict[str, float]:
+    """One-step PSNR of the clean chunk when memory holds the chunk itself, and with the usual memory."""
+    scores = {}
+    for name, inputs, target, noise in _copy_batches(world, codec):
+        velocity = world.model(noise, torch.tensor(1.0, device=target.device), **inputs)
+        clean = euler_step(noise, velocity, 1.0, 0.0)
+        scores[name] = frame_psnr(codec.decode(clean).flatten(0, 1), codec.decode(target).flatten(0, 1))
     return scores
+
+
+def attention_probe(world, codec) -> list[float]:
+    """Per block, the mean over chunk queries of their largest self-attention weight, on the copy
+    probe's first batch (memory: the chunk itself) at ``sigma = 1``: how sharply the network
+    attends where copying one token per query would be exact (1.0: all weight on one key)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    chunk_queries = world.spec.chunk_frames * world.spec.tokens_per_frame
+    sharpest = []
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        if k.shape[-2] > world.spec.text_tokens:  # self-attention (the prompt's cross-attention has few keys)
+            scores = q[..., -chunk_queries:, :].float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            sharpest.append(scores.softmax(-1).amax(-1).mean().item())
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    name, inputs, target, noise = next(_copy_batches(world, codec))
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", recording):
+        world.model(noise, torch.tensor(1.0, device=target.device), **inputs)
+    return sharpest
 
 
 def main() -> None:
@@ -171,6 +201,10 @@ def main() -> None:
             result["copy"] = copy_probe(world, codec)
             print("copy (one step; memory: the chunk itself, the usual):",
                   {k: round(v, 2) for k, v in result["copy"].items()}, flush=True)
+        if "attention" in probes:
+            result["attention"] = attention_probe(world, codec)
+            print("attention (per block, mean largest weight of a chunk query; memory: the chunk itself):",
+                  [round(v, 3) for v in result["attention"]], flush=True)
         if "drift" in probes:
             result["drift"] = drift = drift_probe(world, codec, cases)
             columns = ("rollout", "teacher_forced", "repeat_last")
