@@ -3,6 +3,7 @@
     python examples/train_world.py --device cuda --time-budget 900 --out runs/trained   # 15 minutes, one GPU
     python examples/train_world.py --device cuda --steps 1162 --out runs/repro          # the shipped weights' schedule
     python examples/train_world.py --steps 3 --clips 8 --batch 4 --out /tmp/smoke   # CPU smoke run
+    torchrun --nproc-per-node 4 examples/train_world.py --device cuda --time-budget 900 --out runs/dp4  # 4 GPUs
     python examples/train_world.py --device cuda --init li_compile/worlds/weights/hy_trained.pt \
         --rollout-fraction 0.5 --lr 2e-4 --warmup 50 --ema 0.995 --time-budget 500 --out runs/sf  # self-forcing stage
 
@@ -12,6 +13,9 @@ flow matching with a progress bar, checkpoints every ``--checkpoint-every`` step
 (``--weights``, default ``OUT/hy_trained.pt``; the package ships them as
 ``li_compile/worlds/weights/hy_trained.pt``) and the loss curve ``OUT/loss.png``. The seed
 fixes everything: the same command reproduces the same weights up to GPU nondeterminism.
+Under ``torchrun`` each process trains on its own batches of ``--batch`` and the gradients are
+averaged (``li_compile.worlds.data_parallel``): the global batch is ``--batch`` times the processes;
+process 0 prints, checkpoints and writes the weights; resume with as many processes.
 ``--rollout-fraction`` trains that share of each batch on context the world generated itself
 (self-forcing; ``--init`` starts from given weights): see ``li_compile.worlds.training``. Measured
 and off by default (``benchmarks/results/trained_world.md``): ``--camera-rays``, ``--revisit-fraction``,
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -31,8 +36,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from li_compile.worlds import data_parallel  # noqa: E402
 from li_compile.worlds.base import OUTPUTS  # noqa: E402
 from li_compile.worlds.training import (  # noqa: E402
     IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, train,
@@ -82,10 +89,17 @@ def main() -> None:
                         help=f"attention heads of {TRAINED_SPEC.head_dim} dims (the model's width)")
     args = parser.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one process per device
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    lead = data_parallel.rank() == 0
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / "checkpoint.pt"
-    if args.fresh and checkpoint.exists():
+    if args.fresh and checkpoint.exists() and lead:
         checkpoint.unlink()
+    data_parallel.barrier()  # nobody reads the checkpoint before the lead has removed it
     torch.backends.cuda.matmul.allow_tf32 = True
 
     start = time.perf_counter()
@@ -96,10 +110,11 @@ def main() -> None:
         torch.cuda.synchronize()
     pool_s = time.perf_counter() - start
     frames = config.clips * config.clip_frames
-    print(f"rendered {frames} frames of {IMAGE_SIZE}x{IMAGE_SIZE} in {pool_s:.1f} s ({frames / pool_s:.0f} frames/s, "
-          "scene building and context selection included)", flush=True)
+    if lead:
+        print(f"rendered {frames} frames of {IMAGE_SIZE}x{IMAGE_SIZE} in {pool_s:.1f} s ({frames / pool_s:.0f} "
+              "frames/s, scene building and context selection included)", flush=True)
     budget = None if args.time_budget is None else args.time_budget - pool_s
-    bar = tqdm(total=config.steps, desc="training", unit="step")
+    bar = tqdm(total=config.steps, desc="training", unit="step", disable=not lead)
 
     def on_step(state) -> None:
         bar.total = state.total_steps
@@ -109,6 +124,11 @@ def main() -> None:
 
     state = train(config, args.device, checkpoint, budget, on_step, pool=pool, spec=spec)
     bar.close()
+    processes = data_parallel.world_size()
+    if processes > 1:
+        dist.destroy_process_group()
+    if not lead:  # the weights are the same in every process: the lead writes them
+        return
     weights = args.weights or args.out / "hy_trained.pt"
     export_weights(averaged_weights(state, config.ema), weights)
     plot_losses(state.losses, args.out / "loss.png")
@@ -116,7 +136,8 @@ def main() -> None:
     summary = {"steps": state.step, "total_steps": state.total_steps, "seconds": round(state.seconds, 1),
                "pool_seconds": round(pool_s, 1), "frames_rendered": frames, "final_loss": sum(tail) / len(tail),
                "weights": str(weights), "output": args.output, "heads": args.heads,
-               "camera_rays": args.camera_rays, "prope_unit": args.prope_unit, "config": asdict(config)}
+               "camera_rays": args.camera_rays, "prope_unit": args.prope_unit, "processes": processes,
+               "global_batch": config.batch * processes, "config": asdict(config)}
     (args.out / "train.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 

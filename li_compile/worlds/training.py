@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from li_compile.worlds import data_parallel
 from li_compile.worlds.base import WorldSpec
 from li_compile.worlds.hy_worldplay import HYWorldPlay, build
 from li_compile.worlds.pixel_codec import PixelPatchCodec
@@ -273,6 +274,10 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     of every batch reads its context from ``roll_out`` clips of the current weights (self-forcing),
     generated afresh every ``rollout_every`` steps and at every start or resume (a resumed run
     then draws other data than an uninterrupted one). Returns the state with the EMA weights.
+
+    Under ``torchrun`` (a process group initialised, ``data_parallel``) every process trains on its
+    own batches of ``config.batch`` and the gradients are averaged, so the weights stay identical;
+    the recorded loss is the processes' mean and process 0 writes the checkpoint.
     """
     device = torch.device(device)
     codec = PixelPatchCodec(PIXEL_STRIDE)
@@ -282,8 +287,10 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         model.load_state_dict(torch.load(config.init, map_location=device, weights_only=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.99), fused=device.type == "cuda")
-    data_gen = torch.Generator(device=device).manual_seed(config.seed)
-    sigma_gen = torch.Generator().manual_seed(config.seed + 1)
+    processes, me = data_parallel.world_size(), data_parallel.rank()
+    seed = data_parallel.rank_seed(config.seed, me)
+    data_gen = torch.Generator(device=device).manual_seed(seed)
+    sigma_gen = torch.Generator().manual_seed(seed + 1)
     state = TrainState(world, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, config.steps)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
@@ -293,8 +300,12 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         state.ema, state.step, state.losses = saved["ema"], saved["step"], saved["losses"]
         state.seconds = saved["seconds"]
         state.total_steps = saved["total_steps"] if time_budget_s is not None else config.steps
-        data_gen.set_state(saved["data_rng"].cpu())
-        sigma_gen.set_state(saved["sigma_rng"])
+        if saved.get("processes", 1) != processes:
+            raise ValueError(f"checkpoint {path} was written by {saved.get('processes', 1)} training processes; "
+                             f"resume it with as many, not {processes}")
+        data_rng, sigma_rng = (saved["data_rng"], saved["sigma_rng"]) if me == 0 else saved["other_rngs"][me - 1]
+        data_gen.set_state(data_rng.cpu())
+        sigma_gen.set_state(sigma_rng)
     pool = pool or make_pool(config.clips, config.clip_frames, spec, config.seed, device, spec.latent_h * PIXEL_STRIDE)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     live = model.state_dict()
@@ -318,19 +329,20 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
                 loss = flow_matching_loss(world, part, sigma, data_gen) / config.sigma_groups
             loss.backward()
             total += loss.item()
+        data_parallel.average_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(averages, params, 1 - config.ema)
         state.step += 1
-        state.losses.append(total)
+        state.losses.append(data_parallel.mean_across(total, device))
         state.seconds = time.perf_counter() - start
         if time_budget_s is not None and state.step == SPEED_WARMUP_STEPS:
             warm_seconds = state.seconds
         if time_budget_s is not None and state.step == SPEED_PROBE_STEPS:
             per_step = (state.seconds - warm_seconds) / (SPEED_PROBE_STEPS - SPEED_WARMUP_STEPS)
             left = int((time_budget_s - state.seconds) / per_step)
-            state.total_steps = max(state.step, min(config.steps, state.step + left))
+            state.total_steps = data_parallel.agree_min(max(state.step, min(config.steps, state.step + left)), device)
         if on_step is not None:
             on_step(state)
         if path is not None and (state.step % config.checkpoint_every == 0 or state.step == state.total_steps):
@@ -362,12 +374,18 @@ def _batch(pool: ClipPool, config: TrainConfig, rolled: int, rollouts: Rollouts 
 
 def _save(path: Path, state: TrainState, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
           sigma_gen: torch.Generator, config: TrainConfig) -> None:
-    """Write a resumable checkpoint atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({
-        "model": state.world.model.state_dict(), "optimizer": optimizer.state_dict(), "ema": state.ema,
-        "step": state.step, "total_steps": state.total_steps, "losses": state.losses, "seconds": state.seconds,
-        "data_rng": data_gen.get_state(), "sigma_rng": sigma_gen.get_state(), "config": asdict(config),
-    }, tmp)
-    tmp.replace(path)
+    """Write a resumable checkpoint atomically (temp file, then rename); with several processes,
+    process 0 writes it with every process's random states, and every process (all must call
+    this) returns once it is written."""
+    rngs = data_parallel.gather((data_gen.get_state().cpu(), sigma_gen.get_state()))
+    if data_parallel.rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({
+            "model": state.world.model.state_dict(), "optimizer": optimizer.state_dict(), "ema": state.ema,
+            "step": state.step, "total_steps": state.total_steps, "losses": state.losses, "seconds": state.seconds,
+            "data_rng": rngs[0][0], "sigma_rng": rngs[0][1], "processes": len(rngs), "other_rngs": rngs[1:],
+            "config": asdict(config),
+        }, tmp)
+        tmp.replace(path)
+    data_parallel.barrier()
