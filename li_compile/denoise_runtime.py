@@ -44,6 +44,8 @@ from li_compile.denoise_cache import DenoiseCache, Entry, Stamp, chunk_poses
 from li_compile.options import CacheOptions
 from li_compile.reporting import ChunkStats
 
+UNKNOWN_STEPS_REUSE = 1  # steps served by the default reuse_steps when a chunk's step count is unknown
+
 
 @dataclass
 class _Chunk:
@@ -130,13 +132,17 @@ class DenoiseRuntime:
         self._chunk.step = step
 
     def reuse_limit(self, options: CacheOptions, steps: int | None = None) -> int:
-        """How many early steps may be served in the open chunk: ``reuse_steps``, but never the last
-        step (known from ``steps`` or the chunk's ``sigmas``); 0 when caching is off or no chunk is open."""
+        """How many early steps may be served in the open chunk: ``reuse_steps`` (``None``: half the
+        chunk's steps, rounded down, or ``UNKNOWN_STEPS_REUSE`` when the count is unknown), but never
+        the last step (the count is known from ``steps`` or the chunk's ``sigmas``); 0 when caching
+        is off or no chunk is open."""
         c = self._chunk
         if c is None or not options.enabled:
             return 0
-        limit = options.reuse_steps
         total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else None)
+        limit = options.reuse_steps
+        if limit is None:
+            limit = UNKNOWN_STEPS_REUSE if total is None else total // 2
         return limit if total is None else min(limit, total - 1)
 
     def step(

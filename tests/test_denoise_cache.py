@@ -182,6 +182,25 @@ def test_the_last_step_always_computes():
     assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 1
 
 
+@pytest.mark.parametrize("steps, reused", [(4, 2), (3, 1), (2, 1), (6, 3)])
+def test_by_default_a_revisit_reuses_half_of_its_steps(steps, reused):
+    """``reuse_steps=None``: half the chunk's steps, rounded down, so as many steps compute as are
+    served or more (one computed step left costs a revisited chunk about 15 dB)."""
+    runtime, model = DenoiseRuntime(), Model()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    run_chunk(runtime, model, chunk_cameras(0.0), steps=steps, sigmas=sigmas, options=CacheOptions())
+    _, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=steps, sigmas=sigmas, options=CacheOptions())
+    assert stats.values["steps_reused"] == reused and stats.values["steps_computed"] == steps - reused
+
+
+def test_by_default_a_chunk_of_unknown_length_reuses_one_step():
+    runtime, model = DenoiseRuntime(), Model()
+    options = CacheOptions(stored="raw")
+    run_chunk(runtime, model, chunk_cameras(0.0), options=options)
+    _, stats = run_chunk(runtime, model, chunk_cameras(0.0), options=options)
+    assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 3
+
+
 def test_with_gradients_enabled_the_model_always_runs():
     runtime, model = DenoiseRuntime(), Model()
     run_chunk(runtime, model, chunk_cameras(0.0))

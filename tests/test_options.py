@@ -20,6 +20,7 @@ def test_nested_dict_sets_section_fields():
     assert opts.sparsity.block_q == Options().sparsity.block_q
     assert opts.cache.reuse_steps == 3
     assert opts.context == Options().context
+    assert Options.from_user({"cache": {"reuse_steps": None}}).cache.reuse_steps is None  # half the steps
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,8 @@ def test_nested_dict_sets_section_fields():
         ({"sparsity": {"density": 0.0}}, ["'sparsity.density'", "(0.0, 1.0]"]),
         ({"sparsity": {"density": 1.2}}, ["'sparsity.density'", "(0.0, 1.0]"]),
         ({"cache": {"reuse_steps": 1.5}}, ["'cache.reuse_steps'", "an int"]),
+        ({"cache": {"reuse_steps": -1}}, ["'cache.reuse_steps'", "[0, inf]"]),
+        ({"cache": {"reuse_steps": "half"}}, ["'cache.reuse_steps'", "an int"]),
         ({"cache": {"enabled": "yes"}}, ["'cache.enabled'", "True or False"]),
         ({"context": {"window_min": 9, "window_max": 4}}, ["window_min", "window_max"]),
         ({"context": "fast"}, ["'context'", "keep_threshold"]),
