@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--camera-rays", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--revisit-fraction", type=float, default=0.5)
     parser.add_argument("--prope-unit", type=float, default=None,
-                        help="camera-relative attention (WorldSpec.prope_unit), translations in this many scene lengths")
-    parser.add_argument("--heads", type=int, default=4, help="heads of 32 dims (width = 32 heads)")
+                        help="camera-relative attention (WorldSpec.prope_unit): translations in these scene lengths")
+    parser.add_argument("--heads", type=int, default=4, help="heads of 32 dims (width = 32 x heads)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     latent = IMAGE // PIXEL_STRIDE

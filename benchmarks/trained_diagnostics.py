@@ -132,11 +132,12 @@ def drift_probe(world, codec, cases) -> dict[str, list[float] | float]:
 COPY_CLIPS, COPY_SEED = 16, 5  # the copy probe's clips (rendered rooms; training draws seed 0) and seed
 
 
-def _copy_batches(world, codec):
+def _copy_batches(world, codec) -> list[tuple[str, dict, torch.Tensor, torch.Tensor]]:
     """``(name, inputs, target, noise)`` of the copy probe's two batches (no context noise or memory
     dropout): memory slots holding the chunk's own frames, then ``DensePolicy``'s memory."""
     spec = world.spec
     pool = make_pool(COPY_CLIPS, 8 * spec.chunk_frames, spec, COPY_SEED, world.device, codec.stride * spec.latent_h)
+    batches = []
     with mock.patch.multiple(training_data, CONTEXT_NOISE=0.0, MEMORY_DROPOUT=0.0):
         for name, fraction in (("memory_is_the_chunk", 1.0), ("dense_policy_memory", 0.0)):
             batch = sample_batch(pool, COPY_CLIPS, spec, codec, torch.Generator(world.device).manual_seed(0),
@@ -144,7 +145,8 @@ def _copy_batches(world, codec):
             target = batch.pop("target")
             noise = torch.randn(target.shape, generator=torch.Generator(world.device).manual_seed(1),
                                 device=target.device)
-            yield name, {**batch, "text": world.text.expand(len(target), -1, -1)}, target, noise
+            batches.append((name, {**batch, "text": world.text.expand(len(target), -1, -1)}, target, noise))
+    return batches
 
 
 def copy_probe(world, codec) -> dict[str, float]:
@@ -173,7 +175,7 @@ def attention_probe(world, codec) -> list[float]:
             sharpest.append(scores.softmax(-1).amax(-1).mean().item())
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
-    name, inputs, target, noise = next(_copy_batches(world, codec))
+    name, inputs, target, noise = _copy_batches(world, codec)[0]
     with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", recording):
         world.model(noise, torch.tensor(1.0, device=target.device), **inputs)
     return sharpest

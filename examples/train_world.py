@@ -84,7 +84,7 @@ def main() -> None:
                         default=TRAINED_SPEC.ray_fov_deg is not None,
                         help="embed every token's camera rays (WorldSpec.ray_fov_deg; measured, not shipped)")
     parser.add_argument("--prope-unit", type=float, default=TRAINED_SPEC.prope_unit,
-                        help="camera-relative attention, translations in this many scene lengths (WorldSpec.prope_unit)")
+                        help="camera-relative attention (WorldSpec.prope_unit): translations in these scene lengths")
     parser.add_argument("--heads", type=int, default=TRAINED_SPEC.heads,
                         help=f"attention heads of {TRAINED_SPEC.head_dim} dims (the model's width)")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) g
 ``DENOISE.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
 the step (``DENOISE.set_step``, as ``ChunkHook`` does; then several calls per step, such as
 classifier-free guidance as separate calls, are kept apart). On the first early step
-(``step < reuse_steps``) the chunk is looked up once per stamp; on a revisit hit the early steps
+(``step < reuse_limit``: ``cache.reuse_steps``, by default half the chunk's steps) the chunk is looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. Outside ``begin_chunk`` /
 ``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:

@@ -154,14 +154,14 @@ def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
             raise ValueError(f"option {path!r} must be True or False, got {value!r}")
         return value
     if f.metadata.get("optional_int"):
-        return None if value is None else _check_number(f, value, path, integer=True)
+        return None if value is None else _check_number(f, value, path, integer=True, kind="an int or None")
     if isinstance(default, (int, float)):
         return _check_number(f, value, path, integer=isinstance(default, int))
     return value
 
 
-def _check_number(f: dataclasses.Field, value: Any, path: str, integer: bool) -> Any:
-    kind = "an int" if integer else "a number"
+def _check_number(f: dataclasses.Field, value: Any, path: str, integer: bool, kind: str | None = None) -> Any:
+    kind = kind or ("an int" if integer else "a number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ValueError(f"option {path!r} must be {kind}, got {value!r}")
     if not math.isfinite(value):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -29,20 +30,21 @@ def _pool():
 
 
 def _average_task(rank: int, out: Path) -> dict:
-    """Parameter ``a`` has gradient ``rank + 1``; ``b`` has one on process 1 only."""
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    """Parameter ``a`` has gradient ``rank + 1``; ``b`` has one on process 1 only; ``c`` on none."""
+    a, b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     a.grad = torch.full((3,), rank + 1.0)
     if rank == 1:
         b.grad = torch.full((2,), 4.0)
-    data_parallel.average_gradients([a, b])
-    return {"a": a.grad, "b": b.grad, "min": data_parallel.agree_min(10 + rank, torch.device("cpu")),
+    data_parallel.average_gradients([a, b, c])
+    return {"a": a.grad, "b": b.grad, "c_has_grad": c.grad is not None,
+            "min": data_parallel.agree_min(10 + rank, torch.device("cpu")),
             "mean": data_parallel.mean_across(float(rank), torch.device("cpu"))}
 
 
 def _same_data_task(rank: int, out: Path) -> dict:
     """Both processes draw process 0's data (stride 0), so the mean gradient is each one's own."""
-    data_parallel.RANK_SEED_STRIDE = 0
-    state = train(CONFIG, "cpu", pool=_pool(), spec=SPEC)
+    with mock.patch.object(data_parallel, "RANK_SEED_STRIDE", 0):
+        state = train(CONFIG, "cpu", pool=_pool(), spec=SPEC)
     return {"ema": state.ema, "losses": state.losses}
 
 
@@ -78,13 +80,16 @@ def test_gradients_are_averaged_and_the_processes_agree(tmp_path):
     for result in results:
         torch.testing.assert_close(result["a"], torch.full((3,), 1.5))
         torch.testing.assert_close(result["b"], torch.full((2,), 2.0))  # a missing gradient counts as zero
+        assert not result["c_has_grad"]  # ... but with none anywhere, none: the optimiser skips it
         assert result["min"] == 10
         assert result["mean"] == pytest.approx(0.5)
 
 
 def test_two_processes_on_the_same_data_train_as_one(tmp_path):
-    """Averaging equal gradients changes nothing: two processes drawing the same batches end with
-    the weights and losses of the single-process run, and with each other's."""
+    """The machinery around the averaging (the gradients' all-reduce, the recorded loss's mean, the
+    agreed schedule, the gathered checkpoint states) leaves a run unchanged: two processes drawing
+    the same batches end with the weights and losses of the single-process run. (That the mean is
+    a mean is the first test's; that different data meets in one set of weights, the next one's.)"""
     torch.set_num_threads(1)
     single = train(CONFIG, "cpu", pool=_pool(), spec=SPEC)
     results = _run_two("same_data", tmp_path)

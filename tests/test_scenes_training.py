@@ -232,6 +232,15 @@ def test_averaged_weights_of_a_constant_model_are_that_model(pool):
         torch.testing.assert_close(v, state.world.model.state_dict()[k])
 
 
+def test_averaged_weights_take_buffers_as_the_model_holds_them(pool):
+    """A setting kept as a buffer (PRoPE's unit) is not averaged: it comes out bit for bit."""
+    spec = replace(TINY, prope_unit=3.7)
+    config = TrainConfig(steps=2, batch=2, sigma_groups=1, clips=2, clip_frames=12)
+    state = train(config, "cpu", pool=pool, spec=spec)
+    averaged = averaged_weights(state, config.ema)
+    assert torch.equal(averaged["prope.unit"], state.world.model.prope.unit)
+
+
 @pytest.mark.parametrize("budget_s, expected", [(1e6, 12), (1e-6, 4)])
 def test_a_time_budget_sets_the_schedule_length_from_the_measured_speed(pool, monkeypatch, budget_s, expected):
     monkeypatch.setattr(training, "SPEED_WARMUP_STEPS", 2)
@@ -267,13 +276,14 @@ def test_frame_psnr_averages_the_psnr_of_each_frame():
     assert frame_psnr(pred, truth) == pytest.approx(30.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("heads, depth, rays, prope_unit", [(2, 1, True, None), (3, 2, False, 2.5)])
+@pytest.mark.parametrize("heads, depth, rays, prope_unit", [(2, 1, True, None), (3, 2, False, 3.7)])
 def test_load_trained_reads_the_sizes_and_camera_rays_from_the_weights(tmp_path, heads, depth, rays, prope_unit):
     spec = replace(TINY, heads=heads, depth=depth, ray_fov_deg=60.0 if rays else None, prope_unit=prope_unit)
     world = new_world("cpu", spec)
     export_weights(world.model.state_dict(), tmp_path / "w.pt")
     loaded = load_trained("cpu", tmp_path / "w.pt", TINY)
-    assert loaded.spec == spec
+    # the unit comes back as the float32 the model held (not rounded to float16 with the weights)
+    assert loaded.spec == replace(spec, prope_unit=None if prope_unit is None else float(torch.tensor(prope_unit)))
     assert (loaded.model.rays is not None) == rays
     assert (loaded.model.prope is not None) == (prope_unit is not None)
 

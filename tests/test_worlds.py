@@ -165,29 +165,41 @@ def test_camera_rope_attention_sees_relative_poses_only():
     assert not torch.allclose(attend(one_moved), reference, atol=1e-3)
 
 
-def test_camera_rope_hands_a_value_over_unchanged_between_frames_at_one_camera():
-    """A query frame attending to a key frame at the same camera gets the value as it is; at another
-    camera it gets the value seen from its own camera. The matrices stay float32 under autocast."""
+def test_camera_rope_hands_a_value_over_as_seen_from_the_query_camera():
+    """A query at camera ``C_i`` attending to its only key, at camera ``C_j``, gets that key's value
+    as ``C_i^-1 C_j v`` on every 4-vector (translations in ``unit`` lengths): ``v`` itself when the
+    cameras are the same. The matrices stay float32 under autocast."""
     poses = trajectories.make("random_walk_with_returns", 4, seed=5).poses
     rope = CameraRope(2.0)
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 2, 8, generator=gen) for _ in range(3))  # frame 0: one key, frame 1: one query
-    same = camera_features(poses[0], torch.stack([poses[3], poses[3]]))[None]
-    out = _camera_attention(rope, same, q, k, v)
-    # each frame's single token attends to both tokens: with one camera, the values arrive as they are
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        apply_camera_rope(q, rope(same)[0]), apply_camera_rope(k, rope(same)[1]), v)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    other = camera_features(poses[0], torch.stack([poses[0], poses[3]]))[None]
-    assert not torch.allclose(_camera_attention(rope, other, q, k, v), out, atol=1e-3)
+    q, k, v = (torch.randn(1, 2, 1, 8, generator=gen) for _ in range(3))  # one token: attention is one-hot
+
+    def handed_over(i, j):
+        cam_i, cam_j = (camera_features(poses[0], poses[n])[None, None] for n in (i, j))
+        to_query, _, to_out = rope(cam_i)
+        _, to_key, _ = rope(cam_j)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            apply_camera_rope(q, to_query), apply_camera_rope(k, to_key), apply_camera_rope(v, to_key))
+        return apply_camera_rope(out, to_out)
+
+    def scaled(pose):  # camera-to-reference with translations in units of 2.0
+        pose = torch.linalg.solve(poses[0], pose).clone()
+        pose[:3, 3] /= 2.0
+        return pose
+
+    torch.testing.assert_close(handed_over(3, 3), v, rtol=1e-5, atol=1e-5)
+    relative = torch.linalg.inv(scaled(poses[1])) @ scaled(poses[3])
+    expected = (v.reshape(1, 2, 1, 2, 4) @ relative.T).reshape(v.shape)
+    torch.testing.assert_close(handed_over(1, 3), expected, rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        for matrices in rope(other.bfloat16()):
+        for matrices in rope(camera_features(poses[0], poses)[None].bfloat16()):
             assert matrices.dtype == torch.float32
 
 
 def test_camera_rope_worlds_are_validated_and_hy_only():
-    with pytest.raises(ValueError, match="prope_unit must be None or > 0"):
-        dataclasses.replace(hy_worldplay.PRESETS["tiny"], prope_unit=0.0)
+    for bad in (0.0, float("inf")):
+        with pytest.raises(ValueError, match="prope_unit must be None or a finite number > 0"):
+            dataclasses.replace(hy_worldplay.PRESETS["tiny"], prope_unit=bad)
     with pytest.raises(ValueError, match="prope_unit=2.0 is supported by hy_worldplay worlds only"):
         matrix_game3.build(dataclasses.replace(matrix_game3.PRESETS["tiny"], prope_unit=2.0))
     assert dataclasses.replace(hy_worldplay.PRESETS["tiny"], prope_unit=2.0).camera_rope_dims == 16

@@ -9,6 +9,7 @@ slots) and cameras into the keyword arguments of ``model(x, sigma, **inputs)``. 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -86,8 +87,8 @@ class WorldSpec:
             raise ValueError(f"WorldSpec.output must be one of {list(OUTPUTS)}, got {self.output!r}")
         if self.ray_fov_deg is not None and not 0 < self.ray_fov_deg < 180:
             raise ValueError(f"WorldSpec.ray_fov_deg must be None or in (0, 180) degrees, got {self.ray_fov_deg!r}")
-        if self.prope_unit is not None and not self.prope_unit > 0:
-            raise ValueError(f"WorldSpec.prope_unit must be None or > 0, got {self.prope_unit!r}")
+        if self.prope_unit is not None and not 0 < self.prope_unit < math.inf:
+            raise ValueError(f"WorldSpec.prope_unit must be None or a finite number > 0, got {self.prope_unit!r}")
         if self.prope_unit is not None and self.head_dim < 8:
             raise ValueError(f"WorldSpec.prope_unit needs head_dim >= 8 (camera and RoPE halves), got {self.head_dim}")
         if self.sampler not in SAMPLERS:

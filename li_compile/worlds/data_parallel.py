@@ -35,19 +35,22 @@ def rank_seed(seed: int, process: int) -> int:
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace every parameter's gradient by its mean over the processes, in one all-reduce (a
-    parameter without a gradient counts as zero and gets the mean too)."""
+    """Replace every parameter's gradient by its mean over the processes, in one all-reduce. A
+    process without a gradient for a parameter counts as zero; a parameter no process has a
+    gradient for keeps none, so the optimiser skips it as it would in a single process."""
     params = list(params)
     if world_size() == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    device = params[0].device
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params]
+    flat = torch.cat([*grads, has_grad])
     dist.all_reduce(flat)
     flat /= world_size()
     offset = 0
-    for p in params:
+    for i, p in enumerate(params):
         count = p.numel()
-        p.grad = flat[offset:offset + count].view_as(p).clone()
+        p.grad = flat[offset:offset + count].view_as(p).clone() if flat[-len(params) + i] > 0 else None
         offset += count
 
 

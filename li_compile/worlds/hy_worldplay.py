@@ -24,9 +24,9 @@ What it mirrors (upstream: Tencent-Hunyuan/HY-WorldPlay, ``hyvideo/pipelines/wor
 
 Assumed (not confirmed from upstream code in the time available): 4 sampler steps for the
 distilled model; the camera enters as a flattened relative 3x4 pose through an MLP (upstream:
-camera/action embeddings; PRoPE-style camera-relative attention is an option, ``WorldSpec.prope_unit``,
-off in the random-weight presets); the prompt enters
-through a small cross-attention (upstream joins text tokens in the attention, MMDiT-style; here
+camera/action embeddings; PRoPE-style camera-relative attention is an option,
+``WorldSpec.prope_unit``, off in the random-weight presets); the prompt enters through a small
+cross-attention (upstream joins text tokens in the attention, MMDiT-style; here
 the self-attention sequence holds video tokens only); discrete actions per chunk frame through an
 MLP, zero for context frames.
 """
@@ -45,7 +45,8 @@ from li_compile.worlds.base import (
 )
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CameraRope, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_camera_rope,
-    apply_rope, camera_features, gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
+    apply_rope, camera_features, gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features,
+    unpatchify,
 )
 from li_compile.worlds.trajectories import ACTION_DIM
 

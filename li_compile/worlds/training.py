@@ -101,6 +101,8 @@ class TrainConfig:
     qk_gain: float = 1.0  # initial QK RMSNorm weight (new_world): how sharp attention can start
 
     def __post_init__(self) -> None:
+        if not self.qk_gain > 0:
+            raise ValueError(f"TrainConfig.qk_gain must be > 0, got {self.qk_gain!r}")
         for key in ("steps", "batch", "sigma_groups", "clips", "checkpoint_every", "rollout_clips", "rollout_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
@@ -130,7 +132,8 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC, qk_gai
     """A world of ``spec`` with fresh trainable weights (DiT init: adaLN and output zeroed, so
     every block starts as the identity; the self-attention's QK RMSNorm weights start at ``qk_gain``).
 
-    QK RMSNorm bounds an attention logit by ``gain_q * gain_k * sqrt(head_dim)``: about 5.7 for the
+    QK RMSNorm bounds an attention logit by ``gain_q * gain_k * sqrt(head_dim)`` (on the RoPE dims;
+    PRoPE's camera matrices are not rotations and rescale its share): about 5.7 for the
     trained preset's heads of 32 at gain 1. Against 767 keys orthogonal to the query, one key then
     gets at most 27% of the weight: too flat to copy a remembered token. Gain ``sqrt(2)`` gives heads
     of 32 the bound heads of 128 have at gain 1 (11.3). Measured, not shipped (the shipped weights
@@ -152,8 +155,8 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC, qk_gai
 def spec_of_weights(weights: dict[str, torch.Tensor], spec: WorldSpec = TRAINED_SPEC) -> WorldSpec:
     """``spec`` with the sizes ``weights`` (a ``state_dict``) were trained at: the number of heads
     (of ``spec.head_dim``), of blocks, whether the DiT embeds camera rays (for ``spec``'s lens,
-    else the trajectories' ``FOV_Y_DEG``) and its camera-relative attention's unit. What the network predicts (``output``) cannot be read
-    from weights: ``spec`` keeps it."""
+    else the trajectories' ``FOV_Y_DEG``) and its camera-relative attention's unit. What the
+    network predicts (``output``) cannot be read from weights: ``spec`` keeps it."""
     width = weights["patch_in.weight"].shape[0]
     if width % spec.head_dim:
         raise ValueError(f"weights of width {width} do not split into heads of {spec.head_dim}")
@@ -183,16 +186,20 @@ def averaged_weights(state: TrainState, decay: float) -> dict[str, torch.Tensor]
     ``state.ema`` starts at zero, so after ``t`` steps it holds ``(1 - decay^t)`` of the average;
     dividing by that gives weights of the right scale however short the run. (An average started
     at the initial weights instead keeps ``decay^t`` of them: 12% after 2129 steps at 0.999.)
+    Buffers (settings such as ``CameraRope``'s unit) are not averaged: they come as the model holds them.
     """
     if state.step == 0:
         raise ValueError("no training step was taken: there is no average yet")
-    return {k: v / (1 - decay**state.step) for k, v in state.ema.items()}
+    buffers = dict(state.world.model.named_buffers())
+    return {k: buffers[k].detach().clone() if k in buffers else v / (1 - decay**state.step)
+            for k, v in state.ema.items()}
 
 
 def export_weights(weights: dict[str, torch.Tensor], path: Path | str) -> None:
-    """Save weights (e.g. ``averaged_weights``) as float16 (half the bytes; exact enough here)."""
+    """Save weights (e.g. ``averaged_weights``) as float16 (half the bytes; exact enough here);
+    scalars (settings such as ``CameraRope``'s unit) keep their precision."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().half().cpu() for k, v in weights.items()}, path)
+    torch.save({k: v.detach().cpu() if v.dim() == 0 else v.detach().half().cpu() for k, v in weights.items()}, path)
 
 
 def training_sigmas(groups: int, shift: float, generator: torch.Generator) -> list[float]:
@@ -293,16 +300,19 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     sigma_gen = torch.Generator().manual_seed(seed + 1)
     state = TrainState(world, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, config.steps)
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
+    exists = path is not None and path.exists()
+    if data_parallel.agree_min(int(exists), device) != int(exists):
+        raise ValueError(f"checkpoint {path} is visible to some training processes only: they need one shared folder")
+    if exists:
         saved = torch.load(path, map_location=device, weights_only=True)
+        if saved.get("processes", 1) != processes:
+            raise ValueError(f"checkpoint {path} was written by {saved.get('processes', 1)} training processes; "
+                             f"resume it with as many, not {processes}")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.ema, state.step, state.losses = saved["ema"], saved["step"], saved["losses"]
         state.seconds = saved["seconds"]
         state.total_steps = saved["total_steps"] if time_budget_s is not None else config.steps
-        if saved.get("processes", 1) != processes:
-            raise ValueError(f"checkpoint {path} was written by {saved.get('processes', 1)} training processes; "
-                             f"resume it with as many, not {processes}")
         data_rng, sigma_rng = (saved["data_rng"], saved["sigma_rng"]) if me == 0 else saved["other_rngs"][me - 1]
         data_gen.set_state(data_rng.cpu())
         sigma_gen.set_state(sigma_rng)
