@@ -171,9 +171,11 @@ def invert_poses(poses: torch.Tensor) -> torch.Tensor:
     """Rigid inverse (world-to-camera) of camera-to-world poses: ``(..., 4, 4)`` -> ``(..., 4, 4)``.
 
     Uses ``[R^T, -R^T t]`` rather than a general matrix inverse: exact for rigid poses and cheaper.
+    ``R^T t`` is a sum of products, not a matmul, so under autocast (inside a model) it stays in
+    the poses' dtype.
     """
     rot_t = poses[..., :3, :3].transpose(-1, -2)
-    trans = -(rot_t @ poses[..., :3, 3:4])
+    trans = -(rot_t * poses[..., None, :3, 3]).sum(-1, keepdim=True)
     top = torch.cat([rot_t, trans], -1)
     return torch.cat([top, poses[..., 3:4, :]], -2)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from li_compile.controller.poses import relative_pose
+from li_compile.controller.poses import invert_poses, relative_pose
 from li_compile.worlds.scenes import camera_rays
 
 TIMESTEP_SCALE = 1000.0  # sigma in [0, 1] -> the timestep the sinusoidal embedding sees
@@ -107,15 +107,10 @@ class CameraRope(nn.Module):
 
     def forward(self, camera: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pose = camera.float().unflatten(-1, (3, 4))
-        rot, shift = pose[..., :3], pose[..., 3:] / self.unit.float()
         bottom = torch.zeros_like(pose[..., :1, :])
         bottom[..., 3] = 1.0
-        rot_t = rot.transpose(-1, -2)
-        # products by sums, not matmuls, so autocast leaves the poses in float32
-        back = -(rot_t * shift.transpose(-1, -2)).sum(-1, keepdim=True)
-        to_camera = torch.cat([torch.cat([rot_t, back], -1), bottom], -2)
-        to_reference = torch.cat([pose[..., :3], shift], -1)
-        to_reference = torch.cat([to_reference, bottom], -2)
+        to_reference = torch.cat([torch.cat([pose[..., :3], pose[..., 3:] / self.unit.float()], -1), bottom], -2)
+        to_camera = invert_poses(to_reference)  # float32 under autocast too
         return to_camera.transpose(-1, -2), to_reference, to_camera
 
 
