@@ -47,10 +47,11 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     flat = torch.cat([*grads, has_grad])
     dist.all_reduce(flat)
     flat /= world_size()
+    present = flat[-len(params):].cpu().tolist()  # one device sync, not one per parameter
     offset = 0
-    for i, p in enumerate(params):
+    for p, has in zip(params, present):
         count = p.numel()
-        p.grad = flat[offset:offset + count].view_as(p).clone() if flat[-len(params) + i] > 0 else None
+        p.grad = flat[offset:offset + count].view_as(p).clone() if has > 0 else None
         offset += count
 
 
