@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from li_compile.controller.poses import invert_poses, relative_pose
+from li_compile.controller.poses import invert_poses, make_poses, relative_pose
 from li_compile.worlds.scenes import camera_rays
 
 TIMESTEP_SCALE = 1000.0  # sigma in [0, 1] -> the timestep the sinusoidal embedding sees
@@ -107,9 +107,7 @@ class CameraRope(nn.Module):
 
     def forward(self, camera: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pose = camera.float().unflatten(-1, (3, 4))
-        bottom = torch.zeros_like(pose[..., :1, :])
-        bottom[..., 3] = 1.0
-        to_reference = torch.cat([torch.cat([pose[..., :3], pose[..., 3:] / self.unit.float()], -1), bottom], -2)
+        to_reference = make_poses(pose[..., :3], pose[..., 3] / self.unit.float())
         to_camera = invert_poses(to_reference)  # float32 under autocast too
         return to_camera.transpose(-1, -2), to_reference, to_camera
 

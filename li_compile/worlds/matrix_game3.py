@@ -126,12 +126,10 @@ class MatrixGame3DiT(nn.Module):
         if spec.output != "velocity":  # its sampler re-noises a clean prediction made from the velocity
             raise ValueError(f"matrix_game3 worlds predict a velocity; WorldSpec.output={spec.output!r} is "
                              "supported by hy_worldplay worlds only")
-        if spec.ray_fov_deg is not None:
-            raise ValueError(f"matrix_game3 worlds take cameras through modulation; WorldSpec.ray_fov_deg="
-                             f"{spec.ray_fov_deg!r} is supported by hy_worldplay worlds only")
-        if spec.prope_unit is not None:
-            raise ValueError(f"matrix_game3 worlds take cameras through modulation; WorldSpec.prope_unit="
-                             f"{spec.prope_unit!r} is supported by hy_worldplay worlds only")
+        for key in ("ray_fov_deg", "prope_unit"):  # camera encodings of the HY DiT only
+            if getattr(spec, key) is not None:
+                raise ValueError(f"matrix_game3 worlds take cameras through modulation; WorldSpec.{key}="
+                                 f"{getattr(spec, key)!r} is supported by hy_worldplay worlds only")
         self.spec = spec
         dim, p, c = spec.dim, spec.patch, spec.latent_channels
         self.patch_in = nn.Linear(c * p * p, dim)
