@@ -225,6 +225,15 @@ def test_resumed_constant_lr_run_equals_the_uninterrupted_run(pool, tmp_path):
         torch.testing.assert_close(resumed.ema[k], whole.ema[k])
 
 
+def test_compiled_training_takes_the_steps_eager_training_takes(pool):
+    config = TrainConfig(steps=2, batch=4, sigma_groups=2, warmup=1, clips=2, clip_frames=12)
+    eager = train(config, "cpu", pool=pool, spec=TINY)
+    compiled = train(replace(config, compile=True), "cpu", pool=pool, spec=TINY)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    for k, v in eager.world.model.state_dict().items():  # same keys: the weights export as eager ones do
+        torch.testing.assert_close(compiled.world.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
 def test_averaged_weights_of_a_constant_model_are_that_model(pool):
     config = TrainConfig(steps=3, batch=2, sigma_groups=1, lr=0.0, clips=2, clip_frames=12, ema=0.999)
     state = train(config, "cpu", pool=pool, spec=TINY)
