@@ -307,17 +307,19 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     if data_parallel.agree_min(int(exists), device) != int(exists):
         raise ValueError(f"checkpoint {path} is visible to some training processes only: they need one shared folder")
     if exists:
-        saved = torch.load(path, map_location=device, weights_only=True)
+        # read on the CPU, where the random states live; weights and moments move to ``device`` below
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("processes", 1) != processes:
             raise ValueError(f"checkpoint {path} was written by {saved.get('processes', 1)} training processes; "
                              f"resume it with as many, not {processes}")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state.ema, state.step, state.losses = saved["ema"], saved["step"], saved["losses"]
+        state.ema = {k: v.to(device) for k, v in saved["ema"].items()}
+        state.step, state.losses = saved["step"], saved["losses"]
         state.seconds = saved["seconds"]
         state.total_steps = saved["total_steps"] if time_budget_s is not None else config.steps
         data_rng, sigma_rng = (saved["data_rng"], saved["sigma_rng"]) if me == 0 else saved["other_rngs"][me - 1]
-        data_gen.set_state(data_rng.cpu())
+        data_gen.set_state(data_rng)
         sigma_gen.set_state(sigma_rng)
     pool = pool or make_pool(config.clips, config.clip_frames, spec, config.seed, device, spec.latent_h * PIXEL_STRIDE)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
