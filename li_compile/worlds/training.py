@@ -16,8 +16,8 @@ CUDA, an exponential moving average of the weights (exported). The model takes o
 call, so each step splits its batch into ``sigma_groups`` groups: one at ``sigma = 1`` (the
 sampler's first step, which decides the content) and the rest at stratified levels drawn with a
 timestep shift (``sigma_shift``). The sampler runs 4 Euler steps with shift 7 as the other
-HY-WorldPlay presets (``benchmarks/trained_diagnostics.py`` on the shipped weights: shifts 1, 3, 7,
-15 score 17.14, 17.36, 17.58, 17.62 dB against ground truth). Checkpoints make it resumable; a
+HY-WorldPlay presets (``benchmarks/trained_diagnostics.py --probes steps`` compares shifts on the
+shipped weights). Checkpoints make it resumable; a
 fixed ``seed`` fixes data, noise and initialisation.
 
 Self-forcing (off by default): with ``rollout_fraction`` > 0, that share of each batch reads its
@@ -32,10 +32,12 @@ with the chunk's own frames in its memory slots, and a spec with ``ray_fov_deg``
 its camera rays (``layers.RayEmbedder``); ``load_trained`` reads the latter, the width and the depth
 from the weights (``spec_of_weights``).
 
-Two more aimed at attention itself, also measured and off by default: ``qk_gain`` starts the QK
-RMSNorm weights above 1 so attention can be sharp from the first step (``new_world``), and a spec
-with ``prope_unit`` makes self-attention camera-relative (PRoPE, ``layers.CameraRope``; also read
-from the weights).
+Two aimed at attention itself are on in the shipped recipe: ``qk_gain`` 2 starts the QK RMSNorm
+weights above 1 so attention can be sharp from the first step (``new_world``), and the spec's
+``prope_unit`` makes half of each head's self-attention camera-relative (PRoPE, ``layers.CameraRope``,
+read from the weights). With ``compile`` (on by default in ``examples/train_world.py`` on CUDA)
+that recipe trains 2.6x faster, and 3122 steps of it are the first weights more than 2 dB better
+than repeating the last frame (``benchmarks/results/trained_world.md``).
 """
 
 from __future__ import annotations
@@ -59,15 +61,16 @@ from li_compile.worlds.trajectories import FOV_Y_DEG
 
 IMAGE_SIZE = 64  # rendered frames are IMAGE_SIZE x IMAGE_SIZE RGB
 PIXEL_STRIDE = 4  # pixels per latent along each axis
-# Shipped weights: `examples/train_world.py --device cuda --time-budget 520` on one H200, sharing it
-# with two other trainings (1162 steps of batch 192 in 466 s, 42 s rendering 131072 frames; a second
-# run of the same command, 1157 steps, scored within 0.01 dB of it: benchmarks/results/trained_world.md).
+# Shipped weights: `examples/train_world.py --device cuda --time-budget 530` (compiled, qk_gain 2, PRoPE
+# at unit 4) on one H200, sharing it with a second run of the same command (3122 steps of batch 192
+# in 497 s, 30 s rendering 131072 frames; the second run, 3224 steps, scored within 0.09 dB of it:
+# benchmarks/results/trained_world.md).
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "hy_trained.pt"
 TRAINED_SPEC = WorldSpec(
     name="hy_worldplay/trained", latent_channels=3 * PIXEL_STRIDE**2, latent_h=IMAGE_SIZE // PIXEL_STRIDE,
     latent_w=IMAGE_SIZE // PIXEL_STRIDE, patch=2, chunk_frames=4, window=4, memory=4, steps=4, shift=7.0,
     sampler="euler", depth=6, heads=6, head_dim=32, mlp_ratio=4.0, text_tokens=1, text_dim=32,
-    vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE), output="x0",
+    vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE), output="x0", prope_unit=4.0,
 )
 MODEL_SEED = 0  # build(seed=...) of the trained world: its initial weights and its fixed prompt embedding
 SPEED_WARMUP_STEPS = 20  # with a time budget: steps not timed (lazy initialisation, autotuning) ...
@@ -98,7 +101,7 @@ class TrainConfig:
     rollout_clips: int = 64  # ... in this many clips (``roll_out``) ...
     rollout_every: int = 4  # ... generated afresh every this many steps
     revisit_fraction: float = 0.0  # share of teacher-forced examples whose memory is the chunk's own frames
-    qk_gain: float = 1.0  # initial QK RMSNorm weight (new_world): how sharp attention can start
+    qk_gain: float = 2.0  # initial QK RMSNorm weight (new_world): how sharp attention can start
     compile: bool = False  # train through torch.compile (Inductor): same maths, fewer kernel launches
 
     def __post_init__(self) -> None:
@@ -137,8 +140,8 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC, qk_gai
     PRoPE's camera matrices are not rotations and rescale its share): about 5.7 for the
     trained preset's heads of 32 at gain 1. Against 767 keys orthogonal to the query, one key then
     gets at most 27% of the weight: too flat to copy a remembered token. Gain ``sqrt(2)`` gives heads
-    of 32 the bound heads of 128 have at gain 1 (11.3). Measured, not shipped (the shipped weights
-    start at 1: ``benchmarks/results/trained_world.md``)."""
+    of 32 the bound heads of 128 have at gain 1 (11.3); the shipped weights start at 2
+    (``TrainConfig.qk_gain``; measured in ``benchmarks/results/trained_world.md``)."""
     if not qk_gain > 0:
         raise ValueError(f"qk_gain must be > 0, got {qk_gain!r}")
     world = build(spec, device=device, seed=MODEL_SEED)
