@@ -23,9 +23,9 @@ import torch
 from li_compile.worlds.training import IMAGE_SIZE, TRAINED_SPEC, TrainConfig, train
 from li_compile.worlds.training_data import make_pool
 
-RECIPES = {  # name -> (TrainConfig changes, WorldSpec changes)
-    "shipped": ({}, {}),
-    "qk_gain_2_prope_4": ({"qk_gain": 2.0}, {"prope_unit": 4.0}),
+RECIPES = {  # name -> (TrainConfig changes, WorldSpec changes) from the defaults (the shipped recipe)
+    "qk_gain_1_no_prope": ({"qk_gain": 1.0}, {"prope_unit": None}),  # the previous weights' recipe
+    "qk_gain_2_prope_4": ({}, {}),
 }
 
 

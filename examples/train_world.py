@@ -1,6 +1,6 @@
 """Train the ``trained`` preset of the HY-WorldPlay-style world on rendered rooms.
 
-    python examples/train_world.py --device cuda --time-budget 530 --out runs/trained   # the shipped weights' command
+    python examples/train_world.py --device cuda --time-budget 530 --out runs/trained   # the shipped weights' command (2 at once, 1 H200)
     python examples/train_world.py --device cuda --time-budget 900 --out runs/long      # 15 minutes, one GPU
     python examples/train_world.py --device cuda --steps 3122 --out runs/repro          # the shipped weights' schedule
     python examples/train_world.py --steps 3 --clips 8 --batch 4 --out /tmp/smoke   # CPU smoke run
