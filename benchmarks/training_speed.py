@@ -40,9 +40,9 @@ def time_steps(config: TrainConfig, spec, pool, device: str, skip: int) -> dict[
 
     start = time.perf_counter()
     state = train(config, device, on_step=on_step, pool=pool, spec=spec)
-    gaps = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1:])]
-    return {"first_steps_s": round(stamps[skip] - start, 2), "step_ms": round(1000 * statistics.median(gaps), 2),
-            "steps_per_s": round(1 / statistics.median(gaps), 2), "final_loss": state.losses[-1]}
+    step_s = statistics.median(b - a for a, b in zip(stamps[skip:], stamps[skip + 1:]))
+    return {"first_steps_s": round(stamps[skip] - start, 2), "step_ms": round(1000 * step_s, 2),
+            "steps_per_s": round(1 / step_s, 2), "final_loss": state.losses[-1]}
 
 
 def profile(config: TrainConfig, spec, pool, device: str, rows: int) -> str:
@@ -51,11 +51,6 @@ def profile(config: TrainConfig, spec, pool, device: str, rows: int) -> str:
     with torch.profiler.profile(activities=activities) as prof:
         train(config, device, pool=pool, spec=spec)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
-
-
-def name_of(device: str) -> str:
-    """The GPU's name, or "cpu"."""
-    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
 def main() -> None:
@@ -83,9 +78,10 @@ def main() -> None:
         if args.profile:
             print(profile(replace(base, steps=8, **changes), spec, pool, args.device, 30), flush=True)
     if args.json:
+        device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name_of(args.device), "torch": torch.__version__,
-                                         "steps": args.steps, "skip": args.skip, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "steps": args.steps,
+                                         "skip": args.skip, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
