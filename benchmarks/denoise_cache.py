@@ -1,7 +1,7 @@
 """Denoising cache on the reference worlds: model calls saved on revisits, and how close to dense.
 
 For each world, trajectory with revisits and ``reuse_steps``: generate densely, then with the model
-compiled by light_interaction (cache on, through ``ChunkHook``), and compare the latents of every
+compiled by light_interaction (cache on, context controller off: the dense context), and compare the latents of every
 chunk that hit the cache with the dense ones (PSNR). For scale, ``revisit_psnr`` compares the dense
 revisit chunk with the dense chunk it revisits (same cameras, other noise and context): a cached
 chunk much closer to dense than that has lost little. Prints a table and writes a JSON (and a plot
@@ -20,9 +20,10 @@ import statistics
 
 import torch
 
-from li_compile.denoise_runtime import DENOISE, ChunkHook
+import li_compile
 from li_compile.worlds import hy_worldplay, matrix_game3, training, trajectories
 from li_compile.worlds.pipeline import generate
+from li_compile.worlds.report_tools import configure_for
 
 WORLDS = {  # name -> build(device): the random-weight tiny worlds, and the trained one (its weights shipped)
     "hy_worldplay": lambda device: hy_worldplay.build("tiny", device=device),
@@ -45,37 +46,39 @@ def run(world_name: str, trajectory_name: str, frames: int, reuse_steps: int, st
     trajectory = trajectories.make(trajectory_name, frames)
     dense = generate(world, trajectory, decode=False)
     torch._dynamo.reset()
-    DENOISE.reset()
-    options = {"inner": inner, "cache": {"reuse_steps": reuse_steps, "stored": stored}}
-    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options))
-    hook = ChunkHook(trajectory.poses, world.spec.chunk_frames, world.spec.sigmas())
-    cached = generate(compiled, trajectory, step_hook=hook, decode=False)
+    options = {"inner": inner, "cache": {"reuse_steps": reuse_steps, "stored": stored},
+               "context": {"enabled": False, "window_max": world.spec.window}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    configure_for(accelerator, world, trajectory)
+    cached = generate(compiled, trajectory, accelerator=accelerator, decode=False)
+    history = accelerator.denoise.history
     per_chunk, steps = world.spec.chunk_frames, world.spec.steps
 
     def frames_of(chunk: int) -> slice:
         return slice(chunk * per_chunk, (chunk + 1) * per_chunk)
 
-    hits = [s for s in hook.stats if s.values["cache"] == "hit"]
-    misses = [s for s in hook.stats if s.values["cache"] != "hit"]
+    hits = [s for s in history if s.values["cache"] == "hit"]
+    misses = [s for s in history if s.values["cache"] != "hit"]
     cached_psnr = [psnr(cached.latents[frames_of(s.chunk)], dense.latents[frames_of(s.chunk)]) for s in hits]
     revisit_psnr = [
         psnr(dense.latents[frames_of(s.chunk)], dense.latents[frames_of(s.values["reused_chunk"])]) for s in hits
     ]
-    first_hit = min((s.chunk for s in hits), default=len(hook.stats))
+    first_hit = min((s.chunk for s in hits), default=len(history))
     exact = all(
         torch.equal(cached.latents[frames_of(s.chunk)], dense.latents[frames_of(s.chunk)])
         for s in misses if s.chunk < first_hit  # later chunks see cached chunks as context
     )
     return {
         "world": world_name, "trajectory": trajectory_name, "frames": frames, "reuse_steps": reuse_steps,
-        "stored": stored, "chunks": len(hook.stats), "hits": len(hits), "steps": steps,
-        "model_calls": sum(s.values["steps_computed"] for s in hook.stats),
-        "dense_model_calls": len(hook.stats) * steps,
+        "stored": stored, "chunks": len(history), "hits": len(hits), "steps": steps,
+        "model_calls": sum(s.values["steps_computed"] for s in history),
+        "dense_model_calls": len(history) * steps,
         "misses_before_first_hit_exact": exact,
         "cached_psnr_mean": statistics.fmean(cached_psnr) if hits else None,
         "cached_psnr_min": min(cached_psnr) if hits else None,
         "revisit_psnr_mean": statistics.fmean(revisit_psnr) if hits else None,
-        "cache_bytes": hook.stats[-1].values["cache_bytes"],
+        "cache_bytes": history[-1].values["cache_bytes"],
         # wall time of the hit chunks (selection, inputs, all steps), cached vs dense; the dense run is
         # eager, the cached one compiled by light_interaction with the chosen inner compiler
         "hit_chunk_ms": 1e3 * statistics.fmean(cached.chunk_times[s.chunk] for s in hits) if hits else None,

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from li_compile.controller.context import ContextController
+from li_compile.options import Options
+from li_compile.plan import Plan
 from li_compile.controller.window import latent_dynamics, window_size
 from li_compile.options import WINDOW_RULES
 from li_compile.worlds import hy_worldplay, matrix_game3
@@ -104,7 +106,8 @@ def render_coverage(frames: int, chunk_frames: int, window: int, memory: int) ->
 
 def controller_for(spec, trajectory, window: int, **context) -> ContextController:
     options = {"window_min": 1, "window_max": window, "similarity": DENSE_MEASURE, **context}
-    return ContextController(options, memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect)
+    return ContextController(Options.from_user({"context": options}).context, Plan(), memory_k=spec.memory,
+                             fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect)
 
 
 def score(run, dense, chunk_frames: int) -> dict:

@@ -1,24 +1,23 @@
 """Matrix-Game-3.0-style world model: dense (Inductor) vs light_interaction along a camera path with revisits.
 
-Use the backend on your own world model: compile the denoiser (and, for a KV-cache model, the
-pass that fills the cache) with the backend name, and let a context controller pick which past
-frames enter the cache each chunk (the README's "Using the backend on your own world model" has
-the whole loop)::
+Use the backend on your own world model: compile the denoiser with the backend name, configure its
+accelerator once, and run each chunk inside ``li.chunk(...)``; a KV-cache model fills its cache
+from the chunk's context (the README's "Using the backend on your own world model" has the loop)::
 
     import torch, li_compile
-    from li_compile.denoise_runtime import DENOISE
 
-    dit = torch.compile(MyCausalDiT(...).cuda().eval(), backend="light_interaction", dynamic=False,
-                        options={"cache": {"reuse_steps": 1}})
-    controller = li_compile.ContextController({"window_max": 8}, memory_k=4, fov_y_deg=60.0, layout=my_layout)
-    with li_compile.session(controller), torch.no_grad():
-        controller.warm_up(lambda capacity: dit(x, sigmas[0], empty_kv_cache(capacity), actions, ...))
-        for chunk in range(chunks):
-            sel = controller.select(chunk, past_poses, chunk_poses, past_latents)  # frames for the KV cache
-            DENOISE.begin_chunk(chunk, chunk_poses, sigmas)
-            ...  # fill the cache from sel, then your sampler loop: dit(x, sigma, kv_cache, actions, ...)
-            DENOISE.end_chunk()
-    print(li_compile.report(dit))             # which attention sites were rewritten, and why; per-chunk decisions
+    dit = torch.compile(MyCausalDiT(...).cuda().eval(), backend="light_interaction", dynamic=False)
+    li = li_compile.accelerator(dit)
+    li.configure(memory_k=4, fov_y_deg=60.0, layout=my_layout, revisit_inputs=("kv", "camera", "actions"))
+    with torch.no_grad():
+        li.warm_up(lambda capacity: dit(x, sigmas[0], empty_kv_cache(capacity), ...))
+        for c in range(chunks):
+            with li.chunk(c, past_poses, chunk_poses, past_latents, sigmas) as chunk:
+                kv = encode(chunk.context(past_latents)[None], chunk.valid[None])   # the KV cache pass
+                for i in range(steps):
+                    chunk.step(i)
+                    v = dit(x, sigmas[i], kv, chunk.valid[None], ...)
+    print(li_compile.report(dit))
 
 This script does that for the reference Matrix-Game-3.0-style world (``li_compile.worlds.matrix_game3``)
 and compares it with the dense run:

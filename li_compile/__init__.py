@@ -1,18 +1,20 @@
 """li-compile: a torch.compile backend for interactive video world models.
 
-    compiled = torch.compile(model, backend="light_interaction", options={...})
-    with li_compile.session(li_compile.ContextController(...)):   # per-chunk context decisions
-        ...                                                         # your chunk loop
+    compiled = torch.compile(model, backend="light_interaction", options={...}, dynamic=False)
+    li = li_compile.accelerator(compiled)            # this model's plans, cache and report
+    li.configure(memory_k=4, fov_y_deg=60, layout=..., revisit_inputs=(...))
+    with li.chunk(c, past_poses, chunk_poses, past_latents, sigmas) as chunk:
+        ...                                           # chunk.context(...), chunk.valid, chunk.step(i)
     print(li_compile.report(compiled))
 """
 
-from li_compile.controller.context import ContextController
-from li_compile.controller.session import session
+from li_compile.accelerator import Accelerator, ChunkScope, accelerator
+from li_compile.controller.selection import ContextSelection
 from li_compile.options import CacheOptions, ContextOptions, Options, SparsityOptions
 from li_compile.reporting import Report, Site, report
 
 __all__ = [
-    "CacheOptions", "ContextController", "ContextOptions", "Options", "Report", "Site", "SparsityOptions", "report",
-    "session",
+    "Accelerator", "CacheOptions", "ChunkScope", "ContextOptions", "ContextSelection", "Options", "Report", "Site",
+    "SparsityOptions", "accelerator", "report",
 ]
 __version__ = "0.1.0"

@@ -2,9 +2,10 @@
 
 Registered through the ``torch_dynamo_backends`` entry point (see pyproject.toml), so
 ``torch.compile(model, backend="light_interaction")`` works without importing li_compile. Dynamo
-calls it once per captured graph: it validates the options, runs the FX passes
-(``li_compile.passes.pipeline.PASSES``), records what they found for ``li_compile.report``, and hands
-the rewritten graph to the inner compiler.
+calls it once per captured graph: it validates the options, finds the compiled model's
+``Accelerator`` (``li_compile.accelerator``: its plan slots, cache and report), runs the FX passes
+(``li_compile.passes.pipeline.PASSES``), records what they found, and hands the rewritten graph to
+the inner compiler.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import fx
 
+from li_compile.accelerator import Accelerator, RoutedGraph, accelerator_of, calling_target, dynamic_setting
 from li_compile.inner import INNER
 from li_compile.options import Options
 from li_compile.passes.pipeline import PassContext, run_passes
 from li_compile.passes.sampler import compile_with_cache
-from li_compile.reporting import Compilation, record_compilation
 
 
 def light_interaction(
@@ -34,20 +35,13 @@ def light_interaction(
     ``mode``: ``torch.compile``'s mode, forwarded to Inductor.
     """
     opts = Options.from_user(options)
-    inner = INNER[opts.inner]
-    compilation = Compilation(
-        graph_name=f"graph{_next_graph_id()}",
-        code_name=type(gm).__name__,
-        inner=opts.inner,
-    )
-    record_compilation(compilation)
-    rewritten = run_passes(gm, PassContext(options=opts, example_inputs=example_inputs, compilation=compilation))
-    # The inner compiler, behind the denoising cache's host runner if the sampler pass found a sampler.
-    return compile_with_cache(rewritten, example_inputs, inner, mode, opts, compilation)
-
-
-_graph_counter = iter(range(1, 1 << 62))
-
-
-def _next_graph_id() -> int:
-    return next(_graph_counter)
+    target, context = calling_target()
+    # a graph whose model cannot be found gets an accelerator of its own: dense plans, no cache
+    acc = accelerator_of(target, opts) if target is not None else Accelerator(opts, type(gm).__name__)
+    compilation = acc.new_compilation(type(gm).__name__)
+    ctx = PassContext(options=opts, example_inputs=example_inputs, compilation=compilation, plan=acc.plan,
+                      dynamic=dynamic_setting(context))
+    rewritten = run_passes(gm, ctx)
+    # The inner compiler, behind the denoising cache's host runner if the sampler pass found a sampler;
+    # each call runs for the model that makes it (Dynamo shares graphs between instances of a class).
+    return RoutedGraph(compile_with_cache(rewritten, example_inputs, INNER[opts.inner], mode, compilation), opts, acc)

@@ -3,9 +3,11 @@
 When the camera comes back to a place it has generated before, the early denoising steps of the
 new chunk mostly decide coarse layout, which the first visit already decided. The cache keeps, for
 each generated chunk, the model's outputs at its early steps, keyed by the chunk's cameras and
-stamped with everything that makes outputs comparable (model/graph fingerprint, latent shape, dtype,
-device, what was stored). A lookup only returns an entry with the identical stamp, so a hit never
-crosses models, resolutions, dtypes or devices. Capacity is bounded (entries, and bytes if asked),
+stamped with everything that makes outputs comparable (the cache key: weights generation and
+conditioning digest, ``li_compile.cache_key``; the sigma schedule; latent shape, dtype, device;
+what was stored). A lookup only returns an entry with the identical stamp, so a hit never crosses
+weights, conditioning, schedules, resolutions, dtypes or devices. Each accelerated model has its
+own cache, so it never crosses models either. Capacity is bounded (entries, and bytes if asked),
 least recently used first out; the bytes held are accounted.
 
 Which past chunk is "the same place": every camera of the chunk ``(F, 4, 4)`` must match the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Hashable
 
 import torch
 
@@ -30,24 +33,26 @@ PREDICTIONS = ("x0", "raw")
 
 @dataclass(frozen=True)
 class Stamp:
-    """What must match for a cached output to be reusable: the model/graph fingerprint, the latent
-    shape, dtype and device, and what was stored (``"x0"``: the clean-latent prediction, ``"raw"``:
-    the model output as returned)."""
+    """What must match for a cached output to be reusable: the cache key (weights generation and
+    conditioning digest), the latent shape, dtype and device, what was stored (``"x0"``: the
+    clean-latent prediction, ``"raw"``: the model output as returned) and the schedule (the chunk's
+    sigmas, or its step count when they are not given)."""
 
-    fingerprint: str
+    key: Hashable
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: str
     prediction: str = "raw"
+    schedule: tuple = ()
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"Stamp.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
 
     @classmethod
-    def of(cls, fingerprint: str, latents: torch.Tensor, prediction: str = "raw") -> "Stamp":
-        """The stamp of outputs shaped like ``latents`` made by the model ``fingerprint``."""
-        return cls(fingerprint, tuple(latents.shape), latents.dtype, str(latents.device), prediction)
+    def of(cls, key: Hashable, latents: torch.Tensor, prediction: str = "raw", schedule: tuple = ()) -> "Stamp":
+        """The stamp of outputs shaped like ``latents`` made under cache ``key`` and ``schedule``."""
+        return cls(key, tuple(latents.shape), latents.dtype, str(latents.device), prediction, schedule)
 
 
 @dataclass
@@ -156,6 +161,11 @@ class DenoiseCache:
         self._entries[entry.key] = entry
         self._evict(keep=entry.key)
         return entry
+
+    def discard(self, entry: Entry) -> None:
+        """Drop ``entry`` (if still held)."""
+        if entry in self:
+            del self._entries[entry.key]
 
     def store(self, entry: Entry, step: int, output: torch.Tensor, call: int = 0) -> None:
         """Keep ``output`` (a copy) as ``entry``'s stored output of model ``call`` at denoising ``step``.

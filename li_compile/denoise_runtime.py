@@ -1,20 +1,16 @@
 """Per-chunk, per-step host decisions of the denoising cache: serve a stored output or compute.
 
-The generation loop (the reference pipeline, the controller, or the user's own loop) brackets each
-chunk::
-
-    from li_compile.denoise_runtime import DENOISE
-    DENOISE.begin_chunk(chunk, poses, sigmas)   # poses: (F, 4, 4) cameras of the chunk's frames
-    ... run the compiled model (or the compiled chunk function) ...
-    stats = DENOISE.end_chunk()                 # a ChunkStats for the report
-
+Each accelerated model owns one ``DenoiseRuntime`` (``Accelerator.denoise``); its chunk scope
+(``with accelerator.chunk(...)``) brackets each chunk with ``begin_chunk`` / ``end_chunk``.
 Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) goes through
-``DENOISE.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
+``runtime.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
 the step (``DENOISE.set_step``, as ``ChunkHook`` does; then several calls per step, such as
 classifier-free guidance as separate calls, are kept apart). On the first early step
 (``step < reuse_limit``: ``cache.reuse_steps``, by default half the chunk's steps) the chunk is looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
-runs and its early outputs are stored under the chunk's cameras. Outside ``begin_chunk`` /
+runs and its early outputs are stored under the chunk's cameras. A hit also needs the same cache
+key: the weights generation and conditioning digest (``li_compile.cache_key``), the sigma
+schedule, and the latent's shape, dtype and device. A non-finite output is never stored. Outside ``begin_chunk`` /
 ``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
 the model always runs. All of this happens on the host, between
 calls of compiled graphs, so hits and misses never change anything Dynamo guards on.
@@ -36,10 +32,12 @@ The stamp records which, so the two never mix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Callable, Hashable, Sequence
 
 import torch
 
+from li_compile.controller.poses import validate_poses
 from li_compile.denoise_cache import DenoiseCache, Entry, Stamp, chunk_poses
 from li_compile.options import CacheOptions
 from li_compile.reporting import ChunkStats
@@ -57,6 +55,7 @@ class _Chunk:
     start: tuple[int, int, int]  # cache hits, misses, evictions at begin_chunk
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
     opened: dict[Stamp, Entry] = field(default_factory=dict)
+    poisoned: set[Stamp] = field(default_factory=set)  # a non-finite output seen: store nothing more
     calls: dict[Hashable, int] = field(default_factory=dict)
     step: int | None = None  # told by the loop (set_step), else counted per runner
     reused: int = 0
@@ -66,8 +65,9 @@ class _Chunk:
 class DenoiseRuntime:
     """Host state of the denoising cache: the cache itself and the chunk being generated."""
 
-    def __init__(self, capacity: int = CacheOptions().capacity) -> None:
-        self.cache = DenoiseCache(capacity)
+    def __init__(self, options: CacheOptions) -> None:
+        self.options = options
+        self.cache = DenoiseCache(options.capacity)
         self.reset()
 
     def reset(self) -> None:
@@ -81,23 +81,16 @@ class DenoiseRuntime:
         """Whether a chunk is open (between ``begin_chunk`` and ``end_chunk``)."""
         return self._chunk is not None
 
-    def configure(self, options: CacheOptions) -> None:
-        """Adopt ``options.capacity`` (the latest compilation with the cache enabled sets it)."""
-        self.cache.capacity = options.capacity
-
     def begin_chunk(self, chunk: int, poses: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None = None) -> None:
         """Open ``chunk``: ``poses`` ``(F, 4, 4)`` are its frames' cameras (camera-to-world);
         ``sigmas`` ``(steps + 1,)`` its noise schedule (``sigmas[i]``: noise level of the latent
         entering step ``i``), or None to store raw outputs. A still-open chunk is ended first."""
         if self._chunk is not None:
             self.end_chunk()
-        schedule = None
-        if sigmas is not None:
-            schedule = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
-            if len(schedule) < 2:
-                raise ValueError(f"sigmas must list steps + 1 >= 2 noise levels, got {schedule}")
+        poses = chunk_poses(validate_poses(poses, "chunk poses"))
+        schedule = None if sigmas is None else check_sigmas(sigmas)
         s = self.cache.stats
-        self._chunk = _Chunk(chunk, chunk_poses(poses), schedule, (s.hits, s.misses, s.evictions))
+        self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions))
 
     def end_chunk(self) -> ChunkStats:
         """Close the open chunk and return its statistics (also appended to ``history``)."""
@@ -131,12 +124,12 @@ class DenoiseRuntime:
             raise ValueError("set_step() without begin_chunk(): no chunk is open")
         self._chunk.step = step
 
-    def reuse_limit(self, options: CacheOptions, steps: int | None = None) -> int:
+    def reuse_limit(self, steps: int | None = None) -> int:
         """How many early steps may be served in the open chunk: ``reuse_steps`` (``None``: half the
         chunk's steps, rounded down, or ``UNKNOWN_STEPS_REUSE`` when the count is unknown), but never
         the last step (the count is known from ``steps`` or the chunk's ``sigmas``); 0 when caching
         is off or no chunk is open."""
-        c = self._chunk
+        c, options = self._chunk, self.options
         if c is None or not options.enabled:
             return 0
         total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else None)
@@ -148,10 +141,9 @@ class DenoiseRuntime:
     def step(
         self,
         runner: Hashable,
-        fingerprint: str,
+        key: Callable[[], Hashable],
         latents: torch.Tensor,
         compute: Callable[[], torch.Tensor],
-        options: CacheOptions,
         steps: int | None = None,
         step: int | None = None,
     ) -> torch.Tensor:
@@ -159,7 +151,8 @@ class DenoiseRuntime:
         of a revisit, else ``compute()`` (stored on early steps).
 
         ``latents``: the model's noisy latent input; the output has its shape and dtype.
-        ``fingerprint``: the model/graph identity that goes into the stamp. ``step``: the denoising
+        ``key()``: the cache key of this call (``Accelerator.cache_key``; evaluated only on early
+        steps, where a lookup or a store needs it); None: never cached. ``step``: the denoising
         step, if the caller knows it (else the step told by ``set_step``, else the n-th call of
         ``runner`` in this chunk is step n); ``steps``: the chunk's step count, if known (the last
         step is never served).
@@ -175,15 +168,21 @@ class DenoiseRuntime:
         elif step is None:
             step = c.calls.get(runner, 0)
             c.calls[runner] = step + 1
-        if step >= self.reuse_limit(options, steps):
+        limit = self.reuse_limit(steps)
+        if step >= limit:
             c.computed += 1
             return compute()
-        sigma = c.sigmas[step] if c.sigmas is not None and options.stored == "x0" else None
+        sigma = c.sigmas[step] if c.sigmas is not None and self.options.stored == "x0" else None
         if sigma is not None and sigma <= 0:
             raise ValueError(f"sigmas[{step}] = {sigma}: an early step reused from the cache needs a noise level > 0")
-        stamp = Stamp.of(fingerprint, latents, "raw" if sigma is None else "x0")
+        schedule = tuple(c.sigmas) if c.sigmas is not None else (steps,)
+        call_key = key()
+        if call_key is None:  # weights without version counters: nothing can be proven equal
+            c.computed += 1
+            return compute()
+        stamp = Stamp.of(call_key, latents, "raw" if sigma is None else "x0", schedule)
         if stamp not in c.matches:
-            c.matches[stamp] = self.cache.lookup(c.poses, stamp, self.reuse_limit(options, steps), options.revisit_threshold)
+            c.matches[stamp] = self.cache.lookup(c.poses, stamp, limit, self.options.revisit_threshold)
         entry = c.matches[stamp]
         if entry is not None and (step, call) in entry.outputs:
             c.reused += 1
@@ -192,42 +191,26 @@ class DenoiseRuntime:
         out = compute()
         c.computed += 1
         if entry is None:
-            if stamp not in c.opened:
-                c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)
             stored = out if sigma is None else (latents - sigma * out).to(out.dtype)
-            self.cache.store(c.opened[stamp], step, stored, call)
+            if not bool(torch.isfinite(stored).all()):  # never keep what a bad input produced
+                c.poisoned.add(stamp)
+                if stamp in c.opened:
+                    self.cache.discard(c.opened.pop(stamp))
+            if stamp not in c.poisoned:
+                if stamp not in c.opened:
+                    c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)
+                self.cache.store(c.opened[stamp], step, stored, call)
         return out
 
 
-class ChunkHook:
-    """A ``step_hook(chunk, step, model_call)`` for ``li_compile.worlds.pipeline.generate`` (or any
-    loop that calls its model through such a hook): opens chunk ``c`` on its first step with the
-    cameras of its frames and the schedule, closes it after its last step, and keeps the chunk stats.
 
-    ``poses: (N, 4, 4)`` the cameras of every latent frame of the trajectory; ``chunk_frames``:
-    frames per chunk; ``sigmas: (steps + 1,)`` the schedule.
-    """
-
-    def __init__(
-        self, poses: torch.Tensor, chunk_frames: int, sigmas: Sequence[float] | torch.Tensor,
-        runtime: "DenoiseRuntime | None" = None,
-    ) -> None:
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        self.poses, self.chunk_frames, self.sigmas = poses, chunk_frames, sigmas
-        self.steps = len(sigmas) - 1
-        self.runtime = runtime or DENOISE
-        self.stats: list[ChunkStats] = []
-
-    def __call__(self, chunk: int, step: int, model_call: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if step == 0:
-            frames = self.poses[chunk * self.chunk_frames:(chunk + 1) * self.chunk_frames]
-            self.runtime.begin_chunk(chunk, frames, self.sigmas)
-        self.runtime.set_step(step)
-        out = model_call()
-        if step == self.steps - 1:
-            self.stats.append(self.runtime.end_chunk())
-        return out
-
-
-DENOISE = DenoiseRuntime()
+def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
+    """``sigmas (steps + 1,)`` as floats; ``ValueError`` unless there are at least two, all finite
+    and >= 0."""
+    schedule = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    if len(schedule) < 2:
+        raise ValueError(f"sigmas must list steps + 1 >= 2 noise levels, got {schedule}")
+    bad = [s for s in schedule if not math.isfinite(s) or s < 0]
+    if bad:
+        raise ValueError(f"sigmas must be finite and >= 0, got {schedule}")
+    return schedule

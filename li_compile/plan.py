@@ -20,17 +20,24 @@ so every layout fits)::
     full_kv_indices     (B, H, Q, K) int32
     key_keep            (B, Lk)      bool   token-level key keep vector (applied on partial blocks)
 
-The controller's API::
+Every accelerated model owns one ``Plan`` (``li_compile.Accelerator.plan``): two models never share
+a slot. A graph names its slot by an integer id, process-unique and never reused; since Dynamo
+shares one graph between instances of a module class, the op runs the slot *of the same signature*
+in the plan of the model calling it (``li_compile.running``), made on its first call (dense), and
+``find_slot`` only serves calls made outside any compiled graph (tests, direct calls). The id
+tables (weak slots, immutable signatures) are the process-level structures here. The controller's
+API::
 
-    from li_compile.plan import PLAN
-    for slot in PLAN.slots_for(q_len=seq.q_len, kv_len=seq.kv_len):
+    for slot in accelerator.plan.slots_for(q_len=seq.q_len, kv_len=seq.kv_len):
         slot.set_layout(layout)       # a li_compile.kernels.block_layout.BlockLayout
-    PLAN.clear()                      # every slot dense again
+    accelerator.plan.clear()          # every slot dense again
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -38,6 +45,28 @@ import torch
 
 INDEX_DTYPE = torch.int32
 SLOT_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "key_keep")
+
+# The op's way from a graph constant to its slot: ids are drawn once and never reused, slots are held
+# weakly (their Plan, owned by one accelerated model, holds them).
+_SLOT_IDS = itertools.count()
+_SLOTS: "weakref.WeakValueDictionary[int, PlanSlot]" = weakref.WeakValueDictionary()
+_SIGNATURES: "dict[int, SlotSignature]" = {}  # written once per id, never changed
+
+
+def find_slot(slot_id: int) -> "PlanSlot":
+    """The live slot with process-unique id ``slot_id``; ``ValueError`` if its model is gone."""
+    slot = _SLOTS.get(slot_id)
+    if slot is None:
+        raise ValueError(f"no live plan slot {slot_id}: the accelerated model that owned it was deleted")
+    return slot
+
+
+def slot_for_call(plan: "Plan | None", slot_id: int) -> "PlanSlot":
+    """The slot a call of a graph slot ``slot_id`` runs: ``plan``'s slot of the same signature (the
+    calling model's), or the slot ``slot_id`` itself when no model is running."""
+    if plan is None:
+        return find_slot(slot_id)
+    return plan.slot_for(_SIGNATURES[slot_id])
 
 
 @dataclass(frozen=True)
@@ -70,8 +99,10 @@ class SlotSignature:
 class PlanSlot:
     """The plan tensors one group of attention sites (same signature) reads, updated in place."""
 
-    def __init__(self, slot_id: int, signature: SlotSignature) -> None:
-        self.id = slot_id
+    def __init__(self, signature: SlotSignature) -> None:
+        self.id = next(_SLOT_IDS)
+        _SLOTS[self.id] = self
+        _SIGNATURES[self.id] = signature
         self.signature = signature
         s = signature
         blocks, heads_blocks = (s.batch, s.heads, s.q_blocks), (s.batch, s.heads, s.q_blocks, s.kv_blocks)
@@ -81,6 +112,7 @@ class PlanSlot:
         self.full_kv_indices = torch.zeros(heads_blocks, dtype=INDEX_DTYPE, device=s.device)
         self.key_keep = torch.ones((s.batch, s.kv_len), dtype=torch.bool, device=s.device)
         self.fallbacks: collections.Counter[str] = collections.Counter()
+        self.topk_constants: Any = None  # built by li::planned_attention on its first top-k call
         self.clear()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -171,7 +203,7 @@ class PlanSlot:
 
 
 class Plan:
-    """Every plan slot of the process, by id and by signature. Slots are never removed: compiled
+    """The plan slots of one accelerated model, by signature. Slots are never removed: compiled
     graphs hold their tensors."""
 
     def __init__(self) -> None:
@@ -182,15 +214,10 @@ class Plan:
         """The slot for ``signature``, created (dense) on first use."""
         slot = self._by_signature.get(signature)
         if slot is None:
-            slot = PlanSlot(len(self._slots), signature)
+            slot = PlanSlot(signature)
             self._slots.append(slot)
             self._by_signature[signature] = slot
         return slot
-
-    def slot(self, slot_id: int) -> PlanSlot:
-        if not 0 <= slot_id < len(self._slots):
-            raise ValueError(f"no plan slot {slot_id}: slots are 0..{len(self._slots) - 1}")
-        return self._slots[slot_id]
 
     def slots_for(
         self,
@@ -224,5 +251,3 @@ class Plan:
     def __len__(self) -> int:
         return len(self._slots)
 
-
-PLAN = Plan()

@@ -3,8 +3,8 @@
 It computes attention on the normalised layout ``q: (B, H, Lq, D)``, ``k: (B, Hkv, Lk, D)``,
 ``v: (B, Hkv, Lk, Dv)`` (``Hkv`` divides ``H``: GQA), with an optional mask broadcastable to
 ``(B, H, Lq, Lk)`` (bool: True = attend; or additive, in q's dtype), and returns ``(B, H, Lq, Dv)``
-in q's dtype, contiguous. Which path runs is decided by the plan slot ``slot_id``
-(``li_compile.plan``), read on the host, with no device sync:
+in q's dtype, contiguous. Which path runs is decided by the plan slot of signature ``slot_id`` of
+the model calling the graph (``li_compile.plan.slot_for_call``), read on the host, no device sync:
 
 - dense slot: exactly the original site, ``F.scaled_dot_product_attention`` (except while a CUDA
   graph is captured: then always the kernel, whose cleared layout lists every block);
@@ -22,15 +22,14 @@ COMPILE-NOTES). Inference only: a call that needs a gradient raises.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import UnsupportedAttention, register_inference_only, sparse_attention
 from li_compile.kernels.tiling import own_blocks, topk_layout
-from li_compile.plan import PLAN, PlanSlot, SlotSignature
+from li_compile.plan import PlanSlot, slot_for_call
+from li_compile.running import running
 
 
 @torch.library.custom_op("li::planned_attention", mutates_args=())
@@ -51,7 +50,8 @@ def planned_attention(
 ) -> torch.Tensor:
     """Attention driven by plan slot ``slot_id`` (shapes in the module docstring); ``density`` < 1:
     top-k selection within the slot's layout (``sparsity.density``)."""
-    slot = PLAN.slot(slot_id)
+    model = running()
+    slot = slot_for_call(None if model is None else model.plan, slot_id)
     if not slot.is_dense or density < 1.0 or _capturing_cuda_graph(q):
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
@@ -73,19 +73,22 @@ def _layout(q: torch.Tensor, k: torch.Tensor, slot: PlanSlot, density: float) ->
     if density >= 1.0:
         return slot_layout(slot)
     s = slot.signature
-    own, dense = _topk_constants(s, q.device)
+    own, dense = _topk_constants(slot)
     # a cleared slot lists every block as partial with every key kept: the same blocks as ``dense``,
     # all full (a CUDA graph capture must read the slot instead: its replays follow later plans)
     within = dense if slot.is_dense and not _capturing_cuda_graph(q) else slot_layout(slot)
     return topk_layout(q, k, density, block_q=s.block_q, block_k=s.block_k, always=own, within=within)
 
 
-@functools.lru_cache(maxsize=None)
-def _topk_constants(s: SlotSignature, device: torch.device) -> tuple[torch.Tensor | None, BlockLayout]:
-    """What top-k selection needs per slot shape and never changes: the own-position blocks (None
-    when queries outnumber keys) and the all-full dense layout; built once, not on every call."""
-    own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, device) if s.q_len <= s.kv_len else None
-    return own, BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=device)
+def _topk_constants(slot: PlanSlot) -> tuple[torch.Tensor | None, BlockLayout]:
+    """What top-k selection needs per slot and never changes: the own-position blocks (None when
+    queries outnumber keys) and the all-full dense layout; built on the slot's first top-k call."""
+    if slot.topk_constants is None:
+        s, device = slot.signature, torch.device(slot.signature.device)
+        own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, device) if s.q_len <= s.kv_len else None
+        dense = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=device)
+        slot.topk_constants = (own, dense)
+    return slot.topk_constants
 
 
 def _capturing_cuda_graph(q: torch.Tensor) -> bool:

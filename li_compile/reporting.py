@@ -3,15 +3,12 @@ per-chunk runtime statistics.
 
 ``li_compile.report(compiled)`` answers "did my attention get rewritten?" for a model compiled with
 ``backend="light_interaction"``. Each call of the backend (one per Dynamo graph: a graph break makes
-two) appends a ``Compilation`` to the log of the compiled object that triggered it; the report shows
-the latest compilation of each graph.
+two) adds a ``Compilation`` to the model's ``Accelerator``; the report lists them with the chunk
+statistics of that model only.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,93 +84,11 @@ class Report:
         return "\n".join(lines)
 
 
-class _Log:
-    """Compilations keyed by the user's original module or function (weakly)."""
-
-    def __init__(self) -> None:
-        self._by_target: "weakref.WeakKeyDictionary[Any, dict[str, Compilation]]" = weakref.WeakKeyDictionary()
-        self._by_code: dict[Any, dict[str, Compilation]] = {}
-
-    def add(self, target: Any, code: Any, comp: Compilation) -> None:
-        if target is not None:
-            self._by_target.setdefault(target, {})[comp.graph_name] = comp
-        if code is not None:
-            self._by_code.setdefault(code, {})[comp.graph_name] = comp
-
-    def find(self, target: Any, code: Any) -> list[Compilation]:
-        found = self._by_target.get(target) or self._by_code.get(code) or {}
-        return list(found.values())
-
-
-_LOG = _Log()
-
-
-def _compiling_target() -> tuple[Any, Any]:
-    """The user's module/function whose call triggered the current compilation, and the code object
-    Dynamo is compiling. Found by walking the Python stack up to Dynamo's wrapper frames."""
-    target = code = None
-    frame = sys._getframe(1)
-    while frame is not None:
-        name, filename = frame.f_code.co_name, frame.f_code.co_filename
-        if code is None and name == "_compile" and filename.endswith("convert_frame.py"):
-            code = frame.f_locals.get("code")
-        if name == "compile_wrapper" and filename.endswith("eval_frame.py"):
-            fn = inspect.unwrap(frame.f_locals.get("fn"))
-            owner = getattr(fn, "__self__", None)
-            target = owner if isinstance(owner, torch.nn.Module) else fn
-            break
-        frame = frame.f_back
-    return target, code
-
-
-def record_compilation(comp: Compilation) -> None:
-    """Attach ``comp`` to the compiled model/function being compiled right now."""
-    target, code = _compiling_target()
-    try:
-        _LOG.add(target, code, comp)
-    except TypeError:  # a target that cannot be weakly referenced: fall back to its code object
-        _LOG.add(None, code, comp)
-
-
-def _original(compiled: Any) -> tuple[Any, Any, str]:
-    if isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule):
-        orig = compiled._orig_mod
-        return orig, type(orig).forward.__code__, type(orig).__name__
-    if isinstance(compiled, torch.nn.Module):
-        return compiled, type(compiled).forward.__code__, type(compiled).__name__
-    orig = getattr(compiled, "_torchdynamo_orig_callable", None)
-    if orig is None:
-        raise ValueError(
-            f"li_compile.report() needs what torch.compile(..., backend='light_interaction') returned, got "
-            f"{type(compiled).__name__} {getattr(compiled, '__name__', '')!s}, which was not compiled by torch.compile"
-        )
-    code = getattr(orig, "__code__", None)
-    return orig, code, getattr(orig, "__qualname__", repr(orig))
-
-
 def report(compiled: Any) -> Report:
-    """The report of the latest compilation(s) of ``compiled``, a model or function returned by
-    ``torch.compile(..., backend="light_interaction")`` (or a module compiled in place with
-    ``module.compile(...)``). Raises ``ValueError`` if it has not been compiled yet: compilation
-    is lazy, so call it once first."""
-    orig, code, name = _original(compiled)
-    comps = _LOG.find(orig, code)
-    if not comps:
-        raise ValueError(
-            f"{name} has not been compiled by the light_interaction backend yet: torch.compile is lazy, "
-            "call the compiled model once, then ask for its report"
-        )
-    return Report(target=name, compilations=comps, chunks=_chunk_stats())
+    """The report of ``compiled``, a model or function returned by ``torch.compile(...,
+    backend="light_interaction")`` (or a module compiled in place with ``module.compile(...)``):
+    every graph its accelerator compiled, the latest per graph, and its per-chunk statistics.
+    Raises ``ValueError`` if it has not been compiled yet: compilation is lazy, call it once first."""
+    from li_compile.accelerator import accelerator  # the accelerator builds on this module
 
-
-def _chunk_stats() -> list[ChunkStats]:
-    """Per-chunk statistics of the latest run: the last attached context controller's decisions,
-    merged by chunk with the denoising cache's (imported here: both modules import this one)."""
-    from li_compile.controller.session import last_controller
-    from li_compile.denoise_runtime import DENOISE
-
-    merged: dict[int, ChunkStats] = {}
-    controller = last_controller()
-    for stats in [*(controller.stats if controller else []), *DENOISE.history]:
-        merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
-    return [merged[c] for c in sorted(merged)]
+    return accelerator(compiled).report()

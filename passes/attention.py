@@ -29,7 +29,7 @@ from li_compile.passes.attention_match import AttentionMatch, NotAttention, desc
 from li_compile.passes.attention_rewrite import heads_shape, kv_heads, rewrite_site
 from li_compile.passes.attention_spellings import Sdpa, Softmax, example, read
 from li_compile.passes.attention_streams import TokenStreams
-from li_compile.plan import PLAN, SlotSignature
+from li_compile.plan import SlotSignature
 from li_compile.reporting import Site
 
 if TYPE_CHECKING:  # pipeline imports this module to register the pass
@@ -56,14 +56,14 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
             continue
         try:
             match = matcher(node)
-            _check_rewritable(match, streams)
+            _check_rewritable(match, streams, ctx.dynamic)
         except NotAttention as exc:
             ctx.compilation.sites.append(Site(KIND, "skipped", reason=str(exc), location=location(node)))
             continue
         if not ctx.options.sparsity.enabled:
             ctx.compilation.sites.append(Site(KIND, "skipped", reason=SPARSITY_OFF, location=location(node)))
             continue
-        slot = PLAN.slot_for(_signature(match, ctx))
+        slot = ctx.plan.slot_for(_signature(match, ctx))
         detail = {
             "spelling": match.spelling,
             "slot": slot.id,
@@ -78,16 +78,24 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
         ctx.compilation.sites.append(Site(KIND, "rewritten", location=where, detail=detail))
 
 
-def _check_rewritable(match: AttentionMatch, streams: TokenStreams) -> None:
+def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: object) -> None:
     """Reasons to leave a real attention site alone."""
     operands = [example(x.node) for x in (match.q, match.k, match.v)]
     if any(not isinstance(s, int) for t in operands for s in t.shape):
-        raise NotAttention("symbolic shapes (dynamic=True): plan slots need static shapes; left as written")
+        raise NotAttention(f"symbolic shapes ({_why_symbolic(dynamic)}): plan slots need static shapes; left as "
+                           "written. Fix: torch.compile(..., dynamic=False)")
     if any(t.requires_grad for t in operands):
         raise NotAttention("needs gradients (traced with grad enabled); planned attention is inference-only: left as written")
     if streams.is_cross_attention(match.q.node, match.k.node):
         names = ", ".join(sorted(n.name for n in streams.sources(match.k.node)))
         raise NotAttention(f"cross-attention (keys projected from other tokens: {names}) left dense")
+
+
+def _why_symbolic(dynamic: object) -> str:
+    if dynamic is None:
+        return ("torch.compile's default dynamic=None turned on automatic dynamic shapes when the model ran at a "
+                "second shape, e.g. a second context capacity")
+    return f"dynamic={dynamic}"
 
 
 def _signature(match: AttentionMatch, ctx: "PassContext") -> SlotSignature:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
@@ -19,6 +19,7 @@ from torch import fx
 from li_compile.options import Options
 from li_compile.passes.attention import attention_pass
 from li_compile.passes.sampler import sampler_pass
+from li_compile.plan import Plan
 from li_compile.reporting import Compilation, Site
 
 log = logging.getLogger("li_compile")
@@ -26,11 +27,14 @@ log = logging.getLogger("li_compile")
 
 @dataclass
 class PassContext:
-    """What a pass may read (options, example inputs) and where it records its sites."""
+    """What a pass may read (options, example inputs, the ``dynamic=`` torch.compile was given),
+    where it records its sites, and the compiled model's plan slots."""
 
     options: Options
     example_inputs: Sequence[torch.Tensor]
     compilation: Compilation
+    plan: Plan
+    dynamic: Any = False
 
 
 GraphPass = Callable[[fx.GraphModule, PassContext], None]

@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import fx
 
-from li_compile.denoise_runtime import DENOISE
-from li_compile.options import Options
 from li_compile.passes.attention import location
 from li_compile.passes.sampler_match import NotSampler, match_steps, match_transformer
 from li_compile.passes.sampler_runners import ChunkRunner, InnerCompiler, ModelCallRunner
@@ -74,20 +72,18 @@ def compile_with_cache(
     example_inputs: Sequence[torch.Tensor],
     inner: InnerCompiler,
     mode: str | None,
-    options: Options,
     compilation: Compilation,
 ) -> Callable:
     """Compile ``gm`` with ``inner``; if ``sampler_pass`` found a sampler in it, return the compiled
-    code behind the denoising cache (``ModelCallRunner`` or ``ChunkRunner``). If the chunk graph
+    code behind the denoising cache (of the model running it: ``li_compile.running``) (``ModelCallRunner`` or ``ChunkRunner``). If the chunk graph
     cannot be split, compile it whole (no cache) and turn its sampler sites to skipped, with why."""
     found = gm.meta.get(META)
     if found is None:
         return inner(gm, example_inputs, mode)
-    DENOISE.configure(options.cache)
     if not isinstance(found, list):
-        return ModelCallRunner(inner(gm, example_inputs, mode), gm, found, options.cache)
+        return ModelCallRunner(inner(gm, example_inputs, mode), gm, found)
     try:
-        return ChunkRunner(gm, found, inner, mode, options.cache)
+        return ChunkRunner(gm, found, inner, mode)
     except Exception as exc:  # noqa: BLE001 - a split we cannot make costs the cache, never correctness
         reason = f"could not split the chunk graph into per-step pieces ({type(exc).__name__}: {exc}); compiled whole"
         log.warning("light_interaction: %s", reason)

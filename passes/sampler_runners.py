@@ -1,7 +1,7 @@
 """Host-side runners that put the denoising cache between Dynamo and the compiled code.
 
-The cache decision (serve a stored output or run the model) is made on the host by
-``li_compile.denoise_runtime.DENOISE``, never inside a traced graph, so hits and misses change
+The cache decision (serve a stored output or run the model) is made on the host by the model's
+``Accelerator.denoise`` (a ``DenoiseRuntime``), never inside a traced graph, so hits and misses change
 nothing Dynamo guards on: the model compiles once.
 
 - ``ModelCallRunner`` (the graph is one denoiser call): wraps the inner compiler's callable; each
@@ -14,48 +14,59 @@ nothing Dynamo guards on: the model compiles once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from typing import Callable, Sequence
+import re
+from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
-from li_compile.denoise_runtime import DENOISE
-from li_compile.options import CacheOptions
 from li_compile.passes.sampler_match import Step, TransformerSite, is_parameter
+from li_compile.running import running
 
 log = logging.getLogger("li_compile")
 
 InnerCompiler = Callable[[fx.GraphModule, Sequence[torch.Tensor], "str | None"], Callable]
 
 
-class _Fingerprint:
-    """The model identity of a call: a hash of the model's parameters, by name and by storage (two
-    models with one architecture share the names, not the weights). Not the graph's code: the
-    graphs one model compiles to at its several context capacities (the controller's buckets) are
-    one model, and a revisit served across them is right; resolution, dtype and device are in the
-    cache stamp."""
+_LOCAL = re.compile(r"^L\['([^']+)'\]")
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+
+def input_name(node: fx.Node) -> str:
+    """The user's name of a graph input: the forward argument it came from (``L['text']`` ->
+    ``text``), else the placeholder's name."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    found = _LOCAL.match(getattr(source, "name", "") or "")
+    return found.group(1) if found else node.name
+
+
+class CallKey:
+    """The cache key of one call of a compiled graph (``li_compile.cache_key``): the identity and
+    version of every weight tensor it uses (its parameter/buffer inputs and the parameters the graph
+    holds), and the digest of its conditioning inputs: every other tensor input except the noisy
+    latent(s) ``latents`` (input positions), the timestep(s) and the inputs the running model's
+    accelerator was told vary on a revisit (``Accelerator.configure(revisit_inputs=...)``)."""
+
+    def __init__(self, gm: fx.GraphModule, excluded: set[int]) -> None:
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.params = [i for i, n in enumerate(inputs) if is_parameter(n)]
-        names = [inputs[i].target for i in self.params]
-        held = [f"{name}:{id(t)}" for name, t in gm.named_parameters()]  # not buffers: plan slots live there
-        self.code = hashlib.sha1("".join(names + held).encode()).hexdigest()[:16]
+        self.weights = [i for i, n in enumerate(inputs) if is_parameter(n)]
+        self.held = [t for _, t in gm.named_parameters()]  # not buffers: plan slots live there
+        self.names = {i: input_name(n) for i, n in enumerate(inputs) if i not in excluded and i not in self.weights}
 
-    def of(self, args: Sequence) -> str:
-        ptrs = ",".join(str(args[i].data_ptr()) for i in self.params if isinstance(args[i], torch.Tensor))
-        return f"{self.code}:{hashlib.sha1(ptrs.encode()).hexdigest()[:16]}"
+    def __call__(self, args: Sequence) -> Hashable:
+        model = running()
+        weights = [args[i] for i in self.weights if isinstance(args[i], torch.Tensor)] + self.held
+        conditioning = [args[i] for i, name in self.names.items() if name not in model.revisit_inputs]
+        return model.cache_key(weights, conditioning)
 
 
 class ModelCallRunner:
     """A compiled denoiser call behind the denoising cache (one call = one step)."""
 
-    def __init__(self, compiled: Callable, gm: fx.GraphModule, site: TransformerSite, options: CacheOptions) -> None:
-        self.compiled, self.site, self.options = compiled, site, options
-        self.fingerprint = _Fingerprint(gm)
+    def __init__(self, compiled: Callable, gm: fx.GraphModule, site: TransformerSite) -> None:
+        self.compiled, self.site = compiled, site
+        self.key = CallKey(gm, {site.latent_index, site.timestep_index})
 
     def __call__(self, *args):
         def compute() -> torch.Tensor:
@@ -63,7 +74,7 @@ class ModelCallRunner:
             return out
 
         latents = args[self.site.latent_index]
-        return (DENOISE.step(self, self.fingerprint.of(args), latents, compute, self.options),)
+        return (running().denoise.step(self, lambda: self.key(args), latents, compute),)
 
 
 class _LazyCompiled(torch.nn.Module):
@@ -95,22 +106,21 @@ class _CachedStep(torch.nn.Module):
 
     def forward(self, *args):
         runner = self._runner[0]
-        out = DENOISE.step(
-            runner, runner.current_fingerprint, args[self.latent_position], lambda: self.piece(*args),
-            runner.options, steps=runner.steps, step=self.index,
+        return running().denoise.step(
+            runner, runner.current_key, args[self.latent_position], lambda: self.piece(*args),
+            steps=runner.steps, step=self.index,
         )
-        return out
 
 
 class ChunkRunner:
     """A compiled chunk generation (unrolled denoising loop) whose model pieces go through the cache."""
 
-    def __init__(
-        self, gm: fx.GraphModule, steps: list[Step], inner: InnerCompiler, mode: str | None, options: CacheOptions
-    ) -> None:
-        self.options, self.steps = options, len(steps)
-        self.fingerprint = _Fingerprint(gm)
-        self.current_fingerprint = ""
+    def __init__(self, gm: fx.GraphModule, steps: list[Step], inner: InnerCompiler, mode: str | None) -> None:
+        self.steps = len(steps)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        latent = _input_of(steps[0].x)  # the chunk's noise: the latent entering step 0 comes from it
+        self.key = CallKey(gm, {placeholders.index(latent)} if latent is not None else set())
+        self.current_key: Callable[[], Hashable] = lambda: None
         partition = _partitions(gm, steps)
         self.split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
         for name, piece in list(self.split.named_children()):
@@ -123,8 +133,17 @@ class ChunkRunner:
             setattr(self.split, name, lazy)
 
     def __call__(self, *args):
-        self.current_fingerprint = self.fingerprint.of(args)
+        self.current_key = lambda: self.key(args)
         return self.split(*args)
+
+
+def _input_of(node: fx.Node) -> fx.Node | None:
+    """The graph input ``node`` is taken from by single-input ops (``noise[0]``, a view), or None."""
+    while node.op != "placeholder":
+        if node.op not in ("call_function", "call_method") or len(node.all_input_nodes) != 1:
+            return None
+        node = node.all_input_nodes[0]
+    return node
 
 
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:

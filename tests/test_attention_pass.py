@@ -12,18 +12,10 @@ import torch.nn.functional as F
 
 import li_compile
 from li_compile.backend import light_interaction
-from li_compile.plan import PLAN
+from li_compile.plan import find_slot
 
 B, H, HKV, LQ, LK, D = 2, 4, 2, 6, 10, 8
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo_and_dense_plan():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    PLAN.clear()
 
 
 def inputs(seed=0):
@@ -293,7 +285,7 @@ def test_the_rewrite_adds_no_graph_break_and_no_recompilation_across_plan_change
     compiled = torch.compile(block, backend=counter)
     with torch.no_grad():
         compiled(*args)
-        slot = PLAN.slot(sites(compiled)[0].detail["slot"])
+        slot = find_slot(sites(compiled)[0].detail["slot"])
         with torch.compiler.set_stance("fail_on_recompile"):
             for step in range(3):
                 slot.key_keep[:, : step + 1] = False  # drop the oldest cached keys, in place

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import li_compile
-from li_compile.plan import PLAN
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float16: {"rtol": 1e-2, "atol": 1e-2}}
@@ -21,12 +20,6 @@ SOFTMAXES = {
     "F.softmax": lambda s, **kw: F.softmax(s, dim=-1, **kw),
     "Tensor.softmax": lambda s, **kw: s.softmax(-1, **kw),
 }
-
-
-@pytest.fixture(autouse=True)
-def dense_plan():
-    yield
-    PLAN.clear()
 
 
 def compiled_sites(fn, *args):

@@ -1,4 +1,4 @@
-"""The attention plan the controller writes: dropped context never visited, guards, sessions."""
+"""The attention plan the controller writes: dropped context never visited, guards, one plan per model."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from li_compile.controller.attention_plan import (
     frame_drop_layout, padded_context_keep, token_keep, visited_share, write_chunk_plan,
 )
 from li_compile.controller.context import ContextController
-from li_compile.controller.session import active_controller, session
+from li_compile.options import ContextOptions
 from li_compile.passes.guards import layout_misfit, plan_fits, take_fallbacks, write_plan
 from li_compile.plan import Plan, SlotSignature
 from li_compile.sequence import SequenceLayout
@@ -74,12 +74,12 @@ def test_padding_comes_first_in_the_context_slots():
 def test_chunk_plan_is_sparse_when_frames_drop_and_dense_when_all_are_kept():
     plan = Plan()
     seq = _sequence(4)
-    assert write_chunk_plan(seq, padded_context_keep(4, 4), plan)["plan"] == "no site"
+    assert write_chunk_plan(plan, seq, padded_context_keep(4, 4))["plan"] == "no site"
     slot = _slot(plan, seq)
-    stats = write_chunk_plan(seq, padded_context_keep(1, 4), plan)
+    stats = write_chunk_plan(plan, seq, padded_context_keep(1, 4))
     assert stats["plan"] == "sparse" and stats["density"] < 1 and stats["slots"] == [slot.id]
     assert not slot.is_dense and not slot.key_keep[0, : 3 * GRID * GRID].any()
-    assert write_chunk_plan(seq, padded_context_keep(4, 4), plan)["plan"] == "dense" and slot.is_dense
+    assert write_chunk_plan(plan, seq, padded_context_keep(4, 4))["plan"] == "dense" and slot.is_dense
 
 
 def test_a_plan_for_another_model_raises_and_leaves_slots_untouched():
@@ -109,26 +109,17 @@ def test_run_time_misfit_is_recorded_and_collected_per_chunk():
     assert take_fallbacks(plan) == {}
 
 
-def test_session_attaches_the_controller_and_clears_plans_on_exit():
-    from li_compile.plan import PLAN
-
+def test_a_plan_written_for_one_model_never_reaches_another_models_slots():
+    ours, theirs = Plan(), Plan()
     seq = _sequence(4)
-    slot = _slot(PLAN, seq)
-    controller = ContextController()
-    assert active_controller() is None
-    with session(controller) as active:
-        assert active is controller and active_controller() is controller
-        write_chunk_plan(seq, padded_context_keep(1, 4))
-        assert not slot.is_dense
-    assert active_controller() is None and slot.is_dense
-    with pytest.raises(ValueError, match="session\\(\\) needs a ContextController"):
-        with session(object()):
-            pass
+    mine, other = _slot(ours, seq), _slot(theirs, seq)  # same signature, two models
+    assert mine.id != other.id
+    write_chunk_plan(ours, seq, padded_context_keep(1, 4))
+    assert not mine.is_dense and other.is_dense
 
 
 def test_controller_writes_the_plan_of_its_capacity_and_a_disabled_one_keeps_it_dense():
     from li_compile.controller.poses import make_poses
-    from li_compile.plan import PLAN
 
     def layout(capacity: int) -> SequenceLayout:
         return SequenceLayout(capacity, 1, GRID, GRID, prefix_tokens=5)  # shapes no other test uses
@@ -136,10 +127,11 @@ def test_controller_writes_the_plan_of_its_capacity_and_a_disabled_one_keeps_it_
     options = {"window_min": 1, "window_max": 2, "window_rule": "fixed"}
     past, chunk = make_poses(torch.eye(3), torch.zeros(2, 3)), make_poses(torch.eye(3), torch.zeros(1, 3))
     latents = torch.randn(2, 4, 4, 4)
-    slot = _slot(PLAN, layout(4))  # memory_k 2 + window 2 = 4: buckets 1, 2, 3, 4
-    with session(ContextController(options, memory_k=2, layout=layout, capacity_fractions=(1.0,))) as controller:
-        assert controller.select(0, past, chunk, latents).capacity == 4  # 2 recent frames in 4 slots
-        assert controller.stats[-1].values["plan"] == "sparse" and not slot.is_dense
-        disabled = ContextController({**options, "enabled": False}, memory_k=2, layout=layout)
-        disabled.select(0, past, chunk, latents)
-        assert disabled.stats[-1].values["plan"] == "dense" and slot.is_dense
+    plan = Plan()
+    slot = _slot(plan, layout(4))  # memory_k 2 + window 2 = 4: buckets 1, 2, 3, 4
+    controller = ContextController(ContextOptions(**options), plan, memory_k=2, layout=layout, capacity_fractions=(1.0,))
+    assert controller.select(0, past, chunk, latents).capacity == 4  # 2 recent frames in 4 slots
+    assert controller.stats[-1].values["plan"] == "sparse" and not slot.is_dense
+    disabled = ContextController(ContextOptions(**options, enabled=False), plan, memory_k=2, layout=layout)
+    disabled.select(0, past, chunk, latents)
+    assert disabled.stats[-1].values["plan"] == "dense" and slot.is_dense

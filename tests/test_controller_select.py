@@ -8,7 +8,8 @@ import torch
 from li_compile.controller.buckets import bucket_for, capacity_buckets
 from li_compile.controller.context import ContextController
 from li_compile.controller.poses import make_poses, rotation_about_axis
-from li_compile.options import ContextOptions
+from li_compile.options import ContextOptions, Options
+from li_compile.plan import Plan
 from li_compile.sequence import SequenceLayout
 
 C, H, W = 4, 4, 4
@@ -35,9 +36,13 @@ def _moving_latents(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, C, H, W, generator=torch.Generator().manual_seed(seed))
 
 
+def _make(context: dict, **kwargs) -> ContextController:
+    """A controller with these context options (validated as the backend validates them), own plan."""
+    return ContextController(Options.from_user({"context": context}).context, Plan(), **kwargs)
+
+
 def _controller(**context) -> ContextController:
-    options = {"window_min": 1, "window_max": 2, "keep_threshold": 0.3, "window_rule": "fixed", **context}
-    return ContextController(options, memory_k=3)
+    return _make({"window_min": 1, "window_max": 2, "keep_threshold": 0.3, "window_rule": "fixed", **context}, memory_k=3)
 
 
 def test_memory_keeps_frames_facing_the_chunk_and_drops_the_opposite_view():
@@ -67,7 +72,7 @@ def test_loop_revisit_brings_back_the_frames_of_the_first_visit():
 
 def test_identical_pose_scores_highest():
     past = _turned([30, 0, 15, 0, 0], x=[0, 0, 0, 0, 0])
-    controller = ContextController({"window_min": 1, "window_max": 1, "keep_threshold": 0.0}, memory_k=1)
+    controller = _make({"window_min": 1, "window_max": 1, "keep_threshold": 0.0}, memory_k=1)
     assert controller.select(0, past, _turned([0]), _static_latents(5)).memory == [1]
 
 
@@ -98,8 +103,8 @@ def test_padding_of_a_dense_plan_is_filled_with_the_next_best_memory_frames(chun
     frames below the keep threshold (frame 2, turned 90 degrees, over 3 and 4, facing away); a
     1-frame chunk's plan visits (5/6)^2 = 0.69 and keeps its padding."""
     layout = lambda capacity: SequenceLayout(capacity, chunk_frames, 2, 2)  # noqa: E731
-    controller = ContextController({"window_max": 2, "keep_threshold": 0.3, "fill_density": fill_density},
-                                   memory_k=3, capacity_fractions=(1.0,), layout=layout)
+    controller = _make({"window_max": 2, "keep_threshold": 0.3, "fill_density": fill_density},
+                       memory_k=3, capacity_fractions=(1.0,), layout=layout)
     past = _turned([0, 2, 90, 180, 180, 0, 0])
     selection = controller.select(1, past, _turned([0]), _static_latents(7))
     assert selection.capacity == 5 and selection.recent == [5, 6]
@@ -150,9 +155,11 @@ def test_bad_input_raises_value_error_naming_the_problem(poses, chunk_poses, lat
 
 def test_bad_options_raise_value_error():
     with pytest.raises(ValueError, match="context.window_min"):
-        ContextController({"window_min": 5, "window_max": 2})
+        _make({"window_min": 5, "window_max": 2})
     with pytest.raises(ValueError, match="memory_k"):
-        ContextController(memory_k=-1)
+        _make({}, memory_k=-1)
     with pytest.raises(ValueError, match="keep_threshold"):
-        ContextController({"keep_threshold": 2.0})
-    assert ContextController(ContextOptions(window_max=3)).max_context == 3 + 4
+        _make({"keep_threshold": 2.0})
+    with pytest.raises(ValueError, match="options must be ContextOptions"):
+        ContextController({"keep_threshold": 0.2}, Plan())  # a dict here would bypass the compile options
+    assert ContextController(ContextOptions(window_max=3), Plan()).max_context == 3 + 4

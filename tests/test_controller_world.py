@@ -7,16 +7,12 @@ thresholds that keep everything the controller reproduces dense generation.
 
 import collections
 import dataclasses
-import functools
 
 import pytest
 import torch
-import torch._dynamo.testing
 
+import li_compile
 from li_compile import planned_attention
-from li_compile.backend import light_interaction
-from li_compile.controller.context import ContextController
-from li_compile.controller.session import session
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.report_tools import light_interaction_setup
 from li_compile.worlds.pipeline import DENSE_MEASURE, ContextSelection, DensePolicy, gather_context, generate, warm_up
@@ -33,39 +29,35 @@ def _world(name: str, **spec_changes):
     return module.build(spec)
 
 
-def _compiled(world, counter=None):
-    backend = counter or functools.partial(light_interaction, options=BACKEND_OPTIONS)
-    return world.compile(lambda m: torch.compile(m, backend=backend, fullgraph=True, dynamic=False))
-
-
-def _controller(world, trajectory, **context) -> ContextController:
+def _accelerated(world, trajectory, capacity_fractions=None, **context):
+    """``world`` compiled with the backend (fullgraph, static) and its model's accelerator, configured
+    with these context options (the denoising cache off: these tests are about the context)."""
     spec = world.spec
-    buckets = {"capacity_fractions": context.pop("capacity_fractions")} if "capacity_fractions" in context else {}
-    options = {"window_min": 1, "window_max": spec.window, "keep_threshold": PRUNING_THRESHOLD, **context}
-    return ContextController(
-        options, memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
-        layout=world.layout, **buckets,
-    )
+    options = {**BACKEND_OPTIONS, "cache": {"enabled": False}, "context": {
+        "window_min": 1, "window_max": spec.window, "keep_threshold": PRUNING_THRESHOLD, **context}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options,
+                                                     fullgraph=True, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    buckets = {} if capacity_fractions is None else {"capacity_fractions": capacity_fractions}
+    accelerator.configure(memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
+                          layout=world.layout, **buckets)
+    return compiled, accelerator
 
 
 def test_64_chunks_with_pruning_compile_once_per_bucket_during_warm_up():
     world = _world("hy_worldplay", steps=1)
     trajectory = trajectories.make("loop", 64 * world.spec.chunk_frames)
-    counter = torch._dynamo.testing.CompileCounterWithBackend(
-        functools.partial(light_interaction, options=BACKEND_OPTIONS)
-    )
-    compiled = _compiled(world, counter)
     # one bucket per context size: compaction fits exactly and the plan stays dense, so the long run
     # avoids the (slow, interpreted) kernel; chunk 0 (no context, one padded slot) runs it sparse
-    controller = _controller(world, trajectory, capacity_fractions=tuple(i / 6 for i in range(1, 7)))
-    with session(controller):
-        warm_up(compiled, controller.warm_up_buckets())
-        warm = counter.frame_count
-        with torch.compiler.set_stance("fail_on_recompile"):
-            generate(compiled, trajectory, controller, chunks=64, decode=False)
-        controller.flush_fallbacks()
+    compiled, accelerator = _accelerated(world, trajectory, capacity_fractions=tuple(i / 6 for i in range(1, 7)))
+    controller = accelerator.controller
+    warm_up(compiled, controller.warm_up_buckets())
+    warm = len(accelerator.compilations)  # graphs the backend compiled for this model
+    with torch.compiler.set_stance("fail_on_recompile"):
+        generate(compiled, trajectory, chunks=64, accelerator=accelerator, decode=False)
+    controller.flush_fallbacks()
     assert warm == len(controller.warm_up_buckets()) == 6
-    assert counter.frame_count == warm
+    assert len(accelerator.compilations) == warm
     stats = [s.values for s in controller.stats]
     assert sum(s["memory_dropped"] for s in stats) > 0  # pruning was active
     assert len({s["capacity"] for s in stats}) > 1  # and the compact context changed size
@@ -78,11 +70,10 @@ def test_pruned_frames_never_reach_attention(name):
     world = _world(name)
     spec = world.spec
     trajectory = trajectories.make("loop", 12 * spec.chunk_frames)
-    compiled = _compiled(world)
     # one full-size bucket: the frames pruned by the threshold leave padding that the plan skips
     # (never filled with other memory frames here: that is what this test must see)
-    controller = _controller(world, trajectory, window_rule="fixed", window_max=1, capacity_fractions=(1.0,),
-                             fill_density=1.0)
+    compiled, accelerator = _accelerated(world, trajectory, window_rule="fixed", window_max=1,
+                                         capacity_fractions=(1.0,), fill_density=1.0)
     first = 10 * spec.chunk_frames
     history = torch.randn(first, *spec.latent_shape, generator=torch.Generator().manual_seed(0))
     poses, chunk_poses = trajectory.poses[:first], trajectory.poses[first:first + spec.chunk_frames]
@@ -90,15 +81,15 @@ def test_pruned_frames_never_reach_attention(name):
     noise = torch.randn(1, spec.chunk_frames, *spec.latent_shape, generator=torch.Generator().manual_seed(1))
 
     def chunk_output(latents: torch.Tensor) -> tuple[torch.Tensor, ContextSelection]:
-        selection = controller.select(10, poses, chunk_poses, latents)
-        context = gather_context(latents, poses, selection, selection.capacity)
-        inputs = compiled.inputs(context, chunk_poses, actions, first)
-        return compiled.model(noise, spec.sigmas()[0], **inputs), selection
+        with accelerator.chunk(10, poses, chunk_poses, latents) as chunk:
+            context = gather_context(latents, poses, chunk.selection, chunk.capacity)
+            inputs = compiled.inputs(context, chunk_poses, actions, first)
+            return compiled.model(noise, spec.sigmas()[0], **inputs), chunk.selection
 
-    with session(controller), torch.no_grad():
+    with torch.no_grad():
         chunk_output(history)  # compiles; the plan slots exist from now on
         reference, selection = chunk_output(history)
-        stats = controller.stats[-1].values
+        stats = accelerator.controller.stats[-1].values
         assert stats["memory_dropped"] > 0 and stats["plan"] == "sparse"
         dropped = [f for f in range(first) if f not in selection.frames]
         perturbed = history.clone()
@@ -117,13 +108,12 @@ def test_thresholds_that_keep_everything_reproduce_dense_generation(name):
     spec = world.spec
     trajectory = trajectories.make("out_and_back", 3 * spec.chunk_frames)  # chunk 2: 4 frames in 5 slots
     dense = generate(world, trajectory, DensePolicy(spec.window, spec.memory), decode=False)
-    controller = _controller(world, trajectory, keep_threshold=0.0, window_rule="fixed", similarity=DENSE_MEASURE)
-    compiled = _compiled(world)
-    with session(controller):
-        warm_up(compiled, controller.warm_up_buckets())
-        ours = generate(compiled, trajectory, controller, decode=False)
+    compiled, accelerator = _accelerated(world, trajectory, keep_threshold=0.0, window_rule="fixed",
+                                         similarity=DENSE_MEASURE)
+    warm_up(compiled, accelerator.controller.warm_up_buckets())
+    ours = generate(compiled, trajectory, accelerator=accelerator, decode=False)
     assert [s.frames for s in ours.selections] == [s.frames for s in dense.selections]
-    assert any(s.values.get("plan") == "sparse" for s in controller.stats)  # padded buckets ran the kernel
+    assert any(s.values.get("plan") == "sparse" for s in accelerator.controller.stats)  # padded buckets ran the kernel
     torch.testing.assert_close(ours.latents, dense.latents, rtol=1e-4, atol=1e-5)
 
 
@@ -135,29 +125,23 @@ def test_filled_padding_brings_back_the_dense_policys_memory_and_its_output(name
     spec = world.spec
     trajectory = trajectories.make("out_and_back", 4 * spec.chunk_frames)
     dense = generate(world, trajectory, DensePolicy(spec.window, spec.memory), decode=False)
-    controller = _controller(world, trajectory, keep_threshold=1.0, fill_density=0.0, window_rule="fixed",
-                             similarity=DENSE_MEASURE, capacity_fractions=(1.0,))
-    compiled = _compiled(world)
-    with session(controller):
-        warm_up(compiled, controller.warm_up_buckets())
-        ours = generate(compiled, trajectory, controller, decode=False)
+    compiled, accelerator = _accelerated(world, trajectory, keep_threshold=1.0, fill_density=0.0, window_rule="fixed",
+                                         similarity=DENSE_MEASURE, capacity_fractions=(1.0,))
+    warm_up(compiled, accelerator.controller.warm_up_buckets())
+    ours = generate(compiled, trajectory, accelerator=accelerator, decode=False)
     assert [s.frames for s in ours.selections] == [s.frames for s in dense.selections]
-    assert sum(s.values["memory_filled"] for s in controller.stats) > 0
+    assert sum(s.values["memory_filled"] for s in accelerator.controller.stats) > 0
     torch.testing.assert_close(ours.latents, dense.latents, rtol=1e-4, atol=1e-5)
 
 
 def test_the_report_lists_each_chunks_context_decisions():
-    import li_compile
-
     world = _world("hy_worldplay")
     trajectory = trajectories.make("loop", 3 * world.spec.chunk_frames)
-    compiled = _compiled(world)
-    controller = _controller(world, trajectory)
-    with li_compile.session(controller):
-        generate(compiled, trajectory, controller, chunks=3, decode=False)
+    compiled, accelerator = _accelerated(world, trajectory)
+    generate(compiled, trajectory, chunks=3, accelerator=accelerator, decode=False)
     chunks = li_compile.report(compiled.model).chunks
     assert [c.chunk for c in chunks] == [0, 1, 2]
-    assert [c.values["memory_kept"] for c in chunks] == [s.values["memory_kept"] for s in controller.stats]
+    assert [c.values["memory_kept"] for c in chunks] == [s.values["memory_kept"] for s in accelerator.controller.stats]
     assert "chunk 2: window=" in str(li_compile.report(compiled.model))
 
 
@@ -177,7 +161,7 @@ def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, monkeypatc
     monkeypatch.setattr(planned_attention, "_sparse", spy)
     setup = light_interaction_setup(world, BACKEND_OPTIONS)
     setup.warm_up()
-    buckets = _controller(world, trajectories.make("loop", world.spec.chunk_frames)).warm_up_buckets()
+    buckets = li_compile.accelerator(setup.world.model).controller.warm_up_buckets()
     assert set(sparse_calls) == {world.layout(capacity).kv_len for capacity in buckets}
 
 

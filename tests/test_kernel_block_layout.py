@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
 from li_compile.kernels.block_sparse_attention import sparse_attention
-from li_compile.plan import PLAN, SlotSignature
+from li_compile.plan import Plan, SlotSignature
 from li_compile.planned_attention import planned_attention
 
 
@@ -80,7 +80,7 @@ def test_from_block_mask_rejects_a_mask_of_the_wrong_grid():
 
 def test_a_layout_written_into_a_plan_slot_drives_planned_attention_like_the_kernel():
     g = torch.Generator().manual_seed(0)
-    slot = PLAN.slot_for(SlotSignature(1, 2, 24, 40, "cpu", 8, 8))
+    slot = Plan().slot_for(SlotSignature(1, 2, 24, 40, "cpu", 8, 8))
     blocks = torch.rand(1, 2, 3, 5, generator=g) < 0.5
     blocks[..., 0] = True
     layout = BlockLayout.from_block_mask(blocks, block_q=8, block_k=8, q_len=24, kv_len=40, full=blocks & (torch.rand(1, 2, 3, 5, generator=g) < 0.5))

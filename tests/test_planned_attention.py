@@ -9,21 +9,15 @@ import torch
 import torch.nn.functional as F
 
 import li_compile
-from li_compile.plan import PLAN, Plan, SlotSignature
+from li_compile.plan import Plan, SlotSignature, find_slot
 from li_compile.planned_attention import planned_attention
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 BLOCK_Q, BLOCK_K = 4, 4
 
 
-@pytest.fixture(autouse=True)
-def dense_plan():
-    yield
-    PLAN.clear()
-
-
 def make_slot(batch=2, heads=4, q_len=10, kv_len=13):
-    return PLAN.slot_for(SlotSignature(batch, heads, q_len, kv_len, "cpu", BLOCK_Q, BLOCK_K))
+    return Plan().slot_for(SlotSignature(batch, heads, q_len, kv_len, "cpu", BLOCK_Q, BLOCK_K))
 
 
 def qkv(batch=2, heads=4, kv_heads=4, q_len=10, kv_len=13, dim=8, seed=0):
@@ -161,8 +155,10 @@ def test_slots_are_shared_by_signature_and_found_by_the_controller():
     b = plan.slot_for(SlotSignature(1, 4, 16, 16, "cpu", 8, 8))
     assert plan.slots_for(kv_len=48) == [a] and plan.slots_for(q_len=16) == [a, b]
     assert plan.slots_for(device="cpu") == [a, b] and plan.slots_for(heads=2) == []
-    with pytest.raises(ValueError, match="no plan slot 7"):
-        plan.slot(7)
+    assert find_slot(a.id) is a
+    gone = Plan().slot_for(SlotSignature(1, 4, 16, 48, "cpu", 8, 8)).id  # plan and slot dropped at once
+    with pytest.raises(ValueError, match=f"no live plan slot {gone}"):
+        find_slot(gone)
     with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
         SlotSignature(1, 0, 16, 16, "cpu", 8, 8)
 
@@ -177,7 +173,7 @@ def test_a_compiled_site_follows_its_slot_in_place_without_recompiling(inner):
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)  # dense plan: eager
         (site,) = li_compile.report(compiled).compilations[-1].sites
-        slot = PLAN.slot(site.detail["slot"])
+        slot = find_slot(site.detail["slot"])
         assert (slot.signature.block_q, slot.signature.block_k) == (16, 16)
         with torch.compiler.set_stance("fail_on_recompile"):
             for seed in range(2):

@@ -16,7 +16,6 @@ from torch import nn
 
 import li_compile
 from li_compile.controller.poses import look_at
-from li_compile.denoise_runtime import DENOISE
 from li_compile.passes import sampler_runners
 from li_compile.worlds.sampling import renoise_step, sigma_schedule
 
@@ -86,20 +85,18 @@ def sample(model, x, sigmas, sampler="euler"):
     return x
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    DENOISE.reset()
-    yield
-    assert not DENOISE.active, "a test left a chunk open"
-
-
-def run_chunk(fn, poses, sigmas, *args, chunk=0):
-    """One chunk through ``fn`` inside begin/end_chunk: (output, model calls that ran, stats)."""
+def run_chunk(compiled, fn, poses, sigmas, *args, chunk=0):
+    """One chunk through ``fn`` inside the denoising cache's chunk of ``compiled``'s accelerator:
+    (output, model calls that ran, stats)."""
+    runtime = li_compile.accelerator(compiled).denoise
     before = CALLS[0]
-    DENOISE.begin_chunk(chunk, poses, sigmas)
-    with torch.no_grad():
-        out = fn(*args)
-    return out, CALLS[0] - before, DENOISE.end_chunk().values
+    runtime.begin_chunk(chunk, poses, sigmas)
+    try:
+        with torch.no_grad():
+            out = fn(*args)
+    finally:
+        stats = runtime.end_chunk().values
+    return out, CALLS[0] - before, stats
 
 
 # ---- the model compiled alone: one graph per model call ----
@@ -125,7 +122,7 @@ def test_a_cache_miss_gives_exactly_the_dense_output_and_a_trajectory_without_re
     model, sigmas = ToyDenoiser(), sigma_schedule(4)
     compiled = compiled_model(model)
     for chunk, x in enumerate([0.0, 4.0, 8.0]):
-        out, calls, stats = run_chunk(lambda: sample(compiled, noise(chunk), sigmas), cameras(x), sigmas, chunk=chunk)
+        out, calls, stats = run_chunk(compiled, lambda: sample(compiled, noise(chunk), sigmas), cameras(x), sigmas, chunk=chunk)
         with torch.no_grad():
             assert torch.equal(out, sample(model, noise(chunk), sigmas))
         assert calls == 4 and stats["cache"] == "miss" and stats["steps_reused"] == 0
@@ -135,9 +132,9 @@ def test_a_cache_miss_gives_exactly_the_dense_output_and_a_trajectory_without_re
 def test_a_revisit_skips_reuse_steps_model_calls_and_stays_close_to_dense(reuse_steps):
     model, sigmas = ToyDenoiser(), sigma_schedule(4, shift=3.0)
     compiled = compiled_model(model, reuse_steps)
-    run_chunk(lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
-    run_chunk(lambda: sample(compiled, noise(1), sigmas), ELSEWHERE, sigmas, chunk=1)
-    out, calls, stats = run_chunk(lambda: sample(compiled, noise(2), sigmas), HERE, sigmas, chunk=2)
+    run_chunk(compiled, lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
+    run_chunk(compiled, lambda: sample(compiled, noise(1), sigmas), ELSEWHERE, sigmas, chunk=1)
+    out, calls, stats = run_chunk(compiled, lambda: sample(compiled, noise(2), sigmas), HERE, sigmas, chunk=2)
     assert calls == 4 - reuse_steps and stats["steps_computed"] == 4 - reuse_steps
     assert stats["cache"] == "hit" and stats["steps_reused"] == reuse_steps
     with torch.no_grad():
@@ -149,14 +146,17 @@ def test_compiles_once_across_hits_and_misses_with_no_graph_break():
     model, sigmas = ToyDenoiser(), sigma_schedule(3)
     counter = torch._dynamo.testing.CompileCounterWithBackend("light_interaction")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    run_chunk(lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
+    with torch.no_grad():
+        compiled(noise(0), sigmas[0])  # compiles (the accelerator of a wrapped backend exists from then on)
+    run_chunk(compiled, lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
     with torch.compiler.set_stance("fail_on_recompile"):
         for chunk, poses in enumerate([HERE, ELSEWHERE, HERE, HERE], start=1):
-            run_chunk(lambda: sample(compiled, noise(chunk), sigmas), poses, sigmas, chunk=chunk)
+            run_chunk(compiled, lambda: sample(compiled, noise(chunk), sigmas), poses, sigmas, chunk=chunk)
         with torch.no_grad():
             sample(compiled, noise(9), sigmas)  # outside any chunk: plain calls
     assert counter.frame_count == 1
-    assert [c.values["cache"] for c in DENOISE.history] == ["miss", "hit", "miss", "hit", "hit"]
+    history = li_compile.accelerator(compiled).denoise.history
+    assert [c.values["cache"] for c in history] == ["miss", "hit", "miss", "hit", "hit"]
 
 
 @pytest.mark.parametrize("change", ["model", "resolution", "dtype"])
@@ -172,8 +172,9 @@ def test_an_entry_from_another_model_resolution_or_dtype_never_hits(change):
     else:
         second = second.double()
         y = y.double()
-    run_chunk(lambda: sample(compiled_model(first), x, sigmas), HERE, sigmas, chunk=0)
-    out, calls, stats = run_chunk(lambda: sample(compiled_model(second), y, sigmas), HERE, sigmas, chunk=1)
+    one, two = compiled_model(first), compiled_model(second)
+    run_chunk(one, lambda: sample(one, x, sigmas), HERE, sigmas, chunk=0)
+    out, calls, stats = run_chunk(two, lambda: sample(two, y, sigmas), HERE, sigmas, chunk=1)
     assert calls == 3 and stats["cache"] == "miss"
     with torch.no_grad():
         assert torch.equal(out, sample(second, y, sigmas))
@@ -182,8 +183,8 @@ def test_an_entry_from_another_model_resolution_or_dtype_never_hits(change):
 def test_same_model_compiled_with_inductor_hits_on_revisits():
     model, sigmas = ToyDenoiser(), sigma_schedule(3)
     compiled = compiled_model(model, reuse_steps=1, inner="inductor")
-    run_chunk(lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
-    out, calls, stats = run_chunk(lambda: sample(compiled, noise(1), sigmas), HERE, sigmas, chunk=1)
+    run_chunk(compiled, lambda: sample(compiled, noise(0), sigmas), HERE, sigmas, chunk=0)
+    out, calls, stats = run_chunk(compiled, lambda: sample(compiled, noise(1), sigmas), HERE, sigmas, chunk=1)
     assert calls == 2 and stats["cache"] == "hit"
     with torch.no_grad():
         assert psnr(out, sample(model, noise(1), sigmas)) > 30
@@ -247,20 +248,19 @@ def test_unrolled_chunk_steps_are_found_and_early_steps_reused_on_revisits(
     sampler, spelling, steps, shift, reuse_steps, python_sigmas
 ):
     torch._dynamo.reset()
-    DENOISE.reset()
     model, sigmas = ToyDenoiser(), sigma_schedule(steps, shift)
     fn = chunk_function(model, sigmas, sampler, spelling, python_sigmas)
     compiled = torch.compile(
         fn, backend="light_interaction", fullgraph=True, options={"inner": "eager", "cache": {"reuse_steps": reuse_steps}}
     )
     renoise = torch.stack([noise(50 + i) for i in range(steps)])
-    out, calls, _ = run_chunk(compiled, HERE, sigmas, noise(0), renoise, chunk=0)
+    out, calls, _ = run_chunk(compiled, compiled, HERE, sigmas, noise(0), renoise, chunk=0)
     with torch.no_grad():
         assert torch.equal(out, fn(noise(0), renoise))  # a miss is exactly dense
     sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
     assert [s.detail["step"] for s in sites] == list(range(steps)) and calls == steps
 
-    out, calls, stats = run_chunk(compiled, HERE, sigmas, noise(1), renoise, chunk=1)
+    out, calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(1), renoise, chunk=1)
     reused = min(reuse_steps, steps - 1)  # the last step always runs
     assert calls == steps - reused and stats["steps_reused"] == reused
     with torch.no_grad():
@@ -308,9 +308,9 @@ def test_guidance_inside_an_unrolled_step_skips_both_model_calls_on_a_hit():
     compiled = torch.compile(guided_chunk, backend="light_interaction", fullgraph=True,
                              options={"inner": "eager", "cache": {"reuse_steps": 1}})
     cond = 0.1 * noise(7)
-    _, calls, _ = run_chunk(compiled, HERE, sigmas, noise(0), cond, chunk=0)
+    _, calls, _ = run_chunk(compiled, compiled, HERE, sigmas, noise(0), cond, chunk=0)
     assert calls == 6
-    out, calls, stats = run_chunk(compiled, HERE, sigmas, noise(1), cond, chunk=1)
+    out, calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(1), cond, chunk=1)
     assert calls == 4 and stats["steps_reused"] == 1
     with torch.no_grad():
         assert psnr(out, guided_chunk(noise(1), cond)) > 30
@@ -324,7 +324,7 @@ def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(mo
     model, sigmas = ToyDenoiser(), sigma_schedule(2)
     fn = chunk_function(model, sigmas, "euler", "x + (s1 - s0) * v", False)
     compiled = torch.compile(fn, backend="light_interaction", options={"inner": "eager"})
-    out, calls, stats = run_chunk(compiled, HERE, sigmas, noise(0), None)
+    out, calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(0), None)
     with torch.no_grad():
         assert torch.equal(out, fn(noise(0), None))
     sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]

@@ -6,9 +6,9 @@ import torch
 import li_compile
 from li_compile import inner
 from li_compile.passes.sampler import META
-from li_compile.denoise_runtime import DENOISE, ChunkHook
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.pipeline import DensePolicy, chunk_noise, gather_context, generate
+from li_compile.worlds.report_tools import configure_for
 from li_compile.worlds.sampling import sampler_update
 
 FRAMES, PERIOD = 12, 8  # 6 chunks of 2 frames; frames 8..11 repeat the cameras of frames 0..3
@@ -26,7 +26,6 @@ def graph_runs(monkeypatch):
         return run
 
     monkeypatch.setitem(inner.INNER, "eager", counting_eager)
-    DENOISE.reset()
     yield runs
 
 
@@ -34,19 +33,28 @@ def psnr(a, b):
     return float(10 * torch.log10(b.abs().max() ** 2 / (a - b).pow(2).mean()))
 
 
+def _generate(world, trajectory, cache: bool):
+    """``world`` compiled with the backend (eager inner), the controller off (upstream's fixed window
+    and memory count), the denoising cache on or off: (generation, chunk stats of the cache)."""
+    options = {"inner": "eager", "cache": {"reuse_steps": 1, "enabled": cache},
+               "context": {"enabled": False, "window_max": world.spec.window}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    configure_for(accelerator, world, trajectory)
+    return generate(compiled, trajectory, accelerator=accelerator, decode=False), accelerator.denoise.history
+
+
 def test_revisited_chunks_skip_early_steps_and_stay_close_to_dense(graph_runs):
     world = matrix_game3.build("tiny")
     trajectory = trajectories.loop(FRAMES, period=PERIOD)
-    dense = generate(world, trajectory, decode=False)
-    compiled = world.compile(lambda m: torch.compile(
-        m, backend="light_interaction", options={"inner": "eager", "cache": {"reuse_steps": 1}}))
-    hook = ChunkHook(trajectory.poses, world.spec.chunk_frames, world.spec.sigmas())
-    cached = generate(compiled, trajectory, step_hook=hook, decode=False)
+    dense, _ = _generate(world, trajectory, cache=False)
+    graph_runs[0] = 0
+    cached, history = _generate(world, trajectory, cache=True)
 
     steps, per_chunk = world.spec.steps, world.spec.chunk_frames
-    assert [s.values["cache"] for s in hook.stats] == ["miss"] * 4 + ["hit"] * 2
+    assert [s.values["cache"] for s in history] == ["miss"] * 4 + ["hit"] * 2
     assert graph_runs[0] == 6 * steps - 2  # one early step skipped on each of the two revisits
-    for s in hook.stats:
+    for s in history:
         frames = slice(s.chunk * per_chunk, (s.chunk + 1) * per_chunk)
         if s.values["cache"] == "miss":
             torch.testing.assert_close(cached.latents[frames], dense.latents[frames], rtol=1e-5, atol=1e-5)
@@ -72,16 +80,17 @@ def test_a_compiled_chunk_function_of_a_world_caches_its_unrolled_steps(graph_ru
 
     compiled = torch.compile(denoise_chunk, backend="light_interaction",
                              options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    runtime = li_compile.accelerator(compiled).denoise
     outputs = []
     with torch.no_grad():
         for chunk in range(2):  # the same cameras twice, other noise
-            DENOISE.begin_chunk(chunk, poses[4:6], sigmas)
+            runtime.begin_chunk(chunk, poses[4:6], sigmas)
             outputs.append(compiled(chunk_noise(world, chunk, 0), inputs))
-            DENOISE.end_chunk()
+            runtime.end_chunk()
         dense = [denoise_chunk(chunk_noise(world, chunk, 0), inputs) for chunk in range(2)]
     sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
     assert [s.detail["step"] for s in sites] == list(range(spec.steps))
-    assert [c.values["cache"] for c in DENOISE.history] == ["miss", "hit"]
-    assert DENOISE.history[1].values["steps_reused"] == 2
+    assert [c.values["cache"] for c in runtime.history] == ["miss", "hit"]
+    assert runtime.history[1].values["steps_reused"] == 2
     torch.testing.assert_close(outputs[0], dense[0], rtol=1e-5, atol=1e-5)
     assert psnr(outputs[1], dense[1]) > 20

@@ -21,7 +21,7 @@ import torch
 from li_compile.kernels.block_layout import BlockLayout, cdiv
 from li_compile.kernels.tiling import frame_layout
 from li_compile.passes.guards import write_plan
-from li_compile.plan import PLAN, Plan
+from li_compile.plan import Plan
 from li_compile.sequence import SequenceLayout
 
 
@@ -91,8 +91,8 @@ def _pad_to_blocks(keep: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([keep, keep.new_zeros(blocks * block - keep.shape[0])]).reshape(blocks, block)
 
 
-def write_chunk_plan(sequence: SequenceLayout, context_keep: torch.Tensor, plan: Plan = PLAN) -> dict[str, object]:
-    """Write the chunk's layout into the plan slots of ``sequence`` (or clear them when every context
+def write_chunk_plan(plan: Plan, sequence: SequenceLayout, context_keep: torch.Tensor) -> dict[str, object]:
+    """Write the chunk's layout into the slots of ``plan`` (one model's) matching ``sequence`` (or clear them when every context
     slot is kept); each slot gets the layout cut in its own blocks, on its device. Returns stats:
     ``plan`` ("sparse", "dense" or "no site"), ``density`` (of visited block pairs), ``slots`` (ids)."""
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)

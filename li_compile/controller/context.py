@@ -28,21 +28,21 @@ similar older frames whatever their score, and the full capacity.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import torch
 
 from li_compile.controller.attention_plan import padded_context_keep, visited_share, write_chunk_plan
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
+from li_compile.controller.selection import ContextSelection
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
 from li_compile.controller.window import latent_dynamics, window_size
-from li_compile.options import ContextOptions, Options
+from li_compile.options import ContextOptions
 from li_compile.passes.guards import take_fallbacks
-from li_compile.plan import PLAN
+from li_compile.plan import Plan
 from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
-from li_compile.worlds.pipeline import ContextSelection
 
 DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense policy's fixed k)
 
@@ -50,8 +50,8 @@ DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense pol
 class ContextController:
     """Adaptive context for chunk-by-chunk world generation (see the module docstring).
 
-    ``options``: ``ContextOptions`` (or a full ``Options``, or the ``context`` dict of the backend
-    options); ``memory_k``: the most memory frames fed per chunk; the lens as ``bounds (4,)`` or
+    ``options``: the model's ``ContextOptions`` (the ``context`` part of its compile options);
+    ``plan``: the model's plan slots, which ``select`` writes; ``memory_k``: the most memory frames fed per chunk; the lens as ``bounds (4,)`` or
     ``fov_y_deg`` (+ ``aspect``), and the depth range ``near``/``far`` (scene scale) for similarity;
     ``capacity_fractions``: the capacity buckets as fractions of ``memory_k + window_max``;
     ``layout``: the model's attention token layout for a given context capacity (e.g. a reference
@@ -60,7 +60,8 @@ class ContextController:
 
     def __init__(
         self,
-        options: ContextOptions | Options | Mapping[str, Any] | None = None,
+        options: ContextOptions,
+        plan: Plan,
         *,
         memory_k: int = DEFAULT_MEMORY_K,
         bounds: torch.Tensor | None = None,
@@ -71,7 +72,9 @@ class ContextController:
         capacity_fractions: tuple[float, ...] = CAPACITY_FRACTIONS,
         layout: Callable[[int], SequenceLayout] | None = None,
     ) -> None:
-        self.options = _context_options(options)
+        if not isinstance(options, ContextOptions):
+            raise ValueError(f"options must be ContextOptions, got {type(options).__name__}")
+        self.options, self.plan = options, plan
         if isinstance(memory_k, bool) or not isinstance(memory_k, int) or memory_k < 0:
             raise ValueError(f"memory_k must be an int >= 0, got {memory_k!r}")
         if bounds is not None and fov_y_deg is not None:
@@ -102,18 +105,21 @@ class ContextController:
         (False: no site at that capacity yet, or nothing to sparsify)."""
         if self.layout is None or not self.options.enabled:
             return False
-        return write_chunk_plan(self.layout(capacity), padded_context_keep(0, capacity))["plan"] == "sparse"
+        return write_chunk_plan(self.plan, self.layout(capacity), padded_context_keep(0, capacity))["plan"] == "sparse"
 
     def warm_up(self, call: Callable[[int], object]) -> None:
         """Compile every capacity bucket and run the block-sparse kernel at each, before anything is
         timed. ``call(capacity)`` runs the model once on a context of ``capacity`` slots (all padding
         is fine). Each bucket is called once (it compiles, and its attention sites get plan slots),
         then, with the all-padding sparse plan of ``warm_up_plan`` written, once more (the kernel
-        compiles and autotunes at that shape). Run it inside ``session(controller)``."""
-        for capacity in self.warm_up_buckets():
-            call(capacity)
-            if self.warm_up_plan(capacity):
+        compiles and autotunes at that shape). The plans are cleared afterwards."""
+        try:
+            for capacity in self.warm_up_buckets():
                 call(capacity)
+                if self.warm_up_plan(capacity):
+                    call(capacity)
+        finally:
+            self.plan.clear()
 
     def select(
         self, chunk: int, poses: torch.Tensor, chunk_poses: torch.Tensor, latents: torch.Tensor
@@ -141,7 +147,7 @@ class ContextController:
         }
         if self.layout is not None:  # disabled: every slot kept, so the plan is dense
             kept = len(memory) + len(recent) if self.options.enabled else capacity
-            values.update(write_chunk_plan(self.layout(capacity), padded_context_keep(kept, capacity)))
+            values.update(write_chunk_plan(self.plan, self.layout(capacity), padded_context_keep(kept, capacity)))
         self.stats.append(ChunkStats(chunk, values))
         return ContextSelection(memory=memory, recent=recent, capacity=capacity)
 
@@ -149,7 +155,7 @@ class ContextController:
         """File the attention calls that ran dense since the last chunk began (reason -> count,
         from the plan guards) under ``fallbacks`` in the latest chunk's stats. ``select`` does this
         for the previous chunk; call it once after the last chunk."""
-        fallbacks = take_fallbacks(PLAN)
+        fallbacks = take_fallbacks(self.plan)
         if fallbacks and self.stats:
             self.stats[-1].values["fallbacks"] = fallbacks
 
@@ -210,14 +216,3 @@ class ContextController:
     def _capacity(self, frames: int) -> int:
         return bucket_for(frames, self.buckets) if self.options.enabled else self.max_context
 
-
-def _context_options(options: ContextOptions | Options | Mapping[str, Any] | None) -> ContextOptions:
-    if options is None:
-        return ContextOptions()
-    if isinstance(options, ContextOptions):
-        return options
-    if isinstance(options, Options):
-        return options.context
-    if isinstance(options, Mapping):
-        return Options.from_user({"context": dict(options)}).context
-    raise ValueError(f"options must be ContextOptions, Options or a dict of context options, got {type(options).__name__}")

@@ -160,6 +160,9 @@ class World:
     model: nn.Module
     text: torch.Tensor
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures; None: the stand-in
+    # forward arguments of ``model`` derived from the cameras or the selected context: a revisit may
+    # differ in them, so they stay out of the denoising-cache key (``Accelerator.configure``)
+    revisit_inputs: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:

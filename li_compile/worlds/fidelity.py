@@ -105,7 +105,7 @@ def prefix_hook(world: World, prefix: torch.Tensor, seed: int, then: StepHook | 
 def rollout(world: World, codec: PixelPatchCodec, case: Case, policy: ContextPolicy | None = None,
             seed: int = 0, then: StepHook | None = None) -> torch.Tensor:
     """Frames ``(T, 3, H, W)`` generated along the case's trajectory from its true first chunk
-    (``then``: the step hook of later chunks, e.g. the denoising cache's ``ChunkHook``)."""
+    (``then``: the step hook of later chunks)."""
     prefix = codec.encode(case.frames[:world.spec.chunk_frames])
     hook = prefix_hook(world, prefix, seed, then)
     result = generate(world, case.trajectory, policy, step_hook=hook, seed=seed, decode=False)

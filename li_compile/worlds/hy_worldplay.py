@@ -180,6 +180,8 @@ class HYWorldPlayDiT(nn.Module):
 class HYWorldPlay(World):
     """The HY-WorldPlay-style world: ``model`` (``HYWorldPlayDiT``) plus its per-chunk inputs."""
 
+    revisit_inputs = ("context", "context_valid", "camera", "actions")
+
     def __init__(self, spec: WorldSpec, model: HYWorldPlayDiT, text: torch.Tensor) -> None:
         self.spec, self.model, self.text = spec, model, text
 

@@ -201,6 +201,8 @@ class MatrixGame3(World):
     """The Matrix-Game-3.0-style world: ``model`` (``MatrixGame3DiT``), its ``encoder`` (the KV cache
     pass, run once per chunk in ``inputs``) and their per-chunk inputs."""
 
+    revisit_inputs = ("kv", "context_valid", "camera", "actions", "frame_t")
+
     def __init__(self, spec: WorldSpec, model: MatrixGame3DiT, text: torch.Tensor) -> None:
         self.spec, self.model, self.text = spec, model, text
         self.encoder = ContextEncoder(model)

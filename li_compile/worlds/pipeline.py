@@ -11,8 +11,10 @@ One chunk of an interactive world model, as both upstream families run it::
 
 This loop is the only place that builds the context. A *context policy* decides which past
 latent frames it feeds: ``DensePolicy`` mirrors upstream (a fixed recent window plus a fixed number
-of memory frames retrieved by camera similarity); ``li_compile.controller`` provides the adaptive
-one with the same ``select`` method.
+of memory frames retrieved by camera similarity). With ``accelerator=`` (a configured
+``li_compile.Accelerator``) the loop is the README's: each chunk runs inside
+``accelerator.chunk(...)``, whose controller selects the context and writes the plans, and whose
+denoising cache is told each step.
 
 Static shapes: the context is padded to ``capacity`` frame slots (right-aligned, padding first,
 masked with a key-padding mask) so the model sees the same shapes on every chunk, from the first
@@ -22,24 +24,29 @@ capacity, compiled by ``warm_up``. A policy may ask for a smaller capacity
 (``ContextSelection.capacity``, e.g. a controller's compaction buckets); ``None`` means the world's
 full context (``spec.context_frames``).
 
-A denoising cache plugs in through ``step_hook(chunk, step, model_call) -> output``: called instead
-of the model at every step; the default calls ``model_call()``.
+``step_hook(chunk, step, model_call) -> output`` is called instead of the model at every step
+(the default calls ``model_call()``); the fidelity tools use it to start from given frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
+from li_compile.controller.selection import ContextSelection, pad_frames, valid_slots
 from li_compile.controller.similarity import similarity
 from li_compile.options import ContextOptions
 from li_compile.worlds.base import Context, World
 from li_compile.worlds.sampling import sampler_update
 from li_compile.worlds.trajectories import ACTION_DIM, Trajectory
+
+if TYPE_CHECKING:
+    from li_compile.accelerator import Accelerator, ChunkScope
 
 # Upstream retrieves memory by field-of-view overlap (frustum_overlap estimates it); the dense baseline
 # scores with the same cheap closed form as the controller by default (pose_proxy agrees with frustum
@@ -47,24 +54,6 @@ from li_compile.worlds.trajectories import ACTION_DIM, Trajectory
 DENSE_MEASURE = ContextOptions().similarity
 
 StepHook = Callable[[int, int, Callable[[], torch.Tensor]], torch.Tensor]
-
-
-@dataclass
-class ContextSelection:
-    """Which past latent frames (indices into the generated history) a chunk sees as context.
-
-    ``memory``: retrieved frames, ``recent``: the temporal window; fed in that order (each sorted
-    by time). ``capacity``: number of frame slots to pad the context to (``None``: the world's
-    full context).
-    """
-
-    memory: list[int]
-    recent: list[int]
-    capacity: int | None = None
-
-    @property
-    def frames(self) -> list[int]:
-        return list(self.memory) + list(self.recent)
 
 
 class ContextPolicy(Protocol):
@@ -106,28 +95,14 @@ def gather_context(latents: torch.Tensor, poses: torch.Tensor, selection: Contex
     ``mask_full=False``: a context that fills every slot comes with ``valid=None`` (the model
     attends without a key-padding mask, so SDPA may pick its flash kernel).
     """
-    frames = selection.frames
-    n = latents.shape[0]
-    if len(set(frames)) != len(frames):
-        raise ValueError(f"context selection repeats frames: memory={selection.memory}, recent={selection.recent}")
-    if any(not 0 <= f < n for f in frames):
-        raise ValueError(f"context selection names frames outside [0, {n}): {frames}")
-    if len(frames) > capacity:
-        raise ValueError(f"context selection holds {len(frames)} frames, more than its capacity {capacity}")
-    pad = capacity - len(frames)
-    index = torch.tensor(frames, dtype=torch.long)
-    ctx_latents = latents.new_zeros(1, capacity, *latents.shape[1:])
-    ctx_poses = torch.eye(4).expand(1, capacity, 4, 4).clone()
-    valid = torch.zeros(1, capacity, dtype=torch.bool)
-    frame_index = torch.zeros(1, capacity)
-    if frames:
-        ctx_latents[0, pad:] = latents[index.to(latents.device)]
-        ctx_poses[0, pad:] = poses[index]
-        valid[0, pad:] = True
-        frame_index[0, pad:] = index.float()
+    pad = capacity - len(selection.frames)
+    ctx_latents = pad_frames(latents, selection, capacity)[None]
+    ctx_poses = pad_frames(poses.float(), selection, capacity, torch.eye(4))[None]
+    valid = valid_slots(selection, capacity)[None]
+    frame_index = pad_frames(torch.arange(latents.shape[0], dtype=torch.float32), selection, capacity)[None]
     device = latents.device
     mask = None if not mask_full and pad == 0 else valid.to(device)
-    return Context(ctx_latents, ctx_poses, mask, frame_index.to(device), frames)
+    return Context(ctx_latents, ctx_poses, mask, frame_index.to(device), selection.frames)
 
 
 @dataclass
@@ -201,6 +176,7 @@ def generate(
     policy: ContextPolicy | None = None,
     chunks: int | None = None,
     *,
+    accelerator: "Accelerator | None" = None,
     step_hook: StepHook | None = None,
     seed: int = 0,
     decode: bool = True,
@@ -210,7 +186,9 @@ def generate(
     """Generate ``chunks`` chunks of ``world`` along ``trajectory`` (default: as many as it holds).
 
     ``policy``: which past frames each chunk sees (default ``DensePolicy`` with the world's window
-    and memory); ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
+    and memory); ``accelerator``: a configured ``li_compile.Accelerator`` of ``world.model`` that
+    selects the context and drives the plans and the cache instead (``policy`` must be None then);
+    ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
     return pictures (``world.decode``); ``mask_full=False``: a chunk whose context fills every slot
     runs without a key-padding mask (``gather_context``; the compiled model then has one more
     graph, which ``warm_up(..., mask_full=False)`` compiles). Chunk ``c`` generates frames
@@ -226,8 +204,11 @@ def generate(
             f"chunks must be in [1, {available}] for a {len(trajectory)}-frame trajectory "
             f"and {per_chunk} frames per chunk, got {chunks}"
         )
+    if accelerator is not None and policy is not None:
+        raise ValueError("give generate() a context policy or an accelerator, not both: the accelerator selects the context")
     policy = policy or DensePolicy(spec.window, spec.memory)
-    sigmas = spec.sigmas().to(world.device, spec.dtype)
+    schedule = spec.sigmas().float()
+    sigmas = schedule.to(world.device, spec.dtype)
     all_poses = trajectory.poses.float().cpu()
     all_actions = trajectory.actions()
     history = torch.zeros(chunks * per_chunk, *spec.latent_shape, device=world.device, dtype=spec.dtype)
@@ -242,14 +223,16 @@ def generate(
             noise = chunk_noise(world, c, seed)
             _sync(world.device)
             start = time.perf_counter()
-            selection = policy.select(c, all_poses[:first], chunk_poses, history[:first])
-            capacity = spec.context_frames if selection.capacity is None else selection.capacity
-            context = gather_context(history[:first], all_poses[:first], selection, capacity, mask_full)
-            inputs = world.inputs(context, chunk_poses, all_actions[first:first + per_chunk], first)
-            x = noise[0]
-            for s in range(spec.steps):
-                v = step_hook(c, s, partial(world.model, x, sigmas[s], **inputs))
-                x = sampler_update(spec.sampler, x, v, sigmas[s], sigmas[s + 1], noise[s + 1])
+            with _chunk_scope(accelerator, policy, c, all_poses[:first], chunk_poses, history[:first], schedule) as scope:
+                selection = scope.selection
+                capacity = spec.context_frames if selection.capacity is None else selection.capacity
+                context = gather_context(history[:first], all_poses[:first], selection, capacity, mask_full)
+                inputs = world.inputs(context, chunk_poses, all_actions[first:first + per_chunk], first)
+                x = noise[0]
+                for s in range(spec.steps):
+                    scope.step(s)
+                    v = step_hook(c, s, partial(world.model, x, sigmas[s], **inputs))
+                    x = sampler_update(spec.sampler, x, v, sigmas[s], sigmas[s + 1], noise[s + 1])
             history[first:first + per_chunk] = x[0]
             _sync(world.device)
             times.append(time.perf_counter() - start)
@@ -257,3 +240,24 @@ def generate(
     latents = history.float().cpu()
     frames = world.decode(latents) if decode else None
     return Generation(latents, all_poses[:chunks * per_chunk], frames, times, selections, per_chunk)
+
+
+class _PolicyScope:
+    """A dense chunk's stand-in for ``ChunkScope``: the policy's selection, steps told to no one."""
+
+    def __init__(self, selection: ContextSelection) -> None:
+        self.selection = selection
+
+    def step(self, step: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _chunk_scope(accelerator: "Accelerator | None", policy: ContextPolicy, chunk: int, poses: torch.Tensor,
+                 chunk_poses: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor
+                 ) -> "Iterator[ChunkScope | _PolicyScope]":
+    if accelerator is None:
+        yield _PolicyScope(policy.select(chunk, poses, chunk_poses, latents))
+        return
+    with accelerator.chunk(chunk, poses, chunk_poses, latents, sigmas) as scope:
+        yield scope

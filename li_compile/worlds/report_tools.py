@@ -6,13 +6,12 @@ Inductor; and ``backend="light_interaction"``), print a per-chunk table and a su
 plots (``--out``) and a JSON summary (``--json``).
 
 ``light_interaction_setup`` is the one place that decides how the light_interaction run is driven
-(context policy, denoising-cache step hook, per-chunk statistics).
+(the model's accelerator, configured per trajectory, and per-chunk statistics).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +27,16 @@ from torch._dynamo.utils import counters
 
 import li_compile
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
-from li_compile.controller.context import ContextController
-from li_compile.controller.session import session
-from li_compile.denoise_runtime import DENOISE, ChunkHook
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import autotuned_shapes
 from li_compile.reporting import ChunkStats
+from li_compile.controller.selection import ContextSelection
 from li_compile.options import Options
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
 from li_compile.worlds.hy_worldplay import TRAINED
 from li_compile.worlds.pipeline import (
-    ContextPolicy, ContextSelection, DensePolicy, Generation, StepHook, generate, progress_bar, warm_up,
+    ContextPolicy, DensePolicy, Generation, generate, progress_bar, warm_up,
 )
 
 PSNR_CAP_DB = 100.0  # PSNR of identical pictures (finite, so the JSON stays valid)
@@ -135,21 +132,20 @@ GRAPHS_PER_FUNCTION = 64
 
 @dataclass
 class Driver:
-    """What drives one generation along one trajectory: the context policy, the denoising-cache step
-    hook, the scope the generation runs in (``li_compile.session`` for the controller), and the
-    statistics of each chunk afterwards (``chunk_stats(chunk, selection)`` -> dict with
-    ``memory_kept``, ``memory_pruned``, ``density``, ``cache_hits``)."""
+    """What drives one generation along one trajectory: a dense context policy or a configured
+    accelerator (``generate``'s ``policy`` / ``accelerator``), and the statistics of each chunk
+    afterwards (``chunk_stats(chunk, selection)`` -> dict with ``memory_kept``, ``memory_pruned``,
+    ``density``, ``cache_hits``, ``fallbacks``)."""
 
-    policy: ContextPolicy
-    step_hook: StepHook | None
-    scope: Callable[[], ContextManager]
+    policy: ContextPolicy | None
+    accelerator: li_compile.Accelerator | None
     chunk_stats: Callable[[int, ContextSelection], dict[str, float]]
 
 
 @dataclass
 class Setup:
     """How one run is driven: the compiled world, a fresh ``Driver`` per trajectory, and the context
-    warm-up (``warm_up()``: model calls at every context capacity the policy may ask for, so every
+    warm-up (``warm_up()``: model calls at every context capacity the run may ask for, so every
     graph compiles, and every kernel autotunes, before the trajectory is timed). On CUDA both runs
     drop the key-padding mask of a context that fills its slots (``mask_full``), as a runner with a
     full context would, so SDPA may use its flash kernel: each capacity then has a padded and a
@@ -178,7 +174,7 @@ def dense_setup(world: World) -> Setup:
     compiled = world.compile(partial(torch.compile, dynamic=False))
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
-        return Driver(DensePolicy(spec.window, spec.memory), None, contextlib.nullcontext, dense_stats)
+        return Driver(DensePolicy(spec.window, spec.memory), None, dense_stats)
 
     return Setup(compiled, driver, partial(warm_up, compiled, (spec.context_frames,), full_context_masked(world)))
 
@@ -191,42 +187,41 @@ def light_interaction_options(world: World, options: Mapping[str, Any] | None = 
     return {**user, "context": context}
 
 
+def configure_for(accelerator: li_compile.Accelerator, world: World, trajectory: trajectories.Trajectory) -> None:
+    """Tell ``accelerator`` (of ``world.model``) the world's memory, token layout and revisit inputs,
+    and the trajectory's lens."""
+    accelerator.configure(memory_k=world.spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
+                          layout=world.layout, revisit_inputs=world.revisit_inputs)
+
+
 def light_interaction_setup(world: World, options: Mapping[str, Any] | None = None) -> Setup:
-    """The light_interaction run: the world compiled with the backend, driven per chunk by a
-    ``ContextController`` (memory pruning, adaptive window, compact context buckets, attention plan)
-    and the denoising cache (``ChunkHook``: early steps of revisited chunks served from the cache).
+    """The light_interaction run: the world compiled with the backend; per chunk, its model's
+    accelerator selects the context (memory pruning, adaptive window, compact context buckets),
+    writes the attention plan and serves early steps of revisited chunks from its cache.
     ``dynamic=False``: each context capacity gets its own static graph (Dynamo would otherwise make
     the context length symbolic at the second capacity, and the attention pass only rewrites static
     sites)."""
-    spec = world.spec
     user = light_interaction_options(world, options)
-    opts = Options.from_user(user)
     compiled = world.compile(
         lambda m: torch.compile(m, backend="light_interaction", options=user, dynamic=False)
     )
-
-    def controller(trajectory: trajectories.Trajectory) -> ContextController:
-        return ContextController(opts, memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg,
-                                 aspect=trajectory.aspect, layout=world.layout)
+    accelerator = li_compile.accelerator(compiled.model)
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
-        policy = controller(trajectory)
-        DENOISE.cache.clear()  # a run never reuses what another run stored
-        hook = ChunkHook(trajectory.poses, spec.chunk_frames, spec.sigmas()) if opts.cache.enabled else None
+        configure_for(accelerator, world, trajectory)
+        accelerator.reset()  # a run never reuses what another run stored
 
         def chunk_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
-            context = _stats_of(policy.stats, chunk)
-            cache = _stats_of(hook.stats, chunk) if hook else {}
-            return {"memory_kept": context.get("memory_kept", 0), "memory_pruned": context.get("memory_dropped", 0),
-                    "density": context.get("density", 1.0), "cache_hits": cache.get("cache_hits", 0),
-                    "fallbacks": sum(context.get("fallbacks", {}).values())}
+            values = _stats_of(accelerator.report().chunks, chunk)
+            return {"memory_kept": values.get("memory_kept", 0), "memory_pruned": values.get("memory_dropped", 0),
+                    "density": values.get("density", 1.0), "cache_hits": values.get("cache_hits", 0),
+                    "fallbacks": sum(values.get("fallbacks", {}).values())}
 
-        return Driver(policy, hook, partial(session, policy), chunk_stats)
+        return Driver(None, accelerator, chunk_stats)
 
     def warm_up_buckets() -> None:
-        policy = controller(trajectories.make("loop", spec.chunk_frames))
-        with session(policy):  # the plans it writes are cleared when the session ends
-            policy.warm_up(lambda capacity: warm_up(compiled, (capacity,), full_context_masked(world)))
+        configure_for(accelerator, world, trajectories.make("loop", world.spec.chunk_frames))
+        accelerator.warm_up(lambda capacity: warm_up(compiled, (capacity,), full_context_masked(world)))
 
     return Setup(compiled, driver, warm_up_buckets)
 
@@ -272,14 +267,13 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
     setup.warm_up()
     compiled_before, tuned_before = counters["frames"]["ok"], autotuned_shapes()
     driver = setup.driver(trajectory)
-    step_hook = driver.step_hook
+    step_hook = None
     if prefix is not None:
         from li_compile.worlds.fidelity import prefix_hook  # fidelity builds on this module
 
-        step_hook = prefix_hook(setup.world, prefix, seed, then=step_hook)
-    with driver.scope():
-        gen = generate(setup.world, trajectory, driver.policy, chunks, step_hook=step_hook, seed=seed,
-                       progress=True, mask_full=full_context_masked(setup.world))
+        step_hook = prefix_hook(setup.world, prefix, seed)
+    gen = generate(setup.world, trajectory, driver.policy, chunks, accelerator=driver.accelerator,
+                   step_hook=step_hook, seed=seed, progress=True, mask_full=full_context_masked(setup.world))
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
     return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before)

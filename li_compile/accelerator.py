@@ -1,0 +1,305 @@
+"""One accelerated model: its options, plan slots, context controller, denoising cache and report.
+
+``torch.compile(model, backend="light_interaction", options=...)`` gives the model an
+``Accelerator`` the first time the backend compiles one of its graphs (or the first time the user
+asks for it with ``li_compile.accelerator(compiled)``). It is kept on the user's module (or
+function) itself, one per distinct options, so its lifetime is the model's and two models never
+share any of it: each has its own plan slots (``li_compile.plan``), its own controller and cache,
+and ``li_compile.report(compiled)`` lists only its own graphs and chunks.
+
+The user's chunk loop talks to it directly::
+
+    li = li_compile.accelerator(compiled)
+    li.configure(memory_k=4, fov_y_deg=60, layout=my_layout, revisit_inputs=("context", "camera"))
+    li.warm_up(lambda capacity: compiled(*example_at(capacity)))
+    for c in range(chunks):
+        with li.chunk(c, past_poses, chunk_poses, past_latents, sigmas) as chunk:
+            context, valid = chunk.context(past_latents), chunk.valid
+            for step in range(steps):
+                chunk.step(step)
+                v = compiled(x, sigmas[step], context, valid, ...)
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+
+from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest
+from li_compile.controller.buckets import CAPACITY_FRACTIONS
+from li_compile.controller.context import DEFAULT_MEMORY_K, ContextController
+from li_compile.controller.selection import ContextSelection, pad_frames, valid_slots
+from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR
+from li_compile.denoise_runtime import DenoiseRuntime
+from li_compile.options import Options
+from li_compile.plan import Plan
+from li_compile.reporting import ChunkStats, Compilation, Report
+from li_compile.running import running_for
+from li_compile.sequence import SequenceLayout
+
+ATTRIBUTE = "_li_accelerators"  # on the user's module or function: {Options: Accelerator}
+BACKEND = "light_interaction"
+
+
+class Accelerator:
+    """The runtime state of one model compiled with ``backend="light_interaction"`` (module docstring).
+
+    ``options``: the validated compile options; ``name``: the model's name in reports."""
+
+    def __init__(self, options: Options, name: str) -> None:
+        self.options, self.name = options, name
+        self.plan = Plan()
+        self.denoise = DenoiseRuntime(options.cache)
+        self.controller: ContextController | None = None
+        self.revisit_inputs: frozenset[str] = frozenset()
+        self.compilations: dict[str, Compilation] = {}
+        self._weights, self._digests = WeightsIdentity(), DigestMemo()
+        self._graph_ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return (f"Accelerator({self.name}, {len(self.compilations)} graph(s), {len(self.plan)} plan slot(s), "
+                f"{len(self.denoise.cache)} cache entries)")
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        memory_k: int = DEFAULT_MEMORY_K,
+        layout: Callable[[int], SequenceLayout] | None = None,
+        fov_y_deg: float | None = None,
+        bounds: torch.Tensor | None = None,
+        aspect: float = 1.0,
+        near: float = DEFAULT_NEAR,
+        far: float = DEFAULT_FAR,
+        capacity_fractions: tuple[float, ...] = CAPACITY_FRACTIONS,
+        revisit_inputs: Sequence[str] = (),
+    ) -> "Accelerator":
+        """Describe the world to the model's context controller: the most memory frames per chunk
+        (``memory_k``), the attention token ``layout(capacity)`` (without it, no sparse plan is
+        written), the lens (``fov_y_deg`` + ``aspect`` or ``bounds (4,)``), the depth range, the
+        capacity buckets, and ``revisit_inputs``: names of forward arguments that derive from the
+        cameras or the selected context (they may differ on a revisit and stay out of the cache
+        key; every other input is part of it). Returns ``self``."""
+        if isinstance(revisit_inputs, str) or not all(isinstance(n, str) for n in revisit_inputs):
+            raise ValueError(f"revisit_inputs must be a sequence of argument names, got {revisit_inputs!r}")
+        self.controller = ContextController(
+            self.options.context, self.plan, memory_k=memory_k, bounds=bounds, fov_y_deg=fov_y_deg, aspect=aspect,
+            near=near, far=far, capacity_fractions=capacity_fractions, layout=layout,
+        )
+        self.revisit_inputs = frozenset(revisit_inputs)
+        return self
+
+    def warm_up(self, call: Callable[[int], object]) -> None:
+        """Compile every context capacity the controller may pick and autotune the kernel at each,
+        before the first chunk: ``call(capacity)`` runs the model once on a context of that many
+        slots (all padding is fine). See ``ContextController.warm_up``."""
+        self._controller().warm_up(call)
+
+    def reset(self) -> None:
+        """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay)."""
+        self.denoise.reset()
+        self.plan.clear()
+        if self.controller is not None:
+            self.controller.stats.clear()
+
+    # --- per chunk ----------------------------------------------------------------------------
+
+    def chunk(
+        self,
+        chunk: int,
+        past_poses: torch.Tensor,
+        chunk_poses: torch.Tensor,
+        past_latents: torch.Tensor,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+    ) -> "ChunkScope":
+        """The scope of one chunk: on entry the controller selects the context and writes the plans,
+        and the denoising cache opens the chunk; on exit it closes. ``past_poses (N, 4, 4)``,
+        ``chunk_poses (F, 4, 4)`` camera-to-world, ``past_latents (N, ...)`` one per past frame,
+        ``sigmas (steps + 1,)`` the chunk's noise schedule (None: the cache keeps raw outputs)."""
+        return ChunkScope(self, chunk, past_poses, chunk_poses, past_latents, sigmas)
+
+    # --- what the backend and the runners use ----------------------------------------------------
+
+    def new_compilation(self, code_name: str) -> Compilation:
+        """Record one call of the backend for this model (its sites are filled by the passes)."""
+        comp = Compilation(graph_name=f"graph{next(self._graph_ids)}", code_name=code_name, inner=self.options.inner)
+        self.compilations[comp.graph_name] = comp
+        return comp
+
+    def cache_key(self, weights: Sequence[torch.Tensor], conditioning: Sequence[object]) -> Hashable | None:
+        """The denoising-cache key of a call: its weights' identity token and its conditioning
+        digest (``li_compile.cache_key``); None when the weights cannot be identified."""
+        token = self._weights.token(weights)
+        return None if token is None else (token, conditioning_digest(self._digests, conditioning))
+
+    def report(self) -> Report:
+        """What was rewritten (every compiled graph of this model) and per-chunk statistics."""
+        if not self.compilations:
+            raise ValueError(
+                f"{self.name} has not been compiled by the light_interaction backend yet: torch.compile is lazy, "
+                "call the compiled model once, then ask for its report"
+            )
+        merged: dict[int, ChunkStats] = {}
+        context = self.controller.stats if self.controller is not None else []
+        for stats in [*context, *self.denoise.history]:
+            merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
+        return Report(self.name, list(self.compilations.values()), [merged[c] for c in sorted(merged)])
+
+    def _controller(self) -> ContextController:
+        if self.controller is None:
+            raise ValueError(f"{self.name}: call accelerator.configure(...) first (memory_k, lens, layout)")
+        return self.controller
+
+
+class ChunkScope:
+    """One chunk of one accelerated model (``Accelerator.chunk``); use it as a context manager.
+
+    Inside: ``selection`` (which past frames, ``ContextSelection``), ``capacity``, ``valid``
+    ``(capacity,)`` bool (slots holding a frame: right-aligned, padding first), ``context(values)``
+    to pad any per-frame history to the slots, and ``step(i)`` to tell the cache which denoising step
+    the next model calls belong to (optional: without it the n-th call is step n)."""
+
+    def __init__(self, accelerator: Accelerator, chunk: int, past_poses: torch.Tensor, chunk_poses: torch.Tensor,
+                 past_latents: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None) -> None:
+        self.accelerator, self.chunk = accelerator, chunk
+        self._args = (past_poses, chunk_poses, past_latents, sigmas)
+        self.selection: ContextSelection | None = None
+
+    def __enter__(self) -> "ChunkScope":
+        past_poses, chunk_poses, past_latents, sigmas = self._args
+        acc = self.accelerator
+        self.selection = acc._controller().select(self.chunk, past_poses, chunk_poses, past_latents)
+        self.capacity = self.selection.capacity
+        self.valid = valid_slots(self.selection, self.capacity)
+        acc.denoise.begin_chunk(self.chunk, chunk_poses, sigmas)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.accelerator.denoise.end_chunk()
+
+    def context(self, values: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Per-frame history ``values (N, ...)`` -> ``(capacity, ...)``: the selected frames
+        right-aligned, ``fill`` in the padding slots (e.g. ``torch.eye(4)`` for poses)."""
+        return pad_frames(values, self.selection, self.capacity, fill)
+
+    def step(self, step: int) -> None:
+        """Denoising ``step`` starts: the model calls until the next ``step`` belong to it."""
+        self.accelerator.denoise.set_step(step)
+
+
+class RoutedGraph:
+    """A compiled graph that runs for whichever accelerated model calls it.
+
+    Dynamo reuses one graph for every instance of a module class (weights are graph inputs), so
+    each call finds its caller (``calling_target``) and runs with that model's accelerator as the
+    running one (``li_compile.running``): its plan slots, its cache. ``fallback``: the accelerator
+    of a call whose model cannot be found (its plans stay dense and no chunk is ever open in it)."""
+
+    def __init__(self, compiled: Callable, options: Options, fallback: Accelerator) -> None:
+        self.compiled, self.options, self.fallback = compiled, options, fallback
+
+    def __call__(self, *args: Any) -> Any:
+        target, _ = calling_target()
+        with running_for(accelerator_of(target, self.options) if target is not None else self.fallback):
+            return self.compiled(*args)
+
+
+# --- finding a model's accelerator ----------------------------------------------------------------
+
+
+def accelerator(compiled: Any) -> Accelerator:
+    """The ``Accelerator`` of ``compiled``: what ``torch.compile(model_or_fn, backend="light_interaction",
+    options=...)`` returned, or a module compiled in place with ``module.compile(...)``. Created on
+    first use, so it can be configured before the first (lazy) compilation."""
+    target, context = _compiled_target(compiled)
+    settings = _compile_settings(context)
+    if settings is not None and settings.compiler_name == BACKEND:
+        return accelerator_of(target, Options.from_user(settings.kwargs.get("options")))
+    # a backend wrapping light_interaction (a test counter, a partial): the one it already made
+    made = list(target.__dict__.get(ATTRIBUTE, {}).values())
+    if len(made) == 1:
+        return made[0]
+    got = "no torch.compile settings" if settings is None else f"backend {settings.compiler_name!r}"
+    raise ValueError(
+        f"li_compile.accelerator() needs a model compiled with backend={BACKEND!r}, got {got} "
+        f"({len(made)} light_interaction accelerators on it: call the compiled model once first)"
+    )
+
+
+class _Accelerators(dict):
+    """A model's accelerators by options. A copy of the model (``copy.copy``, ``copy.deepcopy``,
+    pickling) starts with none: its compiled graphs must get plan slots of their own."""
+
+    def __copy__(self) -> "_Accelerators":
+        return _Accelerators()
+
+    def __deepcopy__(self, memo: dict) -> "_Accelerators":
+        return _Accelerators()
+
+    def __reduce__(self) -> tuple:
+        return (_Accelerators, ())
+
+
+def accelerator_of(target: Any, options: Options) -> Accelerator:
+    """The accelerator ``target`` (the user's module or function) has for ``options``, made on first use."""
+    table = target.__dict__.setdefault(ATTRIBUTE, _Accelerators())
+    if options not in table:
+        table[options] = Accelerator(options, _name(target))
+    return table[options]
+
+
+def calling_target() -> tuple[Any, Any]:
+    """The user's module or function whose compiled call is on the stack (being compiled, or
+    running), or None if it cannot be found, and Dynamo's context of that ``torch.compile`` (None
+    likewise). Found by walking the Python stack up to Dynamo's ``compile_wrapper`` frame."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "compile_wrapper" and frame.f_code.co_filename.endswith("eval_frame.py"):
+            fn = inspect.unwrap(frame.f_locals.get("fn"))
+            owner = getattr(fn, "__self__", None)
+            target = owner if isinstance(owner, torch.nn.Module) else fn
+            return (target if hasattr(target, "__dict__") else None), frame.f_locals.get("self")
+        frame = frame.f_back
+    return None, None
+
+
+def dynamic_setting(context: Any) -> bool | None | str:
+    """The ``dynamic=`` the user gave ``torch.compile`` (``"unknown"`` if it cannot be found)."""
+    settings = _compile_settings(context)
+    return "unknown" if settings is None else settings.dynamic
+
+
+def _compiled_target(compiled: Any) -> tuple[Any, Any]:
+    """(the user's module or function, Dynamo's context) of a ``torch.compile`` result."""
+    if isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule):
+        return compiled._orig_mod, compiled.dynamo_ctx
+    impl = getattr(compiled, "_compiled_call_impl", None) if isinstance(compiled, torch.nn.Module) else compiled
+    orig = getattr(impl, "_torchdynamo_orig_callable", None)
+    if orig is None:
+        raise ValueError(
+            f"li_compile needs what torch.compile(..., backend={BACKEND!r}) returned, got "
+            f"{type(compiled).__name__} {getattr(compiled, '__name__', '')!s}, which was not compiled by torch.compile"
+        )
+    target = compiled if isinstance(compiled, torch.nn.Module) else inspect.unwrap(orig)
+    cells = [c.cell_contents for c in (getattr(impl, "__closure__", None) or ())]
+    context = next((c for c in cells if isinstance(c, torch._dynamo.eval_frame._TorchDynamoContext)), None)
+    return target, context
+
+
+def _compile_settings(context: Any) -> Any:
+    """torch.compile's record of backend, options and ``dynamic`` behind a Dynamo context, or None."""
+    callback = getattr(context, "callback", None)
+    for _ in range(8):  # Dynamo wraps the backend a few times (error catching, debugging)
+        if callback is None or isinstance(callback, torch._TorchCompileWrapper):
+            return callback
+        callback = getattr(callback, "_torchdynamo_orig_backend", None) or getattr(callback, "_torchdynamo_orig_callable", None)
+    return None
+
+
+def _name(target: Any) -> str:
+    return type(target).__name__ if isinstance(target, torch.nn.Module) else getattr(target, "__qualname__", repr(target))
