@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training import PIXEL_STRIDE, TRAINED_SPEC, TrainConfig, averaged_weights, train
-from li_compile.worlds.training_data import make_pool
+from li_compile.worlds.trained import PIXEL_STRIDE, TRAINED_SPEC
+from training.recipe import TrainConfig, averaged_weights, train
+from training.data import make_pool
 from li_compile.worlds.trajectories import FOV_Y_DEG
 from trained_diagnostics import copy_probe
 

@@ -35,12 +35,13 @@ from unittest import mock
 
 import torch
 
-from li_compile.worlds.fidelity import add_case_arguments, prefix_hook, rollout, trained_world_and_cases
+from li_compile.worlds.fidelity import prefix_hook
+from training.fidelity import add_case_arguments, rollout, trained_world_and_cases
 from li_compile.worlds.report_tools import frame_psnr, repeat_last
-from li_compile.worlds import training_data
+from training import data as training_data
 from li_compile.worlds.pipeline import DensePolicy, generate
 from li_compile.worlds.sampling import euler_step
-from li_compile.worlds.training_data import make_pool, sample_batch
+from training.data import make_pool, sample_batch
 
 PROBES = ("steps", "context", "copy", "attention", "drift")
 STEPS = (1, 2, 4)

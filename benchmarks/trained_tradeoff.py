@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from li_compile.worlds.fidelity import add_case_arguments, rollout, trained_world_and_cases
+from training.fidelity import add_case_arguments, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
 from li_compile.worlds.report_tools import frame_psnr, light_interaction_setup, psnr, ssim
 

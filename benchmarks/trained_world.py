@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from li_compile.worlds.fidelity import add_case_arguments, evaluate, rollout, trained_world_and_cases
+from training.fidelity import add_case_arguments, evaluate, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
 
 COLUMNS = ("psnr_dense", "psnr_repeat_last", "psnr_video_dense", "psnr_video_repeat_last", "ssim_dense",

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from li_compile.worlds.training import IMAGE_SIZE, TRAINED_SPEC, TrainConfig, train
-from li_compile.worlds.training_data import make_pool
+from li_compile.worlds.trained import IMAGE_SIZE, TRAINED_SPEC
+from training.recipe import TrainConfig, train
+from training.data import make_pool
 
 RECIPES = {  # name -> (TrainConfig changes, WorldSpec changes) from the defaults (the shipped recipe)
     "qk_gain_1_no_prope": ({"qk_gain": 1.0}, {"prope_unit": None}),  # the previous weights' recipe

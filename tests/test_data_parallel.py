@@ -1,4 +1,4 @@
-"""Data-parallel training (``li_compile.worlds.data_parallel``): two CPU processes over gloo.
+"""Data-parallel training (``training.data_parallel``): two CPU processes over gloo.
 
 Each test spawns two processes that run one task and save what they end with; the test compares
 those results with each other and with a single-process run.
@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from li_compile.worlds import data_parallel
-from li_compile.worlds.training import TRAINED_SPEC, TrainConfig, train
-from li_compile.worlds.training_data import make_pool
+from training import data_parallel
+from li_compile.worlds.trained import TRAINED_SPEC
+from training.recipe import TrainConfig, train
+from training.data import make_pool
 
 SPEC = replace(TRAINED_SPEC, name="trained/dp-test", latent_h=4, latent_w=4, depth=1, heads=2, head_dim=16)
 IMAGE = 16

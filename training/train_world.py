@@ -15,10 +15,10 @@ flow matching with a progress bar, checkpoints every ``--checkpoint-every`` step
 ``li_compile/worlds/weights/hy_trained.pt``) and the loss curve ``OUT/loss.png``. The seed
 fixes everything: the same command reproduces the same weights up to GPU nondeterminism.
 Under ``torchrun`` each process trains on its own batches of ``--batch`` and the gradients are
-averaged (``li_compile.worlds.data_parallel``): the global batch is ``--batch`` times the processes;
+averaged (``training.data_parallel``): the global batch is ``--batch`` times the processes;
 process 0 prints, checkpoints and writes the weights; resume with as many processes.
 ``--rollout-fraction`` trains that share of each batch on context the world generated itself
-(self-forcing; ``--init`` starts from given weights): see ``li_compile.worlds.training``. Measured
+(self-forcing; ``--init`` starts from given weights): see ``training.recipe``. Measured
 and off by default (``benchmarks/results/trained_world.md``): ``--camera-rays`` and
 ``--revisit-fraction``. On by default, as the shipped weights were trained: ``--qk-gain 2`` (sharper
 attention at the start), ``--prope-unit 4`` (camera-relative attention; 0 turns it off) and, on
@@ -43,12 +43,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from li_compile.worlds import data_parallel  # noqa: E402
+from training import data_parallel  # noqa: E402
 from li_compile.worlds.base import OUTPUTS  # noqa: E402
-from li_compile.worlds.training import (  # noqa: E402
-    IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, train,
-)
-from li_compile.worlds.training_data import make_pool  # noqa: E402
+from li_compile.worlds.trained import IMAGE_SIZE, TRAINED_SPEC  # noqa: E402
+from training.recipe import TrainConfig, averaged_weights, export_weights, train  # noqa: E402
+from training.data import make_pool  # noqa: E402
 from li_compile.worlds.trajectories import FOV_Y_DEG  # noqa: E402
 
 SMOOTHING = 50  # steps averaged in the plotted loss curve
