@@ -197,7 +197,7 @@ def flow_matching_loss(world: HYWorldPlay, batch: dict[str, torch.Tensor], sigma
     x = (1 - sigma) * x0 + sigma * noise
     text = world.text.expand(x0.shape[0], -1, -1)
     inputs = {k: v for k, v in batch.items() if k != "target"}
-    velocity = (denoiser or world.model)(x, torch.tensor(sigma, device=x0.device), text=text, **inputs).float()
+    velocity = (world.model if denoiser is None else denoiser)(x, torch.tensor(sigma, device=x0.device), text=text, **inputs).float()
     if world.spec.output == "x0":  # score the clean prediction itself: every noise level weighs alike
         return F.mse_loss(x - sigma * velocity, x0)
     return F.mse_loss(velocity, noise - x0)
@@ -274,7 +274,7 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     # what the steps call: the DiT (or its KV-cache form), under torchrun wrapped in torch's DDP
     # (gradients averaged during backward), then compiled; ``model`` keeps the plain state_dict keys
     ddp = DistributedDataParallel(training_denoiser(model)) if processes > 1 else None
-    denoiser = ddp or training_denoiser(model)
+    denoiser = training_denoiser(model) if ddp is None else ddp
     if config.compile:
         denoiser = torch.compile(denoiser, dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
