@@ -1,6 +1,6 @@
 """Where the trained world's distance to the truth comes from: sampler or model? (CPU, a few minutes)
 
-    python benchmarks/trained_diagnostics.py --json out/trained_diagnostics.json
+    python -m benchmarks.trained_diagnostics --json out/trained_diagnostics.json
 
 Five probes (``--probes``), scored by PSNR against the renderer's ground truth (held-out rooms):
 

@@ -1,6 +1,6 @@
 """Fidelity against speedup of light_interaction on the trained world, as its thresholds vary.
 
-    python benchmarks/trained_tradeoff.py --out out/tradeoff          # CPU, shipped weights
+    python -m benchmarks.trained_tradeoff --out out/tradeoff          # CPU, shipped weights
 
 On held-out rooms along the revisit trajectories (loop, orbit, out_and_back), every setting of
 ``SETTINGS`` runs the trained HY-WorldPlay-style world from the true first chunk, and is scored

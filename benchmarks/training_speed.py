@@ -1,6 +1,6 @@
 """How fast does the trained world train, eager against ``--compile``? (GPU, about 6 minutes with --profile)
 
-    bash benchmarks/run_on_device.sh python benchmarks/training_speed.py --steps 80 --skip 30 --profile --json $OUT/training_speed.json
+    bash benchmarks/run_on_device.sh python -m benchmarks.training_speed --steps 80 --skip 30 --profile --json $OUT/training_speed.json
 
 Trains each recipe for ``--steps`` steps from a fresh world on a small clip pool (the speed does
 not depend on the pool's size) and reports the median step time after the first

@@ -20,7 +20,7 @@ Three measurements:
    over the chunk's true frames of the best PSNR of any context frame against it: does the context
    still hold what the chunk will show? Reported with the context fed relative to ``DensePolicy``.
 
-    python benchmarks/window_rules.py [--chunks 10] [--json out/window_rules.json]
+    python -m benchmarks.window_rules [--chunks 10] [--json out/window_rules.json]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ frames retrieved by camera overlap (``DensePolicy``).
 Training is flow matching (``x_sigma = (1 - sigma) x0 + sigma noise``) with the network predicting
 the clean chunk (``output="x0"``, scored by its squared error; a network of this width cannot copy
 192-dimensional pixel-patch noise through itself, so a velocity network leaves the noise in its
-frames: ``--output velocity`` of ``examples/train_world.py`` is that ablation) on teacher-forced
+frames: ``--output velocity`` of ``training/train_world.py`` is that ablation) on teacher-forced
 chunks (``training.data.sample_batch``), AdamW with warm-up and cosine decay, bf16 autocast on
 CUDA, an exponential moving average of the weights (exported). The model takes one ``sigma`` per
 call, so each step splits its batch into ``sigma_groups`` groups: one at ``sigma = 1`` (the
