@@ -23,7 +23,13 @@ def trained_truth(world: World, trajectory: Trajectory, seed: int) -> tuple[torc
     frames ``(T, 3, H, W)`` of held-out room ``HELD_OUT_SEED + seed``, and chunk 0's clean latents
     (the run starts from them through ``prefix_hook``, as ``rollout`` does)."""
     from li_compile.worlds.trained import PIXEL_STRIDE, image_size
-    from training.fidelity import render_case  # the renderer: the repository's training/ folder
+
+    try:
+        from training.fidelity import render_case  # the renderer: the repository's training/ folder
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("the trained worlds' ground truth needs the renderer in the repository's "
+                                  "training/ folder: run from the repository root with it on the path "
+                                  "(python -m examples.hy_worldplay, or PYTHONPATH=.)") from exc
 
     case = render_case(trajectory, HELD_OUT_SEED + seed, image_size(world.spec))
     return case.frames, PixelPatchCodec(PIXEL_STRIDE).encode(case.frames[:world.spec.chunk_frames])
