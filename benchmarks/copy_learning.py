@@ -1,6 +1,6 @@
 """How fast can the trained world's network learn to copy a remembered view? (CPU, minutes)
 
-    python benchmarks/copy_learning.py --steps 1500 --camera-rays [--prope-unit 4] --json out/copy.json
+    python -m benchmarks.copy_learning --steps 1500 --camera-rays [--prope-unit 4] --json out/copy.json
 
 The trained world scores about 19 dB where memory holds the exact view the camera sees
 (``trained_diagnostics.py --probes copy``), so it does not bring a remembered place back token by
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training import PIXEL_STRIDE, TRAINED_SPEC, TrainConfig, averaged_weights, train
-from li_compile.worlds.training_data import make_pool
+from li_compile.worlds.trained import PIXEL_STRIDE, TRAINED_SPEC
+from training.recipe import TrainConfig, averaged_weights, train
+from training.data import make_pool
 from li_compile.worlds.trajectories import FOV_Y_DEG
-from trained_diagnostics import copy_probe
+from benchmarks.trained_diagnostics import copy_probe
 
 IMAGE = 16  # frames of 16x16 pixels: 4x4 latents, 2x2 tokens
 CLIPS, CLIP_FRAMES = 256, 16

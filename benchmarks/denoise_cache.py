@@ -6,7 +6,7 @@ chunk that hit the cache with the dense ones (PSNR). For scale, ``revisit_psnr``
 revisit chunk with the dense chunk it revisits (same cameras, other noise and context): a cached
 chunk much closer to dense than that has lost little. Prints a table and writes a JSON (and a plot
 if matplotlib is installed). ``hy_trained`` (``--worlds hy_trained``) needs the trained weights
-(``li_compile.worlds.training.WEIGHTS_PATH``): on a model that predicts velocity well, x0 reuse is
+(``li_compile.worlds.trained.WEIGHTS_PATH``): on a model that predicts velocity well, x0 reuse is
 expected to beat raw reuse, unlike on the random-weight tiny worlds.
 
     python benchmarks/denoise_cache.py --out denoise_cache.json [--device cuda] [--inner inductor]
@@ -21,14 +21,14 @@ import statistics
 import torch
 
 import li_compile
-from li_compile.worlds import hy_worldplay, matrix_game3, training, trajectories
+from li_compile.worlds import hy_worldplay, matrix_game3, trained, trajectories
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import configure_for
 
 WORLDS = {  # name -> build(device): the random-weight tiny worlds, and the trained one (its weights shipped)
     "hy_worldplay": lambda device: hy_worldplay.build("tiny", device=device),
     "matrix_game3": lambda device: matrix_game3.build("tiny", device=device),
-    "hy_trained": lambda device: training.load_trained(device),
+    "hy_trained": lambda device: trained.load_trained(device),
 }
 TRAJECTORIES = ("loop", "orbit", "random_walk_with_returns")
 

@@ -1,6 +1,6 @@
 """Where the trained world's distance to the truth comes from: sampler or model? (CPU, a few minutes)
 
-    python benchmarks/trained_diagnostics.py --json out/trained_diagnostics.json
+    python -m benchmarks.trained_diagnostics --json out/trained_diagnostics.json
 
 Five probes (``--probes``), scored by PSNR against the renderer's ground truth (held-out rooms):
 
@@ -35,12 +35,13 @@ from unittest import mock
 
 import torch
 
-from li_compile.worlds.fidelity import add_case_arguments, prefix_hook, rollout, trained_world_and_cases
+from li_compile.worlds.fidelity import prefix_hook
+from training.fidelity import add_case_arguments, rollout, trained_world_and_cases
 from li_compile.worlds.report_tools import frame_psnr, repeat_last
-from li_compile.worlds import training_data
+from training import data as training_data
 from li_compile.worlds.pipeline import DensePolicy, generate
 from li_compile.worlds.sampling import euler_step
-from li_compile.worlds.training_data import make_pool, sample_batch
+from training.data import make_pool, sample_batch
 
 PROBES = ("steps", "context", "copy", "attention", "drift")
 STEPS = (1, 2, 4)

@@ -1,6 +1,6 @@
 """Fidelity against speedup of light_interaction on the trained world, as its thresholds vary.
 
-    python benchmarks/trained_tradeoff.py --out out/tradeoff          # CPU, shipped weights
+    python -m benchmarks.trained_tradeoff --out out/tradeoff          # CPU, shipped weights
 
 On held-out rooms along the revisit trajectories (loop, orbit, out_and_back), every setting of
 ``SETTINGS`` runs the trained HY-WorldPlay-style world from the true first chunk, and is scored
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from li_compile.worlds.fidelity import add_case_arguments, rollout, trained_world_and_cases
+from training.fidelity import add_case_arguments, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
 from li_compile.worlds.report_tools import frame_psnr, light_interaction_setup, psnr, ssim
 

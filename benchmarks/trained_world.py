@@ -1,7 +1,7 @@
 """Fidelity of the trained HY-WorldPlay-style world against rendered ground truth (issue 8).
 
-    python benchmarks/trained_world.py                       # shipped weights, CPU, a few minutes
-    python benchmarks/trained_world.py --device cuda --weights runs/trained/hy_trained.pt --json fid.json
+    python -m benchmarks.trained_world                       # shipped weights, CPU, a few minutes
+    python -m benchmarks.trained_world --device cuda --weights runs/trained/hy_trained.pt --json fid.json
 
 On held-out rooms and trajectories (every name of ``li_compile.worlds.trajectories``), starting from
 the true first chunk: PSNR/SSIM of dense generation and of "repeat the last given frame" against
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from li_compile.worlds.fidelity import add_case_arguments, evaluate, rollout, trained_world_and_cases
+from training.fidelity import add_case_arguments, evaluate, rollout, trained_world_and_cases
 from li_compile.worlds.pipeline import DensePolicy
 
 COLUMNS = ("psnr_dense", "psnr_repeat_last", "psnr_video_dense", "psnr_video_repeat_last", "ssim_dense",

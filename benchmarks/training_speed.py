@@ -1,6 +1,6 @@
 """How fast does the trained world train, eager against ``--compile``? (GPU, about 6 minutes with --profile)
 
-    bash benchmarks/run_on_device.sh python benchmarks/training_speed.py --steps 80 --skip 30 --profile --json $OUT/training_speed.json
+    bash benchmarks/run_on_device.sh python -m benchmarks.training_speed --steps 80 --skip 30 --profile --json $OUT/training_speed.json
 
 Trains each recipe for ``--steps`` steps from a fresh world on a small clip pool (the speed does
 not depend on the pool's size) and reports the median step time after the first
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from li_compile.worlds.training import IMAGE_SIZE, TRAINED_SPEC, TrainConfig, train
-from li_compile.worlds.training_data import make_pool
+from li_compile.worlds.trained import IMAGE_SIZE, TRAINED_SPEC
+from training.recipe import TrainConfig, train
+from training.data import make_pool
 
 RECIPES = {  # name -> (TrainConfig changes, WorldSpec changes) from the defaults (the shipped recipe)
     "qk_gain_1_no_prope": ({"qk_gain": 1.0}, {"prope_unit": None}),  # the previous weights' recipe

@@ -3,7 +3,7 @@
 Three measurements:
 
 1. **Dynamics of real content.** Held-out rooms are rendered along every reference trajectory
-   (``li_compile.worlds.fidelity.held_out_cases``) and encoded to latents by the trained world's
+   (``training.fidelity.held_out_cases``) and encoded to latents by the trained world's
    pixel-patch codec; the controller's dynamics measure (``latent_dynamics`` over the last
    ``window_max`` frames) is taken at every chunk, and the window each rule would pick is
    reported. This shows whether ``window.DYNAMICS_LOW/HIGH`` spread real motion over the window
@@ -20,7 +20,7 @@ Three measurements:
    over the chunk's true frames of the best PSNR of any context frame against it: does the context
    still hold what the chunk will show? Reported with the context fed relative to ``DensePolicy``.
 
-    python benchmarks/window_rules.py [--chunks 10] [--json out/window_rules.json]
+    python -m benchmarks.window_rules [--chunks 10] [--json out/window_rules.json]
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from li_compile.plan import Plan
 from li_compile.controller.window import latent_dynamics, window_size
 from li_compile.options import WINDOW_RULES
 from li_compile.worlds import hy_worldplay, matrix_game3
-from li_compile.worlds.fidelity import held_out_cases
+from training.fidelity import held_out_cases
 from li_compile.worlds.report_tools import psnr
 from li_compile.worlds.pipeline import DensePolicy, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.trajectories import TRAJECTORIES, make
-from li_compile.worlds.training import IMAGE_SIZE, PIXEL_STRIDE
+from li_compile.worlds.trained import IMAGE_SIZE, PIXEL_STRIDE
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)

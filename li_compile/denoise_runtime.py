@@ -4,7 +4,7 @@ Each accelerated model owns one ``DenoiseRuntime`` (``Accelerator.denoise``); it
 (``with accelerator.chunk(...)``) brackets each chunk with ``begin_chunk`` / ``end_chunk``.
 Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) goes through
 ``runtime.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
-the step (``DENOISE.set_step``, as ``ChunkHook`` does; then several calls per step, such as
+the step (``set_step``, as ``ChunkScope.step`` does; then several calls per step, such as
 classifier-free guidance as separate calls, are kept apart). On the first early step
 (``step < reuse_limit``: ``cache.reuse_steps``, by default half the chunk's steps) the chunk is looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model

@@ -1,10 +1,10 @@
-"""Specifications of the procedural scene renderer (li_compile.worlds.scenes)."""
+"""Specifications of the procedural scene renderer (training.scenes)."""
 
 import pytest
 import torch
 
 from li_compile.controller.poses import make_poses, rotation_about_axis
-from li_compile.worlds.scenes import FLOOR_Y, ROOM_HALF, make_scene, make_scenes, render
+from training.scenes import FLOOR_Y, ROOM_HALF, make_scene, make_scenes, render
 
 SIZE = 24  # small frames keep the suite fast; the geometry does not depend on resolution
 

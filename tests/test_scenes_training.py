@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from li_compile.controller.similarity import MEASURES, similarity
-from li_compile.worlds import training, training_data
-from li_compile.worlds.fidelity import evaluate, held_out_cases, prefix_hook, revisit_frames
+from training import data as training_data, recipe as training
+from li_compile.worlds.fidelity import prefix_hook
+from training.fidelity import evaluate, held_out_cases, revisit_frames
 from li_compile.worlds.report_tools import frame_psnr
 from li_compile.worlds.hy_worldplay import build
 from li_compile.worlds.pipeline import DensePolicy, chunk_noise, gather_context, generate
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.training import (
-    IMAGE_SIZE, TRAINED_SPEC, TrainConfig, averaged_weights, export_weights, flow_matching_loss, load_trained,
-    new_world, roll_out, train,
+from li_compile.worlds.trained import IMAGE_SIZE, TRAINED_SPEC, load_trained
+from training.recipe import (
+    TrainConfig, averaged_weights, export_weights, flow_matching_loss, new_world, roll_out, train,
 )
-from li_compile.worlds.training_data import Rollouts, dense_context_slots, make_pool, pairwise_similarity, sample_batch
+from training.data import Rollouts, dense_context_slots, make_pool, pairwise_similarity, sample_batch
 from li_compile.worlds.trajectories import Trajectory, make
 
 # the trained preset's shapes at 16x16 pixels and one small block: same code, fast on CPU

@@ -13,7 +13,7 @@ from li_compile.controller.similarity import frustum_overlap
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.base import X0_MIN_SIGMA, Context
 from li_compile.worlds.layers import CameraRope, RayEmbedder, apply_camera_rope, camera_features, patchify, unpatchify
-from li_compile.worlds.scenes import camera_rays
+from training.scenes import camera_rays
 from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_context, generate, warm_up
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
 

@@ -45,7 +45,10 @@ class WorldSpec:
     the per-frame modulation only, as in the random-weight presets. ``prope_unit``: when set,
     self-attention is camera-relative (PRoPE, ``layers.CameraRope``) on ``camera_rope_dims`` of each
     head (the rest keeps the 3D RoPE), translations measured in this many scene lengths; ``None``:
-    off, as in the random-weight presets.
+    off, as in the random-weight presets. ``block_causal``: context tokens never attend to the chunk
+    (the chunk still attends to the context), so the context's keys and values do not depend on the
+    chunk and can be computed once per chunk and cached (``hy_worldplay.HYWorldPlayDiT.encode_context``);
+    ``False``: full bidirectional attention over context and chunk (HY-WorldPlay's own mode).
     """
 
     name: str
@@ -70,6 +73,7 @@ class WorldSpec:
     output: str = "velocity"
     ray_fov_deg: float | None = None
     prope_unit: float | None = None
+    block_causal: bool = False
 
     def __post_init__(self) -> None:
         for key in ("latent_channels", "latent_h", "latent_w", "patch", "chunk_frames", "window", "steps",
@@ -91,6 +95,8 @@ class WorldSpec:
             raise ValueError(f"WorldSpec.prope_unit must be None or a finite number > 0, got {self.prope_unit!r}")
         if self.prope_unit is not None and self.head_dim < 8:
             raise ValueError(f"WorldSpec.prope_unit needs head_dim >= 8 (camera and RoPE halves), got {self.head_dim}")
+        if not isinstance(self.block_causal, bool):
+            raise ValueError(f"WorldSpec.block_causal must be a bool, got {self.block_causal!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"WorldSpec.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
 
@@ -194,6 +200,21 @@ class World:
         for name in self.compiled_modules():
             setattr(twin, name, compile_fn(getattr(self, name)))
         return twin
+
+
+class MethodModule(nn.Module):
+    """One method of a module as a module of its own, so it can be compiled on its own (weights
+    shared): ``MethodModule(dit, "encode_context")(*args)`` is ``dit.encode_context(*args)``.
+    Worlds with a KV cache compile their context pass this way, next to the denoiser."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        if not callable(getattr(module, method, None)):
+            raise ValueError(f"{type(module).__name__} has no method {method!r}")
+        self.module, self.method = module, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)
 
 
 def prompt_embedding(spec: WorldSpec, seed: int, device: torch.device | str | None) -> torch.Tensor:

@@ -9,13 +9,13 @@ Token order everywhere: frame-major, each frame's tokens in raster order (``grid
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from li_compile.controller.poses import invert_poses, make_poses, relative_pose
-from li_compile.worlds.scenes import camera_rays
+from li_compile.controller.poses import bounds_from_fov, invert_poses, make_poses, relative_pose
 
 TIMESTEP_SCALE = 1000.0  # sigma in [0, 1] -> the timestep the sinusoidal embedding sees
 FREQ_DIM = 256  # width of the sinusoidal timestep features
@@ -52,12 +52,41 @@ def camera_features(reference: torch.Tensor, poses: torch.Tensor) -> torch.Tenso
     return relative_pose(reference, poses)[..., :3, :4].flatten(-2)
 
 
+def frame_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """``size`` (an int for square frames, or ``(height, width)``) as ``(height, width)``."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
+        raise ValueError(f"size must be an int >= 1 or (height, width), got {size!r}")
+    return hw
+
+
+def camera_rays(poses: torch.Tensor, fov_y_deg: float, size: int | Sequence[int],
+                supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """World-space ray origins and unit directions for every subpixel of every camera.
+
+    ``poses: (..., 4, 4)`` -> ``(..., R, 3)`` each with ``R = H * W * supersample ** 2`` for
+    ``size = (H, W)`` (aspect ``W / H``), in row-major subpixel order (rows down: camera +y).
+    """
+    height, width = frame_size(size)
+    n_y, n_x = height * supersample, width * supersample
+    x_min, x_max, y_min, y_max = bounds_from_fov(fov_y_deg, width / height).tolist()
+    step_x, step_y = (x_max - x_min) / n_x, (y_max - y_min) / n_y
+    xs = x_min + step_x * (torch.arange(n_x, device=poses.device, dtype=torch.float32) + 0.5)
+    ys = y_min + step_y * (torch.arange(n_y, device=poses.device, dtype=torch.float32) + 0.5)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    local = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(-1, 3)  # (R, 3) camera coordinates
+    dirs = local @ poses[..., :3, :3].transpose(-1, -2)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    origins = poses[..., None, :3, 3].expand_as(dirs)
+    return origins, dirs
+
+
 class RayEmbedder(nn.Module):
     """Every token's camera rays, embedded: ``camera (B, T, 12)`` relative poses (``camera_features``)
     -> ``(B, T * tokens_per_frame, dim)``.
 
     One ray per latent pixel, through its centre, for a lens of vertical field of view ``fov_y_deg``
-    on the ``latent_h x latent_w`` grid (the renderer's ``camera_rays``), in Plücker coordinates
+    on the ``latent_h x latent_w`` grid (``camera_rays``, as the renderer casts them), in Plücker coordinates
     (unit direction, origin x direction: the same line gives the same six numbers wherever along it
     the camera stands), stacked per ``patch x patch`` token as ``patchify`` stacks latents, then a
     linear layer. Two frames whose cameras saw a point along the same ray get the same features

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from li_compile.sequence import SequenceLayout
-from li_compile.worlds.base import Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec
+from li_compile.worlds.base import Context, MethodModule, World, WorldSpec, init_model, prompt_embedding, resolve_spec
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
     key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
@@ -185,18 +185,6 @@ class MatrixGame3DiT(nn.Module):
         return unpatchify(out, chunk, spec.latent_channels, spec.latent_h, spec.latent_w, spec.patch)
 
 
-class ContextEncoder(nn.Module):
-    """``MatrixGame3DiT.encode_context`` as a module of its own, so it can be compiled on its own
-    (weights shared with the denoiser)."""
-
-    def __init__(self, dit: MatrixGame3DiT) -> None:
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, context, context_valid, camera, actions, frame_t, text) -> torch.Tensor:
-        return self.dit.encode_context(context, context_valid, camera, actions, frame_t, text)
-
-
 class MatrixGame3(World):
     """The Matrix-Game-3.0-style world: ``model`` (``MatrixGame3DiT``), its ``encoder`` (the KV cache
     pass, run once per chunk in ``inputs``) and their per-chunk inputs."""
@@ -205,7 +193,7 @@ class MatrixGame3(World):
 
     def __init__(self, spec: WorldSpec, model: MatrixGame3DiT, text: torch.Tensor) -> None:
         self.spec, self.model, self.text = spec, model, text
-        self.encoder = ContextEncoder(model)
+        self.encoder = MethodModule(model, "encode_context")  # compiled on its own
 
     def compiled_modules(self) -> tuple[str, ...]:
         return ("model", "encoder")

@@ -1,8 +1,10 @@
-"""The ``trained`` preset of the HY-WorldPlay-style world: its sizes, its training, its weights.
+"""The training recipe of the trained HY-WorldPlay-style worlds (``li_compile.worlds.trained``).
 
 Same code path as the other presets: ``hy_worldplay.build(TRAINED_SPEC)`` builds the very
 ``HYWorldPlayDiT`` the examples compile, here small (6 blocks, width 192, 64 tokens per frame) and
-trained on rendered rooms (``li_compile.worlds.scenes``) instead of random. Frames become latents
+trained on rendered rooms (``training.scenes``) instead of random. ``trained_ar``
+(``TRAINED_AR_SPEC``, block-causal, 16 x 16 tokens per frame) trains with the same recipe, through
+its KV-cache form (``training_denoiser``). Frames become latents
 by pixel patches (``PixelPatchCodec``, stride 4: 64x64 RGB -> 48 x 16 x 16), the DiT's patch 2
 makes 8 x 8 tokens per latent frame; a chunk is 4 frames with a context of 4 recent + 4 memory
 frames retrieved by camera overlap (``DensePolicy``).
@@ -10,8 +12,8 @@ frames retrieved by camera overlap (``DensePolicy``).
 Training is flow matching (``x_sigma = (1 - sigma) x0 + sigma noise``) with the network predicting
 the clean chunk (``output="x0"``, scored by its squared error; a network of this width cannot copy
 192-dimensional pixel-patch noise through itself, so a velocity network leaves the noise in its
-frames: ``--output velocity`` of ``examples/train_world.py`` is that ablation) on teacher-forced
-chunks (``training_data.sample_batch``), AdamW with warm-up and cosine decay, bf16 autocast on
+frames: ``--output velocity`` of ``training/train_world.py`` is that ablation) on teacher-forced
+chunks (``training.data.sample_batch``), AdamW with warm-up and cosine decay, bf16 autocast on
 CUDA, an exponential moving average of the weights (exported). The model takes one ``sigma`` per
 call, so each step splits its batch into ``sigma_groups`` groups: one at ``sigma = 1`` (the
 sampler's first step, which decides the content) and the rest at stratified levels drawn with a
@@ -35,13 +37,14 @@ from the weights (``spec_of_weights``).
 Two aimed at attention itself are on in the shipped recipe: ``qk_gain`` 2 starts the QK RMSNorm
 weights above 1 so attention can be sharp from the first step (``new_world``), and the spec's
 ``prope_unit`` makes half of each head's self-attention camera-relative (PRoPE, ``layers.CameraRope``,
-read from the weights). With ``compile`` (on by default in ``examples/train_world.py`` on CUDA)
+read from the weights). With ``compile`` (on by default in ``training/train_world.py`` on CUDA)
 that recipe trains 2.6x faster, and 3122 steps of it are the first weights more than 2 dB better
 than repeating the last frame (``benchmarks/results/trained_world.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -51,28 +54,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from li_compile.worlds import data_parallel
-from li_compile.worlds.base import WorldSpec
-from li_compile.worlds.hy_worldplay import HYWorldPlay, build
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from li_compile.worlds.base import MethodModule, WorldSpec
+from li_compile.worlds.hy_worldplay import HYWorldPlay, HYWorldPlayDiT, build
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from li_compile.worlds.sampling import sampler_update
-from li_compile.worlds.training_data import ClipPool, Rollouts, chunk_inputs, make_pool, sample_batch
-from li_compile.worlds.trajectories import FOV_Y_DEG
+from li_compile.worlds.trained import MODEL_SEED, PIXEL_STRIDE, TRAINED_SPEC
+from training import data_parallel
+from training.data import ClipPool, Rollouts, chunk_inputs, make_pool, sample_batch
 
-IMAGE_SIZE = 64  # rendered frames are IMAGE_SIZE x IMAGE_SIZE RGB
-PIXEL_STRIDE = 4  # pixels per latent along each axis
-# Shipped weights: `examples/train_world.py --device cuda --time-budget 530` (compiled, qk_gain 2, PRoPE
-# at unit 4) on one H200, sharing it with a second run of the same command (3122 steps of batch 192
-# in 497 s, 30 s rendering 131072 frames; the second run, 3224 steps, scored within 0.09 dB of it:
-# benchmarks/results/trained_world.md).
-WEIGHTS_PATH = Path(__file__).parent / "weights" / "hy_trained.pt"
-TRAINED_SPEC = WorldSpec(
-    name="hy_worldplay/trained", latent_channels=3 * PIXEL_STRIDE**2, latent_h=IMAGE_SIZE // PIXEL_STRIDE,
-    latent_w=IMAGE_SIZE // PIXEL_STRIDE, patch=2, chunk_frames=4, window=4, memory=4, steps=4, shift=7.0,
-    sampler="euler", depth=6, heads=6, head_dim=32, mlp_ratio=4.0, text_tokens=1, text_dim=32,
-    vae_stride=(1, PIXEL_STRIDE, PIXEL_STRIDE), output="x0", prope_unit=4.0,
-)
-MODEL_SEED = 0  # build(seed=...) of the trained world: its initial weights and its fixed prompt embedding
 SPEED_WARMUP_STEPS = 20  # with a time budget: steps not timed (lazy initialisation, autotuning) ...
 SPEED_PROBE_STEPS = 120  # ... then the speed of the steps up to this one sets the schedule's length
 
@@ -144,7 +136,7 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC, qk_gai
     (``TrainConfig.qk_gain``; measured in ``benchmarks/results/trained_world.md``)."""
     if not qk_gain > 0:
         raise ValueError(f"qk_gain must be > 0, got {qk_gain!r}")
-    world = build(spec, device=device, seed=MODEL_SEED)
+    world = build(spec, device=device, seed=MODEL_SEED, form="full")  # world.model: the DiT itself
     model = world.model.float().train().requires_grad_(True)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -153,34 +145,6 @@ def new_world(device: torch.device | str, spec: WorldSpec = TRAINED_SPEC, qk_gai
                 module.bias.zero_()
             if name.endswith(("q_norm", "k_norm")):
                 module.weight.fill_(qk_gain)
-    return world
-
-
-def spec_of_weights(weights: dict[str, torch.Tensor], spec: WorldSpec = TRAINED_SPEC) -> WorldSpec:
-    """``spec`` with the sizes ``weights`` (a ``state_dict``) were trained at: the number of heads
-    (of ``spec.head_dim``), of blocks, whether the DiT embeds camera rays (for ``spec``'s lens,
-    else the trajectories' ``FOV_Y_DEG``) and its camera-relative attention's unit. What the
-    network predicts (``output``) cannot be read from weights: ``spec`` keeps it."""
-    width = weights["patch_in.weight"].shape[0]
-    if width % spec.head_dim:
-        raise ValueError(f"weights of width {width} do not split into heads of {spec.head_dim}")
-    depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
-    rays = "rays.proj.weight" in weights
-    unit = weights.get("prope.unit")
-    return replace(spec, heads=width // spec.head_dim, depth=depth,
-                   ray_fov_deg=(spec.ray_fov_deg or FOV_Y_DEG) if rays else None,
-                   prope_unit=None if unit is None else float(unit))
-
-
-def load_trained(device: torch.device | str | None = None, path: Path | str = WEIGHTS_PATH,
-                 spec: WorldSpec = TRAINED_SPEC) -> HYWorldPlay:
-    """The trained world with the shipped (or given) weights, in eval mode without gradients
-    (``spec``: the preset the weights were trained as, e.g. ``output="velocity"`` for that ablation;
-    its sizes and camera rays follow the weights, ``spec_of_weights``)."""
-    weights = torch.load(path, map_location="cpu", weights_only=True)
-    world = build(spec_of_weights(weights, spec), device=device, seed=MODEL_SEED)
-    world.model.load_state_dict(weights)
-    world.decoder = PixelPatchCodec(PIXEL_STRIDE).decode
     return world
 
 
@@ -214,17 +178,26 @@ def training_sigmas(groups: int, shift: float, generator: torch.Generator) -> li
     return [1.0] + sigmas.clamp(1e-3, 1.0).tolist()
 
 
+def training_denoiser(model: HYWorldPlayDiT) -> nn.Module:
+    """The module training calls with ``model.forward``'s inputs: ``model`` itself, or for a
+    block-causal world its KV-cache form ``forward_via_cache`` (the same function, cheaper: the
+    context attends to itself, the chunk to both, and no ``(L, L)`` mask is built)."""
+    return MethodModule(model, "forward_via_cache") if model.spec.block_causal else model
+
+
 def flow_matching_loss(world: HYWorldPlay, batch: dict[str, torch.Tensor], sigma: float,
-                       generator: torch.Generator) -> torch.Tensor:
+                       generator: torch.Generator, denoiser: Callable | None = None) -> torch.Tensor:
     """Mean squared error of one noised chunk batch: of the clean chunk for an ``output="x0"``
     world (the velocity loss would weigh noise level ``sigma`` by ``1 / sigma^2``, spending the
-    model on nearly clean inputs the 4-step sampler never visits), else of the velocity."""
+    model on nearly clean inputs the 4-step sampler never visits), else of the velocity.
+    ``denoiser``: what computes the model (default ``world.model``; ``train`` passes its compiled,
+    possibly DDP-wrapped ``training_denoiser``)."""
     x0 = batch["target"]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     x = (1 - sigma) * x0 + sigma * noise
     text = world.text.expand(x0.shape[0], -1, -1)
     inputs = {k: v for k, v in batch.items() if k != "target"}
-    velocity = world.model(x, torch.tensor(sigma, device=x0.device), text=text, **inputs).float()
+    velocity = (world.model if denoiser is None else denoiser)(x, torch.tensor(sigma, device=x0.device), text=text, **inputs).float()
     if world.spec.output == "x0":  # score the clean prediction itself: every noise level weighs alike
         return F.mse_loss(x - sigma * velocity, x0)
     return F.mse_loss(velocity, noise - x0)
@@ -287,7 +260,8 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     then draws other data than an uninterrupted one). Returns the state with the EMA weights.
 
     Under ``torchrun`` (a process group initialised, ``data_parallel``) every process trains on its
-    own batches of ``config.batch`` and the gradients are averaged, so the weights stay identical;
+    own batches of ``config.batch`` and torch's ``DistributedDataParallel`` averages the gradients,
+    so the weights stay identical;
     the recorded loss is the processes' mean and process 0 writes the checkpoint.
     """
     device = torch.device(device)
@@ -296,11 +270,16 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
     model = world.model
     if config.init:
         model.load_state_dict(torch.load(config.init, map_location=device, weights_only=True))
-    if config.compile:  # in place: ``world.model(...)`` runs compiled, the state_dict keeps its keys
-        model.compile(dynamic=False)
+    processes = data_parallel.world_size()
+    # what the steps call: the DiT (or its KV-cache form), under torchrun wrapped in torch's DDP
+    # (gradients averaged during backward), then compiled; ``model`` keeps the plain state_dict keys
+    ddp = DistributedDataParallel(training_denoiser(model)) if processes > 1 else None
+    denoiser = training_denoiser(model) if ddp is None else ddp
+    if config.compile:
+        denoiser = torch.compile(denoiser, dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.99), fused=device.type == "cuda")
-    processes, me = data_parallel.world_size(), data_parallel.rank()
+    me = data_parallel.rank()
     seed = data_parallel.rank_seed(config.seed, me)
     data_gen = torch.Generator(device=device).manual_seed(seed)
     sigma_gen = torch.Generator().manual_seed(seed + 1)
@@ -342,12 +321,13 @@ def train(config: TrainConfig, device: torch.device | str, checkpoint: Path | st
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         sigmas = training_sigmas(config.sigma_groups, config.sigma_shift, sigma_gen)
-        for part, sigma in zip(_split(batch, config.sigma_groups), sigmas):
-            with autocast:
-                loss = flow_matching_loss(world, part, sigma, data_gen) / config.sigma_groups
-            loss.backward()
+        for group, (part, sigma) in enumerate(zip(_split(batch, config.sigma_groups), sigmas)):
+            last = group == config.sigma_groups - 1  # DDP all-reduces the accumulated gradients once, here
+            with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                with autocast:
+                    loss = flow_matching_loss(world, part, sigma, data_gen, denoiser) / config.sigma_groups
+                loss.backward()
             total += loss.detach()  # read once per step: the GPU is not waited for per group
-        data_parallel.average_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         with torch.no_grad():

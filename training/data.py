@@ -1,7 +1,7 @@
 """Training clips for the trained world: rendered trajectories and teacher-forced chunk batches.
 
 A **clip** is one trajectory of ``li_compile.worlds.trajectories`` (exploration with revisits)
-through its own procedural room (``li_compile.worlds.scenes``, objects kept clear of the path),
+through its own procedural room (``training.scenes``, objects kept clear of the path),
 rendered on the device. A **pool** holds many clips plus, for every chunk of every clip, the
 context that ``DensePolicy`` would feed the generation loop (recent window + memory frames
 retrieved by camera similarity), computed for all clips at once by ``dense_context_slots``.
@@ -25,7 +25,7 @@ from li_compile.worlds.base import WorldSpec
 from li_compile.worlds.layers import camera_features
 from li_compile.worlds.pipeline import DENSE_MEASURE
 from li_compile.worlds.pixel_codec import PixelPatchCodec
-from li_compile.worlds.scenes import make_scenes, render
+from training.scenes import make_scenes, render
 from li_compile.worlds.trajectories import ACTION_DIM, TRAJECTORIES, make
 
 CONTEXT_NOISE = 0.1  # largest std of the Gaussian noise added to (unit-variance) context latents

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from li_compile.controller.poses import bounds_from_fov
+from li_compile.worlds.layers import camera_rays, frame_size
 
 FLOOR_Y = 1.2  # floor plane (world y, pointing down) below cameras at y = 0
 WALL_TOP_Y = -2.0  # walls rise from the floor to this height; the sky shows above them
@@ -168,35 +168,6 @@ def make_scenes(seeds: Sequence[int], clear_points: Sequence[torch.Tensor] | Non
     paths = [None] * len(seeds) if clear_points is None else clear_points
     scenes = [make_scene(s, clear_points=path, **kwargs) for s, path in zip(seeds, paths)]
     return Scene(**{f.name: torch.cat([getattr(s, f.name) for s in scenes]) for f in fields(Scene)})
-
-
-def _height_width(size: int | Sequence[int]) -> tuple[int, int]:
-    """``size`` (an int for square frames, or ``(height, width)``) as ``(height, width)``."""
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
-        raise ValueError(f"size must be an int >= 1 or (height, width), got {size!r}")
-    return hw
-
-
-def camera_rays(poses: torch.Tensor, fov_y_deg: float, size: int | Sequence[int],
-                supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """World-space ray origins and unit directions for every subpixel of every camera.
-
-    ``poses: (..., 4, 4)`` -> ``(..., R, 3)`` each with ``R = H * W * supersample ** 2`` for
-    ``size = (H, W)`` (aspect ``W / H``), in row-major subpixel order (rows down: camera +y).
-    """
-    height, width = _height_width(size)
-    n_y, n_x = height * supersample, width * supersample
-    x_min, x_max, y_min, y_max = bounds_from_fov(fov_y_deg, width / height).tolist()
-    step_x, step_y = (x_max - x_min) / n_x, (y_max - y_min) / n_y
-    xs = x_min + step_x * (torch.arange(n_x, device=poses.device, dtype=torch.float32) + 0.5)
-    ys = y_min + step_y * (torch.arange(n_y, device=poses.device, dtype=torch.float32) + 0.5)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    local = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(-1, 3)  # (R, 3) camera coordinates
-    dirs = local @ poses[..., :3, :3].transpose(-1, -2)
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
-    origins = poses[..., None, :3, 3].expand_as(dirs)
-    return origins, dirs
 
 
 def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
@@ -359,7 +330,7 @@ def render(scene: Scene, poses: torch.Tensor, fov_y_deg: float = 60.0, size: int
     """
     if poses.shape[-2:] != (4, 4) or poses.ndim not in (2, 3, 4):
         raise ValueError(f"poses must be (4, 4), (F, 4, 4) or (S, F, 4, 4), got {tuple(poses.shape)}")
-    height, width = _height_width(size)
+    height, width = frame_size(size)
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
     lead = poses.shape[:-2]

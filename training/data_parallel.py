@@ -1,16 +1,15 @@
-"""Data-parallel training over several processes (``torchrun``), with no model wrapper.
+"""What data-parallel training (``torchrun``) needs around torch's ``DistributedDataParallel``.
 
-Every process holds the whole model (the same initial weights: ``MODEL_SEED`` fixes them), draws
-its own batches (``rank_seed``), and after each backward pass the gradients are averaged across
-the processes (``average_gradients``). Every process then takes the same optimiser step, so the
-weights stay identical without ever being sent. ``TrainConfig.batch`` is per process: the global
+Every process holds the whole model (the same initial weights: ``MODEL_SEED`` fixes them, and DDP
+broadcasts process 0's), draws its own batches (``rank_seed``), and DDP averages the gradients
+during the backward pass (``training.recipe.train``). Every process then takes the same optimiser
+step, so the weights stay identical. These helpers agree on the rest: ranks, the recorded loss,
+the schedule's length, the checkpoint's random states. ``TrainConfig.batch`` is per process: the global
 batch is ``batch * world_size()``. With one process (no process group) every function here is the
 identity and training is exactly the single-device run.
 """
 
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -32,27 +31,6 @@ def rank_seed(seed: int, process: int) -> int:
     """The data seed of process ``process``: ``seed`` for process 0, so one process draws what a
     single-device run draws; distinct seeds for the others."""
     return seed + RANK_SEED_STRIDE * process
-
-
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace every parameter's gradient by its mean over the processes, in one all-reduce. A
-    process without a gradient for a parameter counts as zero; a parameter no process has a
-    gradient for keeps none, so the optimiser skips it as it would in a single process."""
-    params = list(params)
-    if world_size() == 1:
-        return
-    device = params[0].device
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params]
-    flat = torch.cat([*grads, has_grad])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    present = flat[-len(params):].cpu().tolist()  # one device sync, not one per parameter
-    offset = 0
-    for p, has in zip(params, present):
-        count = p.numel()
-        p.grad = flat[offset:offset + count].view_as(p).clone() if has > 0 else None
-        offset += count
 
 
 def mean_across(value: float, device: torch.device) -> float:
