@@ -26,6 +26,11 @@ and compares it with the dense run:
     python examples/hy_worldplay.py --preset tiny --chunks 16 --out out/hy --json out/hy.json
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/: the renderer of the trained rooms
+
 from li_compile.worlds import hy_worldplay
 from li_compile.worlds.report_tools import run_example
 

@@ -25,6 +25,11 @@ and compares it with the dense run:
     python examples/matrix_game3.py --preset tiny --chunks 16 --out out/mg3 --json out/mg3.json
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/: the renderer of the trained rooms
+
 from li_compile.worlds import matrix_game3
 from li_compile.worlds.report_tools import run_example
 

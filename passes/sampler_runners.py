@@ -30,15 +30,15 @@ log = logging.getLogger("li_compile")
 InnerCompiler = Callable[[fx.GraphModule, Sequence[torch.Tensor], "str | None"], Callable]
 
 
-_LOCAL = re.compile(r"^L\['([^']+)'\]")
+_KEY = re.compile(r"\['([^']+)'\]")
 
 
 def input_name(node: fx.Node) -> str:
-    """The user's name of a graph input: the forward argument it came from (``L['text']`` ->
-    ``text``), else the placeholder's name."""
+    """The user's name of a graph input: the innermost named argument it came from (``L['text']``
+    -> ``text``, ``L['kwargs']['kv']`` -> ``kv``), else the placeholder's name."""
     source = getattr(node.meta.get("grapharg"), "source", None)
-    found = _LOCAL.match(getattr(source, "name", "") or "")
-    return found.group(1) if found else node.name
+    keys = _KEY.findall(getattr(source, "name", "") or "")
+    return keys[-1] if keys else node.name
 
 
 class CallKey:

@@ -314,6 +314,8 @@ class HYWorldPlayCached(World):
     keys and values; each denoising step runs ``model`` (``forward_cached``) on the chunk's tokens.
     Same weights and same outputs (up to rounding) as ``HYWorldPlay`` of the same DiT."""
 
+    revisit_inputs = ("kv", "context_valid", "camera", "actions")
+
     def __init__(self, spec: WorldSpec, dit: HYWorldPlayDiT, text: torch.Tensor) -> None:
         if not spec.block_causal:
             raise ValueError(f"the KV-cache form needs WorldSpec.block_causal=True, got {spec.name!r}")

@@ -34,7 +34,7 @@ from li_compile.controller.selection import ContextSelection
 from li_compile.options import Options
 from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
-from li_compile.worlds.hy_worldplay import TRAINED
+from li_compile.worlds.hy_worldplay import TRAINED, TRAINED_AR
 from li_compile.worlds.pipeline import (
     ContextPolicy, DensePolicy, Generation, generate, progress_bar, warm_up,
 )
@@ -245,10 +245,10 @@ class Run:
 
 def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory, seed: int
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """For the trained preset, whose rooms the renderer draws: the true frames along ``trajectory``
+    """For the trained presets, whose rooms the renderer draws: the true frames along ``trajectory``
     and chunk 0's clean latents (runs start from them: ``timed_run(..., prefix)``); else
     ``(None, None)``."""
-    if preset != TRAINED:
+    if preset not in (TRAINED, TRAINED_AR):
         return None, None
     from li_compile.worlds.fidelity import trained_truth  # fidelity builds on this module
 

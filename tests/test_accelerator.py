@@ -1,0 +1,115 @@
+"""One accelerator per compiled model: two models in one process never see each other's plans,
+cache entries or statistics, even when Dynamo shares one compiled graph between them."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import li_compile
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.pipeline import chunk_noise, gather_context
+from li_compile.worlds.sampling import sampler_update
+
+CHUNKS = 5
+OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16},
+           "context": {"keep_threshold": 0.6, "window_min": 1}, "cache": {"reuse_steps": 1}}
+
+
+def tiny(module, seed: int = 0):
+    spec = dataclasses.replace(module.PRESETS["tiny"], depth=1, steps=2)
+    return module.build(spec, seed=seed)
+
+
+def accelerated(world, trajectory):
+    options = {**OPTIONS, "context": {**OPTIONS["context"], "window_max": world.spec.window}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    accelerator.reset()  # the model's accelerator outlives a run: start each from an empty cache
+    accelerator.configure(memory_k=world.spec.memory, fov_y_deg=trajectory.fov_y_deg, layout=world.layout,
+                          revisit_inputs=world.revisit_inputs)
+    return compiled, accelerator
+
+
+def chunk_loop(world, accelerator, trajectory, out: list):
+    """The README's loop over ``CHUNKS`` chunks, pausing (yield) after every model call; the clean
+    latents of every chunk are appended to ``out``."""
+    spec = world.spec
+    poses, actions = trajectory.poses.float(), trajectory.actions()
+    sigmas = spec.sigmas()
+    history = torch.zeros(CHUNKS * spec.chunk_frames, *spec.latent_shape)
+    for c in range(CHUNKS):
+        first = c * spec.chunk_frames
+        chunk_poses = poses[first:first + spec.chunk_frames]
+        with accelerator.chunk(c, poses[:first], chunk_poses, history[:first], sigmas) as chunk:
+            context = gather_context(history[:first], poses[:first], chunk.selection, chunk.capacity)
+            inputs = world.inputs(context, chunk_poses, actions[first:first + spec.chunk_frames], first)
+            noise = chunk_noise(world, c, 0)
+            x = noise[0]
+            for s in range(spec.steps):
+                chunk.step(s)
+                with torch.no_grad():
+                    v = world.model(x, sigmas[s], **inputs)
+                x = sampler_update(spec.sampler, x, v, sigmas[s], sigmas[s + 1], noise[s + 1])
+                yield
+        history[first:first + spec.chunk_frames] = x[0]
+        out.append(x[0].clone())
+
+
+def alone(world, trajectory):
+    torch._dynamo.reset()
+    compiled, accelerator = accelerated(world, trajectory)
+    out = []
+    for _ in chunk_loop(compiled, accelerator, trajectory, out):
+        pass
+    return torch.cat(out), accelerator.report()
+
+
+@pytest.mark.parametrize("pair", ["hy+matrix_game3", "hy seed 0+hy seed 1"])
+def test_two_models_interleaved_match_their_own_single_runs_and_reports(pair):
+    """Two different worlds, or two instances of one class (whose calls share one compiled graph),
+    run call by call interleaved: each output equals its single-model run (fp32 rounding), each report
+    lists only its own graphs and chunks."""
+    worlds = ([tiny(hy_worldplay), tiny(matrix_game3)] if pair.startswith("hy+")
+              else [tiny(hy_worldplay, 0), tiny(hy_worldplay, 1)])
+    trajectory = trajectories.make("loop", CHUNKS * worlds[0].spec.chunk_frames)
+    single = [alone(w, trajectory) for w in worlds]
+    torch._dynamo.reset()
+    runs = [accelerated(w, trajectory) for w in worlds]
+    outs: list[list] = [[], []]
+    loops = [chunk_loop(c, a, trajectory, o) for (c, a), o in zip(runs, outs)]
+    for _ in itertools.zip_longest(*loops):
+        pass
+    for (expected, report), (_, accelerator), got in zip(single, runs, outs):
+        torch.testing.assert_close(torch.cat(got), expected, rtol=1e-5, atol=1e-5)  # a leak would be O(1)
+        mine = accelerator.report()
+        assert [c.chunk for c in mine.chunks] == list(range(CHUNKS))
+        decisions = ("memory_kept", "memory_dropped", "capacity", "cache", "steps_reused")
+        assert [[c.values[k] for k in decisions] for c in mine.chunks] == [
+            [c.values[k] for k in decisions] for c in report.chunks]
+    assert runs[0][1] is not runs[1][1]
+    assert {s.id for s in runs[0][1].plan}.isdisjoint({s.id for s in runs[1][1].plan})
+    assert any(c.values.get("plan") == "sparse" for c in runs[0][1].report().chunks)  # plans were live
+
+
+def test_a_copied_model_gets_an_accelerator_of_its_own():
+    import copy
+
+    world = tiny(hy_worldplay)
+    compiled = torch.compile(world.model, backend="light_interaction", options=OPTIONS, dynamic=False)
+    twin = copy.deepcopy(world.model)
+    compiled_twin = torch.compile(twin, backend="light_interaction", options=OPTIONS, dynamic=False)
+    assert li_compile.accelerator(compiled) is not li_compile.accelerator(compiled_twin)
+    assert li_compile.accelerator(compiled) is li_compile.accelerator(
+        torch.compile(world.model, backend="light_interaction", options=OPTIONS, dynamic=False))
+
+
+def test_the_accelerator_needs_a_light_interaction_compile():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="backend='light_interaction'"):
+        li_compile.accelerator(torch.compile(model, backend="eager"))
+    with pytest.raises(ValueError, match="was not compiled by torch.compile"):
+        li_compile.accelerator(model)
+    with pytest.raises(ValueError, match="configure"):
+        li_compile.accelerator(torch.compile(model, backend="light_interaction")).warm_up(lambda capacity: None)
