@@ -24,7 +24,7 @@ def tiled_sequences(draw):
         suffix_tokens=draw(st.integers(0, 3)),
         queries=draw(st.sampled_from(["all", "chunk"])),
     )
-    return TiledSequence(sequence, tile)
+    return TiledSequence(sequence, tile, draw(st.sampled_from(["end", "in_place"])))
 
 
 @settings(max_examples=60, deadline=None)
@@ -34,12 +34,26 @@ def test_permutations_round_trip_and_keep_prefix_and_suffix_in_place(tiled):
     q = torch.randn(2, s.q_len, 3)
     k = torch.randn(2, s.kv_len, 3)
     assert torch.equal(tiled.unpermute_outputs(tiled.permute_queries(q)), q)
-    assert torch.equal(tiled.key_order.unpermute(tiled.permute_keys(k)), k)
+    assert torch.equal(tiled.unpermute_keys(tiled.permute_keys(k)), k)
     assert torch.equal(tiled.query_perm[tiled.query_inverse], torch.arange(s.q_len))
     assert torch.equal(tiled.key_perm[tiled.key_inverse], torch.arange(s.kv_len))
-    keys = tiled.key_perm
-    assert torch.equal(keys[: s.prefix_tokens], torch.arange(s.prefix_tokens))
-    assert torch.equal(keys[s.kv_len - s.suffix_tokens :], torch.arange(s.kv_len - s.suffix_tokens, s.kv_len))
+    keys, video = tiled.key_perm, s.frames * s.tokens_per_frame
+    prefix, suffix = torch.arange(s.prefix_tokens), torch.arange(s.kv_len - s.suffix_tokens, s.kv_len)
+    if tiled.sinks == "in_place":
+        assert torch.equal(keys[: s.prefix_tokens], prefix) and torch.equal(keys[s.prefix_tokens + video :], suffix)
+    else:
+        assert torch.equal(keys[video:], torch.cat([prefix, suffix]))
+    assert torch.equal(tiled.key_tile_ids < 0, tiled.key_frame_ids < 0)
+    assert torch.equal(tiled.key_frame_ids[tiled.key_inverse], torch.cat([
+        torch.full((s.prefix_tokens,), -1), torch.arange(s.frames).repeat_interleave(s.tokens_per_frame),
+        torch.full((s.suffix_tokens,), -1)]))
+
+
+def test_with_sinks_at_the_end_every_block_of_a_tile_is_one_whole_tile_whatever_the_prefix():
+    tiled = TiledSequence(SequenceLayout(4, 2, 16, 16, prefix_tokens=16, suffix_tokens=3), (2, 8, 8))
+    video = tiled.key_tile_ids[: 6 * 256].view(-1, 128)
+    assert (video == video[:, :1]).all() and video[:, 0].tolist() == list(range(12))
+    assert (tiled.key_tile_ids[6 * 256 :] == -1).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,13 +64,16 @@ def test_kv_cache_keys_are_the_context_in_tile_order_then_the_chunk_in_query_ord
         return
     context_tokens = s.context_frames * s.tokens_per_frame
     context = TiledSequence(SequenceLayout(0, s.context_frames, s.grid_h, s.grid_w, queries="chunk"), tiled.tile) if context_tokens else None
-    parts = [torch.arange(s.prefix_tokens)]
+    parts = []
     if context is not None:
         parts.append(context.query_perm + s.prefix_tokens)
-    parts += [tiled.query_perm + s.prefix_tokens + context_tokens, torch.arange(s.kv_len - s.suffix_tokens, s.kv_len)]
+    parts.append(tiled.query_perm + s.prefix_tokens + context_tokens)
+    prefix, suffix = torch.arange(s.prefix_tokens), torch.arange(s.kv_len - s.suffix_tokens, s.kv_len)
+    parts = [prefix, *parts, suffix] if tiled.sinks == "in_place" else [*parts, prefix, suffix]
     assert torch.equal(tiled.key_perm, torch.cat(parts))
+    start = s.prefix_tokens + context_tokens if tiled.sinks == "in_place" else context_tokens
     # the chunk's own keys, permuted like the queries, sit where the chunk's key tiles start
-    chunk_keys = tiled.key_perm[s.prefix_tokens + context_tokens : s.prefix_tokens + context_tokens + s.q_len]
+    chunk_keys = tiled.key_perm[start : start + s.q_len]
     assert torch.equal(chunk_keys - s.prefix_tokens - context_tokens, tiled.query_perm)
 
 

@@ -133,16 +133,16 @@ def in_frustum(points: torch.Tensor, bounds: torch.Tensor, near: float, far: flo
     """Which camera-space points lie inside the truncated frustum: ``(..., 3)`` -> ``(...)`` bool.
 
     ``bounds: (4,)`` is the lens, ``[near, far]`` the depth range. ``margin >= 0`` widens the
-    frustum: each image side moves out by ``margin`` times the image's width (height), and the far
-    plane back by ``margin * far`` (a tolerance for tile-level tests, where a point stands for a
-    cell of rays and depths)."""
+    frustum: each image side moves out by ``margin`` times the image's width (height), the far
+    plane back by ``margin * far`` and the near plane in by ``margin * near`` (a tolerance for
+    tile-level tests, where a point stands for a cell of rays and depths)."""
     z = points[..., 2]
     u = points[..., 0] / z.clamp_min(near)
     v = points[..., 1] / z.clamp_min(near)
     x_min, x_max, y_min, y_max = bounds.unbind()
     dx, dy = margin * (x_max - x_min), margin * (y_max - y_min)
     return (
-        (z >= near) & (z <= far * (1 + margin))
+        (z >= near * (1 - min(margin, 1.0))) & (z <= far * (1 + margin))
         & (u >= x_min - dx) & (u <= x_max + dx) & (v >= y_min - dy) & (v <= y_max + dy)
     )
 
