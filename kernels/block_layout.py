@@ -230,6 +230,16 @@ def _as_4d(mask: torch.Tensor, name: str, q_blocks: int, kv_blocks: int) -> torc
 
 def _to_bcsr(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts (..., Q) and indices (..., Q, K) of a bool block mask; visited indices first, ascending."""
+    return to_bcsr(blocks, blocks.shape[-1])
+
+
+def to_bcsr(blocks: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts ``(..., Q)`` and indices ``(..., Q, capacity)`` int32 of a bool block mask ``(..., Q, K)``:
+    visited indices first, ascending, then unvisited ones (never read: only the first ``count``
+    entries are). ``capacity <= K``; a row visiting more than ``capacity`` blocks would be cut, so
+    callers check that first. No host sync."""
+    if not 1 <= capacity <= blocks.shape[-1]:
+        raise ValueError(f"capacity must be in [1, {blocks.shape[-1]}] (key blocks), got {capacity}")
     counts = blocks.sum(-1, dtype=INDEX_DTYPE)
-    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)[..., :capacity]
     return counts, order.to(INDEX_DTYPE)

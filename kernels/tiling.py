@@ -79,6 +79,15 @@ class TileOrder:
         return ((f // tt) * nh * nw + (h // th) * nw + (w // tw)).reshape(-1)
 
     @cached_property
+    def tile_boxes(self) -> torch.Tensor:
+        """(tiles, 3, 2) long: for every tile index, the ``[start, stop)`` ranges of its frames, rows
+        and columns (edge tiles are smaller)."""
+        size = torch.tensor(self.tile)
+        start = _tile_grid(self, 0) * size
+        stop = torch.minimum(start + size, torch.tensor([self.frames, self.grid_h, self.grid_w]))
+        return torch.stack([start, stop], -1)
+
+    @cached_property
     def perm(self) -> torch.Tensor:
         """(length,) long: raster index of each tile-order position (gather with it to permute)."""
         video = torch.argsort(self.tile_of_video_token, stable=True) + self.prefix

@@ -202,3 +202,17 @@ def test_own_blocks_hold_each_querys_own_position_aligned_to_the_end_of_the_keys
     assert torch.equal(own, expected)
     with pytest.raises(ValueError, match="aligned"):
         own_blocks(kv_len + 1, kv_len, block_q, block_k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(order=orders)
+def test_tile_boxes_cover_exactly_the_tokens_of_each_tile(order):
+    raster = order.perm[order.prefix : order.prefix + order.video_tokens] - order.prefix
+    coords = torch.stack(
+        [raster // (order.grid_h * order.grid_w), raster // order.grid_w % order.grid_h, raster % order.grid_w], -1
+    )
+    ids = order.tile_ids[order.prefix : order.prefix + order.video_tokens]
+    boxes = order.tile_boxes[ids]  # (tokens, 3, 2)
+    assert ((coords >= boxes[..., 0]) & (coords < boxes[..., 1])).all()
+    sizes = (order.tile_boxes[..., 1] - order.tile_boxes[..., 0]).prod(-1)
+    assert torch.equal(sizes, torch.bincount(ids, minlength=math.prod(order.tiles)))

@@ -40,9 +40,9 @@ def _revisits(poses: torch.Tensor, atol: float = 1e-4) -> list[tuple[int, int]]:
 # --- trajectories -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(trajectories.TRAJECTORIES))
+@pytest.mark.parametrize("name", sorted(trajectories.REVISITING))
 @pytest.mark.parametrize("seed", [0, 3])
-def test_every_trajectory_is_valid_seeded_and_really_revisits(name, seed):
+def test_every_revisiting_trajectory_is_valid_seeded_and_really_revisits(name, seed):
     traj = trajectories.make(name, 32, seed)
     assert traj.poses.shape == (32, 4, 4) and traj.poses.dtype == torch.float32
     validate_poses(traj.poses)

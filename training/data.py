@@ -26,12 +26,14 @@ from li_compile.worlds.layers import camera_features
 from li_compile.worlds.pipeline import DENSE_MEASURE
 from li_compile.worlds.pixel_codec import PixelPatchCodec
 from training.scenes import make_scenes, render
-from li_compile.worlds.trajectories import ACTION_DIM, TRAJECTORIES, make
+from li_compile.worlds.trajectories import ACTION_DIM, make
 
 CONTEXT_NOISE = 0.1  # largest std of the Gaussian noise added to (unit-variance) context latents
 MEMORY_DROPOUT = 0.15  # fraction of training examples whose memory frames are removed
 PAIRS_PER_PASS = 1 << 12  # (clip, frame, frame) pairs scored at once by dense_context_slots
 CLIPS_PER_TRAJECTORY = 4  # clips share camera paths (cheap variety: each clip has its own room)
+# The paths the shipped weights were trained on; pinned so that a new trajectory does not change the training set.
+TRAINING_TRAJECTORIES = ("loop", "orbit", "out_and_back", "random_walk_with_returns")
 SCENE_SEED_STRIDE = 1_000_003  # scene seed of clip i: seed * stride + i (held-out seeds differ by seed)
 
 
@@ -101,11 +103,11 @@ def make_pool(clips: int, frames: int, spec: WorldSpec, seed: int, device: torch
               image_size: int, batch: int = 64) -> ClipPool:
     """Render ``clips`` clips of ``frames`` frames on ``device``. Clip ``i`` walks trajectory
     ``i % n`` of ``n = ceil(clips / CLIPS_PER_TRAJECTORY)`` paths, path ``j`` being
-    ``make(name, frames, seed * clips + j)`` (names cycling through ``TRAJECTORIES``), through its
+    ``make(name, frames, seed * clips + j)`` (names cycling through ``TRAINING_TRAJECTORIES``), through its
     own room ``seed * SCENE_SEED_STRIDE + i``. Deterministic per ``seed``."""
     if frames < 2 * spec.chunk_frames:
         raise ValueError(f"clips need at least 2 chunks ({2 * spec.chunk_frames} frames) to train on, got {frames}")
-    names = sorted(TRAJECTORIES)
+    names = sorted(TRAINING_TRAJECTORIES)
     paths = -(-clips // CLIPS_PER_TRAJECTORY)
     trajectories = [make(names[j % len(names)], frames, seed * clips + j) for j in range(paths)]
     path_poses = torch.stack([tr.poses for tr in trajectories])

@@ -34,7 +34,8 @@ from li_compile.worlds.report_tools import frame_psnr, psnr, repeat_last, ssim
 from li_compile.worlds.trained import (
     AR_WEIGHTS_PATH, PIXEL_STRIDE, TRAINED_AR_SPEC, TRAINED_SPEC, WEIGHTS_PATH, image_size, load_trained,
 )
-from li_compile.worlds.trajectories import TRAJECTORIES, Trajectory, make
+from li_compile.worlds.trajectories import Trajectory, make
+from training.data import TRAINING_TRAJECTORIES
 from training.scenes import make_scene, render
 
 REVISIT_DISTANCE = 0.05  # world units: a camera this close to an earlier one (and facing alike) revisits it
@@ -52,11 +53,12 @@ class Case:
 
 def held_out_cases(frames: int, per_trajectory: int, image_size: int, names: tuple[str, ...] | None = None,
                    device: torch.device | str = "cpu") -> list[Case]:
-    """``per_trajectory`` cases of each trajectory name (default: all of ``TRAJECTORIES``), ``frames``
+    """``per_trajectory`` cases of each trajectory name (default: the training paths,
+    ``TRAINING_TRAJECTORIES``, so published numbers keep their meaning when paths are added), ``frames``
     long, rendered at ``image_size`` on ``device`` (frames returned on the CPU) with objects kept
     clear of the path."""
     cases = []
-    for n, name in enumerate(sorted(names or TRAJECTORIES)):
+    for n, name in enumerate(sorted(names or TRAINING_TRAJECTORIES)):
         for i in range(per_trajectory):
             seed = HELD_OUT_SEED + 100 * n + i
             cases.append(render_case(make(name, frames, seed), seed, image_size, device))

@@ -126,12 +126,25 @@ def frustum_overlap(
     points = frustum_samples(bounds, near, far, rays, depths)  # (S, 3) in the current camera
     to_past = relative_pose(bank.float(), current.float())  # (N, 4, 4): current camera -> past camera
     p = points @ to_past[:, :3, :3].transpose(-1, -2) + to_past[:, None, :3, 3]  # (N, S, 3)
-    z = p[..., 2]
-    u = p[..., 0] / z.clamp_min(near)
-    v = p[..., 1] / z.clamp_min(near)
+    return in_frustum(p, bounds, near, far).float().mean(-1)
+
+
+def in_frustum(points: torch.Tensor, bounds: torch.Tensor, near: float, far: float, margin: float = 0.0) -> torch.Tensor:
+    """Which camera-space points lie inside the truncated frustum: ``(..., 3)`` -> ``(...)`` bool.
+
+    ``bounds: (4,)`` is the lens, ``[near, far]`` the depth range. ``margin >= 0`` widens the
+    frustum: each image side moves out by ``margin`` times the image's width (height), the far
+    plane back by ``margin * far`` and the near plane in by ``margin * near`` (a tolerance for
+    tile-level tests, where a point stands for a cell of rays and depths)."""
+    z = points[..., 2]
+    u = points[..., 0] / z.clamp_min(near)
+    v = points[..., 1] / z.clamp_min(near)
     x_min, x_max, y_min, y_max = bounds.unbind()
-    inside = (z >= near) & (z <= far) & (u >= x_min) & (u <= x_max) & (v >= y_min) & (v <= y_max)
-    return inside.float().mean(-1)
+    dx, dy = margin * (x_max - x_min), margin * (y_max - y_min)
+    return (
+        (z >= near * (1 - min(margin, 1.0))) & (z <= far * (1 + margin))
+        & (u >= x_min - dx) & (u <= x_max + dx) & (v >= y_min - dy) & (v <= y_max + dy)
+    )
 
 
 def frustum_moments(bounds: torch.Tensor, near: float, far: float) -> tuple[torch.Tensor, torch.Tensor]:

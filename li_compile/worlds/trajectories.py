@@ -2,8 +2,10 @@
 
 A world model is driven along a camera path; the interesting paths for this project come back to
 places they have seen, because that is where retrieved memory frames matter and where a denoising
-cache can hit. Every trajectory here is built so that its revisits are exact: the returning camera
-has the same centre and the same view direction as an earlier one (within float rounding).
+cache can hit. The paths in ``REVISITING`` are built so that their revisits are exact: the returning
+camera has the same centre and the same view direction as an earlier one (within float rounding).
+The rest resemble how people drive these models: ``explore`` never comes back, ``wander`` stops
+and turns back the way a person does (its returns are near, not exact).
 
 Conventions (those of ``li_compile.controller.poses``): camera-to-world ``(N, 4, 4)`` float32,
 OpenCV camera axes (x right, y down, z forward); the world also uses y down, so the ground is
@@ -31,6 +33,14 @@ TURN_DEG = 6.0  # largest yaw change per latent frame while walking, degrees
 CORNER_DEG = (60.0, 120.0)  # a random walk turns corners of this many degrees (either way) ...
 CORNER_FRAMES = 3  # ... over this many frames ...
 CORNER_EVERY = 6  # ... every this many frames on average
+SMOOTHING = 0.8  # turn rate kept from one frame to the next by explore and wander (the rest is fresh noise)
+EXPLORE_HEADING_DEG = 60.0  # explore's heading stays within this of its start direction: it never comes back
+PAN_DEG = 90.0  # look_around pans at most this far either way ...
+TILT_DEG = 20.0  # ... and tilts at most this far up or down
+WANDER_EVENT_EVERY = 10  # wander stops or turns back every this many frames on average ...
+WANDER_STOP_FRAMES = (2, 5)  # ... standing still for this many frames (inclusive) ...
+TURN_BACK_FRAMES = 6  # ... or turning 180 degrees in place over this many frames
+ACCELERATION = 0.5  # wander closes this fraction of the gap to full speed each frame
 FOV_Y_DEG = 60.0
 ASPECT = 16 / 9
 MOVE_EPS = 1e-3  # translation (world units) below which no movement key is pressed
@@ -179,15 +189,86 @@ def random_walk_with_returns(frames: int, seed: int = 0, return_every: int = 8) 
     return Trajectory("random_walk_with_returns", torch.stack(path[:frames]))
 
 
+def explore(frames: int, seed: int = 0) -> Trajectory:
+    """Pure exploration, no return: walk forward, now and then (every ``CORNER_EVERY`` frames on
+    average) turning towards a new random heading at corner speed, with small smooth turns between.
+    The heading stays within ``EXPLORE_HEADING_DEG`` of the start direction, so every step gains at
+    least ``STEP * cos(EXPLORE_HEADING_DEG)`` along it and no camera comes back near an earlier one."""
+    _check_frames(frames)
+    gen = torch.Generator().manual_seed(seed)
+    limit = math.radians(EXPLORE_HEADING_DEG)
+    corner_rate = math.radians(CORNER_DEG[1]) / CORNER_FRAMES
+    yaw, target, rate, yaws = 0.0, 0.0, 0.0, []
+    for _ in range(frames):
+        yaws.append(yaw)
+        if torch.rand(1, generator=gen).item() < 1 / CORNER_EVERY:
+            target = (torch.rand(1, generator=gen).item() * 2 - 1) * limit
+        rate = SMOOTHING * rate + (1 - SMOOTHING) * (torch.rand(1, generator=gen).item() * 2 - 1) * math.radians(TURN_DEG)
+        yaw = min(max(yaw + rate + min(max(target - yaw, -corner_rate), corner_rate), -limit), limit)
+    yaw_t = torch.tensor(yaws)
+    return Trajectory("explore", _walk(torch.full((frames,), STEP), torch.cat([yaw_t[:1], yaw_t.diff()])))
+
+
+def look_around(frames: int, seed: int = 0, period: int | None = None) -> Trajectory:
+    """Stand still and look around: pan (yaw) over up to +-``PAN_DEG`` and tilt (pitch) over up to
+    +-``TILT_DEG``, smoothly, twice as many tilts as pans per period; frame ``i + period`` repeats
+    frame ``i`` (default period: two thirds of ``frames``). ``seed`` sets amplitudes, phase, direction."""
+    _check_frames(frames)
+    period = period or default_period(frames)
+    gen = torch.Generator().manual_seed(seed)
+    pan = math.radians(PAN_DEG) * (0.6 + 0.4 * torch.rand(1, generator=gen).item())
+    tilt = math.radians(TILT_DEG) * (0.5 + 0.5 * torch.rand(1, generator=gen).item())
+    direction = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+    phase = 2 * math.pi * (torch.arange(frames) % period).float() / period
+    yaw = direction * pan * torch.sin(phase)
+    pitch = tilt * torch.sin(2 * phase)
+    still = torch.zeros(frames)
+    return Trajectory("look_around", ground_poses(still, still, yaw, pitch))
+
+
+def wander(frames: int, seed: int = 0) -> Trajectory:
+    """A smooth, human-like random drive: speed eases up to ``STEP`` per frame, the turn rate is
+    smoothed noise; now and then the camera stops for ``WANDER_STOP_FRAMES`` frames (no motion at
+    all), or turns back: 180 degrees in place over ``TURN_BACK_FRAMES`` frames, then walks on over
+    the ground it came from. Stops and turn-backs happen about every ``WANDER_EVENT_EVERY`` frames."""
+    _check_frames(frames)
+    gen = torch.Generator().manual_seed(seed)
+    x = z = yaw = rate = speed = 0.0
+    xs, zs, yaws = [], [], []
+    plan: list[tuple[float, float]] = []  # scripted frames ahead: (speed, yaw turn) per frame
+    while len(xs) < frames:
+        xs.append(x), zs.append(z), yaws.append(yaw)
+        if not plan and torch.rand(1, generator=gen).item() < 1 / WANDER_EVENT_EVERY:
+            if torch.rand(1, generator=gen).item() < 0.5:
+                low, high = WANDER_STOP_FRAMES
+                plan = [(0.0, 0.0)] * int(torch.randint(low, high + 1, (1,), generator=gen))
+            else:
+                sign = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+                plan = [(0.0, sign * math.pi / TURN_BACK_FRAMES)] * TURN_BACK_FRAMES
+            rate = 0.0
+        if plan:
+            speed, turn = plan.pop(0)
+        else:
+            rate = SMOOTHING * rate + (1 - SMOOTHING) * (torch.rand(1, generator=gen).item() * 2 - 1) * math.radians(TURN_DEG)
+            speed, turn = speed + (STEP - speed) * ACCELERATION, rate
+        yaw += turn
+        x, z = x + speed * math.sin(yaw), z + speed * math.cos(yaw)
+    return Trajectory("wander", ground_poses(torch.tensor(xs), torch.tensor(zs), torch.tensor(yaws)))
+
+
 TRAJECTORIES: dict[str, Callable[..., Trajectory]] = {
     "out_and_back": out_and_back,
     "loop": loop,
     "orbit": orbit,
     "random_walk_with_returns": random_walk_with_returns,
+    "explore": explore,
+    "look_around": look_around,
+    "wander": wander,
 }
 
 
-PERIODIC = ("loop", "orbit")  # the paths that repeat themselves with a period
+PERIODIC = ("loop", "orbit", "look_around")  # the paths that repeat themselves with a period
+REVISITING = ("loop", "orbit", "out_and_back", "random_walk_with_returns", "look_around")  # exact revisits
 
 
 def default_period(frames: int, chunk_frames: int = 1) -> int:

@@ -1,0 +1,448 @@
+"""Tile-level block-sparse attention plans from the cameras, made once per chunk.
+
+With the video tokens in 3D tile order (``li_compile.tiled_sequence``), one attention block is one
+compact space-time tile, and which key tiles a query tile needs follows from the cameras. Per query
+tile of the chunk the plan visits, in this order of priority:
+
+1. ``OWN``: every tile of its own chunk;
+2. ``SINK``: the prefix and suffix tokens (text, registers, attention sinks);
+3. ``RECENT``: in every recent context frame, the tiles within ``recent_radius`` tiles of where the
+   query tile's content was. That place is geometry, not a guess: the ray through the query tile's
+   centre, at depths across ``depth_range``, is carried through the relative pose into the recent
+   camera and projected; the window covers the projected segment (for a static camera, the tile
+   itself). Later recent frames rank first;
+4. ``MEMORY``: in every memory frame, the tiles whose ray cone (the tile's rays, truncated at
+   ``depth_range``) the chunk's cameras see: the fraction of the cone's sample points inside any
+   chunk camera's frustum, widened by ``visibility_margin`` (``similarity.in_frustum``), must exceed
+   ``min_visibility``. The frame-level ``frustum_overlap`` applied to one tile's cone; ranked by it.
+
+Context query tiles (``queries="all"``, HY-WorldPlay's full sequence) follow ``context_queries``:
+``"dense"`` (every key that holds a frame: exact, costs nothing in accuracy) or ``"frame_local"``
+(their own frames' tiles and the sinks). Prefix/suffix queries see every key. Padding slots
+(``roles`` entry ``"pad"``) are never visited: blocks that mix padding with frames are partial,
+under ``key_keep``; padding query tiles see only the sinks.
+
+The plan is written IN PLACE into a fixed-capacity ``BlockLayout`` (``empty_tile_plan``), so shapes
+never change from chunk to chunk. A query block holding more candidate key blocks than the capacity
+keeps the highest priorities (own chunk > sink > recent window > memory by visibility) and drops the
+rest, counted in the returned ``PlanStats``. Own chunk, sinks and dense context rows are mandatory:
+``required_capacity`` says how many blocks they take, and ``empty_tile_plan`` refuses less.
+
+Once per chunk (see ``write_tile_plan``)::
+
+    layout = empty_tile_plan(tiled, capacity=required_capacity(tiled, params) + extra)   # at warm-up
+    stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, params)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+from li_compile.controller.poses import relative_pose, validate_bounds, validate_poses
+from li_compile.controller.similarity import DEFAULT_FAR, in_frustum
+from li_compile.kernels.block_layout import INDEX_DTYPE, BlockLayout, cdiv, to_bcsr
+from li_compile.tiled_sequence import TiledSequence
+
+ROLES = ("pad", "memory", "recent")
+CONTEXT_QUERY_RULES = ("dense", "frame_local")
+# Priority classes: class c spans [c, c + 1); a higher class is always kept before a lower one.
+OWN, SINK, RECENT, MEMORY = 4.0, 3.0, 2.0, 1.0
+NEVER = float("-inf")
+CONE_RAYS = 4  # a tile's ray cone is sampled on a CONE_RAYS x CONE_RAYS grid of rays ...
+CONE_DEPTHS = 6  # ... at CONE_DEPTHS depths spaced geometrically: surfaces near and far count alike
+_IN_FRONT = 1e-6  # a reprojected point counts when its depth in the recent camera exceeds this
+
+
+@dataclass(frozen=True)
+class TilePlanParams:
+    """How wide a tile plan looks (the knobs calibration widens).
+
+    ``recent_radius``: tiles (rows and columns) around the reprojected location in recent frames;
+    ``depth_range``: ``(near, far)`` world units where scene content is assumed, for reprojection
+    and ray cones; ``depth_samples``: depths along each query tile's ray; ``visibility_margin``:
+    chunk frustums widen by this fraction of the image per side (and of ``far`` in depth);
+    ``min_visibility``: a memory tile is visited when more than this fraction of its cone is seen;
+    ``context_queries``: the rule for context query tiles, one of ``CONTEXT_QUERY_RULES``."""
+
+    recent_radius: int = 1
+    depth_range: tuple[float, float] = (0.5, DEFAULT_FAR)
+    depth_samples: int = 4
+    visibility_margin: float = 0.1
+    min_visibility: float = 0.0
+    context_queries: str = "dense"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recent_radius, bool) or not isinstance(self.recent_radius, int) or self.recent_radius < 0:
+            raise ValueError(f"recent_radius must be an int >= 0 (tiles), got {self.recent_radius!r}")
+        if len(self.depth_range) != 2 or not 0 < self.depth_range[0] < self.depth_range[1] < math.inf:
+            raise ValueError(f"depth_range must be (near, far) with 0 < near < far < inf, got {self.depth_range!r}")
+        if isinstance(self.depth_samples, bool) or not isinstance(self.depth_samples, int) or self.depth_samples < 1:
+            raise ValueError(f"depth_samples must be an int >= 1, got {self.depth_samples!r}")
+        if not 0 <= self.visibility_margin < math.inf:
+            raise ValueError(f"visibility_margin must be >= 0 (a fraction of the image), got {self.visibility_margin!r}")
+        if not 0 <= self.min_visibility < 1:
+            raise ValueError(f"min_visibility must be in [0, 1), got {self.min_visibility!r}")
+        if self.context_queries not in CONTEXT_QUERY_RULES:
+            raise ValueError(f"context_queries must be one of {CONTEXT_QUERY_RULES}, got {self.context_queries!r}")
+
+
+class PlanStats(NamedTuple):
+    """What one ``write_tile_plan`` wrote: ``density`` (visited block pairs over all pairs, mean over
+    batch and heads), ``visited`` (block pairs), ``dropped`` (candidates cut by the capacity, per class)."""
+
+    density: float
+    visited: int
+    dropped: dict[str, int]
+
+
+# -- geometry -----------------------------------------------------------------------------------
+
+
+def _tile_image_boxes(tiled: TiledSequence, bounds: torch.Tensor) -> torch.Tensor:
+    """(nh * nw, 4): the image-plane rectangle ``(x0, x1, y0, y1)`` of each tile column (h, w)."""
+    order = tiled.key_order
+    _, nh, nw = order.tiles
+    boxes = order.tile_boxes[: nh * nw, 1:].float()  # (hw, 2 axes (h, w), [start, stop))
+    x_min, x_max, y_min, y_max = bounds.unbind()
+    x = x_min + boxes[:, 1] / order.grid_w * (x_max - x_min)
+    y = y_min + boxes[:, 0] / order.grid_h * (y_max - y_min)
+    return torch.stack([x[:, 0], x[:, 1], y[:, 0], y[:, 1]], -1)
+
+
+def _frames_of_t(tiled: TiledSequence, frames: int) -> torch.Tensor:
+    """(ceil(frames / tt), frames) bool: which of ``frames`` frames each time-tile holds."""
+    tt = tiled.tile[0]
+    return torch.arange(frames)[None, :] // tt == torch.arange(cdiv(frames, tt))[:, None]
+
+
+def recent_window(
+    tiled: TiledSequence, chunk_poses: torch.Tensor, recent_poses: torch.Tensor, bounds: torch.Tensor,
+    params: TilePlanParams,
+) -> torch.Tensor:
+    """Which tiles of each recent frame each chunk query tile visits: ``(chunk tiles, R, nh * nw)`` bool.
+
+    ``chunk_poses: (F, 4, 4)``, ``recent_poses: (R, 4, 4)`` camera-to-world, ``bounds: (4,)``. For each
+    query tile (time-tile major, then rows, columns), the centre ray of its (h, w) column, at
+    ``depth_samples`` depths spaced geometrically over ``depth_range``, is carried from each of its
+    frames' cameras into each recent camera and projected to tile coordinates. The tiles within
+    ``recent_radius`` of the box of each projected point, and of each pair of consecutive points (a
+    segment of the epipolar line), are visited; points behind the recent camera count for nothing."""
+    boxes = _tile_image_boxes(tiled, bounds)
+    near, far = params.depth_range
+    depths = torch.logspace(math.log10(near), math.log10(far), params.depth_samples).clamp(near, far)
+    centre = torch.stack([(boxes[:, 0] + boxes[:, 1]) / 2, (boxes[:, 2] + boxes[:, 3]) / 2, torch.ones(len(boxes))], -1)
+    points = centre[:, None, :] * depths[None, :, None]  # (hw, n, 3) in the chunk camera
+    to_recent = relative_pose(recent_poses[:, None], chunk_poses[None])  # (R, F, 4, 4)
+    p = torch.einsum("rfij,hnj->rfhni", to_recent[..., :3, :3], points) + to_recent[:, :, None, None, :3, 3]
+    z = p[..., 2]
+    valid = z > _IN_FRONT
+    x_min, x_max, y_min, y_max = bounds.unbind()
+    order = tiled.key_order
+    col = (p[..., 0] / z.clamp_min(_IN_FRONT) - x_min) / (x_max - x_min) * order.grid_w / tiled.tile[2]
+    row = (p[..., 1] / z.clamp_min(_IN_FRONT) - y_min) / (y_max - y_min) * order.grid_h / tiled.tile[1]
+    at = torch.stack([row, col], -1).floor()  # (R, F, hw, n, 2) tile coordinates (may lie off the grid)
+    lo = torch.cat([at, torch.minimum(at[..., 1:, :], at[..., :-1, :])], -2)  # points, then consecutive pairs
+    hi = torch.cat([at, torch.maximum(at[..., 1:, :], at[..., :-1, :])], -2)
+    ok = torch.cat([valid, valid[..., 1:] & valid[..., :-1]], -1)  # (R, F, hw, boxes)
+    _, nh, nw = order.tiles
+    key = torch.stack(torch.meshgrid(torch.arange(nh), torch.arange(nw), indexing="ij"), -1).reshape(-1, 2).float()
+    r = params.recent_radius
+    inside = ((key >= lo[..., None, :] - r) & (key <= hi[..., None, :] + r)).all(-1)  # (R, F, hw, boxes, hw_k)
+    per_frame = (inside & ok[..., None]).any(-2)  # (R, F, hw_q, hw_k)
+    frames_of_t = _frames_of_t(tiled, chunk_poses.shape[0])  # (chunk t-tiles, F)
+    per_tile = (per_frame[:, None] & frames_of_t[None, :, :, None, None]).any(2)  # (R, T, hw_q, hw_k)
+    return per_tile.permute(1, 2, 0, 3).reshape(-1, recent_poses.shape[0], nh * nw)
+
+
+def memory_visibility(
+    tiled: TiledSequence, memory_poses: torch.Tensor, chunk_poses: torch.Tensor, bounds: torch.Tensor,
+    params: TilePlanParams,
+) -> torch.Tensor:
+    """How much of each memory tile's ray cone the chunk's cameras see: ``(M, nh * nw)`` in [0, 1].
+
+    ``memory_poses: (M, 4, 4)``, ``chunk_poses: (F, 4, 4)``, ``bounds: (4,)``. The cone of tile
+    (h, w) is its image rectangle's rays truncated at ``depth_range``, sampled at ``CONE_RAYS**2``
+    ray-cell centres times ``CONE_DEPTHS`` geometric depths (not equal volumes as in
+    ``similarity.frustum_samples``: what a key tile holds is a surface at some depth, and a near
+    surface matters as much as a far one); the score is the largest fraction of those points inside
+    one chunk camera's frustum, widened by ``visibility_margin``."""
+    near, far = params.depth_range
+    cell = (torch.arange(CONE_RAYS) + 0.5) / CONE_RAYS  # ray grid over the tile's rectangle, cell centres
+    fu, fv = torch.meshgrid(cell, cell, indexing="ij")
+    boxes = _tile_image_boxes(tiled, bounds)  # (hw, 4)
+    u = boxes[:, :1] + (boxes[:, 1:2] - boxes[:, :1]) * fu.reshape(1, -1)  # (hw, rays)
+    v = boxes[:, 2:3] + (boxes[:, 3:4] - boxes[:, 2:3]) * fv.reshape(1, -1)
+    depths = torch.logspace(math.log10(near), math.log10(far), CONE_DEPTHS).clamp(near, far)
+    cone = torch.stack([u[..., None] * depths, v[..., None] * depths, depths.expand(*u.shape, -1)], -1)
+    cone = cone.reshape(len(boxes), -1, 3)  # (hw, S, 3) in the memory camera
+    to_chunk = relative_pose(chunk_poses[None], memory_poses[:, None])  # (M, F, 4, 4)
+    p = torch.einsum("mfij,hsj->mfhsi", to_chunk[..., :3, :3], cone) + to_chunk[:, :, None, None, :3, 3]
+    seen = in_frustum(p, bounds, near, far, params.visibility_margin).float().mean(-1)  # (M, F, hw)
+    return seen.amax(1)
+
+
+# -- priorities ---------------------------------------------------------------------------------
+
+
+def _check_roles(tiled: TiledSequence, roles: Sequence[str]) -> list[str]:
+    roles = list(roles)
+    context = tiled.sequence.context_frames
+    if len(roles) != context:
+        raise ValueError(f"roles must name one of {ROLES} for each of the {context} context frames, got {len(roles)}")
+    for i, role in enumerate(roles):
+        if role not in ROLES:
+            raise ValueError(f"roles[{i}] must be one of {ROLES}, got {role!r}")
+    return roles
+
+
+def tile_priorities(
+    tiled: TiledSequence,
+    roles: Sequence[str],
+    context_poses: torch.Tensor,
+    chunk_poses: torch.Tensor,
+    bounds: torch.Tensor,
+    params: TilePlanParams = TilePlanParams(),
+) -> torch.Tensor:
+    """The tile-level plan before the capacity cut: ``(Tq + 1, Tk + 1)`` float32, the priority of query
+    tile ``i`` visiting key tile ``j`` (``NEVER`` = -inf: not visited); the last row and column are
+    the prefix/suffix tokens. Tiles are numbered as in ``tiled.query_order`` / ``tiled.key_order``.
+
+    ``roles``: ``"pad"``, ``"memory"`` or ``"recent"`` per context frame (``context_frames`` of them,
+    in sequence order); ``context_poses: (context_frames, 4, 4)`` and ``chunk_poses: (chunk_frames,
+    4, 4)`` camera-to-world (padding slots' poses are ignored); ``bounds: (4,)`` the lens
+    (``poses.bounds_from_fov(fov_y_deg, aspect)``). Rules and classes in the module docstring."""
+    s = tiled.sequence
+    roles = _check_roles(tiled, roles)
+    if context_poses.shape != (s.context_frames, 4, 4):
+        raise ValueError(f"context_poses must be ({s.context_frames}, 4, 4), got {tuple(context_poses.shape)}")
+    if chunk_poses.shape != (s.chunk_frames, 4, 4):
+        raise ValueError(f"chunk_poses must be ({s.chunk_frames}, 4, 4), got {tuple(chunk_poses.shape)}")
+    real = [i for i, role in enumerate(roles) if role != "pad"]
+    context_poses = context_poses.detach().cpu().float()
+    validate_poses(context_poses[real], "context_poses (frames that are not padding)")
+    chunk_poses = validate_poses(chunk_poses.detach().cpu(), "chunk_poses")
+    bounds = validate_bounds(bounds.detach().cpu())
+
+    _, nh, nw = tiled.key_order.tiles
+    hw = nh * nw
+    key_tiles = math.prod(tiled.key_order.tiles)
+    query_tiles = math.prod(tiled.query_order.tiles)
+    context_tiles = tiled.context_tiles
+    frames_of_t = _frames_of_t(tiled, s.context_frames)  # (context t-tiles, context frames)
+
+    def of_role(*wanted: str) -> torch.Tensor:  # (context frames,) bool
+        return torch.tensor([role in wanted for role in roles], dtype=torch.bool)
+
+    # per key tile: holds a frame (not only padding)
+    key_real = torch.ones(key_tiles + 1, dtype=torch.bool)
+    key_real[:context_tiles] = (frames_of_t & of_role("memory", "recent")).any(-1).repeat_interleave(hw)
+
+    prio = torch.full((query_tiles + 1, key_tiles + 1), NEVER)
+    chunk_rows = slice(tiled.sequence.context_frames // tiled.tile[0] * hw if s.queries == "all" else 0, query_tiles)
+    prio[chunk_rows, context_tiles:key_tiles] = OWN
+    prio[:, key_tiles] = SINK
+
+    # recent window: later recent frames first
+    recent = torch.nonzero(of_role("recent")).flatten()
+    if len(recent):
+        window = recent_window(tiled, chunk_poses, context_poses[recent], bounds, params)  # (Tc, R, hw)
+        for r, frame in enumerate(recent.tolist()):
+            t = frame // tiled.tile[0]
+            value = RECENT + 0.5 * (frame + 1) / (s.context_frames + 1)
+            block = prio[chunk_rows, t * hw : (t + 1) * hw]
+            block.copy_(torch.where(window[:, r], torch.maximum(block, torch.tensor(value)), block))
+
+    # memory tiles visible from the chunk's cameras, ranked by how much of the cone is seen
+    memory = torch.nonzero(of_role("memory")).flatten()
+    if len(memory):
+        seen = memory_visibility(tiled, context_poses[memory], chunk_poses, bounds, params)  # (M, hw)
+        for m, frame in enumerate(memory.tolist()):
+            t = frame // tiled.tile[0]
+            value = torch.where(seen[m] > params.min_visibility, MEMORY + 0.999 * seen[m], NEVER)
+            block = prio[chunk_rows, t * hw : (t + 1) * hw]
+            block.copy_(torch.maximum(block, value))
+
+    # context query tiles (full sequence) and prefix/suffix queries
+    every_key = torch.where(key_real, OWN, NEVER)
+    every_key[key_tiles] = SINK
+    prio[query_tiles] = every_key
+    if s.queries == "all" and context_tiles:
+        query_real = key_real[:context_tiles]
+        if params.context_queries == "dense":
+            prio[:context_tiles] = torch.where(query_real[:, None], every_key, prio[:context_tiles])
+        else:
+            same_t = torch.arange(context_tiles)[:, None] // hw == torch.arange(key_tiles)[None] // hw
+            local = torch.where(same_t & query_real[:, None] & key_real[None, :key_tiles], OWN, NEVER)
+            prio[:context_tiles, :key_tiles] = local
+    return prio
+
+
+def key_keep(tiled: TiledSequence, roles: Sequence[str]) -> torch.Tensor:
+    """(kv_len,) bool in key tile order: False exactly on the tokens of padding context frames."""
+    roles = _check_roles(tiled, roles)
+    pad = torch.tensor([role == "pad" for role in roles] + [False] * tiled.sequence.chunk_frames, dtype=torch.bool)
+    frames = tiled.key_frame_ids
+    return torch.where(frames < 0, True, ~pad[frames.clamp_min(0)])
+
+
+def block_priorities(tiled: TiledSequence, tile_prio: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Tile priorities ``(Tq + 1, Tk + 1)`` -> block priorities ``(Q, K)``: the highest priority of any
+    (query tile, key tile) pair that meets in the (query block, key block). Exact when blocks are
+    whole tiles; with ragged tiles a block is visited when any of its tiles is (a superset)."""
+
+    def groups(tile_ids: torch.Tensor, tiles: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        group = torch.where(tile_ids < 0, tiles, tile_ids)  # distinct (block, tile group) pairs
+        pair = torch.unique((torch.arange(len(tile_ids)) // block) * (tiles + 1) + group)
+        return pair // (tiles + 1), pair % (tiles + 1)
+
+    qb, qg = groups(tiled.query_tile_ids, math.prod(tiled.query_order.tiles), block_q)
+    kb, kg = groups(tiled.key_tile_ids, math.prod(tiled.key_order.tiles), block_k)
+    rows = torch.full((cdiv(tiled.sequence.q_len, block_q), tile_prio.shape[1]), NEVER)
+    rows.scatter_reduce_(0, qb[:, None].expand(-1, rows.shape[1]), tile_prio[qg], "amax")
+    out = torch.full((rows.shape[0], cdiv(tiled.sequence.kv_len, block_k)), NEVER)
+    return out.scatter_reduce_(1, kb[None].expand(rows.shape[0], -1), rows[:, kg], "amax")
+
+
+# -- fixed-capacity plans, written in place -----------------------------------------------------
+
+
+def required_capacity(
+    tiled: TiledSequence, params: TilePlanParams = TilePlanParams(), block_q: int = 128, block_k: int = 128
+) -> int:
+    """The most key blocks one query block must visit (own chunk, sinks, dense context rows): the
+    least capacity a plan buffer may have. Independent of the cameras; computed with no padding."""
+    s = tiled.sequence
+    roles = ["memory"] * s.context_frames
+    eye = torch.eye(4)
+    prio = tile_priorities(
+        tiled, roles, eye.expand(s.context_frames, 4, 4), eye.expand(s.chunk_frames, 4, 4),
+        torch.tensor([-1.0, 1.0, -1.0, 1.0]), params,
+    )
+    return int((block_priorities(tiled, prio, block_q, block_k) >= SINK).sum(-1).max())
+
+
+def empty_tile_plan(
+    tiled: TiledSequence,
+    *,
+    capacity: int,
+    block_q: int = 128,
+    block_k: int = 128,
+    batch: int = 1,
+    heads: int = 1,
+    device: str | torch.device = "cpu",
+) -> BlockLayout:
+    """A plan buffer to write tile plans into: a ``BlockLayout`` with ``capacity`` key blocks per query
+    block, full and partial lists (``(batch, heads, Q[, capacity])`` int32, all empty) and a
+    ``key_keep (1, kv_len)``. Make it once (at warm-up); ``write_tile_plan`` fills it in place."""
+    kv_blocks = cdiv(tiled.sequence.kv_len, block_k)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= kv_blocks:
+        raise ValueError(f"capacity must be an int in [1, {kv_blocks}] (key blocks), got {capacity!r}")
+    q_blocks = cdiv(tiled.sequence.q_len, block_q)
+
+    def counts() -> torch.Tensor:
+        return torch.zeros(batch, heads, q_blocks, dtype=INDEX_DTYPE, device=device)
+
+    def indices() -> torch.Tensor:
+        return torch.zeros(batch, heads, q_blocks, capacity, dtype=INDEX_DTYPE, device=device)
+
+    keep = torch.ones(1, tiled.sequence.kv_len, dtype=torch.bool, device=device)
+    return BlockLayout(
+        counts(), indices(), counts(), indices(), keep, block_q, block_k, tiled.sequence.q_len, tiled.sequence.kv_len
+    )
+
+
+def write_priorities_(layout: BlockLayout, priorities: torch.Tensor, keep: torch.Tensor) -> PlanStats:
+    """Fill ``layout`` (from ``empty_tile_plan``) in place from block priorities.
+
+    ``priorities: (Q, K)`` or ``(B|1, H|1, Q, K)`` (broadcast to the layout's batch and heads; e.g.
+    calibrated per-head plans), -inf = never; ``keep: (kv_len,)`` bool, False on padding keys. Per
+    query block, the ``capacity`` highest-priority candidates are visited (ties: lower key block
+    first): blocks with a padding key go to the partial list (under ``key_keep``), the rest to the
+    full list. Raises ``ValueError`` when the mandatory blocks (priority >= ``SINK``) exceed the
+    capacity: that is a buffer made too small, never a per-chunk event."""
+    if layout.full_kv_num_blocks is None or layout.key_keep is None:
+        raise ValueError("layout must have full lists and a key_keep buffer: make it with empty_tile_plan")
+    lead = tuple(layout.kv_num_blocks.shape[:2])
+    grid = (layout.q_blocks, layout.kv_blocks)
+    if priorities.dim() == 2:
+        priorities = priorities[None, None]
+    if priorities.dim() != 4 or tuple(priorities.shape[2:]) != grid:
+        raise ValueError(f"priorities must be (Q, K) = {grid} or (B|1, H|1, Q, K), got {tuple(priorities.shape)}")
+    try:
+        prio = priorities.detach().cpu().float().expand(*lead, *grid)
+    except RuntimeError:
+        raise ValueError(f"priorities lead dims {tuple(priorities.shape[:2])} do not broadcast to the layout's {lead}") from None
+    if keep.shape != (layout.kv_len,) or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be bool ({layout.kv_len},), got {keep.dtype} {tuple(keep.shape)}")
+    capacity = layout.capacity
+    mandatory = int((prio >= SINK).sum(-1).max())
+    if mandatory > capacity:
+        raise ValueError(
+            f"capacity {capacity} is below the {mandatory} key blocks a query block must visit (own chunk, sinks, "
+            "dense rows): make the buffer with capacity >= required_capacity(...)"
+        )
+    candidates = prio > NEVER
+    order = prio.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(grid[1]).expand_as(order))
+    chosen = candidates & (rank < capacity)
+    padded = torch.cat([keep.cpu(), keep.new_ones(layout.kv_blocks * layout.block_k - layout.kv_len)])
+    masked = ~padded.view(layout.kv_blocks, layout.block_k).all(-1)  # (K,): blocks holding a padding key
+    for (counts, indices), mask in zip(layout._lists(), (chosen & masked, chosen & ~masked)):
+        new_counts, new_indices = to_bcsr(mask, capacity)
+        counts.copy_(new_counts)
+        indices.copy_(new_indices)
+    layout.key_keep.copy_(keep[None])
+    dropped = candidates & ~chosen
+    return PlanStats(
+        density=chosen.float().mean().item(),
+        visited=int(chosen.sum()),
+        dropped={
+            "recent": int((dropped & (prio >= RECENT) & (prio < SINK)).sum()),
+            "memory": int((dropped & (prio < RECENT)).sum()),
+        },
+    )
+
+
+def write_tile_plan(
+    layout: BlockLayout,
+    tiled: TiledSequence,
+    roles: Sequence[str],
+    context_poses: torch.Tensor,
+    chunk_poses: torch.Tensor,
+    bounds: torch.Tensor,
+    params: TilePlanParams = TilePlanParams(),
+) -> PlanStats:
+    """The once-per-chunk call: the tile plan of this chunk's cameras, written into ``layout`` in place.
+
+    ``layout``: a buffer from ``empty_tile_plan(tiled, ...)`` (its tensors keep their identity and
+    shapes); the other arguments as in ``tile_priorities``. The plan is in tile order: the site must
+    run q, k, v permuted by ``tiled`` (``TiledSequence.permute_queries`` / ``permute_keys``)."""
+    if (layout.q_len, layout.kv_len) != (tiled.sequence.q_len, tiled.sequence.kv_len):
+        raise ValueError(
+            f"layout is for (q_len, kv_len) = {(layout.q_len, layout.kv_len)}, the sequence has "
+            f"{(tiled.sequence.q_len, tiled.sequence.kv_len)}"
+        )
+    prio = tile_priorities(tiled, roles, context_poses, chunk_poses, bounds, params)
+    return write_priorities_(layout, block_priorities(tiled, prio, layout.block_q, layout.block_k), key_keep(tiled, roles))
+
+
+def tile_plan(
+    tiled: TiledSequence,
+    roles: Sequence[str],
+    context_poses: torch.Tensor,
+    chunk_poses: torch.Tensor,
+    bounds: torch.Tensor,
+    params: TilePlanParams = TilePlanParams(),
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+) -> BlockLayout:
+    """A fresh layout with the chunk's tile plan at full capacity (nothing dropped): for calibration,
+    tests and pictures; the controller writes into a fixed buffer with ``write_tile_plan`` instead."""
+    layout = empty_tile_plan(tiled, capacity=cdiv(tiled.sequence.kv_len, block_k), block_q=block_q, block_k=block_k)
+    write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, params)
+    return layout

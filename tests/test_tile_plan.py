@@ -1,0 +1,263 @@
+"""Tile plans from the cameras: what every query tile visits (own chunk, sinks, the camera-shifted
+recent window, visible memory), that it is written in place at a fixed capacity, and that a capacity
+cut drops the lowest priorities first. The dense mask agrees with a brute-force construction."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from li_compile.controller.poses import bounds_from_fov, make_poses, random_poses, rotation_about_axis
+from li_compile.controller.similarity import in_frustum
+from li_compile.controller.tile_plan import (
+    NEVER,
+    RECENT,
+    SINK,
+    TilePlanParams,
+    block_priorities,
+    empty_tile_plan,
+    key_keep,
+    memory_visibility,
+    recent_window,
+    required_capacity,
+    tile_plan,
+    tile_priorities,
+    write_priorities_,
+    write_tile_plan,
+)
+from li_compile.sequence import SequenceLayout
+from li_compile.tiled_sequence import TiledSequence
+
+BOUNDS = bounds_from_fov(60.0, 2.0)
+EYE = torch.eye(4)
+
+
+def _tiled(queries="chunk", context=4, chunk=2, grid=(8, 16), tile=(2, 4, 4), prefix=5, suffix=0, sinks="end"):
+    return TiledSequence(SequenceLayout(context, chunk, *grid, prefix, suffix, queries), tile, sinks)
+
+
+def _yaw(deg: float, center=(0.0, 0.0, 0.0)) -> torch.Tensor:
+    rot = rotation_about_axis(torch.tensor([0.0, 1.0, 0.0]), torch.tensor(math.radians(deg)))
+    return make_poses(rot, torch.tensor(center))
+
+
+def _chunk_block_rows(tiled, block_q):
+    """Query blocks holding chunk tokens."""
+    ids = tiled.query_tile_ids
+    chunk = ids >= (tiled.context_tiles if tiled.sequence.queries == "all" else 0)
+    return torch.unique(torch.nonzero(chunk).flatten() // block_q)
+
+
+@st.composite
+def chunks(draw):
+    tile = (draw(st.integers(1, 2)), draw(st.sampled_from([2, 4])), draw(st.sampled_from([2, 4])))
+    tiled = TiledSequence(
+        SequenceLayout(
+            tile[0] * draw(st.integers(0, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 9)), draw(st.integers(2, 9)),
+            draw(st.integers(0, 4)), draw(st.integers(0, 2)), draw(st.sampled_from(["all", "chunk"])),
+        ),
+        tile, draw(st.sampled_from(["end", "in_place"])),
+    )
+    s = tiled.sequence
+    roles = draw(st.lists(st.sampled_from(["pad", "memory", "recent"]), min_size=s.context_frames, max_size=s.context_frames))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    poses = random_poses(s.frames, 1.0, g)
+    params = TilePlanParams(
+        recent_radius=draw(st.integers(0, 2)), context_queries=draw(st.sampled_from(["dense", "frame_local"]))
+    )
+    block = draw(st.sampled_from([8, 16, 32]))
+    return tiled, roles, poses[: s.context_frames], poses[s.context_frames :], params, block
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=chunks())
+def test_own_chunk_and_sinks_are_always_visited_and_padding_never(case):
+    tiled, roles, context, chunk, params, block = case
+    s = tiled.sequence
+    layout = tile_plan(tiled, roles, context, chunk, BOUNDS, params, block_q=block, block_k=block)
+    mask = layout.to_dense_mask()[0, 0]  # (q_len, kv_len) in tile order
+    frames, q_tiles = tiled.key_frame_ids, tiled.query_tile_ids
+    chunk_rows = q_tiles >= (tiled.context_tiles if s.queries == "all" else 0)
+    assert mask[chunk_rows][:, frames >= s.context_frames].all()  # own chunk
+    assert mask[:, frames < 0].all()  # sinks, from every query
+    pad = torch.tensor([r == "pad" for r in roles] + [False] * s.chunk_frames)
+    assert not mask[:, (frames >= 0) & pad[frames.clamp_min(0)]].any()  # padding never
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=chunks())
+def test_dense_mask_agrees_with_a_brute_force_construction_from_the_tile_rules(case):
+    tiled, roles, context, chunk, params, block = case
+    s = tiled.sequence
+    layout = tile_plan(tiled, roles, context, chunk, BOUNDS, params, block_q=block, block_k=block)
+    prio = tile_priorities(tiled, roles, context, chunk, BOUNDS, params)
+    q_groups = torch.where(tiled.query_tile_ids < 0, prio.shape[0] - 1, tiled.query_tile_ids)
+    k_groups = torch.where(tiled.key_tile_ids < 0, prio.shape[1] - 1, tiled.key_tile_ids)
+    keep = key_keep(tiled, roles)
+    reference = torch.zeros(s.q_len, s.kv_len, dtype=torch.bool)
+    for i in range(0, s.q_len, block):
+        for j in range(0, s.kv_len, block):
+            tiles_q, tiles_k = q_groups[i : i + block].unique(), k_groups[j : j + block].unique()
+            if (prio[tiles_q][:, tiles_k] > NEVER).any():
+                reference[i : i + block, j : j + block] = True
+    assert torch.equal(layout.to_dense_mask()[0, 0], reference & keep[None])
+
+
+def test_a_memory_frame_seen_from_the_same_pose_is_fully_visited_and_one_looking_away_never():
+    tiled = _tiled(context=2, tile=(1, 4, 4))
+    chunk = torch.stack([_yaw(20.0), _yaw(20.0)])
+    same, away = _yaw(20.0), _yaw(200.0)
+    seen = memory_visibility(tiled, torch.stack([same, away]), chunk, BOUNDS, TilePlanParams())
+    assert torch.allclose(seen[0], torch.ones(8)) and (seen[1] == 0).all()
+    layout = tile_plan(tiled, ["memory", "memory"], torch.stack([same, away]), chunk, BOUNDS, block_q=16, block_k=16)
+    mask, frames = layout.to_dense_mask()[0, 0], tiled.key_frame_ids
+    assert mask[:, frames == 0].all() and not mask[:, frames == 1].any()
+
+
+def test_memory_plans_never_drop_a_tile_a_reference_frustum_test_sees():
+    tiled = _tiled(context=6, chunk=2, grid=(12, 20), tile=(1, 4, 4))
+    params = TilePlanParams()
+    near, far = params.depth_range
+    g = torch.Generator().manual_seed(0)
+    # reference: every token's pixel-centre ray at 16 depths, unwidened chunk frustums
+    rows, cols = torch.meshgrid(torch.arange(12), torch.arange(20), indexing="ij")
+    x_min, x_max, y_min, y_max = BOUNDS.unbind()
+    u = x_min + (cols + 0.5) / 20 * (x_max - x_min)
+    v = y_min + (rows + 0.5) / 12 * (y_max - y_min)
+    depths = torch.linspace(near, far, 16)
+    points = torch.stack([u[..., None] * depths, v[..., None] * depths, depths.expand(12, 20, 16)], -1)  # (12, 20, 16, 3)
+    tile_of = (rows // 4) * 5 + cols // 4
+    checked = 0
+    for _ in range(10):
+        chunk = torch.stack([_yaw(float(torch.rand(1, generator=g)) * 30) for _ in range(2)])
+        memory = torch.stack([
+            _yaw(float(torch.rand(1, generator=g)) * 120 - 60, tuple((torch.randn(3, generator=g) * 2).tolist()))
+            for _ in range(6)
+        ])
+        seen = memory_visibility(tiled, memory, chunk, BOUNDS, params)  # (M, tiles)
+        for m in range(6):
+            world = points @ memory[m, :3, :3].T + memory[m, :3, 3]
+            inside = torch.zeros(12, 20, 16, dtype=torch.bool)
+            for c in range(2):
+                cam = (world - chunk[c, :3, 3]) @ chunk[c, :3, :3]
+                inside |= in_frustum(cam, BOUNDS, near, far)
+            share = torch.zeros(15).index_add_(0, tile_of.flatten(), inside.float().mean(-1).flatten()) / 16
+            visible = share > 0.05
+            checked += int(visible.sum())
+            assert (seen[m][visible] > params.min_visibility).all(), f"memory {m}: tiles {visible.nonzero().flatten().tolist()}"
+    assert checked > 20  # the cases really contain visible tiles
+
+
+def test_a_static_camera_visits_the_same_tile_and_its_neighbours_in_recent_frames():
+    tiled = _tiled(context=2, tile=(1, 4, 4))  # 2 x 4 tiles per frame
+    window = recent_window(tiled, EYE.expand(2, 4, 4), EYE.expand(1, 4, 4), BOUNDS, TilePlanParams(recent_radius=1))
+    h, w = torch.arange(8) // 4, torch.arange(8) % 4
+    near = ((h[:, None] - h[None]).abs() <= 1) & ((w[:, None] - w[None]).abs() <= 1)
+    assert torch.equal(window[:, 0], near.repeat(2, 1))
+    window = recent_window(tiled, EYE.expand(2, 4, 4), EYE.expand(1, 4, 4), BOUNDS, TilePlanParams(recent_radius=0))
+    assert torch.equal(window[:, 0], torch.eye(8, dtype=torch.bool).repeat(2, 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    motion=st.sampled_from(["translate", "rotate"]),
+    amount=st.floats(-1.0, 1.0),
+    depth_at=st.floats(0.0, 1.0),
+)
+def test_recent_window_contains_where_the_tiles_content_was(motion, amount, depth_at):
+    tiled = _tiled(context=2, chunk=1, grid=(16, 32), tile=(1, 4, 4))
+    params = TilePlanParams(recent_radius=0)
+    recent = _yaw(0.0)
+    chunk = _yaw(0.0, (amount, 0.0, 0.3 * amount)) if motion == "translate" else _yaw(15 * amount)
+    window = recent_window(tiled, chunk[None], recent[None], BOUNDS, params)[:, 0]  # (32 query tiles, 32 key tiles)
+    near, far = params.depth_range
+    depth = near * (far / near) ** depth_at  # anywhere in the depth range
+    boxes = tiled.key_order.tile_boxes[:32, 1:].float()
+    x_min, x_max, y_min, y_max = BOUNDS.unbind()
+    for q in range(32):
+        row, col = boxes[q].mean(-1)
+        x = x_min + col / 32 * (x_max - x_min)
+        y = y_min + row / 16 * (y_max - y_min)
+        world = chunk[:3, :3] @ torch.stack([x * depth, y * depth, torch.tensor(depth)]) + chunk[:3, 3]
+        cam = recent[:3, :3].T @ (world - recent[:3, 3])
+        if cam[2] <= 0:
+            continue
+        tc = int(((cam[0] / cam[2] - x_min) / (x_max - x_min) * 32 // 4).floor())
+        tr = int(((cam[1] / cam[2] - y_min) / (y_max - y_min) * 16 // 4).floor())
+        if 0 <= tr < 4 and 0 <= tc < 8:
+            assert window[q, tr * 8 + tc], f"query tile {q}: content at depth {depth:.2f} was in tile ({tr}, {tc})"
+
+
+def test_context_queries_follow_their_rule_in_the_full_sequence():
+    tiled = _tiled(queries="all", context=2, tile=(1, 4, 4))
+    poses = torch.stack([_yaw(0.0), _yaw(5.0), _yaw(10.0), _yaw(15.0)])
+    frames, q_frames = tiled.key_frame_ids, tiled.key_frame_ids  # queries are the keys
+    for rule in ("dense", "frame_local"):
+        mask = tile_plan(tiled, ["memory", "recent"], poses[:2], poses[2:], BOUNDS, TilePlanParams(context_queries=rule),
+                         block_q=16, block_k=16).to_dense_mask()[0, 0]
+        for f in (0, 1):
+            rows = mask[q_frames == f]
+            expected = torch.ones_like(frames, dtype=torch.bool) if rule == "dense" else (frames == f) | (frames < 0)
+            assert torch.equal(rows, expected.expand_as(rows))
+        assert mask[q_frames < 0].all()  # prefix queries see every key
+
+
+def test_the_plan_is_written_in_place_with_fixed_shapes_and_changes_with_the_cameras():
+    tiled = _tiled(context=4, tile=(1, 4, 4))
+    layout = empty_tile_plan(tiled, capacity=required_capacity(tiled, block_q=16, block_k=16) + 16, block_q=16, block_k=16,
+                             heads=3)
+    tensors = [layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices, layout.key_keep]
+    before = [(t.data_ptr(), t.shape) for t in tensors]
+    roles = ["memory", "memory", "recent", "recent"]
+    write_tile_plan(layout, tiled, roles, torch.stack([_yaw(0.0)] * 4), torch.stack([_yaw(0.0)] * 2), BOUNDS)
+    looking = layout.block_mask().clone()
+    write_tile_plan(layout, tiled, roles, torch.stack([_yaw(180.0)] * 2 + [_yaw(0.0)] * 2), torch.stack([_yaw(0.0)] * 2), BOUNDS)
+    assert [(t.data_ptr(), t.shape) for t in tensors] == before
+    assert not torch.equal(layout.block_mask(), looking)  # the memory frames behind the camera left the plan
+    assert layout.block_mask().shape == (1, 3, layout.q_blocks, layout.kv_blocks)
+
+
+def test_a_capacity_cut_drops_the_lowest_priorities_first():
+    tiled = _tiled(context=6, chunk=2, tile=(1, 4, 4))
+    roles = ["memory"] * 4 + ["recent"] * 2
+    g = torch.Generator().manual_seed(3)
+    context = torch.stack([_yaw(float(torch.rand(1, generator=g)) * 40 - 20) for _ in range(6)])
+    chunk = torch.stack([_yaw(0.0), _yaw(3.0)])
+    prio = block_priorities(tiled, tile_priorities(tiled, roles, context, chunk, BOUNDS), 16, 16)
+    mandatory = required_capacity(tiled, block_q=16, block_k=16)
+    for extra in (0, 4, 12):
+        layout = empty_tile_plan(tiled, capacity=mandatory + extra, block_q=16, block_k=16)
+        stats = write_priorities_(layout, prio, key_keep(tiled, roles))
+        chosen = layout.block_mask()[0, 0]
+        candidates = prio > NEVER
+        assert chosen[prio >= SINK].all()  # own chunk and sinks always
+        lowest_kept = torch.where(chosen, prio, math.inf).amin(-1)
+        highest_dropped = torch.where(candidates & ~chosen, prio, NEVER).amax(-1)
+        assert (highest_dropped <= lowest_kept).all()
+        dropped = candidates & ~chosen
+        assert stats.dropped["recent"] + stats.dropped["memory"] == int(dropped.sum())
+        if extra == 0:
+            assert stats.dropped["recent"] > 0 and not chosen[(prio >= 1) & (prio < RECENT)].any()
+
+
+def test_a_buffer_below_the_mandatory_blocks_is_refused_and_bad_params_are_named():
+    tiled = _tiled(context=2, tile=(1, 4, 4))
+    mandatory = required_capacity(tiled, block_q=16, block_k=16)
+    layout = empty_tile_plan(tiled, capacity=mandatory - 1, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match=f"capacity {mandatory - 1} is below the {mandatory} key blocks"):
+        write_tile_plan(layout, tiled, ["memory", "recent"], torch.stack([EYE] * 2), torch.stack([EYE] * 2), BOUNDS)
+    with pytest.raises(ValueError, match="capacity must be an int in"):
+        empty_tile_plan(tiled, capacity=10**6, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match=r"roles\[1\] must be one of"):
+        tile_priorities(tiled, ["memory", "future"], torch.stack([EYE] * 2), torch.stack([EYE] * 2), BOUNDS)
+    for bad, words in [
+        ({"recent_radius": -1}, "recent_radius must be an int >= 0"),
+        ({"depth_range": (2.0, 1.0)}, "depth_range must be"),
+        ({"visibility_margin": -0.1}, "visibility_margin must be >= 0"),
+        ({"min_visibility": 1.0}, "min_visibility must be in"),
+        ({"context_queries": "causal"}, "context_queries must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            TilePlanParams(**bad)
