@@ -46,6 +46,9 @@ class SparsityOptions:
     block_k: int = field(default=128, metadata=_range(16, 256))
     density: float = field(default=1.0, metadata=_range(0.0, 1.0, above_lo=True))
 
+    def __post_init__(self) -> None:
+        _validate(self, "sparsity.")
+
 
 @dataclass(frozen=True)
 class ContextOptions:
@@ -77,6 +80,7 @@ class ContextOptions:
     fill_density: float = field(default=0.75, metadata=_range(0.0, 1.0))
 
     def __post_init__(self) -> None:
+        _validate(self, "context.")
         if self.window_min > self.window_max:
             raise ValueError(
                 f"context.window_min ({self.window_min}) must not exceed context.window_max ({self.window_max})"
@@ -102,6 +106,9 @@ class CacheOptions:
     capacity: int = field(default=64, metadata=_range(1, None))
     stored: str = field(default="x0", metadata=_choice(CACHE_STORED))
 
+    def __post_init__(self) -> None:
+        _validate(self, "cache.")
+
 
 @dataclass(frozen=True)
 class Options:
@@ -111,6 +118,9 @@ class Options:
     sparsity: SparsityOptions = field(default_factory=SparsityOptions)
     context: ContextOptions = field(default_factory=ContextOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)
+
+    def __post_init__(self) -> None:
+        _validate(self, "")
 
     @classmethod
     def from_user(cls, options: "Options | Mapping[str, Any] | None") -> "Options":
@@ -124,6 +134,14 @@ class Options:
                 f"light_interaction options must be a dict or li_compile.Options, got {type(options).__name__}"
             )
         return _build(cls, options, prefix="")
+
+
+def _validate(options: Any, prefix: str) -> None:
+    """Check every field of an options dataclass as ``from_user`` checks a dict value (so
+    ``Options(inner="xx")`` fails as ``{"inner": "xx"}`` does)."""
+    for f in dataclasses.fields(options):
+        value = _check(f, getattr(options, f.name), f"{prefix}{f.name}")
+        object.__setattr__(options, f.name, value)  # a nested section given as a dict becomes its dataclass
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

@@ -81,6 +81,8 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
 def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: object) -> None:
     """Reasons to leave a real attention site alone."""
     operands = [example(x.node) for x in (match.q, match.k, match.v)]
+    if any(t.shape[-1] == 0 or t.shape[-2] == 0 for t in operands if all(isinstance(s, int) for s in t.shape)):
+        raise NotAttention("empty attention (head dim or sequence length 0): left as written")
     if any(not isinstance(s, int) for t in operands for s in t.shape):
         raise NotAttention(f"symbolic shapes ({_why_symbolic(dynamic)}): plan slots need static shapes; left as "
                            "written. Fix: torch.compile(..., dynamic=False)")

@@ -4,6 +4,7 @@ and give every test a fresh Dynamo cache."""
 import os
 
 import pytest
+from hypothesis import settings
 import torch
 
 if not torch.cuda.is_available():
@@ -17,3 +18,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# Property tests: the quick profile in CI; LI_HYPOTHESIS_PROFILE=thorough checks far more generated
+# graphs and layouts (each property test draws up to 1,000 examples).
+settings.register_profile("quick", settings(deadline=None))
+settings.register_profile("thorough", settings(max_examples=1000, deadline=None))
+settings.load_profile(os.environ.get("LI_HYPOTHESIS_PROFILE", "quick"))

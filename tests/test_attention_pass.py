@@ -305,3 +305,29 @@ def test_with_sparsity_disabled_attention_is_left_to_the_inner_compiler_with_the
         torch.testing.assert_close(compiled(t), fn(t), **FP32)
     (site,) = sites(compiled)
     assert site.status == "skipped" and "sparsity.enabled is False" in site.reason
+
+
+def test_automatic_dynamic_shapes_name_the_default_and_the_fix():
+    """``dynamic`` unset (torch.compile's None): a second shape makes Dynamo's automatic dynamic
+    shapes kick in; the site is left as written and the report says why and how to keep it static."""
+    def attend(q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    with torch.no_grad():
+        for length in (8, 12):
+            q = torch.randn(1, 2, length, 4)
+            torch.testing.assert_close(compiled(q), attend(q), **FP32)
+    reasons = [s.reason for s in li_compile.report(compiled).sites if s.status == "skipped"]
+    assert any("default dynamic=None" in r and "dynamic=False" in r for r in reasons), reasons
+
+
+def test_an_empty_head_dim_is_left_as_written_with_the_reason():
+    def attend(q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    with torch.no_grad():
+        compiled(torch.randn(1, 2, 8, 0))
+    (site,) = sites(compiled)
+    assert site.status == "skipped" and "head dim or sequence length 0" in site.reason

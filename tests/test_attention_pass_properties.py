@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import li_compile
 
-PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 50 graphs per property in CI; LI_HYPOTHESIS_PROFILE=thorough (conftest) raises it to 1,000
+THOROUGH = settings.default.max_examples >= 1000
+PROPERTY = settings(max_examples=1000 if THOROUGH else 50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float16: {"rtol": 1e-2, "atol": 1e-2}}
 SOFTMAXES = {
     "torch.softmax": lambda s, **kw: torch.softmax(s, dim=-1, **kw),

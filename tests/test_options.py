@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from li_compile import Options
+from li_compile import CacheOptions, ContextOptions, Options, SparsityOptions
 from li_compile.options import INNER_COMPILERS
 
 
@@ -66,3 +66,31 @@ def test_tensorrt_inner_without_torch_tensorrt_says_how_to_install():
     fn = torch.compile(lambda x: x + 1, backend="light_interaction", options={"inner": "tensorrt"})
     with pytest.raises(Exception, match=r"pip install li-compile\[tensorrt\]"):
         fn(torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "build, names",
+    [
+        (lambda: Options(inner="xx"), ["'inner'", "inductor"]),
+        (lambda: ContextOptions(keep_threshold=-3), ["'context.keep_threshold'", "[0.0, 1.0]"]),
+        (lambda: CacheOptions(capacity=0), ["'cache.capacity'"]),
+        (lambda: SparsityOptions(block_q=8), ["'sparsity.block_q'"]),
+        (lambda: Options(context={"keep_threshold": 2.0}), ["'context.keep_threshold'"]),
+    ],
+)
+def test_options_built_directly_validate_like_a_dict(build, names):
+    with pytest.raises(ValueError) as err:
+        build()
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_options_given_to_torch_compile_reach_the_models_controller():
+    import li_compile
+
+    compiled = torch.compile(torch.nn.Linear(2, 2), backend="light_interaction",
+                             options={"context": {"keep_threshold": 0.7, "window_max": 3}})
+    accelerator = li_compile.accelerator(compiled)
+    accelerator.configure(memory_k=2)
+    assert accelerator.controller.options == ContextOptions(keep_threshold=0.7, window_max=3)
+    assert Options(context={"window_max": 3}).context == ContextOptions(window_max=3)  # a dict section is built
