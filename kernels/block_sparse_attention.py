@@ -45,33 +45,44 @@ def _interpreting() -> bool:
 def _visit_blocks(
     acc, m_i, l_i, q,
     K_base, V_base, stride_kn, stride_vn,
-    count, idx_ptr,
+    count, idx_ptr, first_block, kv_blocks, skip_lo, skip_hi,
     keep_ptr, mask_base, stride_mask_n,
     offs_m, offs_n, offs_d, offs_dv,
     Lq, Lk, D, DV, block_k, qk_scale,
-    APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SUBS: tl.constexpr,
     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over the ``count`` listed key blocks, each cut into ``SUBS`` tiles of BLOCK_N."""
+    """Online softmax over ``count`` key blocks, each cut into ``SUBS`` tiles of BLOCK_N: the blocks
+    listed at ``idx_ptr``, or (``CONTIGUOUS``) the run ``first_block, first_block + 1, ...``.
+
+    A listed index outside [0, kv_blocks), or inside the span [skip_lo, skip_hi) that another pass
+    covers, is skipped: its loads are masked off (never out of bounds) and its probabilities are zero."""
     NEEDS_MASK: tl.constexpr = (not EVEN_N) or APPLY_KEEP or MASK_KIND != 0 or IS_CAUSAL
     for j in range(count * SUBS):
         # one flat loop over (listed block, sub-tile), so that the compiler pipelines the loads
         sub_start = (j % SUBS) * BLOCK_N
-        cols = tl.load(idx_ptr + j // SUBS) * block_k + sub_start + offs_n
+        if CONTIGUOUS:
+            block = first_block + j // SUBS
+            live = block >= 0  # always: a run the launcher bounded
+        else:
+            block = tl.load(idx_ptr + j // SUBS)
+            live = (block >= 0) & (block < kv_blocks) & ((block < skip_lo) | (block >= skip_hi))
+            block = tl.where(live, block, 0)  # a bad index reads nothing (masked) from block 0's address
+        cols = block * block_k + sub_start + offs_n
+        # (a vector compare, not `& live`: the interpreter mistypes a vector & scalar bool)
+        live_cols = offs_n < tl.where(live, BLOCK_N, 0)
         if EVEN_N:  # every block whole and tiled exactly: no bounds checks on keys
-            in_bounds = offs_n < BLOCK_N
-            k_mask = offs_d[None, :] < D
-            v_mask = offs_dv[None, :] < DV
+            in_bounds = live_cols
         else:  # ragged last block, or a padded tile wider than a (non power of two) block
-            in_bounds = (cols < Lk) & (sub_start + offs_n < block_k)
-            k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
-            v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
+            in_bounds = (cols < Lk) & (sub_start + offs_n < block_k) & live_cols
+        k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
+        v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
         if APPLY_KEEP:
             # dropped keys' values are never read: 0 * (NaN or Inf garbage in a cache slot) would poison the row
             keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0) != 0
             v_mask = v_mask & keep[:, None]
-        if EVEN_N and EVEN_D and not APPLY_KEEP:
+        if CONTIGUOUS and EVEN_N and EVEN_D and not APPLY_KEEP:
             k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :])
         else:
@@ -91,10 +102,12 @@ def _visit_blocks(
                 bias = tl.load(mask_base + cols[None, :] * stride_mask_n, mask=visible, other=0.0)
                 qk = qk + bias.to(tl.float32) * 1.4426950408889634
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a skipped block adds nothing: its row maxima are -inf and its shift +inf (per row, not per element)
+        dead = tl.where(live, 0.0, float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) - dead)
         # a row that has seen no key yet keeps m = -inf: subtract 0 there, so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(qk - (m_safe + dead)[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
@@ -105,7 +118,7 @@ def _visit_blocks(
 @triton.jit
 def _attention_kernel(
     Q, K, V, Out,
-    NUM, IDX, FULL_NUM, FULL_IDX, KEEP, FULL_KEEP, MASK,
+    NUM, IDX, FULL_NUM, FULL_IDX, KEEP, FULL_KEEP, MASK, SEED_O, SEED_LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -116,14 +129,20 @@ def _attention_kernel(
     stride_fib, stride_fih, stride_fiq,
     stride_keep_b, stride_fkeep_b,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sob, stride_sok, stride_sog, stride_som,
+    stride_slb, stride_slk, stride_slg, stride_slm,
     H, GROUP, Lq, Lk, D, DV, block_q, block_k, qk_scale,
+    capacity, full_capacity, span_lo, span_hi,
     HAS_FULL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_FULL_KEEP: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_SEED: tl.constexpr, SPAN_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists."""
+    """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists,
+    plus the dense key-block span [span_lo, span_hi): visited here (``SPAN_PASS``) or already reduced
+    by flash into a seed (``HAS_SEED``: its output and log-sum-exp start the online softmax)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # 64-bit batch/head offsets: B * H * L * D passes 2**31 elements at a few dozen video sequences
@@ -132,42 +151,67 @@ def _attention_kernel(
     h_kv = h // GROUP  # GQA: GROUP query heads share one key/value head
     start_m = pid_m * BLOCK_M
     qb = start_m // block_q  # BLOCK_M divides block_q: one layout query block per program
+    kv_blocks = tl.cdiv(Lk, block_k)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     if EVEN_M and EVEN_D:
         q = tl.load(q_ptrs)
     else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_SEED:
+        # flash's partial over the span: normalised output o and natural-log lse per row. As online
+        # softmax state that is m = lse (base 2), l = 1, acc = o; a row flash saw nothing of has lse = -inf.
+        g = h % GROUP
+        lse = tl.load(SEED_LSE + b * stride_slb + h_kv * stride_slk + g * stride_slg + offs_m * stride_slm,
+                      mask=row_ok, other=float("-inf"))
+        m_i = lse * 1.4426950408889634
+        l_i = tl.where(lse == float("-inf"), 0.0, 1.0)
+        seed_ptrs = (SEED_O + b * stride_sob + h_kv * stride_sok + g * stride_sog
+                     + offs_m[:, None] * stride_som + offs_dv[None, :])
+        acc = tl.load(seed_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV) & (l_i[:, None] > 0), other=0.0)
+        acc = acc.to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    if HAS_FULL:  # full blocks first: no layout mask there
+    if SPAN_PASS:  # the dense span, contiguous blocks, no layout mask (site and causal masks apply)
         acc, m_i, l_i = _visit_blocks(
             acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
-            tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq),
-            FULL_IDX + b * stride_fib + h * stride_fih + qb * stride_fiq,
+            span_hi - span_lo, NUM, span_lo, kv_blocks, 0, 0,
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-            HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+            True, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
         )
+    if HAS_FULL:  # full blocks: no layout mask there
+        count = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
+        acc, m_i, l_i = _visit_blocks(
+            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
+            tl.minimum(tl.maximum(count, 0), full_capacity),  # a bad count never walks past the list
+            FULL_IDX + b * stride_fib + h * stride_fih + qb * stride_fiq, 0, kv_blocks, span_lo, span_hi,
+            FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
+            offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
+            False, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+        )
+    count = tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
     acc, m_i, l_i = _visit_blocks(
         acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
-        tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq),
-        IDX + b * stride_ib + h * stride_ih + qb * stride_iq,
+        tl.minimum(tl.maximum(count, 0), capacity),
+        IDX + b * stride_ib + h * stride_ih + qb * stride_iq, 0, kv_blocks, span_lo, span_hi,
         KEEP + b * stride_keep_b, mask_base, stride_mn,
         offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-        HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+        False, HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key has acc = 0: output 0
@@ -176,7 +220,7 @@ def _attention_kernel(
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 # -- launch configurations -------------------------------------------------------------------------
@@ -267,8 +311,8 @@ def _build_kernels():
     ]
     tuned = triton.autotune(
         configs,
-        key=["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k",
-             "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP", "MASK_KIND", "IS_CAUSAL", "INPUT_PRECISION"],
+        key=["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k", "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP",
+             "MASK_KIND", "IS_CAUSAL", "HAS_SEED", "SPAN_PASS", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune},
     )(fixed)
     return fixed, tuned
@@ -341,10 +385,33 @@ def launch(
 
     The plain launcher behind the ``li::block_sparse_attention`` op: code that already runs inside a
     custom op (``li::planned_attention``) or in eager inference calls it directly, saving a dispatch."""
+    return launch_split(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep,
+                        attn_mask, block_q, block_k, scale, is_causal)
+
+
+def launch_split(
+    q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask,
+    block_q: int, block_k: int, scale: float | None, is_causal: bool,
+    span: tuple[int, int] = (0, 0),
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``launch`` plus a dense key-block span ``span = (first, end)`` (block_k units) that every query
+    row sees whole; listed blocks inside it are skipped. Without ``seed`` the kernel visits the span
+    itself (site and causal masks apply). With ``seed = (o, lse)``, flash's partial over the span
+    (o: (B, Hkv, G, Lq, Dv) in q's dtype, lse: (B, Hkv, G, Lq) fp32 natural log, G = H // Hkv; any
+    strides, last dim of o contiguous) starts the online softmax, and the output is the merge."""
     check_call(q, k, v, block_q, block_k)
     check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    span = check_span(span, Lk, block_k)
+    if seed is not None and span[0] == span[1]:
+        raise ValueError(f"a flash seed needs a non-empty span, got span {span}")
+    out_dtype = q.dtype
+    if _interpreting() and q.dtype == torch.bfloat16:
+        # the interpreter's bf16 arithmetic is wrong (COMPILE-NOTES): compute in fp32, round at the end
+        q, k, v = q.float(), k.float(), v.float()
+        seed = None if seed is None else (seed[0].float(), seed[1])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((B, H, Lq, DV), dtype=q.dtype, device=q.device)
 
@@ -355,22 +422,26 @@ def launch(
     full_idx = full_kv_indices if has_full else kv_indices
     keep_t = keep.view(torch.uint8) if keep is not None else kv_num_blocks
     full_keep_t = full_keep.view(torch.uint8) if full_keep is not None else kv_num_blocks
+    seed_o, seed_lse = seed if seed is not None else (kv_num_blocks, kv_num_blocks)
+    seed_strides = (*_seed_strides(seed_o, 4), *_seed_strides(seed_lse, 4)) if seed is not None else (0,) * 8
     block_d, block_dv = (_next_pow2(max(n, MIN_DOT)) for n in (D, DV))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     args = (
-        q, k, v, out, kv_num_blocks, kv_indices, full_num, full_idx, keep_t, full_keep_t, mask,
+        q, k, v, out, kv_num_blocks, kv_indices, full_num, full_idx, keep_t, full_keep_t, mask, seed_o, seed_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *_lead_strides(kv_num_blocks), *_lead_strides(kv_indices),
         *_lead_strides(full_num), *_lead_strides(full_idx),
         _lead_strides(keep_t, 1)[0] if keep is not None else 0,
         _lead_strides(full_keep_t, 1)[0] if full_keep is not None else 0,
-        *mask_strides,
+        *mask_strides, *seed_strides,
         H, H // Hkv, Lq, Lk, D, DV, block_q, block_k, scale * LOG2E,
+        kv_indices.shape[-1], full_idx.shape[-1], *span,
     )
     flags = dict(
         HAS_FULL=has_full, HAS_KEEP=keep is not None, HAS_FULL_KEEP=full_keep is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=is_causal, EVEN_D=D == block_d and DV == block_dv,
+        HAS_SEED=seed is not None, SPAN_PASS=seed is None and span[0] < span[1],
         BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION=_dot_precision(q),
     )
     fixed, tuned = _kernels()
@@ -382,7 +453,19 @@ def launch(
         fixed[(cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
     else:
         tuned[lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)
-    return out
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:
+    """``span`` as (first, end) key blocks within [0, cdiv(kv_len, block_k)]; ValueError otherwise."""
+    kv_blocks = cdiv(kv_len, block_k)
+    if len(span) != 2 or not 0 <= span[0] <= span[1] <= kv_blocks:
+        raise ValueError(f"dense span must be (first, end) key blocks with 0 <= first <= end <= {kv_blocks}, got {tuple(span)}")
+    return int(span[0]), int(span[1])
+
+
+def _seed_strides(t: torch.Tensor, n: int) -> list[int]:
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n)]
 
 
 block_sparse_attention = torch.library.custom_op("li::block_sparse_attention", launch, mutates_args=())
