@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -44,14 +45,14 @@ def _interpreting() -> bool:
 @triton.jit
 def _visit_blocks(
     acc, m_i, l_i, q,
-    K_base, V_base, stride_kn, stride_vn,
+    K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
     count, idx_ptr, first_block, kv_blocks, skip_lo, skip_hi,
     keep_ptr, mask_base, stride_mask_n,
     offs_m, offs_n, offs_d, offs_dv,
     Lq, Lk, D, DV, block_k, qk_scale,
     CONTIGUOUS: tl.constexpr, APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SUBS: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Online softmax over ``count`` key blocks, each cut into ``SUBS`` tiles of BLOCK_N: the blocks
     listed at ``idx_ptr``, or (``CONTIGUOUS``) the run ``first_block, first_block + 1, ...``.
@@ -82,7 +83,12 @@ def _visit_blocks(
             # dropped keys' values are never read: 0 * (NaN or Inf garbage in a cache slot) would poison the row
             keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0) != 0
             v_mask = v_mask & keep[:, None]
-        if CONTIGUOUS and EVEN_N and EVEN_D and not APPLY_KEEP:
+        if USE_TMA and not APPLY_KEEP:
+            # Hopper's tensor memory accelerator: one bulk copy per tile, rows past Lk read as zeros.
+            # A skipped index reads block 0 (in bounds); its probabilities are zero.
+            k = k_desc.load([block * block_k + sub_start, 0])
+            v = v_desc.load([block * block_k + sub_start, 0])
+        elif CONTIGUOUS and EVEN_N and EVEN_D and not APPLY_KEEP:
             k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :])
         else:
@@ -138,7 +144,7 @@ def _attention_kernel(
     HAS_SEED: tl.constexpr, SPAN_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists,
     plus the dense key-block span [span_lo, span_hi): visited here (``SPAN_PASS``) or already reduced
@@ -168,6 +174,12 @@ def _attention_kernel(
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm
+    if USE_TMA:  # this (batch, key head)'s keys and values as 2-D TMA descriptors (needs EVEN_D)
+        k_desc = tl.make_tensor_descriptor(K_base, shape=[Lk, BLOCK_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V_base, shape=[Lk, BLOCK_DV], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        k_desc = K_base
+        v_desc = V_base
 
     if HAS_SEED:
         # flash's partial over the span: normalised output o and natural-log lse per row. As online
@@ -188,30 +200,30 @@ def _attention_kernel(
 
     if SPAN_PASS:  # the dense span, contiguous blocks, no layout mask (site and causal masks apply)
         acc, m_i, l_i = _visit_blocks(
-            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
+            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
             span_hi - span_lo, NUM, span_lo, kv_blocks, 0, 0,
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-            True, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+            True, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
         )
     if HAS_FULL:  # full blocks: no layout mask there
         count = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
         acc, m_i, l_i = _visit_blocks(
-            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
+            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
             tl.minimum(tl.maximum(count, 0), full_capacity),  # a bad count never walks past the list
             FULL_IDX + b * stride_fib + h * stride_fih + qb * stride_fiq, 0, kv_blocks, span_lo, span_hi,
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-            False, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+            False, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
         )
     count = tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
     acc, m_i, l_i = _visit_blocks(
-        acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
+        acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
         tl.minimum(tl.maximum(count, 0), capacity),
         IDX + b * stride_ib + h * stride_ih + qb * stride_iq, 0, kv_blocks, span_lo, span_hi,
         KEEP + b * stride_keep_b, mask_base, stride_mn,
         offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-        False, HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+        False, HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key has acc = 0: output 0
@@ -232,13 +244,15 @@ _TILE_HEURISTICS = {
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["block_k"] == 0 and a["block_k"] % a["BLOCK_N"] == 0,
 }
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; Triton caches the best per shape key.
-# bf16/fp16 at head dim 128 on H100: 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA, each with pointer loads and (Hopper) with
+# TMA descriptor loads; Triton caches the best per shape key. bf16/fp16 at head dim 128 on H100/H200:
+# 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages (128x128 tiles fit 2 stages in
+# bf16). Kept short: every config is compiled and timed once per shape at warm-up.
 CUDA_CONFIGS = [
-    (128, 128, 8, 3),
-    (128, 64, 8, 3),
-    (128, 64, 8, 4),
+    (128, 128, 8, 2),
     (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
     (64, 128, 4, 3),
     (64, 64, 4, 3),
     (64, 64, 4, 2),  # fits fp32 at head dim 128
@@ -299,29 +313,73 @@ def _tile_memory(m: int, n: int, stages: int, dims: list[int], elem: int) -> int
     return shared_memory_bytes(m, n, stages, dims[0], dims[1], elem)
 
 
-def _build_kernels():
-    """(fixed, autotuned): the kernel launched with explicit tiles, and its autotuned wrapper (CUDA
-    only: autotuning needs a GPU, so the interpreter gets the fixed kernel twice)."""
+@dataclass
+class _Kernels:
+    """The launchable kernels, built once: ``fixed`` takes explicit tiles (interpreter, CUDA graph
+    capture); ``tuned`` autotunes over ``CUDA_CONFIGS`` with plain pointer loads, ``tuned_tma`` over
+    the same configs with TMA descriptor loads (Hopper). ``tma_failure`` says why TMA is off: it is
+    tried on the first eligible call and, if Triton cannot build or run it, never again."""
+
+    fixed: Callable
+    tuned: Callable
+    tuned_tma: Callable | None
+    tma_failure: str | None
+
+
+def _build_kernels() -> _Kernels:
+    """The kernels for this process (autotuning needs a GPU: the interpreter gets the fixed kernel)."""
     fixed = triton.heuristics(_TILE_HEURISTICS)(_attention_kernel)
     if _interpreting():
-        return fixed, fixed
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
-    ]
-    tuned = triton.autotune(
-        configs,
-        key=["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k", "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP",
-             "MASK_KIND", "IS_CAUSAL", "HAS_SEED", "SPAN_PASS", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(fixed)
-    return fixed, tuned
+        return _Kernels(fixed, fixed, None, "the interpreter runs one fixed config")
+    key = ["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k", "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP",
+           "MASK_KIND", "IS_CAUSAL", "HAS_SEED", "SPAN_PASS", "INPUT_PRECISION"]
+
+    def autotuned(use_tma: bool):
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w, num_stages=s)
+            for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+        ]
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(fixed)
+
+    failure = _tma_unavailable()
+    return _Kernels(fixed, autotuned(False), None if failure else autotuned(True), failure)
 
 
-_KERNELS = None
+def _tma_unavailable() -> str | None:
+    """Why device-side TMA descriptors cannot run here (None: they may): they need a Hopper or newer
+    GPU, ``tl.make_tensor_descriptor`` and Triton's scratch allocator hook."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return "TMA needs compute capability 9.0 or newer"
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"Triton {triton.__version__} has no tl.make_tensor_descriptor"
+    try:
+        from triton.runtime._allocation import _allocator  # noqa: F401
+    except ImportError:
+        return f"Triton {triton.__version__} has no scratch allocator hook"
+    return None
 
 
-def _kernels():
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for device-side TMA descriptors, from torch's caching allocator (graph-safe)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_tma(kernel, grid, args, flags) -> None:
+    """Launch a TMA kernel with Triton's scratch allocator set for this launch only (a context
+    variable, reset after: no process-wide setting)."""
+    from triton.runtime._allocation import _allocator
+
+    token = _allocator.set(_tma_scratch)
+    try:
+        kernel[grid](*args, **flags)
+    finally:
+        _allocator.reset(token)
+
+
+_KERNELS: _Kernels | None = None
+
+
+def _kernels() -> _Kernels:
     """The launchable kernels, built on first use (after TRITON_INTERPRET is settled)."""
     global _KERNELS
     if _KERNELS is None:
@@ -334,7 +392,13 @@ def autotuned_shapes() -> int:
     that grows while a trajectory is timed means warm-up missed a shape."""
     if _KERNELS is None or _interpreting():
         return 0
-    return len(_KERNELS[1].cache)
+    return len(_KERNELS.tuned.cache) + (len(_KERNELS.tuned_tma.cache) if _KERNELS.tuned_tma is not None else 0)
+
+
+def kernel_variant() -> str:
+    """Which Triton variant launches run: "tma" (Hopper descriptor loads) or "plain (<why not tma>)"."""
+    kernels = _kernels()
+    return "tma" if kernels.tuned_tma is not None else f"plain ({kernels.tma_failure})"
 
 
 def _fixed_launch(block_q: int, block_k: int, interpreting: bool,
@@ -444,16 +508,37 @@ def launch_split(
         HAS_SEED=seed is not None, SPAN_PASS=seed is None and span[0] < span[1],
         BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION=_dot_precision(q),
     )
-    fixed, tuned = _kernels()
+    kernels = _kernels()
     interpreting = _interpreting()
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     if interpreting or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
         limit = 0 if interpreting else _shared_memory_limit(q.device)
         tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
-        fixed[(cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
+        if kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags):
+            _launch_tma(kernels.fixed, grid, args, {**flags, **tiles, "USE_TMA": True})
+        else:
+            kernels.fixed[grid](*args, **flags, **tiles)
+    elif kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags):
+        try:
+            _launch_tma(kernels.tuned_tma, grid, args, flags)
+        except Exception as failure:  # Triton could not build or run it here: plain loads from now on
+            kernels.tuned_tma, kernels.tma_failure = None, f"TMA failed: {type(failure).__name__}: {str(failure)[:200]}"
+            kernels.tuned[grid](*args, **flags)
     else:
-        tuned[lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)
+        kernels.tuned[grid](*args, **flags)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _tma_eligible(q, k, v, flags) -> bool:
+    """TMA descriptors need whole power-of-two head dims and 16-byte aligned bases and row strides."""
+    if not flags["EVEN_D"]:
+        return False
+    elem = k.element_size()
+    for t in (k, v):
+        if t.data_ptr() % 16 or any((st * elem) % 16 for st in t.stride()[:3]):
+            return False
+    return True
 
 
 def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:

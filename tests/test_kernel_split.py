@@ -262,3 +262,21 @@ def test_a_span_outside_the_keys_is_refused():
     layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=32)
     with pytest.raises(ValueError, match=r"0 <= first <= end <= 4, got \(2, 5\)"):
         split_attention(q, k, v, layout, (2, 5))
+
+
+@pytest.mark.parametrize("kv_len", [64, 70], ids=["whole_blocks", "ragged"])
+def test_the_tma_variant_computes_the_same_attention(monkeypatch, kv_len):
+    """Hopper's descriptor loads (``USE_TMA``), run by the interpreter: same result as pointer loads,
+    ragged keys read as zeros past Lk, and the seeded merge unchanged."""
+    kernels = bsa._kernels()
+    monkeypatch.setattr(bsa, "_kernels", lambda: bsa._Kernels(kernels.fixed, kernels.fixed, kernels.fixed, None))
+    launches = []
+    launch_tma = bsa._launch_tma
+    monkeypatch.setattr(bsa, "_launch_tma", lambda *args: launches.append(args[3]["USE_TMA"]) or launch_tma(*args))
+    q, k, v = qkv(1, 4, 2, 40, kv_len, 16, torch.float32)
+    layout = split_layout(random_layout(torch.Generator().manual_seed(9), 1, 4, 40, kv_len, 8, 16, with_keep=False), (1, 3))
+    assert bsa._tma_eligible(q, k, v, {"EVEN_D": True})
+    for span in ((0, 0), (1, 3)):
+        torch.testing.assert_close(split_attention(q, k, v, layout, span), reference(q, k, v, layout, span),
+                                   **TOLERANCE[torch.float32])
+    assert launches == [True, True]
