@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -324,6 +324,7 @@ class _Kernels:
     tuned: Callable
     tuned_tma: Callable | None
     tma_failure: str | None
+    tuned_calls: set = field(default_factory=set)  # call keys autotuned already: a capture may reuse them
 
 
 def _build_kernels() -> _Kernels:
@@ -511,22 +512,32 @@ def launch_split(
     kernels = _kernels()
     interpreting = _interpreting()
     grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    if interpreting or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    use_tma = kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags)
+    call_key = (B, H, Lq, Lk, D, DV, Hkv, block_q, block_k, q.dtype, use_tma,
+                *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if interpreting or (capturing and call_key not in kernels.tuned_calls):
+        # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
         limit = 0 if interpreting else _shared_memory_limit(q.device)
         tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
-        if kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags):
+        if use_tma:
             _launch_tma(kernels.fixed, grid, args, {**flags, **tiles, "USE_TMA": True})
         else:
             kernels.fixed[grid](*args, **flags, **tiles)
-    elif kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags):
-        try:
+    elif use_tma:
+        try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
             _launch_tma(kernels.tuned_tma, grid, args, flags)
         except Exception as failure:  # Triton could not build or run it here: plain loads from now on
+            if capturing:
+                raise
             kernels.tuned_tma, kernels.tma_failure = None, f"TMA failed: {type(failure).__name__}: {str(failure)[:200]}"
             kernels.tuned[grid](*args, **flags)
+            call_key = (*call_key[:10], False, *call_key[11:])
     else:
         kernels.tuned[grid](*args, **flags)
+    if not interpreting:
+        kernels.tuned_calls.add(call_key)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
