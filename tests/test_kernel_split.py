@@ -31,12 +31,12 @@ def span_mask(q_len, kv_len, block_k, span, device="cpu"):
 
 def reference(q, k, v, layout, span, attn_mask=None, is_causal=False, scale=None):
     """fp32 SDPA under (layout mask | span) & site mask & causal mask; empty rows -> 0."""
-    visible = layout.to_dense_mask() | span_mask(q.shape[2], k.shape[2], layout.block_k, span)
+    visible = layout.to_dense_mask() | span_mask(q.shape[2], k.shape[2], layout.block_k, span, q.device)
     visible = visible.expand(q.shape[0], q.shape[1], -1, -1)
     if attn_mask is not None:
         visible = visible & attn_mask
     if is_causal:
-        visible = visible & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        visible = visible & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     out = F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=visible, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
