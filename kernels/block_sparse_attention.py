@@ -348,7 +348,10 @@ def _build_kernels() -> _Kernels:
 
 def _tma_unavailable() -> str | None:
     """Why device-side TMA descriptors cannot run here (None: they may): they need a Hopper or newer
-    GPU, ``tl.make_tensor_descriptor`` and Triton's scratch allocator hook."""
+    GPU, ``tl.make_tensor_descriptor`` and Triton's scratch allocator hook. ``LI_KERNEL_TMA=0`` in the
+    environment turns them off (to time the plain variant against them)."""
+    if os.environ.get("LI_KERNEL_TMA", "1") == "0":
+        return "turned off by LI_KERNEL_TMA=0"
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         return "TMA needs compute capability 9.0 or newer"
     if not hasattr(tl, "make_tensor_descriptor"):
