@@ -19,6 +19,10 @@ place without changing shapes)::
     full_kv_indices      (B|1, H|1, Q, C)  int32   or None
     key_keep             (B|1, kv_len)     bool    or None (every key kept)
 
+Index values are checked (``validate_layout``) when a layout is built on the CPU; on a GPU that would
+sync, so plans written in place there call ``validate_layout`` when they are written (the kernel
+never reads out of bounds either way: it clamps counts and skips bad indices).
+
 Build one with ``BlockLayout.from_block_mask`` or ``BlockLayout.dense``; look at one with
 ``to_dense_mask()``, ``density`` and ``picture()``.
 """
@@ -60,6 +64,8 @@ class BlockLayout:
             raise ValueError("BlockLayout.full_kv_num_blocks and full_kv_indices must both be given or both be None")
         for counts, indices in self._lists():
             self._check_list(counts, indices)
+        if self.kv_num_blocks.device.type == "cpu":  # values too, where reading them costs no device sync
+            validate_layout(self)
         if self.key_keep is not None:
             keep = self.key_keep
             if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != self.kv_len:
@@ -214,6 +220,50 @@ class BlockLayout:
             f"blocks={self.block_q}x{self.block_k}, grid={self.q_blocks}x{self.kv_blocks}, capacity={self.capacity}, "
             f"density={self.density:.3f}, full={full}, key_keep={keep})"
         )
+
+
+def validate_layout(layout: BlockLayout, dense_span: tuple[int, int] | None = None) -> None:
+    """Raise ``ValueError`` naming the first bad index value of ``layout``: a count outside
+    [0, capacity] or a used ``kv_indices`` entry outside [0, kv_blocks). With ``dense_span``
+    (first, end) key blocks, also a listed block inside the span (the split path reduces the span by
+    flash: the kernel would skip it, wasting its work). Syncs once when the layout is on a GPU: call it
+    when plans are written, not per attention call."""
+    names = [("kv_num_blocks", "kv_indices")]
+    if layout.full_kv_num_blocks is not None:
+        names.append(("full_kv_num_blocks", "full_kv_indices"))
+    for (count_name, index_name), (counts, indices) in zip(names, layout._lists()):
+        validate_indices(counts, indices, layout.kv_blocks, count_name, index_name, dense_span)
+
+
+def validate_indices(
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    kv_blocks: int,
+    count_name: str = "kv_num_blocks",
+    index_name: str = "kv_indices",
+    dense_span: tuple[int, int] | None = None,
+) -> None:
+    """The value check behind ``validate_layout`` for one (counts (..., Q), indices (..., Q, C)) list."""
+    capacity = indices.shape[-1]
+    low, high = (int(x) for x in torch.stack([counts.min(), counts.max()]).tolist()) if counts.numel() else (0, 0)
+    if low < 0 or high > capacity:
+        bad = low if low < 0 else high
+        raise ValueError(f"{count_name} holds {bad}, expected counts in [0, capacity={capacity}]")
+    used = torch.arange(capacity, device=indices.device) < counts[..., None]
+    listed = indices[used.expand_as(indices)]
+    if listed.numel() == 0:
+        return
+    low, high = (int(x) for x in torch.stack([listed.min(), listed.max()]).tolist())
+    if low < 0 or high >= kv_blocks:
+        bad = low if low < 0 else high
+        raise ValueError(f"{index_name} lists key block {bad}, expected indices in [0, kv_blocks={kv_blocks})")
+    if dense_span is not None and dense_span[0] < dense_span[1]:
+        inside = listed[(listed >= dense_span[0]) & (listed < dense_span[1])]
+        if inside.numel():
+            raise ValueError(
+                f"{index_name} lists key block {int(inside[0])}, inside the dense span {tuple(dense_span)}: "
+                "expected the span's blocks left out of the layout (split_layout)"
+            )
 
 
 def _as_4d(mask: torch.Tensor, name: str, q_blocks: int, kv_blocks: int) -> torch.Tensor:

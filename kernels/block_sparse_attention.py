@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.block_layout import BlockLayout, cdiv, validate_indices
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # smallest M/N/K tl.dot takes on the GPU
@@ -44,34 +45,50 @@ def _interpreting() -> bool:
 @triton.jit
 def _visit_blocks(
     acc, m_i, l_i, q,
-    K_base, V_base, stride_kn, stride_vn,
-    count, idx_ptr,
+    K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
+    count, idx_ptr, first_block, kv_blocks, skip_lo, skip_hi,
     keep_ptr, mask_base, stride_mask_n,
     offs_m, offs_n, offs_d, offs_dv,
     Lq, Lk, D, DV, block_k, qk_scale,
-    APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SUBS: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Online softmax over the ``count`` listed key blocks, each cut into ``SUBS`` tiles of BLOCK_N."""
+    """Online softmax over ``count`` key blocks, each cut into ``SUBS`` tiles of BLOCK_N: the blocks
+    listed at ``idx_ptr``, or (``CONTIGUOUS``) the run ``first_block, first_block + 1, ...``.
+
+    A listed index outside [0, kv_blocks), or inside the span [skip_lo, skip_hi) that another pass
+    covers, is skipped: its loads are masked off (never out of bounds) and its probabilities are zero."""
     NEEDS_MASK: tl.constexpr = (not EVEN_N) or APPLY_KEEP or MASK_KIND != 0 or IS_CAUSAL
     for j in range(count * SUBS):
         # one flat loop over (listed block, sub-tile), so that the compiler pipelines the loads
         sub_start = (j % SUBS) * BLOCK_N
-        cols = tl.load(idx_ptr + j // SUBS) * block_k + sub_start + offs_n
+        if CONTIGUOUS:
+            block = first_block + j // SUBS
+            live = block >= 0  # always: a run the launcher bounded
+        else:
+            block = tl.load(idx_ptr + j // SUBS)
+            live = (block >= 0) & (block < kv_blocks) & ((block < skip_lo) | (block >= skip_hi))
+            block = tl.where(live, block, 0)  # a bad index reads nothing (masked) from block 0's address
+        cols = block * block_k + sub_start + offs_n
+        # (a vector compare, not `& live`: the interpreter mistypes a vector & scalar bool)
+        live_cols = offs_n < tl.where(live, BLOCK_N, 0)
         if EVEN_N:  # every block whole and tiled exactly: no bounds checks on keys
-            in_bounds = offs_n < BLOCK_N
-            k_mask = offs_d[None, :] < D
-            v_mask = offs_dv[None, :] < DV
+            in_bounds = live_cols
         else:  # ragged last block, or a padded tile wider than a (non power of two) block
-            in_bounds = (cols < Lk) & (sub_start + offs_n < block_k)
-            k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
-            v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
+            in_bounds = (cols < Lk) & (sub_start + offs_n < block_k) & live_cols
+        k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
+        v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
         if APPLY_KEEP:
             # dropped keys' values are never read: 0 * (NaN or Inf garbage in a cache slot) would poison the row
             keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0) != 0
             v_mask = v_mask & keep[:, None]
-        if EVEN_N and EVEN_D and not APPLY_KEEP:
+        if USE_TMA and not APPLY_KEEP:
+            # Hopper's tensor memory accelerator: one bulk copy per tile, rows past Lk read as zeros.
+            # A skipped index reads block 0 (in bounds); its probabilities are zero.
+            k = k_desc.load([block * block_k + sub_start, 0])
+            v = v_desc.load([block * block_k + sub_start, 0])
+        elif CONTIGUOUS and EVEN_N and EVEN_D and not APPLY_KEEP:
             k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :])
         else:
@@ -91,10 +108,12 @@ def _visit_blocks(
                 bias = tl.load(mask_base + cols[None, :] * stride_mask_n, mask=visible, other=0.0)
                 qk = qk + bias.to(tl.float32) * 1.4426950408889634
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a skipped block adds nothing: its row maxima are -inf and its shift +inf (per row, not per element)
+        dead = tl.where(live, 0.0, float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) - dead)
         # a row that has seen no key yet keeps m = -inf: subtract 0 there, so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(qk - (m_safe + dead)[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
@@ -105,7 +124,7 @@ def _visit_blocks(
 @triton.jit
 def _attention_kernel(
     Q, K, V, Out,
-    NUM, IDX, FULL_NUM, FULL_IDX, KEEP, FULL_KEEP, MASK,
+    NUM, IDX, FULL_NUM, FULL_IDX, KEEP, FULL_KEEP, MASK, SEED_O, SEED_LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -116,14 +135,20 @@ def _attention_kernel(
     stride_fib, stride_fih, stride_fiq,
     stride_keep_b, stride_fkeep_b,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sob, stride_sok, stride_sog, stride_som,
+    stride_slb, stride_slk, stride_slg, stride_slm,
     H, GROUP, Lq, Lk, D, DV, block_q, block_k, qk_scale,
+    capacity, full_capacity, span_lo, span_hi,
     HAS_FULL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_FULL_KEEP: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_SEED: tl.constexpr, SPAN_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
-    """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists."""
+    """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists,
+    plus the dense key-block span [span_lo, span_hi): visited here (``SPAN_PASS``) or already reduced
+    by flash into a seed (``HAS_SEED``: its output and log-sum-exp start the online softmax)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # 64-bit batch/head offsets: B * H * L * D passes 2**31 elements at a few dozen video sequences
@@ -132,42 +157,73 @@ def _attention_kernel(
     h_kv = h // GROUP  # GQA: GROUP query heads share one key/value head
     start_m = pid_m * BLOCK_M
     qb = start_m // block_q  # BLOCK_M divides block_q: one layout query block per program
+    kv_blocks = tl.cdiv(Lk, block_k)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     if EVEN_M and EVEN_D:
         q = tl.load(q_ptrs)
     else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm
+    if USE_TMA:  # this (batch, key head)'s keys and values as 2-D TMA descriptors (needs EVEN_D)
+        k_desc = tl.make_tensor_descriptor(K_base, shape=[Lk, BLOCK_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V_base, shape=[Lk, BLOCK_DV], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        k_desc = K_base
+        v_desc = V_base
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_SEED:
+        # flash's partial over the span: normalised output o and natural-log lse per row. As online
+        # softmax state that is m = lse (base 2), l = 1, acc = o; a row flash saw nothing of has lse = -inf.
+        g = h % GROUP
+        lse = tl.load(SEED_LSE + b * stride_slb + h_kv * stride_slk + g * stride_slg + offs_m * stride_slm,
+                      mask=row_ok, other=float("-inf"))
+        m_i = lse * 1.4426950408889634
+        l_i = tl.where(lse == float("-inf"), 0.0, 1.0)
+        seed_ptrs = (SEED_O + b * stride_sob + h_kv * stride_sok + g * stride_sog
+                     + offs_m[:, None] * stride_som + offs_dv[None, :])
+        acc = tl.load(seed_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV) & (l_i[:, None] > 0), other=0.0)
+        acc = acc.to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    if HAS_FULL:  # full blocks first: no layout mask there
+    if SPAN_PASS:  # the dense span, contiguous blocks, no layout mask (site and causal masks apply)
         acc, m_i, l_i = _visit_blocks(
-            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
-            tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq),
-            FULL_IDX + b * stride_fib + h * stride_fih + qb * stride_fiq,
+            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
+            span_hi - span_lo, NUM, span_lo, kv_blocks, 0, 0,
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-            HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+            True, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
         )
+    if HAS_FULL:  # full blocks: no layout mask there
+        count = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
+        acc, m_i, l_i = _visit_blocks(
+            acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
+            tl.minimum(tl.maximum(count, 0), full_capacity),  # a bad count never walks past the list
+            FULL_IDX + b * stride_fib + h * stride_fih + qb * stride_fiq, 0, kv_blocks, span_lo, span_hi,
+            FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
+            offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
+            False, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
+        )
+    count = tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
     acc, m_i, l_i = _visit_blocks(
-        acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn,
-        tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq),
-        IDX + b * stride_ib + h * stride_ih + qb * stride_iq,
+        acc, m_i, l_i, q, K_base, V_base, stride_kn, stride_vn, k_desc, v_desc,
+        tl.minimum(tl.maximum(count, 0), capacity),
+        IDX + b * stride_ib + h * stride_ih + qb * stride_iq, 0, kv_blocks, span_lo, span_hi,
         KEEP + b * stride_keep_b, mask_base, stride_mn,
         offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
-        HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION,
+        False, HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key has acc = 0: output 0
@@ -176,7 +232,7 @@ def _attention_kernel(
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 # -- launch configurations -------------------------------------------------------------------------
@@ -188,13 +244,15 @@ _TILE_HEURISTICS = {
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["block_k"] == 0 and a["block_k"] % a["BLOCK_N"] == 0,
 }
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; Triton caches the best per shape key.
-# bf16/fp16 at head dim 128 on H100: 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA, each with pointer loads and (Hopper) with
+# TMA descriptor loads; Triton caches the best per shape key. bf16/fp16 at head dim 128 on H100/H200:
+# 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages (128x128 tiles fit 2 stages in
+# bf16). Kept short: every config is compiled and timed once per shape at warm-up.
 CUDA_CONFIGS = [
-    (128, 128, 8, 3),
-    (128, 64, 8, 3),
-    (128, 64, 8, 4),
+    (128, 128, 8, 2),
     (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
     (64, 128, 4, 3),
     (64, 64, 4, 3),
     (64, 64, 4, 2),  # fits fp32 at head dim 128
@@ -255,29 +313,77 @@ def _tile_memory(m: int, n: int, stages: int, dims: list[int], elem: int) -> int
     return shared_memory_bytes(m, n, stages, dims[0], dims[1], elem)
 
 
-def _build_kernels():
-    """(fixed, autotuned): the kernel launched with explicit tiles, and its autotuned wrapper (CUDA
-    only: autotuning needs a GPU, so the interpreter gets the fixed kernel twice)."""
+@dataclass
+class _Kernels:
+    """The launchable kernels, built once: ``fixed`` takes explicit tiles (interpreter, CUDA graph
+    capture); ``tuned`` autotunes over ``CUDA_CONFIGS`` with plain pointer loads, ``tuned_tma`` over
+    the same configs with TMA descriptor loads (Hopper). ``tma_failure`` says why TMA is off: it is
+    tried on the first eligible call and, if Triton cannot build or run it, never again."""
+
+    fixed: Callable
+    tuned: Callable
+    tuned_tma: Callable | None
+    tma_failure: str | None
+    tuned_calls: set = field(default_factory=set)  # call keys autotuned already: a capture may reuse them
+
+
+def _build_kernels() -> _Kernels:
+    """The kernels for this process (autotuning needs a GPU: the interpreter gets the fixed kernel)."""
     fixed = triton.heuristics(_TILE_HEURISTICS)(_attention_kernel)
     if _interpreting():
-        return fixed, fixed
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
-    ]
-    tuned = triton.autotune(
-        configs,
-        key=["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k",
-             "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP", "MASK_KIND", "IS_CAUSAL", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(fixed)
-    return fixed, tuned
+        return _Kernels(fixed, fixed, None, "the interpreter runs one fixed config")
+    key = ["H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k", "HAS_FULL", "HAS_KEEP", "HAS_FULL_KEEP",
+           "MASK_KIND", "IS_CAUSAL", "HAS_SEED", "SPAN_PASS", "INPUT_PRECISION"]
+
+    def autotuned(use_tma: bool):
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w, num_stages=s)
+            for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+        ]
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(fixed)
+
+    failure = _tma_unavailable()
+    return _Kernels(fixed, autotuned(False), None if failure else autotuned(True), failure)
 
 
-_KERNELS = None
+def _tma_unavailable() -> str | None:
+    """Why device-side TMA descriptors cannot run here (None: they may): they need a Hopper or newer
+    GPU, ``tl.make_tensor_descriptor`` and Triton's scratch allocator hook. ``LI_KERNEL_TMA=0`` in the
+    environment turns them off (to time the plain variant against them)."""
+    if os.environ.get("LI_KERNEL_TMA", "1") == "0":
+        return "turned off by LI_KERNEL_TMA=0"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return "TMA needs compute capability 9.0 or newer"
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"Triton {triton.__version__} has no tl.make_tensor_descriptor"
+    try:
+        from triton.runtime._allocation import _allocator  # noqa: F401
+    except ImportError:
+        return f"Triton {triton.__version__} has no scratch allocator hook"
+    return None
 
 
-def _kernels():
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for device-side TMA descriptors, from torch's caching allocator (graph-safe)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_tma(kernel, grid, args, flags) -> None:
+    """Launch a TMA kernel with Triton's scratch allocator set for this launch only (a context
+    variable, reset after: no process-wide setting)."""
+    from triton.runtime._allocation import _allocator
+
+    token = _allocator.set(_tma_scratch)
+    try:
+        kernel[grid](*args, **flags)
+    finally:
+        _allocator.reset(token)
+
+
+_KERNELS: _Kernels | None = None
+
+
+def _kernels() -> _Kernels:
     """The launchable kernels, built on first use (after TRITON_INTERPRET is settled)."""
     global _KERNELS
     if _KERNELS is None:
@@ -290,7 +396,13 @@ def autotuned_shapes() -> int:
     that grows while a trajectory is timed means warm-up missed a shape."""
     if _KERNELS is None or _interpreting():
         return 0
-    return len(_KERNELS[1].cache)
+    return len(_KERNELS.tuned.cache) + (len(_KERNELS.tuned_tma.cache) if _KERNELS.tuned_tma is not None else 0)
+
+
+def kernel_variant() -> str:
+    """Which Triton variant launches run: "tma" (Hopper descriptor loads) or "plain (<why not tma>)"."""
+    kernels = _kernels()
+    return "tma" if kernels.tuned_tma is not None else f"plain ({kernels.tma_failure})"
 
 
 def _fixed_launch(block_q: int, block_k: int, interpreting: bool,
@@ -341,10 +453,33 @@ def launch(
 
     The plain launcher behind the ``li::block_sparse_attention`` op: code that already runs inside a
     custom op (``li::planned_attention``) or in eager inference calls it directly, saving a dispatch."""
+    return launch_split(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep,
+                        attn_mask, block_q, block_k, scale, is_causal)
+
+
+def launch_split(
+    q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask,
+    block_q: int, block_k: int, scale: float | None, is_causal: bool,
+    span: tuple[int, int] = (0, 0),
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``launch`` plus a dense key-block span ``span = (first, end)`` (block_k units) that every query
+    row sees whole; listed blocks inside it are skipped. Without ``seed`` the kernel visits the span
+    itself (site and causal masks apply). With ``seed = (o, lse)``, flash's partial over the span
+    (o: (B, Hkv, G, Lq, Dv) in q's dtype, lse: (B, Hkv, G, Lq) fp32 natural log, G = H // Hkv; any
+    strides, last dim of o contiguous) starts the online softmax, and the output is the merge."""
     check_call(q, k, v, block_q, block_k)
     check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    span = check_span(span, Lk, block_k)
+    if seed is not None and span[0] == span[1]:
+        raise ValueError(f"a flash seed needs a non-empty span, got span {span}")
+    out_dtype = q.dtype
+    if _interpreting() and q.dtype == torch.bfloat16:
+        # the interpreter's bf16 arithmetic is wrong (COMPILE-NOTES): compute in fp32, round at the end
+        q, k, v = q.float(), k.float(), v.float()
+        seed = None if seed is None else (seed[0].float(), seed[1])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((B, H, Lq, DV), dtype=q.dtype, device=q.device)
 
@@ -355,34 +490,81 @@ def launch(
     full_idx = full_kv_indices if has_full else kv_indices
     keep_t = keep.view(torch.uint8) if keep is not None else kv_num_blocks
     full_keep_t = full_keep.view(torch.uint8) if full_keep is not None else kv_num_blocks
+    seed_o, seed_lse = seed if seed is not None else (kv_num_blocks, kv_num_blocks)
+    seed_strides = (*_seed_strides(seed_o, 4), *_seed_strides(seed_lse, 4)) if seed is not None else (0,) * 8
     block_d, block_dv = (_next_pow2(max(n, MIN_DOT)) for n in (D, DV))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     args = (
-        q, k, v, out, kv_num_blocks, kv_indices, full_num, full_idx, keep_t, full_keep_t, mask,
+        q, k, v, out, kv_num_blocks, kv_indices, full_num, full_idx, keep_t, full_keep_t, mask, seed_o, seed_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *_lead_strides(kv_num_blocks), *_lead_strides(kv_indices),
         *_lead_strides(full_num), *_lead_strides(full_idx),
         _lead_strides(keep_t, 1)[0] if keep is not None else 0,
         _lead_strides(full_keep_t, 1)[0] if full_keep is not None else 0,
-        *mask_strides,
+        *mask_strides, *seed_strides,
         H, H // Hkv, Lq, Lk, D, DV, block_q, block_k, scale * LOG2E,
+        kv_indices.shape[-1], full_idx.shape[-1], *span,
     )
     flags = dict(
         HAS_FULL=has_full, HAS_KEEP=keep is not None, HAS_FULL_KEEP=full_keep is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=is_causal, EVEN_D=D == block_d and DV == block_dv,
+        HAS_SEED=seed is not None, SPAN_PASS=seed is None and span[0] < span[1],
         BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION=_dot_precision(q),
     )
-    fixed, tuned = _kernels()
+    kernels = _kernels()
     interpreting = _interpreting()
-    if interpreting or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    use_tma = kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags)
+    call_key = (B, H, Lq, Lk, D, DV, Hkv, block_q, block_k, q.dtype, use_tma,
+                *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if interpreting or (capturing and call_key not in kernels.tuned_calls):
+        # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
         limit = 0 if interpreting else _shared_memory_limit(q.device)
         tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
-        fixed[(cdiv(Lq, tiles["BLOCK_M"]), B * H)](*args, **flags, **tiles)
+        if use_tma:
+            _launch_tma(kernels.fixed, grid, args, {**flags, **tiles, "USE_TMA": True})
+        else:
+            kernels.fixed[grid](*args, **flags, **tiles)
+    elif use_tma:
+        try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
+            _launch_tma(kernels.tuned_tma, grid, args, flags)
+        except Exception as failure:  # Triton could not build or run it here: plain loads from now on
+            if capturing:
+                raise
+            kernels.tuned_tma, kernels.tma_failure = None, f"TMA failed: {type(failure).__name__}: {str(failure)[:200]}"
+            kernels.tuned[grid](*args, **flags)
+            call_key = (*call_key[:10], False, *call_key[11:])
     else:
-        tuned[lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)](*args, **flags)
-    return out
+        kernels.tuned[grid](*args, **flags)
+    if not interpreting:
+        kernels.tuned_calls.add(call_key)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _tma_eligible(q, k, v, flags) -> bool:
+    """TMA descriptors need whole power-of-two head dims and 16-byte aligned bases and row strides."""
+    if not flags["EVEN_D"]:
+        return False
+    elem = k.element_size()
+    for t in (k, v):
+        if t.data_ptr() % 16 or any((st * elem) % 16 for st in t.stride()[:3]):
+            return False
+    return True
+
+
+def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:
+    """``span`` as (first, end) key blocks within [0, cdiv(kv_len, block_k)]; ValueError otherwise."""
+    kv_blocks = cdiv(kv_len, block_k)
+    if len(span) != 2 or not 0 <= span[0] <= span[1] <= kv_blocks:
+        raise ValueError(f"dense span must be (first, end) key blocks with 0 <= first <= end <= {kv_blocks}, got {tuple(span)}")
+    return int(span[0]), int(span[1])
+
+
+def _seed_strides(t: torch.Tensor, n: int) -> list[int]:
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n)]
 
 
 block_sparse_attention = torch.library.custom_op("li::block_sparse_attention", launch, mutates_args=())
@@ -459,7 +641,8 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, 
 
 def check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k) -> None:
     """Raise ``ValueError`` naming the first layout tensor whose shape, dtype or device does not fit the
-    call (the kernel would read out of bounds). Index values are trusted: checking them would sync."""
+    call. Index values are checked on the CPU (``validate_indices``); on a GPU checking them would sync,
+    and the kernel clamps counts and skips bad indices, so bad values never read out of bounds."""
     B, H, Lq = q.shape[:3]
     Lk = k.shape[2]
     q_blocks = cdiv(Lq, block_q)
@@ -475,6 +658,8 @@ def check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_in
                 raise ValueError(f"{name} is {tuple(t.shape)}, needs (B|1={B}, H|1={H}, Q={q_blocks}, ...)")
         if indices.shape[:3] != counts.shape:
             raise ValueError(f"{index_name} {tuple(indices.shape)} does not match {count_name} {tuple(counts.shape)}")
+        if counts.device.type == "cpu":
+            validate_indices(counts, indices, cdiv(Lk, block_k), count_name, index_name)
     if key_keep is not None and (
         key_keep.dtype != torch.bool or key_keep.dim() != 2 or key_keep.shape[0] not in (1, B)
         or key_keep.shape[1] != Lk or key_keep.device != q.device

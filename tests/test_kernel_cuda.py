@@ -71,3 +71,22 @@ def test_top_k_selection_runs_the_kernel_on_the_gpu_and_equals_its_masked_refere
     assert layout.block_mask().float().mean() < within.block_mask().float().mean()
     out = sparse_attention(q, k, v, layout)
     assert rel_err(out, reference(q, k, v, layout)) < RELATIVE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+def test_gpu_split_path_flash_plus_triton_matches_the_fp32_reference(dtype, heads, kv_heads):
+    """The chunk's own keys through flash (bf16/fp16) or the efficient kernel (fp32), the rest
+    through the Triton kernel, merged by LSE; ragged lengths."""
+    from li_compile.kernels.split_attention import chunk_span, split_attention, split_layout, split_path
+    from test_kernel_split import reference as split_reference
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, heads, 1000, 128, generator=g).to("cuda", dtype)
+    k = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
+    v = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
+    span = chunk_span(1000, 3000, 128)
+    layout = split_layout(random_layout(g, 2, heads, 1000, 3000, 128, 128).to("cuda"), span)
+    assert "+ triton" in split_path(q, k, v, layout, span)
+    out = split_attention(q, k, v, layout, span)
+    assert rel_err(out, split_reference(q, k, v, layout, span)) < RELATIVE[dtype]
