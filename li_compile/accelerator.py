@@ -56,7 +56,7 @@ class Accelerator:
         self.denoise = DenoiseRuntime(options.cache)
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
-        self.compilations: dict[str, Compilation] = {}
+        self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -88,8 +88,8 @@ class Accelerator:
         if isinstance(revisit_inputs, str) or not all(isinstance(n, str) for n in revisit_inputs):
             raise ValueError(f"revisit_inputs must be a sequence of argument names, got {revisit_inputs!r}")
         self.controller = ContextController(
-            self.options.context, self.plan, memory_k=memory_k, bounds=bounds, fov_y_deg=fov_y_deg, aspect=aspect,
-            near=near, far=far, capacity_fractions=capacity_fractions, layout=layout,
+            self.options.context, self.plan, sparsity=self.options.sparsity, memory_k=memory_k, bounds=bounds,
+            fov_y_deg=fov_y_deg, aspect=aspect, near=near, far=far, capacity_fractions=capacity_fractions, layout=layout,
         )
         self.revisit_inputs = frozenset(revisit_inputs)
         return self
@@ -127,9 +127,16 @@ class Accelerator:
 
     def new_compilation(self, code_name: str) -> Compilation:
         """Record one call of the backend for this model (its sites are filled by the passes)."""
-        comp = Compilation(graph_name=f"graph{next(self._graph_ids)}", code_name=code_name, inner=self.options.inner)
-        self.compilations[comp.graph_name] = comp
+        comp = Compilation(graph_name=f"{self.name}.graph{next(self._graph_ids)}", code_name=code_name,
+                           inner=self.options.inner)
+        self.compilations.append(comp)
         return comp
+
+    def runs(self, compilation: Compilation) -> None:
+        """Record that this model runs ``compilation``'s graph (Dynamo shares graphs between
+        instances of a class: the instance that compiled it first has it already)."""
+        if not any(c is compilation for c in self.compilations):
+            self.compilations.append(compilation)
 
     def cache_key(self, weights: Sequence[torch.Tensor], conditioning: Sequence[object]) -> Hashable | None:
         """The denoising-cache key of a call: its weights' identity token and its conditioning
@@ -148,7 +155,7 @@ class Accelerator:
         context = self.controller.stats if self.controller is not None else []
         for stats in [*context, *self.denoise.history]:
             merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
-        return Report(self.name, list(self.compilations.values()), [merged[c] for c in sorted(merged)])
+        return Report(self.name, list(self.compilations), [merged[c] for c in sorted(merged)])
 
     def _controller(self) -> ContextController:
         if self.controller is None:
@@ -200,12 +207,14 @@ class RoutedGraph:
     running one (``li_compile.running``): its plan slots, its cache. ``fallback``: the accelerator
     of a call whose model cannot be found (its plans stay dense and no chunk is ever open in it)."""
 
-    def __init__(self, compiled: Callable, options: Options, fallback: Accelerator) -> None:
-        self.compiled, self.options, self.fallback = compiled, options, fallback
+    def __init__(self, compiled: Callable, options: Options, fallback: Accelerator, compilation: Compilation) -> None:
+        self.compiled, self.options, self.fallback, self.compilation = compiled, options, fallback, compilation
 
     def __call__(self, *args: Any) -> Any:
         target, _ = calling_target()
-        with running_for(accelerator_of(target, self.options) if target is not None else self.fallback):
+        accelerator = accelerator_of(target, self.options) if target is not None else self.fallback
+        accelerator.runs(self.compilation)
+        with running_for(accelerator):
             return self.compiled(*args)
 
 

@@ -44,4 +44,5 @@ def light_interaction(
     rewritten = run_passes(gm, ctx)
     # The inner compiler, behind the denoising cache's host runner if the sampler pass found a sampler;
     # each call runs for the model that makes it (Dynamo shares graphs between instances of a class).
-    return RoutedGraph(compile_with_cache(rewritten, example_inputs, INNER[opts.inner], mode, compilation), opts, acc)
+    compiled = compile_with_cache(rewritten, example_inputs, INNER[opts.inner], mode, compilation)
+    return RoutedGraph(compiled, opts, acc, compilation)

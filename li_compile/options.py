@@ -20,6 +20,7 @@ from typing import Any, Mapping
 INNER_COMPILERS = ("inductor", "eager", "tensorrt")
 SIMILARITY_MEASURES = ("proxy", "frustum")
 WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
+PLANS = ("tiles", "frames")  # what a sparse plan is made of: see SparsityOptions
 CACHE_STORED = ("x0", "raw")  # what the denoising cache keeps: see li_compile.denoise_runtime
 
 
@@ -39,12 +40,24 @@ class SparsityOptions:
     block-sparse kernel on the controller's plans), the token blocks its plans are cut into, and
     ``density``: below 1, each query block visits only that fraction of the key blocks its plan
     allows, those whose mean-pooled keys score highest against its mean-pooled queries (plus its
-    own position's blocks). 1 (the default) computes exactly what the plan allows."""
+    own position's blocks). 1 (the default) computes exactly what the plan allows.
+
+    ``plan``: ``"tiles"`` (default; needs the lens, ``Accelerator.configure(fov_y_deg=...)``): tokens
+    in 3D tile order, one block one space-time tile, and per query tile only the key tiles the
+    cameras say it needs (``controller.tile_plan``: its own chunk, a window of ``recent_radius``
+    tiles around where its content was in each recent frame, the memory tiles whose ray cones the
+    chunk's cameras see with ``visibility_margin``); ``"frames"``: whole dropped frames skipped only.
+    ``context_queries``: the rule for the context's own query rows where every token is a query
+    (HY's full sequence): ``"dense"`` (exact) or ``"frame_local"`` (their own frame and the sinks)."""
 
     enabled: bool = True
     block_q: int = field(default=128, metadata=_range(16, 256))
     block_k: int = field(default=128, metadata=_range(16, 256))
     density: float = field(default=1.0, metadata=_range(0.0, 1.0, above_lo=True))
+    plan: str = field(default="tiles", metadata=_choice(PLANS))
+    recent_radius: int = field(default=1, metadata=_range(0, None))
+    visibility_margin: float = field(default=0.1, metadata=_range(0.0, None))
+    context_queries: str = field(default="dense", metadata=_choice(("dense", "frame_local")))
 
     def __post_init__(self) -> None:
         _validate(self, "sparsity.")

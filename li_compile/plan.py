@@ -123,17 +123,23 @@ class PlanSlot:
         """Make the slot dense: sites run plain SDPA. The tensors are rewritten to list every key
         block too, so a graph captured on the sparse path (CUDA graphs) also computes dense."""
         self.is_dense = True
+        self.dense_span: tuple[int, int] = (0, 0)
+        self.tiling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.kv_num_blocks.fill_(self.signature.kv_blocks)
         self.kv_indices.copy_(torch.arange(self.signature.kv_blocks, dtype=INDEX_DTYPE).expand_as(self.kv_indices))
         self.full_kv_num_blocks.zero_()
         self.full_kv_indices.zero_()
         self.key_keep.fill_(True)
 
-    def set_layout(self, layout: Any) -> None:
+    def set_layout(self, layout: Any, dense_span: tuple[int, int] = (0, 0),
+                   tiling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Copy ``layout`` (a ``BlockLayout``) into the slot in place and make the slot sparse.
 
         The layout must have the slot's block sizes and lengths; its batch and head axes may be
         the slot's or 1 (shared, broadcast); its capacity at most the slot's (``kv_blocks``).
+        ``dense_span``: key blocks ``(first, end)`` every query visits whole, run through flash
+        (``kernels.split_attention``); ``tiling``: ``(query_perm, key_perm, query_inverse)`` when the
+        layout is in 3D tile order (``li_compile.tiled_sequence``), else None (token order).
         Raises ``ValueError`` naming the first mismatch; the slot is unchanged then."""
         s = self.signature
         for name in ("block_q", "block_k", "q_len", "kv_len"):
@@ -160,6 +166,8 @@ class PlanSlot:
                 else:
                     target.copy_(value.expand_as(target))
         self.is_dense = False
+        self.dense_span = dense_span
+        self.tiling = None if tiling is None else tuple(t.to(self.signature.device) for t in tiling)
 
     def _check_fits(self, name: str, value: torch.Tensor) -> None:
         target = getattr(self, name)

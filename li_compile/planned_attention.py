@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout
-from li_compile.kernels.block_sparse_attention import UnsupportedAttention, register_inference_only, sparse_attention
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, register_inference_only
+from li_compile.kernels.split_attention import split_attention
 from li_compile.kernels.tiling import own_blocks, topk_layout
 from li_compile.plan import PlanSlot, slot_for_call
 from li_compile.running import running
@@ -56,7 +57,7 @@ def planned_attention(
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
         if reason is None:
-            return _sparse(q, k, v, attn_mask, _layout(q, k, slot, density), scale, is_causal, slot).contiguous()
+            return _sparse(q, k, v, attn_mask, slot, density, scale, is_causal).contiguous()
         slot.record_fallback(reason)
     return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
 
@@ -114,15 +115,45 @@ def dense_attention(
     )
 
 
-def _sparse(q, k, v, attn_mask, layout: BlockLayout, scale, is_causal, slot: PlanSlot) -> torch.Tensor:
-    """``layout`` on top of the site's own mask (and causal mask, top-left aligned as SDPA's): the
-    fused block-sparse kernel, or masked SDPA (counted in ``slot.fallbacks``) where it refuses."""
+def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal) -> torch.Tensor:
+    """The slot's layout (or its top-k refinement) on top of the site's own mask (and causal mask,
+    top-left aligned as SDPA's): the slot's dense span through flash and the rest through the
+    block-sparse kernel, in the slot's tile order if it has one; masked SDPA (counted in
+    ``slot.fallbacks``) where the kernel refuses."""
+    if slot.tiling is not None:
+        if is_causal:  # a causal mask is defined in token order: no tile order for it
+            slot.record_fallback("causal site with a tile-order plan: ran dense")
+            return dense_attention(q, k, v, attn_mask, scale, is_causal)
+        query_perm, key_perm, _ = slot.tiling
+        q, k, v = q.index_select(2, query_perm), k.index_select(2, key_perm), v.index_select(2, key_perm)
+        attn_mask = _permuted_mask(attn_mask, query_perm, key_perm)
+    layout = _layout(q, k, slot, density)
     try:
-        return sparse_attention(q, k, v, layout, scale, attn_mask, is_causal)
+        out = split_attention(q, k, v, layout, slot.dense_span, scale, attn_mask, is_causal)
     except UnsupportedAttention as refusal:
         slot.record_fallback(f"kernel refused: {refusal}")
+        out = _masked_dense(q, k, v, attn_mask, layout, slot.dense_span, scale, is_causal)
+    return out if slot.tiling is None else out.index_select(2, slot.tiling[2])
+
+
+def _permuted_mask(mask: torch.Tensor | None, query_perm: torch.Tensor, key_perm: torch.Tensor) -> torch.Tensor | None:
+    """A site mask ``(..., Lq | 1, Lk | 1)`` reordered like the queries and keys."""
+    if mask is None:
+        return None
+    if mask.shape[-1] > 1:
+        mask = mask.index_select(-1, key_perm)
+    if mask.dim() >= 2 and mask.shape[-2] > 1:
+        mask = mask.index_select(-2, query_perm)
+    return mask
+
+
+def _masked_dense(q, k, v, attn_mask, layout: BlockLayout, dense_span: tuple[int, int], scale, is_causal
+                  ) -> torch.Tensor:
+    """What the kernel computes, as masked SDPA: ``layout``'s visible pairs, every key of the dense
+    span (key blocks ``(first, end)``), and the site's masks."""
     mask = _with_causal(attn_mask, q.shape[2], k.shape[2], q.device) if is_causal else attn_mask
-    keep = layout.to_dense_mask()
+    keep = layout.to_dense_mask().clone()
+    keep[..., dense_span[0] * layout.block_k:dense_span[1] * layout.block_k] = True
     if mask is None:
         mask = keep
     elif mask.dtype == torch.bool:

@@ -71,12 +71,14 @@ def test_two_models_interleaved_match_their_own_single_runs_and_reports(pair):
     """Two different worlds, or two instances of one class (whose calls share one compiled graph),
     run call by call interleaved: each output equals its single-model run (fp32 rounding), each report
     lists only its own graphs and chunks."""
-    worlds = ([tiny(hy_worldplay), tiny(matrix_game3)] if pair.startswith("hy+")
-              else [tiny(hy_worldplay, 0), tiny(hy_worldplay, 1)])
-    trajectory = trajectories.make("loop", CHUNKS * worlds[0].spec.chunk_frames)
-    single = [alone(w, trajectory) for w in worlds]
+    def make():  # the same weights each time, and models (so accelerators) of their own
+        return ([tiny(hy_worldplay), tiny(matrix_game3)] if pair.startswith("hy+")
+                else [tiny(hy_worldplay, 0), tiny(hy_worldplay, 1)])
+
+    trajectory = trajectories.make("loop", CHUNKS * make()[0].spec.chunk_frames)
+    single = [alone(w, trajectory) for w in make()]
     torch._dynamo.reset()
-    runs = [accelerated(w, trajectory) for w in worlds]
+    runs = [accelerated(w, trajectory) for w in make()]
     outs: list[list] = [[], []]
     loops = [chunk_loop(c, a, trajectory, o) for (c, a), o in zip(runs, outs)]
     for _ in itertools.zip_longest(*loops):

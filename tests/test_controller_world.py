@@ -154,9 +154,9 @@ def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, monkeypatc
     sparse_calls = collections.Counter()
     original = planned_attention._sparse
 
-    def spy(q, k, v, attn_mask, layout, *rest):
-        sparse_calls[layout.kv_len] += 1
-        return original(q, k, v, attn_mask, layout, *rest)
+    def spy(q, k, v, attn_mask, slot, *rest):
+        sparse_calls[slot.signature.kv_len] += 1
+        return original(q, k, v, attn_mask, slot, *rest)
 
     monkeypatch.setattr(planned_attention, "_sparse", spy)
     setup = light_interaction_setup(world, BACKEND_OPTIONS)

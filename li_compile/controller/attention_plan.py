@@ -12,17 +12,28 @@ rows are never read by a kept token (the keys are masked), so they are left as z
 ``write_chunk_plan`` writes the layout into every plan slot of the sequence's (q_len, kv_len), or
 clears them (dense) when nothing is dropped; slots that do not exist yet (the model has not been
 compiled at that capacity) are reported, and the call runs dense with its own key-padding mask.
+
+``write_tile_chunk_plan`` is the finer plan (``sparsity.plan="tiles"``, the default when the lens is
+known): the sequence in 3D tile order and, per query tile, only the key tiles the cameras say it
+needs (``controller.tile_plan``); padding and dropped slots are never visited either. Both plans
+name the chunk's own keys as the slot's dense span, which runs through flash when the call has no
+mask of its own (``kernels.split_attention``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import Sequence
+
+from li_compile.controller.tile_plan import TilePlanParams, write_tile_plan
 from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.split_attention import split_layout
 from li_compile.kernels.tiling import frame_layout
 from li_compile.passes.guards import write_plan
-from li_compile.plan import Plan
+from li_compile.plan import Plan, PlanSlot
 from li_compile.sequence import SequenceLayout
+from li_compile.tiled_sequence import TiledSequence
 
 
 def padded_context_keep(kept: int, capacity: int) -> torch.Tensor:
@@ -108,6 +119,58 @@ def write_chunk_plan(plan: Plan, sequence: SequenceLayout, context_keep: torch.T
         key = (s.block_q, s.block_k, s.device)
         if key not in layouts:
             layouts[key] = frame_drop_layout(sequence, context_keep, *key)
-        write_plan([slot], layouts[key])
+        write_plan([slot], layouts[key], dense_span=chunk_key_span(sequence, slot.signature.block_k))
     density = next(iter(layouts.values())).density
     return {"plan": "sparse", "density": round(density, 4), "slots": [s.id for s in slots]}
+
+
+def chunk_key_span(sequence: SequenceLayout, block_k: int) -> tuple[int, int]:
+    """Key blocks ``(first, end)`` wholly made of the chunk's own tokens (the same in token and in
+    tile order: context tiles come first, then the chunk's): every query of a plan visits them."""
+    start = sequence.prefix_tokens + sequence.context_frames * sequence.tokens_per_frame
+    stop = start + sequence.chunk_frames * sequence.tokens_per_frame
+    first, end = cdiv(start, block_k), stop // block_k
+    return (first, end) if first < end else (0, 0)
+
+
+def tile_shape(block: int) -> tuple[int, int, int]:
+    """The 3D tile of one attention block of ``block`` tokens: one frame, 8 rows (4 below 64 tokens)."""
+    rows = 8 if block >= 64 else 4
+    return (1, rows, max(1, block // rows))
+
+
+def write_tile_chunk_plan(
+    plan: Plan, sequence: SequenceLayout, roles: Sequence[str], context_poses: torch.Tensor,
+    chunk_poses: torch.Tensor, bounds: torch.Tensor, params: TilePlanParams,
+) -> dict[str, object]:
+    """Write the chunk's tile plan (``controller.tile_plan``) into every slot of ``plan`` matching
+    ``sequence``, in each slot's blocks and tile order. ``roles``: "pad"/"memory"/"recent" per context
+    slot; ``context_poses (capacity, 4, 4)`` (any matrix on padding), ``chunk_poses (F, 4, 4)``,
+    ``bounds (4,)`` the lens. Returns stats as ``write_chunk_plan`` (plus ``dropped`` candidates)."""
+    slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
+    if not slots:
+        return {"plan": "no site", "density": 1.0, "slots": []}
+    densities = []
+    for slot in slots:
+        s = slot.signature
+        tiled = TiledSequence(sequence, tile_shape(s.block_q))
+        layout = slot_buffer(slot)
+        stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, params)
+        densities.append(stats.density)
+        if stats.density >= 1.0 and "pad" not in roles:  # every pair visited: plain dense attention
+            slot.clear()
+            continue
+        span = chunk_key_span(sequence, s.block_k)
+        slot.set_layout(split_layout(layout, span), dense_span=span,
+                        tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
+    density = round(sum(densities) / len(densities), 4)
+    return {"plan": "dense" if density >= 1.0 and "pad" not in roles else "sparse", "plan_kind": "tiles",
+            "density": density, "slots": [s.id for s in slots], "dropped": stats.dropped}
+
+
+def slot_buffer(slot: PlanSlot) -> BlockLayout:
+    """A ``BlockLayout`` over fresh tensors shaped like ``slot``'s (a plan is built in it, then
+    copied into the slot in place: the slot's own tensors change only in ``set_layout``)."""
+    s = slot.signature
+    tensors = [torch.zeros_like(t) for t in slot.tensors()]
+    return BlockLayout(*tensors, block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len)

@@ -32,13 +32,16 @@ from typing import Callable
 
 import torch
 
-from li_compile.controller.attention_plan import padded_context_keep, visited_share, write_chunk_plan
+from li_compile.controller.attention_plan import (
+    padded_context_keep, visited_share, write_chunk_plan, write_tile_chunk_plan,
+)
+from li_compile.controller.tile_plan import TilePlanParams
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
 from li_compile.controller.selection import ContextSelection
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
 from li_compile.controller.window import latent_dynamics, window_size
-from li_compile.options import ContextOptions
+from li_compile.options import ContextOptions, SparsityOptions
 from li_compile.passes.guards import take_fallbacks
 from li_compile.plan import Plan
 from li_compile.reporting import ChunkStats
@@ -63,6 +66,7 @@ class ContextController:
         options: ContextOptions,
         plan: Plan,
         *,
+        sparsity: SparsityOptions = SparsityOptions(),
         memory_k: int = DEFAULT_MEMORY_K,
         bounds: torch.Tensor | None = None,
         fov_y_deg: float | None = None,
@@ -74,7 +78,7 @@ class ContextController:
     ) -> None:
         if not isinstance(options, ContextOptions):
             raise ValueError(f"options must be ContextOptions, got {type(options).__name__}")
-        self.options, self.plan = options, plan
+        self.options, self.plan, self.sparsity = options, plan, sparsity
         if isinstance(memory_k, bool) or not isinstance(memory_k, int) or memory_k < 0:
             raise ValueError(f"memory_k must be an int >= 0, got {memory_k!r}")
         if bounds is not None and fov_y_deg is not None:
@@ -85,6 +89,10 @@ class ContextController:
         if not 0 < near < far:
             raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
         self.near, self.far = near, far
+        self.tile_params = TilePlanParams(
+            recent_radius=sparsity.recent_radius, depth_range=(near, far), visibility_margin=sparsity.visibility_margin,
+            context_queries=sparsity.context_queries,
+        )
         self.memory_k = memory_k
         self.max_context = memory_k + self.options.window_max
         self.buckets = capacity_buckets(self.max_context, capacity_fractions)
@@ -145,11 +153,28 @@ class ContextController:
             "memory_filled": len(memory) - len(retrieved),
             "capacity": capacity,
         }
-        if self.layout is not None:  # disabled: every slot kept, so the plan is dense
-            kept = len(memory) + len(recent) if self.options.enabled else capacity
-            values.update(write_chunk_plan(self.plan, self.layout(capacity), padded_context_keep(kept, capacity)))
+        if self.layout is not None:
+            values.update(self._write_plan(capacity, memory, recent, poses, chunk_poses))
         self.stats.append(ChunkStats(chunk, values))
         return ContextSelection(memory=memory, recent=recent, capacity=capacity)
+
+    def _write_plan(self, capacity: int, memory: list[int], recent: list[int], poses: torch.Tensor,
+                    chunk_poses: torch.Tensor) -> dict[str, object]:
+        """The chunk's attention plan at ``capacity``: the camera tile plan (``sparsity.plan="tiles"``
+        with the lens known), else the frame plan (dropped slots skipped; dense when the controller is
+        off, as every slot is then kept)."""
+        sequence = self.layout(capacity)
+        if not self.options.enabled:
+            return write_chunk_plan(self.plan, sequence, padded_context_keep(capacity, capacity))
+        kept = len(memory) + len(recent)
+        if self.sparsity.plan != "tiles" or self.bounds is None:
+            return write_chunk_plan(self.plan, sequence, padded_context_keep(kept, capacity))
+        roles = ["pad"] * (capacity - kept) + ["memory"] * len(memory) + ["recent"] * len(recent)
+        context_poses = torch.eye(4).repeat(capacity, 1, 1)
+        if kept:
+            context_poses[capacity - kept:] = poses[memory + recent]
+        return write_tile_chunk_plan(self.plan, sequence, roles, context_poses, chunk_poses, self.bounds,
+                                     self.tile_params)
 
     def flush_fallbacks(self) -> None:
         """File the attention calls that ran dense since the last chunk began (reason -> count,
