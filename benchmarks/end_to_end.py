@@ -11,11 +11,14 @@ every component on and with one component at a time:
     all_topk  all, plus top-k block selection at density 0.5 (``sparsity.density``; opt-in, run it
               with ``--ablations all,all_topk``)
 
-and writes a JSON (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM against the
-dense run, recompilations after warm-up) and a bar plot. The per-component time breakdown is the
-ablation: what each component alone saves against dense. Run it as::
+and writes a JSON per world (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM
+against the dense run, recompilations after warm-up) with a bar plot, and one row per (world, preset,
+depth, trajectory, run) into ``--summary`` (default ``benchmarks/results/e2e_summary.json``, rows of
+other keys kept): the file the README's tables are made from. The per-component time breakdown is
+the ablation: what each component alone saves against dense. Run it as::
 
-    python benchmarks/end_to_end.py --world hy_worldplay --preset full --depth 8 --chunks 12 --out out/e2e
+    python benchmarks/end_to_end.py --world hy_worldplay --preset full --depth 8 --chunks 12 \
+        --trajectories loop,out_and_back,random_walk_with_returns --out out/e2e
 
 ``--preset trained`` (HY) runs the world trained on rendered rooms from the true first chunk of a
 held-out room and adds PSNR/SSIM of dense and of each run against the renderer's ground truth.
@@ -30,6 +33,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -65,12 +70,18 @@ def parse_args() -> argparse.Namespace:
                         help="'trained' (HY only): the world trained on rendered rooms, also scored against ground truth")
     parser.add_argument("--depth", type=int, default=None, help="DiT blocks (default: the preset's)")
     parser.add_argument("--chunks", type=int, default=12)
-    parser.add_argument("--trajectory", default="loop", choices=sorted(trajectories.TRAJECTORIES))
+    parser.add_argument("--trajectories", default="loop",
+                        help="comma-separated names from " + ",".join(sorted(trajectories.TRAJECTORIES)))
     parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma-separated subset of " + ",".join(ABLATIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))
-    return parser.parse_args()
+    parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/e2e_summary.json"))
+    args = parser.parse_args()
+    unknown = sorted(set(args.trajectories.split(",")) - set(trajectories.TRAJECTORIES))
+    if unknown:
+        parser.error(f"unknown trajectories {unknown}; choose from {sorted(trajectories.TRAJECTORIES)}")
+    return args
 
 
 def _peak_reset(device: str) -> None:
@@ -88,7 +99,7 @@ def main() -> None:
     module = WORLDS[args.world]
     if args.preset not in module.PRESET_NAMES:
         raise SystemExit(f"--preset {args.preset} is not a preset of {args.world} ({', '.join(module.PRESET_NAMES)})")
-    if args.preset == hy_worldplay.TRAINED:
+    if args.preset in (hy_worldplay.TRAINED, hy_worldplay.TRAINED_AR):
         if args.depth is not None:
             raise SystemExit("--depth does not apply to the trained preset (its weights fix the depth)")
         world = module.build(args.preset, device=args.device)
@@ -97,54 +108,96 @@ def main() -> None:
         if args.depth is not None:
             spec = dataclasses.replace(spec, depth=args.depth)
         world = module.build(spec, device=args.device, seed=args.seed)
+    for name in args.trajectories.split(","):
+        run_trajectory(args, world, name)
+
+
+def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
+    """Dense and every ablation along trajectory ``name``: the world's JSON, plot and summary rows."""
     spec = world.spec
-    trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed,
-                                   chunk_frames=spec.chunk_frames)
+    trajectory = trajectories.make(name, args.chunks * spec.chunk_frames, seed=args.seed, chunk_frames=spec.chunk_frames)
     truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
-        "world": spec.name, "depth": spec.depth, "chunks": args.chunks, "trajectory": args.trajectory,
+        "world": spec.name, "preset": args.preset, "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "torch": torch.__version__, "commit": _commit(),
         "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames, "runs": {},
     }
     print(f"{spec.name} depth {spec.depth}: {args.chunks} chunks, {spec.tokens_per_frame} tokens/frame, "
-          f"context {spec.context_frames} frames, trajectory {args.trajectory}", flush=True)
+          f"context {spec.context_frames} frames, trajectory {name}", flush=True)
 
     torch._dynamo.reset()
     _peak_reset(args.device)
     start = time.perf_counter()
     dense = timed_run(dense_setup(world), trajectory, args.chunks, args.seed, prefix)
     record["dense"] = {"time_s": sum(dense.generation.chunk_times), "peak_gb": _peak_gb(args.device),
-                       "wall_s": time.perf_counter() - start, "recompiles_after_warmup": dense.recompiles}
-    print(f"dense: {record['dense']['time_s']:.2f} s, peak {record['dense']['peak_gb']} GB", flush=True)
+                       "wall_s": time.perf_counter() - start, "warmup_s": dense.warmup_s,
+                       "recompiles_after_warmup": dense.recompiles}
+    print(f"dense: {record['dense']['time_s']:.2f} s, warm-up {dense.warmup_s:.1f} s, "
+          f"peak {record['dense']['peak_gb']} GB", flush=True)
     _write(args.out, record)
 
-    for name in args.ablations.split(","):
+    for run in args.ablations.split(","):
         torch._dynamo.reset()  # every ablation compiles afresh (and stays under Dynamo's recompile limit)
         _peak_reset(args.device)
         start = time.perf_counter()
-        light = timed_run(light_interaction_setup(world, ABLATIONS[name]), trajectory, args.chunks, args.seed, prefix)
+        light = timed_run(light_interaction_setup(world, ABLATIONS[run]), trajectory, args.chunks, args.seed, prefix)
         rows = chunk_rows(dense, light)
         summary = summarize(rows, dense, light, truth)
-        record["runs"][name] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
-                                "per_chunk": rows}
-        print(f"{name}: {summary['time_li_s']:.2f} s, speedup {summary['speedup']:.2f}x, "
+        record["runs"][run] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
+                               "warmup_s": light.warmup_s, "per_chunk": rows}
+        print(f"{run}: {summary['time_li_s']:.2f} s, speedup {summary['speedup']:.2f}x, "
               f"PSNR {summary['psnr_db_vs_dense']:.1f} dB (min {summary['min_psnr_db']:.1f}), "
               f"hits {summary['cache_hits']}, pruned {summary['memory_frames_pruned']}, "
-              f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][name]['peak_gb']} GB, "
-              f"recompiles {summary['recompiles_after_warmup']}, attention fallbacks {summary['attention_fallbacks']}, "
+              f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][run]['peak_gb']} GB, "
+              f"warm-up {light.warmup_s:.1f} s, recompiles {summary['recompiles_after_warmup']}, "
+              f"attention fallbacks {summary['attention_fallbacks']}, "
               f"kernel autotunes {summary['kernel_autotunes_after_warmup']}", flush=True)
         if truth is not None:
-            print(f"  vs ground truth: PSNR dense {summary['psnr_db_dense_vs_truth']:.2f} dB, {name} "
+            print(f"  vs ground truth: PSNR dense {summary['psnr_db_dense_vs_truth']:.2f} dB, {run} "
                   f"{summary['psnr_db_li_vs_truth']:.2f} dB, repeat-last {summary['psnr_db_repeat_last_vs_truth']:.2f} dB",
                   flush=True)
         _write(args.out, record)
-    _plot(record, args.out / f"{spec.name.replace('/', '_')}.png")
+        _add_summary_row(args.summary, record, run)
+    _plot(record, args.out / f"{spec.name.replace('/', '_')}_{name}.png")
+
+
+SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
+SUMMARY_FIELDS = ("speedup", "time_dense_s", "time_li_s", "psnr_db_vs_dense", "min_psnr_db", "recompiles_after_warmup",
+                  "cache_hits", "memory_frames_pruned", "attention_density_mean", "chunks")
+
+
+def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
+    """Put the row of ``run`` into the summary file, replacing a row with the same key."""
+    result, dense = record["runs"][run], record["dense"]
+    row = {
+        "world": record["world"], "preset": record["preset"], "depth": record["depth"], "trajectory": record["trajectory"],
+        "run": run, **{k: result[k] for k in SUMMARY_FIELDS},
+        "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
+        "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"],
+        "device": record["device"], "torch": record["torch"], "commit": record["commit"],
+    }
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if tuple(r.get(k) for k in SUMMARY_KEY) != tuple(row[k] for k in SUMMARY_KEY)] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sorted(rows, key=lambda r: tuple(str(r[k]) for k in SUMMARY_KEY)), indent=1))
+
+
+def _commit() -> str:
+    """The commit measured: ``LI_COMMIT`` (set where the checkout has no git), else ``git rev-parse``."""
+    if os.environ.get("LI_COMMIT"):
+        return os.environ["LI_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _write(out: Path, record: dict[str, Any]) -> None:
     """The JSON after every run, so a run cut short keeps what it measured."""
-    name = record["world"].replace("/", "_")
+    name = f"{record['world'].replace('/', '_')}_{record['trajectory']}"
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
 
 
@@ -161,7 +214,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     for bar, t in zip(bars, times):
         ax.annotate(f"{times[0] / t:.2f}x", (bar.get_x() + bar.get_width() / 2, t), ha="center", va="bottom")
     ax.set(ylabel=f"seconds for {record['chunks']} chunks",
-           title=f"{record['world']} (depth {record['depth']}) on {record['device']}")
+           title=f"{record['world']} (depth {record['depth']}, {record['trajectory']}) on {record['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

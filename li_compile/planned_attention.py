@@ -133,6 +133,9 @@ def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal
     except UnsupportedAttention as refusal:
         slot.record_fallback(f"kernel refused: {refusal}")
         out = _masked_dense(q, k, v, attn_mask, layout, slot.dense_span, scale, is_causal)
+    except RuntimeError as failure:  # a kernel that fails to build or launch here costs speed, never the answer
+        slot.record_fallback(f"kernel failed ({type(failure).__name__}: {str(failure)[:200]}): ran masked dense")
+        out = _masked_dense(q, k, v, attn_mask, layout, slot.dense_span, scale, is_causal)
     return out if slot.tiling is None else out.index_select(2, slot.tiling[2])
 
 

@@ -241,6 +241,7 @@ class Run:
     stats: list[dict[str, float]]
     recompiles: int
     kernel_autotunes: int = 0
+    warmup_s: float = 0.0
 
 
 def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory, seed: int
@@ -264,7 +265,9 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
     ``fidelity.prefix_hook``)."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_FUNCTION)
+    start = time.perf_counter()
     setup.warm_up()
+    warmup_s = time.perf_counter() - start
     compiled_before, tuned_before = counters["frames"]["ok"], autotuned_shapes()
     driver = setup.driver(trajectory)
     step_hook = None
@@ -276,7 +279,7 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
                    step_hook=step_hook, seed=seed, progress=True, mask_full=full_context_masked(setup.world))
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
-    return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before)
+    return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before, warmup_s)
 
 
 # --- report ------------------------------------------------------------------------------------
