@@ -48,7 +48,15 @@ class SparsityOptions:
     tiles around where its content was in each recent frame, the memory tiles whose ray cones the
     chunk's cameras see with ``visibility_margin``); ``"frames"``: whole dropped frames skipped only.
     ``context_queries``: the rule for the context's own query rows where every token is a query
-    (HY's full sequence): ``"dense"`` (exact) or ``"frame_local"`` (their own frame and the sinks)."""
+    (HY's full sequence): ``"dense"`` (exact) or ``"frame_local"`` (their own frame and the sinks).
+
+    ``max_density``: a plan that visits more than this share of its block pairs runs dense instead
+    (flash; the site's own mask keeps the answer exact): on an H200 the block-sparse kernel runs at
+    about 0.8 of flash's rate per visited block and the tile-order gathers cost a little more
+    (``benchmarks/results/attention.md``). ``flash_span``: run the chunk's own keys through flash
+    and merge by log-sum-exp (``kernels.split_attention``); off by default, since on the H200 the
+    split ran slower than the kernel alone (structured layouts at density 0.5: 1.23x against SDPA,
+    random layouts through the kernel alone 1.58x)."""
 
     enabled: bool = True
     block_q: int = field(default=128, metadata=_range(16, 256))
@@ -58,6 +66,8 @@ class SparsityOptions:
     recent_radius: int = field(default=1, metadata=_range(0, None))
     visibility_margin: float = field(default=0.1, metadata=_range(0.0, None))
     context_queries: str = field(default="dense", metadata=_choice(("dense", "frame_local")))
+    max_density: float = field(default=0.6, metadata=_range(0.0, 1.0))
+    flash_span: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "sparsity.")

@@ -13,7 +13,7 @@ from li_compile.worlds.pipeline import chunk_noise, gather_context
 from li_compile.worlds.sampling import sampler_update
 
 CHUNKS = 5
-OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16},
+OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16, "max_density": 1.0},
            "context": {"keep_threshold": 0.6, "window_min": 1}, "cache": {"reuse_steps": 1}}
 
 

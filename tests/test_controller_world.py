@@ -18,7 +18,7 @@ from li_compile.worlds.report_tools import light_interaction_setup
 from li_compile.worlds.pipeline import DENSE_MEASURE, ContextSelection, DensePolicy, gather_context, generate, warm_up
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
-BACKEND_OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16}}  # one 4x4-token frame per block
+BACKEND_OPTIONS = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16, "max_density": 1.0}}  # 4x4-token frames; every plan runs sparse
 PRUNING_THRESHOLD = 0.6  # on the tiny loop trajectory this drops memory frames on most chunks
 
 

@@ -108,23 +108,28 @@ class Model:
         return x * 0.5 + step
 
 
+def KEY():  # the cache key of every call of the stand-in model (weights and conditioning unchanged)
+    return "fp"
+
+
 def run_chunk(runtime, model, poses, steps=4, sigmas=None, options=CacheOptions(reuse_steps=2), x=None):
     x = torch.randn(LATENT.shape, generator=torch.Generator().manual_seed(0)) if x is None else x
+    runtime.options = options  # the model's cache options (an accelerator's runtime is built with them)
     runtime.begin_chunk(0, poses, sigmas)
     with torch.no_grad():
-        outs = [runtime.step("model", "fp", x, lambda i=i: model(x, i), options) for i in range(steps)]
+        outs = [runtime.step("model", KEY, x, lambda i=i: model(x, i)) for i in range(steps)]
     return outs, runtime.end_chunk()
 
 
 def test_outside_a_chunk_the_model_always_runs():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     for _ in range(3):
-        runtime.step("model", "fp", LATENT, lambda: model(LATENT, 0), CacheOptions())
+        runtime.step("model", KEY, LATENT, lambda: model(LATENT, 0))
     assert model.calls == 3 and len(runtime.cache) == 0
 
 
 def test_revisit_serves_reuse_steps_and_computes_the_rest():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     first, stats = run_chunk(runtime, model, chunk_cameras(0.0))
     assert model.calls == 4 and stats.values["cache"] == "miss" and stats.values["cache_entries"] == 1
     again, stats = run_chunk(runtime, model, chunk_cameras(0.0))
@@ -137,7 +142,7 @@ def test_revisit_serves_reuse_steps_and_computes_the_rest():
 
 
 def test_x0_reuse_with_the_same_latent_gives_the_same_velocity():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
     first, _ = run_chunk(runtime, model, chunk_cameras(0.0), sigmas=sigmas)
     again, stats = run_chunk(runtime, model, chunk_cameras(0.0), sigmas=sigmas)
@@ -147,7 +152,7 @@ def test_x0_reuse_with_the_same_latent_gives_the_same_velocity():
 
 
 def test_raw_storage_is_chosen_by_option_even_with_sigmas():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     sigmas, options = [1.0, 0.5, 0.0], CacheOptions(reuse_steps=1, stored="raw")
     run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=sigmas, options=options)
     (entry,) = runtime.cache.entries()
@@ -159,7 +164,7 @@ def test_raw_storage_is_chosen_by_option_even_with_sigmas():
 
 
 def test_told_steps_keep_several_calls_per_step_apart():
-    runtime, sigmas, options = DenoiseRuntime(), [1.0, 0.5, 0.0], CacheOptions(reuse_steps=1, stored="raw")
+    runtime, sigmas = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw")), [1.0, 0.5, 0.0]
     outputs = []
     for chunk in range(2):
         runtime.begin_chunk(chunk, chunk_cameras(0.0), sigmas)
@@ -168,7 +173,7 @@ def test_told_steps_keep_several_calls_per_step_apart():
             for guidance in (0.0, 1.0):  # conditional and unconditional, as separate calls
                 fresh = torch.full(LATENT.shape, 10 * step + guidance + chunk)
                 with torch.no_grad():
-                    outputs.append(runtime.step("model", "fp", LATENT, lambda f=fresh: f, options))
+                    outputs.append(runtime.step("model", KEY, LATENT, lambda f=fresh: f))
         assert runtime.end_chunk().values["steps_reused"] == (0 if chunk == 0 else 2)
     first, again = outputs[:4], outputs[4:]
     assert [float(o[0, 0, 0, 0, 0]) for o in again] == [0.0, 1.0, 11.0, 12.0]  # step 0 served, call by call
@@ -176,7 +181,7 @@ def test_told_steps_keep_several_calls_per_step_apart():
 
 
 def test_the_last_step_always_computes():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=[1.0, 0.5, 0.0], options=CacheOptions(reuse_steps=5))
     _, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=2, sigmas=[1.0, 0.5, 0.0], options=CacheOptions(reuse_steps=5))
     assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 1
@@ -186,7 +191,7 @@ def test_the_last_step_always_computes():
 def test_by_default_a_revisit_reuses_half_of_its_steps(steps, reused):
     """``reuse_steps=None``: half the chunk's steps, rounded down, so as many steps compute as are
     served or more (one computed step left costs a revisited chunk about 15 dB)."""
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
     run_chunk(runtime, model, chunk_cameras(0.0), steps=steps, sigmas=sigmas, options=CacheOptions())
     _, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=steps, sigmas=sigmas, options=CacheOptions())
@@ -194,7 +199,7 @@ def test_by_default_a_revisit_reuses_half_of_its_steps(steps, reused):
 
 
 def test_by_default_a_chunk_of_unknown_length_reuses_one_step():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     options = CacheOptions(stored="raw")
     run_chunk(runtime, model, chunk_cameras(0.0), options=options)
     _, stats = run_chunk(runtime, model, chunk_cameras(0.0), options=options)
@@ -202,17 +207,17 @@ def test_by_default_a_chunk_of_unknown_length_reuses_one_step():
 
 
 def test_with_gradients_enabled_the_model_always_runs():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     run_chunk(runtime, model, chunk_cameras(0.0))
     runtime.begin_chunk(1, chunk_cameras(0.0))
     with torch.enable_grad():
         for i in range(4):
-            runtime.step("model", "fp", LATENT, lambda i=i: model(LATENT, i), CacheOptions(reuse_steps=2))
+            runtime.step("model", KEY, LATENT, lambda i=i: model(LATENT, i))
     assert runtime.end_chunk().values["cache"] == "off" and model.calls == 8
 
 
 def test_reset_forgets_entries_and_stats_but_keeps_the_capacity():
-    runtime, model = DenoiseRuntime(capacity=3), Model()
+    runtime, model = DenoiseRuntime(CacheOptions(capacity=3)), Model()
     run_chunk(runtime, model, chunk_cameras(0.0))
     runtime.reset()
     assert len(runtime.cache) == 0 and runtime.history == [] and runtime.cache.capacity == 3
@@ -221,7 +226,7 @@ def test_reset_forgets_entries_and_stats_but_keeps_the_capacity():
 
 
 def test_disabled_cache_or_new_place_never_hits():
-    runtime, model = DenoiseRuntime(), Model()
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
     run_chunk(runtime, model, chunk_cameras(0.0))
     _, stats = run_chunk(runtime, model, chunk_cameras(0.0), options=CacheOptions(enabled=False))
     assert stats.values["cache"] == "off" and stats.values["steps_reused"] == 0

@@ -15,9 +15,9 @@ compiled at that capacity) are reported, and the call runs dense with its own ke
 
 ``write_tile_chunk_plan`` is the finer plan (``sparsity.plan="tiles"``, the default when the lens is
 known): the sequence in 3D tile order and, per query tile, only the key tiles the cameras say it
-needs (``controller.tile_plan``); padding and dropped slots are never visited either. Both plans
-name the chunk's own keys as the slot's dense span, which runs through flash when the call has no
-mask of its own (``kernels.split_attention``).
+needs (``controller.tile_plan``); padding and dropped slots are never visited either. With
+``sparsity.flash_span``, a tile plan names the chunk's own keys as the slot's dense span, which runs
+through flash when the call has no mask of its own (``kernels.split_attention``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from li_compile.kernels.block_layout import BlockLayout, cdiv
 from li_compile.kernels.split_attention import split_layout
 from li_compile.kernels.tiling import frame_layout
 from li_compile.passes.guards import write_plan
+from li_compile.options import SparsityOptions
 from li_compile.plan import Plan, PlanSlot
 from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
@@ -119,7 +120,7 @@ def write_chunk_plan(plan: Plan, sequence: SequenceLayout, context_keep: torch.T
         key = (s.block_q, s.block_k, s.device)
         if key not in layouts:
             layouts[key] = frame_drop_layout(sequence, context_keep, *key)
-        write_plan([slot], layouts[key], dense_span=chunk_key_span(sequence, slot.signature.block_k))
+        write_plan([slot], layouts[key])
     density = next(iter(layouts.values())).density
     return {"plan": "sparse", "density": round(density, 4), "slots": [s.id for s in slots]}
 
@@ -141,12 +142,13 @@ def tile_shape(block: int) -> tuple[int, int, int]:
 
 def write_tile_chunk_plan(
     plan: Plan, sequence: SequenceLayout, roles: Sequence[str], context_poses: torch.Tensor,
-    chunk_poses: torch.Tensor, bounds: torch.Tensor, params: TilePlanParams,
+    chunk_poses: torch.Tensor, bounds: torch.Tensor, params: TilePlanParams, sparsity: SparsityOptions,
 ) -> dict[str, object]:
     """Write the chunk's tile plan (``controller.tile_plan``) into every slot of ``plan`` matching
-    ``sequence``, in each slot's blocks and tile order. ``roles``: "pad"/"memory"/"recent" per context
-    slot; ``context_poses (capacity, 4, 4)`` (any matrix on padding), ``chunk_poses (F, 4, 4)``,
-    ``bounds (4,)`` the lens. Returns stats as ``write_chunk_plan`` (plus ``dropped`` candidates)."""
+    ``sequence``, in each slot's blocks and tile order; a plan denser than ``sparsity.max_density``
+    clears its slot instead (dense). ``roles``: "pad"/"memory"/"recent" per context slot;
+    ``context_poses (capacity, 4, 4)`` (any matrix on padding), ``chunk_poses (F, 4, 4)``, ``bounds
+    (4,)`` the lens. Returns stats as ``write_chunk_plan`` (plus ``dropped`` candidates)."""
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
     if not slots:
         return {"plan": "no site", "density": 1.0, "slots": []}
@@ -157,15 +159,16 @@ def write_tile_chunk_plan(
         layout = slot_buffer(slot)
         stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, params)
         densities.append(stats.density)
-        if stats.density >= 1.0 and "pad" not in roles:  # every pair visited: plain dense attention
+        if stats.density > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
             slot.clear()
             continue
-        span = chunk_key_span(sequence, s.block_k)
+        span = chunk_key_span(sequence, s.block_k) if sparsity.flash_span else (0, 0)
         slot.set_layout(split_layout(layout, span), dense_span=span,
                         tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
-    density = round(sum(densities) / len(densities), 4)
-    return {"plan": "dense" if density >= 1.0 and "pad" not in roles else "sparse", "plan_kind": "tiles",
-            "density": density, "slots": [s.id for s in slots], "dropped": stats.dropped}
+    planned = round(sum(densities) / len(densities), 4)
+    dense = planned > sparsity.max_density
+    return {"plan": "dense" if dense else "sparse", "plan_kind": "tiles", "density": 1.0 if dense else planned,
+            "plan_density": planned, "slots": [s.id for s in slots], "dropped": stats.dropped}
 
 
 def slot_buffer(slot: PlanSlot) -> BlockLayout:

@@ -174,7 +174,7 @@ class ContextController:
         if kept:
             context_poses[capacity - kept:] = poses[memory + recent]
         return write_tile_chunk_plan(self.plan, sequence, roles, context_poses, chunk_poses, self.bounds,
-                                     self.tile_params)
+                                     self.tile_params, self.sparsity)
 
     def flush_fallbacks(self) -> None:
         """File the attention calls that ran dense since the last chunk began (reason -> count,
