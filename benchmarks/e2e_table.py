@@ -1,0 +1,48 @@
+"""The end-to-end table (markdown) from ``benchmarks/results/e2e_summary.json``, the rows that
+``benchmarks/end_to_end.py`` writes: the README's and ``benchmarks/results/end_to_end.md``'s tables.
+
+    python benchmarks/e2e_table.py [--summary benchmarks/results/e2e_summary.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = (  # title, row key, format
+    ("world", "world", "{}"), ("depth", "depth", "{}"), ("trajectory", "trajectory", "{}"), ("run", "run", "{}"),
+    ("chunks", "chunks", "{}"), ("speedup", "speedup", "{:.2f}x"), ("dense s", "time_dense_s", "{:.2f}"),
+    ("li s", "time_li_s", "{:.2f}"), ("PSNR vs dense (mean / min)", None, None), ("cache hits", "cache_hits", "{}"),
+    ("frames pruned", "memory_frames_pruned", "{}"), ("density", "attention_density_mean", "{:.2f}"),
+    ("peak GB (li / dense)", None, None), ("warm-up s (li / dense)", None, None),
+    ("recompiles", "recompiles_after_warmup", "{}"), ("commit", "commit", "{}"),
+)
+
+
+def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
+    if title.startswith("PSNR"):
+        return f"{row['psnr_db_vs_dense']:.1f} / {row['min_psnr_db']:.1f} dB"
+    if title.startswith("peak"):
+        return "-" if row["peak_gb"] is None else f"{row['peak_gb']:.2f} / {row['peak_gb_dense']:.2f}"
+    if title.startswith("warm-up"):
+        return f"{row['warmup_s_li']:.0f} / {row['warmup_s_dense']:.0f}"
+    return fmt.format(row[key])
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown line per summary row, in the file's order."""
+    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row, *column) for column in COLUMNS) + " |" for row in rows]
+    devices = sorted({f"{r['device']}, torch {r['torch']}" for r in rows})
+    return "\n".join(lines) + f"\n\nMeasured on: {'; '.join(devices)}."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/e2e_summary.json"))
+    print(table(json.loads(parser.parse_args().summary.read_text())))
+
+
+if __name__ == "__main__":
+    main()
