@@ -217,6 +217,22 @@ class MethodModule(nn.Module):
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
+class KVCacheWorld(World):
+    """A world in the KV-cache form (Matrix-Game-3.0, HY-WorldPlay AR): ``encoder`` fills the context's
+    keys and values once per chunk, then ``model`` runs the chunk's tokens as queries at every step."""
+
+    encoder: nn.Module
+
+    def compiled_modules(self) -> tuple[str, ...]:
+        return ("model", "encoder")
+
+    def layout(self, capacity: int | None = None) -> SequenceLayout:
+        """Keys: context slots then chunk frames; queries: the chunk's tokens only (KV cache)."""
+        slots = self.spec.context_frames if capacity is None else capacity
+        grid_h, grid_w = self.spec.grid
+        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, queries="chunk")
+
+
 def prompt_embedding(spec: WorldSpec, seed: int, device: torch.device | str | None) -> torch.Tensor:
     """A fixed random stand-in for the text encoder's output: ``(1, text_tokens, text_dim)``."""
     gen = torch.Generator().manual_seed(seed + 7919)

@@ -41,7 +41,7 @@ from torch import nn
 
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds.base import (
-    X0_MIN_SIGMA, Context, MethodModule, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
+    X0_MIN_SIGMA, Context, KVCacheWorld, MethodModule, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
 )
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CameraRope, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_camera_rope,
@@ -308,7 +308,7 @@ class HYWorldPlay(World):
         }
 
 
-class HYWorldPlayCached(World):
+class HYWorldPlayCached(KVCacheWorld):
     """A block-causal HY-WorldPlay-style world in its deployment form (HY-WorldPlay's AR inference,
     ``cache_vision=True``): once per chunk ``encoder`` (``encode_context``) computes the context's
     keys and values; each denoising step runs ``model`` (``forward_cached``) on the chunk's tokens.
@@ -322,15 +322,6 @@ class HYWorldPlayCached(World):
         self.spec, self.dit, self.text = spec, dit, text
         self.model = MethodModule(dit, "forward_cached")
         self.encoder = MethodModule(dit, "encode_context")
-
-    def compiled_modules(self) -> tuple[str, ...]:
-        return ("model", "encoder")
-
-    def layout(self, capacity: int | None = None) -> SequenceLayout:
-        """Keys: context slots then chunk frames; queries: the chunk's tokens only (KV cache)."""
-        slots = self.spec.context_frames if capacity is None else capacity
-        grid_h, grid_w = self.spec.grid
-        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, queries="chunk")
 
     def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
                first_frame: int) -> dict[str, torch.Tensor]:

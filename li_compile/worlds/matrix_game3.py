@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from li_compile.sequence import SequenceLayout
-from li_compile.worlds.base import Context, MethodModule, World, WorldSpec, init_model, prompt_embedding, resolve_spec
+from li_compile.worlds.base import (
+    Context, KVCacheWorld, MethodModule, WorldSpec, init_model, prompt_embedding, resolve_spec,
+)
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
     key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
@@ -185,7 +186,7 @@ class MatrixGame3DiT(nn.Module):
         return unpatchify(out, chunk, spec.latent_channels, spec.latent_h, spec.latent_w, spec.patch)
 
 
-class MatrixGame3(World):
+class MatrixGame3(KVCacheWorld):
     """The Matrix-Game-3.0-style world: ``model`` (``MatrixGame3DiT``), its ``encoder`` (the KV cache
     pass, run once per chunk in ``inputs``) and their per-chunk inputs."""
 
@@ -194,15 +195,6 @@ class MatrixGame3(World):
     def __init__(self, spec: WorldSpec, model: MatrixGame3DiT, text: torch.Tensor) -> None:
         self.spec, self.model, self.text = spec, model, text
         self.encoder = MethodModule(model, "encode_context")  # compiled on its own
-
-    def compiled_modules(self) -> tuple[str, ...]:
-        return ("model", "encoder")
-
-    def layout(self, capacity: int | None = None) -> SequenceLayout:
-        """Keys: context slots then chunk frames; queries: the chunk's tokens only (KV cache)."""
-        slots = self.spec.context_frames if capacity is None else capacity
-        grid_h, grid_w = self.spec.grid
-        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, queries="chunk")
 
     def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
                first_frame: int) -> dict[str, torch.Tensor]:
