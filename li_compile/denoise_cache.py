@@ -10,10 +10,13 @@ weights, conditioning, schedules, resolutions, dtypes or devices. Each accelerat
 own cache, so it never crosses models either. Capacity is bounded (entries, and bytes if asked),
 least recently used first out; the bytes held are accounted.
 
-Which past chunk is "the same place": every camera of the chunk ``(F, 4, 4)`` must match the
-camera of the same frame of the past chunk (``chunk_revisit``: the score of a chunk is the lowest
-of its frames' ``li_compile.controller.similarity`` scores, cameras farther apart than the revisit
-distance do not count), the same rule ``find_revisit`` applies to one camera.
+Which past frames are "the same place": with the latent's frame axis known (``frame_axis``), each
+frame of the chunk ``(F, 4, 4)`` is matched on its own, to the best-scoring frame of any past chunk
+under the same stamp, in any order (``frame_revisit_scores``: ``li_compile.controller.similarity``,
+cameras farther apart than the revisit distance do not count); a hit needs every frame matched, and
+the served output is assembled frame by frame from the matched frames' outputs. So a retraced path
+(walk out, come back) and a crossing path revisit too. Without a frame axis (none, or ambiguous),
+every camera must match the same frame of one past chunk (``chunk_revisit_scores``).
 """
 
 from __future__ import annotations
@@ -117,6 +120,26 @@ def chunk_revisit_scores(
     return scores
 
 
+def frame_revisit_scores(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    measure: str = REVISIT_MEASURE,
+    max_distance: float = REVISIT_MAX_DISTANCE,
+    far: float = DEFAULT_FAR,
+) -> torch.Tensor:
+    """How well each past frame matches each current one: ``(F, 4, 4)``, ``(M, 4, 4)`` -> ``(F, M)``.
+
+    ``similarity`` of each pair, 0 where the camera centres are farther apart than
+    ``max_distance * far`` (only the others are scored)."""
+    distance = (camera_centers(bank)[None] - camera_centers(current)[:, None]).norm(dim=-1)  # (F, M)
+    scores = torch.zeros(current.shape[0], bank.shape[0])
+    for f in range(current.shape[0]):
+        near = (distance[f] <= max_distance * far).nonzero()[:, 0]
+        if len(near):
+            scores[f, near] = similarity(current[f], bank[near], measure, far=far)
+    return scores
+
+
 class DenoiseCache:
     """Bounded LRU store of per-step model outputs of past chunks.
 
@@ -188,27 +211,57 @@ class DenoiseCache:
         threshold: float,
         measure: str = REVISIT_MEASURE,
         max_distance: float = REVISIT_MAX_DISTANCE,
+        frame_axis: int | None = None,
     ) -> Entry | None:
-        """The best-matching past chunk (``chunk_revisit_scores``) with the identical ``stamp``, outputs
-        for steps ``0 .. steps - 1`` and a score of at least ``threshold``; counts a hit or a miss and
-        marks a hit most recently used. Ties go to the oldest entry."""
+        """The revisit served to a chunk at ``poses``: among entries with the identical ``stamp`` and
+        outputs for steps ``0 .. steps - 1``, per frame the best-matching past frame (``frame_axis``
+        given: an ``Entry`` assembled from them, not stored) or the best-matching whole past chunk
+        (``chunk_revisit_scores``), each scoring at least ``threshold``; counts a hit or a miss and
+        marks the entries used most recently used. Ties go to the oldest entry."""
         current = chunk_poses(poses)
         candidates = [
             e for e in self._entries.values()
-            if e.stamp == stamp and e.poses.shape == current.shape and all((s, 0) in e.outputs for s in range(steps))
+            if e.stamp == stamp and all((s, 0) in e.outputs for s in range(steps))
         ]
+        if frame_axis is not None:
+            return self._count(self._frame_match(current, candidates, frame_axis, threshold, measure, max_distance))
+        candidates = [e for e in candidates if e.poses.shape == current.shape]
         best = None
         if candidates:
             scores = chunk_revisit_scores(current, torch.stack([e.poses for e in candidates]), measure, max_distance)
             index = int(scores.argmax())
             if float(scores[index]) >= threshold:
                 best = candidates[index]
-        if best is None:
+        if best is not None:
+            self._entries.move_to_end(best.key)
+        return self._count(best)
+
+    def _count(self, match: Entry | None) -> Entry | None:
+        if match is None:
             self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return match
+
+    def _frame_match(self, current: torch.Tensor, candidates: list[Entry], frame_axis: int, threshold: float,
+                     measure: str, max_distance: float) -> Entry | None:
+        """Every current frame's best past frame (any entry, any order), or None if one scores below
+        ``threshold``: their outputs assembled along ``frame_axis`` into an unstored ``Entry``."""
+        if not candidates:
             return None
-        self.stats.hits += 1
-        self._entries.move_to_end(best.key)
-        return best
+        owners = [(e, g) for e in candidates for g in range(e.poses.shape[0])]
+        scores = frame_revisit_scores(current, torch.cat([e.poses for e in candidates]), measure, max_distance)
+        best_score, best = scores.max(-1)  # first (oldest) on ties
+        if bool((best_score < threshold).any()):
+            return None
+        sources = [owners[m] for m in best.tolist()]
+        keys = set.intersection(*(set(e.outputs) for e, _ in sources))
+        outputs = {key: torch.cat([e.outputs[key].narrow(frame_axis, g, 1) for e, g in sources], frame_axis)
+                   for key in keys}
+        chunks = [e.chunk for e, _ in sources]
+        for entry in {id(e): e for e, _ in sources}.values():
+            self._entries.move_to_end(entry.key)
+        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count))
 
     def _evict(self, keep: int) -> None:
         """Drop least recently used entries (never ``keep``) until within capacity and ``max_bytes``."""

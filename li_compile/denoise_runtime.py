@@ -182,7 +182,8 @@ class DenoiseRuntime:
             return compute()
         stamp = Stamp.of(call_key, latents, "raw" if sigma is None else "x0", schedule)
         if stamp not in c.matches:
-            c.matches[stamp] = self.cache.lookup(c.poses, stamp, limit, self.options.revisit_threshold)
+            c.matches[stamp] = self.cache.lookup(c.poses, stamp, limit, self.options.revisit_threshold,
+                                                 frame_axis=frame_axis(latents.shape, c.poses.shape[0]))
         entry = c.matches[stamp]
         if entry is not None and (step, call) in entry.outputs:
             c.reused += 1
@@ -202,6 +203,13 @@ class DenoiseRuntime:
                 self.cache.store(c.opened[stamp], step, stored, call)
         return out
 
+
+
+def frame_axis(shape: Sequence[int], frames: int) -> int | None:
+    """The latent's frame axis: the one axis after the batch with ``frames`` entries, or None when
+    there is none or more than one (then revisits are matched chunk by chunk, frames in order)."""
+    axes = [a for a in range(1, len(shape)) if shape[a] == frames]
+    return axes[0] if len(axes) == 1 else None
 
 
 def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> list[float]:

@@ -232,3 +232,40 @@ def test_disabled_cache_or_new_place_never_hits():
     assert stats.values["cache"] == "off" and stats.values["steps_reused"] == 0
     _, stats = run_chunk(runtime, model, chunk_cameras(4.0))
     assert stats.values["cache"] == "miss" and model.calls == 12
+
+
+def cameras_at(*xs: float) -> torch.Tensor:
+    """One camera per frame at (x, 0, 0), looking down +z: frames at different places."""
+    eye = torch.tensor([[x, 0.0, 0.0] for x in xs])
+    return look_at(eye, eye + torch.tensor([0.0, 0.0, 5.0]))
+
+
+def per_frame_chunk(runtime, chunk, poses, values):
+    """A 2-step chunk whose model output holds ``values[f] + step`` in frame ``f`` (frame axis 2 of
+    ``LATENT``); returns the outputs the runtime gave back, and its stats."""
+    runtime.begin_chunk(chunk, poses, [1.0, 0.5, 0.0])
+    outs = []
+    for step in range(2):
+        fresh = torch.stack([torch.full((1, 4, 3, 3), v + step) for v in values], 2)
+        with torch.no_grad():
+            outs.append(runtime.step("model", KEY, LATENT, lambda f=fresh: f))
+    return outs, runtime.end_chunk().values
+
+
+def test_a_retraced_path_hits_frame_by_frame_in_any_order():
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw"))
+    per_frame_chunk(runtime, 0, cameras_at(0.0, 2.0), [10.0, 20.0])
+    outs, stats = per_frame_chunk(runtime, 1, cameras_at(2.0, 0.0), [30.0, 40.0])  # walking back
+    assert stats["cache"] == "hit" and stats["steps_reused"] == 1
+    assert outs[0][0, 0, :, 0, 0].tolist() == [20.0, 10.0]  # each frame from its own place
+    assert outs[1][0, 0, :, 0, 0].tolist() == [31.0, 41.0]  # the last step computes
+
+
+def test_a_crossing_path_assembles_frames_from_several_past_chunks_and_a_new_place_misses():
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw"))
+    per_frame_chunk(runtime, 0, cameras_at(0.0, 2.0), [10.0, 20.0])
+    per_frame_chunk(runtime, 1, cameras_at(4.0, 6.0), [30.0, 40.0])
+    outs, stats = per_frame_chunk(runtime, 2, cameras_at(6.0, 0.0), [50.0, 60.0])
+    assert stats["cache"] == "hit" and outs[0][0, 0, :, 0, 0].tolist() == [40.0, 10.0]
+    _, stats = per_frame_chunk(runtime, 3, cameras_at(0.0, 9.0), [70.0, 80.0])  # one frame somewhere new
+    assert stats["cache"] == "miss"
