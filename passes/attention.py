@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import torch
 from torch import fx
 
 from li_compile.passes.attention_match import AttentionMatch, NotAttention, describe, match_sdpa, match_softmax
@@ -86,11 +87,29 @@ def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: obj
     if any(not isinstance(s, int) for t in operands for s in t.shape):
         raise NotAttention(f"symbolic shapes ({_why_symbolic(dynamic)}): plan slots need static shapes; left as "
                            "written. Fix: torch.compile(..., dynamic=False)")
+    lossy = _lossy_intermediate(match, operands[0].dtype)
+    if lossy is not None:
+        raise NotAttention(f"{lossy.name} rounds the attention to {example(lossy).dtype} inside a "
+                           f"{operands[0].dtype} site: the rewrite would compute it in {operands[0].dtype}; left as written")
     if any(t.requires_grad for t in operands):
         raise NotAttention("needs gradients (traced with grad enabled); planned attention is inference-only: left as written")
     if streams.is_cross_attention(match.q.node, match.k.node):
         names = ", ".join(sorted(n.name for n in streams.sources(match.k.node)))
         raise NotAttention(f"cross-attention (keys projected from other tokens: {names}) left dense")
+
+
+def _lossy_intermediate(match: AttentionMatch, dtype: torch.dtype) -> fx.Node | None:
+    """A matched node whose value is floating point of lower precision than the site's ``dtype``
+    (e.g. weights cast to float16 before the values product on float32 inputs), or None. Casts to
+    higher precision (an fp32 softmax of fp16 scores, cast back) are what the kernel does anyway."""
+    if not dtype.is_floating_point:
+        return None
+    for node in match.nodes:
+        value = example(node)
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and \
+                torch.finfo(value.dtype).eps > torch.finfo(dtype).eps:
+            return node
+    return None
 
 
 def _why_symbolic(dynamic: object) -> str:

@@ -331,3 +331,19 @@ def test_an_empty_head_dim_is_left_as_written_with_the_reason():
         compiled(torch.randn(1, 2, 8, 0))
     (site,) = sites(compiled)
     assert site.status == "skipped" and "head dim or sequence length 0" in site.reason
+
+
+def test_weights_rounded_to_half_on_float_inputs_are_left_as_written():
+    """A cast of the softmax weights to fp16 before the values product, on fp32 inputs, changes the
+    result (about 2e-3): the rewrite, which computes in q's dtype, must not drop it."""
+    def attend(q, k, v):
+        weights = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+        return (weights.half() @ v.half()).float()
+
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), rtol=0, atol=0)
+    assert [s.status for s in sites(compiled)] == ["skipped"]
+    assert "rounds the attention to torch.float16" in sites(compiled)[0].reason
