@@ -35,7 +35,9 @@ import torch
 from li_compile.controller.attention_plan import (
     padded_context_keep, visited_share, write_chunk_plan, write_tile_chunk_plan,
 )
-from li_compile.controller.tile_plan import TilePlanParams
+from li_compile.controller.attention_plan import tile_shape
+from li_compile.controller.tile_plan import TilePlanParams, mandatory_blocks
+from li_compile.tiled_sequence import TiledSequence
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
 from li_compile.controller.selection import ContextSelection
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
@@ -98,6 +100,7 @@ class ContextController:
         self.buckets = capacity_buckets(self.max_context, capacity_fractions)
         self.layout = layout
         self.stats: list[ChunkStats] = []
+        self._floors: dict[int, float] = {}  # capacity -> least tile-plan density (cameras aside)
 
     def warm_up_buckets(self) -> tuple[int, ...]:
         """The context capacities ``select`` may return, ascending: run one chunk at each during
@@ -167,7 +170,8 @@ class ContextController:
         if not self.options.enabled:
             return write_chunk_plan(self.plan, sequence, padded_context_keep(capacity, capacity))
         kept = len(memory) + len(recent)
-        if self.sparsity.plan != "tiles" or self.bounds is None:
+        if self.sparsity.plan != "tiles" or self.bounds is None or self._floor(capacity) > self.sparsity.max_density:
+            # no lens, or a tile plan could not get below max_density (e.g. dense context rows): skip its host work
             return write_chunk_plan(self.plan, sequence, padded_context_keep(kept, capacity))
         roles = ["pad"] * (capacity - kept) + ["memory"] * len(memory) + ["recent"] * len(recent)
         context_poses = torch.eye(4).repeat(capacity, 1, 1)
@@ -175,6 +179,15 @@ class ContextController:
             context_poses[capacity - kept:] = poses[memory + recent]
         return write_tile_chunk_plan(self.plan, sequence, roles, context_poses, chunk_poses, self.bounds,
                                      self.tile_params, self.sparsity)
+
+    def _floor(self, capacity: int) -> float:
+        """The least density a tile plan at ``capacity`` can have with a full context (own chunk,
+        sinks, dense context rows), in the blocks of the options; computed once per capacity."""
+        if capacity not in self._floors:
+            block_q, block_k = self.sparsity.block_q, self.sparsity.block_k
+            tiled = TiledSequence(self.layout(capacity), tile_shape(block_q))
+            self._floors[capacity] = float(mandatory_blocks(tiled, self.tile_params, block_q, block_k).float().mean())
+        return self._floors[capacity]
 
     def flush_fallbacks(self) -> None:
         """File the attention calls that ran dense since the last chunk began (reason -> count,

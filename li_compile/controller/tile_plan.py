@@ -315,6 +315,14 @@ def required_capacity(
 ) -> int:
     """The most key blocks one query block must visit (own chunk, sinks, dense context rows): the
     least capacity a plan buffer may have. Independent of the cameras; computed with no padding."""
+    return int(mandatory_blocks(tiled, params, block_q, block_k).sum(-1).max())
+
+
+def mandatory_blocks(
+    tiled: TiledSequence, params: TilePlanParams = TilePlanParams(), block_q: int = 128, block_k: int = 128
+) -> torch.Tensor:
+    """``(Q, K)`` bool: the block pairs every plan of ``tiled`` visits whatever the cameras (own chunk,
+    sinks, dense context rows), with no padding. Its mean is the least density a plan can have."""
     s = tiled.sequence
     roles = ["memory"] * s.context_frames
     eye = torch.eye(4)
@@ -322,7 +330,7 @@ def required_capacity(
         tiled, roles, eye.expand(s.context_frames, 4, 4), eye.expand(s.chunk_frames, 4, 4),
         torch.tensor([-1.0, 1.0, -1.0, 1.0]), params,
     )
-    return int((block_priorities(tiled, prio, block_q, block_k) >= SINK).sum(-1).max())
+    return block_priorities(tiled, prio, block_q, block_k) >= SINK
 
 
 def empty_tile_plan(
