@@ -118,7 +118,7 @@ class Accelerator:
         sigmas: Sequence[float] | torch.Tensor | None = None,
     ) -> "ChunkScope":
         """The scope of one chunk: on entry the controller selects the context and writes the plans,
-        and the denoising cache opens the chunk; on exit it closes. ``past_poses (N, 4, 4)``,
+        and the denoising cache opens the chunk; on exit it closes and the plans are dense again. ``past_poses (N, 4, 4)``,
         ``chunk_poses (F, 4, 4)`` camera-to-world, ``past_latents (N, ...)`` one per past frame,
         ``sigmas (steps + 1,)`` the chunk's noise schedule (None: the cache keeps raw outputs)."""
         return ChunkScope(self, chunk, past_poses, chunk_poses, past_latents, sigmas)
@@ -187,7 +187,10 @@ class ChunkScope:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.accelerator.denoise.end_chunk()
+        try:
+            self.accelerator.denoise.end_chunk()
+        finally:  # a plan holds for its chunk only: later calls outside a chunk run dense
+            self.accelerator.plan.clear()
 
     def context(self, values: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Per-frame history ``values (N, ...)`` -> ``(capacity, ...)``: the selected frames

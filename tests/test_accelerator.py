@@ -115,3 +115,16 @@ def test_the_accelerator_needs_a_light_interaction_compile():
         li_compile.accelerator(model)
     with pytest.raises(ValueError, match="configure"):
         li_compile.accelerator(torch.compile(model, backend="light_interaction")).warm_up(lambda capacity: None)
+
+
+def test_a_chunks_plan_holds_inside_its_scope_only():
+    """Outside ``accelerator.chunk(...)`` every plan slot is dense: a later call with another context
+    can never run the last chunk's plan."""
+    world = tiny(hy_worldplay)
+    trajectory = trajectories.make("loop", CHUNKS * world.spec.chunk_frames)
+    compiled, accelerator = accelerated(world, trajectory)
+    out, sparse_inside = [], []
+    for _ in chunk_loop(compiled, accelerator, trajectory, out):  # pauses after every model call
+        sparse_inside.append(any(not slot.is_dense for slot in accelerator.plan))
+    assert any(sparse_inside)  # some chunk ran a sparse plan ...
+    assert len(out) == CHUNKS and all(slot.is_dense for slot in accelerator.plan)  # ... and none outlives it
