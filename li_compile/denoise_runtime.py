@@ -43,6 +43,35 @@ from li_compile.options import CacheOptions
 from li_compile.reporting import ChunkStats
 
 UNKNOWN_STEPS_REUSE = 1  # steps served by the default reuse_steps when a chunk's step count is unknown
+AUTO_CALIBRATION_HITS = 2  # reuse_steps="auto": revisits computed in full to measure what serving costs
+PSNR_CAP_DB = 100.0  # PSNR of identical predictions
+
+
+@dataclass
+class AutoReuse:
+    """What ``reuse_steps="auto"`` measured: per early step, the lowest PSNR (dB) of the prediction
+    the cache would have served against the fresh one over the calibration revisits, and the number
+    of steps chosen from them (None while calibrating)."""
+
+    worst_db: dict[int, float] = field(default_factory=dict)
+    hits: int = 0
+    chosen: int | None = None
+
+    def record(self, measured: dict[int, float], target_db: float, most: int) -> None:
+        """Add one calibration revisit; after ``AUTO_CALIBRATION_HITS`` choose the most steps
+        ``k <= most`` whose served predictions all scored at least ``target_db``."""
+        for step, db in measured.items():
+            self.worst_db[step] = min(self.worst_db.get(step, PSNR_CAP_DB), db)
+        self.hits += 1
+        if self.hits >= AUTO_CALIBRATION_HITS:
+            k = 0
+            while k < most and self.worst_db.get(k, -math.inf) >= target_db:
+                k += 1
+            self.chosen = k
+
+    def summary(self) -> dict[str, object]:
+        return {"chosen": "calibrating" if self.chosen is None else self.chosen,
+                "worst_db": {step: round(db, 1) for step, db in sorted(self.worst_db.items())}}
 
 
 @dataclass
@@ -56,6 +85,7 @@ class _Chunk:
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
     opened: dict[Stamp, Entry] = field(default_factory=dict)
     poisoned: set[Stamp] = field(default_factory=set)  # a non-finite output seen: store nothing more
+    measured: dict[int, float] = field(default_factory=dict)  # reuse_steps="auto": step -> served vs fresh dB
     calls: dict[Hashable, int] = field(default_factory=dict)
     step: int | None = None  # told by the loop (set_step), else counted per runner
     reused: int = 0
@@ -75,6 +105,7 @@ class DenoiseRuntime:
         self.cache = DenoiseCache(self.cache.capacity)
         self.history: list[ChunkStats] = []
         self._chunk: _Chunk | None = None
+        self.auto = AutoReuse() if self.options.reuse_steps == "auto" else None
 
     @property
     def active(self) -> bool:
@@ -98,10 +129,13 @@ class DenoiseRuntime:
             raise ValueError("end_chunk() without begin_chunk(): no chunk is open")
         c, s = self._chunk, self.cache.stats
         hit = [e.chunk for e in c.matches.values() if e is not None]
+        calibrating = self.auto is not None and self.auto.chosen is None and bool(c.measured)
+        if calibrating:
+            self.auto.record(c.measured, self.options.reuse_target_db, len(c.sigmas) - 2 if c.sigmas else 1)
         stats = ChunkStats(
             c.chunk,
             {
-                "cache": "hit" if hit else ("miss" if c.matches else "off"),
+                "cache": ("calibration" if calibrating else "hit") if hit else ("miss" if c.matches else "off"),
                 "reused_chunk": hit[0] if hit else None,
                 "steps_reused": c.reused,
                 "steps_computed": c.computed,
@@ -110,6 +144,7 @@ class DenoiseRuntime:
                 "cache_evictions": s.evictions - c.start[2],
                 "cache_entries": len(self.cache),
                 "cache_bytes": self.cache.nbytes,
+                **({"reuse_auto": self.auto.summary()} if self.auto is not None else {}),
             },
         )
         self.history.append(stats)
@@ -134,6 +169,9 @@ class DenoiseRuntime:
             return 0
         total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else None)
         limit = options.reuse_steps
+        if limit == "auto":  # calibrating: look up (and store) every early step; then the measured choice
+            limit = self.auto.chosen if self.auto.chosen is not None else (
+                UNKNOWN_STEPS_REUSE if total is None else total - 1)
         if limit is None:
             limit = UNKNOWN_STEPS_REUSE if total is None else total // 2
         return limit if total is None else min(limit, total - 1)
@@ -185,6 +223,12 @@ class DenoiseRuntime:
             c.matches[stamp] = self.cache.lookup(c.poses, stamp, limit, self.options.revisit_threshold,
                                                  frame_axis=frame_axis(latents.shape, c.poses.shape[0]))
         entry = c.matches[stamp]
+        if entry is not None and (step, call) in entry.outputs and self.auto is not None and self.auto.chosen is None:
+            out = compute()  # calibration: compute, and measure what serving would have given
+            c.computed += 1
+            fresh = out if sigma is None else (latents - sigma * out).to(out.dtype)
+            c.measured[step] = min(c.measured.get(step, PSNR_CAP_DB), _psnr_db(entry.outputs[step, call], fresh))
+            return out
         if entry is not None and (step, call) in entry.outputs:
             c.reused += 1
             stored = entry.outputs[step, call]
@@ -203,6 +247,13 @@ class DenoiseRuntime:
                 self.cache.store(c.opened[stamp], step, stored, call)
         return out
 
+
+
+def _psnr_db(served: torch.Tensor, fresh: torch.Tensor) -> float:
+    """PSNR (dB, capped) of ``served`` against ``fresh``, peak ``fresh``'s largest magnitude."""
+    mse = float((served.float() - fresh.float()).pow(2).mean())
+    peak = float(fresh.float().abs().max())
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(max(peak, 1e-12) ** 2 / mse))
 
 
 def frame_axis(shape: Sequence[int], frames: int) -> int | None:

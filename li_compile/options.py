@@ -120,11 +120,15 @@ class CacheOptions:
     4-step sampler, 1 of a 3-step one; 1 when the step count is unknown), so at least as many steps
     compute as are served: with one computed step left, a revisited chunk's latents end about 15 dB
     from dense on both tiny worlds, against about 23-32 dB with half computed
-    (``benchmarks/results/denoise_cache_reuse.md``). The last step always computes, whatever the
-    value."""
+    (``benchmarks/results/denoise_cache_reuse.md``). ``"auto"``: measured on the model itself: its
+    first ``AUTO_CALIBRATION_HITS`` revisits (``li_compile.denoise_runtime``) compute every step and
+    compare each early step's fresh prediction with the one the cache would serve; from then on it
+    reuses the most steps whose served predictions all stayed at or above ``reuse_target_db`` (PSNR),
+    and the report says what it chose and why. The last step always computes, whatever the value."""
 
     enabled: bool = True
-    reuse_steps: int | None = field(default=None, metadata={**_range(0, None), "optional_int": True})
+    reuse_steps: int | str | None = field(default=None, metadata={**_range(0, None), "optional_int": True})
+    reuse_target_db: float = field(default=30.0, metadata=_range(0.0, None))
     revisit_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0))
     capacity: int = field(default=64, metadata=_range(1, None))
     stored: str = field(default="x0", metadata=_choice(CACHE_STORED))
@@ -195,7 +199,9 @@ def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
             raise ValueError(f"option {path!r} must be True or False, got {value!r}")
         return value
     if f.metadata.get("optional_int"):
-        return None if value is None else _check_number(f, value, path, integer=True, kind="an int or None")
+        if value is None or value == "auto":
+            return value
+        return _check_number(f, value, path, integer=True, kind='an int, None or "auto"')
     if isinstance(default, (int, float)):
         return _check_number(f, value, path, integer=isinstance(default, int))
     return value

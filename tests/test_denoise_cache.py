@@ -269,3 +269,29 @@ def test_a_crossing_path_assembles_frames_from_several_past_chunks_and_a_new_pla
     assert stats["cache"] == "hit" and outs[0][0, 0, :, 0, 0].tolist() == [40.0, 10.0]
     _, stats = per_frame_chunk(runtime, 3, cameras_at(0.0, 9.0), [70.0, 80.0])  # one frame somewhere new
     assert stats["cache"] == "miss"
+
+
+def test_auto_reuse_measures_its_first_revisits_and_then_serves_the_steps_that_stayed_close():
+    """``reuse_steps="auto"``: the first two revisits compute every step and compare each early
+    step's fresh output with the one the cache holds; step 0 repeats exactly, step 1 differs (about
+    6 dB), so from then on one step is served; the last step always computes."""
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps="auto", stored="raw", reuse_target_db=30.0))
+    sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
+
+    def chunk(index):
+        runtime.begin_chunk(index, chunk_cameras(0.0), sigmas)
+        for step in range(4):
+            value = 1.0 + step + (0.5 * index if step == 1 else 0.0)  # step 1 drifts from chunk to chunk
+            with torch.no_grad():
+                runtime.step("model", KEY, LATENT, lambda v=value: torch.full(LATENT.shape, v))
+        return runtime.end_chunk().values
+
+    first = chunk(0)
+    assert first["cache"] == "miss" and first["reuse_auto"]["chosen"] == "calibrating"
+    for index in (1, 2):
+        stats = chunk(index)
+        assert stats["cache"] == "calibration" and stats["steps_reused"] == 0 and stats["steps_computed"] == 4
+    assert stats["reuse_auto"]["chosen"] == 1 and stats["reuse_auto"]["worst_db"][0] == 100.0
+    assert stats["reuse_auto"]["worst_db"][1] < 30.0
+    served = chunk(3)
+    assert served["cache"] == "hit" and served["steps_reused"] == 1 and served["steps_computed"] == 3
