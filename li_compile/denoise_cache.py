@@ -95,31 +95,6 @@ def chunk_poses(poses: torch.Tensor) -> torch.Tensor:
     return poses.detach().to("cpu", torch.float32).clone()
 
 
-def chunk_revisit_scores(
-    current: torch.Tensor,
-    bank: torch.Tensor,
-    measure: str = REVISIT_MEASURE,
-    max_distance: float = REVISIT_MAX_DISTANCE,
-    far: float = DEFAULT_FAR,
-) -> torch.Tensor:
-    """How well each past chunk matches the current one: ``(F, 4, 4)``, ``(N, F, 4, 4)`` -> ``(N,)``.
-
-    The score of a past chunk is the lowest, over frames ``f``, of ``similarity(current[f],
-    bank[:, f])``; a past chunk with any camera centre farther than ``max_distance * far`` from the
-    current one scores 0 (parallax of near content would differ, as in ``find_revisit``); only the
-    others are scored, so a lookup costs little more than the distance test when nothing is near.
-    """
-    if bank.ndim != 4 or bank.shape[1:] != current.shape:
-        raise ValueError(f"bank must be (N, {', '.join(map(str, current.shape))}), got {tuple(bank.shape)}")
-    distance = (camera_centers(bank) - camera_centers(current)[None]).norm(dim=-1)  # (N, F)
-    near = (distance <= max_distance * far).all(-1).nonzero()[:, 0]  # only these can score above 0
-    scores = torch.zeros(bank.shape[0])
-    if len(near):
-        frames = [similarity(current[f], bank[near, f], measure, far=far) for f in range(current.shape[0])]
-        scores[near] = torch.stack(frames, -1).min(-1).values
-    return scores
-
-
 def frame_revisit_scores(
     current: torch.Tensor,
     bank: torch.Tensor,
@@ -138,6 +113,26 @@ def frame_revisit_scores(
         if len(near):
             scores[f, near] = similarity(current[f], bank[near], measure, far=far)
     return scores
+
+
+def chunk_revisit_scores(
+    current: torch.Tensor,
+    bank: torch.Tensor,
+    measure: str = REVISIT_MEASURE,
+    max_distance: float = REVISIT_MAX_DISTANCE,
+    far: float = DEFAULT_FAR,
+) -> torch.Tensor:
+    """How well each past chunk matches the current one: ``(F, 4, 4)``, ``(N, F, 4, 4)`` -> ``(N,)``.
+
+    The score of a past chunk is the lowest, over frames ``f``, of ``frame_revisit_scores`` between
+    ``current[f]`` and ``bank[:, f]``: 0 when any camera centre is farther than ``max_distance * far``
+    from its counterpart (parallax of near content would differ, as in ``find_revisit``)."""
+    if bank.ndim != 4 or bank.shape[1:] != current.shape:
+        raise ValueError(f"bank must be (N, {', '.join(map(str, current.shape))}), got {tuple(bank.shape)}")
+    chunks, frames = bank.shape[:2]
+    pairs = frame_revisit_scores(current, bank.reshape(chunks * frames, 4, 4), measure, max_distance, far)
+    same_frame = pairs.reshape(frames, chunks, frames).diagonal(dim1=0, dim2=2)  # (N, F): frame f against frame f
+    return same_frame.min(-1).values
 
 
 class DenoiseCache:
