@@ -161,6 +161,16 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
     by_embedding = [(i, n) for i, n in candidates if _reaches_sin_cos(n)]
     by_name = [(i, n) for i, n in candidates if TIMESTEP_NAME.match(_input_name(n))]
     if not (by_embedding or by_name):
+        per_frame = [
+            n for n in inputs
+            if not is_parameter(n) and isinstance(value(n), torch.Tensor) and value(n).dim() == 2
+            and (_reaches_sin_cos(n) or TIMESTEP_NAME.match(_input_name(n)))
+        ]
+        if per_frame:
+            raise NotSampler(
+                f"per-frame timesteps {_input_name(per_frame[0])} {tuple(value(per_frame[0]).shape)} (diffusion forcing): "
+                "the denoising cache serves whole steps at one noise level per chunk; left uncached"
+            )
         raise NotSampler("no timestep input (shape () or (B,), feeding a sin/cos embedding or named like a timestep)", False)
     index, node = (by_embedding or by_name)[0]
     (output_node,) = [n for n in gm.graph.nodes if n.op == "output"]

@@ -330,3 +330,20 @@ def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(mo
     sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
     assert len(sites) == 2 and all(s.status == "skipped" and "no split today" in s.reason for s in sites)
     assert calls == 2 and stats["cache"] == "off"
+
+
+def test_per_frame_timesteps_are_reported_as_an_uncached_sampler_site():
+    """Diffusion-forcing models (SkyReels-V2-DF, AnyFlow FAR) give every frame its own timestep,
+    ``(B, F)``: the report says why the cache leaves them alone instead of saying nothing."""
+    class PerFrame(ToyDenoiser):
+        def forward(self, x, sigma):  # sigma: (B, F)
+            freqs = torch.exp(-math.log(1000.0) * torch.arange(8, dtype=torch.float32) / 8)
+            angles = sigma[..., None] * 1000 * freqs  # (B, F, 8)
+            emb = self.temb(torch.cat([angles.sin(), angles.cos()], -1))  # (B, F, 4)
+            return x - self.scene * emb.permute(0, 2, 1)[..., None, None]
+
+    compiled = compiled_model(PerFrame())
+    with torch.no_grad():
+        compiled(noise(0), torch.full((1, 2), 0.5))
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert site.status == "skipped" and "per-frame timesteps" in site.reason
