@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from li_compile.controller.attention_plan import write_tile_chunk_plan
+from li_compile.controller.attention_plan import tile_shape, write_tile_chunk_plan
 from li_compile.controller.poses import bounds_from_fov
 from li_compile.controller.tile_plan import TilePlanParams
 from li_compile.options import SparsityOptions
 from li_compile.plan import Plan, SlotSignature
 from li_compile.sequence import SequenceLayout
+from li_compile.tiled_sequence import TiledSequence
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 
 FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3": (matrix_game3, "chunk")}
@@ -33,6 +34,7 @@ def main() -> None:
         grid_h, grid_w = spec.grid
         context = spec.context_frames
         sequence = SequenceLayout(context, spec.chunk_frames, grid_h, grid_w, queries=queries)
+        tiled = TiledSequence(sequence, tile_shape(128))  # made once per capacity, as the controller does
         plan = Plan()
         plan.slot_for(SlotSignature(1, 1, sequence.q_len, sequence.kv_len, "cpu", 128, 128))
         frames = context + args.chunks * spec.chunk_frames
@@ -45,7 +47,7 @@ def main() -> None:
                 first = context + c * spec.chunk_frames
                 start = time.perf_counter()
                 stats = write_tile_chunk_plan(
-                    plan, sequence, roles, trajectory.poses[first - context:first],
+                    plan, tiled, roles, trajectory.poses[first - context:first],
                     trajectory.poses[first:first + spec.chunk_frames], bounds, TilePlanParams(recent_radius=radius),
                     SparsityOptions(max_density=1.0),
                 )

@@ -49,17 +49,16 @@ def layout_misfit(slot: PlanSlot, layout: Any) -> str | None:
     return None
 
 
-def write_plan(slots: Iterable[PlanSlot], layout: Any, **how: Any) -> list[PlanSlot]:
-    """Write ``layout`` into every slot in place (``how``: ``PlanSlot.set_layout``'s ``dense_span``
-    and ``tiling``), or raise ``ValueError`` (slots untouched) naming the first slot it does not fit.
-    Returns the slots written."""
+def write_plan(slots: Iterable[PlanSlot], layout: Any) -> list[PlanSlot]:
+    """Write ``layout`` into every slot in place, or raise ``ValueError`` (slots untouched) naming the
+    first slot it does not fit. Returns the slots written."""
     slots = list(slots)
     for slot in slots:
         reason = layout_misfit(slot, layout)
         if reason is not None:
             raise ValueError(reason)
     for slot in slots:
-        slot.set_layout(layout, **how)
+        slot.set_layout(layout)
     return slots
 
 

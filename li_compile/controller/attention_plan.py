@@ -141,21 +141,22 @@ def tile_shape(block: int) -> tuple[int, int, int]:
 
 
 def write_tile_chunk_plan(
-    plan: Plan, sequence: SequenceLayout, roles: Sequence[str], context_poses: torch.Tensor,
+    plan: Plan, tiled: TiledSequence, roles: Sequence[str], context_poses: torch.Tensor,
     chunk_poses: torch.Tensor, bounds: torch.Tensor, params: TilePlanParams, sparsity: SparsityOptions,
 ) -> dict[str, object]:
     """Write the chunk's tile plan (``controller.tile_plan``) into every slot of ``plan`` matching
-    ``sequence``, in each slot's blocks and tile order; a plan denser than ``sparsity.max_density``
+    ``tiled.sequence`` (in the tile order of ``tiled``, made once per capacity: its permutations are
+    not rebuilt per chunk), in each slot's blocks; a plan denser than ``sparsity.max_density``
     clears its slot instead (dense). ``roles``: "pad"/"memory"/"recent" per context slot;
     ``context_poses (capacity, 4, 4)`` (any matrix on padding), ``chunk_poses (F, 4, 4)``, ``bounds
     (4,)`` the lens. Returns stats as ``write_chunk_plan`` (plus ``dropped`` candidates)."""
+    sequence = tiled.sequence
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
     if not slots:
         return {"plan": "no site", "density": 1.0, "slots": []}
     densities = []
     for slot in slots:
         s = slot.signature
-        tiled = TiledSequence(sequence, tile_shape(s.block_q))
         layout = slot_buffer(slot)
         stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, params)
         densities.append(stats.density)

@@ -33,21 +33,20 @@ from typing import Callable
 import torch
 
 from li_compile.controller.attention_plan import (
-    padded_context_keep, visited_share, write_chunk_plan, write_tile_chunk_plan,
+    padded_context_keep, tile_shape, visited_share, write_chunk_plan, write_tile_chunk_plan,
 )
-from li_compile.controller.attention_plan import tile_shape
-from li_compile.controller.tile_plan import TilePlanParams, mandatory_blocks
-from li_compile.tiled_sequence import TiledSequence
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
-from li_compile.controller.selection import ContextSelection
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
+from li_compile.controller.selection import ContextSelection
+from li_compile.controller.tile_plan import TilePlanParams, mandatory_blocks
 from li_compile.controller.window import latent_dynamics, window_size
 from li_compile.options import ContextOptions, SparsityOptions
 from li_compile.passes.guards import take_fallbacks
 from li_compile.plan import Plan
 from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
+from li_compile.tiled_sequence import TiledSequence
 
 DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense policy's fixed k)
 
@@ -100,6 +99,7 @@ class ContextController:
         self.buckets = capacity_buckets(self.max_context, capacity_fractions)
         self.layout = layout
         self.stats: list[ChunkStats] = []
+        self._tiled: dict[int, TiledSequence] = {}  # capacity -> its tile order (permutations built once)
         self._floors: dict[int, float] = {}  # capacity -> least tile-plan density (cameras aside)
 
     def warm_up_buckets(self) -> tuple[int, ...]:
@@ -177,17 +177,23 @@ class ContextController:
         context_poses = torch.eye(4).repeat(capacity, 1, 1)
         if kept:
             context_poses[capacity - kept:] = poses[memory + recent]
-        return write_tile_chunk_plan(self.plan, sequence, roles, context_poses, chunk_poses, self.bounds,
-                                     self.tile_params, self.sparsity)
+        return write_tile_chunk_plan(self.plan, self._tiled_at(capacity), roles, context_poses, chunk_poses,
+                                     self.bounds, self.tile_params, self.sparsity)
 
     def _floor(self, capacity: int) -> float:
         """The least density a tile plan at ``capacity`` can have with a full context (own chunk,
         sinks, dense context rows), in the blocks of the options; computed once per capacity."""
         if capacity not in self._floors:
-            block_q, block_k = self.sparsity.block_q, self.sparsity.block_k
-            tiled = TiledSequence(self.layout(capacity), tile_shape(block_q))
-            self._floors[capacity] = float(mandatory_blocks(tiled, self.tile_params, block_q, block_k).float().mean())
+            blocks = (self.sparsity.block_q, self.sparsity.block_k)
+            mandatory = mandatory_blocks(self._tiled_at(capacity), self.tile_params, *blocks)
+            self._floors[capacity] = float(mandatory.float().mean())
         return self._floors[capacity]
+
+    def _tiled_at(self, capacity: int) -> TiledSequence:
+        """The sequence at ``capacity`` in the tile order of one block (``sparsity.block_q``), made once."""
+        if capacity not in self._tiled:
+            self._tiled[capacity] = TiledSequence(self.layout(capacity), tile_shape(self.sparsity.block_q))
+        return self._tiled[capacity]
 
     def flush_fallbacks(self) -> None:
         """File the attention calls that ran dense since the last chunk began (reason -> count,
