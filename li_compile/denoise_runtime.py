@@ -131,7 +131,7 @@ class DenoiseRuntime:
         hit = [e.chunk for e in c.matches.values() if e is not None]
         calibrating = self.auto is not None and self.auto.chosen is None and bool(c.measured)
         if calibrating:
-            self.auto.record(c.measured, self.options.reuse_target_db, len(c.sigmas) - 2 if c.sigmas else 1)
+            self.auto.record(c.measured, self.options.reuse_target_db, self.reuse_limit())  # the steps it measured
         stats = ChunkStats(
             c.chunk,
             {
