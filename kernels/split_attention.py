@@ -2,8 +2,9 @@
 
 A plan's typical layout visits long runs of consecutive key blocks whole (the chunk's own keys, the
 recent frames) plus scattered memory tiles. The run is a *dense span* of key blocks, fixed by the
-sequence layout and given as static ints (so nothing recompiles). The span runs through SDPA's flash
-kernel (the fastest dense attention there is), which also returns each row's log-sum-exp; the
+sequence layout and given as static ints (so nothing recompiles). The span runs through SDPA's fused
+kernel (cuDNN on the GPU, as ``F.scaled_dot_product_attention`` itself picks on Hopper; flash or the
+memory-efficient kernel where cuDNN refuses), which also returns each row's log-sum-exp; the
 remainder of the layout runs through the block-sparse Triton kernel.
 
 The merge is fused: the Triton kernel starts its online softmax from flash's partial (m = lse,
@@ -78,20 +79,43 @@ def flash_partial(
     rows = q.view(B, Hkv, group * Lq, D) if group > 1 else q  # a view: checked above
     keys = slice(dense_span[0] * block_k, min(dense_span[1] * block_k, Lk))
     k_span, v_span = k[:, :, keys], v[:, :, keys]  # views
-    try:
-        if q.is_cuda and q.dtype in FLASH_DTYPES and D <= FLASH_MAX_HEAD_DIM and D % 8 == 0:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention(rows, k_span, v_span, 0.0, False, False, scale=scale)[:2]
-            variant = "flash"
-        elif q.is_cuda:
-            o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(rows, k_span, v_span, None, True, 0.0, False, scale=scale)[:2]
-            variant = "efficient"
-        else:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(rows, k_span, v_span, 0.0, False, scale=scale)
-            variant = "cpu_flash"
-    except RuntimeError as refusal:  # a build or GPU without the kernel: the Triton kernel does the span
-        return None, f"fused SDPA refused: {str(refusal).splitlines()[0]}"
-    # lse may be padded past Lq (the efficient kernel pads to 32 rows): read the first group * Lq only
-    return (o.unflatten(2, (group, Lq)), lse[..., : group * Lq].unflatten(2, (group, Lq))), variant
+    refusals = []
+    for variant in _variants(q):
+        try:
+            o, lse = _FUSED[variant](rows, k_span, v_span, scale)
+        except RuntimeError as refusal:  # a build or GPU without the kernel: try the next one
+            refusals.append(f"{variant}: {str(refusal).splitlines()[0]}")
+            continue
+        # lse may be padded past Lq (the efficient kernel pads to 32 rows) or carry a trailing unit
+        # dim (cuDNN's (B, H, L, 1) statistics): read the first group * Lq rows only
+        lse = lse.reshape(*lse.shape[:2], -1)[..., : group * Lq]
+        return (o.unflatten(2, (group, Lq)), lse.unflatten(2, (group, Lq))), variant
+    return None, "fused SDPA refused (" + "; ".join(refusals) + ")"
+
+
+def _variants(q: torch.Tensor) -> tuple[str, ...]:
+    """SDPA's fused kernels that return a log-sum-exp, fastest first, for q's device and dtype.
+    cuDNN leads on the GPU: on Hopper it is what ``F.scaled_dot_product_attention`` itself picks
+    (flash-attention 2 runs at about 57% of its rate on an H200)."""
+    D = q.shape[-1]
+    if not q.is_cuda:
+        return ("cpu_flash",)
+    if q.dtype in FLASH_DTYPES and D <= FLASH_MAX_HEAD_DIM and D % 8 == 0:
+        return ("cudnn", "flash", "efficient")
+    return ("efficient",)
+
+
+# Each: (rows (B, Hq, Lq, D), k, v (B, Hq, Lk, D), scale) -> (o (B, Hq, Lq, D), natural-log lse (B, Hq, Lq[, 1]))
+_FUSED = {
+    "cudnn": lambda q, k, v, scale: torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False, scale=scale)[:2],
+    "flash": lambda q, k, v, scale: torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, False, False, scale=scale)[:2],
+    "efficient": lambda q, k, v, scale: torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, False, scale=scale)[:2],
+    "cpu_flash": lambda q, k, v, scale: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, scale=scale),
+}
 
 
 def attend(
@@ -179,8 +203,9 @@ def split_attention(
 
 
 def split_path(q, k, v, layout: BlockLayout, dense_span: tuple[int, int], attn_mask=None, is_causal=False) -> str:
-    """Which path ``split_attention`` takes for this call: "flash", "flash + triton", "triton (span
-    in-kernel: <why>)" or "triton" (no span). Runs the call once."""
+    """Which path ``split_attention`` takes for this call: "<fused>" (the span is every key),
+    "<fused> + triton", "triton (span in-kernel: <why>)" or "triton" (no span), where <fused> is the
+    SDPA kernel that ran the span (cudnn, flash, efficient or cpu_flash). Runs the call once."""
     with torch.no_grad():
         return _attend(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
                        layout.full_kv_indices, layout.key_keep, attn_mask, layout.block_q, layout.block_k,

@@ -76,7 +76,7 @@ def test_top_k_selection_runs_the_kernel_on_the_gpu_and_equals_its_masked_refere
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
 def test_gpu_split_path_flash_plus_triton_matches_the_fp32_reference(dtype, heads, kv_heads):
-    """The chunk's own keys through flash (bf16/fp16) or the efficient kernel (fp32), the rest
+    """The chunk's own keys through cuDNN (bf16/fp16) or the efficient kernel (fp32), the rest
     through the Triton kernel, merged by LSE; ragged lengths."""
     from li_compile.kernels.split_attention import chunk_span, split_attention, split_layout, split_path
     from test_kernel_split import reference as split_reference
@@ -87,6 +87,33 @@ def test_gpu_split_path_flash_plus_triton_matches_the_fp32_reference(dtype, head
     v = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
     span = chunk_span(1000, 3000, 128)
     layout = split_layout(random_layout(g, 2, heads, 1000, 3000, 128, 128).to("cuda"), span)
-    assert "+ triton" in split_path(q, k, v, layout, span)
+    assert split_path(q, k, v, layout, span) == ("efficient" if dtype == torch.float32 else "cudnn") + " + triton"
     out = split_attention(q, k, v, layout, span)
     assert rel_err(out, split_reference(q, k, v, layout, span)) < RELATIVE[dtype]
+
+
+@pytest.mark.parametrize("variant", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+def test_every_fused_partial_gives_the_natural_log_sum_exp_of_its_span(monkeypatch, variant, heads, kv_heads):
+    """Each fused SDPA kernel the split path may pick returns o and lse that equal the fp32
+    reference over the span's keys (the merge relies on lse being a natural log, row for row)."""
+    from li_compile.kernels import split_attention as split
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, heads, 1000, 128, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(1, kv_heads, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(1, kv_heads, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    span = split.chunk_span(1000, 3000, 128)
+    keys = slice(span[0] * 128, 3000)
+    scale = 128 ** -0.5
+    monkeypatch.setattr(split, "_variants", lambda _q: (variant,))
+    (o, lse), used = split.flash_partial(q, k, v, span, 128, scale)
+    assert used == variant
+    group = heads // kv_heads
+    kf = k[:, :, keys].float().repeat_interleave(group, 1)
+    vf = v[:, :, keys].float().repeat_interleave(group, 1)
+    scores = q.float() @ kf.transpose(-1, -2) * scale
+    want_lse = scores.logsumexp(-1).unflatten(1, (kv_heads, group))
+    want_o = (scores.softmax(-1) @ vf).unflatten(1, (kv_heads, group))
+    assert (lse.float() - want_lse).abs().max().item() < 2e-2
+    assert rel_err(o, want_o) < RELATIVE[torch.bfloat16]
