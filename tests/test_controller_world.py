@@ -44,9 +44,9 @@ def _accelerated(world, trajectory, capacity_fractions=None, **context):
     return compiled, accelerator
 
 
-def test_64_chunks_with_pruning_compile_once_per_bucket_during_warm_up():
+def test_a_long_run_with_pruning_compiles_once_per_bucket_during_warm_up():
     world = _world("hy_worldplay", steps=1)
-    trajectory = trajectories.make("loop", 64 * world.spec.chunk_frames)
+    trajectory = trajectories.make("loop", 24 * world.spec.chunk_frames)
     # one bucket per context size: compaction fits exactly and the plan stays dense, so the long run
     # avoids the (slow, interpreted) kernel; chunk 0 (no context, one padded slot) runs it sparse
     compiled, accelerator = _accelerated(world, trajectory, capacity_fractions=tuple(i / 6 for i in range(1, 7)))
@@ -54,7 +54,7 @@ def test_64_chunks_with_pruning_compile_once_per_bucket_during_warm_up():
     warm_up(compiled, controller.warm_up_buckets())
     warm = len(accelerator.compilations)  # graphs the backend compiled for this model
     with torch.compiler.set_stance("fail_on_recompile"):
-        generate(compiled, trajectory, chunks=64, accelerator=accelerator, decode=False)
+        generate(compiled, trajectory, chunks=24, accelerator=accelerator, decode=False)
     controller.flush_fallbacks()
     assert warm == len(controller.warm_up_buckets()) == 6
     assert len(accelerator.compilations) == warm
@@ -172,13 +172,13 @@ def test_top_k_density_compiles_once_per_bucket_and_changes_only_what_it_drops(n
     from li_compile.worlds.report_tools import timed_run
 
     world = _world(name)
-    trajectory = trajectories.make("loop", 8 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+    trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
     runs = {}
     for density in (1.0, 0.5):
         torch._dynamo.reset()
         options = {**BACKEND_OPTIONS, "sparsity": {**BACKEND_OPTIONS["sparsity"], "density": density},
                    "cache": {"enabled": False}}
-        runs[density] = timed_run(light_interaction_setup(world, options), trajectory, 8, seed=0)
+        runs[density] = timed_run(light_interaction_setup(world, options), trajectory, 4, seed=0)
         assert runs[density].recompiles == 0
     latents = {d: r.generation.latents for d, r in runs.items()}
     assert torch.isfinite(latents[0.5]).all()

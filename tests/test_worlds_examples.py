@@ -91,7 +91,7 @@ def test_trained_runs_start_from_the_true_first_chunk_and_score_generated_frames
 
 
 def test_trained_example_reports_fidelity_against_ground_truth(tmp_path):
-    args = ["--preset", "trained", "--chunks", "3", "--json", str(tmp_path / "s.json")]
+    args = ["--preset", "trained", "--chunks", "2", "--json", str(tmp_path / "s.json")]
     run_example(hy_worldplay, "loop", args + ["--options", '{"inner": "eager"}'])  # what is scored, not how it compiles
     record = json.loads((tmp_path / "s.json").read_text())
     assert JSON_KEYS | TRUTH_KEYS <= set(record) and record["recompiles_after_warmup"] == 0
@@ -105,12 +105,12 @@ def test_the_cuda_harness_runs_full_contexts_unmasked_with_every_graph_warmed_up
     no cache hit), the denoising cache still hits, and the frames equal the masked run's."""
     world = hy_worldplay.build("tiny", seed=0)  # Matrix-Game's encoder path: tests/test_worlds.py (mask_full)
     f = world.spec.chunk_frames
-    trajectory = trajectories.make("loop", 16 * f, seed=0, chunk_frames=f)
+    trajectory = trajectories.make("loop", 10 * f, seed=0, chunk_frames=f)
     options = {"inner": "eager"}
-    masked = timed_run(light_interaction_setup(world, options), trajectory, 16, 0)
+    masked = timed_run(light_interaction_setup(world, options), trajectory, 10, 0)
     monkeypatch.setattr(report_tools, "full_context_masked", lambda world: False)
     with torch._dynamo.config.patch(recompile_limit=2):
-        unmasked = timed_run(light_interaction_setup(world, options), trajectory, 16, 0)
+        unmasked = timed_run(light_interaction_setup(world, options), trajectory, 10, 0)
     assert unmasked.recompiles == 0 and unmasked.kernel_autotunes == 0
     hits = [[s["cache_hits"] for s in run.stats] for run in (masked, unmasked)]
     assert hits[0] == hits[1] and sum(hits[1]) > 0
