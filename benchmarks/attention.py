@@ -73,10 +73,11 @@ def structured_layout(heads: int, q_len: int, kv_len: int, density: float, gen: 
 
 
 def frames_layout(q_len: int, kv_len: int, frame_tokens: int, density: float, gen: torch.Generator) -> BlockLayout:
-    """Keep round(density * frames) whole key frames (the last chunk's frames first), shared by heads."""
+    """Keep round(density * frames) whole key frames (the last chunk's frames first, always: the
+    density cannot go below theirs, see ``feasible``), shared by heads."""
     frames = cdiv(kv_len, frame_tokens)
-    kept_count = max(1, round(density * frames))
     chunk_frames = cdiv(q_len, frame_tokens)
+    kept_count = max(chunk_frames, round(density * frames))
     order = torch.cat([torch.arange(frames - chunk_frames, frames), torch.randperm(frames - chunk_frames, generator=gen)])
     kept = torch.zeros(frames, dtype=torch.bool)
     kept[order[:kept_count]] = True
@@ -202,7 +203,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['heads']} | {r['q_len']} | {r['kv_len']} | {r['kind']} | {r['visited_density']:.3f} | {r.get('path', 'triton')} | "
             f"{r['sdpa_ms']:.3f} ({r['sdpa_tflops']:.0f}) | {r['ours_ms']:.3f} ({r['ours_tflops']:.0f}) | "
             f"{r['speedup_vs_sdpa']:.2f}x ({r['target_speedup']:.2f}x){'' if r['meets_target'] else ' MISS'} | {flex[0]} | {flex[1]} | "
-            f"{r['vs_flex']:.2f}x |"
+            f"{r['vs_flex']:.2f}x |" if r["flex_valid"] else "- |"
         )
     return "\n".join(lines)
 
@@ -258,9 +259,16 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def feasible(kind: str, q_len: int, kv_len: int, density: float) -> bool:
+    """Whether a layout family reaches ``density``: frame-drop layouts always keep the chunk's own
+    frames, so they go no sparser than q_len / kv_len."""
+    return kind != "frames" or density >= q_len / kv_len
+
+
 def cases(q_len: int, smoke: bool) -> list[tuple[int, int, int, str, float]]:
     """(heads, q_len, kv_len, kind, density) in priority order: the budget cuts from the end."""
-    main = [(24, q_len, 4 * q_len, kind, d) for kind in ("structured", "random", "frames") for d in DENSITIES]
+    main = [(24, q_len, 4 * q_len, kind, d) for kind in ("structured", "random", "frames") for d in DENSITIES
+            if feasible(kind, q_len, 4 * q_len, d)]
     if smoke:
         return [c for c in main if c[3] != "frames"][:6] + [c for c in main if c[3] == "frames"][:2]
     shapes = [(24, q_len, r * q_len) for r in (1, 2, 8)] + [(24, 8800, r * 8800) for r in (1, 2, 4, 8)]
@@ -281,6 +289,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
+        result["rows"] = [row for row in result["rows"] if feasible(row["kind"], row["q_len"], row["kv_len"], row["density"])]
         for row in result["rows"]:
             row.update(derived(row))
         finish(result, args.out)
