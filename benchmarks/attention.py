@@ -198,12 +198,12 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        flex = (f"{r['flex_ms']:.3f} ({r['flex_tflops']:.0f})", f"{r['flex_speedup_vs_sdpa']:.2f}x") if r["flex_valid"] else ("n/a", "-")
+        flex = ((f"{r['flex_ms']:.3f} ({r['flex_tflops']:.0f})", f"{r['flex_speedup_vs_sdpa']:.2f}x", f"{r['vs_flex']:.2f}x")
+                if r["flex_valid"] else ("n/a", "-", "-"))
         lines.append(
             f"| {r['heads']} | {r['q_len']} | {r['kv_len']} | {r['kind']} | {r['visited_density']:.3f} | {r.get('path', 'triton')} | "
             f"{r['sdpa_ms']:.3f} ({r['sdpa_tflops']:.0f}) | {r['ours_ms']:.3f} ({r['ours_tflops']:.0f}) | "
-            f"{r['speedup_vs_sdpa']:.2f}x ({r['target_speedup']:.2f}x){'' if r['meets_target'] else ' MISS'} | {flex[0]} | {flex[1]} | "
-            f"{r['vs_flex']:.2f}x |" if r["flex_valid"] else "- |"
+            f"{r['speedup_vs_sdpa']:.2f}x ({r['target_speedup']:.2f}x){'' if r['meets_target'] else ' MISS'} | {flex[0]} | {flex[1]} | {flex[2]} |"
         )
     return "\n".join(lines)
 
