@@ -324,7 +324,7 @@ class _Kernels:
     tuned: Callable
     tuned_tma: Callable | None
     tma_failure: str | None
-    tuned_calls: set = field(default_factory=set)  # call keys autotuned already: a capture may reuse them
+    launched: set = field(default_factory=set)  # call keys launched already (GPU: autotuned, a capture may reuse them)
 
 
 def _build_kernels() -> _Kernels:
@@ -391,12 +391,11 @@ def _kernels() -> _Kernels:
     return _KERNELS
 
 
-def autotuned_shapes() -> int:
-    """How many call shapes the kernel has autotuned in this process (0 in the interpreter): a count
-    that grows while a trajectory is timed means warm-up missed a shape."""
-    if _KERNELS is None or _interpreting():
-        return 0
-    return len(_KERNELS.tuned.cache) + (len(_KERNELS.tuned_tma.cache) if _KERNELS.tuned_tma is not None else 0)
+def launched_shapes() -> int:
+    """How many distinct call shapes (sizes, dtypes and constexpr flags) the kernel has launched in
+    this process, in the interpreter too. On the GPU each new one autotunes (seconds): a count that
+    grows while a trajectory is timed means warm-up missed a shape."""
+    return 0 if _KERNELS is None else len(_KERNELS.launched)
 
 
 def kernel_variant() -> str:
@@ -519,7 +518,7 @@ def launch_split(
     call_key = (B, H, Lq, Lk, D, DV, Hkv, block_q, block_k, q.dtype, use_tma,
                 *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if interpreting or (capturing and call_key not in kernels.tuned_calls):
+    if interpreting or (capturing and call_key not in kernels.launched):
         # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
         limit = 0 if interpreting else _shared_memory_limit(q.device)
@@ -539,8 +538,7 @@ def launch_split(
             call_key = (*call_key[:10], False, *call_key[11:])
     else:
         kernels.tuned[grid](*args, **flags)
-    if not interpreting:
-        kernels.tuned_calls.add(call_key)
+    kernels.launched.add(call_key)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 

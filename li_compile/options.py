@@ -57,7 +57,8 @@ class SparsityOptions:
     about 0.8 of flash's rate per visited block and the tile-order gathers cost a little more
     (``benchmarks/results/attention.md``). ``flash_span``: run the chunk's own keys through SDPA's
     fused kernel (cuDNN on the GPU) and the rest of the plan through the block-sparse kernel, merged
-    by log-sum-exp (``kernels.split_attention``); on the H200 that split is 1.49-1.76x faster than
+    by log-sum-exp (``kernels.split_attention``), where every query row's plan visits the chunk
+    whole (chunk queries, or dense context rows); on the H200 that split is 1.49-1.76x faster than
     dense SDPA at density 0.5 on structured layouts, against 1.54-1.59x for the kernel alone."""
 
     enabled: bool = True

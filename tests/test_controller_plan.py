@@ -135,3 +135,31 @@ def test_controller_writes_the_plan_of_its_capacity_and_a_disabled_one_keeps_it_
     disabled = ContextController(ContextOptions(**options, enabled=False), plan, memory_k=2, layout=layout)
     disabled.select(0, past, chunk, latents)
     assert disabled.stats[-1].values["plan"] == "dense" and slot.is_dense
+
+
+@pytest.mark.parametrize("queries, rule", [("all", "frame_local"), ("all", "dense"), ("chunk", "frame_local")])
+def test_a_split_tile_plan_visits_exactly_what_the_tile_plan_allows(queries, rule):
+    """The chunk's span goes through SDPA for every query row, so it is split off only where every
+    row's plan visits it whole: the written blocks plus the span equal the tile plan, per rule."""
+    from li_compile.controller.attention_plan import tile_shape, write_tile_chunk_plan
+    from li_compile.controller.poses import bounds_from_fov, make_poses
+    from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, required_capacity, write_tile_plan
+    from li_compile.kernels.block_layout import BlockLayout
+    from li_compile.options import SparsityOptions
+    from li_compile.tiled_sequence import TiledSequence
+
+    seq = SequenceLayout(3, 2, 8, 8, prefix_tokens=4, queries=queries)
+    tiled = TiledSequence(seq, tile_shape(16))
+    plan, params = Plan(), TilePlanParams(context_queries=rule)
+    slot = plan.slot_for(SlotSignature(1, 1, seq.q_len, seq.kv_len, "cpu", 16, 16))
+    poses = make_poses(torch.eye(3), torch.tensor([[0.0, 0.0, 0.1 * i] for i in range(5)]))
+    roles, bounds = ["memory", "recent", "recent"], bounds_from_fov(60.0, 1.0)
+    stats = write_tile_chunk_plan(plan, tiled, roles, poses[:3], poses[3:], bounds, params, SparsityOptions(max_density=1.0))
+    assert stats["plan"] == "sparse"
+    reference = empty_tile_plan(tiled, capacity=-(-seq.kv_len // 16), block_q=16, block_k=16)
+    write_tile_plan(reference, tiled, roles, poses[:3], poses[3:], bounds, params)
+    visited = BlockLayout(*slot.tensors(), block_q=16, block_k=16, q_len=seq.q_len, kv_len=seq.kv_len).to_dense_mask()
+    first, end = slot.dense_span
+    visited[..., first * 16:end * 16] = True
+    assert (first < end) == (queries == "chunk" or rule == "dense")
+    assert torch.equal(visited, reference.to_dense_mask())

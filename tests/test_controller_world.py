@@ -166,6 +166,20 @@ def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, monkeypatc
 
 
 @pytest.mark.parametrize("name", sorted(WORLDS))
+def test_warm_up_launches_every_kernel_shape_a_trajectory_reaches(name):
+    """Warm-up writes the plans real chunks get (camera tile plans, the chunk's span split off), so
+    a trajectory after it launches the block-sparse kernel in no new shape: on the GPU, no autotune
+    (seconds per shape) inside a timed chunk."""
+    from li_compile.worlds.report_tools import timed_run
+
+    world = _world(name)
+    trajectory = trajectories.make("out_and_back", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+    run = timed_run(light_interaction_setup(world, {**BACKEND_OPTIONS, "cache": {"enabled": False}}), trajectory, 4, 0)
+    assert any(s["density"] < 1 for s in run.stats)  # the kernel ran
+    assert run.recompiles == 0 and run.kernel_autotunes == 0
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
 def test_top_k_density_compiles_once_per_bucket_and_changes_only_what_it_drops(name):
     """``sparsity.density`` < 1 selects blocks inside the op at run time: no recompilation, finite
     output, different from keeping every planned block (so the selection is live)."""

@@ -140,6 +140,14 @@ def tile_shape(block: int) -> tuple[int, int, int]:
     return (1, rows, max(1, block // rows))
 
 
+def _span_seen_by_every_row(sequence: SequenceLayout, params: TilePlanParams) -> bool:
+    """Whether every query row's tile plan visits the chunk's own keys, the span SDPA runs for all
+    rows (``kernels.split_attention``): chunk queries (KV-cache form), or every token a query with
+    dense context rows. Frame-local context rows do not: the span would attend them to the chunk
+    too (on HY's full preset 0.14 of all token pairs, on top of a plan of density 0.2)."""
+    return sequence.queries == "chunk" or params.context_queries == "dense"
+
+
 def write_tile_chunk_plan(
     plan: Plan, tiled: TiledSequence, roles: Sequence[str], context_poses: torch.Tensor,
     chunk_poses: torch.Tensor, bounds: torch.Tensor, params: TilePlanParams, sparsity: SparsityOptions,
@@ -163,7 +171,7 @@ def write_tile_chunk_plan(
         if stats.density > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
             slot.clear()
             continue
-        span = chunk_key_span(sequence, s.block_k) if sparsity.flash_span else (0, 0)
+        span = chunk_key_span(sequence, s.block_k) if sparsity.flash_span and _span_seen_by_every_row(sequence, params) else (0, 0)
         slot.set_layout(split_layout(layout, span), dense_span=span,
                         tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
     planned = round(sum(densities) / len(densities), 4)

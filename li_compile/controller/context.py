@@ -109,14 +109,17 @@ class ContextController:
 
     def warm_up_plan(self, capacity: int) -> bool:
         """Write the plan of a chunk whose ``capacity`` context slots are all padding (the warm-up
-        call's context), so that a warm-up call at that capacity runs the block-sparse kernel: it
-        compiles and autotunes then, never while a trajectory is timed. The attention sites get
-        their plan slots when the model first compiles at ``capacity``, so call the model once at
-        that capacity before this (``warm_up`` does both). Returns whether a sparse plan was written
-        (False: no site at that capacity yet, or nothing to sparsify)."""
+        call's context), through the path a real chunk's plan takes (a camera tile plan with the
+        chunk's span split off, or a frame plan), so that a warm-up call at that capacity launches
+        the block-sparse kernel in the shapes the chunks will: it compiles and autotunes then, never
+        while a trajectory is timed. The attention sites get their plan slots when the model first
+        compiles at ``capacity``, so call the model once at that capacity before this (``warm_up``
+        does both). Returns whether a sparse plan was written (False: no site at that capacity yet,
+        or nothing to sparsify)."""
         if self.layout is None or not self.options.enabled:
             return False
-        return write_chunk_plan(self.plan, self.layout(capacity), padded_context_keep(0, capacity))["plan"] == "sparse"
+        chunk_poses = torch.eye(4).expand(self.layout(capacity).chunk_frames, 4, 4)
+        return self._write_plan(capacity, [], [], torch.eye(4)[:0], chunk_poses)["plan"] == "sparse"
 
     def warm_up(self, call: Callable[[int], object]) -> None:
         """Compile every capacity bucket and run the block-sparse kernel at each, before anything is

@@ -28,7 +28,7 @@ from torch._dynamo.utils import counters
 import li_compile
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
-from li_compile.kernels.block_sparse_attention import autotuned_shapes
+from li_compile.kernels.block_sparse_attention import launched_shapes
 from li_compile.reporting import ChunkStats
 from li_compile.controller.selection import ContextSelection
 from li_compile.options import Options
@@ -235,7 +235,7 @@ def _stats_of(stats: Sequence[ChunkStats], chunk: int) -> dict[str, Any]:
 @dataclass
 class Run:
     """A timed generation: the result, per-chunk statistics, and compilations during the timed run
-    (Dynamo frames, and shapes the block-sparse kernel autotuned)."""
+    (Dynamo frames, and new call shapes of the block-sparse kernel: on the GPU each one autotunes)."""
 
     generation: Generation
     stats: list[dict[str, float]]
@@ -268,7 +268,7 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
     start = time.perf_counter()
     setup.warm_up()
     warmup_s = time.perf_counter() - start
-    compiled_before, tuned_before = counters["frames"]["ok"], autotuned_shapes()
+    compiled_before, tuned_before = counters["frames"]["ok"], launched_shapes()
     driver = setup.driver(trajectory)
     step_hook = None
     if prefix is not None:
@@ -279,7 +279,7 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
                    step_hook=step_hook, seed=seed, progress=True, mask_full=full_context_masked(setup.world))
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
-    return Run(gen, stats, recompiles, autotuned_shapes() - tuned_before, warmup_s)
+    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s)
 
 
 # --- report ------------------------------------------------------------------------------------
