@@ -143,7 +143,7 @@ def test_a_split_tile_plan_visits_exactly_what_the_tile_plan_allows(queries, rul
     row's plan visits it whole: the written blocks plus the span equal the tile plan, per rule."""
     from li_compile.controller.attention_plan import tile_shape, write_tile_chunk_plan
     from li_compile.controller.poses import bounds_from_fov, make_poses
-    from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, required_capacity, write_tile_plan
+    from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, write_tile_plan
     from li_compile.kernels.block_layout import BlockLayout
     from li_compile.options import SparsityOptions
     from li_compile.tiled_sequence import TiledSequence
