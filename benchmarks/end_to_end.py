@@ -20,8 +20,10 @@ the ablation: what each component alone saves against dense. Run it as::
     python benchmarks/end_to_end.py --world hy_worldplay --preset full --depth 8 --chunks 12 \
         --trajectories loop,out_and_back,random_walk_with_returns --out out/e2e
 
-``--preset trained`` (HY) runs the world trained on rendered rooms from the true first chunk of a
-held-out room and adds PSNR/SSIM of dense and of each run against the renderer's ground truth.
+``--preset trained`` and ``--preset trained_ar`` (HY) run a world trained on rendered rooms from the
+true first chunk of a held-out room and add PSNR/SSIM of dense and of each run against the
+renderer's ground truth. ``--form full|cached`` picks HY's sequence form (``trained_ar`` deploys
+cached; ``full`` re-runs its context every step, HY's bidirectional form); the rows' world names it.
 
 ``--depth`` keeps the preset's width, heads, tokens per frame and context, and cuts the number of
 DiT blocks (every block costs the same, so time per chunk scales with depth and the speedup does
@@ -73,11 +75,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trajectories", default="loop",
                         help="comma-separated names from " + ",".join(sorted(trajectories.TRAJECTORIES)))
     parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma-separated subset of " + ",".join(ABLATIONS))
+    parser.add_argument("--form", choices=hy_worldplay.FORMS, default=None,
+                        help="hy_worldplay only: full (context re-run every step) or cached (context KV once per "
+                             "chunk; block-causal worlds); default: the world's own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))
     parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/e2e_summary.json"))
     args = parser.parse_args()
+    if args.form is not None and args.world != "hy_worldplay":
+        parser.error(f"--form applies to hy_worldplay only, got --world {args.world}")
     unknown = sorted(set(args.trajectories.split(",")) - set(trajectories.TRAJECTORIES))
     if unknown:
         parser.error(f"unknown trajectories {unknown}; choose from {sorted(trajectories.TRAJECTORIES)}")
@@ -102,12 +109,12 @@ def main() -> None:
     if args.preset in (hy_worldplay.TRAINED, hy_worldplay.TRAINED_AR):
         if args.depth is not None:
             raise SystemExit("--depth does not apply to the trained preset (its weights fix the depth)")
-        world = module.build(args.preset, device=args.device)
+        world = module.build(args.preset, device=args.device, form=args.form)
     else:
         spec = module.PRESETS[args.preset]
         if args.depth is not None:
             spec = dataclasses.replace(spec, depth=args.depth)
-        world = module.build(spec, device=args.device, seed=args.seed)
+        world = module.build(spec, device=args.device, seed=args.seed, **({} if args.form is None else {"form": args.form}))
     for name in args.trajectories.split(","):
         run_trajectory(args, world, name)
 
@@ -119,12 +126,12 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
     truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
-        "world": spec.name, "preset": args.preset, "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
+        "world": spec.name if args.form is None else f"{spec.name} ({args.form} form)", "preset": args.preset, "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "commit": _commit(),
         "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames, "runs": {},
     }
-    print(f"{spec.name} depth {spec.depth}: {args.chunks} chunks, {spec.tokens_per_frame} tokens/frame, "
+    print(f"{record['world']} depth {spec.depth}: {args.chunks} chunks, {spec.tokens_per_frame} tokens/frame, "
           f"context {spec.context_frames} frames, trajectory {name}", flush=True)
 
     torch._dynamo.reset()
@@ -160,7 +167,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
                   flush=True)
         _write(args.out, record)
         _add_summary_row(args.summary, record, run)
-    _plot(record, args.out / f"{spec.name.replace('/', '_')}_{name}.png")
+    _plot(record, args.out / f"{_file_stem(record)}.png")
 
 
 SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
@@ -197,8 +204,12 @@ def _commit() -> str:
 
 def _write(out: Path, record: dict[str, Any]) -> None:
     """The JSON after every run, so a run cut short keeps what it measured."""
-    name = f"{record['world'].replace('/', '_')}_{record['trajectory']}"
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    (out / f"{_file_stem(record)}.json").write_text(json.dumps(record, indent=2))
+
+
+def _file_stem(record: dict[str, Any]) -> str:
+    """``<world>_<trajectory>`` with only letters, digits and underscores."""
+    return "".join(c if c.isalnum() else "_" for c in f"{record['world']}_{record['trajectory']}").replace("__", "_")
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:
