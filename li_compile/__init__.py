@@ -5,16 +5,19 @@
     li.configure(memory_k=4, fov_y_deg=60, layout=..., revisit_inputs=(...))
     with li.chunk(c, past_poses, chunk_poses, past_latents, sigmas) as chunk:
         ...                                           # chunk.context(...), chunk.valid, chunk.step(i)
+    with li_compile.calibrate(compiled, target=0.99) as run:   # optional: a few chunks measured dense,
+        ...                                           # then one tile plan per head (run.calibration)
     print(li_compile.report(compiled))
 """
 
-from li_compile.accelerator import Accelerator, ChunkScope, accelerator
+from li_compile.accelerator import Accelerator, CalibrationScope, ChunkScope, accelerator, calibrate
+from li_compile.controller.calibration import Calibration
 from li_compile.controller.selection import ContextSelection
 from li_compile.options import CacheOptions, ContextOptions, Options, SparsityOptions
 from li_compile.reporting import Report, Site, report
 
 __all__ = [
-    "Accelerator", "CacheOptions", "ChunkScope", "ContextOptions", "ContextSelection", "Options", "Report", "Site",
-    "SparsityOptions", "accelerator", "report",
+    "Accelerator", "CacheOptions", "Calibration", "CalibrationScope", "ChunkScope", "ContextOptions", "ContextSelection",
+    "Options", "Report", "Site", "SparsityOptions", "accelerator", "calibrate", "report",
 ]
 __version__ = "0.1.0"

@@ -30,10 +30,13 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest
+from li_compile.calibrating import DEFAULT_ROWS, CalibrationRun
 from li_compile.controller.buckets import CAPACITY_FRACTIONS
+from li_compile.controller.calibration import Calibration, widening_ladder
 from li_compile.controller.context import DEFAULT_MEMORY_K, ContextController
 from li_compile.controller.selection import ContextSelection, pad_frames, valid_slots
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR
+from li_compile.controller.tile_plan import TilePlanParams
 from li_compile.denoise_runtime import DenoiseRuntime
 from li_compile.options import Options
 from li_compile.plan import Plan
@@ -57,6 +60,8 @@ class Accelerator:
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
+        self.calibrating: CalibrationRun | None = None  # open while ``calibrate`` measures chunks
+        self.calibration: Calibration | None = None  # the per-head plans in effect
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -92,6 +97,8 @@ class Accelerator:
             fov_y_deg=fov_y_deg, aspect=aspect, near=near, far=far, capacity_fractions=capacity_fractions, layout=layout,
         )
         self.revisit_inputs = frozenset(revisit_inputs)
+        if self.calibration is not None:
+            self.use_calibration(self.calibration)  # a calibration outlives a reconfiguration
         return self
 
     def warm_up(self, call: Callable[[int], object]) -> None:
@@ -99,6 +106,26 @@ class Accelerator:
         before the first chunk: ``call(capacity)`` runs the model once on a context of that many
         slots (all padding is fine). See ``ContextController.warm_up``."""
         self._controller().warm_up(call)
+
+    def calibrate(self, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,
+                  rows: int = DEFAULT_ROWS) -> "CalibrationScope":
+        """A scope for a few chunks of the chunk loop (run them inside it) that measures, per layer and
+        head, the attention mass each candidate tile plan keeps (``li_compile.calibrating``), with
+        the chunks computed dense; on exit it picks the narrowest candidate reaching ``target`` per
+        layer and head (heads no candidate serves stay dense) and uses it for every later chunk
+        (``use_calibration``). ``candidates``: narrowest first, each plan a superset of the one before
+        (default: ``widening_ladder`` from the options' radius and margin, 4 steps); ``rows``: query
+        rows measured per site call. The scope's ``calibration`` holds the result."""
+        controller = self._controller()
+        candidates = widening_ladder(controller.tile_params) if candidates is None else tuple(candidates)
+        return CalibrationScope(self, CalibrationRun(candidates, target, rows))
+
+    def use_calibration(self, calibration: Calibration | None) -> None:
+        """Write one plan per head from ``calibration`` (e.g. ``Calibration.from_json`` of a saved one)
+        in every later chunk; None goes back to the options' single plan. The report shows its recall."""
+        controller = self._controller()
+        controller.head_params = None if calibration is None else calibration.head_params()
+        self.calibration = calibration
 
     def reset(self) -> None:
         """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay)."""
@@ -155,12 +182,34 @@ class Accelerator:
         context = self.controller.stats if self.controller is not None else []
         for stats in [*context, *self.denoise.history]:
             merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
-        return Report(self.name, list(self.compilations), [merged[c] for c in sorted(merged)])
+        return Report(self.name, list(self.compilations), [merged[c] for c in sorted(merged)],
+                      None if self.calibration is None else self.calibration.table())
 
     def _controller(self) -> ContextController:
         if self.controller is None:
             raise ValueError(f"{self.name}: call accelerator.configure(...) first (memory_k, lens, layout)")
         return self.controller
+
+
+class CalibrationScope:
+    """The scope of ``Accelerator.calibrate``: chunks run inside it are measured; ``calibration``
+    is set on a clean exit (and then in effect)."""
+
+    def __init__(self, accelerator: Accelerator, run: CalibrationRun) -> None:
+        self.accelerator, self.run = accelerator, run
+        self.calibration: Calibration | None = None
+
+    def __enter__(self) -> "CalibrationScope":
+        if self.accelerator.calibrating is not None:
+            raise RuntimeError(f"{self.accelerator.name} is calibrating already: calibrations do not nest")
+        self.accelerator.calibrating = self.accelerator._controller().calibrating = self.run
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.accelerator.calibrating = self.accelerator._controller().calibrating = None
+        if kind is None:
+            self.calibration = self.run.finish()
+            self.accelerator.use_calibration(self.calibration)
 
 
 class ChunkScope:
@@ -217,8 +266,17 @@ class RoutedGraph:
         target, _ = calling_target()
         accelerator = accelerator_of(target, self.options) if target is not None else self.fallback
         accelerator.runs(self.compilation)
+        if accelerator.calibrating is not None:
+            accelerator.calibrating.begin_graph_call(self.compilation.graph_name)
         with running_for(accelerator):
             return self.compiled(*args)
+
+
+def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,
+              rows: int = DEFAULT_ROWS) -> CalibrationScope:
+    """``accelerator(compiled).calibrate(...)``: a scope for a few chunks that calibrates the model's
+    tile plans to keep ``target`` of the attention mass per layer and head (``Accelerator.calibrate``)."""
+    return accelerator(compiled).calibrate(target, candidates, rows)
 
 
 # --- finding a model's accelerator ----------------------------------------------------------------

@@ -31,6 +31,7 @@ from li_compile.kernels.split_attention import split_attention
 from li_compile.kernels.tiling import own_blocks, topk_layout
 from li_compile.plan import PlanSlot, slot_for_call
 from li_compile.running import running
+from li_compile.tiled_sequence import permute_mask
 
 
 @torch.library.custom_op("li::planned_attention", mutates_args=())
@@ -53,6 +54,8 @@ def planned_attention(
     top-k selection within the slot's layout (``sparsity.density``)."""
     model = running()
     slot = slot_for_call(None if model is None else model.plan, slot_id)
+    if model is not None and model.calibrating is not None and not is_causal:
+        model.calibrating.record(slot, q, k, attn_mask, scale)  # the slot is dense meanwhile
     if not slot.is_dense or density < 1.0 or _capturing_cuda_graph(q):
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
@@ -126,7 +129,7 @@ def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal
             return dense_attention(q, k, v, attn_mask, scale, is_causal)
         query_perm, key_perm, _ = slot.tiling
         q, k, v = q.index_select(2, query_perm), k.index_select(2, key_perm), v.index_select(2, key_perm)
-        attn_mask = _permuted_mask(attn_mask, query_perm, key_perm)
+        attn_mask = permute_mask(attn_mask, query_perm, key_perm)
     layout = _layout(q, k, slot, density)
     try:
         out = split_attention(q, k, v, layout, slot.dense_span, scale, attn_mask, is_causal)
@@ -137,17 +140,6 @@ def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal
         slot.record_fallback(f"kernel failed ({type(failure).__name__}: {str(failure)[:200]}): ran masked dense")
         out = _masked_dense(q, k, v, attn_mask, layout, slot.dense_span, scale, is_causal)
     return out if slot.tiling is None else out.index_select(2, slot.tiling[2])
-
-
-def _permuted_mask(mask: torch.Tensor | None, query_perm: torch.Tensor, key_perm: torch.Tensor) -> torch.Tensor | None:
-    """A site mask ``(..., Lq | 1, Lk | 1)`` reordered like the queries and keys."""
-    if mask is None:
-        return None
-    if mask.shape[-1] > 1:
-        mask = mask.index_select(-1, key_perm)
-    if mask.dim() >= 2 and mask.shape[-2] > 1:
-        mask = mask.index_select(-2, query_perm)
-    return mask
 
 
 def _masked_dense(q, k, v, attn_mask, layout: BlockLayout, dense_span: tuple[int, int], scale, is_causal

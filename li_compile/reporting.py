@@ -60,6 +60,7 @@ class Report:
     target: str
     compilations: list[Compilation]
     chunks: list[ChunkStats] = field(default_factory=list)
+    calibration: str | None = None  # the calibrated plans' recall per layer (``Calibration.table``)
 
     @property
     def sites(self) -> list[Site]:
@@ -77,6 +78,8 @@ class Report:
             widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
             for row in rows:
                 lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        if self.calibration is not None:
+            lines += ["  calibrated tile plans:", *("    " + line for line in self.calibration.splitlines())]
         for stats in self.chunks:
             values = ", ".join(f"{k}={v}" for k, v in stats.values.items())
             lines.append(f"  chunk {stats.chunk}: {values}")

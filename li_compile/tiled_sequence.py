@@ -151,6 +151,18 @@ class TiledSequence:
         return _gather(x, dim, self.key_inverse)
 
 
+def permute_mask(mask: torch.Tensor | None, query_perm: torch.Tensor, key_perm: torch.Tensor) -> torch.Tensor | None:
+    """A site mask ``(..., Lq | 1, Lk | 1)`` with its query rows gathered by ``query_perm`` and its
+    keys by ``key_perm`` (a tile order, or any row selection); broadcast axes stay as they are."""
+    if mask is None:
+        return None
+    if mask.shape[-1] > 1:
+        mask = mask.index_select(-1, key_perm)
+    if mask.dim() >= 2 and mask.shape[-2] > 1:
+        mask = mask.index_select(-2, query_perm)
+    return mask
+
+
 def _gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """``x`` reordered along ``dim`` by ``index`` (one ``index_select``: the permutation's whole cost)."""
     if x.shape[dim] != index.numel():

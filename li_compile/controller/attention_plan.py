@@ -140,24 +140,27 @@ def tile_shape(block: int) -> tuple[int, int, int]:
     return (1, rows, max(1, block // rows))
 
 
-def _span_seen_by_every_row(sequence: SequenceLayout, params: TilePlanParams) -> bool:
+def _span_seen_by_every_row(sequence: SequenceLayout, params: Sequence[TilePlanParams | None]) -> bool:
     """Whether every query row's tile plan visits the chunk's own keys, the span SDPA runs for all
     rows (``kernels.split_attention``): chunk queries (KV-cache form), or every token a query with
     dense context rows. Frame-local context rows do not: the span would attend them to the chunk
     too (on HY's full preset 0.14 of all token pairs, on top of a plan of density 0.2)."""
-    return sequence.queries == "chunk" or params.context_queries == "dense"
+    return sequence.queries == "chunk" or all(p is None or p.context_queries == "dense" for p in params)
 
 
 def write_tile_chunk_plan(
     plan: Plan, tiled: TiledSequence, roles: Sequence[str], context_poses: torch.Tensor,
     chunk_poses: torch.Tensor, bounds: torch.Tensor, params: TilePlanParams, sparsity: SparsityOptions,
+    head_params: Sequence[TilePlanParams | None] | None = None,
 ) -> dict[str, object]:
     """Write the chunk's tile plan (``controller.tile_plan``) into every slot of ``plan`` matching
     ``tiled.sequence`` (in the tile order of ``tiled``, made once per capacity: its permutations are
     not rebuilt per chunk), in each slot's blocks; a plan denser than ``sparsity.max_density``
     clears its slot instead (dense). ``roles``: "pad"/"memory"/"recent" per context slot;
     ``context_poses (capacity, 4, 4)`` (any matrix on padding), ``chunk_poses (F, 4, 4)``, ``bounds
-    (4,)`` the lens. Returns stats as ``write_chunk_plan`` (plus ``dropped`` candidates)."""
+    (4,)`` the lens; ``head_params``: a calibrated plan per head (``Calibration.head_params``), for
+    the slots with that many heads (others take ``params``). Returns stats as ``write_chunk_plan``
+    (plus ``dropped`` candidates)."""
     sequence = tiled.sequence
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
     if not slots:
@@ -166,12 +169,13 @@ def write_tile_chunk_plan(
     for slot in slots:
         s = slot.signature
         layout = slot_buffer(slot)
-        stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, params)
+        ours = tuple(head_params) if head_params is not None and len(head_params) == s.heads else (params,)
+        stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, ours)
         densities.append(stats.density)
         if stats.density > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
             slot.clear()
             continue
-        span = chunk_key_span(sequence, s.block_k) if sparsity.flash_span and _span_seen_by_every_row(sequence, params) else (0, 0)
+        span = chunk_key_span(sequence, s.block_k) if sparsity.flash_span and _span_seen_by_every_row(sequence, ours) else (0, 0)
         slot.set_layout(split_layout(layout, span), dense_span=span,
                         tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
     planned = round(sum(densities) / len(densities), 4)

@@ -89,6 +89,30 @@ class Calibration:
     kept: dict[str, torch.Tensor]
     choice: dict[str, list[int]]
 
+    @classmethod
+    def choose(cls, target: float, candidates: Sequence[TilePlanParams], kept: Mapping[str, torch.Tensor]) -> "Calibration":
+        """Per layer and head, the first (narrowest) candidate whose worst-chunk kept mass ``kept[layer]:
+        (candidates, H)`` reaches ``target``; ``DENSE`` where none does."""
+        choice = {}
+        for layer, mass in kept.items():
+            reaches = mass >= target  # (candidates, H)
+            first = reaches.float().argmax(0)  # first True (0 when none: fixed below)
+            choice[layer] = [int(f) if reaches[:, h].any() else DENSE for h, f in enumerate(first)]
+        return cls(target, tuple(candidates), dict(kept), choice)
+
+    def head_params(self) -> tuple[TilePlanParams | None, ...]:
+        """One plan per head for every layer (plan slots are shared by the layers of one shape): the
+        widest candidate any layer chose for that head, None (dense) where any layer needs dense.
+        Each layer then keeps at least its own choice's mass, as wider plans are supersets."""
+        heads = {len(c) for c in self.choice.values()}
+        if len(heads) != 1:
+            raise ValueError(f"layers have different head counts {sorted(heads)}: no shared per-head plan")
+        per_head = []
+        for h in range(heads.pop()):
+            chosen = [c[h] for c in self.choice.values()]
+            per_head.append(None if DENSE in chosen else self.candidates[max(chosen)])
+        return tuple(per_head)
+
     def params_for(self, layer: str, head: int) -> TilePlanParams | None:
         """The chosen parameters of one head, or None when it stays dense."""
         index = self.choice[layer][head]
@@ -157,9 +181,4 @@ def calibrate(
                 if layer not in worst:
                     worst[layer] = torch.full((len(candidates), kept.numel()), float("inf"), dtype=torch.float64)
                 worst[layer][i] = torch.minimum(worst[layer][i], kept)
-    choice = {}
-    for layer, kept in worst.items():
-        reaches = kept >= target  # (candidates, H)
-        first = reaches.float().argmax(0)  # first True (0 when none: fixed below)
-        choice[layer] = [int(f) if reaches[:, h].any() else DENSE for h, f in enumerate(first)]
-    return Calibration(target, tuple(candidates), worst, choice)
+    return Calibration.choose(target, candidates, worst)

@@ -28,7 +28,7 @@ similar older frames whatever their score, and the full capacity.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -47,6 +47,9 @@ from li_compile.plan import Plan
 from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
+
+if TYPE_CHECKING:
+    from li_compile.calibrating import CalibrationRun
 
 DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense policy's fixed k)
 
@@ -94,6 +97,8 @@ class ContextController:
             recent_radius=sparsity.recent_radius, depth_range=(near, far), visibility_margin=sparsity.visibility_margin,
             context_queries=sparsity.context_queries,
         )
+        self.head_params: tuple[TilePlanParams | None, ...] | None = None  # calibrated plans, one per head
+        self.calibrating: CalibrationRun | None = None  # set by Accelerator.calibrate: measure, run dense
         self.memory_k = memory_k
         self.max_context = memory_k + self.options.window_max
         self.buckets = capacity_buckets(self.max_context, capacity_fractions)
@@ -180,8 +185,11 @@ class ContextController:
         context_poses = torch.eye(4).repeat(capacity, 1, 1)
         if kept:
             context_poses[capacity - kept:] = poses[memory + recent]
+        if self.calibrating is not None:
+            return self.calibrating.write_candidates(self.plan, self._tiled_at(capacity), roles, context_poses,
+                                                     chunk_poses, self.bounds)
         return write_tile_chunk_plan(self.plan, self._tiled_at(capacity), roles, context_poses, chunk_poses,
-                                     self.bounds, self.tile_params, self.sparsity)
+                                     self.bounds, self.tile_params, self.sparsity, self.head_params)
 
     def _floor(self, capacity: int) -> float:
         """The least density a tile plan at ``capacity`` can have with a full context (own chunk,

@@ -422,20 +422,32 @@ def write_tile_plan(
     context_poses: torch.Tensor,
     chunk_poses: torch.Tensor,
     bounds: torch.Tensor,
-    params: TilePlanParams = TilePlanParams(),
+    params: TilePlanParams | Sequence[TilePlanParams | None] = TilePlanParams(),
 ) -> PlanStats:
     """The once-per-chunk call: the tile plan of this chunk's cameras, written into ``layout`` in place.
 
     ``layout``: a buffer from ``empty_tile_plan(tiled, ...)`` (its tensors keep their identity and
-    shapes); the other arguments as in ``tile_priorities``. The plan is in tile order: the site must
-    run q, k, v permuted by ``tiled`` (``TiledSequence.permute_queries`` / ``permute_keys``)."""
+    shapes); ``params``: one for every head, or one per head (``len`` = the layout's heads; None =
+    that head visits every block: a calibrated global head); the other arguments as in
+    ``tile_priorities``. The plan is in tile order: the site must run q, k, v permuted by ``tiled``
+    (``TiledSequence.permute_queries`` / ``permute_keys``)."""
     if (layout.q_len, layout.kv_len) != (tiled.sequence.q_len, tiled.sequence.kv_len):
         raise ValueError(
             f"layout is for (q_len, kv_len) = {(layout.q_len, layout.kv_len)}, the sequence has "
             f"{(tiled.sequence.q_len, tiled.sequence.kv_len)}"
         )
-    prio = tile_priorities(tiled, roles, context_poses, chunk_poses, bounds, params)
-    return write_priorities_(layout, block_priorities(tiled, prio, layout.block_q, layout.block_k), key_keep(tiled, roles))
+    per_head = (params,) if isinstance(params, TilePlanParams) else tuple(params)
+    heads = layout.kv_num_blocks.shape[1]
+    if len(per_head) not in (1, heads):
+        raise ValueError(f"params must be one TilePlanParams or one per head ({heads}), got {len(per_head)}")
+    grid = (layout.q_blocks, layout.kv_blocks)
+    blocks: dict[TilePlanParams | None, torch.Tensor] = {}
+    for p in per_head:
+        if p not in blocks:
+            blocks[p] = torch.full(grid, OWN) if p is None else block_priorities(
+                tiled, tile_priorities(tiled, roles, context_poses, chunk_poses, bounds, p), layout.block_q, layout.block_k)
+    prio = torch.stack([blocks[p] for p in per_head])[None]  # (1, heads | 1, Q, K)
+    return write_priorities_(layout, prio, key_keep(tiled, roles))
 
 
 def tile_plan(
