@@ -82,23 +82,31 @@ def world():
     return hy_worldplay.build(spec, seed=0)
 
 
-def test_calibration_chunks_are_dense_and_a_full_target_changes_no_answer(world):
-    trajectory = trajectories.make("out_and_back", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
-    dense_options = {**OPTIONS, "sparsity": {"enabled": False}}
+@pytest.fixture(scope="module")
+def trajectory(world):
+    return trajectories.make("out_and_back", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+
+
+@pytest.fixture(scope="module")
+def dense(world, trajectory):
+    """The same run with attention left dense (sparsity off): the reference."""
     torch._dynamo.reset()
-    _, reference, _, _ = _run(world, trajectory, options=dense_options)
+    return _run(world, trajectory, options={**OPTIONS, "sparsity": {"enabled": False}})[1].latents
+
+
+def test_calibration_chunks_are_dense_and_a_full_target_changes_no_answer(world, trajectory, dense):
     torch._dynamo.reset()
     scope, calibrated, accelerator, _ = _run(world, trajectory, target=1.0)
-    torch.testing.assert_close(calibrated.latents, reference.latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(calibrated.latents, dense, rtol=1e-5, atol=1e-5)
     assert scope.run.chunks == 2 and accelerator.calibration is scope.calibration
 
 
-def test_a_looser_target_picks_plans_per_head_that_reach_it_with_no_recompile(world):
-    trajectory = trajectories.make("out_and_back", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+def test_a_looser_target_picks_sparse_plans_per_head_that_reach_it_with_no_recompile(world, trajectory):
     torch._dynamo.reset()
     scope, generation, accelerator, recompiles = _run(world, trajectory, target=0.5)
     calibration = scope.calibration
     assert recompiles == 0 and torch.isfinite(generation.latents).all()
+    assert min(s.values["density"] for s in accelerator.report().chunks) < 1
     for layer in calibration.choice:
         assert (calibration.recall(layer) >= 0.5).all()
     report = str(accelerator.report())
@@ -107,27 +115,19 @@ def test_a_looser_target_picks_plans_per_head_that_reach_it_with_no_recompile(wo
     assert reloaded.head_params() == calibration.head_params() and reloaded.choice == calibration.choice
 
 
-def test_heads_a_calibration_keeps_dense_visit_every_block(world):
+def test_heads_a_calibration_keeps_dense_visit_every_block(world, trajectory, dense):
     """A calibration that keeps every head dense: later plans visit every block (density 1 on the
     block-sparse path, max_density 1) and give dense attention's answer."""
-    trajectory = trajectories.make("out_and_back", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
-    candidates = widening_ladder(TilePlanParams(), 1)
     heads = world.spec.heads
-    global_heads = Calibration(0.99, candidates, {"g.attention0": torch.zeros(1, heads)}, {"g.attention0": [-1] * heads})
-    torch._dynamo.reset()
-    _, _, accelerator, _ = _run(world, trajectory)
-    plain_density = [s.values["density"] for s in accelerator.report().chunks]
+    global_heads = Calibration(0.99, widening_ladder(TilePlanParams(), 1), {"g.attention0": torch.zeros(1, heads)},
+                               {"g.attention0": [-1] * heads})
     torch._dynamo.reset()
     _, dense_heads, accelerator, _ = _run(world, trajectory, calibration=global_heads)
-    torch._dynamo.reset()
-    _, reference, _, _ = _run(world, trajectory, options={**OPTIONS, "sparsity": {"enabled": False}})
-    assert min(plain_density) < 1  # without the calibration the plans are sparse ...
     assert all(s.values["density"] == 1 and s.values["plan"] == "sparse" for s in accelerator.report().chunks)
-    torch.testing.assert_close(dense_heads.latents, reference.latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_heads.latents, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_a_calibration_without_measured_chunks_says_what_it_needs(world):
-    trajectory = trajectories.make("loop", 2 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+def test_a_calibration_without_measured_chunks_says_what_it_needs(world, trajectory):
     setup = light_interaction_setup(world, OPTIONS)
     setup.driver(trajectory)
     with pytest.raises(ValueError, match="calibration measured no attention site"):
