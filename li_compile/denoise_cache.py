@@ -83,6 +83,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    near_misses: int = 0  # misses where some of the chunk's frames matched (a partial revisit, computed in full)
 
 
 def chunk_poses(poses: torch.Tensor) -> torch.Tensor:
@@ -247,7 +248,9 @@ class DenoiseCache:
         owners = [(e, g) for e in candidates for g in range(e.poses.shape[0])]
         scores = frame_revisit_scores(current, torch.cat([e.poses for e in candidates]), measure, max_distance)
         best_score, best = scores.max(-1)  # first (oldest) on ties
-        if bool((best_score < threshold).any()):
+        matched = best_score >= threshold
+        if not bool(matched.all()):
+            self.stats.near_misses += int(bool(matched.any()))
             return None
         sources = [owners[m] for m in best.tolist()]
         keys = set.intersection(*(set(e.outputs) for e, _ in sources))

@@ -81,7 +81,7 @@ class _Chunk:
     chunk: int
     poses: torch.Tensor
     sigmas: list[float] | None
-    start: tuple[int, int, int]  # cache hits, misses, evictions at begin_chunk
+    start: tuple[int, int, int, int]  # cache hits, misses, evictions, near misses at begin_chunk
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
     opened: dict[Stamp, Entry] = field(default_factory=dict)
     poisoned: set[Stamp] = field(default_factory=set)  # a non-finite output seen: store nothing more
@@ -121,7 +121,7 @@ class DenoiseRuntime:
         poses = chunk_poses(validate_poses(poses, "chunk poses"))
         schedule = None if sigmas is None else check_sigmas(sigmas)
         s = self.cache.stats
-        self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions))
+        self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses))
 
     def end_chunk(self) -> ChunkStats:
         """Close the open chunk and return its statistics (also appended to ``history``)."""
@@ -142,6 +142,7 @@ class DenoiseRuntime:
                 "cache_hits": s.hits - c.start[0],
                 "cache_misses": s.misses - c.start[1],
                 "cache_evictions": s.evictions - c.start[2],
+                "cache_near_misses": s.near_misses - c.start[3],  # partial revisits, computed in full
                 "cache_entries": len(self.cache),
                 "cache_bytes": self.cache.nbytes,
                 **({"reuse_auto": self.auto.summary()} if self.auto is not None else {}),

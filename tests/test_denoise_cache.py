@@ -268,7 +268,9 @@ def test_a_crossing_path_assembles_frames_from_several_past_chunks_and_a_new_pla
     outs, stats = per_frame_chunk(runtime, 2, cameras_at(6.0, 0.0), [50.0, 60.0])
     assert stats["cache"] == "hit" and outs[0][0, 0, :, 0, 0].tolist() == [40.0, 10.0]
     _, stats = per_frame_chunk(runtime, 3, cameras_at(0.0, 9.0), [70.0, 80.0])  # one frame somewhere new
-    assert stats["cache"] == "miss"
+    assert stats["cache"] == "miss" and stats["cache_near_misses"] == 1  # a partial revisit computes in full
+    _, stats = per_frame_chunk(runtime, 4, cameras_at(20.0, 30.0), [90.0, 99.0])  # nowhere seen
+    assert stats["cache"] == "miss" and stats["cache_near_misses"] == 0
 
 
 def test_auto_reuse_measures_its_first_revisits_and_then_serves_the_steps_that_stayed_close():
