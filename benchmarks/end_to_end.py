@@ -25,6 +25,10 @@ true first chunk of a held-out room and add PSNR/SSIM of dense and of each run a
 renderer's ground truth. ``--form full|cached`` picks HY's sequence form (``trained_ar`` deploys
 cached; ``full`` re-runs its context every step, HY's bidirectional form); the rows' world names it.
 
+``--calibrate 0.99`` calibrates the tile plans (``li_compile.calibrate``) on the trajectory's first
+two chunks before each light_interaction run (untimed; the runs are named ``<run>_cal`` and their
+JSON keeps the calibration's table).
+
 ``--depth`` keeps the preset's width, heads, tokens per frame and context, and cuts the number of
 DiT blocks (every block costs the same, so time per chunk scales with depth and the speedup does
 not depend on it); use it to fit a long trajectory into a short GPU session.
@@ -78,6 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--form", choices=hy_worldplay.FORMS, default=None,
                         help="hy_worldplay only: full (context re-run every step) or cached (context KV once per "
                              "chunk; block-causal worlds); default: the world's own")
+    parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
+                        help="calibrate the tile plans to keep TARGET of the attention mass (li_compile.calibrate) on "
+                             "the trajectory's first chunks before each light_interaction run; runs are named <run>_cal")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))
@@ -145,15 +152,21 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
           f"peak {record['dense']['peak_gb']} GB", flush=True)
     _write(args.out, record)
 
-    for run in args.ablations.split(","):
+    for ablation in args.ablations.split(","):
         torch._dynamo.reset()  # every ablation compiles afresh (and stays under Dynamo's recompile limit)
         _peak_reset(args.device)
         start = time.perf_counter()
-        light = timed_run(light_interaction_setup(world, ABLATIONS[run]), trajectory, args.chunks, args.seed, prefix)
+        light = timed_run(light_interaction_setup(world, ABLATIONS[ablation]), trajectory, args.chunks, args.seed,
+                          prefix, calibrate=args.calibrate)
         rows = chunk_rows(dense, light)
         summary = summarize(rows, dense, light, truth)
+        run = ablation if args.calibrate is None else f"{ablation}_cal"
         record["runs"][run] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
                                "warmup_s": light.warmup_s, "per_chunk": rows}
+        if light.calibration is not None:
+            record["runs"][run]["calibration"] = {"target": args.calibrate, "seconds": light.calibration_s,
+                                                  "table": light.calibration.table()}
+            print(light.calibration.table(), flush=True)
         print(f"{run}: {summary['time_li_s']:.2f} s, speedup {summary['speedup']:.2f}x, "
               f"PSNR {summary['psnr_db_vs_dense']:.1f} dB (min {summary['min_psnr_db']:.1f}), "
               f"hits {summary['cache_hits']}, pruned {summary['memory_frames_pruned']}, "

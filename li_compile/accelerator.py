@@ -22,6 +22,7 @@ The user's chunk loop talks to it directly::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import sys
@@ -44,6 +45,7 @@ from li_compile.reporting import ChunkStats, Compilation, Report
 from li_compile.running import running_for
 from li_compile.sequence import SequenceLayout
 
+CALIBRATION_STEPS = 4  # default calibration candidates: recent radius 0-3 tiles, visibility margin 0-0.3
 ATTRIBUTE = "_li_accelerators"  # on the user's module or function: {Options: Accelerator}
 BACKEND = "light_interaction"
 
@@ -114,10 +116,13 @@ class Accelerator:
         the chunks computed dense; on exit it picks the narrowest candidate reaching ``target`` per
         layer and head (heads no candidate serves stay dense) and uses it for every later chunk
         (``use_calibration``). ``candidates``: narrowest first, each plan a superset of the one before
-        (default: ``widening_ladder`` from the options' radius and margin, 4 steps); ``rows``: query
+        (default: ``widening_ladder`` from radius 0 and margin 0, ``CALIBRATION_STEPS`` steps, so the
+        second candidate is the default options' plan); ``rows``: query
         rows measured per site call. The scope's ``calibration`` holds the result."""
         controller = self._controller()
-        candidates = widening_ladder(controller.tile_params) if candidates is None else tuple(candidates)
+        if candidates is None:  # from the narrowest plan up: radius 0 and margin 0, then the defaults' (1, 0.1), ...
+            narrowest = dataclasses.replace(controller.tile_params, recent_radius=0, visibility_margin=0.0)
+            candidates = widening_ladder(narrowest, CALIBRATION_STEPS)
         return CalibrationScope(self, CalibrationRun(candidates, target, rows))
 
     def use_calibration(self, calibration: Calibration | None) -> None:

@@ -39,6 +39,7 @@ from li_compile.worlds.pipeline import (
     ContextPolicy, DensePolicy, Generation, generate, progress_bar, warm_up,
 )
 
+CALIBRATION_CHUNKS = 2  # chunks ``timed_run(calibrate=...)`` calibrates on
 PSNR_CAP_DB = 100.0  # PSNR of identical pictures (finite, so the JSON stays valid)
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # the usual Gaussian window of SSIM
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
@@ -242,6 +243,8 @@ class Run:
     recompiles: int
     kernel_autotunes: int = 0
     warmup_s: float = 0.0
+    calibration: li_compile.Calibration | None = None  # ``timed_run(calibrate=...)``'s result
+    calibration_s: float = 0.0
 
 
 def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory, seed: int
@@ -257,29 +260,44 @@ def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory,
 
 
 def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, seed: int,
-              prefix: torch.Tensor | None = None) -> Run:
+              prefix: torch.Tensor | None = None, calibrate: float | None = None,
+              calibrate_chunks: int = CALIBRATION_CHUNKS) -> Run:
     """Warm up (model calls at every context capacity: compiles), then generate ``chunks`` chunks
     (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo compiled while
     they ran (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
     chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
-    ``fidelity.prefix_hook``)."""
+    ``fidelity.prefix_hook``). ``calibrate``: a kept-mass target; before the timed run, the first
+    ``calibrate_chunks`` chunks of the trajectory calibrate the tile plans (``li_compile.calibrate``;
+    untimed, as a user would calibrate once and reload), then the cache and statistics are reset."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_FUNCTION)
     start = time.perf_counter()
     setup.warm_up()
     warmup_s = time.perf_counter() - start
-    compiled_before, tuned_before = counters["frames"]["ok"], launched_shapes()
     driver = setup.driver(trajectory)
     step_hook = None
     if prefix is not None:
         from li_compile.worlds.fidelity import prefix_hook  # fidelity builds on this module
 
         step_hook = prefix_hook(setup.world, prefix, seed)
+    mask_full = full_context_masked(setup.world)
+    calibration, start = None, time.perf_counter()
+    if calibrate is not None:
+        if driver.accelerator is None:
+            raise ValueError("calibrate applies to a light_interaction setup, not the dense baseline")
+        with driver.accelerator.calibrate(calibrate) as scope:
+            generate(setup.world, trajectory, None, calibrate_chunks, accelerator=driver.accelerator,
+                     step_hook=step_hook, seed=seed, decode=False, mask_full=mask_full)
+        calibration = scope.calibration
+        driver.accelerator.reset()  # the timed run starts with an empty cache, as the uncalibrated one
+    calibration_s = time.perf_counter() - start
+    compiled_before, tuned_before = counters["frames"]["ok"], launched_shapes()
     gen = generate(setup.world, trajectory, driver.policy, chunks, accelerator=driver.accelerator,
-                   step_hook=step_hook, seed=seed, progress=True, mask_full=full_context_masked(setup.world))
+                   step_hook=step_hook, seed=seed, progress=True, mask_full=mask_full)
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
-    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s)
+    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s, calibration,
+               calibration_s if calibrate is not None else 0.0)
 
 
 # --- report ------------------------------------------------------------------------------------
