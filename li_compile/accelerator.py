@@ -187,8 +187,25 @@ class Accelerator:
         context = self.controller.stats if self.controller is not None else []
         for stats in [*context, *self.denoise.history]:
             merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
-        return Report(self.name, list(self.compilations), [merged[c] for c in sorted(merged)],
+        compilations = [self._with_plan_reach(c) for c in self.compilations]
+        return Report(self.name, compilations, [merged[c] for c in sorted(merged)],
                       None if self.calibration is None else self.calibration.table())
+
+    def _with_plan_reach(self, compilation: Compilation) -> Compilation:
+        """``compilation`` with a reason on every rewritten attention site whose sequence is not the
+        video layout at any context capacity (e.g. a text refiner's self-attention): no plan is ever
+        written for it, so it runs dense."""
+        shapes = None if self.controller is None else self.controller.video_shapes()
+        if shapes is None:
+            return compilation
+        sites = []
+        for site in compilation.sites:
+            q_len, kv_len = site.detail.get("shape", (0, 0, 0, 0))[2:]
+            if site.kind == "attention" and site.status == "rewritten" and (q_len, kv_len) not in shapes:
+                reason = f"runs dense: {q_len} x {kv_len} tokens is not the video layout at any context capacity"
+                site = dataclasses.replace(site, reason=reason)
+            sites.append(site)
+        return dataclasses.replace(compilation, sites=sites)
 
     def _controller(self) -> ContextController:
         if self.controller is None:

@@ -129,3 +129,27 @@ def test_passes_see_options_and_record_sites(monkeypatch):
     assert seen == {"block_q": 64}
     text = str(li_compile.report(compiled))
     assert "attention" in text and "skipped" in text and "here.py:1" in text
+
+
+class VideoAndText(torch.nn.Module):
+    """Self-attention over the video tokens and over a separate text sequence (a text refiner)."""
+
+    def forward(self, video, text):
+        f = torch.nn.functional.scaled_dot_product_attention
+        return f(video, video, video).sum() + f(text, text, text).sum()
+
+
+def test_a_site_whose_sequence_is_no_video_layout_is_reported_dense():
+    from li_compile.sequence import SequenceLayout
+
+    model = VideoAndText()
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False,
+                             options={"inner": "eager", "context": {"window_min": 1, "window_max": 1}})
+    li_compile.accelerator(compiled).configure(memory_k=0, layout=lambda capacity: SequenceLayout(capacity, 1, 2, 2))
+    video, text = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 5, 4)  # 2 frames of 2 x 2 tokens; 5 text tokens
+    torch.testing.assert_close(compiled(video, text), model(video, text))
+    sites = {site.detail["shape"][2]: site for site in li_compile.report(compiled).sites}
+    assert sites[8].status == sites[5].status == "rewritten"
+    assert sites[8].reason == ""
+    assert "runs dense: 5 x 5 tokens is not the video layout at any context capacity" in sites[5].reason
+    assert "runs dense: 5 x 5" in str(li_compile.report(compiled))

@@ -112,6 +112,13 @@ class ContextController:
         warm-up so the model compiles every bucket then (once each) and never afterwards."""
         return self.buckets if self.options.enabled else (self.max_context,)
 
+    def video_shapes(self) -> set[tuple[int, int]] | None:
+        """The ``(q_len, kv_len)`` of the video layout at every capacity this controller may pick: the
+        attention shapes its plans are written for (None: no layout configured)."""
+        if self.layout is None:
+            return None
+        return {(s.q_len, s.kv_len) for s in map(self.layout, self.warm_up_buckets())}
+
     def warm_up_plan(self, capacity: int) -> bool:
         """Write the plan of a chunk whose ``capacity`` context slots are all padding (the warm-up
         call's context), through the path a real chunk's plan takes (a camera tile plan with the
