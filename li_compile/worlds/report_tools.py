@@ -50,7 +50,7 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
 
 def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None,
                presets: Sequence[str] = ("tiny", "small", "full")) -> argparse.Namespace:
-    """The examples' flags: ``--preset --device --chunks --trajectory --seed --options --out --json``;
+    """The examples' flags: ``--preset --device --chunks --trajectory --seed --options --calibrate --out --json``;
     ``--options`` is the backend's ``options=`` dict as JSON, checked as the backend checks it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="tiny", choices=presets)
@@ -60,6 +60,9 @@ def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | 
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the noise and the trajectory")
     parser.add_argument("--options", type=_backend_options, default={},
                         help='backend options as JSON, e.g. \'{"context": {"keep_threshold": 0.3}}\'')
+    parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
+                        help="calibrate the tile plans on the first chunks to keep TARGET (e.g. 0.99) of the "
+                             "attention mass (li_compile.calibrate) and print the recall per layer")
     parser.add_argument("--out", type=Path, default=None, help="folder for plots and pictures")
     parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON to this file")
     args = parser.parse_args(argv)
@@ -509,10 +512,13 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
           f"trajectory '{args.trajectory}'")
     truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world, args.options)}
-    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed, prefix)
+    calibrate = {"dense": None, "light_interaction": args.calibrate}
+    runs = {label: timed_run(setup, trajectory, args.chunks, args.seed, prefix, calibrate=calibrate[label])
             for label, setup in progress_bar(setups.items(), "runs")}
     dense, light = runs["dense"], runs["light_interaction"]
     print(format_sites(li_compile.report(setups["light_interaction"].world.model)))
+    if light.calibration is not None:
+        print(f"calibrated in {light.calibration_s:.1f} s on {CALIBRATION_CHUNKS} chunks:\n{light.calibration.table()}")
     rows = chunk_rows(dense, light)
     summary = summarize(rows, dense, light, truth)
     print(format_table(rows))
