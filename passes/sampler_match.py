@@ -101,7 +101,9 @@ def _same_shape(a: object, b: object) -> bool:
     return isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and ea.shape == eb.shape
 
 
-_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
+                       operator.ior, operator.ixor, operator.ilshift, operator.irshift}
 _VIEWS = {operator.getitem, "view", "reshape", "transpose", "permute", "flatten", "unflatten", "squeeze",
           "unsqueeze", "expand", "narrow", "select", "unbind", "chunk", "split", "view_as", "movedim",
           torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze, torch.unsqueeze,
@@ -113,9 +115,10 @@ def mutation_node(node: fx.Node) -> bool:
     ``x.add_(...)``, ``x += y``, ``x[i] = ...``, ``copy_``. In-place updates of intermediates are local."""
     target = _target(node)
     name = getattr(target, "__name__", target)
-    in_place = (callable(target) and target in _IN_PLACE_OPERATORS) or (
-        isinstance(name, str) and name.endswith("_") and not name.endswith("__")
-    )
+    if getattr(target, "__module__", None) in ("operator", "_operator"):
+        in_place = target in _IN_PLACE_OPERATORS  # operator.or_ / and_ / not_ are a | b, a & b, not a
+    else:
+        in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")  # x.add_(...)
     if not in_place or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     base = node.args[0]

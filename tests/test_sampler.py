@@ -207,6 +207,25 @@ def test_a_graph_that_updates_state_in_place_is_left_alone_with_the_reason():
     assert site.status == "skipped" and "in place" in site.reason
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_operator_on_an_input_is_in_place_only_when_spelled_so(in_place):
+    """``valid | extra`` on an input mask (a block-causal model's) makes a new tensor: the site stays;
+    ``valid |= extra`` updates the caller's tensor: the site is left alone."""
+    class Masked(ToyDenoiser):
+        def forward(self, x, sigma, valid):
+            if in_place:
+                valid |= valid.flip(-1)
+            else:
+                valid = valid | valid.flip(-1)
+            return super().forward(x, sigma) * valid.any()
+
+    compiled = compiled_model(Masked())
+    with torch.no_grad():
+        compiled(noise(0), torch.tensor(0.5), torch.tensor([True, False]))
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert (site.status == "skipped" and "in place" in site.reason) if in_place else site.status == "rewritten"
+
+
 # ---- the whole chunk compiled: the denoising loop unrolled in one graph ----
 
 
