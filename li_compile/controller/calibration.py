@@ -67,15 +67,20 @@ def kept_mass_from_probs(probs: torch.Tensor, plan: BlockLayout | torch.Tensor) 
 
 def widening_ladder(base: TilePlanParams = TilePlanParams(), steps: int = 4) -> tuple[TilePlanParams, ...]:
     """``steps`` parameter sets from ``base`` outwards, each plan a superset of the one before: step
-    ``i`` adds ``i`` tiles to the recent radius and ``i * MARGIN_STEP`` to the visibility margin."""
+    ``i`` adds ``i`` tiles to the recent radius and ``i * MARGIN_STEP`` to the visibility margin; when
+    ``base`` has frame-local context rows, one more: the last step with dense context rows."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    return tuple(
+    ladder = tuple(
         dataclasses.replace(
             base, recent_radius=base.recent_radius + i, visibility_margin=base.visibility_margin + i * MARGIN_STEP
         )
         for i in range(steps)
     )
+    if base.context_queries == "dense":
+        return ladder
+    # frame-local context rows (a full-sequence model) are widened last: the widest window, rows dense
+    return ladder + (dataclasses.replace(ladder[-1], context_queries="dense"),)
 
 
 @dataclass(frozen=True)
