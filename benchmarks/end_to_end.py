@@ -121,7 +121,8 @@ def main() -> None:
         spec = module.PRESETS[args.preset]
         if args.depth is not None:
             spec = dataclasses.replace(spec, depth=args.depth)
-        world = module.build(spec, device=args.device, seed=args.seed, **({} if args.form is None else {"form": args.form}))
+        world = module.build(spec, device=args.device, seed=args.seed,
+                             **({} if args.form is None else {"form": args.form}))
     for name in args.trajectories.split(","):
         run_trajectory(args, world, name)
 
@@ -133,7 +134,8 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
     truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
-        "world": spec.name if args.form is None else f"{spec.name} ({args.form} form)", "preset": args.preset, "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
+        "world": spec.name if args.form is None else f"{spec.name} ({args.form} form)", "preset": args.preset,
+        "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "commit": _commit(),
         "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames, "runs": {},

@@ -62,7 +62,6 @@ class Accelerator:
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
-        self.calibrating: CalibrationRun | None = None  # open while ``calibrate`` measures chunks
         self.calibration: Calibration | None = None  # the per-head plans in effect
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
@@ -108,6 +107,11 @@ class Accelerator:
         before the first chunk: ``call(capacity)`` runs the model once on a context of that many
         slots (all padding is fine). See ``ContextController.warm_up``."""
         self._controller().warm_up(call)
+
+    @property
+    def calibrating(self) -> CalibrationRun | None:
+        """The calibration measuring this model's chunks now (``calibrate``'s scope), or None."""
+        return None if self.controller is None else self.controller.calibrating
 
     def calibrate(self, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,
                   rows: int = DEFAULT_ROWS) -> "CalibrationScope":
@@ -224,11 +228,11 @@ class CalibrationScope:
     def __enter__(self) -> "CalibrationScope":
         if self.accelerator.calibrating is not None:
             raise RuntimeError(f"{self.accelerator.name} is calibrating already: calibrations do not nest")
-        self.accelerator.calibrating = self.accelerator._controller().calibrating = self.run
+        self.accelerator._controller().calibrating = self.run
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        self.accelerator.calibrating = self.accelerator._controller().calibrating = None
+        self.accelerator._controller().calibrating = None
         if kind is None:
             self.calibration = self.run.finish()
             self.accelerator.use_calibration(self.calibration)

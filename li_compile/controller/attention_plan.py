@@ -175,7 +175,8 @@ def write_tile_chunk_plan(
         if stats.density > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
             slot.clear()
             continue
-        span = chunk_key_span(sequence, s.block_k) if sparsity.flash_span and _span_seen_by_every_row(sequence, ours) else (0, 0)
+        split = sparsity.flash_span and _span_seen_by_every_row(sequence, ours)
+        span = chunk_key_span(sequence, s.block_k) if split else (0, 0)
         slot.set_layout(split_layout(layout, span), dense_span=span,
                         tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
     planned = round(sum(densities) / len(densities), 4)

@@ -284,23 +284,22 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
 
         step_hook = prefix_hook(setup.world, prefix, seed)
     mask_full = full_context_masked(setup.world)
-    calibration, start = None, time.perf_counter()
+    calibration, calibration_s = None, 0.0
     if calibrate is not None:
         if driver.accelerator is None:
             raise ValueError("calibrate applies to a light_interaction setup, not the dense baseline")
+        start = time.perf_counter()
         with driver.accelerator.calibrate(calibrate) as scope:
             generate(setup.world, trajectory, None, calibrate_chunks, accelerator=driver.accelerator,
                      step_hook=step_hook, seed=seed, decode=False, mask_full=mask_full)
-        calibration = scope.calibration
+        calibration, calibration_s = scope.calibration, time.perf_counter() - start
         driver.accelerator.reset()  # the timed run starts with an empty cache, as the uncalibrated one
-    calibration_s = time.perf_counter() - start
     compiled_before, tuned_before = counters["frames"]["ok"], launched_shapes()
     gen = generate(setup.world, trajectory, driver.policy, chunks, accelerator=driver.accelerator,
                    step_hook=step_hook, seed=seed, progress=True, mask_full=mask_full)
     recompiles = counters["frames"]["ok"] - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
-    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s, calibration,
-               calibration_s if calibrate is not None else 0.0)
+    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s, calibration, calibration_s)
 
 
 # --- report ------------------------------------------------------------------------------------
