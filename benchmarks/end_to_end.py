@@ -29,6 +29,9 @@ cached; ``full`` re-runs its context every step, HY's bidirectional form); the r
 two chunks before each light_interaction run (untimed; the runs are named ``<run>_cal`` and their
 JSON keeps the calibration's table).
 
+Both runs compile regionally by default (each repeated block once, ``li_compile.regions``; the dense
+run through ``regional_inductor``); ``--whole`` compiles the unrolled model in both.
+
 ``--depth`` keeps the preset's width, heads, tokens per frame and context, and cuts the number of
 DiT blocks (every block costs the same, so time per chunk scales with depth and the speedup does
 not depend on it); use it to fit a long trajectory into a short GPU session.
@@ -85,6 +88,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
                         help="calibrate the tile plans to keep TARGET of the attention mass (li_compile.calibrate) on "
                              "the trajectory's first chunks before each light_interaction run; runs are named <run>_cal")
+    parser.add_argument("--whole", action="store_true",
+                        help="compile the unrolled model in both runs (default: each repeated block once, li_compile.regions)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))
@@ -138,7 +143,8 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "commit": _commit(),
-        "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames, "runs": {},
+        "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames,
+        "regional": not args.whole, "runs": {},
     }
     print(f"{record['world']} depth {spec.depth}: {args.chunks} chunks, {spec.tokens_per_frame} tokens/frame, "
           f"context {spec.context_frames} frames, trajectory {name}", flush=True)
@@ -146,7 +152,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
     torch._dynamo.reset()
     _peak_reset(args.device)
     start = time.perf_counter()
-    dense = timed_run(dense_setup(world), trajectory, args.chunks, args.seed, prefix)
+    dense = timed_run(dense_setup(world, regional=not args.whole), trajectory, args.chunks, args.seed, prefix)
     record["dense"] = {"time_s": sum(dense.generation.chunk_times), "peak_gb": _peak_gb(args.device),
                        "wall_s": time.perf_counter() - start, "warmup_s": dense.warmup_s,
                        "recompiles_after_warmup": dense.recompiles}
@@ -158,7 +164,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         torch._dynamo.reset()  # every ablation compiles afresh (and stays under Dynamo's recompile limit)
         _peak_reset(args.device)
         start = time.perf_counter()
-        light = timed_run(light_interaction_setup(world, ABLATIONS[ablation]), trajectory, args.chunks, args.seed,
+        light = timed_run(light_interaction_setup(world, {**ABLATIONS[ablation], "regional": not args.whole}), trajectory, args.chunks, args.seed,
                           prefix, calibrate=args.calibrate)
         rows = chunk_rows(dense, light)
         summary = summarize(rows, dense, light, truth)
@@ -197,7 +203,7 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
         "world": record["world"], "preset": record["preset"], "depth": record["depth"], "trajectory": record["trajectory"],
         "run": run, **{k: result[k] for k in SUMMARY_FIELDS},
         "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
-        "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"],
+        "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"], "regional": record["regional"],
         "device": record["device"], "torch": record["torch"], "commit": record["commit"],
     }
     rows = json.loads(path.read_text()) if path.exists() else []

@@ -20,6 +20,8 @@ from li_compile.inner import INNER
 from li_compile.options import Options
 from li_compile.passes.pipeline import PassContext, run_passes
 from li_compile.passes.sampler import compile_with_cache
+from li_compile.regions import Regions, compile_regions
+from li_compile.reporting import Compilation, Site
 
 
 def light_interaction(
@@ -44,5 +46,28 @@ def light_interaction(
     rewritten = run_passes(gm, ctx)
     # The inner compiler, behind the denoising cache's host runner if the sampler pass found a sampler;
     # each call runs for the model that makes it (Dynamo shares graphs between instances of a class).
-    compiled = compile_with_cache(rewritten, example_inputs, INNER[opts.inner], mode, compilation)
+    compiled = compile_with_cache(rewritten, example_inputs, _inner(opts, mode, compilation), mode, compilation)
     return RoutedGraph(compiled, opts, acc, compilation)
+
+
+def _inner(opts: Options, mode: str | None, compilation: Compilation) -> Callable:
+    """The inner compiler of ``opts``, regional (``li_compile.regions``) unless ``regional=False`` or
+    ``mode`` captures CUDA graphs (each captured graph holds its own weights' addresses)."""
+    inner = INNER[opts.inner]
+    if not opts.regional:
+        return inner
+    if mode and mode != "default" and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
+        _record_regions(compilation, Regions(0, 1, f"mode {mode!r} captures CUDA graphs: compiled whole"))
+        return inner
+    return compile_regions(inner, lambda regions: _record_regions(compilation, regions))
+
+
+def _record_regions(compilation: Compilation, regions: Regions) -> None:
+    """A "regions" site in the report: how a graph was cut, or why it compiles whole (once per text)."""
+    if regions.reason is None:
+        site = Site("regions", "rewritten", reason=f"{regions.blocks} repeated blocks cut into {regions.regions} "
+                    "regions; identical regions compile once")
+    else:
+        site = Site("regions", "skipped", reason=f"compiled whole: {regions.reason}")
+    if site not in compilation.sites:
+        compilation.sites.append(site)

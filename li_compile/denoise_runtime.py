@@ -10,7 +10,7 @@ classifier-free guidance as separate calls, are kept apart). On the first early 
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. A hit also needs the same cache
 key: the weights generation and conditioning digest (``li_compile.cache_key``), the sigma
-schedule, and the latent's shape, dtype and device. A non-finite output is never stored. Outside ``begin_chunk`` /
+schedule, and the latent's shape, dtype and device. A non-finite output is never kept (checked on the device, read once at ``end_chunk``: no sync per step). Outside ``begin_chunk`` /
 ``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
 the model always runs. All of this happens on the host, between
 calls of compiled graphs, so hits and misses never change anything Dynamo guards on.
@@ -84,7 +84,7 @@ class _Chunk:
     start: tuple[int, int, int, int]  # cache hits, misses, evictions, near misses at begin_chunk
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
     opened: dict[Stamp, Entry] = field(default_factory=dict)
-    poisoned: set[Stamp] = field(default_factory=set)  # a non-finite output seen: store nothing more
+    finite: dict[Stamp, list[torch.Tensor]] = field(default_factory=dict)  # per stored output, on its device
     measured: dict[int, float] = field(default_factory=dict)  # reuse_steps="auto": step -> served vs fresh dB
     calls: dict[Hashable, int] = field(default_factory=dict)
     step: int | None = None  # told by the loop (set_step), else counted per runner
@@ -128,6 +128,9 @@ class DenoiseRuntime:
         if self._chunk is None:
             raise ValueError("end_chunk() without begin_chunk(): no chunk is open")
         c, s = self._chunk, self.cache.stats
+        for stamp, flags in c.finite.items():  # never keep what a bad input produced (one sync per chunk)
+            if not bool(torch.stack(flags).all()):
+                self.cache.discard(c.opened.pop(stamp))
         hit = [e.chunk for e in c.matches.values() if e is not None]
         calibrating = self.auto is not None and self.auto.chosen is None and bool(c.measured)
         if calibrating:
@@ -238,14 +241,10 @@ class DenoiseRuntime:
         c.computed += 1
         if entry is None:
             stored = out if sigma is None else (latents - sigma * out).to(out.dtype)
-            if not bool(torch.isfinite(stored).all()):  # never keep what a bad input produced
-                c.poisoned.add(stamp)
-                if stamp in c.opened:
-                    self.cache.discard(c.opened.pop(stamp))
-            if stamp not in c.poisoned:
-                if stamp not in c.opened:
-                    c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)
-                self.cache.store(c.opened[stamp], step, stored, call)
+            if stamp not in c.opened:
+                c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)
+            self.cache.store(c.opened[stamp], step, stored, call)
+            c.finite.setdefault(stamp, []).append(torch.isfinite(stored).all())  # read in end_chunk: no sync here
         return out
 
 

@@ -52,7 +52,8 @@ class SparsityOptions:
     world's full form 41-42 dB against dense and within 0.02 dB of dense against the truth, at plan
     densities 0.27-0.36 instead of 0.85-1.0) or ``"dense"`` (exact).
 
-    ``max_density``: a plan that visits more than this share of its block pairs runs dense instead
+    ``max_density``: a plan whose block-sparse kernel would visit more than this share of the block
+    pairs it runs (those outside the ``flash_span``; all of them without one) runs dense instead
     (flash; the site's own mask keeps the answer exact): on an H200 the block-sparse kernel runs at
     about 0.8 of flash's rate per visited block and the tile-order gathers cost a little more
     (``benchmarks/results/attention.md``). ``flash_span``: run the chunk's own keys through SDPA's
@@ -145,6 +146,7 @@ class Options:
     """Everything the light_interaction backend can be told. Build with ``Options.from_user``."""
 
     inner: str = field(default="inductor", metadata=_choice(INNER_COMPILERS))
+    regional: bool = True  # compile each repeated block once (li_compile.regions), not the unrolled model
     sparsity: SparsityOptions = field(default_factory=SparsityOptions)
     context: ContextOptions = field(default_factory=ContextOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)

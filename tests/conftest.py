@@ -25,3 +25,22 @@ def fresh_dynamo():
 settings.register_profile("quick", settings(deadline=None))
 settings.register_profile("thorough", settings(max_examples=1000, deadline=None))
 settings.load_profile(os.environ.get("LI_HYPOTHESIS_PROFILE", "quick"))
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """Calls of the block-sparse path of ``li::planned_attention``, counted by the key length of the
+    slot they ran (the plans acting: a dense slot never gets here)."""
+    import collections
+
+    from li_compile import planned_attention
+
+    calls = collections.Counter()
+    original = planned_attention._sparse
+
+    def spy(q, k, v, attn_mask, slot, *rest):
+        calls[slot.signature.kv_len] += 1
+        return original(q, k, v, attn_mask, slot, *rest)
+
+    monkeypatch.setattr(planned_attention, "_sparse", spy)
+    return calls

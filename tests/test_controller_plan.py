@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from li_compile.controller.attention_plan import (
-    frame_drop_layout, padded_context_keep, token_keep, visited_share, write_chunk_plan,
+    frame_drop_layout, kernel_density, padded_context_keep, token_keep, visited_share, write_chunk_plan,
 )
 from li_compile.controller.context import ContextController
 from li_compile.options import ContextOptions
@@ -163,3 +163,12 @@ def test_a_split_tile_plan_visits_exactly_what_the_tile_plan_allows(queries, rul
     visited[..., first * 16:end * 16] = True
     assert (first < end) == (queries == "chunk" or rule == "dense")
     assert torch.equal(visited, reference.to_dense_mask())
+
+
+def test_max_density_judges_the_share_the_kernel_runs_outside_the_flash_span():
+    """A chunk-query plan of density 0.7 whose chunk span (0.5 of the keys, run by SDPA) is visited
+    whole leaves the kernel 0.4 of its pairs: sparse under ``max_density`` 0.6; with no span, the
+    plan's own density decides."""
+    assert kernel_density(0.7, (5, 10), 10) == pytest.approx(0.4)
+    assert kernel_density(0.7, (0, 0), 10) == 0.7
+    assert kernel_density(1.0, (0, 10), 10) == 1.0  # the span is every key: the plan is dense

@@ -5,14 +5,12 @@ warm-up and never after (no graph break: fullgraph); pruned frames never reach a
 thresholds that keep everything the controller reproduces dense generation.
 """
 
-import collections
 import dataclasses
 
 import pytest
 import torch
 
 import li_compile
-from li_compile import planned_attention
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.report_tools import light_interaction_setup
 from li_compile.worlds.pipeline import DENSE_MEASURE, ContextSelection, DensePolicy, gather_context, generate, warm_up
@@ -146,19 +144,11 @@ def test_the_report_lists_each_chunks_context_decisions():
 
 
 @pytest.mark.parametrize("name", sorted(WORLDS))
-def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, monkeypatch):
+def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, sparse_calls):
     """The kernel compiles and autotunes per shape on its first sparse call: warm-up must make that
     call at every bucket (a bucket's sites get their plan slots only once it has compiled), or the
     first pruned chunk of each bucket stalls in a timed run."""
     world = _world(name)
-    sparse_calls = collections.Counter()
-    original = planned_attention._sparse
-
-    def spy(q, k, v, attn_mask, slot, *rest):
-        sparse_calls[slot.signature.kv_len] += 1
-        return original(q, k, v, attn_mask, slot, *rest)
-
-    monkeypatch.setattr(planned_attention, "_sparse", spy)
     setup = light_interaction_setup(world, BACKEND_OPTIONS)
     setup.warm_up()
     buckets = li_compile.accelerator(setup.world.model).controller.warm_up_buckets()

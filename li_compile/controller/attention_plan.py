@@ -140,7 +140,7 @@ def tile_shape(block: int) -> tuple[int, int, int]:
     return (1, rows, max(1, block // rows))
 
 
-def _span_seen_by_every_row(sequence: SequenceLayout, params: Sequence[TilePlanParams | None]) -> bool:
+def span_seen_by_every_row(sequence: SequenceLayout, params: Sequence[TilePlanParams | None]) -> bool:
     """Whether every query row's tile plan visits the chunk's own keys, the span SDPA runs for all
     rows (``kernels.split_attention``): chunk queries (KV-cache form), or every token a query with
     dense context rows. Frame-local context rows do not: the span would attend them to the chunk
@@ -171,18 +171,27 @@ def write_tile_chunk_plan(
         layout = slot_buffer(slot)
         ours = tuple(head_params) if head_params is not None and len(head_params) == s.heads else (params,)
         stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, ours)
-        densities.append(stats.density)
-        if stats.density > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
+        split = sparsity.flash_span and span_seen_by_every_row(sequence, ours)
+        span = chunk_key_span(sequence, s.block_k) if split else (0, 0)
+        kernel = kernel_density(stats.density, span, cdiv(s.kv_len, s.block_k))
+        densities.append((stats.density, kernel))
+        if kernel > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
             slot.clear()
             continue
-        split = sparsity.flash_span and _span_seen_by_every_row(sequence, ours)
-        span = chunk_key_span(sequence, s.block_k) if split else (0, 0)
         slot.set_layout(split_layout(layout, span), dense_span=span,
                         tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
-    planned = round(sum(densities) / len(densities), 4)
-    dense = planned > sparsity.max_density
+    planned = round(sum(d for d, _ in densities) / len(densities), 4)
+    dense = sum(k for _, k in densities) / len(densities) > sparsity.max_density
     return {"plan": "dense" if dense else "sparse", "plan_kind": "tiles", "density": 1.0 if dense else planned,
             "plan_density": planned, "slots": [s.id for s in slots], "dropped": stats.dropped}
+
+
+def kernel_density(density: float, span: tuple[int, int], key_blocks: int) -> float:
+    """The share of the block pairs outside the flash ``span`` (key blocks ``[first, end)``, visited by
+    every query block and run by SDPA) that a plan of ``density`` visits: what the block-sparse kernel
+    runs, against what dense attention over the same pairs would (``density`` when there is no span)."""
+    share = (span[1] - span[0]) / key_blocks
+    return density if share >= 1 else max(0.0, (density - share) / (1 - share))
 
 
 def slot_buffer(slot: PlanSlot) -> BlockLayout:

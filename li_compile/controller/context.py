@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from li_compile.controller.attention_plan import (
-    padded_context_keep, tile_shape, visited_share, write_chunk_plan, write_tile_chunk_plan,
+    chunk_key_span, kernel_density, padded_context_keep, span_seen_by_every_row, tile_shape, visited_share,
+    write_chunk_plan, write_tile_chunk_plan,
 )
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
@@ -199,12 +200,15 @@ class ContextController:
                                      self.bounds, self.tile_params, self.sparsity, self.head_params)
 
     def _floor(self, capacity: int) -> float:
-        """The least density a tile plan at ``capacity`` can have with a full context (own chunk,
-        sinks, dense context rows), in the blocks of the options; computed once per capacity."""
+        """The least share of its block pairs the kernel would run (``kernel_density``) in a tile plan
+        at ``capacity`` with a full context (own chunk, sinks, dense context rows), in the blocks of
+        the options; computed once per capacity."""
         if capacity not in self._floors:
-            blocks = (self.sparsity.block_q, self.sparsity.block_k)
-            mandatory = mandatory_blocks(self._tiled_at(capacity), self.tile_params, *blocks)
-            self._floors[capacity] = float(mandatory.float().mean())
+            tiled, block_k = self._tiled_at(capacity), self.sparsity.block_k
+            mandatory = mandatory_blocks(tiled, self.tile_params, self.sparsity.block_q, block_k)
+            split = self.sparsity.flash_span and span_seen_by_every_row(tiled.sequence, (self.tile_params,))
+            span = chunk_key_span(tiled.sequence, block_k) if split else (0, 0)
+            self._floors[capacity] = kernel_density(float(mandatory.float().mean()), span, mandatory.shape[-1])
         return self._floors[capacity]
 
     def _tiled_at(self, capacity: int) -> TiledSequence:

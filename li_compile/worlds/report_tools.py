@@ -29,6 +29,7 @@ import li_compile
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import launched_shapes
+from li_compile.regions import REGION_COUNTER, regional_inductor
 from li_compile.reporting import ChunkStats
 from li_compile.controller.selection import ContextSelection
 from li_compile.options import Options
@@ -172,10 +173,13 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
     return {"memory_kept": len(selection.memory), "memory_pruned": 0, "density": 1.0, "cache_hits": 0}
 
 
-def dense_setup(world: World) -> Setup:
-    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``."""
+def dense_setup(world: World, regional: bool = True) -> Setup:
+    """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``; ``regional``:
+    each repeated block compiled once (``li_compile.regions.regional_inductor``), as the
+    light_interaction run compiles by default."""
     spec = world.spec
-    compiled = world.compile(partial(torch.compile, dynamic=False))
+    backend = regional_inductor if regional else "inductor"
+    compiled = world.compile(partial(torch.compile, backend=backend, dynamic=False))
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
         return Driver(DensePolicy(spec.window, spec.memory), None, dense_stats)
@@ -266,8 +270,8 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
               prefix: torch.Tensor | None = None, calibrate: float | None = None,
               calibrate_chunks: int = CALIBRATION_CHUNKS) -> Run:
     """Warm up (model calls at every context capacity: compiles), then generate ``chunks`` chunks
-    (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo compiled while
-    they ran (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
+    (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo and the regions
+    ``li_compile.regions`` compiled while they ran (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
     chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
     ``fidelity.prefix_hook``). ``calibrate``: a kept-mass target; before the timed run, the first
     ``calibrate_chunks`` chunks of the trajectory calibrate the tile plans (``li_compile.calibrate``;
@@ -294,12 +298,17 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
                      step_hook=step_hook, seed=seed, decode=False, mask_full=mask_full)
         calibration, calibration_s = scope.calibration, time.perf_counter() - start
         driver.accelerator.reset()  # the timed run starts with an empty cache, as the uncalibrated one
-    compiled_before, tuned_before = counters["frames"]["ok"], launched_shapes()
+    compiled_before, tuned_before = _compiles(), launched_shapes()
     gen = generate(setup.world, trajectory, driver.policy, chunks, accelerator=driver.accelerator,
                    step_hook=step_hook, seed=seed, progress=True, mask_full=mask_full)
-    recompiles = counters["frames"]["ok"] - compiled_before
+    recompiles = _compiles() - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
     return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s, calibration, calibration_s)
+
+
+def _compiles() -> int:
+    """Compilations so far in this process: Dynamo frames, and regions compiled (``li_compile.regions``)."""
+    return counters["frames"]["ok"] + counters[REGION_COUNTER]["compiled"]
 
 
 # --- report ------------------------------------------------------------------------------------
