@@ -10,6 +10,8 @@ every component on and with one component at a time:
     sparse    block-sparse attention only (plans from the controller, context kept whole)
     all_topk  all, plus top-k block selection at density 0.5 (``sparsity.density``; opt-in, run it
               with ``--ablations all,all_topk``)
+    all_blend all, with revisited frames served the score-weighted blend of every matching past
+              frame (``cache.serve="blend"``) instead of the best match (opt-in)
 
 and writes a JSON per world (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM
 against the dense run, recompilations after warm-up) with a bar plot, and one row per (world, preset,
@@ -68,6 +70,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "cache": {"context": {"enabled": False}, "sparsity": {"enabled": False}},
     "sparse": {"context": {"enabled": False}, "cache": {"enabled": False}},
     "all_topk": {"sparsity": {"density": 0.5}},  # opt-in: top-k blocks within every plan
+    "all_blend": {"cache": {"serve": "blend"}},  # opt-in: revisited frames served the blend of every match
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 

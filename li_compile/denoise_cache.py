@@ -208,19 +208,23 @@ class DenoiseCache:
         measure: str = REVISIT_MEASURE,
         max_distance: float = REVISIT_MAX_DISTANCE,
         frame_axis: int | None = None,
+        serve: str = "best",
     ) -> Entry | None:
         """The revisit served to a chunk at ``poses``: among entries with the identical ``stamp`` and
         outputs for steps ``0 .. steps - 1``, per frame the best-matching past frame (``frame_axis``
         given: an ``Entry`` assembled from them, not stored) or the best-matching whole past chunk
         (``chunk_revisit_scores``), each scoring at least ``threshold``; counts a hit or a miss and
-        marks the entries used most recently used. Ties go to the oldest entry."""
+        marks the entries used most recently used. Ties go to the oldest entry. ``serve`` (per frame,
+        ``options.CACHE_SERVE``): ``"best"`` the best match's output, ``"blend"`` the average of every
+        matching past frame's output weighted by its score."""
         current = chunk_poses(poses)
         candidates = [
             e for e in self._entries.values()
             if e.stamp == stamp and all((s, 0) in e.outputs for s in range(steps))
         ]
         if frame_axis is not None:
-            return self._count(self._frame_match(current, candidates, frame_axis, threshold, measure, max_distance))
+            return self._count(self._frame_match(current, candidates, frame_axis, threshold, measure, max_distance,
+                                                 serve))
         candidates = [e for e in candidates if e.poses.shape == current.shape]
         best = None
         if candidates:
@@ -240,9 +244,10 @@ class DenoiseCache:
         return match
 
     def _frame_match(self, current: torch.Tensor, candidates: list[Entry], frame_axis: int, threshold: float,
-                     measure: str, max_distance: float) -> Entry | None:
-        """Every current frame's best past frame (any entry, any order), or None if one scores below
-        ``threshold``: their outputs assembled along ``frame_axis`` into an unstored ``Entry``."""
+                     measure: str, max_distance: float, serve: str) -> Entry | None:
+        """Every current frame's matching past frames (any entry, any order), or None if a frame has
+        none scoring at least ``threshold``: their outputs (the best one, or the score-weighted blend
+        of all) assembled along ``frame_axis`` into an unstored ``Entry``."""
         if not candidates:
             return None
         owners = [(e, g) for e in candidates for g in range(e.poses.shape[0])]
@@ -252,11 +257,17 @@ class DenoiseCache:
         if not bool(matched.all()):
             self.stats.near_misses += int(bool(matched.any()))
             return None
-        sources = [owners[m] for m in best.tolist()]
+        if serve == "best":
+            weights = [[(m, 1.0)] for m in best.tolist()]
+        elif serve == "blend":
+            weights = [[(m, float(w)) for m, w in enumerate(row.tolist()) if w >= threshold] for row in scores]
+        else:
+            raise ValueError(f"serve must be 'best' or 'blend', got {serve!r}")
+        sources = [owners[m] for frame in weights for m, _ in frame]
         keys = set.intersection(*(set(e.outputs) for e, _ in sources))
-        outputs = {key: torch.cat([e.outputs[key].narrow(frame_axis, g, 1) for e, g in sources], frame_axis)
+        outputs = {key: torch.cat([_blend(owners, frame, key, frame_axis) for frame in weights], frame_axis)
                    for key in keys}
-        chunks = [e.chunk for e, _ in sources]
+        chunks = [owners[m][0].chunk for m in best.tolist()]
         for entry in {id(e): e for e, _ in sources}.values():
             self._entries.move_to_end(entry.key)
         return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count))
@@ -269,3 +280,14 @@ class DenoiseCache:
             oldest = next(k for k in self._entries if k != keep)
             del self._entries[oldest]
             self.stats.evictions += 1
+
+
+def _blend(owners: list[tuple[Entry, int]], frame: list[tuple[int, float]], key: tuple[int, int],
+           frame_axis: int) -> torch.Tensor:
+    """One served frame: the outputs at ``key`` of the past frames ``frame`` lists (``(index into
+    owners, weight)``), averaged with those weights (one source: its output, unchanged)."""
+    parts = [owners[m][0].outputs[key].narrow(frame_axis, owners[m][1], 1) for m, _ in frame]
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(w for _, w in frame)
+    return sum(p.float() * (w / total) for p, (_, w) in zip(parts, frame)).to(parts[0].dtype)

@@ -225,7 +225,8 @@ class DenoiseRuntime:
         stamp = Stamp.of(call_key, latents, "raw" if sigma is None else "x0", schedule)
         if stamp not in c.matches:
             c.matches[stamp] = self.cache.lookup(c.poses, stamp, limit, self.options.revisit_threshold,
-                                                 frame_axis=frame_axis(latents.shape, c.poses.shape[0]))
+                                                 frame_axis=frame_axis(latents.shape, c.poses.shape[0]),
+                                                 serve=self.options.serve)
         entry = c.matches[stamp]
         if entry is not None and (step, call) in entry.outputs and self.auto is not None and self.auto.chosen is None:
             out = compute()  # calibration: compute, and measure what serving would have given

@@ -22,6 +22,7 @@ SIMILARITY_MEASURES = ("proxy", "frustum")
 WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
 PLANS = ("tiles", "frames")  # what a sparse plan is made of: see SparsityOptions
 CACHE_STORED = ("x0", "raw")  # what the denoising cache keeps: see li_compile.denoise_runtime
+CACHE_SERVE = ("best", "blend")  # what a revisited frame is served: see li_compile.denoise_cache
 
 
 def _choice(values: tuple[str, ...]) -> dict:
@@ -128,7 +129,9 @@ class CacheOptions:
     first ``AUTO_CALIBRATION_HITS`` revisits (``li_compile.denoise_runtime``) compute every step and
     compare each early step's fresh prediction with the one the cache would serve; from then on it
     reuses the most steps whose served predictions all stayed at or above ``reuse_target_db`` (PSNR),
-    and the report says what it chose and why. The last step always computes, whatever the value."""
+    and the report says what it chose and why. The last step always computes, whatever the value.
+    ``serve``: per revisited frame, the best-matching past frame's output (``"best"``) or the
+    score-weighted average of every past frame matching at ``revisit_threshold`` (``"blend"``)."""
 
     enabled: bool = True
     reuse_steps: int | str | None = field(default=None, metadata={**_range(0, None), "optional_int": True})
@@ -136,6 +139,7 @@ class CacheOptions:
     revisit_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0))
     capacity: int = field(default=64, metadata=_range(1, None))
     stored: str = field(default="x0", metadata=_choice(CACHE_STORED))
+    serve: str = field(default="best", metadata=_choice(CACHE_SERVE))
 
     def __post_init__(self) -> None:
         _validate(self, "cache.")

@@ -273,6 +273,20 @@ def test_a_crossing_path_assembles_frames_from_several_past_chunks_and_a_new_pla
     assert stats["cache"] == "miss" and stats["cache_near_misses"] == 0
 
 
+def test_blend_serves_the_score_weighted_average_of_every_matching_past_frame():
+    """Two past visits of the same place (values 10 and 30): ``"best"`` serves the first (oldest on a
+    tie), ``"blend"`` their average; a place seen once is served as it was, in both."""
+    served = {}
+    for serve in ("best", "blend"):
+        runtime = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw", serve=serve))
+        per_frame_chunk(runtime, 0, cameras_at(0.0, 2.0), [10.0, 20.0])
+        per_frame_chunk(runtime, 1, cameras_at(0.0, 4.0), [30.0, 40.0])
+        outs, stats = per_frame_chunk(runtime, 2, cameras_at(0.0, 2.0), [50.0, 60.0])
+        assert stats["cache"] == "hit"
+        served[serve] = outs[0][0, 0, :, 0, 0].tolist()
+    assert served == {"best": [10.0, 20.0], "blend": [20.0, 20.0]}
+
+
 def test_auto_reuse_measures_its_first_revisits_and_then_serves_the_steps_that_stayed_close():
     """``reuse_steps="auto"``: the first two revisits compute every step and compare each early
     step's fresh output with the one the cache holds; step 0 repeats exactly, step 1 differs (about
