@@ -242,6 +242,26 @@ def test_a_capacity_cut_drops_the_lowest_priorities_first():
             assert stats.dropped["recent"] > 0 and not chosen[(prio >= 1) & (prio < RECENT)].any()
 
 
+def test_a_dense_span_counts_as_visited_for_every_head_and_is_left_out_of_the_lists():
+    """One plan for every head (planned once, broadcast); the chunk's key blocks, which SDPA runs
+    (``dense_span``), are in the density but in neither list; the rest is the plan without a span."""
+    tiled = _tiled(context=4, tile=(1, 4, 4))
+    roles, poses = ["memory", "memory", "recent", "recent"], torch.stack([_yaw(0.0)] * 4)
+    span = (tiled.sequence.context_frames * 8, tiled.sequence.kv_len // 16)  # 8 blocks of 16 per frame
+    layouts, stats = [], []
+    for dense_span in ((0, 0), span):
+        layout = empty_tile_plan(tiled, capacity=required_capacity(tiled, block_q=16, block_k=16) + 16, block_q=16,
+                                 block_k=16, heads=3)
+        stats.append(write_tile_plan(layout, tiled, roles, poses, poses[:2], BOUNDS, dense_span=dense_span))
+        layouts.append(layout.block_mask())
+    whole, split = layouts
+    assert stats[0].density == stats[1].density and stats[0].visited == 3 * int(whole[0, 0].sum())
+    assert whole[..., span[0]:span[1]].all() and not split[..., span[0]:span[1]].any()
+    outside = torch.ones(whole.shape[-1], dtype=torch.bool)
+    outside[span[0]:span[1]] = False
+    assert torch.equal(split[..., outside], whole[..., outside]) and torch.equal(whole[:, 0], whole[:, 2])
+
+
 def test_a_buffer_below_the_mandatory_blocks_is_refused_and_bad_params_are_named():
     tiled = _tiled(context=2, tile=(1, 4, 4))
     mandatory = required_capacity(tiled, block_q=16, block_k=16)

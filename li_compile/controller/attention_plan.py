@@ -28,7 +28,6 @@ from typing import Sequence
 
 from li_compile.controller.tile_plan import TilePlanParams, write_tile_plan
 from li_compile.kernels.block_layout import BlockLayout, cdiv
-from li_compile.kernels.split_attention import split_layout
 from li_compile.kernels.tiling import frame_layout
 from li_compile.passes.guards import write_plan
 from li_compile.options import SparsityOptions
@@ -170,15 +169,15 @@ def write_tile_chunk_plan(
         s = slot.signature
         layout = slot_buffer(slot)
         ours = tuple(head_params) if head_params is not None and len(head_params) == s.heads else (params,)
-        stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, ours)
         split = sparsity.flash_span and span_seen_by_every_row(sequence, ours)
         span = chunk_key_span(sequence, s.block_k) if split else (0, 0)
+        stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, ours, span)
         kernel = kernel_density(stats.density, span, cdiv(s.kv_len, s.block_k))
         densities.append((stats.density, kernel))
         if kernel > sparsity.max_density:  # the kernel would lose to flash: dense, the site's mask exact
             slot.clear()
             continue
-        slot.set_layout(split_layout(layout, span), dense_span=span,
+        slot.set_layout(layout, dense_span=span,
                         tiling=(tiled.query_perm, tiled.key_perm, tiled.query_inverse))
     planned = round(sum(d for d, _ in densities) / len(densities), 4)
     dense = sum(k for _, k in densities) / len(densities) > sparsity.max_density

@@ -363,15 +363,18 @@ def empty_tile_plan(
     )
 
 
-def write_priorities_(layout: BlockLayout, priorities: torch.Tensor, keep: torch.Tensor) -> PlanStats:
+def write_priorities_(layout: BlockLayout, priorities: torch.Tensor, keep: torch.Tensor,
+                      dense_span: tuple[int, int] = (0, 0)) -> PlanStats:
     """Fill ``layout`` (from ``empty_tile_plan``) in place from block priorities.
 
     ``priorities: (Q, K)`` or ``(B|1, H|1, Q, K)`` (broadcast to the layout's batch and heads; e.g.
     calibrated per-head plans), -inf = never; ``keep: (kv_len,)`` bool, False on padding keys. Per
     query block, the ``capacity`` highest-priority candidates are visited (ties: lower key block
     first): blocks with a padding key go to the partial list (under ``key_keep``), the rest to the
-    full list. Raises ``ValueError`` when the mandatory blocks (priority >= ``SINK``) exceed the
-    capacity: that is a buffer made too small, never a per-chunk event."""
+    full list. Key blocks ``[first, end)`` of ``dense_span``, which every query block must visit
+    (SDPA runs them: ``kernels.split_attention``), count as visited and are left out of both lists.
+    Raises ``ValueError`` when the mandatory blocks (priority >= ``SINK``) exceed the capacity: that
+    is a buffer made too small, never a per-chunk event."""
     if layout.full_kv_num_blocks is None or layout.key_keep is None:
         raise ValueError("layout must have full lists and a key_keep buffer: make it with empty_tile_plan")
     lead = tuple(layout.kv_num_blocks.shape[:2])
@@ -381,9 +384,12 @@ def write_priorities_(layout: BlockLayout, priorities: torch.Tensor, keep: torch
     if priorities.dim() != 4 or tuple(priorities.shape[2:]) != grid:
         raise ValueError(f"priorities must be (Q, K) = {grid} or (B|1, H|1, Q, K), got {tuple(priorities.shape)}")
     try:
-        prio = priorities.detach().cpu().float().expand(*lead, *grid)
+        torch.broadcast_shapes(tuple(priorities.shape), (*lead, *grid))
     except RuntimeError:
         raise ValueError(f"priorities lead dims {tuple(priorities.shape[:2])} do not broadcast to the layout's {lead}") from None
+    # planned once per distinct (batch, head) of ``priorities``; broadcast when written
+    prio = priorities.detach().cpu().float()
+    copies = math.prod(lead) // math.prod(prio.shape[:2])
     if keep.shape != (layout.kv_len,) or keep.dtype != torch.bool:
         raise ValueError(f"keep must be bool ({layout.kv_len},), got {keep.dtype} {tuple(keep.shape)}")
     capacity = layout.capacity
@@ -399,18 +405,20 @@ def write_priorities_(layout: BlockLayout, priorities: torch.Tensor, keep: torch
     chosen = candidates & (rank < capacity)
     padded = torch.cat([keep.cpu(), keep.new_ones(layout.kv_blocks * layout.block_k - layout.kv_len)])
     masked = ~padded.view(layout.kv_blocks, layout.block_k).all(-1)  # (K,): blocks holding a padding key
-    for (counts, indices), mask in zip(layout._lists(), (chosen & masked, chosen & ~masked)):
+    listed = chosen.clone()
+    listed[..., dense_span[0]:dense_span[1]] = False
+    for (counts, indices), mask in zip(layout._lists(), (listed & masked, listed & ~masked)):
         new_counts, new_indices = to_bcsr(mask, capacity)
-        counts.copy_(new_counts)
-        indices.copy_(new_indices)
+        counts.copy_(new_counts.expand_as(counts))
+        indices.copy_(new_indices.expand_as(indices))
     layout.key_keep.copy_(keep[None])
     dropped = candidates & ~chosen
     return PlanStats(
         density=chosen.float().mean().item(),
-        visited=int(chosen.sum()),
+        visited=int(chosen.sum()) * copies,
         dropped={
-            "recent": int((dropped & (prio >= RECENT) & (prio < SINK)).sum()),
-            "memory": int((dropped & (prio < RECENT)).sum()),
+            "recent": int((dropped & (prio >= RECENT) & (prio < SINK)).sum()) * copies,
+            "memory": int((dropped & (prio < RECENT)).sum()) * copies,
         },
     )
 
@@ -423,13 +431,14 @@ def write_tile_plan(
     chunk_poses: torch.Tensor,
     bounds: torch.Tensor,
     params: TilePlanParams | Sequence[TilePlanParams | None] = TilePlanParams(),
+    dense_span: tuple[int, int] = (0, 0),
 ) -> PlanStats:
     """The once-per-chunk call: the tile plan of this chunk's cameras, written into ``layout`` in place.
 
     ``layout``: a buffer from ``empty_tile_plan(tiled, ...)`` (its tensors keep their identity and
     shapes); ``params``: one for every head, or one per head (``len`` = the layout's heads; None =
-    that head visits every block: a calibrated global head); the other arguments as in
-    ``tile_priorities``. The plan is in tile order: the site must run q, k, v permuted by ``tiled``
+    that head visits every block: a calibrated global head); ``dense_span``: key blocks left out of
+    the lists for SDPA (``write_priorities_``); the other arguments as in ``tile_priorities``. The plan is in tile order: the site must run q, k, v permuted by ``tiled``
     (``TiledSequence.permute_queries`` / ``permute_keys``)."""
     if (layout.q_len, layout.kv_len) != (tiled.sequence.q_len, tiled.sequence.kv_len):
         raise ValueError(
@@ -447,7 +456,7 @@ def write_tile_plan(
             blocks[p] = torch.full(grid, OWN) if p is None else block_priorities(
                 tiled, tile_priorities(tiled, roles, context_poses, chunk_poses, bounds, p), layout.block_q, layout.block_k)
     prio = torch.stack([blocks[p] for p in per_head])[None]  # (1, heads | 1, Q, K)
-    return write_priorities_(layout, prio, key_keep(tiled, roles))
+    return write_priorities_(layout, prio, key_keep(tiled, roles), dense_span)
 
 
 def tile_plan(
