@@ -7,9 +7,11 @@
         ...                                           # chunk.context(...), chunk.valid, chunk.step(i)
     with li_compile.calibrate(compiled, target=0.99) as run:   # optional: a few chunks measured dense,
         ...                                           # then one tile plan per head (run.calibration)
+    li_compile.audit(compiled, *example_inputs)       # optional: attention calls that ran outside its graphs
     print(li_compile.report(compiled))
 """
 
+from li_compile.audit import Audit, audit
 from li_compile.accelerator import Accelerator, CalibrationScope, ChunkScope, accelerator, calibrate
 from li_compile.controller.calibration import Calibration
 from li_compile.controller.selection import ContextSelection
@@ -17,7 +19,7 @@ from li_compile.options import CacheOptions, ContextOptions, Options, SparsityOp
 from li_compile.reporting import Report, Site, report
 
 __all__ = [
-    "Accelerator", "CacheOptions", "Calibration", "CalibrationScope", "ChunkScope", "ContextOptions", "ContextSelection",
-    "Options", "Report", "Site", "SparsityOptions", "accelerator", "calibrate", "report",
+    "Accelerator", "Audit", "CacheOptions", "Calibration", "CalibrationScope", "ChunkScope", "ContextOptions", "ContextSelection",
+    "Options", "Report", "Site", "SparsityOptions", "accelerator", "audit", "calibrate", "report",
 ]
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
+from li_compile.audit import Audit
 from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest
 from li_compile.calibrating import DEFAULT_ROWS, CalibrationRun
 from li_compile.controller.buckets import CAPACITY_FRACTIONS
@@ -63,6 +64,7 @@ class Accelerator:
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
         self.calibration: Calibration | None = None  # the per-head plans in effect
+        self.audit: Audit | None = None  # the latest li_compile.audit of this model
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -193,7 +195,8 @@ class Accelerator:
             merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
         compilations = [self._with_plan_reach(c) for c in self.compilations]
         return Report(self.name, compilations, [merged[c] for c in sorted(merged)],
-                      None if self.calibration is None else self.calibration.table())
+                      None if self.calibration is None else self.calibration.table(),
+                      None if self.audit is None else str(self.audit))
 
     def _with_plan_reach(self, compilation: Compilation) -> Compilation:
         """``compilation`` with a reason on every rewritten attention site whose sequence is not the

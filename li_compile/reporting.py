@@ -61,6 +61,7 @@ class Report:
     compilations: list[Compilation]
     chunks: list[ChunkStats] = field(default_factory=list)
     calibration: str | None = None  # the calibrated plans' recall per layer (``Calibration.table``)
+    audit: str | None = None  # which attention calls ran outside the backend's graphs (``li_compile.audit``)
 
     @property
     def sites(self) -> list[Site]:
@@ -80,6 +81,8 @@ class Report:
                 lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
         if self.calibration is not None:
             lines += ["  calibrated tile plans:", *("    " + line for line in self.calibration.splitlines())]
+        if self.audit is not None:
+            lines += ["  " + line for line in self.audit.splitlines()]
         for stats in self.chunks:
             values = ", ".join(f"{k}={v}" for k, v in stats.values.items())
             lines.append(f"  chunk {stats.chunk}: {values}")
