@@ -240,11 +240,12 @@ class ContextController:
         return poses, chunk_poses
 
     def _window(self, latents: torch.Tensor) -> tuple[int, float | None]:
-        """Window length from the dynamics of the last ``window_max`` frames (``window_max`` itself
-        while fewer than two frames exist or the controller is off)."""
+        """Window length from the dynamics of the last ``window_max`` frames (``window_max`` itself,
+        with no dynamics measured, while fewer than two frames exist, under the ``"fixed"`` rule or
+        with the controller off)."""
         opts = self.options
         recent = latents[-opts.window_max :]
-        if not opts.enabled or recent.shape[0] < 2:
+        if not opts.enabled or opts.window_rule == "fixed" or recent.shape[0] < 2:
             return opts.window_max, None
         dynamics = latent_dynamics(recent)
         window = window_size(dynamics, opts.window_rule, opts.window_min, opts.window_max)
