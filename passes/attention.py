@@ -4,7 +4,7 @@ Each ``F.scaled_dot_product_attention`` call and each softmax is examined (``att
 a site proven to be exactly attention is replaced by ``torch.ops.li.planned_attention`` reading the
 plan slot of its signature (``li_compile.plan``: dense until the controller sets a layout), and
 recorded in the report as "rewritten". Everything else stays as written, recorded as "skipped"
-with the reason: softmaxes that are not attention, cross-attention (keys projected from text or
+with the reason (``flex_attention`` calls included, not rewritten yet): softmaxes that are not attention, cross-attention (keys projected from text or
 action tokens: left dense on purpose, the controller prunes the video context), sites needing
 gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size).
 
@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # pipeline imports this module to register the pass
 KIND = "attention"
 
 SPARSITY_OFF = "attention (sparsity.enabled is False: left to the inner compiler)"
+FLEX_NOT_REWRITTEN = ("flex_attention: its BlockMask and score_mod are not intersected with the plan yet; runs as "
+                      "written (its own block mask), never planned")
 
 
 def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
@@ -47,6 +49,9 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
     erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node in erased:
+            continue
+        if _is_flex_attention(node):
+            ctx.compilation.sites.append(Site(KIND, "skipped", reason=FLEX_NOT_REWRITTEN, location=location(node)))
             continue
         readings = read(node)
         if any(isinstance(r, Sdpa) for r in readings):
@@ -77,6 +82,12 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
         rewrite_site(gm, match, slot, ctx.options.sparsity.density)
         erased.update(match.nodes)
         ctx.compilation.sites.append(Site(KIND, "rewritten", location=where, detail=detail))
+
+
+def _is_flex_attention(node: fx.Node) -> bool:
+    """Whether ``node`` calls FlexAttention (the higher-order op Dynamo traces ``flex_attention`` to)."""
+    return node.op == "call_function" and getattr(node.target, "__name__", None) == "flex_attention" and isinstance(
+        node.target, torch._ops.HigherOrderOperator)
 
 
 def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: object) -> None:
