@@ -311,3 +311,29 @@ def test_auto_reuse_measures_its_first_revisits_and_then_serves_the_steps_that_s
     assert stats["reuse_auto"]["worst_db"][1] < 30.0
     served = chunk(3)
     assert served["cache"] == "hit" and served["steps_reused"] == 1 and served["steps_computed"] == 3
+
+
+@pytest.mark.parametrize("target_db, chosen", [(0.0, 3), (30.0, 1), (100.5, 0)])
+def test_auto_reuse_serves_fewer_steps_as_the_target_rises(target_db, chosen):
+    """Step 0 repeats exactly (100 dB, the cap), step 1 drifts (about 6-10 dB), step 2 a little less:
+    a target of 0 dB serves every early step, 30 dB only step 0, above the cap none."""
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps="auto", stored="raw", reuse_target_db=target_db))
+    for index in range(3):
+        runtime.begin_chunk(index, chunk_cameras(0.0), [1.0, 0.75, 0.5, 0.25, 0.0])
+        for step in range(4):
+            value = 1.0 + step + (0.5 * index if step in (1, 2) else 0.0)
+            with torch.no_grad():
+                runtime.step("model", KEY, LATENT, lambda v=value: torch.full(LATENT.shape, v))
+        stats = runtime.end_chunk().values
+    assert stats["reuse_auto"]["chosen"] == chosen
+
+
+def test_a_path_that_never_comes_back_never_hits():
+    """The explore trajectory's chunks, frame by frame: every chunk is new ground."""
+    from li_compile.worlds import trajectories
+
+    poses = trajectories.make("explore", 32).poses.float()
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw"))
+    for chunk in range(16):
+        _, stats = per_frame_chunk(runtime, chunk, poses[2 * chunk:2 * chunk + 2], [float(chunk), float(chunk)])
+        assert stats["cache"] == "miss"
