@@ -1,8 +1,9 @@
 """What a camera tile plan costs on the host and how dense it comes out, at the full presets' shapes.
 
 For each world's ``full`` preset (full context, no padding), along one trajectory, it builds the
-chunk's tile plan (``controller.attention_plan.write_tile_chunk_plan``) for a few chunks and prints
-the time per plan and the plan density (visited block pairs), for ``recent_radius`` 1 (default) and 0.
+chunk's tile plan (``controller.attention_plan.write_tile_chunk_plan``, the default context rule)
+for a few chunks, written into a plan slot of the preset's heads, and prints the time per plan and
+the plan density (visited block pairs), for ``recent_radius`` 1 (default) and 0.
 
     python benchmarks/tile_plan_cost.py [--trajectory random_walk_with_returns] [--chunks 4]
 """
@@ -36,7 +37,7 @@ def main() -> None:
         sequence = SequenceLayout(context, spec.chunk_frames, grid_h, grid_w, queries=queries)
         tiled = TiledSequence(sequence, tile_shape(128))  # made once per capacity, as the controller does
         plan = Plan()
-        plan.slot_for(SlotSignature(1, 1, sequence.q_len, sequence.kv_len, "cpu", 128, 128))
+        plan.slot_for(SlotSignature(1, spec.heads, sequence.q_len, sequence.kv_len, "cpu", 128, 128))
         frames = context + args.chunks * spec.chunk_frames
         trajectory = trajectories.make(args.trajectory, frames, chunk_frames=spec.chunk_frames)
         roles = ["memory"] * spec.memory + ["recent"] * (context - spec.memory)
@@ -48,7 +49,8 @@ def main() -> None:
                 start = time.perf_counter()
                 stats = write_tile_chunk_plan(
                     plan, tiled, roles, trajectory.poses[first - context:first],
-                    trajectory.poses[first:first + spec.chunk_frames], bounds, TilePlanParams(recent_radius=radius),
+                    trajectory.poses[first:first + spec.chunk_frames], bounds,
+                    TilePlanParams(recent_radius=radius, context_queries=SparsityOptions().context_queries),
                     SparsityOptions(max_density=1.0),
                 )
                 times.append(time.perf_counter() - start)
