@@ -99,12 +99,11 @@ def flex_block_mask(layout: BlockLayout, heads: int):
     def expand(t):
         return None if t is None else t.expand(1, heads, *t.shape[2:]).contiguous()
 
-    mask_mod = None
-    if layout.key_keep is not None:
-        keep = layout.key_keep[0]
+    def keep_mask(b, h, q_idx, kv_idx):
+        return keep[kv_idx]
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return keep[kv_idx]
+    keep = None if layout.key_keep is None else layout.key_keep[0]
+    mask_mod = None if keep is None else keep_mask
 
     return BlockMask.from_kv_blocks(
         expand(layout.kv_num_blocks), expand(layout.kv_indices),

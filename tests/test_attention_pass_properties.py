@@ -5,7 +5,6 @@ correct."""
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
