@@ -10,8 +10,9 @@ inputs have the same shapes, strides, dtypes and devices share ONE compiled func
 such region compiles it on its first call (real inputs), the others reuse it. The rewrites of the
 passes are already in the graph, so the plans and the denoising cache act in every block as before.
 
-Inductor loses only its fusion across block boundaries. A graph with fewer than two indexed blocks,
-or whose regions cannot be cut, compiles whole (``compile_regions`` says which and why).
+Inductor loses only its fusion across block boundaries. A graph with fewer than ``MIN_BLOCKS``
+indexed blocks compiles whole (cutting it would compile more pieces than it shares), as does one
+whose regions cannot be cut (``compile_regions`` says why).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 InnerCompiler = Callable[[fx.GraphModule, Sequence[Any], Any], Callable]
 _INDEXED = re.compile(r"(?:\.\d+|\[\d+\])$")  # "blocks.3" or "blocks[3]": an entry of a module list
+MIN_BLOCKS = 4  # fewer repeated blocks compile whole: 3 regions (before, one block, after) cost more than 1-2 blocks
 REGION_COUNTER = "li_compile.regions"  # torch's compile counters: [REGION_COUNTER]["compiled"] regions compiled
 
 
@@ -73,12 +75,12 @@ def compile_regions(inner: InnerCompiler, record: Callable[[Regions], None] = la
                     ) -> InnerCompiler:
     """``inner`` made regional: ``compile(gm, example_inputs, mode)`` cuts ``gm`` at its repeated
     blocks and returns a callable that runs the regions in order, each distinct region compiled by
-    ``inner`` once (on its first call). ``record`` is told how each graph with two or more blocks was
-    cut, or why it was not."""
+    ``inner`` once (on its first call). ``record`` is told how each graph with ``MIN_BLOCKS`` or more
+    blocks was cut, or why it was not."""
 
     def compile(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: Any) -> Callable:
         numbers, blocks = region_numbers(gm)
-        if blocks < 2:  # nothing repeats: nothing to say
+        if blocks < MIN_BLOCKS:  # too few to share: the regions' own compiles would cost more
             return inner(gm, example_inputs, mode)
         reason = None
         if any(_symbolic(x) for x in example_inputs):

@@ -15,7 +15,8 @@ from torch import nn
 
 import li_compile
 from li_compile import inner
-from li_compile.regions import inputs_key
+from li_compile import regions
+from li_compile.regions import MIN_BLOCKS, inputs_key
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import configure_for
@@ -67,7 +68,7 @@ def _compiled(model, **options):
     return torch.compile(model, backend="light_interaction", options={"inner": "eager", **options}, fullgraph=True)
 
 
-@pytest.mark.parametrize("depth", [2, 6])
+@pytest.mark.parametrize("depth", [4, 7])
 def test_identical_blocks_compile_once_however_deep_the_model(compiles, depth):
     torch.manual_seed(0)
     model, x = Stack(depth), torch.randn(2, 8, 16)
@@ -75,6 +76,12 @@ def test_identical_blocks_compile_once_however_deep_the_model(compiles, depth):
     block_graph = max(compiles)
     assert compiles.count(block_graph) == 1  # one block compiled, reused by the others
     assert len(compiles) == 3  # before the blocks, one block, after them
+
+
+def test_a_model_with_fewer_blocks_than_the_threshold_compiles_whole(compiles):
+    model, x = Stack(MIN_BLOCKS - 1), torch.randn(2, 8, 16)
+    torch.testing.assert_close(_compiled(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert len(compiles) == 1
 
 
 def test_regional_false_compiles_the_unrolled_graph(compiles):
@@ -101,11 +108,11 @@ def test_inputs_of_another_layout_never_share_compiled_code():
 
 def test_inductor_compiles_a_regional_stack_to_the_eager_result():
     torch.manual_seed(0)
-    model, x = Stack(3), torch.randn(2, 8, 16)
+    model, x = Stack(4), torch.randn(2, 8, 16)
     compiled = torch.compile(model, backend="light_interaction", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "regions"]
-    assert site.status == "rewritten" and "3 repeated blocks" in site.reason
+    assert site.status == "rewritten" and "4 repeated blocks" in site.reason
 
 
 def _generation(name: str, regional: bool, sparse_calls):
@@ -124,9 +131,11 @@ def _generation(name: str, regional: bool, sparse_calls):
 
 
 @pytest.mark.parametrize("name", sorted(WORLDS))
-def test_a_regional_world_generates_what_the_whole_compiled_one_does(name, sparse_calls):
+def test_a_regional_world_generates_what_the_whole_compiled_one_does(name, sparse_calls, monkeypatch):
     """Same latents, same number of block-sparse kernel calls (the plans act in every block), same
-    cache hits (the cache acts around the cut graph)."""
+    cache hits (the cache acts around the cut graph). The threshold is lowered so that a two-block
+    world (quick to run) is cut."""
+    monkeypatch.setattr(regions, "MIN_BLOCKS", 2)
     whole, whole_acc = _generation(name, False, sparse_calls)
     whole_sparse = sum(sparse_calls.values())
     regional, regional_acc = _generation(name, True, sparse_calls)
