@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
+
+log = logging.getLogger(__name__)
+
+# ``inner(gm, example_inputs, mode) -> compiled callable``: every entry of ``INNER``
+InnerCompiler = Callable[[fx.GraphModule, Sequence[Any], "str | None"], Callable]
 
 
 def compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], mode: str | None) -> Callable:
@@ -36,3 +42,17 @@ def compile_tensorrt(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
 
 
 INNER: dict[str, Callable] = {"inductor": compile_inductor, "eager": compile_eager, "tensorrt": compile_tensorrt}
+
+
+def compile_or_as_written(inner: InnerCompiler, piece: fx.GraphModule, args: Sequence[Any], mode: str | None,
+                          what: str) -> Callable:
+    """``inner`` applied to ``piece`` (a piece of a split graph, compiled on its first call, with its
+    real ``args``); if the inner compiler fails, ``piece`` as written, with a warning naming ``what``
+    it is: an uncompilable piece costs speed, never the run."""
+    try:
+        return inner(piece, list(args), mode)
+    except Exception as exc:  # noqa: BLE001 - an uncompilable piece still runs, as written
+        log.warning("light_interaction: inner compiler failed on %s (%s: %s); running it as written",
+                    what, type(exc).__name__, exc)
+        return piece.forward
+

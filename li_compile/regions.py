@@ -27,9 +27,10 @@ from torch import fx
 from torch._dynamo.utils import counters
 from torch.fx.passes.split_module import split_module
 
+from li_compile.inner import InnerCompiler, compile_or_as_written
+
 log = logging.getLogger(__name__)
 
-InnerCompiler = Callable[[fx.GraphModule, Sequence[Any], Any], Callable]
 _INDEXED = re.compile(r"(?:\.\d+|\[\d+\])$")  # "blocks.3" or "blocks[3]": an entry of a module list
 MIN_BLOCKS = 4  # fewer repeated blocks compile whole: 3 regions (before, one block, after) cost more than 1-2 blocks
 REGION_COUNTER = "li_compile.regions"  # torch's compile counters: [REGION_COUNTER]["compiled"] regions compiled
@@ -123,7 +124,7 @@ class _Region(torch.nn.Module):
         key = (self.structure, inputs_key(args))
         compiled = self.shared.get(key)
         if compiled is None:
-            compiled = self.shared[key] = self.inner(self.piece, list(args), self.mode)
+            compiled = self.shared[key] = compile_or_as_written(self.inner, self.piece, args, self.mode, "a region")
             counters[REGION_COUNTER]["compiled"] += 1
         out = compiled(*args)
         return out[0] if self.single else out

@@ -25,7 +25,8 @@ from torch import fx
 
 from li_compile.passes.attention import location
 from li_compile.passes.sampler_match import NotSampler, match_steps, match_transformer
-from li_compile.passes.sampler_runners import ChunkRunner, InnerCompiler, ModelCallRunner
+from li_compile.inner import InnerCompiler
+from li_compile.passes.sampler_runners import ChunkRunner, ModelCallRunner
 from li_compile.reporting import Compilation, Site
 
 if TYPE_CHECKING:

@@ -22,12 +22,12 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
+from li_compile.inner import InnerCompiler, compile_or_as_written
 from li_compile.passes.sampler_match import Step, TransformerSite, is_parameter
 from li_compile.running import running
 
 log = logging.getLogger("li_compile")
 
-InnerCompiler = Callable[[fx.GraphModule, Sequence[torch.Tensor], "str | None"], Callable]
 
 
 _KEY = re.compile(r"\['([^']+)'\]")
@@ -87,12 +87,7 @@ class _LazyCompiled(torch.nn.Module):
 
     def forward(self, *args):
         if self.compiled is None:
-            try:
-                self.compiled = self.inner(self.piece, list(args), self.mode)
-            except Exception as exc:  # noqa: BLE001 - an uncompilable piece still runs, as written
-                log.warning("light_interaction: inner compiler failed on a chunk piece (%s: %s); running it as "
-                            "written", type(exc).__name__, exc)
-                self.compiled = self.piece.forward
+            self.compiled = compile_or_as_written(self.inner, self.piece, args, self.mode, "a chunk piece")
         return self.compiled(*args)
 
 
