@@ -10,8 +10,8 @@ classifier-free guidance as separate calls, are kept apart). On the first early 
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. A hit also needs the same cache
 key: the weights generation and conditioning digest (``li_compile.cache_key``), the sigma
-schedule, and the latent's shape, dtype and device. A non-finite output is never kept (checked on the device, read once at ``end_chunk``: no sync per step). Outside ``begin_chunk`` /
-``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
+schedule, and the latent's shape, dtype and device. A non-finite output is never kept (checked on
+the device, read once at ``end_chunk``: no sync per step). Outside ``begin_chunk`` / ``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
 the model always runs. All of this happens on the host, between
 calls of compiled graphs, so hits and misses never change anything Dynamo guards on.
 

@@ -4,9 +4,10 @@ Each ``F.scaled_dot_product_attention`` call and each softmax is examined (``att
 a site proven to be exactly attention is replaced by ``torch.ops.li.planned_attention`` reading the
 plan slot of its signature (``li_compile.plan``: dense until the controller sets a layout), and
 recorded in the report as "rewritten". Everything else stays as written, recorded as "skipped"
-with the reason (``flex_attention`` calls included, not rewritten yet): softmaxes that are not attention, cross-attention (keys projected from text or
+with the reason: softmaxes that are not attention, cross-attention (keys projected from text or
 action tokens: left dense on purpose, the controller prunes the video context), sites needing
-gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size).
+gradients (the op is inference-only), sites with symbolic shapes (slots are fixed-size) and
+``flex_attention`` calls (not rewritten yet).
 
 Why the torch-level graph (before AOT) and not the aten graph after it:
 - the inner compiler is a choice (Inductor, eager, TensorRT); rewriting the graph Dynamo hands the

@@ -169,8 +169,7 @@ def write_tile_chunk_plan(
         s = slot.signature
         layout = slot_buffer(slot)
         ours = tuple(head_params) if head_params is not None and len(head_params) == s.heads else (params,)
-        split = sparsity.flash_span and span_seen_by_every_row(sequence, ours)
-        span = chunk_key_span(sequence, s.block_k) if split else (0, 0)
+        span = flash_span(sequence, ours, sparsity, s.block_k)
         stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, ours, span)
         kernel = kernel_density(stats.density, span, cdiv(s.kv_len, s.block_k))
         densities.append((stats.density, kernel))
@@ -183,6 +182,16 @@ def write_tile_chunk_plan(
     dense = sum(k for _, k in densities) / len(densities) > sparsity.max_density
     return {"plan": "dense" if dense else "sparse", "plan_kind": "tiles", "density": 1.0 if dense else planned,
             "plan_density": planned, "slots": [s.id for s in slots], "dropped": stats.dropped}
+
+
+def flash_span(sequence: SequenceLayout, params: Sequence[TilePlanParams | None], sparsity: SparsityOptions,
+               block_k: int) -> tuple[int, int]:
+    """The key blocks ``(first, end)`` of ``block_k`` tokens that SDPA runs for every query row of a
+    tile plan with ``params`` (the chunk's own keys, ``chunk_key_span``), or ``(0, 0)``: ``sparsity.flash_span`` off, or some
+    row's plan does not visit them all (``span_seen_by_every_row``)."""
+    if sparsity.flash_span and span_seen_by_every_row(sequence, params):
+        return chunk_key_span(sequence, block_k)
+    return (0, 0)
 
 
 def kernel_density(density: float, span: tuple[int, int], key_blocks: int) -> float:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from li_compile.controller.attention_plan import (
-    chunk_key_span, kernel_density, padded_context_keep, span_seen_by_every_row, tile_shape, visited_share,
-    write_chunk_plan, write_tile_chunk_plan,
+    flash_span, kernel_density, padded_context_keep, tile_shape, visited_share, write_chunk_plan,
+    write_tile_chunk_plan,
 )
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
@@ -204,10 +204,9 @@ class ContextController:
         at ``capacity`` with a full context (own chunk, sinks, dense context rows), in the blocks of
         the options; computed once per capacity."""
         if capacity not in self._floors:
-            tiled, block_k = self._tiled_at(capacity), self.sparsity.block_k
-            mandatory = mandatory_blocks(tiled, self.tile_params, self.sparsity.block_q, block_k)
-            split = self.sparsity.flash_span and span_seen_by_every_row(tiled.sequence, (self.tile_params,))
-            span = chunk_key_span(tiled.sequence, block_k) if split else (0, 0)
+            tiled = self._tiled_at(capacity)
+            mandatory = mandatory_blocks(tiled, self.tile_params, self.sparsity.block_q, self.sparsity.block_k)
+            span = flash_span(tiled.sequence, (self.tile_params,), self.sparsity, self.sparsity.block_k)
             self._floors[capacity] = kernel_density(float(mandatory.float().mean()), span, mandatory.shape[-1])
         return self._floors[capacity]
 

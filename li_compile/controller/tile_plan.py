@@ -438,7 +438,8 @@ def write_tile_plan(
     ``layout``: a buffer from ``empty_tile_plan(tiled, ...)`` (its tensors keep their identity and
     shapes); ``params``: one for every head, or one per head (``len`` = the layout's heads; None =
     that head visits every block: a calibrated global head); ``dense_span``: key blocks left out of
-    the lists for SDPA (``write_priorities_``); the other arguments as in ``tile_priorities``. The plan is in tile order: the site must run q, k, v permuted by ``tiled``
+    the lists for SDPA (``write_priorities_``); the other arguments as in ``tile_priorities``. The
+    plan is in tile order: the site must run q, k, v permuted by ``tiled``
     (``TiledSequence.permute_queries`` / ``permute_keys``)."""
     if (layout.q_len, layout.kv_len) != (tiled.sequence.q_len, tiled.sequence.kv_len):
         raise ValueError(

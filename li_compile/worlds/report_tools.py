@@ -271,8 +271,8 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
               calibrate_chunks: int = CALIBRATION_CHUNKS) -> Run:
     """Warm up (model calls at every context capacity: compiles), then generate ``chunks`` chunks
     (a full context unmasked on CUDA, see ``Setup``) and count the frames Dynamo and the regions
-    ``li_compile.regions`` compiled while they ran (with Dynamo's recompile limit raised to ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents
-    chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
+    ``li_compile.regions`` compiled while they ran (with Dynamo's recompile limit raised to
+    ``GRAPHS_PER_FUNCTION``). ``prefix``: clean latents chunk 0 comes out as (a run compared with ground truth starts from the true first chunk,
     ``fidelity.prefix_hook``). ``calibrate``: a kept-mass target; before the timed run, the first
     ``calibrate_chunks`` chunks of the trajectory calibrate the tile plans (``li_compile.calibrate``;
     untimed, as a user would calibrate once and reload), then the cache and statistics are reset."""
