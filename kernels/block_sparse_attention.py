@@ -53,6 +53,7 @@ def _visit_blocks(
     CONTIGUOUS: tl.constexpr, APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SUBS: tl.constexpr,
     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Online softmax over ``count`` key blocks, each cut into ``SUBS`` tiles of BLOCK_N: the blocks
     listed at ``idx_ptr``, or (``CONTIGUOUS``) the run ``first_block, first_block + 1, ...``.
@@ -60,7 +61,7 @@ def _visit_blocks(
     A listed index outside [0, kv_blocks), or inside the span [skip_lo, skip_hi) that another pass
     covers, is skipped: its loads are masked off (never out of bounds) and its probabilities are zero."""
     NEEDS_MASK: tl.constexpr = (not EVEN_N) or APPLY_KEEP or MASK_KIND != 0 or IS_CAUSAL
-    for j in range(count * SUBS):
+    for j in tl.range(count * SUBS, warp_specialize=WARP_SPECIALIZE):
         # one flat loop over (listed block, sub-tile), so that the compiler pipelines the loads
         sub_start = (j % SUBS) * BLOCK_N
         if CONTIGUOUS:
@@ -94,7 +95,9 @@ def _visit_blocks(
         else:
             k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
             v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # base-2 logits
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if NEEDS_MASK or not FOLD_SCALE:
+            qk = qk * qk_scale  # base-2 logits
         if NEEDS_MASK:
             visible = in_bounds[None, :] & (offs_m[:, None] < Lq)
             if APPLY_KEEP:
@@ -110,13 +113,21 @@ def _visit_blocks(
             qk = tl.where(visible, qk, float("-inf"))
         # a skipped block adds nothing: its row maxima are -inf and its shift +inf (per row, not per element)
         dead = tl.where(live, 0.0, float("inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) - dead)
+        if FOLD_SCALE and not NEEDS_MASK:
+            # unscaled logits: a positive scale commutes with the row max, and the scale and the
+            # shift below fuse into one multiply-add per element (as in Triton's fused attention)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale - dead)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) - dead)
         # a row that has seen no key yet keeps m = -inf: subtract 0 there, so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - (m_safe + dead)[:, None])
+        if FOLD_SCALE and not NEEDS_MASK:
+            p = tl.math.exp2(qk * qk_scale - (m_safe + dead)[:, None])
+        else:
+            p = tl.math.exp2(qk - (m_safe + dead)[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -144,7 +155,8 @@ def _attention_kernel(
     HAS_SEED: tl.constexpr, SPAN_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr = False,
+    SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists,
     plus the dense key-block span [span_lo, span_hi): visited here (``SPAN_PASS``) or already reduced
@@ -205,6 +217,7 @@ def _attention_kernel(
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
             True, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
+            FOLD_SCALE, WARP_SPECIALIZE,
         )
     if HAS_FULL:  # full blocks: no layout mask there
         count = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
@@ -215,6 +228,7 @@ def _attention_kernel(
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
             False, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
+            FOLD_SCALE, WARP_SPECIALIZE,
         )
     count = tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
     acc, m_i, l_i = _visit_blocks(
@@ -224,6 +238,7 @@ def _attention_kernel(
         KEEP + b * stride_keep_b, mask_base, stride_mn,
         offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
         False, HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
+        FOLD_SCALE, WARP_SPECIALIZE,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key has acc = 0: output 0
@@ -243,9 +258,11 @@ _TILE_HEURISTICS = {
     "SUBS": lambda a: max(1, a["block_k"] // a["BLOCK_N"]),
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["block_k"] == 0 and a["block_k"] % a["BLOCK_N"] == 0,
+    "FOLD_SCALE": lambda a: a["qk_scale"] > 0,
 }
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA, each with pointer loads and (Hopper) with
-# TMA descriptor loads; Triton caches the best per shape key. bf16/fp16 at head dim 128 on H100/H200:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) tried on CUDA, each with pointer loads
+# and (Hopper) with TMA descriptor loads, warp-specialized where the fifth entry says so (TMA only);
+# Triton caches the best per shape key. bf16/fp16 at head dim 128 on H100/H200:
 # 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages (128x128 tiles fit 2 stages in
 # bf16). Kept short: every config is compiled and timed once per shape at warm-up.
 CUDA_CONFIGS = [
@@ -337,8 +354,9 @@ def _build_kernels() -> _Kernels:
 
     def autotuned(use_tma: bool):
         configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w, num_stages=s)
-            for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma, "WARP_SPECIALIZE": use_tma and bool(ws)},
+                          num_warps=w, num_stages=s)
+            for m, n, w, s, *ws in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
         ]
         return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(fixed)
 
@@ -414,7 +432,7 @@ def _fixed_launch(block_q: int, block_k: int, interpreting: bool,
         return dict(BLOCK_M=_pow2_divisor(block_q, INTERPRETER_TILE), BLOCK_N=_interpreter_block_n(block_k))
     memory = memory or (lambda m, n, stages: 0)
     candidates = [CAPTURE_CONFIG] + CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
-    m, n, w, s = fitting_configs(candidates, block_q, block_k, memory, limit)[0]
+    m, n, w, s, *_ = fitting_configs(candidates, block_q, block_k, memory, limit)[0]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
 

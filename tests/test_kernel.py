@@ -151,6 +151,18 @@ def test_head_dims_including_padded_and_a_different_value_dim(dim, dim_v):
     torch.testing.assert_close(out.float(), reference(q, k, v, layout, scale=0.2), **TOLERANCE[torch.float16])
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.3])
+def test_any_scale_sign_on_the_unmasked_fast_path(scale):
+    # whole blocks, no keep vector, no site mask: the kernel folds a positive scale into exp2's
+    # multiply-add and must not fold a zero or negative one (the row max would be wrong)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = qkv(1, 2, 2, 32, 64, 16, torch.float32)
+    q = q * 50  # logits spread over hundreds: a wrong row max overflows exp2
+    layout = random_layout(g, 1, 2, 32, 64, 16, 16, with_keep=False)
+    out = sparse_attention(q, k, v, layout, scale=scale)
+    torch.testing.assert_close(out, reference(q, k, v, layout, scale=scale), **TOLERANCE[torch.float32])
+
+
 def test_block_sizes_that_are_not_powers_of_two():
     g = torch.Generator().manual_seed(4)
     q, k, v = qkv(1, 1, 1, 30, 41, 16, torch.float32)
