@@ -31,7 +31,8 @@ def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One markdown line per summary row, in the file's order."""
+    """One markdown line per summary row: by world, the deepest runs first, then trajectory and run."""
+    rows = sorted(rows, key=lambda r: (r["world"], -int(r["depth"]), r["trajectory"], r["run"]))
     lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row, *column) for column in COLUMNS) + " |" for row in rows]
     devices = sorted({f"{r['device']}, torch {r['torch']}" for r in rows})

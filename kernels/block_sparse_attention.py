@@ -53,7 +53,7 @@ def _visit_blocks(
     CONTIGUOUS: tl.constexpr, APPLY_KEEP: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SUBS: tl.constexpr,
     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     """Online softmax over ``count`` key blocks, each cut into ``SUBS`` tiles of BLOCK_N: the blocks
     listed at ``idx_ptr``, or (``CONTIGUOUS``) the run ``first_block, first_block + 1, ...``.
@@ -61,7 +61,7 @@ def _visit_blocks(
     A listed index outside [0, kv_blocks), or inside the span [skip_lo, skip_hi) that another pass
     covers, is skipped: its loads are masked off (never out of bounds) and its probabilities are zero."""
     NEEDS_MASK: tl.constexpr = (not EVEN_N) or APPLY_KEEP or MASK_KIND != 0 or IS_CAUSAL
-    for j in tl.range(count * SUBS, warp_specialize=WARP_SPECIALIZE):
+    for j in range(count * SUBS):
         # one flat loop over (listed block, sub-tile), so that the compiler pipelines the loads
         sub_start = (j % SUBS) * BLOCK_N
         if CONTIGUOUS:
@@ -156,7 +156,7 @@ def _attention_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the key blocks its layout lists,
     plus the dense key-block span [span_lo, span_hi): visited here (``SPAN_PASS``) or already reduced
@@ -217,7 +217,7 @@ def _attention_kernel(
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
             True, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
-            FOLD_SCALE, WARP_SPECIALIZE,
+            FOLD_SCALE,
         )
     if HAS_FULL:  # full blocks: no layout mask there
         count = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + qb * stride_fnq)
@@ -228,7 +228,7 @@ def _attention_kernel(
             FULL_KEEP + b * stride_fkeep_b, mask_base, stride_mn,
             offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
             False, HAS_FULL_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
-            FOLD_SCALE, WARP_SPECIALIZE,
+            FOLD_SCALE,
         )
     count = tl.load(NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
     acc, m_i, l_i = _visit_blocks(
@@ -238,7 +238,7 @@ def _attention_kernel(
         KEEP + b * stride_keep_b, mask_base, stride_mn,
         offs_m, offs_n, offs_d, offs_dv, Lq, Lk, D, DV, block_k, qk_scale,
         False, HAS_KEEP, MASK_KIND, IS_CAUSAL, EVEN_N, EVEN_D, SUBS, BLOCK_N, INPUT_PRECISION, USE_TMA,
-        FOLD_SCALE, WARP_SPECIALIZE,
+        FOLD_SCALE,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key has acc = 0: output 0
@@ -260,9 +260,9 @@ _TILE_HEURISTICS = {
     "EVEN_N": lambda a: a["Lk"] % a["block_k"] == 0 and a["block_k"] % a["BLOCK_N"] == 0,
     "FOLD_SCALE": lambda a: a["qk_scale"] > 0,
 }
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) tried on CUDA, each with pointer loads
-# and (Hopper) with TMA descriptor loads, warp-specialized where the fifth entry says so (TMA only);
-# Triton caches the best per shape key. bf16/fp16 at head dim 128 on H100/H200:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA, each with pointer loads and (Hopper) with
+# TMA descriptor loads; Triton caches the best per shape key (`benchmarks/kernel_configs.py` times
+# each alone). bf16/fp16 at head dim 128 on H100/H200:
 # 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages (128x128 tiles fit 2 stages in
 # bf16). Kept short: every config is compiled and timed once per shape at warm-up.
 CUDA_CONFIGS = [
@@ -270,6 +270,7 @@ CUDA_CONFIGS = [
     (128, 64, 4, 3),
     (128, 64, 8, 3),
     (128, 64, 4, 4),
+    (128, 64, 4, 2),  # the fastest plain-load config alone on the H200 (benchmarks/results/kernel_configs.md)
     (64, 128, 4, 3),
     (64, 64, 4, 3),
     (64, 64, 4, 2),  # fits fp32 at head dim 128
@@ -354,9 +355,8 @@ def _build_kernels() -> _Kernels:
 
     def autotuned(use_tma: bool):
         configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma, "WARP_SPECIALIZE": use_tma and bool(ws)},
-                          num_warps=w, num_stages=s)
-            for m, n, w, s, *ws in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w, num_stages=s)
+            for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
         ]
         return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(fixed)
 
@@ -432,7 +432,7 @@ def _fixed_launch(block_q: int, block_k: int, interpreting: bool,
         return dict(BLOCK_M=_pow2_divisor(block_q, INTERPRETER_TILE), BLOCK_N=_interpreter_block_n(block_k))
     memory = memory or (lambda m, n, stages: 0)
     candidates = [CAPTURE_CONFIG] + CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
-    m, n, w, s, *_ = fitting_configs(candidates, block_q, block_k, memory, limit)[0]
+    m, n, w, s = fitting_configs(candidates, block_q, block_k, memory, limit)[0]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
 
