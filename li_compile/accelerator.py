@@ -153,12 +153,14 @@ class Accelerator:
         past_poses: torch.Tensor,
         chunk_poses: torch.Tensor,
         past_latents: torch.Tensor,
-        sigmas: Sequence[float] | torch.Tensor | None = None,
+        sigmas: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None = None,
     ) -> "ChunkScope":
         """The scope of one chunk: on entry the controller selects the context and writes the plans,
         and the denoising cache opens the chunk; on exit it closes and the plans are dense again. ``past_poses (N, 4, 4)``,
         ``chunk_poses (F, 4, 4)`` camera-to-world, ``past_latents (N, ...)`` one per past frame,
-        ``sigmas (steps + 1,)`` the chunk's noise schedule (None: the cache keeps raw outputs)."""
+        ``sigmas (steps + 1,)`` the chunk's noise schedule, or ``(steps + 1, F)`` one per frame
+        (diffusion forcing; a frame is then served only from past frames on the same schedule), or
+        None (the cache keeps raw outputs)."""
         return ChunkScope(self, chunk, past_poses, chunk_poses, past_latents, sigmas)
 
     # --- what the backend and the runners use ----------------------------------------------------

@@ -17,6 +17,10 @@ cameras farther apart than the revisit distance do not count); a hit needs every
 the served output is assembled frame by frame from the matched frames' outputs. So a retraced path
 (walk out, come back) and a crossing path revisit too. Without a frame axis (none, or ambiguous),
 every camera must match the same frame of one past chunk (``chunk_revisit_scores``).
+
+Per-frame schedules (diffusion forcing: the stamp's schedule holds one tuple of per-frame noise
+levels per step) add one rule: a frame matches only past frames whose schedule column equals its
+own, so at every served step the past frame was at the noise level this frame is at.
 """
 
 from __future__ import annotations
@@ -252,6 +256,9 @@ class DenoiseCache:
             return None
         owners = [(e, g) for e in candidates for g in range(e.poses.shape[0])]
         scores = frame_revisit_scores(current, torch.cat([e.poses for e in candidates]), measure, max_distance)
+        levels = frame_schedules(candidates[0].stamp)
+        if levels is not None:  # diffusion forcing: only frames on the same noise schedule stand in for each other
+            scores = scores * torch.tensor([[levels[f] == levels[g] for _, g in owners] for f in range(len(current))])
         best_score, best = scores.max(-1)  # first (oldest) on ties
         matched = best_score >= threshold
         if not bool(matched.all()):
@@ -280,6 +287,15 @@ class DenoiseCache:
             oldest = next(k for k in self._entries if k != keep)
             del self._entries[oldest]
             self.stats.evictions += 1
+
+
+def frame_schedules(stamp: Stamp) -> list[tuple[float, ...]] | None:
+    """Each frame's noise levels over the steps (a column of a per-frame schedule), or None when the
+    stamp's schedule is one level per step (or a step count)."""
+    rows = stamp.schedule
+    if not rows or not all(isinstance(r, tuple) for r in rows):
+        return None
+    return list(zip(*rows))
 
 
 def _blend(owners: list[tuple[Entry, int]], frame: list[tuple[int, float]], key: tuple[int, int],

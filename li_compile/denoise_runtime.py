@@ -22,6 +22,10 @@ What is stored (``options.cache.stored``):
   against the *current* latent ``x``. The new chunk keeps its own noise; reusing ``v`` itself would
   mix the past chunk's noise into this one. For a model that predicts ``v = noise - x0`` well this
   is the right reuse (a toy denoiser that does, 4 steps, 1 reused: 91 dB against dense, raw: 59 dB).
+  Per-frame noise levels (diffusion forcing: ``sigmas (steps + 1, F)``, each frame on its own
+  schedule) convert frame by frame along the latent's frame axis, and a frame is only ever served
+  from a past frame that was on the same schedule (``denoise_cache``): at every step it was at the
+  noise level this frame is at now.
 - ``"raw"`` (also whenever ``sigmas`` are not given): the model output, served unchanged. Better for
   a model whose velocity ignores its input latent: the random-weight tiny worlds (reuse 1 of 4
   steps: raw 38-39 dB, x0 31-32 dB against dense; ``benchmarks/denoise_cache.py``).
@@ -42,6 +46,7 @@ from li_compile.denoise_cache import DenoiseCache, Entry, Stamp, chunk_poses
 from li_compile.options import CacheOptions
 from li_compile.reporting import ChunkStats
 
+Level = float | tuple[float, ...]  # one step's noise level: the chunk's, or one per frame (diffusion forcing)
 UNKNOWN_STEPS_REUSE = 1  # steps served by the default reuse_steps when a chunk's step count is unknown
 AUTO_CALIBRATION_HITS = 2  # reuse_steps="auto": revisits computed in full to measure what serving costs
 PSNR_CAP_DB = 100.0  # PSNR of identical predictions
@@ -80,12 +85,13 @@ class _Chunk:
 
     chunk: int
     poses: torch.Tensor
-    sigmas: list[float] | None
+    sigmas: list[Level] | None
     start: tuple[int, int, int, int]  # cache hits, misses, evictions, near misses at begin_chunk
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
     opened: dict[Stamp, Entry] = field(default_factory=dict)
     finite: dict[Stamp, list[torch.Tensor]] = field(default_factory=dict)  # per stored output, on its device
     measured: dict[int, float] = field(default_factory=dict)  # reuse_steps="auto": step -> served vs fresh dB
+    levels: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> per-frame sigma, shaped to broadcast
     calls: dict[Hashable, int] = field(default_factory=dict)
     step: int | None = None  # told by the loop (set_step), else counted per runner
     reused: int = 0
@@ -115,11 +121,12 @@ class DenoiseRuntime:
     def begin_chunk(self, chunk: int, poses: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None = None) -> None:
         """Open ``chunk``: ``poses`` ``(F, 4, 4)`` are its frames' cameras (camera-to-world);
         ``sigmas`` ``(steps + 1,)`` its noise schedule (``sigmas[i]``: noise level of the latent
-        entering step ``i``), or None to store raw outputs. A still-open chunk is ended first."""
+        entering step ``i``), or ``(steps + 1, F)`` one per frame (diffusion forcing), or None to
+        store raw outputs. A still-open chunk is ended first."""
         if self._chunk is not None:
             self.end_chunk()
         poses = chunk_poses(validate_poses(poses, "chunk poses"))
-        schedule = None if sigmas is None else check_sigmas(sigmas)
+        schedule = None if sigmas is None else check_sigmas(sigmas, poses.shape[0])
         s = self.cache.stats
         self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses))
 
@@ -214,9 +221,7 @@ class DenoiseRuntime:
         if step >= limit:
             c.computed += 1
             return compute()
-        sigma = c.sigmas[step] if c.sigmas is not None and self.options.stored == "x0" else None
-        if sigma is not None and sigma <= 0:
-            raise ValueError(f"sigmas[{step}] = {sigma}: an early step reused from the cache needs a noise level > 0")
+        sigma = self._noise_level(step, latents) if c.sigmas is not None and self.options.stored == "x0" else None
         schedule = tuple(c.sigmas) if c.sigmas is not None else (steps,)
         call_key = key()
         if call_key is None:  # weights without version counters: nothing can be proven equal
@@ -248,6 +253,25 @@ class DenoiseRuntime:
             c.finite.setdefault(stamp, []).append(torch.isfinite(stored).all())  # read in end_chunk: no sync here
         return out
 
+    def _noise_level(self, step: int, latents: torch.Tensor) -> float | torch.Tensor:
+        """The open chunk's noise level at ``step``: a float, or per frame a float32 tensor shaped to
+        broadcast along ``latents``' frame axis (made once per chunk and step). ``ValueError`` for a
+        level <= 0 (nothing to divide by) or per-frame levels with no single frame axis to put them on."""
+        c = self._chunk
+        level = c.sigmas[step]
+        if min(level if isinstance(level, tuple) else (level,)) <= 0:
+            raise ValueError(f"sigmas[{step}] = {level}: an early step reused from the cache needs noise levels > 0")
+        if not isinstance(level, tuple):
+            return level
+        if step not in c.levels:
+            axis = frame_axis(latents.shape, len(level))
+            if axis is None:
+                raise ValueError(f"per-frame sigmas ({len(level)} frames) need a latent with exactly one axis of "
+                                 f"{len(level)} entries after the batch to apply them to, got {tuple(latents.shape)}")
+            shape = [1] * latents.dim()
+            shape[axis] = len(level)
+            c.levels[step] = torch.tensor(level, dtype=torch.float32).view(shape).to(latents.device)
+        return c.levels[step]
 
 
 def _psnr_db(served: torch.Tensor, fresh: torch.Tensor) -> float:
@@ -264,13 +288,23 @@ def frame_axis(shape: Sequence[int], frames: int) -> int | None:
     return axes[0] if len(axes) == 1 else None
 
 
-def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
-    """``sigmas (steps + 1,)`` as floats; ``ValueError`` unless there are at least two, all finite
-    and >= 0."""
-    schedule = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+def check_sigmas(sigmas: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor, frames: int) -> list[Level]:
+    """``sigmas (steps + 1,)`` as floats, or per-frame ``(steps + 1, frames)`` as one tuple of floats
+    per step; ``ValueError`` unless there are at least two steps' levels, all finite and >= 0, and
+    per-frame rows have one level for each of the chunk's ``frames``."""
+    rows = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
+    per_frame = bool(rows) and all(isinstance(r, (list, tuple, torch.Tensor)) for r in rows)
+    if per_frame:
+        schedule = [tuple(float(s) for s in (r.tolist() if isinstance(r, torch.Tensor) else r)) for r in rows]
+        if any(len(r) != frames for r in schedule):
+            raise ValueError(f"per-frame sigmas must be (steps + 1, {frames}) for a chunk of {frames} frames, "
+                             f"got rows of {sorted({len(r) for r in schedule})} levels")
+        levels = [s for r in schedule for s in r]
+    else:
+        schedule = [float(s) for s in rows]
+        levels = schedule
     if len(schedule) < 2:
         raise ValueError(f"sigmas must list steps + 1 >= 2 noise levels, got {schedule}")
-    bad = [s for s in schedule if not math.isfinite(s) or s < 0]
-    if bad:
+    if any(not math.isfinite(s) or s < 0 for s in levels):
         raise ValueError(f"sigmas must be finite and >= 0, got {schedule}")
     return schedule

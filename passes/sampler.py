@@ -58,7 +58,7 @@ def sampler_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
         gm.meta[META] = site
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         detail = {"granularity": "model call", "timestep": site.timestep_name, "found_by": site.found_by,
-                  "latent": inputs[site.latent_index].name}
+                  "latent": inputs[site.latent_index].name, "per_frame_timesteps": site.per_frame}
         sites.append(Site(KIND, "rewritten", location=location(inputs[site.timestep_index]) or "", detail=detail))
         return
     gm.meta[META] = steps

@@ -4,7 +4,8 @@ model outputs of an unrolled denoising loop.
 Two granularities, as users compile them:
 
 - **transformer only**: the graph is one model call. Its *timestep input* is a non-parameter input
-  of shape ``()`` or ``(B,)`` that reaches a ``sin``/``cos`` (the sinusoidal timestep embedding)
+  of shape ``()`` or ``(B,)`` (or, when there is none, ``(B, F)``: one per frame, diffusion forcing,
+  with ``F`` the size of exactly one latent axis) that reaches a ``sin``/``cos`` (the sinusoidal timestep embedding)
   through at most ``EMBEDDING_HOPS`` nodes, or, failing that, one named like a timestep
   (``timestep``, ``t``, ``sigma``, ...). Its *latent input* is the input shaped like the single
   output (a denoiser predicts noise, velocity or x0: all latent-shaped).
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+
+from li_compile.denoise_runtime import frame_axis
 
 EMBEDDING_HOPS = 12  # nodes between the timestep input and its sin/cos
 TIMESTEP_NAME = re.compile(r"^(l_|g_)?_*(t|ts|timesteps?|sigmas?|noise_levels?|time)_*$", re.IGNORECASE)
@@ -55,6 +58,7 @@ class TransformerSite:
     timestep_index: int
     timestep_name: str
     found_by: str  # "sin/cos embedding" or "name"
+    per_frame: bool = False  # timesteps (B, F): each frame its own noise level (diffusion forcing)
 
 
 @dataclass
@@ -163,18 +167,17 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
     ]
     by_embedding = [(i, n) for i, n in candidates if _reaches_sin_cos(n)]
     by_name = [(i, n) for i, n in candidates if TIMESTEP_NAME.match(_input_name(n))]
-    if not (by_embedding or by_name):
-        per_frame = [
-            n for n in inputs
+    per_frame = not (by_embedding or by_name)
+    if per_frame:  # diffusion forcing: one timestep per frame, (B, F)
+        frame_steps = [
+            (i, n) for i, n in enumerate(inputs)
             if not is_parameter(n) and isinstance(value(n), torch.Tensor) and value(n).dim() == 2
-            and (_reaches_sin_cos(n) or TIMESTEP_NAME.match(_input_name(n)))
         ]
-        if per_frame:
-            raise NotSampler(
-                f"per-frame timesteps {_input_name(per_frame[0])} {tuple(value(per_frame[0]).shape)} (diffusion forcing): "
-                "the denoising cache serves whole steps at one noise level per chunk; left uncached"
-            )
-        raise NotSampler("no timestep input (shape () or (B,), feeding a sin/cos embedding or named like a timestep)", False)
+        by_embedding = [(i, n) for i, n in frame_steps if _reaches_sin_cos(n)]
+        by_name = [(i, n) for i, n in frame_steps if TIMESTEP_NAME.match(_input_name(n))]
+    if not (by_embedding or by_name):
+        raise NotSampler("no timestep input (shape (), (B,) or per frame (B, F), feeding a sin/cos embedding or named "
+                         "like a timestep)", False)
     index, node = (by_embedding or by_name)[0]
     (output_node,) = [n for n in gm.graph.nodes if n.op == "output"]
     outs = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else (output_node.args[0],)
@@ -189,12 +192,17 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
     if not latents:
         raise NotSampler(f"no input shaped like the output {tuple(out.shape)} {out.dtype}: not a denoiser call")
     batch = out.shape[0] if out.dim() else 1
-    if value(node).numel() not in (1, batch):
-        raise NotSampler(f"timestep input {_input_name(node)} has {value(node).numel()} values for a batch of {batch}")
+    steps = value(node)
+    if per_frame and (steps.shape[0] not in (1, batch) or frame_axis(out.shape, steps.shape[1]) is None):
+        raise NotSampler(f"per-frame timesteps {_input_name(node)} {tuple(steps.shape)}: the latent {tuple(out.shape)} "
+                         f"needs a batch of {steps.shape[0]} (or 1) and exactly one axis of {steps.shape[1]} frames")
+    if not per_frame and steps.numel() not in (1, batch):
+        raise NotSampler(f"timestep input {_input_name(node)} has {steps.numel()} values for a batch of {batch}")
     reason = mutation(gm.graph.nodes)
     if reason is not None:
         raise NotSampler(f"the model call updates state in place at {reason}; skipping it on a cache hit would lose that")
-    return TransformerSite(latents[0], index, _input_name(node), "sin/cos embedding" if by_embedding else "name")
+    return TransformerSite(latents[0], index, _input_name(node), "sin/cos embedding" if by_embedding else "name",
+                           per_frame)
 
 
 # ---- chunk-function granularity ----

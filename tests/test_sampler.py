@@ -351,18 +351,50 @@ def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(mo
     assert calls == 2 and stats["cache"] == "off"
 
 
-def test_per_frame_timesteps_are_reported_as_an_uncached_sampler_site():
-    """Diffusion-forcing models (SkyReels-V2-DF, AnyFlow FAR) give every frame its own timestep,
-    ``(B, F)``: the report says why the cache leaves them alone instead of saying nothing."""
-    class PerFrame(ToyDenoiser):
-        def forward(self, x, sigma):  # sigma: (B, F)
-            freqs = torch.exp(-math.log(1000.0) * torch.arange(8, dtype=torch.float32) / 8)
-            angles = sigma[..., None] * 1000 * freqs  # (B, F, 8)
-            emb = self.temb(torch.cat([angles.sin(), angles.cos()], -1))  # (B, F, 4)
-            return x - self.scene * emb.permute(0, 2, 1)[..., None, None]
+class PerFrameDenoiser(ToyDenoiser):
+    """``ToyDenoiser`` with one timestep per frame, ``sigma (B, F)``, as diffusion-forcing models
+    (SkyReels-V2-DF, AnyFlow FAR) take it: each frame is denoised at its own noise level."""
 
-    compiled = compiled_model(PerFrame())
-    with torch.no_grad():
-        compiled(noise(0), torch.full((1, 2), 0.5))
+    def forward(self, x, sigma):
+        x = model_call(x)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(8, dtype=torch.float32) / 8)
+        angles = sigma[..., None] * 1000 * freqs  # (B, F, 8)
+        emb = self.temb(torch.cat([angles.sin(), angles.cos()], -1))  # (B, F, 4)
+        feat = self.mix(x.movedim(1, -1)).movedim(-1, 1) + emb.permute(0, 2, 1)[..., None, None]
+        x0 = self.scene + 0.1 * torch.tanh(feat)
+        return (x - x0) / sigma.clamp_min(1e-3)[:, None, :, None, None]
+
+
+def per_frame_sample(model, x, sigmas, velocities=None):
+    """Euler with a per-frame schedule ``sigmas (steps + 1, F)``; appends each step's model output
+    to ``velocities`` if given."""
+    for i in range(len(sigmas) - 1):
+        v = model(x, sigmas[i][None])
+        if velocities is not None:
+            velocities.append((x, v))
+        x = x + (sigmas[i + 1] - sigmas[i])[None, None, :, None, None] * v
+    return x
+
+
+def test_per_frame_timesteps_get_a_sampler_site_and_revisits_reuse_their_early_steps():
+    """Diffusion forcing: frame 1 runs ahead of frame 0 on a staggered schedule. The timestep
+    input ``(B, F)`` is found, and a revisit under the same schedule serves its first two steps,
+    each frame converted at its own noise level: the served velocities are close to the ones the
+    model computes from the same latents."""
+    model = PerFrameDenoiser()
+    compiled = compiled_model(model, reuse_steps=2)
+    sigmas = torch.tensor([[1.0, 0.7], [0.7, 0.4], [0.4, 0.1], [0.0, 0.0]])
+    _, calls, _ = run_chunk(compiled, lambda x: per_frame_sample(compiled, x, sigmas), HERE, sigmas, noise(0))
+    assert calls == 3
+    served = []
+    out, calls, stats = run_chunk(compiled, lambda x: per_frame_sample(compiled, x, sigmas, served), HERE, sigmas,
+                                  noise(1), chunk=1)
+    assert calls == 1 and stats["steps_reused"] == 2
     (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
-    assert site.status == "skipped" and "per-frame timesteps" in site.reason
+    assert site.status == "rewritten" and site.detail["per_frame_timesteps"]
+    with torch.no_grad():
+        for step, (x, v) in enumerate(served[:2]):
+            assert psnr(v, model(x, sigmas[step][None])) > 30, step
+        assert psnr(out, per_frame_sample(model, noise(1), sigmas)) > 30
+
+
