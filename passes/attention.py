@@ -6,8 +6,9 @@ plan slot of its signature (``li_compile.plan``: dense until the controller sets
 recorded in the report as "rewritten". Everything else stays as written, recorded as "skipped"
 with the reason: softmaxes that are not attention, cross-attention (keys projected from text or
 action tokens: left dense on purpose, the controller prunes the video context), sites needing
-gradients (the op is inference-only), sites with symbolic shapes (slots are fixed-size) and
-``flex_attention`` calls (not rewritten yet).
+gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size).
+``flex_attention`` calls whose ``score_mod`` is the identity are rewritten with their block mask as
+the site's mask (``attention_flex``); others stay as written, with the reason.
 
 Why the torch-level graph (before AOT) and not the aten graph after it:
 - the inner compiler is a choice (Inductor, eager, TensorRT); rewriting the graph Dynamo hands the
@@ -21,12 +22,14 @@ Why the torch-level graph (before AOT) and not the aten graph after it:
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
+from li_compile.passes.attention_flex import is_flex_attention, match_flex, with_block_mask
 from li_compile.passes.attention_match import AttentionMatch, NotAttention, describe, match_sdpa, match_softmax
 from li_compile.passes.attention_rewrite import heads_shape, kv_heads, rewrite_site
 from li_compile.passes.attention_spellings import Sdpa, Softmax, example, read
@@ -40,8 +43,6 @@ if TYPE_CHECKING:  # pipeline imports this module to register the pass
 KIND = "attention"
 
 SPARSITY_OFF = "attention (sparsity.enabled is False: left to the inner compiler)"
-FLEX_NOT_REWRITTEN = ("flex_attention: its BlockMask and score_mod are not intersected with the plan yet; runs as "
-                      "written (its own block mask), never planned")
 
 
 def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
@@ -51,11 +52,10 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
     for node in list(gm.graph.nodes):
         if node in erased:
             continue
-        if _is_flex_attention(node):
-            ctx.compilation.sites.append(Site(KIND, "skipped", reason=FLEX_NOT_REWRITTEN, location=location(node)))
-            continue
         readings = read(node)
-        if any(isinstance(r, Sdpa) for r in readings):
+        if is_flex_attention(node):
+            matcher = functools.partial(match_flex, gm)
+        elif any(isinstance(r, Sdpa) for r in readings):
             matcher = match_sdpa
         elif any(isinstance(r, Softmax) for r in readings):
             matcher = match_softmax
@@ -70,6 +70,8 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
         if not ctx.options.sparsity.enabled:
             ctx.compilation.sites.append(Site(KIND, "skipped", reason=SPARSITY_OFF, location=location(node)))
             continue
+        if match.spelling == "flex_attention":
+            match = with_block_mask(gm, match)  # only now: a site left as written gets no extra nodes
         slot = ctx.plan.slot_for(_signature(match, ctx))
         detail = {
             "spelling": match.spelling,
@@ -83,12 +85,6 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
         rewrite_site(gm, match, slot, ctx.options.sparsity.density)
         erased.update(match.nodes)
         ctx.compilation.sites.append(Site(KIND, "rewritten", location=where, detail=detail))
-
-
-def _is_flex_attention(node: fx.Node) -> bool:
-    """Whether ``node`` calls FlexAttention (the higher-order op Dynamo traces ``flex_attention`` to)."""
-    return node.op == "call_function" and getattr(node.target, "__name__", None) == "flex_attention" and isinstance(
-        node.target, torch._ops.HigherOrderOperator)
 
 
 def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: object) -> None:

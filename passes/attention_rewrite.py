@@ -55,7 +55,7 @@ def kv_heads(match: AttentionMatch) -> int:
 def rewrite_site(gm: fx.GraphModule, match: AttentionMatch, slot: PlanSlot, density: float) -> fx.Node:
     """Replace ``match.out`` by a ``planned_attention`` call on ``slot`` (top-k ``density`` of the
     plan's blocks: ``sparsity.density``); returns the new output node."""
-    em = _Emitter(gm, match.out)
+    em = Emitter(gm, match.out)
     sizes = axis_sizes(match)
     seq_q, seq_k, dim, value_dim = match.query_axis, match.key_axis, match.head_dim, match.value_dim
     q = _to_heads(em, match.q, sizes, match.batch, (seq_q, dim), expand_lead=True, expand_head=True)
@@ -158,18 +158,24 @@ def _is_plan_buffer(node: fx.Node) -> bool:
     return node.op == "get_attr" and str(node.target).startswith(PLAN_BUFFER_PREFIX)
 
 
-class _Emitter:
+class Emitter:
     """Inserts nodes before ``anchor`` with their fake ``example_value`` and the anchor's stack trace."""
 
     def __init__(self, gm: fx.GraphModule, anchor: fx.Node) -> None:
         self.gm, self.graph, self.anchor = gm, gm.graph, anchor
-        self.fake_mode = getattr(example(anchor), "fake_mode", None)
+        value = example(anchor)
+        value = value[0] if isinstance(value, (tuple, list)) and value else value  # a multi-output op
+        self.fake_mode = getattr(value, "fake_mode", None)
 
     def method(self, name: str, *args: Any) -> fx.Node:
         return self._insert("call_method", name, args, {}, lambda self_, *rest: getattr(self_, name)(*rest))
 
     def function(self, fn: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         return self._insert("call_function", fn, args, kwargs, fn)
+
+    def module(self, name: str, *args: Any) -> fx.Node:
+        """A call of the graph module's submodule ``name``."""
+        return self._insert("call_module", name, args, {}, self.gm.get_submodule(name))
 
     def buffer(self, name: str, tensor: torch.Tensor) -> fx.Node:
         """A get_attr of ``tensor``, registered once as a buffer of the graph module (so Inductor

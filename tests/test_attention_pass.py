@@ -347,18 +347,3 @@ def test_weights_rounded_to_half_on_float_inputs_are_left_as_written():
         torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), rtol=0, atol=0)
     assert [s.status for s in sites(compiled)] == ["skipped"]
     assert "rounds the attention to torch.float16" in sites(compiled)[0].reason
-
-
-def test_a_flex_attention_call_is_reported_skipped_with_its_reason_and_runs_as_written():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    causal = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256, device="cpu")
-
-    def fn(q, k, v):
-        return flex_attention(q, k, v, block_mask=causal)
-
-    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
-    compiled = torch.compile(fn, backend="light_interaction", options={"inner": "eager"}, fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
-    (site,) = li_compile.report(compiled).sites
-    assert site.kind == "attention" and site.status == "skipped" and "flex_attention" in site.reason

@@ -1,0 +1,167 @@
+"""``flex_attention`` calls as attention sites: their ``BlockMask`` becomes a bool mask of the site.
+
+Dynamo traces ``flex_attention(q, k, v, score_mod, block_mask, scale)`` to one higher-order op call
+whose block mask is flattened into a tuple (its sequence lengths, the BCSR tensors of partial and
+full key blocks, its block sizes and its ``mask_mod`` as a graph) and whose ``score_mod`` is a graph.
+A call is rewritten exactly when:
+
+- ``score_mod`` is the identity (it returns the score it is given): a mask is all the call applies;
+- only the output is used (no log-sum-exp or row max);
+- the mask the block mask stands for fits ``MAX_MASK_ELEMENTS``.
+
+Its mask is then built in the graph, with FlexAttention's semantics: a key is visible where its
+block is listed as full, or listed as partial and ``mask_mod(b, h, q_idx, kv_idx)`` is True
+(``mask_mod`` evaluated over broadcast index grids, as ``create_mask`` does). The site is matched as
+SDPA with that bool mask (``AttentionMatch``), so the attention pass rewrites it to
+``li::planned_attention`` like any other: the controller's plan is intersected with the user's mask
+by the op. Rows that see no key give zeros, as FlexAttention's do. Everything else stays as
+written, with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+import torch
+from torch import fx
+
+from li_compile.passes.attention_match import AttentionMatch, Mask, NotAttention, Operand
+from li_compile.passes.attention_rewrite import Emitter
+from li_compile.passes.attention_spellings import KEEP_MASK, example
+
+MAX_MASK_ELEMENTS = 1 << 26  # a materialised mask above this (64 MiB of bool) is not worth the rewrite
+LABELS = ("b0", "b1")
+
+
+def is_flex_attention(node: fx.Node) -> bool:
+    """Whether ``node`` calls FlexAttention (the higher-order op Dynamo traces ``flex_attention`` to)."""
+    return node.op == "call_function" and getattr(node.target, "__name__", None) == "flex_attention" and isinstance(
+        node.target, torch._ops.HigherOrderOperator)
+
+
+def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
+    """The flex call ``node`` as an SDPA-like site, its block mask not applied yet (``with_block_mask``
+    adds it, once the attention pass has checked the site). ``NotAttention`` names what is not
+    rewritable."""
+    q, k, v, score_mod, block_mask, scale = node.args[:6]
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+        raise NotAttention("flex_attention's log-sum-exp or row max is used: only its output can be rewritten; "
+                           "left as written")
+    if not _is_identity(gm, score_mod):
+        raise NotAttention("flex_attention's score_mod changes the scores (not a mask): left as written")
+    if not isinstance(scale, (int, float)):
+        raise NotAttention(f"flex_attention's scale must be a constant number, got {scale!r}")
+    values = [example(x) for x in (q, k, v)]
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in values):
+        raise NotAttention("flex_attention operands must be 4-D (B, H, L, D) tensors")
+    blocks = _block_mask(block_mask)
+    q_len, kv_len = values[0].shape[2], values[1].shape[2]
+    mask_batch, mask_heads = (example(blocks["kv_num"]).shape[i] for i in (0, 1))
+    elements = mask_batch * mask_heads * q_len * kv_len
+    if elements > MAX_MASK_ELEMENTS:
+        raise NotAttention(f"flex_attention's block mask would expand to {elements} mask elements (more than "
+                           f"{MAX_MASK_ELEMENTS}): left as written")
+    return AttentionMatch(
+        spelling="flex_attention",
+        out=users[0],
+        out_labels=LABELS + ("i", "e"),
+        q=Operand(q, LABELS + ("i", "d")),
+        k=Operand(k, LABELS + ("j", "d")),
+        v=Operand(v, LABELS + ("j", "e")),
+        batch=LABELS,
+        query_axis="i",
+        key_axis="j",
+        head_dim="d",
+        value_dim="e",
+        masks=(),
+        scale=float(scale),
+        is_causal=False,
+        nodes=(node, users[0]),
+    )
+
+
+def with_block_mask(gm: fx.GraphModule, match: AttentionMatch) -> AttentionMatch:
+    """``match`` (of ``match_flex``) with its call's block mask as a bool mask, computed by nodes
+    inserted before the call (``flex_visibility``)."""
+    node = match.nodes[0]
+    blocks = _block_mask(node.args[4])
+    buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
+    q_value, k_value = example(match.q.node), example(match.k.node)
+    kv_num = example(blocks["kv_num"])
+    shape = (kv_num.shape[0], kv_num.shape[1], q_value.shape[2], k_value.shape[2])
+    mask = _emit_mask(gm, node, blocks, buffers, q_value.device, shape)
+    return replace(match, masks=(Mask(mask, LABELS + ("i", "j"), KEEP_MASK),))
+
+
+def flex_visibility(mod_mask: torch.Tensor, kv_num: torch.Tensor, kv_idx: torch.Tensor,
+                    full_num: torch.Tensor | None, full_idx: torch.Tensor | None, q_block: int, kv_block: int,
+                    q_len: int, kv_len: int) -> torch.Tensor:
+    """The keys a FlexAttention block mask lets each query see: ``(B|1, H|1, Lq, Lk)`` bool, True in
+    listed full blocks and where ``mod_mask`` (``mask_mod`` over the token grid, broadcastable) is
+    True in listed partial blocks. ``kv_num (B|1, H|1, Q)``, ``kv_idx (B|1, H|1, Q, M)``: the partial
+    blocks; ``full_*`` the full ones (or None)."""
+    kv_blocks = -(-kv_len // kv_block)
+    visible = _tokens(_listed(kv_num, kv_idx, kv_blocks), q_block, kv_block, q_len, kv_len) & mod_mask
+    if full_num is not None:
+        visible = visible | _tokens(_listed(full_num, full_idx, kv_blocks), q_block, kv_block, q_len, kv_len)
+    return visible
+
+
+def _listed(num: torch.Tensor, idx: torch.Tensor, kv_blocks: int) -> torch.Tensor:
+    """``(..., Q)`` counts and ``(..., Q, M)`` indices -> ``(..., Q, kv_blocks)`` bool of the listed blocks."""
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    target = torch.where(listed, idx.long(), kv_blocks)  # unlisted entries land in a spare column
+    spare = torch.zeros(*idx.shape[:-1], kv_blocks + 1, dtype=torch.bool, device=idx.device)
+    return spare.scatter(-1, target, True)[..., :kv_blocks]
+
+
+def _tokens(blocks: torch.Tensor, q_block: int, kv_block: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """Block-level ``(..., Q, K)`` -> token-level ``(..., q_len, kv_len)``."""
+    rows = blocks.repeat_interleave(q_block, dim=-2)[..., :q_len, :]
+    return rows.repeat_interleave(kv_block, dim=-1)[..., :kv_len]
+
+
+def _is_identity(gm: fx.GraphModule, score_mod: object) -> bool:
+    """Whether ``score_mod`` (a get_attr of a graph) returns its first input (the score) unchanged."""
+    if not isinstance(score_mod, fx.Node) or score_mod.op != "get_attr":
+        return False
+    graph = gm.get_submodule(score_mod.target).graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    result = output.args[0]
+    return bool(inputs) and (result is inputs[0] or (isinstance(result, (tuple, list)) and len(result) == 1
+                                                     and result[0] is inputs[0]))
+
+
+def _block_mask(flat: object) -> dict[str, object]:
+    """The parts of a flattened ``BlockMask``: the first tensors are the partial and full key-block
+    counts and indices; the last three entries the query and key block sizes and ``mask_mod``."""
+    if not isinstance(flat, (tuple, list)):
+        raise NotAttention(f"flex_attention's block mask is not a flattened BlockMask: {flat!r}")
+    first = next((i for i, x in enumerate(flat) if isinstance(x, fx.Node)), None)
+    if first is None or len(flat) < first + 7:
+        raise NotAttention("flex_attention's block mask has no block tensors in a layout this pass knows")
+    kv_num, kv_idx, full_num, full_idx = flat[first:first + 4]
+    q_block, kv_block, mask_mod = flat[-3:]
+    if not (isinstance(q_block, int) and isinstance(kv_block, int) and isinstance(mask_mod, fx.Node)
+            and mask_mod.op == "get_attr" and isinstance(kv_num, fx.Node) and isinstance(kv_idx, fx.Node)):
+        raise NotAttention("flex_attention's block mask is laid out in a way this pass does not know")
+    return dict(kv_num=kv_num, kv_idx=kv_idx, full_num=full_num, full_idx=full_idx, q_block=q_block,
+                kv_block=kv_block, mask_mod=mask_mod)
+
+
+def _emit_mask(gm: fx.GraphModule, node: fx.Node, blocks: dict, buffers: tuple, device: torch.device,
+               shape: tuple[int, int, int, int]) -> fx.Node:
+    """Nodes before ``node`` that compute the block mask's token mask (``flex_visibility``)."""
+    em = Emitter(gm, node)
+    grids = []
+    for axis, size in enumerate(shape):
+        view = [1, 1, 1, 1]
+        view[axis] = size
+        index = em.function(torch.arange, size, device=device)
+        grids.append(em.method("view", index, *view))
+    mod_mask = em.module(blocks["mask_mod"].target, *grids, *buffers)
+    return em.function(flex_visibility, mod_mask, blocks["kv_num"], blocks["kv_idx"], blocks["full_num"],
+                       blocks["full_idx"], blocks["q_block"], blocks["kv_block"], shape[2], shape[3])

@@ -1,0 +1,160 @@
+"""flex_attention calls are attention sites: with an identity score_mod they are rewritten to
+li::planned_attention with their BlockMask as the site's mask (its block lists and mask_mod, with
+FlexAttention's semantics), and match eager FlexAttention; the plan is intersected with that mask;
+whatever cannot be rewritten exactly stays as written with the reason. Reference: eager
+``flex_attention`` in fp32 (tolerance 1e-5)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+import li_compile
+from li_compile.kernels.block_layout import BlockLayout
+from li_compile.passes import attention_flex
+from li_compile.plan import find_slot
+
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def qkv(heads=4, kv_heads=4, q_len=200, kv_len=300, dim=16, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, heads, q_len, dim, generator=g), torch.randn(batch, kv_heads, kv_len, dim, generator=g),
+            torch.randn(batch, kv_heads, kv_len, dim, generator=g))
+
+
+def causal(b, h, q, kv):
+    return q >= kv
+
+
+DOCUMENTS = torch.arange(300) // 70  # a captured tensor: FlexAttention passes it to the mask graph
+
+
+def same_document(b, h, q, kv):
+    return DOCUMENTS[q] == DOCUMENTS[kv]
+
+
+def frame_causal(b, h, q, kv):  # a chunk of 64-token frames sees its own frame and earlier ones
+    return q // 64 >= kv // 64
+
+
+def per_head_window(b, h, q, kv):
+    return (q - kv).abs() <= 24 * (h + 1) + 40 * b
+
+
+LISTED = [[0, 4, 9], [], [1, 2], [5, 6, 7, 8]]  # key blocks (of 32) of each query block (of 64)
+
+
+def hand_made_block_mask(q_len=200, kv_len=300):
+    """A BlockMask from block lists with no mask_mod: query block 1 lists nothing (its rows see no key)."""
+    counts = torch.tensor([[[len(listed) for listed in LISTED]]], dtype=torch.int32)
+    indices = torch.zeros(1, 1, 4, 10, dtype=torch.int32)  # (B, H, query blocks, key blocks)
+    for row, listed in enumerate(LISTED):
+        indices[0, 0, row, :len(listed)] = torch.tensor(listed, dtype=torch.int32)
+    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(64, 32), seq_lengths=(q_len, kv_len))
+
+
+def test_block_lists_without_a_mask_mod_are_honoured_as_compiled_flex_honours_them():
+    """Eager ``flex_attention`` evaluates only ``mask_mod`` (here none: everything visible); compiled
+    FlexAttention visits only the listed blocks. The rewrite follows the compiled semantics: the
+    reference is SDPA under the listed blocks' token mask, written out here by hand."""
+    q, k, v = qkv()
+    visible = torch.zeros(200, 300, dtype=torch.bool)
+    for row, listed in enumerate(LISTED):
+        for block in listed:
+            visible[64 * row:64 * (row + 1), 32 * block:32 * (block + 1)] = True
+    expected = torch.where(visible.any(-1, keepdim=True), F.scaled_dot_product_attention(q, k, v, attn_mask=visible), 0.0)
+    _, compiled = compiled_flex(hand_made_block_mask())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), expected, **FP32)
+    (site,) = flex_sites(compiled)
+    assert site.status == "rewritten"
+
+
+CASES = {
+    "causal_gqa_ragged": lambda: (create_block_mask(causal, None, None, 200, 300, device="cpu", BLOCK_SIZE=(64, 32)),
+                                  dict(kv_heads=2), True),
+    "captured_documents": lambda: (create_block_mask(same_document, None, None, 200, 300, device="cpu"), {}, False),
+    "frame_causal": lambda: (create_block_mask(frame_causal, None, None, 256, 256, device="cpu", BLOCK_SIZE=64),
+                             dict(q_len=256, kv_len=256), False),
+    "per_batch_and_head": lambda: (create_block_mask(per_head_window, 2, 4, 200, 300, device="cpu", BLOCK_SIZE=32),
+                                   dict(batch=2), False),
+}
+
+
+def compiled_flex(block_mask, gqa=False):
+    def attend(q, k, v):
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+    return attend, torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+
+
+def flex_sites(compiled):
+    return [s for s in li_compile.report(compiled).sites if s.kind == "attention"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_flex_call_with_a_block_mask_is_rewritten_and_equals_eager_flex(case):
+    block_mask, shapes, gqa = CASES[case]()
+    q, k, v = qkv(**shapes)
+    attend, compiled = compiled_flex(block_mask, gqa)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
+    (site,) = flex_sites(compiled)
+    assert site.status == "rewritten" and site.detail["spelling"] == "flex_attention"
+
+
+def test_the_plan_is_intersected_with_the_block_mask_in_the_kernel():
+    """A sparse plan on the rewritten site: the output is attention under both the user's mask and
+    the plan (block-sparse kernel, interpreter), and at full plan density it equals eager flex."""
+    block_mask = create_block_mask(same_document, None, None, 200, 300, device="cpu")
+    q, k, v = qkv()
+    attend, compiled = compiled_flex(block_mask)
+    with torch.no_grad():
+        compiled(q, k, v)
+    (site,) = flex_sites(compiled)
+    slot = find_slot(site.detail["slot"])
+    s = slot.signature
+    everything = torch.ones(1, 1, s.q_blocks, s.kv_blocks, dtype=torch.bool)
+    slot.set_layout(BlockLayout.from_block_mask(everything, block_q=s.block_q, block_k=s.block_k, q_len=s.q_len,
+                                                kv_len=s.kv_len))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
+    some = torch.rand(1, s.heads, s.q_blocks, s.kv_blocks, generator=torch.Generator().manual_seed(1)) < 0.5
+    layout = BlockLayout.from_block_mask(some, block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len)
+    slot.set_layout(layout)
+    visible = layout.to_dense_mask() & (DOCUMENTS[:200, None] == DOCUMENTS[None, :300])
+    expected = torch.where(visible.any(-1, keepdim=True), F.scaled_dot_product_attention(q, k, v, attn_mask=visible), 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), expected, **FP32)
+    assert not slot.fallbacks
+
+
+def relative_bias(score, b, h, q, kv):
+    return score + (q - kv) * 0.01
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("score_mod", "score_mod changes the scores"),
+    ("lse", "log-sum-exp"),
+    ("too_large", "mask elements"),
+])
+def test_a_flex_call_that_cannot_be_rewritten_exactly_runs_as_written_with_the_reason(variant, reason, monkeypatch):
+    block_mask = create_block_mask(causal, None, None, 200, 300, device="cpu")
+    if variant == "too_large":
+        monkeypatch.setattr(attention_flex, "MAX_MASK_ELEMENTS", 1000)
+
+    def attend(q, k, v):
+        if variant == "score_mod":
+            return flex_attention(q, k, v, score_mod=relative_bias, block_mask=block_mask)
+        if variant == "lse":
+            out, lse = flex_attention(q, k, v, block_mask=block_mask, return_lse=True)
+            return out * lse.exp()[..., None]
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    q, k, v = qkv()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
+    (site,) = flex_sites(compiled)
+    assert site.status == "skipped" and reason in site.reason, site.reason
