@@ -182,7 +182,9 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
     (output_node,) = [n for n in gm.graph.nodes if n.op == "output"]
     outs = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else (output_node.args[0],)
     if len(outs) != 1 or not isinstance(outs[0], fx.Node) or not isinstance(value(outs[0]), torch.Tensor):
-        raise NotSampler(f"graph returns {len(outs)} values; a cached model call replaces exactly one tensor output")
+        raise NotSampler(f"graph returns {len(outs)} values; a cached model call replaces exactly one tensor "
+                         "output (graphs cut by a graph break inside the model's forward look like this: the cache "
+                         "needs the whole call in one graph)")
     out = value(outs[0])
     latents = [
         i for i, n in enumerate(inputs)

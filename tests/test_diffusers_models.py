@@ -24,7 +24,8 @@ def randn(*shape, seed=0):
 
 def wan():
     return diffusers.WanTransformer3DModel(**TINY_WAN), dict(
-        hidden_states=randn(1, 4, 3, 8, 8), timestep=torch.tensor([500.0]), encoder_hidden_states=randn(1, 8, 32, seed=1))
+        hidden_states=randn(1, 4, 3, 8, 8), timestep=torch.tensor([500.0]),
+        encoder_hidden_states=randn(1, 8, 32, seed=1))
 
 
 def skyreels_v2_diffusion_forcing():  # one timestep per latent frame
@@ -36,7 +37,8 @@ def skyreels_v2_diffusion_forcing():  # one timestep per latent frame
 def hunyuan_video():
     model = diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
-        num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), guidance_embeds=False)
+        num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
+        guidance_embeds=False)
     return model, dict(hidden_states=randn(1, 4, 3, 8, 8), timestep=torch.tensor([500]),
                        encoder_hidden_states=randn(1, 8, 32, seed=1), encoder_attention_mask=torch.ones(1, 8),
                        pooled_projections=randn(1, 16, seed=2))
@@ -54,15 +56,17 @@ def hunyuan_video_15():  # HY-WorldPlay's base model
 
 def cogvideox():
     model = diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=32,
-        num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2, max_text_seq_length=8)
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=8)
     return model, dict(hidden_states=randn(1, 3, 4, 8, 8), encoder_hidden_states=randn(1, 8, 32, seed=1),
                        timestep=torch.tensor([500]))
 
 
 def ltx_video():
-    model = diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
-                                                 cross_attention_dim=32, num_layers=2, caption_channels=32)
+    model = diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                                 attention_head_dim=16, cross_attention_dim=32, num_layers=2,
+                                                 caption_channels=32)
     return model, dict(hidden_states=randn(1, 48, 8), encoder_hidden_states=randn(1, 8, 32, seed=1),
                        timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, 8), num_frames=3, height=4,
                        width=4)
