@@ -8,6 +8,7 @@
     with li_compile.calibrate(compiled, target=0.99) as run:   # optional: a few chunks measured dense,
         ...                                           # then one tile plan per head (run.calibration)
     li_compile.audit(compiled, *example_inputs)       # optional: attention calls that ran outside its graphs
+    dit = li_compile.cached(compiled, latent="x", timestep="t")  # optional: the cache around the whole call
     print(li_compile.report(compiled))
 """
 
@@ -15,11 +16,12 @@ from li_compile.audit import Audit, audit
 from li_compile.accelerator import Accelerator, CalibrationScope, ChunkScope, accelerator, calibrate
 from li_compile.controller.calibration import Calibration
 from li_compile.controller.selection import ContextSelection
+from li_compile.module_cache import CachedCalls, cached
 from li_compile.options import CacheOptions, ContextOptions, Options, SparsityOptions
 from li_compile.reporting import Report, Site, report
 
 __all__ = [
-    "Accelerator", "Audit", "CacheOptions", "Calibration", "CalibrationScope", "ChunkScope", "ContextOptions", "ContextSelection",
-    "Options", "Report", "Site", "SparsityOptions", "accelerator", "audit", "calibrate", "report",
+    "Accelerator", "Audit", "CacheOptions", "CachedCalls", "Calibration", "CalibrationScope", "ChunkScope", "ContextOptions", "ContextSelection",
+    "Options", "Report", "Site", "SparsityOptions", "accelerator", "audit", "cached", "calibrate", "report",
 ]
 __version__ = "0.1.0"

@@ -35,9 +35,10 @@ The stamp records which, so the two never mix.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 import math
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -111,6 +112,7 @@ class DenoiseRuntime:
         self.cache = DenoiseCache(self.cache.capacity)
         self.history: list[ChunkStats] = []
         self._chunk: _Chunk | None = None
+        self._outer = False  # a boundary-cached call is computing (outer_call)
         self.auto = AutoReuse() if self.options.reuse_steps == "auto" else None
 
     @property
@@ -162,6 +164,16 @@ class DenoiseRuntime:
         self._chunk = None
         return stats
 
+    @contextlib.contextmanager
+    def outer_call(self) -> Iterator[None]:
+        """While a call cached at the model's boundary (``li_compile.module_cache``) computes, the
+        graph-level runners inside it only compute: the outer call is the step."""
+        self._outer, before = True, self._outer
+        try:
+            yield
+        finally:
+            self._outer = before
+
     def set_step(self, step: int) -> None:
         """Tell the open chunk that denoising ``step`` starts: model calls until the next
         ``set_step`` belong to it (the 1st, 2nd, ... call of a runner in it are told apart, so a
@@ -207,7 +219,7 @@ class DenoiseRuntime:
         step is never served).
         """
         c = self._chunk
-        if c is None or torch.is_grad_enabled():  # inference only: a served output has no gradient
+        if c is None or torch.is_grad_enabled() or self._outer:  # inference only: a served output has no gradient
             return compute()
         call = 0
         if step is None and c.step is not None:
@@ -246,6 +258,11 @@ class DenoiseRuntime:
         out = compute()
         c.computed += 1
         if entry is None:
+            if out.shape != latents.shape or out.dtype != latents.dtype:
+                raise ValueError(f"the cache serves outputs shaped like the noisy latent {tuple(latents.shape)} "
+                                 f"{latents.dtype}, and this call returned {tuple(out.shape)} {out.dtype}: give the "
+                                 "argument that is the noisy latent alone (e.g. before it is concatenated with "
+                                 "conditioning channels)")
             stored = out if sigma is None else (latents - sigma * out).to(out.dtype)
             if stamp not in c.opened:
                 c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)

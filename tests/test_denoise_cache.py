@@ -379,3 +379,10 @@ def test_a_path_that_never_comes_back_never_hits():
     for chunk in range(16):
         _, stats = per_frame_chunk(runtime, chunk, poses[2 * chunk:2 * chunk + 2], [float(chunk), float(chunk)])
         assert stats["cache"] == "miss"
+
+
+def test_an_output_not_shaped_like_the_latent_is_refused_naming_both_shapes():
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw"))
+    runtime.begin_chunk(0, cameras_at(0.0, 2.0), [1.0, 0.5, 0.0])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"noisy latent \(1, 4, 2, 3, 3\).*returned \(1, 2, 2, 3, 3\)"):
+        runtime.step("model", KEY, LATENT, lambda: torch.zeros(1, 2, 2, 3, 3))

@@ -107,3 +107,39 @@ def test_a_diffusers_video_transformer_runs_through_the_backend_exactly(name, sp
     rewritten = [find_slot(s.detail["slot"]) for s in sites if s.status == "rewritten"]
     assert set(sparse_calls) == {slot.signature.kv_len for slot in rewritten}  # every site ran the kernel
     assert not any(slot.fallbacks for slot in rewritten)
+
+
+def test_hunyuan_video_15_graph_breaks_keep_the_cache_at_its_call_boundary():
+    """Graph breaks in HunyuanVideo 1.5's forward leave no graph that is the model call (its sampler
+    site is skipped); ``li_compile.cached`` around the call serves a revisit's first step without
+    running the model: the served output is the one stored on the first visit. The model's input
+    stacks the noisy latent with conditioning channels, so the compiled call takes them apart."""
+    from li_compile.controller.poses import look_at
+
+    model, inputs = hunyuan_video_15()
+    model.eval()
+    condition, text = inputs["hidden_states"][:, 4:], inputs["encoder_hidden_states"]
+
+    def denoise(latents, timestep, condition, text):
+        return model(torch.cat([latents, condition], 1), timestep, text, inputs["encoder_attention_mask"],
+                     encoder_hidden_states_2=inputs["encoder_hidden_states_2"],
+                     encoder_attention_mask_2=inputs["encoder_attention_mask_2"], image_embeds=inputs["image_embeds"],
+                     return_dict=False)
+
+    options = {"inner": "eager", "cache": {"reuse_steps": 1, "stored": "raw"}}
+    compiled = torch.compile(denoise, backend="light_interaction", options=options, dynamic=False)
+    dit = li_compile.cached(compiled, latent="latents", timestep="timestep")
+    runtime = li_compile.accelerator(compiled).denoise
+    eye = torch.tensor([[0.01 * f, 0.0, 0.0] for f in range(3)])  # one camera per latent frame
+    cameras = look_at(eye, eye + torch.tensor([0.0, 0.0, 5.0]))
+    served = []
+    for chunk in range(2):
+        runtime.begin_chunk(chunk, cameras, None)
+        with torch.no_grad():
+            served.append(dit(randn(1, 4, 3, 8, 8, seed=chunk), inputs["timestep"], condition, text))
+            dit(randn(1, 4, 3, 8, 8, seed=chunk), inputs["timestep"], condition, text)  # the last step computes
+        stats = runtime.end_chunk().values
+    assert stats["cache"] == "hit" and stats["steps_reused"] == 1 and stats["steps_computed"] == 1
+    assert isinstance(served[1], tuple) and torch.equal(served[1][0], served[0][0])
+    sampler = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert sampler and all(s.status == "skipped" for s in sampler)

@@ -398,3 +398,56 @@ def test_per_frame_timesteps_get_a_sampler_site_and_revisits_reuse_their_early_s
         assert psnr(out, per_frame_sample(model, noise(1), sigmas)) > 30
 
 
+
+
+# ---- a model call split by a graph break: the cache at the call boundary ----
+
+
+class BrokenDenoiser(ToyDenoiser):
+    """``ToyDenoiser`` with a graph break in its forward (as HunyuanVideo 1.5's data-dependent
+    branch): no graph is the whole model call."""
+
+    def forward(self, x, sigma):
+        x = model_call(x)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(8, dtype=torch.float32) / 8)
+        angles = sigma.reshape(-1, 1).float() * 1000 * freqs
+        feat = self.mix(x.movedim(1, -1)).movedim(-1, 1) + self.temb(torch.cat([angles.sin(), angles.cos()], -1))[
+            :, :, None, None, None]
+        x0 = self.scene + 0.1 * torch.tanh(feat)
+        scale = sigma.clamp_min(1e-3)
+        torch._dynamo.graph_break()
+        return (x - x0) / scale
+
+
+def test_a_model_call_split_by_a_graph_break_is_cached_at_its_boundary():
+    """The sampler pass cannot see the call (its site is skipped, naming graph breaks);
+    ``li_compile.cached`` serves the revisit's first two steps around the whole call: one model call
+    of three runs, and the chunk stays close to the uncached one."""
+    model = BrokenDenoiser()
+    compiled = torch.compile(model, backend="light_interaction", options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    sigmas = sigma_schedule(3)
+    with torch.no_grad():
+        compiled(noise(0), sigmas[0])
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert site.status == "skipped" and "graph break" in site.reason
+    dit = li_compile.cached(compiled, latent="x", timestep="sigma")
+    _, calls, _ = run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(0))
+    assert calls == 3
+    out, calls, stats = run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(1), chunk=1)
+    assert calls == 1 and stats["steps_reused"] == 2
+    with torch.no_grad():
+        assert psnr(out, sample(model, noise(1), sigmas)) > 30
+
+
+def test_a_boundary_cache_around_a_graph_level_site_counts_each_step_once():
+    compiled = compiled_model(ToyDenoiser(), reuse_steps=2)
+    dit = li_compile.cached(compiled, latent="x", timestep="sigma")
+    sigmas = sigma_schedule(3)
+    run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(0))
+    _, calls, stats = run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(1), chunk=1)
+    assert calls == 1 and stats["steps_reused"] == 2 and stats["steps_computed"] == 1
+
+
+def test_a_boundary_cache_names_an_argument_the_model_does_not_take():
+    with pytest.raises(ValueError, match="no argument 'latents'"):
+        li_compile.cached(compiled_model(ToyDenoiser()), latent="latents", timestep="sigma")
