@@ -26,11 +26,17 @@ from li_compile.accelerator import _compiled_target, accelerator
 class CachedCalls:
     """``compiled`` (a ``torch.compile`` result with the light_interaction backend) whose calls go
     through its accelerator's denoising cache. ``latent``, ``timestep``: the names of the forward's
-    noisy-latent and timestep arguments. The model must return the latent-shaped output alone, as a
+    noisy-latent and timestep arguments; ``weights``: the module whose parameters and buffers key the
+    cache (default: the compiled module; required for a compiled function). The model must return the latent-shaped output alone, as a
     1-tuple, or as an output object with a single ``sample`` field (diffusers' ``return_dict``)."""
 
-    def __init__(self, compiled: Any, latent: str, timestep: str) -> None:
+    def __init__(self, compiled: Any, latent: str, timestep: str, weights: torch.nn.Module | None = None) -> None:
         target, _ = _compiled_target(compiled)
+        weights = weights if weights is not None else target
+        if not isinstance(weights, torch.nn.Module):
+            raise ValueError(f"{getattr(target, '__name__', target)!r} is a compiled function: name the module whose "
+                             "weights it computes with, cached(..., weights=model), so that new weights never hit "
+                             "outputs of the old ones")
         forward = target.forward if isinstance(target, torch.nn.Module) else target
         self.signature = inspect.signature(forward)
         for name in (latent, timestep):
@@ -39,7 +45,7 @@ class CachedCalls:
                                  f"{list(self.signature.parameters)}")
         self.compiled, self.latent, self.timestep = compiled, latent, timestep
         self.accelerator = accelerator(compiled)
-        self.weights = [*target.parameters(), *target.buffers()] if isinstance(target, torch.nn.Module) else []
+        self.weights = [*weights.parameters(), *weights.buffers()]
         self.wrap: Any = None  # how the model returns its output: learnt from the first computed call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -65,11 +71,11 @@ class CachedCalls:
         return self.accelerator.cache_key(self.weights, [v for k, v in arguments.items() if k not in excluded])
 
 
-def cached(compiled: Any, latent: str, timestep: str) -> CachedCalls:
+def cached(compiled: Any, latent: str, timestep: str, weights: torch.nn.Module | None = None) -> CachedCalls:
     """``compiled`` behind the denoising cache at its call boundary (``CachedCalls``): use it in the
     chunk loop in place of ``compiled`` when the report shows its sampler site skipped because a
     graph break splits the model call."""
-    return CachedCalls(compiled, latent, timestep)
+    return CachedCalls(compiled, latent, timestep, weights)
 
 
 def _unwrap(out: Any) -> tuple[torch.Tensor, Any]:

@@ -128,7 +128,9 @@ def test_hunyuan_video_15_graph_breaks_keep_the_cache_at_its_call_boundary():
 
     options = {"inner": "eager", "cache": {"reuse_steps": 1, "stored": "raw"}}
     compiled = torch.compile(denoise, backend="light_interaction", options=options, dynamic=False)
-    dit = li_compile.cached(compiled, latent="latents", timestep="timestep")
+    with pytest.raises(ValueError, match="weights=model"):
+        li_compile.cached(compiled, latent="latents", timestep="timestep")  # a function: whose weights?
+    dit = li_compile.cached(compiled, latent="latents", timestep="timestep", weights=model)
     runtime = li_compile.accelerator(compiled).denoise
     eye = torch.tensor([[0.01 * f, 0.0, 0.0] for f in range(3)])  # one camera per latent frame
     cameras = look_at(eye, eye + torch.tensor([0.0, 0.0, 5.0]))

@@ -424,7 +424,8 @@ def test_a_model_call_split_by_a_graph_break_is_cached_at_its_boundary():
     ``li_compile.cached`` serves the revisit's first two steps around the whole call: one model call
     of three runs, and the chunk stays close to the uncached one."""
     model = BrokenDenoiser()
-    compiled = torch.compile(model, backend="light_interaction", options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    compiled = torch.compile(model, backend="light_interaction",
+                             options={"inner": "eager", "cache": {"reuse_steps": 2}})
     sigmas = sigma_schedule(3)
     with torch.no_grad():
         compiled(noise(0), sigmas[0])
@@ -446,6 +447,19 @@ def test_a_boundary_cache_around_a_graph_level_site_counts_each_step_once():
     run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(0))
     _, calls, stats = run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(1), chunk=1)
     assert calls == 1 and stats["steps_reused"] == 2 and stats["steps_computed"] == 1
+
+
+def test_new_weights_never_hit_outputs_cached_at_the_boundary_under_the_old_ones():
+    model = BrokenDenoiser()
+    compiled = torch.compile(model, backend="light_interaction",
+                             options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    dit = li_compile.cached(compiled, latent="x", timestep="sigma")
+    sigmas = sigma_schedule(3)
+    run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(0))
+    with torch.no_grad():
+        model.scene.add_(1.0)  # in place: the parameter's version changes
+    _, calls, stats = run_chunk(compiled, lambda x: sample(dit, x, sigmas), HERE, sigmas, noise(1), chunk=1)
+    assert calls == 3 and stats["steps_reused"] == 0
 
 
 def test_a_boundary_cache_names_an_argument_the_model_does_not_take():
