@@ -61,6 +61,9 @@ def _visit_blocks(
     A listed index outside [0, kv_blocks), or inside the span [skip_lo, skip_hi) that another pass
     covers, is skipped: its loads are masked off (never out of bounds) and its probabilities are zero."""
     NEEDS_MASK: tl.constexpr = (not EVEN_N) or APPLY_KEEP or MASK_KIND != 0 or IS_CAUSAL
+    # unscaled logits on the unmasked path: a positive scale commutes with the row max, and the scale
+    # and the shift fuse into one multiply-add per element (as in Triton's fused attention)
+    FOLD: tl.constexpr = FOLD_SCALE and not NEEDS_MASK
     for j in range(count * SUBS):
         # one flat loop over (listed block, sub-tile), so that the compiler pipelines the loads
         sub_start = (j % SUBS) * BLOCK_N
@@ -96,7 +99,7 @@ def _visit_blocks(
             k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
             v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        if NEEDS_MASK or not FOLD_SCALE:
+        if not FOLD:
             qk = qk * qk_scale  # base-2 logits
         if NEEDS_MASK:
             visible = in_bounds[None, :] & (offs_m[:, None] < Lq)
@@ -113,15 +116,13 @@ def _visit_blocks(
             qk = tl.where(visible, qk, float("-inf"))
         # a skipped block adds nothing: its row maxima are -inf and its shift +inf (per row, not per element)
         dead = tl.where(live, 0.0, float("inf"))
-        if FOLD_SCALE and not NEEDS_MASK:
-            # unscaled logits: a positive scale commutes with the row max, and the scale and the
-            # shift below fuse into one multiply-add per element (as in Triton's fused attention)
+        if FOLD:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale - dead)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) - dead)
         # a row that has seen no key yet keeps m = -inf: subtract 0 there, so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if FOLD_SCALE and not NEEDS_MASK:
+        if FOLD:
             p = tl.math.exp2(qk * qk_scale - (m_safe + dead)[:, None])
         else:
             p = tl.math.exp2(qk - (m_safe + dead)[:, None])

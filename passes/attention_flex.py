@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 from torch import fx
 
-from li_compile.passes.attention_match import AttentionMatch, Mask, NotAttention, Operand
+from li_compile.passes.attention_match import AttentionMatch, Mask, NotAttention, sdpa_layout_match
 from li_compile.passes.attention_rewrite import Emitter
 from li_compile.passes.attention_spellings import KEEP_MASK, example
 
@@ -63,23 +63,7 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
     if elements > MAX_MASK_ELEMENTS:
         raise NotAttention(f"flex_attention's block mask would expand to {elements} mask elements (more than "
                            f"{MAX_MASK_ELEMENTS}): left as written")
-    return AttentionMatch(
-        spelling="flex_attention",
-        out=users[0],
-        out_labels=LABELS + ("i", "e"),
-        q=Operand(q, LABELS + ("i", "d")),
-        k=Operand(k, LABELS + ("j", "d")),
-        v=Operand(v, LABELS + ("j", "e")),
-        batch=LABELS,
-        query_axis="i",
-        key_axis="j",
-        head_dim="d",
-        value_dim="e",
-        masks=(),
-        scale=float(scale),
-        is_causal=False,
-        nodes=(node, users[0]),
-    )
+    return sdpa_layout_match("flex_attention", users[0], (q, k, v), LABELS, (), float(scale), False, (node, users[0]))
 
 
 def with_block_mask(gm: fx.GraphModule, match: AttentionMatch) -> AttentionMatch:

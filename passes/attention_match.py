@@ -132,9 +132,20 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
         batch_shape = q_shape[:-2] if call.enable_gqa else torch.broadcast_shapes(q_shape[:-2], k_shape[:-2])
         scores_shape = (*batch_shape, q_shape[-2], k_shape[-2])
         masks = (_mask(call.attn_mask, batch + ("i", "j"), kind, scores_shape),)
-    match = AttentionMatch(
-        spelling="sdpa",
-        out=node,
+    match = sdpa_layout_match("sdpa", node, (q, k, v), batch, masks, None if call.scale is None else float(call.scale),
+                              call.is_causal, (node,))
+    return _shared_kv_heads(match)
+
+
+def sdpa_layout_match(spelling: str, out: fx.Node, qkv: tuple[fx.Node, fx.Node, fx.Node], batch: tuple[str, ...],
+                      masks: tuple[Mask, ...], scale: float | None, is_causal: bool,
+                      nodes: tuple[fx.Node, ...]) -> AttentionMatch:
+    """A site whose operands are laid out as SDPA's, ``(*batch, L, E)``: queries ``batch i d``, keys
+    ``batch j d``, values ``batch j e``, output ``batch i e``."""
+    q, k, v = qkv
+    return AttentionMatch(
+        spelling=spelling,
+        out=out,
         out_labels=batch + ("i", "e"),
         q=Operand(q, batch + ("i", "d")),
         k=Operand(k, batch + ("j", "d")),
@@ -145,11 +156,10 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
         head_dim="d",
         value_dim="e",
         masks=masks,
-        scale=None if call.scale is None else float(call.scale),
-        is_causal=call.is_causal,
-        nodes=(node,),
+        scale=scale,
+        is_causal=is_causal,
+        nodes=nodes,
     )
-    return _shared_kv_heads(match)
 
 
 # ---- hand-written softmax(q k^T) v -----------------------------------------------------------
