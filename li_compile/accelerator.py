@@ -316,7 +316,10 @@ def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlan
 def accelerator(compiled: Any) -> Accelerator:
     """The ``Accelerator`` of ``compiled``: what ``torch.compile(model_or_fn, backend="light_interaction",
     options=...)`` returned, or a module compiled in place with ``module.compile(...)``. Created on
-    first use, so it can be configured before the first (lazy) compilation."""
+    first use, so it can be configured before the first (lazy) compilation. A model behind the
+    cache at its call boundary (``li_compile.cached(compiled, ...)``) has its compiled model's."""
+    if isinstance(getattr(compiled, "accelerator", None), Accelerator):
+        return compiled.accelerator
     target, context = _compiled_target(compiled)
     settings = _compile_settings(context)
     if settings is not None and settings.compiler_name == BACKEND:

@@ -8,7 +8,9 @@ Two granularities, as users compile them:
   with ``F`` the size of exactly one latent axis) that reaches a ``sin``/``cos`` (the sinusoidal timestep embedding)
   through at most ``EMBEDDING_HOPS`` nodes, or, failing that, one named like a timestep
   (``timestep``, ``t``, ``sigma``, ...). Its *latent input* is the input shaped like the single
-  output (a denoiser predicts noise, velocity or x0: all latent-shaped).
+  output (a denoiser predicts noise, velocity or x0: all latent-shaped); where several are (context
+  frames as many as the chunk's), the one of them named like a noisy latent (``x``, ``latents``,
+  ``sample``, ...), else none: the site is skipped rather than keyed on a guess.
 - **chunk function**: the graph is the whole chunk generation with its denoising loop unrolled.
   A *step* is an update ``x ± c * v`` (either order; ``c`` a scalar-like factor) where ``v`` is
   latent-shaped and computed from ``x`` by a model piece that sees a timestep: the flow-matching
@@ -33,6 +35,7 @@ from li_compile.denoise_runtime import frame_axis
 
 EMBEDDING_HOPS = 12  # nodes between the timestep input and its sin/cos
 TIMESTEP_NAME = re.compile(r"^(l_|g_)?_*(t|ts|timesteps?|sigmas?|noise_levels?|time)_*$", re.IGNORECASE)
+LATENT_NAME = re.compile(r"^(l_|g_)?_*(x|xt|x_t|z|zt|z_t|latents?|noisy\w*|samples?|hidden_states)_*$", re.IGNORECASE)
 _SIN_COS = {torch.sin, torch.cos, "sin", "cos"}
 _ADD = {operator.add, torch.add, "add"}
 _SUB = {operator.sub, torch.sub, "sub"}
@@ -153,9 +156,15 @@ def _reaches_sin_cos(node: fx.Node) -> bool:
     return False
 
 
-def _input_name(node: fx.Node) -> str:
+_KEY = re.compile(r"\['([^']+)'\]")
+
+
+def input_name(node: fx.Node) -> str:
+    """The user's name of a graph input: the innermost named argument it came from (``L['text']``
+    -> ``text``, ``L['kwargs']['kv']`` -> ``kv``), else the placeholder's name."""
     source = getattr(node.meta.get("grapharg"), "source", None)
-    return getattr(source, "local_name", None) or node.name
+    keys = _KEY.findall(getattr(source, "name", "") or "")
+    return keys[-1] if keys else node.name
 
 
 def match_transformer(gm: fx.GraphModule) -> TransformerSite:
@@ -166,7 +175,7 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
         if not is_parameter(n) and isinstance(value(n), torch.Tensor) and value(n).dim() <= 1 and value(n).numel() >= 1
     ]
     by_embedding = [(i, n) for i, n in candidates if _reaches_sin_cos(n)]
-    by_name = [(i, n) for i, n in candidates if TIMESTEP_NAME.match(_input_name(n))]
+    by_name = [(i, n) for i, n in candidates if TIMESTEP_NAME.match(input_name(n))]
     per_frame = not (by_embedding or by_name)
     if per_frame:  # diffusion forcing: one timestep per frame, (B, F)
         frame_steps = [
@@ -174,7 +183,7 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
             if not is_parameter(n) and isinstance(value(n), torch.Tensor) and value(n).dim() == 2
         ]
         by_embedding = [(i, n) for i, n in frame_steps if _reaches_sin_cos(n)]
-        by_name = [(i, n) for i, n in frame_steps if TIMESTEP_NAME.match(_input_name(n))]
+        by_name = [(i, n) for i, n in frame_steps if TIMESTEP_NAME.match(input_name(n))]
     if not (by_embedding or by_name):
         raise NotSampler("no timestep input (shape (), (B,) or per frame (B, F), feeding a sin/cos embedding or named "
                          "like a timestep)", False)
@@ -193,17 +202,25 @@ def match_transformer(gm: fx.GraphModule) -> TransformerSite:
     ]
     if not latents:
         raise NotSampler(f"no input shaped like the output {tuple(out.shape)} {out.dtype}: not a denoiser call")
+    if len(latents) > 1:  # e.g. context frames as many as the chunk's: only a name tells the noisy latent
+        named = [i for i in latents if LATENT_NAME.match(input_name(inputs[i]))]
+        if len(named) != 1:
+            raise NotSampler(f"inputs {[input_name(inputs[i]) for i in latents]} are all shaped like the output "
+                             f"{tuple(out.shape)} and {len(named)} of them is named like the noisy latent (x, latents, "
+                             "sample, hidden_states, ...): name it so, or put the call behind li_compile.cached(..., "
+                             "latent=...)")
+        latents = named
     batch = out.shape[0] if out.dim() else 1
     steps = value(node)
     if per_frame and (steps.shape[0] not in (1, batch) or frame_axis(out.shape, steps.shape[1]) is None):
-        raise NotSampler(f"per-frame timesteps {_input_name(node)} {tuple(steps.shape)}: the latent {tuple(out.shape)} "
+        raise NotSampler(f"per-frame timesteps {input_name(node)} {tuple(steps.shape)}: the latent {tuple(out.shape)} "
                          f"needs a batch of {steps.shape[0]} (or 1) and exactly one axis of {steps.shape[1]} frames")
     if not per_frame and steps.numel() not in (1, batch):
-        raise NotSampler(f"timestep input {_input_name(node)} has {steps.numel()} values for a batch of {batch}")
+        raise NotSampler(f"timestep input {input_name(node)} has {steps.numel()} values for a batch of {batch}")
     reason = mutation(gm.graph.nodes)
     if reason is not None:
         raise NotSampler(f"the model call updates state in place at {reason}; skipping it on a cache hit would lose that")
-    return TransformerSite(latents[0], index, _input_name(node), "sin/cos embedding" if by_embedding else "name",
+    return TransformerSite(latents[0], index, input_name(node), "sin/cos embedding" if by_embedding else "name",
                            per_frame)
 
 

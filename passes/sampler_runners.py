@@ -15,7 +15,6 @@ nothing Dynamo guards on: the model compiles once.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -23,22 +22,11 @@ from torch import fx
 from torch.fx.passes.split_module import split_module
 
 from li_compile.inner import InnerCompiler, compile_or_as_written
-from li_compile.passes.sampler_match import Step, TransformerSite, is_parameter
+from li_compile.passes.sampler_match import Step, TransformerSite, input_name, is_parameter
 from li_compile.running import running
 
 log = logging.getLogger("li_compile")
 
-
-
-_KEY = re.compile(r"\['([^']+)'\]")
-
-
-def input_name(node: fx.Node) -> str:
-    """The user's name of a graph input: the innermost named argument it came from (``L['text']``
-    -> ``text``, ``L['kwargs']['kv']`` -> ``kv``), else the placeholder's name."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    keys = _KEY.findall(getattr(source, "name", "") or "")
-    return keys[-1] if keys else node.name
 
 
 class CallKey:

@@ -118,6 +118,34 @@ def test_the_timestep_input_of_a_denoiser_call_is_found_and_reported():
     assert site.detail["found_by"] == "sin/cos embedding"
 
 
+class WithContext(nn.Module):
+    """``ToyDenoiser`` that also reads clean context frames shaped like its latent (as many context
+    frames as the chunk's), under the argument names given."""
+
+    def __init__(self, latent: str, context: str) -> None:
+        super().__init__()
+        self.denoiser, self.latent, self.context = ToyDenoiser(), latent, context
+
+    def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(kwargs[self.latent] + 0.1 * kwargs[self.context], kwargs["sigma"])
+
+
+@pytest.mark.parametrize("latent, context, found", [("x", "memory", "x"), ("sample", "frames", "sample"),
+                                                    ("a", "b", None), ("x", "latents", None)])
+def test_an_input_shaped_like_the_latent_is_told_apart_by_its_name_or_the_site_is_skipped(latent, context, found):
+    """Two inputs shaped like the output: the one named like a noisy latent is the latent; with none
+    or both so named the site is skipped with the reason (a guess could key the cache on the noise)."""
+    compiled = torch.compile(WithContext(latent, context), backend="light_interaction",
+                             options={"inner": "eager"})
+    with torch.no_grad():
+        compiled(**{latent: noise(0), context: noise(1), "sigma": torch.tensor(0.5)})
+    (site,) = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    if found is None:
+        assert site.status == "skipped" and "named like the noisy latent" in site.reason
+    else:
+        assert site.status == "rewritten" and site.detail["latent"].endswith(f"{found}_")
+
+
 def test_a_cache_miss_gives_exactly_the_dense_output_and_a_trajectory_without_revisits_never_hits():
     model, sigmas = ToyDenoiser(), sigma_schedule(4)
     compiled = compiled_model(model)

@@ -2,6 +2,8 @@
 
 - ``hy_worldplay``: HY-WorldPlay-style full-sequence DiT with reconstituted context memory.
 - ``matrix_game3``: Matrix-Game-3.0-style Wan DiT with a per-chunk KV cache of context frames.
+- ``diffusers_world``: diffusers' ``WanTransformer3DModel`` / ``HunyuanVideo15Transformer3DModel`` as a world
+  (needs the ``diffusers`` extra).
 - ``trajectories``: seeded camera paths with exact revisits, and Matrix-Game actions.
 - ``pipeline``: the chunk loop (``generate``), ``ContextSelection``, ``DensePolicy``, ``warm_up``.
 - ``base`` (``WorldSpec``, ``World``), ``layers``, ``sampling``, ``decode``: shared parts.
