@@ -258,4 +258,6 @@ def init_model(model_cls: Callable[[WorldSpec], nn.Module], spec: WorldSpec, dev
         torch.manual_seed(seed)
         with device:
             model = model_cls(spec)
-    return model.to(device, spec.dtype).eval().requires_grad_(False)
+    if spec.dtype != torch.get_default_dtype():  # only then: diffusers warns on any dtype cast
+        model = model.to(spec.dtype)
+    return model.to(device).eval().requires_grad_(False)

@@ -31,7 +31,7 @@ from torch import nn
 
 import li_compile
 from li_compile.sequence import SequenceLayout
-from li_compile.worlds.base import Context, World, WorldSpec, prompt_embedding, resolve_spec
+from li_compile.worlds.base import Context, World, WorldSpec, init_model, prompt_embedding, resolve_spec
 
 PRESETS: dict[str, WorldSpec] = {
     "tiny": WorldSpec(
@@ -222,13 +222,6 @@ def build(preset: str | WorldSpec = "tiny", device: Any = None, dtype: torch.dty
         raise ImportError("the diffusers world needs diffusers: pip install -e '.[diffusers]'") from err
     spec = resolve_spec(preset, PRESETS, dtype)
     upstream = MODELS[model]
-    device = torch.device(device or "cpu")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with device:
-            transformer = getattr(diffusers, upstream.class_name)(**upstream.config(spec))
-    if spec.dtype != torch.float32:
-        transformer = transformer.to(spec.dtype)
-    transformer = transformer.eval().requires_grad_(False)
+    transformer = init_model(lambda s: getattr(diffusers, upstream.class_name)(**upstream.config(s)), spec, device, seed)
     denoiser = DiffusersDenoiser(transformer, model, spec.tokens_per_frame)
-    return DiffusersWorld(spec, denoiser, prompt_embedding(spec, seed, device))
+    return DiffusersWorld(spec, denoiser, prompt_embedding(spec, seed, transformer.device))
