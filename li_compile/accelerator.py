@@ -65,6 +65,7 @@ class Accelerator:
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
         self.calibration: Calibration | None = None  # the per-head plans in effect
         self.audit: Audit | None = None  # the latest li_compile.audit of this model
+        self.boundary_cache: str | None = None  # how li_compile.cached calls this model, if it does
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -198,7 +199,7 @@ class Accelerator:
         compilations = [self._with_plan_reach(c) for c in self.compilations]
         return Report(self.name, compilations, [merged[c] for c in sorted(merged)],
                       None if self.calibration is None else self.calibration.table(),
-                      None if self.audit is None else str(self.audit))
+                      None if self.audit is None else str(self.audit), self.boundary_cache)
 
     def _with_plan_reach(self, compilation: Compilation) -> Compilation:
         """``compilation`` with a reason on every rewritten attention site whose sequence is not the

@@ -45,6 +45,8 @@ class CachedCalls:
                                  f"{list(self.signature.parameters)}")
         self.compiled, self.latent, self.timestep = compiled, latent, timestep
         self.accelerator = accelerator(compiled)
+        self.accelerator.boundary_cache = (f"li_compile.cached(latent={latent!r}, timestep={timestep!r}) serves "
+                                           "every call of the model, also where its sampler sites are skipped")
         self.weights = [*weights.parameters(), *weights.buffers()]
         self.wrap: Any = None  # how the model returns its output: learnt from the first computed call
 

@@ -62,6 +62,7 @@ class Report:
     chunks: list[ChunkStats] = field(default_factory=list)
     calibration: str | None = None  # the calibrated plans' recall per layer (``Calibration.table``)
     audit: str | None = None  # which attention calls ran outside the backend's graphs (``li_compile.audit``)
+    boundary_cache: str | None = None  # the denoising cache around the whole call (``li_compile.cached``)
 
     @property
     def sites(self) -> list[Site]:
@@ -83,6 +84,8 @@ class Report:
             lines += ["  calibrated tile plans:", *("    " + line for line in self.calibration.splitlines())]
         if self.audit is not None:
             lines += ["  " + line for line in self.audit.splitlines()]
+        if self.boundary_cache is not None:
+            lines.append(f"  denoising cache at the call boundary: {self.boundary_cache}")
         for stats in self.chunks:
             values = ", ".join(f"{k}={v}" for k, v in stats.values.items())
             lines.append(f"  chunk {stats.chunk}: {values}")

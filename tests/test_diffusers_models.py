@@ -143,5 +143,7 @@ def test_hunyuan_video_15_graph_breaks_keep_the_cache_at_its_call_boundary():
         stats = runtime.end_chunk().values
     assert stats["cache"] == "hit" and stats["steps_reused"] == 1 and stats["steps_computed"] == 1
     assert isinstance(served[1], tuple) and torch.equal(served[1][0], served[0][0])
-    sampler = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    report = li_compile.report(compiled)
+    sampler = [s for s in report.sites if s.kind == "sampler"]
     assert sampler and all(s.status == "skipped" for s in sampler)
+    assert "call boundary: li_compile.cached(latent='latents'" in str(report)  # the report says what serves it
