@@ -20,21 +20,33 @@ COLUMNS = (  # title, row key, format
 )
 
 
+TRUTH_COLUMNS = (  # rows of the trained worlds, scored against the renderer's ground truth (dB)
+    ("dense vs truth", "psnr_db_dense_vs_truth", "{:.2f}"), ("li vs truth", "psnr_db_li_vs_truth", "{:.2f}"),
+    ("li - dense", None, None), ("repeat-last vs truth", "psnr_db_repeat_last_vs_truth", "{:.2f}"),
+)
+
+
 def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
     if title.startswith("PSNR"):
         return f"{row['psnr_db_vs_dense']:.1f} / {row['min_psnr_db']:.1f} dB"
     if title.startswith("peak"):
         return "-" if row["peak_gb"] is None else f"{row['peak_gb']:.2f} / {row['peak_gb_dense']:.2f}"
+    if title in (t for t, _, _ in TRUTH_COLUMNS) and "psnr_db_dense_vs_truth" not in row:
+        return "-"  # a row written before end_to_end.py kept the truth scores
+    if title == "li - dense":
+        return f"{row['psnr_db_li_vs_truth'] - row['psnr_db_dense_vs_truth']:+.2f}"
     if title.startswith("warm-up"):
         return f"{row['warmup_s_li']:.0f} / {row['warmup_s_dense']:.0f}"
     return fmt.format(row[key])
 
 
 def table(rows: list[dict]) -> str:
-    """One markdown line per summary row: by world, the deepest runs first, then trajectory and run."""
+    """One markdown line per summary row: by world, the deepest runs first, then trajectory and run;
+    with the ground-truth columns when a row has them (trained worlds)."""
     rows = sorted(rows, key=lambda r: (r["world"], -int(r["depth"]), r["trajectory"], r["run"]))
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row, *column) for column in COLUMNS) + " |" for row in rows]
+    columns = COLUMNS + (TRUTH_COLUMNS if any("psnr_db_dense_vs_truth" in r for r in rows) else ())
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row, *column) for column in columns) + " |" for row in rows]
     devices = sorted({f"{r['device']}, torch {r['torch']}" for r in rows})
     return "\n".join(lines) + f"\n\nMeasured on: {'; '.join(devices)}."
 

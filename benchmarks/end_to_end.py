@@ -71,6 +71,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "sparse": {"context": {"enabled": False}, "cache": {"enabled": False}},
     "all_topk": {"sparsity": {"density": 0.5}},  # opt-in: top-k blocks within every plan
     "all_blend": {"cache": {"serve": "blend"}},  # opt-in: revisited frames served the blend of every match
+    "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows not frame-local
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 
@@ -197,6 +198,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
 SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
 SUMMARY_FIELDS = ("speedup", "time_dense_s", "time_li_s", "psnr_db_vs_dense", "min_psnr_db", "recompiles_after_warmup",
                   "cache_hits", "memory_frames_pruned", "attention_density_mean", "chunks")
+TRUTH_FIELDS = ("psnr_db_dense_vs_truth", "psnr_db_li_vs_truth", "psnr_db_repeat_last_vs_truth")  # trained worlds
 
 
 def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
@@ -204,7 +206,7 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
     result, dense = record["runs"][run], record["dense"]
     row = {
         "world": record["world"], "preset": record["preset"], "depth": record["depth"], "trajectory": record["trajectory"],
-        "run": run, **{k: result[k] for k in SUMMARY_FIELDS},
+        "run": run, **{k: result[k] for k in SUMMARY_FIELDS}, **{k: result[k] for k in TRUTH_FIELDS if k in result},
         "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
         "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"], "regional": record["regional"],
         "device": record["device"], "torch": record["torch"], "commit": record["commit"],

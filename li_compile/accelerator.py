@@ -123,12 +123,13 @@ class Accelerator:
         the chunks computed dense; on exit it picks the narrowest candidate reaching ``target`` per
         layer and head (heads no candidate serves stay dense) and uses it for every later chunk
         (``use_calibration``). ``candidates``: narrowest first, each plan a superset of the one before
-        (default: ``widening_ladder`` from radius 0 and margin 0, ``CALIBRATION_STEPS`` steps, so the
-        second candidate is the default options' plan); ``rows``: query
-        rows measured per site call. The scope's ``calibration`` holds the result."""
+        (default: ``widening_ladder`` from radius 0, margin 0 and frame-local context rows,
+        ``CALIBRATION_STEPS`` steps, then the widest with dense context rows); ``rows``: query rows
+        measured per site call. The scope's ``calibration`` holds the result."""
         controller = self._controller()
-        if candidates is None:  # from the narrowest plan up: radius 0 and margin 0, then the defaults' (1, 0.1), ...
-            narrowest = dataclasses.replace(controller.tile_params, recent_radius=0, visibility_margin=0.0)
+        if candidates is None:  # from the narrowest plan up: radius 0, margin 0 and frame-local context rows
+            narrowest = dataclasses.replace(controller.tile_params, recent_radius=0, visibility_margin=0.0,
+                                            context_queries="frame_local")
             candidates = widening_ladder(narrowest, CALIBRATION_STEPS)
         return CalibrationScope(self, CalibrationRun(candidates, target, rows))
 

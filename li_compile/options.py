@@ -49,9 +49,11 @@ class SparsityOptions:
     tiles around where its content was in each recent frame, the memory tiles whose ray cones the
     chunk's cameras see with ``visibility_margin``); ``"frames"``: whole dropped frames skipped only.
     ``context_queries``: the rule for the context's own query rows where every token is a query
-    (HY's full sequence): ``"frame_local"`` (default: their own frame and the sinks; on the trained
-    world's full form 41-42 dB against dense and within 0.02 dB of dense against the truth, at plan
-    densities 0.27-0.36 instead of 0.85-1.0) or ``"dense"`` (exact).
+    (HY's full sequence): ``"dense"`` (default: every key that holds a frame, exact; plan density
+    0.85 on the trained world's full form) or ``"frame_local"`` (their own frame and the sinks:
+    density 0.27-0.36, but on the trained world 24-28 dB on the worst chunk against dense and up to
+    1.2 dB worse than dense against the truth, as the error compounds from chunk to chunk;
+    ``li_compile.calibrate`` tries it first and keeps it only for heads where it holds the mass).
 
     ``max_density``: a plan whose block-sparse kernel would visit more than this share of the block
     pairs it runs (those outside the ``flash_span``; all of them without one) runs dense instead
@@ -70,7 +72,7 @@ class SparsityOptions:
     plan: str = field(default="tiles", metadata=_choice(PLANS))
     recent_radius: int = field(default=1, metadata=_range(0, None))
     visibility_margin: float = field(default=0.1, metadata=_range(0.0, None))
-    context_queries: str = field(default="frame_local", metadata=_choice(("dense", "frame_local")))
+    context_queries: str = field(default="dense", metadata=_choice(("dense", "frame_local")))
     max_density: float = field(default=0.6, metadata=_range(0.0, 1.0))
     flash_span: bool = True
 
