@@ -71,7 +71,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "sparse": {"context": {"enabled": False}, "cache": {"enabled": False}},
     "all_topk": {"sparsity": {"density": 0.5}},  # opt-in: top-k blocks within every plan
     "all_blend": {"cache": {"serve": "blend"}},  # opt-in: revisited frames served the blend of every match
-    "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows not frame-local
+    "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows dense (the default)
+    "all_frame_local": {"sparsity": {"context_queries": "frame_local"}},  # opt-in: context rows frame-local
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 
