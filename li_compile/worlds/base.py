@@ -178,6 +178,13 @@ class World:
         """Token layout of the model's self-attention with ``capacity`` context slots."""
         raise NotImplementedError
 
+    def context_layout(self, capacity: int | None, queries: str, suffix_tokens: int = 0) -> SequenceLayout:
+        """Context slots (``capacity``; None: the preset's ``context_frames``) then the chunk's frames on
+        the preset's token grid, ``queries`` ``"all"`` or ``"chunk"``, ``suffix_tokens`` after the video."""
+        slots = self.spec.context_frames if capacity is None else capacity
+        grid_h, grid_w = self.spec.grid
+        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, suffix_tokens=suffix_tokens, queries=queries)
+
     def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
                first_frame: int) -> dict[str, torch.Tensor]:
         """Keyword inputs of ``model(x, sigma, **inputs)`` for one chunk (run once per chunk)."""
@@ -228,9 +235,7 @@ class KVCacheWorld(World):
 
     def layout(self, capacity: int | None = None) -> SequenceLayout:
         """Keys: context slots then chunk frames; queries: the chunk's tokens only (KV cache)."""
-        slots = self.spec.context_frames if capacity is None else capacity
-        grid_h, grid_w = self.spec.grid
-        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, queries="chunk")
+        return self.context_layout(capacity, "chunk")
 
 
 def prompt_embedding(spec: WorldSpec, seed: int, device: torch.device | str | None) -> torch.Tensor:

@@ -183,10 +183,8 @@ class DiffusersWorld(World):
         self.spec, self.model, self.text = spec, model, text
 
     def layout(self, capacity: int | None = None) -> SequenceLayout:
-        slots = self.spec.context_frames if capacity is None else capacity
-        grid_h, grid_w = self.spec.grid
-        suffix = MODELS[self.model.kind].extra_tokens(self.spec)
-        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, suffix_tokens=suffix, queries="all")
+        """Context slots then chunk frames, every token a query, then HunyuanVideo 1.5's text tokens."""
+        return self.context_layout(capacity, "all", MODELS[self.model.kind].extra_tokens(self.spec))
 
     def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
                first_frame: int) -> dict[str, torch.Tensor]:

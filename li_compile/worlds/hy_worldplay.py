@@ -288,9 +288,7 @@ class HYWorldPlay(World):
 
     def layout(self, capacity: int | None = None) -> SequenceLayout:
         """Context slots then chunk frames; every token is a query (full-sequence memory)."""
-        slots = self.spec.context_frames if capacity is None else capacity
-        grid_h, grid_w = self.spec.grid
-        return SequenceLayout(slots, self.spec.chunk_frames, grid_h, grid_w, queries="all")
+        return self.context_layout(capacity, "all")
 
     def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
                first_frame: int) -> dict[str, torch.Tensor]:
