@@ -156,8 +156,10 @@ class DiffusersDenoiser(nn.Module):
             frames = torch.cat([context_valid, chunk], dim=1)
             self.key_mask.tokens = frames.repeat_interleave(self.tokens_per_frame, dim=1)
         timestep = (sigma * TIMESTEP_SCALE).reshape(1).expand(x.shape[0])
-        out = self._call_upstream(video, timestep, text)
-        self.key_mask.tokens = None
+        try:
+            out = self._call_upstream(video, timestep, text)
+        finally:  # a direct call of the transformer later must not see this forward's mask
+            self.key_mask.tokens = None
         return out[:, :, slots:].transpose(1, 2)
 
     def _call_upstream(self, video: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
