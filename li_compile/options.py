@@ -51,8 +51,8 @@ class SparsityOptions:
     ``context_queries``: the rule for the context's own query rows where every token is a query
     (HY's full sequence): ``"dense"`` (default: every key that holds a frame, exact; plan density
     0.85 on the trained world's full form) or ``"frame_local"`` (their own frame and the sinks:
-    density 0.27-0.36, but on the trained world 24-28 dB on the worst chunk against dense and up to
-    1.2 dB worse than dense against the truth, as the error compounds from chunk to chunk;
+    density 0.29-0.31, but on the trained world 17.9-29.0 dB on the worst chunk against dense and up
+    to 1.15 dB worse than dense against the truth, as the error compounds from chunk to chunk;
     ``li_compile.calibrate`` tries it first and keeps it only for heads where it holds the mass).
 
     ``max_density``: a plan whose block-sparse kernel would visit more than this share of the block
