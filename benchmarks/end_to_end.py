@@ -73,6 +73,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "all_blend": {"cache": {"serve": "blend"}},  # opt-in: revisited frames served the blend of every match
     "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows dense (the default)
     "all_frame_local": {"sparsity": {"context_queries": "frame_local"}},  # opt-in: context rows frame-local
+    "all_camera_context": {"sparsity": {"context_queries": "camera"}},  # opt-in: context rows from their own cameras
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 

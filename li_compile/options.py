@@ -21,6 +21,7 @@ INNER_COMPILERS = ("inductor", "eager", "tensorrt")
 SIMILARITY_MEASURES = ("proxy", "frustum")
 WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
 PLANS = ("tiles", "frames")  # what a sparse plan is made of: see SparsityOptions
+CONTEXT_QUERY_RULES = ("dense", "camera", "frame_local")  # context query rows of a full sequence: see SparsityOptions
 CACHE_STORED = ("x0", "raw")  # what the denoising cache keeps: see li_compile.denoise_runtime
 CACHE_SERVE = ("best", "blend")  # what a revisited frame is served: see li_compile.denoise_cache
 
@@ -50,10 +51,14 @@ class SparsityOptions:
     chunk's cameras see with ``visibility_margin``); ``"frames"``: whole dropped frames skipped only.
     ``context_queries``: the rule for the context's own query rows where every token is a query
     (HY's full sequence): ``"dense"`` (default: every key that holds a frame, exact; plan density
-    0.85 on the trained world's full form) or ``"frame_local"`` (their own frame and the sinks:
-    density 0.29-0.31, but on the trained world 17.9-29.0 dB on the worst chunk against dense and up
-    to 1.15 dB worse than dense against the truth, as the error compounds from chunk to chunk;
-    ``li_compile.calibrate`` tries it first and keeps it only for heads where it holds the mass).
+    0.85 on the trained world's full form), ``"camera"`` (their own frame, the chunk, the sinks, and
+    the context tiles their own frame's camera needs, by the chunk rows' recent-window and ray-cone
+    rules: on the trained world as faithful as dense at density 0.83-0.87, and on HY's full preset
+    density 0.67-0.88, above ``max_density``, so it runs dense there) or ``"frame_local"`` (their own
+    frame and the sinks: density 0.29-0.31, but on the trained world 17.9-29.0 dB on the worst chunk
+    against dense and up to 1.15 dB worse than dense against the truth, as the error compounds from
+    chunk to chunk). ``li_compile.calibrate`` tries frame-local, then camera rows, and keeps them only
+    for heads where they hold the mass.
 
     ``max_density``: a plan whose block-sparse kernel would visit more than this share of the block
     pairs it runs (those outside the ``flash_span``; all of them without one) runs dense instead
@@ -72,7 +77,7 @@ class SparsityOptions:
     plan: str = field(default="tiles", metadata=_choice(PLANS))
     recent_radius: int = field(default=1, metadata=_range(0, None))
     visibility_margin: float = field(default=0.1, metadata=_range(0.0, None))
-    context_queries: str = field(default="dense", metadata=_choice(("dense", "frame_local")))
+    context_queries: str = field(default="dense", metadata=_choice(CONTEXT_QUERY_RULES))
     max_density: float = field(default=0.6, metadata=_range(0.0, 1.0))
     flash_span: bool = True
 

@@ -91,8 +91,8 @@ def test_calibration_is_saved_and_reloaded_and_prints_recall_per_layer():
 def test_a_frame_local_ladder_widens_its_context_rows_last_and_every_step_is_a_superset():
     full = TiledSequence(SequenceLayout(2, 1, 8, 16, queries="all"), (1, 4, 4))
     ladder = widening_ladder(TilePlanParams(recent_radius=0, context_queries="frame_local"), steps=3)
-    assert [p.context_queries for p in ladder] == ["frame_local"] * 3 + ["dense"]
-    assert ladder[-1].recent_radius == ladder[-2].recent_radius == 2
+    assert [p.context_queries for p in ladder] == ["frame_local"] * 3 + ["camera", "dense"]
+    assert ladder[-1].recent_radius == ladder[-2].recent_radius == ladder[-3].recent_radius == 2
     masks = [tile_plan(full, ROLES, EYE.expand(2, 4, 4), EYE.expand(1, 4, 4), bounds_from_fov(60.0, 2.0), p,
                        block_q=16, block_k=16).to_dense_mask() for p in ladder]
     for narrow, wide in zip(masks, masks[1:]):

@@ -137,7 +137,7 @@ def test_controller_writes_the_plan_of_its_capacity_and_a_disabled_one_keeps_it_
     assert disabled.stats[-1].values["plan"] == "dense" and slot.is_dense
 
 
-@pytest.mark.parametrize("queries, rule", [("all", "frame_local"), ("all", "dense"), ("chunk", "frame_local")])
+@pytest.mark.parametrize("queries, rule", [("all", "frame_local"), ("all", "dense"), ("all", "camera"), ("chunk", "frame_local")])
 def test_a_split_tile_plan_visits_exactly_what_the_tile_plan_allows(queries, rule):
     """The chunk's span goes through SDPA for every query row, so it is split off only where every
     row's plan visits it whole: the written blocks plus the span equal the tile plan, per rule."""
@@ -161,7 +161,7 @@ def test_a_split_tile_plan_visits_exactly_what_the_tile_plan_allows(queries, rul
     visited = BlockLayout(*slot.tensors(), block_q=16, block_k=16, q_len=seq.q_len, kv_len=seq.kv_len).to_dense_mask()
     first, end = slot.dense_span
     visited[..., first * 16:end * 16] = True
-    assert (first < end) == (queries == "chunk" or rule == "dense")
+    assert (first < end) == (queries == "chunk" or rule != "frame_local")
     assert torch.equal(visited, reference.to_dense_mask())
 
 

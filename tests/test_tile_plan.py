@@ -65,7 +65,7 @@ def chunks(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     poses = random_poses(s.frames, 1.0, g)
     params = TilePlanParams(
-        recent_radius=draw(st.integers(0, 2)), context_queries=draw(st.sampled_from(["dense", "frame_local"]))
+        recent_radius=draw(st.integers(0, 2)), context_queries=draw(st.sampled_from(["dense", "camera", "frame_local"]))
     )
     block = draw(st.sampled_from([8, 16, 32]))
     return tiled, roles, poses[: s.context_frames], poses[s.context_frames :], params, block
@@ -81,6 +81,11 @@ def test_own_chunk_and_sinks_are_always_visited_and_padding_never(case):
     frames, q_tiles = tiled.key_frame_ids, tiled.query_tile_ids
     chunk_rows = q_tiles >= (tiled.context_tiles if s.queries == "all" else 0)
     assert mask[chunk_rows][:, frames >= s.context_frames].all()  # own chunk
+    if s.queries == "all" and params.context_queries != "frame_local":  # context rows of real frames see the chunk
+        q_frames = tiled.key_frame_ids
+        real = torch.tensor([r != "pad" for r in roles] + [True] * s.chunk_frames)
+        context_rows = (q_frames >= 0) & (q_frames < s.context_frames) & real[q_frames.clamp_min(0)]
+        assert mask[context_rows][:, frames >= s.context_frames].all()
     assert mask[:, frames < 0].all()  # sinks, from every query
     pad = torch.tensor([r == "pad" for r in roles] + [False] * s.chunk_frames)
     assert not mask[:, (frames >= 0) & pad[frames.clamp_min(0)]].any()  # padding never
@@ -202,6 +207,30 @@ def test_context_queries_follow_their_rule_in_the_full_sequence():
             expected = torch.ones_like(frames, dtype=torch.bool) if rule == "dense" else (frames == f) | (frames < 0)
             assert torch.equal(rows, expected.expand_as(rows))
         assert mask[q_frames < 0].all()  # prefix queries see every key
+
+
+def test_camera_context_rows_lie_between_frame_local_and_dense_and_follow_each_frames_own_camera():
+    """Context frame 0 looks where memory frame 1 looks and away from memory frame 2: its rows visit
+    all of frame 1 and nothing of frame 2; frame 2's rows see frame 0 no more than it sees them.
+    Every context row visits its own frame, the whole chunk and the sinks."""
+    tiled = _tiled(queries="all", context=3, chunk=1, tile=(1, 4, 4))
+    context = torch.stack([_yaw(0.0), _yaw(0.0), _yaw(180.0)])
+    chunk = torch.stack([_yaw(0.0)])
+    roles = ["recent", "memory", "memory"]
+    masks = {
+        rule: tile_plan(tiled, roles, context, chunk, BOUNDS, TilePlanParams(context_queries=rule),
+                        block_q=16, block_k=16).to_dense_mask()[0, 0]
+        for rule in ("frame_local", "camera", "dense")
+    }
+    assert not (masks["frame_local"] & ~masks["camera"]).any()
+    assert not (masks["camera"] & ~masks["dense"]).any()
+    frames = tiled.key_frame_ids
+    camera = masks["camera"]
+    rows_of = {f: camera[frames == f] for f in range(4)}
+    assert rows_of[0][:, frames == 1].all() and not rows_of[0][:, frames == 2].any()
+    assert not rows_of[2][:, frames == 1].any()
+    for f in range(3):
+        assert rows_of[f][:, (frames == f) | (frames == 3) | (frames < 0)].all()
 
 
 def test_the_plan_is_written_in_place_with_fixed_shapes_and_changes_with_the_cameras():

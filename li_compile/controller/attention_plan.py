@@ -142,9 +142,9 @@ def tile_shape(block: int) -> tuple[int, int, int]:
 def span_seen_by_every_row(sequence: SequenceLayout, params: Sequence[TilePlanParams | None]) -> bool:
     """Whether every query row's tile plan visits the chunk's own keys, the span SDPA runs for all
     rows (``kernels.split_attention``): chunk queries (KV-cache form), or every token a query with
-    dense context rows. Frame-local context rows do not: the span would attend them to the chunk
+    dense or camera context rows. Frame-local context rows do not: the span would attend them to the chunk
     too (on HY's full preset 0.14 of all token pairs, on top of a plan of density 0.2)."""
-    return sequence.queries == "chunk" or all(p is None or p.context_queries == "dense" for p in params)
+    return sequence.queries == "chunk" or all(p is None or p.context_queries in ("dense", "camera") for p in params)
 
 
 def write_tile_chunk_plan(

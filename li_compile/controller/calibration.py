@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from li_compile.controller.tile_plan import TilePlanParams
+from li_compile.options import CONTEXT_QUERY_RULES
 from li_compile.kernels.block_layout import BlockLayout
 
 DENSE = -1  # the choice of a head no candidate serves: it stays dense
@@ -67,8 +68,9 @@ def kept_mass_from_probs(probs: torch.Tensor, plan: BlockLayout | torch.Tensor) 
 
 def widening_ladder(base: TilePlanParams = TilePlanParams(), steps: int = 4) -> tuple[TilePlanParams, ...]:
     """``steps`` parameter sets from ``base`` outwards, each plan a superset of the one before: step
-    ``i`` adds ``i`` tiles to the recent radius and ``i * MARGIN_STEP`` to the visibility margin; when
-    ``base`` has frame-local context rows, one more: the last step with dense context rows."""
+    ``i`` adds ``i`` tiles to the recent radius and ``i * MARGIN_STEP`` to the visibility margin; then,
+    when ``base``'s context rows are not dense, the last step with each wider context-row rule
+    (``"frame_local"`` -> ``"camera"`` -> ``"dense"``)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     ladder = tuple(
@@ -77,10 +79,9 @@ def widening_ladder(base: TilePlanParams = TilePlanParams(), steps: int = 4) -> 
         )
         for i in range(steps)
     )
-    if base.context_queries == "dense":
-        return ladder
-    # frame-local context rows (a full-sequence model) are widened last: the widest window, rows dense
-    return ladder + (dataclasses.replace(ladder[-1], context_queries="dense"),)
+    # context rows of a full-sequence model widen last, at the widest window: frame-local, camera, dense
+    wider = CONTEXT_QUERY_RULES[: CONTEXT_QUERY_RULES.index(base.context_queries)][::-1]
+    return ladder + tuple(dataclasses.replace(ladder[-1], context_queries=rule) for rule in wider)
 
 
 @dataclass(frozen=True)

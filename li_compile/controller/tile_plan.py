@@ -17,7 +17,9 @@ tile of the chunk the plan visits, in this order of priority:
    ``min_visibility``. The frame-level ``frustum_overlap`` applied to one tile's cone; ranked by it.
 
 Context query tiles (``queries="all"``, HY-WorldPlay's full sequence) follow ``context_queries``:
-``"dense"`` (every key that holds a frame: exact, costs nothing in accuracy) or ``"frame_local"``
+``"dense"`` (every key that holds a frame: exact, costs nothing in accuracy), ``"camera"`` (their own
+frames' tiles, the whole chunk, the sinks, and the context tiles their own cameras need, by the
+chunk rows' rules 3 and 4 with the query tile's frames in place of the chunk's) or ``"frame_local"``
 (their own frames' tiles and the sinks). Prefix/suffix queries see every key. Padding slots
 (``roles`` entry ``"pad"``) are never visited: blocks that mix padding with frames are partial,
 under ``key_keep``; padding query tiles see only the sinks.
@@ -45,10 +47,10 @@ import torch
 from li_compile.controller.poses import relative_pose, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, in_frustum
 from li_compile.kernels.block_layout import INDEX_DTYPE, BlockLayout, cdiv, to_bcsr
+from li_compile.options import CONTEXT_QUERY_RULES
 from li_compile.tiled_sequence import TiledSequence
 
 ROLES = ("pad", "memory", "recent")
-CONTEXT_QUERY_RULES = ("dense", "frame_local")
 # Priority classes: class c spans [c, c + 1); a higher class is always kept before a lower one.
 OWN, SINK, RECENT, MEMORY = 4.0, 3.0, 2.0, 1.0
 NEVER = float("-inf")
@@ -170,6 +172,15 @@ def memory_visibility(
     ``similarity.frustum_samples``: what a key tile holds is a surface at some depth, and a near
     surface matters as much as a far one); the score is the largest fraction of those points inside
     one chunk camera's frustum, widened by ``visibility_margin``."""
+    return cone_seen(tiled, memory_poses, chunk_poses, bounds, params).amax(1)
+
+
+def cone_seen(
+    tiled: TiledSequence, memory_poses: torch.Tensor, cameras: torch.Tensor, bounds: torch.Tensor,
+    params: TilePlanParams,
+) -> torch.Tensor:
+    """``memory_visibility`` per camera: ``(M, F, nh * nw)``, the fraction of each memory tile's ray
+    cone inside each of ``cameras (F, 4, 4)``'s frustums (widened by ``visibility_margin``)."""
     near, far = params.depth_range
     cell = (torch.arange(CONE_RAYS) + 0.5) / CONE_RAYS  # ray grid over the tile's rectangle, cell centres
     fu, fv = torch.meshgrid(cell, cell, indexing="ij")
@@ -179,10 +190,9 @@ def memory_visibility(
     depths = torch.logspace(math.log10(near), math.log10(far), CONE_DEPTHS).clamp(near, far)
     cone = torch.stack([u[..., None] * depths, v[..., None] * depths, depths.expand(*u.shape, -1)], -1)
     cone = cone.reshape(len(boxes), -1, 3)  # (hw, S, 3) in the memory camera
-    to_chunk = relative_pose(chunk_poses[None], memory_poses[:, None])  # (M, F, 4, 4)
-    p = torch.einsum("mfij,hsj->mfhsi", to_chunk[..., :3, :3], cone) + to_chunk[:, :, None, None, :3, 3]
-    seen = in_frustum(p, bounds, near, far, params.visibility_margin).float().mean(-1)  # (M, F, hw)
-    return seen.amax(1)
+    to_camera = relative_pose(cameras[None], memory_poses[:, None])  # (M, F, 4, 4)
+    p = torch.einsum("mfij,hsj->mfhsi", to_camera[..., :3, :3], cone) + to_camera[:, :, None, None, :3, 3]
+    return in_frustum(p, bounds, near, far, params.visibility_margin).float().mean(-1)  # (M, F, hw)
 
 
 # -- priorities ---------------------------------------------------------------------------------
@@ -278,7 +288,46 @@ def tile_priorities(
             same_t = torch.arange(context_tiles)[:, None] // hw == torch.arange(key_tiles)[None] // hw
             local = torch.where(same_t & query_real[:, None] & key_real[None, :key_tiles], OWN, NEVER)
             prio[:context_tiles, :key_tiles] = local
+            if params.context_queries == "camera":
+                rows = torch.maximum(prio[:context_tiles], camera_context_rows(tiled, roles, context_poses, bounds, params))
+                rows[:, context_tiles:key_tiles] = OWN
+                prio[:context_tiles] = torch.where(query_real[:, None], rows, prio[:context_tiles])
     return prio
+
+
+def camera_context_rows(
+    tiled: TiledSequence, roles: Sequence[str], context_poses: torch.Tensor, bounds: torch.Tensor,
+    params: TilePlanParams,
+) -> torch.Tensor:
+    """The ``"camera"`` rule's context key tiles for the context's own query tiles: ``(context tiles,
+    key tiles + 1)`` priorities (``NEVER`` elsewhere). Each context query tile is planned from its
+    own frames' cameras as a chunk tile is from the chunk's: recent frames through the reprojected
+    window (``recent_window``), memory frames through the ray cones its cameras see (``cone_seen``);
+    roles and poses as in ``tile_priorities`` (poses already checked)."""
+    s = tiled.sequence
+    _, nh, nw = tiled.key_order.tiles
+    hw = nh * nw
+    context_tiles = tiled.context_tiles
+    rows = torch.full((context_tiles, math.prod(tiled.key_order.tiles) + 1), NEVER)
+    recent = [i for i, role in enumerate(roles) if role == "recent"]
+    if recent:
+        window = recent_window(tiled, context_poses, context_poses[recent], bounds, params)  # (context tiles, R, hw)
+        for r, frame in enumerate(recent):
+            t = frame // tiled.tile[0]
+            value = RECENT + 0.5 * (frame + 1) / (s.context_frames + 1)
+            block = rows[:, t * hw : (t + 1) * hw]
+            block.copy_(torch.where(window[:, r], torch.maximum(block, torch.tensor(value)), block))
+    memory = [i for i, role in enumerate(roles) if role == "memory"]
+    if memory:
+        seen = cone_seen(tiled, context_poses[memory], context_poses, bounds, params)  # (M, context frames, hw)
+        frames_of_t = _frames_of_t(tiled, s.context_frames)  # (context t-tiles, context frames)
+        per_t = torch.where(frames_of_t[None, :, :, None], seen[:, None], 0.0).amax(2)  # (M, t-tiles, hw)
+        for m, frame in enumerate(memory):
+            t = frame // tiled.tile[0]
+            value = torch.where(per_t[m] > params.min_visibility, MEMORY + 0.999 * per_t[m], NEVER)
+            block = rows[:, t * hw : (t + 1) * hw]
+            block.copy_(torch.maximum(block, value.repeat_interleave(hw, 0)))
+    return rows
 
 
 def key_keep(tiled: TiledSequence, roles: Sequence[str]) -> torch.Tensor:
