@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 COLUMNS = (  # title, row key, format
@@ -35,16 +36,27 @@ def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
         return "-"  # a row written before end_to_end.py kept the truth scores
     if title == "li - dense":
         return f"{row['psnr_db_li_vs_truth'] - row['psnr_db_dense_vs_truth']:+.2f}"
+    if title == "device":
+        return short_device(row["device"])
     if title.startswith("warm-up"):
         return f"{row['warmup_s_li']:.0f} / {row['warmup_s_dense']:.0f}"
     return fmt.format(row[key])
 
 
+def short_device(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``; other names as they are."""
+    match = re.search(r"\b[A-Z]\d{2,3}\b", name)
+    return match.group(0) if match else name
+
+
 def table(rows: list[dict]) -> str:
     """One markdown line per summary row: by world, the deepest runs first, then trajectory and run;
-    with the ground-truth columns when a row has them (trained worlds)."""
+    with the ground-truth columns when a row has them (trained worlds), and a device column when the
+    rows ran on more than one kind of device (timings compare only within one row)."""
     rows = sorted(rows, key=lambda r: (r["world"], -int(r["depth"]), r["trajectory"], r["run"]))
     columns = COLUMNS + (TRUTH_COLUMNS if any("psnr_db_dense_vs_truth" in r for r in rows) else ())
+    if len({short_device(r["device"]) for r in rows}) > 1:
+        columns += (("device", None, None),)
     lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(cell(row, *column) for column in columns) + " |" for row in rows]
     devices = sorted({f"{r['device']}, torch {r['torch']}" for r in rows})
