@@ -236,8 +236,9 @@ def _write(out: Path, record: dict[str, Any]) -> None:
 
 
 def _file_stem(record: dict[str, Any]) -> str:
-    """``<world>_<trajectory>`` with only letters, digits and underscores."""
-    return "".join(c if c.isalnum() else "_" for c in f"{record['world']}_{record['trajectory']}").replace("__", "_")
+    """``<world>_d<depth>_<trajectory>`` with only letters, digits and underscores."""
+    stem = f"{record['world']}_d{record['depth']}_{record['trajectory']}"
+    return "".join(c if c.isalnum() else "_" for c in stem).replace("__", "_")
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:
