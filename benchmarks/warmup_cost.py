@@ -1,10 +1,12 @@
 """Where a light_interaction warm-up goes at depth: Dynamo's trace of the whole model against the
 backend's passes, with no inner compilation (``inner="eager"``), for one model call.
 
-    python benchmarks/warmup_cost.py [--world hy_worldplay] [--preset tiny] [--depth 54]
+    python benchmarks/warmup_cost.py [--world hy_worldplay] [--preset tiny] [--depth 54] [--harness]
 
-Each capacity bucket is one such trace (two on CUDA: a padded and a full context), so this times
-what regional compilation (``li_compile.regions``, which cuts only what Inductor compiles) leaves.
+Each capacity bucket is one such trace (on CUDA one more, a full context without its mask, at the
+largest bucket), so this times what regional compilation (``li_compile.regions``, which cuts only
+what Inductor compiles) leaves. ``--harness`` then times the benchmarks' whole light_interaction
+warm-up (``report_tools.light_interaction_setup``) as it runs on CUDA, and counts its graphs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import time
 
 import torch
 
+from torch._dynamo.utils import counters
+
 import li_compile.backend
-from li_compile.worlds import hy_worldplay, matrix_game3
+from li_compile.worlds import hy_worldplay, matrix_game3, report_tools
 from li_compile.worlds.pipeline import warm_up
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
@@ -27,6 +31,7 @@ def main() -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="hy_worldplay")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--depth", type=int, default=54)
+    parser.add_argument("--harness", action="store_true", help="also time the whole warm-up of a light_interaction run")
     args = parser.parse_args()
     module = WORLDS[args.world]
     world = module.build(dataclasses.replace(module.PRESETS[args.preset], depth=args.depth))
@@ -48,6 +53,14 @@ def main() -> None:
     total = time.perf_counter() - start
     print(f"{world.spec.name} depth {args.depth}: first call {total:.1f} s, of which the backend's passes "
           f"{passes_s[0]:.1f} s; the rest is Dynamo's trace (and the eager call itself)")
+    if args.harness:
+        report_tools.full_context_masked = lambda world: False  # this process only: warm up as on CUDA
+        setup = report_tools.light_interaction_setup(module.build(world.spec), {"inner": "eager"})
+        torch._dynamo.reset()
+        frames, start = counters["frames"]["ok"], time.perf_counter()
+        setup.warm_up()
+        print(f"light_interaction warm-up as on CUDA (inner eager): {counters['frames']['ok'] - frames} graphs "
+              f"in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import li_compile
+
 from li_compile.worlds import hy_worldplay, matrix_game3, report_tools, trajectories
 from li_compile.worlds.fidelity import trained_truth
 from li_compile.worlds.report_tools import (
@@ -100,18 +102,28 @@ def test_trained_example_reports_fidelity_against_ground_truth(tmp_path):
 
 
 def test_the_cuda_harness_runs_full_contexts_unmasked_with_every_graph_warmed_up(monkeypatch):
-    """On CUDA (``full_context_masked`` False; forced here) a light_interaction run has a padded
-    and a full graph per capacity bucket: warm-up compiles them all (no recompile in the timed run)
-    and the run raises a recompile limit lower than that (else Dynamo would run the model eagerly:
-    no cache hit), the denoising cache still hits, and the frames equal the masked run's."""
+    """On CUDA (``full_context_masked`` False; forced here) a light_interaction run has one graph per
+    capacity bucket and one more, unmasked, for a full context at the largest bucket: warm-up
+    compiles exactly those (no recompile in the timed run) and the run raises a recompile limit
+    lower than that (else Dynamo would run the model eagerly: no cache hit), the denoising cache
+    still hits, and the frames equal the masked run's."""
+    from torch._dynamo.utils import counters
+
     world = hy_worldplay.build("tiny", seed=0)  # Matrix-Game's encoder path: tests/test_worlds.py (mask_full)
     f = world.spec.chunk_frames
     trajectory = trajectories.make("loop", 10 * f, seed=0, chunk_frames=f)
     options = {"inner": "eager"}
-    masked = timed_run(light_interaction_setup(world, options), trajectory, 10, 0)
+    setup = light_interaction_setup(world, options)
+    frames = [counters["frames"]["ok"]]
+    masked = timed_run(setup, trajectory, 10, 0)
+    frames.append(counters["frames"]["ok"])
     monkeypatch.setattr(report_tools, "full_context_masked", lambda world: False)
     with torch._dynamo.config.patch(recompile_limit=2):
         unmasked = timed_run(light_interaction_setup(world, options), trajectory, 10, 0)
+    frames.append(counters["frames"]["ok"])
+    buckets = li_compile.accelerator(setup.world.model).controller.warm_up_buckets()
+    assert len(buckets) > 1 and frames[1] - frames[0] == len(buckets)  # one graph per bucket ...
+    assert frames[2] - frames[1] == 1  # ... and the unmasked one, at the largest bucket only
     assert unmasked.recompiles == 0 and unmasked.kernel_autotunes == 0
     hits = [[s["cache_hits"] for s in run.stats] for run in (masked, unmasked)]
     assert hits[0] == hits[1] and sum(hits[1]) > 0

@@ -18,9 +18,11 @@ denoising cache is told each step.
 
 Static shapes: the context is padded to ``capacity`` frame slots (right-aligned, padding first,
 masked with a key-padding mask) so the model sees the same shapes on every chunk, from the first
-one on, and ``torch.compile`` compiles it once per capacity. A runner may drop the mask of a full
-context (``mask_full=False``, as the CUDA benchmarks do, so SDPA can use flash): one more graph per
-capacity, compiled by ``warm_up``. A policy may ask for a smaller capacity
+one on, and ``torch.compile`` compiles it once per capacity. A runner may drop the mask of a
+context that fills the largest capacity (``mask_full=False``, as the CUDA benchmarks do, so SDPA
+can use flash; ``unmasked_capacity``): one more graph, compiled by ``warm_up``. Smaller capacities
+keep their mask even when full: they serve the first chunks and pruned ones, and a second graph
+each would cost more warm-up than flash saves there. A policy may ask for a smaller capacity
 (``ContextSelection.capacity``, e.g. a controller's compaction buckets); ``None`` means the world's
 full context (``spec.context_frames``).
 
@@ -151,20 +153,31 @@ def chunk_noise(world: World, chunk: int, seed: int) -> torch.Tensor:
     return noise.to(world.device, spec.dtype)
 
 
-def warm_up(world: World, capacities: Sequence[int], mask_full: bool = True) -> None:
+def unmasked_capacity(world: World, accelerator: "Accelerator | None" = None) -> int:
+    """The one context capacity whose full context drops its key-padding mask under ``mask_full=False``:
+    the largest the loop may ask for (the accelerator's largest capacity bucket, else the world's
+    context)."""
+    controller = None if accelerator is None else accelerator.controller
+    return world.spec.context_frames if controller is None else controller.warm_up_buckets()[-1]
+
+
+def warm_up(world: World, capacities: Sequence[int], mask_full: bool = True, unmasked: int | None = None) -> None:
     """Call the model once at each context capacity (an empty context), so that compiled modules
     compile now, once per capacity, and never while a trajectory is timed. ``capacities``: e.g.
     ``(world.spec.context_frames,)`` for the dense policy, or a controller's capacity buckets.
-    ``mask_full=False`` (as ``generate``'s): also once with a full context, which has no mask."""
+    ``mask_full=False`` (as ``generate``'s): also once with a full context at ``unmasked`` (default:
+    the largest of ``capacities``; ``unmasked_capacity``), which has no mask."""
+    unmasked = max(capacities) if unmasked is None else unmasked
     spec = world.spec
     poses = torch.eye(4).expand(max([spec.chunk_frames, *capacities]), 4, 4)
     noise = chunk_noise(world, 0, 0)
     with torch.no_grad():
         for capacity in capacities:
-            for filled in (0,) if mask_full else (0, capacity):
+            masked = mask_full or capacity != unmasked
+            for filled in (0,) if masked else (0, capacity):
                 history = torch.zeros(filled, *spec.latent_shape, device=world.device, dtype=spec.dtype)
                 selection = ContextSelection([], list(range(filled)), capacity)
-                context = gather_context(history, poses[:filled], selection, capacity, mask_full)
+                context = gather_context(history, poses[:filled], selection, capacity, masked)
                 inputs = world.inputs(context, poses[:spec.chunk_frames], torch.zeros(spec.chunk_frames, ACTION_DIM), 0)
                 world.model(noise[0], spec.sigmas()[0].to(world.device, spec.dtype), **inputs)
     _sync(world.device)
@@ -190,8 +203,8 @@ def generate(
     selects the context and drives the plans and the cache instead (``policy`` must be None then);
     ``step_hook``: see the module docstring; ``seed``: the noise; ``decode``: also
     return pictures (``world.decode``); ``mask_full=False``: a chunk whose context fills every slot
-    runs without a key-padding mask (``gather_context``; the compiled model then has one more
-    graph, which ``warm_up(..., mask_full=False)`` compiles). Chunk ``c`` generates frames
+    of ``unmasked_capacity`` runs without a key-padding mask (``gather_context``; the compiled model
+    then has one more graph, which ``warm_up(..., mask_full=False)`` compiles). Chunk ``c`` generates frames
     ``[c F, (c + 1) F)`` with the cameras ``trajectory.poses`` of those frames. Timing covers
     selection, inputs and all steps of the chunk (synchronised on CUDA).
     """
@@ -207,6 +220,7 @@ def generate(
     if accelerator is not None and policy is not None:
         raise ValueError("give generate() a context policy or an accelerator, not both: the accelerator selects the context")
     policy = policy or DensePolicy(spec.window, spec.memory)
+    unmasked = unmasked_capacity(world, accelerator)
     schedule = spec.sigmas().float()
     sigmas = schedule.to(world.device, spec.dtype)
     all_poses = trajectory.poses.float().cpu()
@@ -226,7 +240,8 @@ def generate(
             with _chunk_scope(accelerator, policy, c, all_poses[:first], chunk_poses, history[:first], schedule) as scope:
                 selection = scope.selection
                 capacity = spec.context_frames if selection.capacity is None else selection.capacity
-                context = gather_context(history[:first], all_poses[:first], selection, capacity, mask_full)
+                context = gather_context(history[:first], all_poses[:first], selection, capacity,
+                                         mask_full or capacity != unmasked)
                 inputs = world.inputs(context, chunk_poses, all_actions[first:first + per_chunk], first)
                 x = noise[0]
                 for s in range(spec.steps):

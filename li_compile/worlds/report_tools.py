@@ -37,7 +37,7 @@ from li_compile.worlds import trajectories
 from li_compile.worlds.base import World
 from li_compile.worlds.hy_worldplay import TRAINED, TRAINED_AR
 from li_compile.worlds.pipeline import (
-    ContextPolicy, DensePolicy, Generation, generate, progress_bar, warm_up,
+    ContextPolicy, DensePolicy, Generation, generate, progress_bar, unmasked_capacity, warm_up,
 )
 
 CALIBRATION_CHUNKS = 2  # chunks ``timed_run(calibrate=...)`` calibrates on
@@ -129,7 +129,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # Graphs Dynamo may keep of one function (``recompile_limit``, default 8): every run of a process
 # compiles the same model forward, dense with 2 graphs (padded, full), a light_interaction run with
-# 2 per capacity bucket; past the limit Dynamo would run the forward eagerly, silently.
+# one per capacity bucket and one more (full) at the largest; past the limit Dynamo would run the forward eagerly, silently.
 GRAPHS_PER_FUNCTION = 64
 
 # --- the two runs ----------------------------------------------------------------------------------
@@ -152,9 +152,9 @@ class Setup:
     """How one run is driven: the compiled world, a fresh ``Driver`` per trajectory, and the context
     warm-up (``warm_up()``: model calls at every context capacity the run may ask for, so every
     graph compiles, and every kernel autotunes, before the trajectory is timed). On CUDA both runs
-    drop the key-padding mask of a context that fills its slots (``mask_full``), as a runner with a
-    full context would, so SDPA may use its flash kernel: each capacity then has a padded and a
-    full graph, both warmed up."""
+    drop the key-padding mask of a context that fills the largest capacity (``mask_full``,
+    ``pipeline.unmasked_capacity``), as a runner with a full context would, so SDPA may use its
+    flash kernel: that capacity has a padded and a full graph, the others one, all warmed up."""
 
     world: World
     driver: Callable[[trajectories.Trajectory], Driver]
@@ -229,7 +229,8 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
 
     def warm_up_buckets() -> None:
         configure_for(accelerator, world, trajectories.make("loop", world.spec.chunk_frames))
-        accelerator.warm_up(lambda capacity: warm_up(compiled, (capacity,), full_context_masked(world)))
+        unmasked = unmasked_capacity(compiled, accelerator)
+        accelerator.warm_up(lambda capacity: warm_up(compiled, (capacity,), full_context_masked(world), unmasked))
 
     return Setup(compiled, driver, warm_up_buckets)
 
