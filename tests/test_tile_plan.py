@@ -121,38 +121,65 @@ def test_a_memory_frame_seen_from_the_same_pose_is_fully_visited_and_one_looking
     assert mask[:, frames == 0].all() and not mask[:, frames == 1].any()
 
 
-def test_memory_plans_never_drop_a_tile_a_reference_frustum_test_sees():
-    tiled = _tiled(context=6, chunk=2, grid=(12, 20), tile=(1, 4, 4))
-    params = TilePlanParams()
-    near, far = params.depth_range
-    g = torch.Generator().manual_seed(0)
-    # reference: every token's pixel-centre ray at 16 depths, unwidened chunk frustums
+def _reference_visible(memory_pose: torch.Tensor, cameras: torch.Tensor, near: float, far: float) -> torch.Tensor:
+    """Reference frustum test on a 12 x 20 grid of 4 x 4 tiles: ``(15,)`` bool, the tiles of the frame
+    at ``memory_pose`` of which more than 5% of the pixel-centre rays' points (16 depths in
+    ``[near, far]``) lie in an unwidened frustum of one of ``cameras (F, 4, 4)``."""
     rows, cols = torch.meshgrid(torch.arange(12), torch.arange(20), indexing="ij")
     x_min, x_max, y_min, y_max = BOUNDS.unbind()
     u = x_min + (cols + 0.5) / 20 * (x_max - x_min)
     v = y_min + (rows + 0.5) / 12 * (y_max - y_min)
     depths = torch.linspace(near, far, 16)
-    points = torch.stack([u[..., None] * depths, v[..., None] * depths, depths.expand(12, 20, 16)], -1)  # (12, 20, 16, 3)
+    points = torch.stack([u[..., None] * depths, v[..., None] * depths, depths.expand(12, 20, 16)], -1)
+    world = points @ memory_pose[:3, :3].T + memory_pose[:3, 3]
+    inside = torch.zeros(12, 20, 16, dtype=torch.bool)
+    for camera in cameras:
+        inside |= in_frustum((world - camera[:3, 3]) @ camera[:3, :3], BOUNDS, near, far)
     tile_of = (rows // 4) * 5 + cols // 4
+    return torch.zeros(15).index_add_(0, tile_of.flatten(), inside.float().mean(-1).flatten()) / 16 > 0.05
+
+
+def _random_memory(g: torch.Generator, frames: int) -> torch.Tensor:
+    return torch.stack([
+        _yaw(float(torch.rand(1, generator=g)) * 120 - 60, tuple((torch.randn(3, generator=g) * 2).tolist()))
+        for _ in range(frames)
+    ])
+
+
+def test_memory_plans_never_drop_a_tile_a_reference_frustum_test_sees():
+    tiled = _tiled(context=6, chunk=2, grid=(12, 20), tile=(1, 4, 4))
+    params = TilePlanParams()
+    g = torch.Generator().manual_seed(0)
     checked = 0
     for _ in range(10):
         chunk = torch.stack([_yaw(float(torch.rand(1, generator=g)) * 30) for _ in range(2)])
-        memory = torch.stack([
-            _yaw(float(torch.rand(1, generator=g)) * 120 - 60, tuple((torch.randn(3, generator=g) * 2).tolist()))
-            for _ in range(6)
-        ])
+        memory = _random_memory(g, 6)
         seen = memory_visibility(tiled, memory, chunk, BOUNDS, params)  # (M, tiles)
         for m in range(6):
-            world = points @ memory[m, :3, :3].T + memory[m, :3, 3]
-            inside = torch.zeros(12, 20, 16, dtype=torch.bool)
-            for c in range(2):
-                cam = (world - chunk[c, :3, 3]) @ chunk[c, :3, :3]
-                inside |= in_frustum(cam, BOUNDS, near, far)
-            share = torch.zeros(15).index_add_(0, tile_of.flatten(), inside.float().mean(-1).flatten()) / 16
-            visible = share > 0.05
+            visible = _reference_visible(memory[m], chunk, *params.depth_range)
             checked += int(visible.sum())
             assert (seen[m][visible] > params.min_visibility).all(), f"memory {m}: tiles {visible.nonzero().flatten().tolist()}"
     assert checked > 20  # the cases really contain visible tiles
+
+
+def test_camera_context_rows_never_drop_a_memory_tile_their_own_camera_sees():
+    """The ``"camera"`` rule, per context frame: every tile of another memory frame that a reference
+    frustum test from that frame's own camera sees is visited by that frame's query rows."""
+    tiled = _tiled(queries="all", context=6, chunk=1, grid=(12, 20), tile=(1, 4, 4), prefix=0)
+    params = TilePlanParams(context_queries="camera")
+    g = torch.Generator().manual_seed(1)
+    frames, checked = tiled.key_frame_ids, 0
+    for _ in range(4):
+        memory = _random_memory(g, 6)
+        mask = tile_plan(tiled, ["memory"] * 6, memory, EYE[None], BOUNDS, params, block_q=16, block_k=16).to_dense_mask()[0, 0]
+        for f in range(6):
+            rows = mask[frames == f]
+            for m in range(6):
+                visible = _reference_visible(memory[m], memory[f:f + 1], *params.depth_range)
+                checked += int(visible.sum())
+                visited = rows[:, frames == m].any(0).view(15, 16).all(-1)  # a frame's tokens: 15 tiles of 16, in order
+                assert visited[visible].all(), f"frame {f} -> memory {m}: tiles {(visible & ~visited).nonzero().flatten().tolist()}"
+    assert checked > 50
 
 
 def test_a_static_camera_visits_the_same_tile_and_its_neighbours_in_recent_frames():
