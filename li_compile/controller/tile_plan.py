@@ -256,25 +256,15 @@ def tile_priorities(
     prio[chunk_rows, context_tiles:key_tiles] = OWN
     prio[:, key_tiles] = SINK
 
-    # recent window: later recent frames first
-    recent = torch.nonzero(of_role("recent")).flatten()
-    if len(recent):
+    # recent window (later recent frames first), then memory tiles the chunk's cameras see (ranked by how much)
+    recent = torch.nonzero(of_role("recent")).flatten().tolist()
+    if recent:
         window = recent_window(tiled, chunk_poses, context_poses[recent], bounds, params)  # (Tc, R, hw)
-        for r, frame in enumerate(recent.tolist()):
-            t = frame // tiled.tile[0]
-            value = RECENT + 0.5 * (frame + 1) / (s.context_frames + 1)
-            block = prio[chunk_rows, t * hw : (t + 1) * hw]
-            block.copy_(torch.where(window[:, r], torch.maximum(block, torch.tensor(value)), block))
-
-    # memory tiles visible from the chunk's cameras, ranked by how much of the cone is seen
-    memory = torch.nonzero(of_role("memory")).flatten()
-    if len(memory):
+        _visit_recent(prio[chunk_rows], window, recent, tiled)
+    memory = torch.nonzero(of_role("memory")).flatten().tolist()
+    if memory:
         seen = memory_visibility(tiled, context_poses[memory], chunk_poses, bounds, params)  # (M, hw)
-        for m, frame in enumerate(memory.tolist()):
-            t = frame // tiled.tile[0]
-            value = torch.where(seen[m] > params.min_visibility, MEMORY + 0.999 * seen[m], NEVER)
-            block = prio[chunk_rows, t * hw : (t + 1) * hw]
-            block.copy_(torch.maximum(block, value))
+        _visit_memory(prio[chunk_rows], seen[:, None], memory, tiled, params)
 
     # context query tiles (full sequence) and prefix/suffix queries
     every_key = torch.where(key_real, OWN, NEVER)
@@ -311,23 +301,37 @@ def camera_context_rows(
     rows = torch.full((context_tiles, math.prod(tiled.key_order.tiles) + 1), NEVER)
     recent = [i for i, role in enumerate(roles) if role == "recent"]
     if recent:
-        window = recent_window(tiled, context_poses, context_poses[recent], bounds, params)  # (context tiles, R, hw)
-        for r, frame in enumerate(recent):
-            t = frame // tiled.tile[0]
-            value = RECENT + 0.5 * (frame + 1) / (s.context_frames + 1)
-            block = rows[:, t * hw : (t + 1) * hw]
-            block.copy_(torch.where(window[:, r], torch.maximum(block, torch.tensor(value)), block))
+        _visit_recent(rows, recent_window(tiled, context_poses, context_poses[recent], bounds, params), recent, tiled)
     memory = [i for i, role in enumerate(roles) if role == "memory"]
     if memory:
         seen = cone_seen(tiled, context_poses[memory], context_poses, bounds, params)  # (M, context frames, hw)
         frames_of_t = _frames_of_t(tiled, s.context_frames)  # (context t-tiles, context frames)
         per_t = torch.where(frames_of_t[None, :, :, None], seen[:, None], 0.0).amax(2)  # (M, t-tiles, hw)
-        for m, frame in enumerate(memory):
-            t = frame // tiled.tile[0]
-            value = torch.where(per_t[m] > params.min_visibility, MEMORY + 0.999 * per_t[m], NEVER)
-            block = rows[:, t * hw : (t + 1) * hw]
-            block.copy_(torch.maximum(block, value.repeat_interleave(hw, 0)))
+        _visit_memory(rows, per_t.repeat_interleave(hw, 1), memory, tiled, params)
     return rows
+
+
+def _visit_recent(rows: torch.Tensor, window: torch.Tensor, frames: Sequence[int], tiled: TiledSequence) -> None:
+    """Raise ``rows (query tiles, key tiles + 1)`` in place to ``RECENT`` (later frames higher) where
+    ``window (query tiles, R, hw)`` says each query tile visits a tile of recent frame ``frames[r]``."""
+    hw = math.prod(tiled.key_order.tiles[1:])
+    for r, frame in enumerate(frames):
+        t = frame // tiled.tile[0]
+        value = torch.tensor(RECENT + 0.5 * (frame + 1) / (tiled.sequence.context_frames + 1))
+        block = rows[:, t * hw : (t + 1) * hw]
+        block.copy_(torch.where(window[:, r], torch.maximum(block, value), block))
+
+
+def _visit_memory(rows: torch.Tensor, seen: torch.Tensor, frames: Sequence[int], tiled: TiledSequence,
+                  params: TilePlanParams) -> None:
+    """Raise ``rows (query tiles, key tiles + 1)`` in place to ``MEMORY`` + how much is seen, where
+    ``seen (M, query tiles | 1, hw)`` of memory frame ``frames[m]``'s tile exceeds ``min_visibility``."""
+    hw = math.prod(tiled.key_order.tiles[1:])
+    for m, frame in enumerate(frames):
+        t = frame // tiled.tile[0]
+        value = torch.where(seen[m] > params.min_visibility, MEMORY + 0.999 * seen[m], NEVER)
+        block = rows[:, t * hw : (t + 1) * hw]
+        block.copy_(torch.maximum(block, value))
 
 
 def key_keep(tiled: TiledSequence, roles: Sequence[str]) -> torch.Tensor:
