@@ -29,7 +29,9 @@ cached; ``full`` re-runs its context every step, HY's bidirectional form); the r
 
 ``--calibrate 0.99`` calibrates the tile plans (``li_compile.calibrate``) on the trajectory's first
 two chunks before each light_interaction run (untimed; the runs are named ``<run>_cal`` and their
-JSON keeps the calibration's table).
+JSON keeps the calibration's table). ``--options JSON --options-name NAME`` merges options into
+every light_interaction run (e.g. smaller blocks, or ``max_density`` 1 to apply every plan); the runs
+are named ``<run>@NAME``.
 
 Both runs compile regionally by default (each repeated block once, ``li_compile.regions``; the dense
 run through ``regional_inductor``); ``--whole`` compiles the unrolled model in both.
@@ -94,6 +96,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
                         help="calibrate the tile plans to keep TARGET of the attention mass (li_compile.calibrate) on "
                              "the trajectory's first chunks before each light_interaction run; runs are named <run>_cal")
+    parser.add_argument("--options", type=json.loads, default=None, metavar="JSON",
+                        help="options merged into every light_interaction run's (per section, over the ablation's), "
+                             "e.g. '{\"sparsity\": {\"block_q\": 32}}'; needs --options-name")
+    parser.add_argument("--options-name", default=None,
+                        help="what --options are called: runs are named <run>@<name> in the summary")
     parser.add_argument("--whole", action="store_true",
                         help="compile the unrolled model in both runs (default: each repeated block once, li_compile.regions)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,6 +108,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))
     parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/e2e_summary.json"))
     args = parser.parse_args()
+    if (args.options is None) != (args.options_name is None):
+        parser.error("--options and --options-name go together: the name keeps those runs apart in the summary")
     if args.form is not None and args.world != "hy_worldplay":
         parser.error(f"--form applies to hy_worldplay only, got --world {args.world}")
     unknown = sorted(set(args.trajectories.split(",")) - set(trajectories.TRAJECTORIES))
@@ -170,11 +179,13 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         torch._dynamo.reset()  # every ablation compiles afresh (and stays under Dynamo's recompile limit)
         _peak_reset(args.device)
         start = time.perf_counter()
-        light = timed_run(light_interaction_setup(world, {**ABLATIONS[ablation], "regional": not args.whole}), trajectory, args.chunks, args.seed,
+        options = {**merged_options(ABLATIONS[ablation], args.options or {}), "regional": not args.whole}
+        light = timed_run(light_interaction_setup(world, options), trajectory, args.chunks, args.seed,
                           prefix, calibrate=args.calibrate)
         rows = chunk_rows(dense, light)
         summary = summarize(rows, dense, light, truth)
         run = ablation if args.calibrate is None else f"{ablation}_cal"
+        run = run if args.options_name is None else f"{run}@{args.options_name}"
         record["runs"][run] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
                                "warmup_s": light.warmup_s, "per_chunk": rows}
         if light.calibration is not None:
@@ -195,6 +206,15 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         _write(args.out, record)
         _add_summary_row(args.summary, record, run)
     _plot(record, args.out / f"{_file_stem(record)}.png")
+
+
+def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` compile options with ``extra``'s over them, section by section (``{"sparsity": {...}}``
+    merges into base's ``sparsity``); top-level values of ``extra`` replace base's."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
