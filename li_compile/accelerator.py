@@ -124,8 +124,8 @@ class Accelerator:
         layer and head (heads no candidate serves stay dense) and uses it for every later chunk
         (``use_calibration``). ``candidates``: narrowest first, each plan a superset of the one before
         (default: ``widening_ladder`` from radius 0, margin 0 and frame-local context rows,
-        ``CALIBRATION_STEPS`` steps, then the widest with dense context rows); ``rows``: query rows
-        measured per site call. The scope's ``calibration`` holds the result."""
+        ``CALIBRATION_STEPS`` steps, then the widest with camera and with dense context rows); ``rows``:
+        query rows measured per site call. The scope's ``calibration`` holds the result."""
         controller = self._controller()
         if candidates is None:  # from the narrowest plan up: radius 0, margin 0 and frame-local context rows
             narrowest = dataclasses.replace(controller.tile_params, recent_radius=0, visibility_margin=0.0,

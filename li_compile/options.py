@@ -21,7 +21,9 @@ INNER_COMPILERS = ("inductor", "eager", "tensorrt")
 SIMILARITY_MEASURES = ("proxy", "frustum")
 WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
 PLANS = ("tiles", "frames")  # what a sparse plan is made of: see SparsityOptions
-CONTEXT_QUERY_RULES = ("dense", "camera", "frame_local")  # context query rows of a full sequence: see SparsityOptions
+# context query rows of a full sequence (see SparsityOptions), widest first: each rule's plan is a
+# superset of the next one's, the order calibration.widening_ladder widens them in (reversed)
+CONTEXT_QUERY_RULES = ("dense", "camera", "frame_local")
 CACHE_STORED = ("x0", "raw")  # what the denoising cache keeps: see li_compile.denoise_runtime
 CACHE_SERVE = ("best", "blend")  # what a revisited frame is served: see li_compile.denoise_cache
 
