@@ -86,13 +86,13 @@ def test_window_follows_the_rule_on_static_and_moving_latents(rule, static, movi
 
 
 def test_capacity_is_the_smallest_bucket_holding_the_kept_frames():
-    controller = _controller(window_min=1, window_max=5, window_rule="shrink_on_motion")  # buckets 2, 4, 6, 8
-    assert controller.warm_up_buckets() == (2, 4, 6, 8)
+    controller = _controller(window_min=1, window_max=5, window_rule="shrink_on_motion")  # buckets 4, 6, 8
+    assert controller.warm_up_buckets() == (4, 6, 8)
     past = _turned([180] * 8 + [0] * 2)
-    assert controller.select(0, past, _turned([0]), _moving_latents(10)).capacity == 2  # 1 recent, 1 memory
+    assert controller.select(0, past, _turned([0]), _moving_latents(10)).capacity == 4  # 1 recent, 1 memory
     assert controller.select(1, past, _turned([0]), _static_latents(10)).capacity == 6  # 5 recent
     first = controller.select(2, past[:1], _turned([0]), _static_latents(1))
-    assert (first.memory, first.recent, first.capacity) == ([], [0], 2)
+    assert (first.memory, first.recent, first.capacity) == ([], [0], 4)
 
 
 @pytest.mark.parametrize("chunk_frames, fill_density, filled", [(4, 0.75, True), (4, 0.8, False), (1, 0.75, False),
@@ -122,8 +122,9 @@ def test_disabled_controller_is_the_dense_policy():
 
 
 def test_capacity_buckets_cover_every_context_size():
-    assert capacity_buckets(12) == (3, 6, 9, 12)
-    assert capacity_buckets(3) == (1, 2, 3)
+    assert capacity_buckets(12) == (6, 9, 12)
+    assert capacity_buckets(3) == (2, 3)
+    assert capacity_buckets(12, (0.25, 0.5, 0.75, 1.0)) == (3, 6, 9, 12)
     for frames in range(13):
         assert bucket_for(frames, capacity_buckets(12)) >= frames
     with pytest.raises(ValueError, match="exceed the largest capacity bucket 12"):
