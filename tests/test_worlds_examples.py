@@ -19,7 +19,7 @@ from li_compile.worlds.report_tools import (
 
 JSON_KEYS = {
     "speedup", "recompiles_after_warmup", "cache_hits", "memory_frames_pruned", "attention_density_mean",
-    "psnr_db_vs_dense", "min_psnr_db", "time_dense_s", "time_li_s", "chunks",
+    "psnr_db_vs_dense", "min_psnr_db", "time_dense_s", "time_li_s", "chunks", "tokens_per_frame",
 }
 
 
@@ -48,6 +48,7 @@ def test_example_writes_the_summary_json_and_pictures(tmp_path):
     summary = run_example(hy_worldplay, "loop", ["--chunks", "3", "--out", str(tmp_path), "--json", str(tmp_path / "s.json")])
     record = json.loads((tmp_path / "s.json").read_text())
     assert JSON_KEYS <= set(record) and record["chunks"] == 3 and len(record["per_chunk"]) == 3
+    assert record["tokens_per_frame"] == hy_worldplay.PRESETS["tiny"].tokens_per_frame
     assert record["recompiles_after_warmup"] == 0
     assert summary["psnr_db_vs_dense"] >= 25  # same policy, same weights: the backend changes nothing visible
     for picture in ("timeline.png", "frames.png", "block_layout.png"):

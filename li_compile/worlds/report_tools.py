@@ -542,8 +542,8 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
         print(f"pictures in {args.out}/: timeline.png, frames.png, block_layout.png")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {**summary, "world": spec.name, "trajectory": args.trajectory, "device": args.device,
-                  "options": args.options, "per_chunk": rows}
+        record = {**summary, "world": spec.name, "tokens_per_frame": spec.tokens_per_frame,
+                  "trajectory": args.trajectory, "device": args.device, "options": args.options, "per_chunk": rows}
         args.json.write_text(json.dumps(record, indent=2))
         print(f"summary written to {args.json}")
     print(f"done in {time.perf_counter() - start:.1f} s")
