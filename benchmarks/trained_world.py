@@ -21,7 +21,8 @@ from training.fidelity import add_case_arguments, evaluate, rollout, trained_wor
 from li_compile.worlds.pipeline import DensePolicy
 
 COLUMNS = ("psnr_dense", "psnr_repeat_last", "psnr_video_dense", "psnr_video_repeat_last", "ssim_dense",
-           "ssim_repeat_last", "psnr_revisit_memory", "psnr_revisit_no_memory")
+           "ssim_repeat_last", "psnr_revisit_memory", "psnr_revisit_no_memory", "psnr_video_revisit_memory",
+           "psnr_video_revisit_no_memory")
 
 
 def print_table(result: dict) -> None:
@@ -68,6 +69,8 @@ def main() -> None:
     result["repeat_last_exact_frames"] = sum(case["repeat_last_exact_frames"] for case in result["cases"])
     if "psnr_revisit_memory" in mean:
         result["memory_gain_on_revisits_db"] = mean["psnr_revisit_memory"] - mean["psnr_revisit_no_memory"]
+        result["memory_gain_on_revisits_video_db"] = (mean["psnr_video_revisit_memory"]
+                                                       - mean["psnr_video_revisit_no_memory"])
     print_table(result)
     print({k: round(v, 3) for k, v in result.items() if k.endswith("_db")},
           f"repeat-last is exact on {result['repeat_last_exact_frames']} frames")

@@ -304,6 +304,7 @@ def test_shipped_weights_bring_back_revisited_places_from_memory_and_beat_repeat
     scores = evaluate(world, codec, case)
     result = scores["mean"]
     assert result["psnr_revisit_memory"] > result["psnr_revisit_no_memory"] + 0.5
+    assert result["psnr_video_revisit_memory"] > result["psnr_video_revisit_no_memory"] + 0.5
     # a world that has stopped predicting (weights, camera encoding or sampler broken) falls to
     # repeat-last's score or below; the shipped weights sit 2-4 dB above it (trained_world.md)
     assert result["psnr_dense"] > result["psnr_repeat_last"] + 1.0

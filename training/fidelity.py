@@ -102,7 +102,8 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
     Returns ``{"cases": [...], "mean": {...}}`` with keys ``psnr_dense``, ``psnr_repeat_last``,
     ``ssim_dense``, ``ssim_repeat_last``, ``psnr_video_dense``, ``psnr_video_repeat_last``
     (``repeat_last_exact_frames`` per case only), and on revisit frames ``psnr_revisit_memory``,
-    ``psnr_revisit_no_memory`` (absent where a case has no revisit frame).
+    ``psnr_revisit_no_memory`` (per-frame mean) and ``psnr_video_revisit_memory``,
+    ``psnr_video_revisit_no_memory`` (over all of them) (absent where a case has no revisit frame).
     """
     spec = world.spec
     rows = []
@@ -126,8 +127,11 @@ def evaluate(world: World, codec: PixelPatchCodec, cases: list[Case], seed: int 
         if revisits.any():
             no_memory = rollout(world, codec, case, DensePolicy(spec.window, 0), seed)
             row["revisit_frames"] = int(revisits.sum())
-            row["psnr_revisit_memory"] = frame_psnr(dense[revisits], truth[:len(dense)][revisits])
-            row["psnr_revisit_no_memory"] = frame_psnr(no_memory[revisits], truth[:len(dense)][revisits])
+            seen = truth[:len(dense)][revisits]
+            row["psnr_revisit_memory"] = frame_psnr(dense[revisits], seen)
+            row["psnr_revisit_no_memory"] = frame_psnr(no_memory[revisits], seen)
+            row["psnr_video_revisit_memory"] = psnr(dense[revisits], seen)
+            row["psnr_video_revisit_no_memory"] = psnr(no_memory[revisits], seen)
         rows.append(row)
     keys = sorted({k for row in rows for k in row if k.startswith(("psnr", "ssim"))})
     mean = {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
