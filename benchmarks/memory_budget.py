@@ -18,8 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from li_compile.worlds import hy_worldplay, matrix_game3
 
 SUMMARY = Path(__file__).parent / "results" / "e2e_summary.json"
@@ -34,7 +32,7 @@ def budget(module, kv_cache_form: bool, target: float, rows: list[dict]) -> dict
     the peak and the share of the K/V that must go for the peak to fall by ``target``."""
     spec = module.PRESETS["full"]
     world = module.build("full", device="meta")
-    itemsize = torch.empty((), dtype=spec.dtype).element_size()
+    itemsize = spec.dtype.itemsize
     weights = sum(p.numel() for p in world.model.parameters()) * itemsize / 1e9
     context_tokens = spec.context_frames * spec.tokens_per_frame
     kv = spec.depth * 2 * context_tokens * spec.heads * spec.head_dim * itemsize / 1e9
