@@ -35,6 +35,8 @@ are named ``<run>@NAME``.
 
 Both runs compile regionally by default (each repeated block once, ``li_compile.regions``; the dense
 run through ``regional_inductor``); ``--whole`` compiles the unrolled model in both.
+``--nested-blocks`` also has Dynamo trace one block for all of them in both runs
+(``li_compile.nest_repeated_blocks``); its runs are named ``<run>@nested``.
 
 ``--depth`` keeps the preset's width, heads, tokens per frame and context, and cuts the number of
 DiT blocks (every block costs the same, so time per chunk scales with depth and the speedup does
@@ -55,6 +57,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
+from li_compile.repeated_blocks import nest_repeated_blocks
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.report_tools import (
     chunk_rows,
@@ -103,6 +106,8 @@ def parse_args() -> argparse.Namespace:
                         help="what --options are called: runs are named <run>@<name> in the summary")
     parser.add_argument("--whole", action="store_true",
                         help="compile the unrolled model in both runs (default: each repeated block once, li_compile.regions)")
+    parser.add_argument("--nested-blocks", action="store_true",
+                        help="both runs: Dynamo traces one block for all (li_compile.nest_repeated_blocks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/end_to_end"))
@@ -143,6 +148,8 @@ def main() -> None:
             spec = dataclasses.replace(spec, depth=args.depth)
         world = module.build(spec, device=args.device, seed=args.seed,
                              **({} if args.form is None else {"form": args.form}))
+    if args.nested_blocks and not nest_repeated_blocks(world.model):
+        raise SystemExit(f"--nested-blocks: {type(world.model).__name__} has no list of repeated blocks")
     for name in args.trajectories.split(","):
         run_trajectory(args, world, name)
 
@@ -159,7 +166,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "commit": _commit(),
         "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames,
-        "regional": not args.whole, "runs": {},
+        "regional": not args.whole, "nested_blocks": args.nested_blocks, "runs": {},
     }
     print(f"{record['world']} depth {spec.depth}: {args.chunks} chunks, {spec.tokens_per_frame} tokens/frame, "
           f"context {spec.context_frames} frames, trajectory {name}", flush=True)
@@ -186,6 +193,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         summary = summarize(rows, dense, light, truth)
         run = ablation if args.calibrate is None else f"{ablation}_cal"
         run = run if args.options_name is None else f"{run}@{args.options_name}"
+        run = f"{run}@nested" if args.nested_blocks else run
         record["runs"][run] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
                                "warmup_s": light.warmup_s, "per_chunk": rows}
         if light.calibration is not None:
@@ -231,7 +239,7 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
         "run": run, **{k: result[k] for k in SUMMARY_FIELDS}, **{k: result[k] for k in TRUTH_FIELDS if k in result},
         "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
         "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"], "regional": record["regional"],
-        "device": record["device"], "torch": record["torch"], "commit": record["commit"],
+        "nested_blocks": record["nested_blocks"], "device": record["device"], "torch": record["torch"], "commit": record["commit"],
     }
     rows = json.loads(path.read_text()) if path.exists() else []
     rows = [r for r in rows if tuple(r.get(k) for k in SUMMARY_KEY) != tuple(row[k] for k in SUMMARY_KEY)] + [row]

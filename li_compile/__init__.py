@@ -1,5 +1,6 @@
 """li-compile: a torch.compile backend for interactive video world models.
 
+    li_compile.nest_repeated_blocks(model)           # optional: Dynamo traces one block for all of them
     compiled = torch.compile(model, backend="light_interaction", options={...}, dynamic=False)
     li = li_compile.accelerator(compiled)            # this model's plans, cache and report
     li.configure(memory_k=4, fov_y_deg=60, layout=..., revisit_inputs=(...))
@@ -19,9 +20,11 @@ from li_compile.controller.selection import ContextSelection
 from li_compile.module_cache import CachedCalls, cached
 from li_compile.options import CacheOptions, ContextOptions, Options, SparsityOptions
 from li_compile.reporting import Report, Site, report
+from li_compile.repeated_blocks import nest_repeated_blocks
 
 __all__ = [
     "Accelerator", "Audit", "CacheOptions", "CachedCalls", "Calibration", "CalibrationScope", "ChunkScope", "ContextOptions", "ContextSelection",
-    "Options", "Report", "Site", "SparsityOptions", "accelerator", "audit", "cached", "calibrate", "report",
+    "Options", "Report", "Site", "SparsityOptions", "accelerator", "audit", "cached", "calibrate", "nest_repeated_blocks",
+    "report",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,9 @@ with the reason: softmaxes that are not attention, cross-attention (keys project
 action tokens: left dense on purpose, the controller prunes the video context), sites needing
 gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size).
 ``flex_attention`` calls whose ``score_mod`` is the identity are rewritten with their block mask as
-the site's mask (``attention_flex``); others stay as written, with the reason.
+the site's mask (``attention_flex``); others stay as written, with the reason. Sites in the body of
+a ``torch.compiler.nested_compile_region`` block are rewritten once for all its calls
+(``nested_regions``).
 
 Why the torch-level graph (before AOT) and not the aten graph after it:
 - the inner compiler is a choice (Inductor, eager, TensorRT); rewriting the graph Dynamo hands the
@@ -34,6 +36,7 @@ from li_compile.passes.attention_match import AttentionMatch, NotAttention, desc
 from li_compile.passes.attention_rewrite import heads_shape, kv_heads, rewrite_site
 from li_compile.passes.attention_spellings import Sdpa, Softmax, example, read
 from li_compile.passes.attention_streams import TokenStreams
+from li_compile.passes.nested_regions import rewrite_nested
 from li_compile.plan import SlotSignature
 from li_compile.reporting import Site
 
@@ -46,7 +49,13 @@ SPARSITY_OFF = "attention (sparsity.enabled is False: left to the inner compiler
 
 
 def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
-    """Rewrite every provable attention site of ``gm`` to ``li::planned_attention``; report each."""
+    """Rewrite every provable attention site of ``gm`` to ``li::planned_attention``, also inside the
+    bodies of ``torch.compiler.nested_compile_region`` blocks (once per body); report each."""
+    _rewrite_sites(gm, ctx)
+    rewrite_nested(gm, lambda body: _rewrite_sites(body, ctx))
+
+
+def _rewrite_sites(gm: fx.GraphModule, ctx: "PassContext") -> None:
     streams = TokenStreams()
     erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):

@@ -154,7 +154,8 @@ def _erase(graph: fx.Graph, nodes) -> None:
             erased.add(node)
 
 
-def _is_plan_buffer(node: fx.Node) -> bool:
+def is_plan_buffer(node: fx.Node) -> bool:
+    """Whether ``node`` reads a plan slot tensor registered by a rewrite (``Emitter.buffer``)."""
     return node.op == "get_attr" and str(node.target).startswith(PLAN_BUFFER_PREFIX)
 
 
@@ -184,7 +185,7 @@ class Emitter:
         if existing is not None:  # another site of the same slot already reads it
             return existing
         self.gm.register_buffer(name, tensor)
-        first_op = next(n for n in self.graph.nodes if n.op != "placeholder" and not _is_plan_buffer(n))
+        first_op = next(n for n in self.graph.nodes if n.op != "placeholder" and not is_plan_buffer(n))
         with self.graph.inserting_before(first_op):
             node = self.graph.get_attr(name)
         if self.fake_mode is not None:

@@ -18,6 +18,7 @@ from torch import fx
 
 from li_compile.options import Options
 from li_compile.passes.attention import attention_pass
+from li_compile.passes.graph_copy import copy_graph
 from li_compile.passes.sampler import sampler_pass
 from li_compile.plan import Plan
 from li_compile.reporting import Compilation, Site
@@ -49,7 +50,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass]
     passes = PASSES if passes is None else passes
     if not passes:
         return gm
-    work = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+    work = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
     recorded = len(ctx.compilation.sites)
     try:
         for graph_pass in passes:
@@ -63,12 +64,3 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass]
         ctx.compilation.sites.append(Site(kind="graph", status="skipped", reason=reason))
         return gm
     return work
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new_graph = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    output = new_graph.graph_copy(graph, val_map={}, return_output_node=True)
-    if isinstance(output, tuple):  # graph_copy returns (value, output_node) when asked for the node
-        output = output[0]
-    new_graph.output(output)
-    return new_graph

@@ -1,0 +1,56 @@
+"""Trace each repeated transformer block once: ``li_compile.nest_repeated_blocks(model)``.
+
+Dynamo traces a model's Python once per graph, every block of a 54-block DiT included, and that
+trace is most of a warm-up at real depth (``benchmarks/warmup_cost.py``). Marking the block's
+forward as a ``torch.compiler.nested_compile_region`` makes Dynamo trace one block and call that
+body once per block (``invoke_subgraph``); the backend rewrites the body's attention once for all
+of them (``passes.nested_regions``) and Inductor compiles it once.
+
+``nest_repeated_blocks`` does that marking for a model the user cannot edit: each block of a
+``nn.ModuleList`` of ``MIN_BLOCKS`` or more modules of one class gets a subclass of its class whose
+``forward`` is the nested region (the instance's class is swapped; the original class and other
+models are untouched). In code you own, decorating the block's ``forward`` with
+``@torch.compiler.nested_compile_region`` does the same. A block body must be free of side effects
+(no in-place writes to a cache, no Python state changed per call): Dynamo refuses such a region.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from li_compile.regions import MIN_BLOCKS
+
+
+def nest_repeated_blocks(model: nn.Module) -> list[str]:
+    """Mark the blocks of every ``ModuleList`` of ``model`` holding at least ``MIN_BLOCKS`` modules of
+    one class as nested compile regions (in place); returns the lists' names (empty: none found).
+    Call it before ``torch.compile``."""
+    nested_region = getattr(torch.compiler, "nested_compile_region", None)
+    if nested_region is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.compiler.nested_compile_region (torch 2.8 or later)")
+    marked = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < MIN_BLOCKS:
+            continue
+        classes = {type(block) for block in module}
+        if len(classes) != 1:
+            continue
+        nested = _nested_class(classes.pop())
+        for block in module:
+            block.__class__ = nested
+        marked.append(name)
+    return marked
+
+
+@functools.cache
+def _nested_class(cls: type) -> type:
+    """``cls`` with its forward as a nested compile region (one subclass per class; ``cls`` itself
+    when it already is one)."""
+    if getattr(cls, "_li_nested_region", False):
+        return cls
+    forward = torch.compiler.nested_compile_region(cls.forward)
+    return type(cls.__name__, (cls,), {"forward": forward, "_li_nested_region": True,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
