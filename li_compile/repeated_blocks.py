@@ -24,8 +24,8 @@ from torch import nn
 from li_compile.regions import MIN_BLOCKS
 
 
-def nest_repeated_blocks(model: nn.Module) -> list[str]:
-    """Mark the blocks of every ``ModuleList`` of ``model`` holding at least ``MIN_BLOCKS`` modules of
+def nest_repeated_blocks(model: nn.Module, min_blocks: int = MIN_BLOCKS) -> list[str]:
+    """Mark the blocks of every ``ModuleList`` of ``model`` holding at least ``min_blocks`` modules of
     one class as nested compile regions (in place); returns the lists' names (empty: none found).
     Call it before ``torch.compile``."""
     nested_region = getattr(torch.compiler, "nested_compile_region", None)
@@ -33,7 +33,7 @@ def nest_repeated_blocks(model: nn.Module) -> list[str]:
         raise RuntimeError(f"torch {torch.__version__} has no torch.compiler.nested_compile_region (torch 2.8 or later)")
     marked = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < MIN_BLOCKS:
+        if not isinstance(module, nn.ModuleList) or len(module) < min_blocks:
             continue
         classes = {type(block) for block in module}
         if len(classes) != 1:

@@ -4,7 +4,8 @@ graph does.
 Specifications: identical blocks share one compiled function however deep the model is; blocks that
 differ in a constant or in their inputs' layout never share; a regionally compiled world generates
 exactly what the whole-model compiled one does, with the block-sparse plans and the denoising cache
-acting in every block; the report says how each graph was cut.
+acting in every block, also when each block is traced once (a nested compile region); the report
+says how each graph was cut.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ import li_compile
 from li_compile import inner
 from li_compile import regions
 from li_compile.regions import MIN_BLOCKS, inputs_key
+from li_compile.repeated_blocks import nest_repeated_blocks
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import configure_for
@@ -115,10 +117,13 @@ def test_inductor_compiles_a_regional_stack_to_the_eager_result():
     assert site.status == "rewritten" and "4 repeated blocks" in site.reason
 
 
-def _generation(name: str, regional: bool, sparse_calls):
-    """A tiny world, two blocks deep, along a loop (revisits hit the cache), every plan sparse."""
+def _generation(name: str, regional: bool, sparse_calls, nested: bool = False):
+    """A tiny world, two blocks deep, along a loop (revisits hit the cache), every plan sparse;
+    ``nested``: its blocks traced once (``nest_repeated_blocks``)."""
     module = WORLDS[name]
     world = module.build(dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2))
+    if nested:
+        assert nest_repeated_blocks(world.model, min_blocks=2) == ["blocks"]
     trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
     options = {"inner": "eager", "regional": regional, "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options,
@@ -144,3 +149,17 @@ def test_a_regional_world_generates_what_the_whole_compiled_one_does(name, spars
     hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (whole_acc, regional_acc)]
     assert hits[0] == hits[1] and "hit" in hits[0]
     assert any(s.kind == "regions" and s.status == "rewritten" for s in regional_acc.report().sites)
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_a_world_with_blocks_traced_once_generates_what_the_plain_one_does(name, sparse_calls, monkeypatch):
+    """Blocks as nested compile regions (Dynamo traces one body for all): same latents, as many
+    block-sparse kernel calls (the plans act in every call of the one body), the same cache hits."""
+    monkeypatch.setattr(regions, "MIN_BLOCKS", 2)
+    plain, plain_acc = _generation(name, True, sparse_calls)
+    plain_sparse = sum(sparse_calls.values())
+    nested, nested_acc = _generation(name, True, sparse_calls, nested=True)
+    torch.testing.assert_close(nested, plain, rtol=1e-5, atol=1e-5)
+    assert sum(sparse_calls.values()) == plain_sparse > 0
+    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (plain_acc, nested_acc)]
+    assert hits[0] == hits[1] and "hit" in hits[0]
