@@ -10,8 +10,10 @@ of them (``passes.nested_regions``) and Inductor compiles it once.
 ``nn.ModuleList`` of ``MIN_BLOCKS`` or more modules of one class gets a subclass of its class whose
 ``forward`` is the nested region (the instance's class is swapped; the original class and other
 models are untouched). In code you own, decorating the block's ``forward`` with
-``@torch.compiler.nested_compile_region`` does the same. A block body must be free of side effects
-(no in-place writes to a cache, no Python state changed per call): Dynamo refuses such a region.
+``@torch.compiler.nested_compile_region`` does the same. Dynamo refuses a body with side effects
+(in-place writes to a cache, Python state changed per call) or with aliasing inputs or outputs
+(HY's cached form passes one camera tensor as two arguments): the first call raises
+``UncapturedHigherOrderOpError``, naming the nodes. Such a model is compiled without this marking.
 """
 
 from __future__ import annotations
