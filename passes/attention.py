@@ -52,7 +52,7 @@ def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
     """Rewrite every provable attention site of ``gm`` to ``li::planned_attention``, also inside the
     bodies of ``torch.compiler.nested_compile_region`` blocks (once per body); report each."""
     _rewrite_sites(gm, ctx)
-    rewrite_nested(gm, lambda body: _rewrite_sites(body, ctx))
+    rewrite_nested(gm, lambda body: attention_pass(body, ctx))  # a body may call nested bodies too
 
 
 def _rewrite_sites(gm: fx.GraphModule, ctx: "PassContext") -> None:

@@ -1,8 +1,8 @@
 """Blocks traced once (``torch.compiler.nested_compile_region``): their attention is still rewritten.
 
 Specifications: Dynamo hands the backend one body for all calls of a nested block; the attention
-pass rewrites that body once, every call runs it, and the result equals eager (a world with nested
-blocks: ``test_regions.py``); a failing pass leaves the body as written; ``nest_repeated_blocks``
+pass rewrites that body once (also a body called from another body), every call runs it, and the
+result equals eager (a world with nested blocks: ``test_regions.py``); a failing pass leaves the body as written; ``nest_repeated_blocks``
 marks only lists of enough blocks of one class and never changes the class itself.
 """
 
@@ -60,6 +60,33 @@ def test_a_nested_block_is_rewritten_once_and_every_call_equals_eager(monkeypatc
     compiled = torch.compile(model, backend="light_interaction", options={"inner": "eager"}, fullgraph=True)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
     assert len(bodies) == 1  # five calls of one body
+    sites = [s for s in li_compile.report(compiled).sites if s.kind == "attention"]
+    assert [s.status for s in sites] == ["rewritten"]
+
+
+class NestedBlock(Block):
+    forward = torch.compiler.nested_compile_region(Block.forward)
+
+
+class Pair(nn.Module):
+    """A nested region calling two nested blocks: bodies within a body."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.first, self.second = NestedBlock(width), NestedBlock(width)
+
+    @torch.compiler.nested_compile_region
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+@torch.no_grad()
+def test_attention_in_a_body_within_a_body_is_rewritten_and_equals_eager():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*(Pair(16) for _ in range(3))), torch.randn(2, 24, 16)
+    expected = model(x)
+    compiled = torch.compile(model, backend="light_interaction", options={"inner": "eager"}, fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
     sites = [s for s in li_compile.report(compiled).sites if s.kind == "attention"]
     assert [s.status for s in sites] == ["rewritten"]
 
