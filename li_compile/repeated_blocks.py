@@ -10,7 +10,9 @@ of them (``passes.nested_regions``) and Inductor compiles it once.
 ``nn.ModuleList`` of ``MIN_BLOCKS`` or more modules of one class gets a subclass of its class whose
 ``forward`` is the nested region (the instance's class is swapped; the original class and other
 models are untouched). In code you own, decorating the block's ``forward`` with
-``@torch.compiler.nested_compile_region`` does the same. Dynamo refuses a body with side effects
+``@torch.compiler.nested_compile_region`` does the same. It pays only where Dynamo reuses one trace
+of the region for every call (torch 2.13; ``dynamo_reuses_regions``): torch 2.11 traces each call
+again, and marking warns there. Dynamo refuses a body with side effects
 (in-place writes to a cache, Python state changed per call) or with aliasing inputs or outputs
 (HY's cached form passes one camera tensor as two arguments): the first call raises
 ``UncapturedHigherOrderOpError``, naming the nodes. Such a model is compiled without this marking.
@@ -19,6 +21,7 @@ models are untouched). In code you own, decorating the block's ``forward`` with
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -30,9 +33,13 @@ def nest_repeated_blocks(model: nn.Module, min_blocks: int = MIN_BLOCKS) -> list
     """Mark the blocks of every ``ModuleList`` of ``model`` holding at least ``min_blocks`` modules of
     one class as nested compile regions (in place); returns the lists' names (empty: none found).
     Call it before ``torch.compile``."""
-    nested_region = getattr(torch.compiler, "nested_compile_region", None)
-    if nested_region is None:
+    if getattr(torch.compiler, "nested_compile_region", None) is None:
         raise RuntimeError(f"torch {torch.__version__} has no torch.compiler.nested_compile_region (torch 2.8 or later)")
+    if not dynamo_reuses_regions():
+        warnings.warn(f"torch {torch.__version__}: Dynamo traces every call of a nested compile region again (it "
+                      "torch 2.13 reuses one trace), so marking the blocks makes warm-up longer, not shorter "
+                      "(HY full, 54 blocks, torch 2.11: 91 s -> 134 s); the attention is rewritten either way",
+                      stacklevel=2)
     marked = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < min_blocks:
@@ -45,6 +52,17 @@ def nest_repeated_blocks(model: nn.Module, min_blocks: int = MIN_BLOCKS) -> list
             block.__class__ = nested
         marked.append(name)
     return marked
+
+
+def dynamo_reuses_regions() -> bool:
+    """Whether this torch's Dynamo traces a nested compile region once and reuses that trace for
+    later calls with matching inputs (``torch._dynamo.variables.invoke_subgraph``, torch 2.13; not in
+    torch 2.11)."""
+    try:
+        from torch._dynamo.variables import invoke_subgraph
+    except ImportError:
+        return False
+    return hasattr(invoke_subgraph, "stamp_out_subgraph")
 
 
 @functools.cache

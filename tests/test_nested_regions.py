@@ -3,13 +3,16 @@
 Specifications: Dynamo hands the backend one body for all calls of a nested block; the attention
 pass rewrites that body once (also a body called from another body), every call runs it, and the
 result equals eager (a world with nested blocks: ``test_regions.py``); a failing pass leaves the body as written; ``nest_repeated_blocks``
-marks only lists of enough blocks of one class and never changes the class itself.
+marks only lists of enough blocks of one class, never changes the class itself, and warns where
+Dynamo would trace every call again (no shorter warm-up there).
 """
 
+import pytest
 import torch
 from torch import nn
 
 import li_compile
+from li_compile import repeated_blocks
 from li_compile.passes import nested_regions
 from li_compile.repeated_blocks import nest_repeated_blocks
 
@@ -121,3 +124,10 @@ def test_only_lists_of_enough_blocks_of_one_class_are_nested():
     assert all(type(b) is not Block and isinstance(b, Block) for b in model.blocks)
     assert all(type(b) is Block for b in model.short) and type(other) is Block  # the class itself is untouched
     assert nest_repeated_blocks(model) == ["blocks"] and type(model.blocks[0]) is type(model.blocks[1])  # idempotent
+
+
+def test_marking_warns_where_dynamo_traces_every_call_again(monkeypatch):
+    """torch 2.11 has no reuse of a traced region: marking would lengthen warm-up, and says so."""
+    monkeypatch.setattr(repeated_blocks, "dynamo_reuses_regions", lambda: False)
+    with pytest.warns(UserWarning, match="makes warm-up longer"):
+        assert nest_repeated_blocks(Stack(4)) == ["blocks"]
