@@ -9,7 +9,8 @@ largest bucket), so this times what regional compilation (``li_compile.regions``
 what Inductor compiles) leaves. ``--harness`` then times the benchmarks' whole light_interaction
 warm-up (``report_tools.light_interaction_setup``) as it runs on CUDA, and counts its graphs.
 ``--nested-blocks`` has Dynamo trace one block for all (``li_compile.nest_repeated_blocks``);
-``--inner inductor`` adds Inductor's share (one block per shape, ``li_compile.regions``).
+``--inner inductor`` adds Inductor's share (one block per shape, ``li_compile.regions``);
+``--dynamic none`` compiles the harness as torch.compile's default does (``li_compile.specialize``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch._dynamo.utils import counters
 
 import li_compile.backend
 from li_compile.repeated_blocks import nest_repeated_blocks
+from li_compile.specialize import SPECIALIZE_COUNTER
 from li_compile.worlds import hy_worldplay, matrix_game3, report_tools
 from li_compile.worlds.pipeline import warm_up
 
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--harness", action="store_true", help="also time the whole warm-up of a light_interaction run")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager")
     parser.add_argument("--nested-blocks", action="store_true", help="trace one block for all (nest_repeated_blocks)")
+    parser.add_argument("--dynamic", choices=("false", "none"), default="false",
+                        help="--harness: torch.compile's dynamic= (none: one symbolic graph for the buckets above the first)")
     args = parser.parse_args()
     module = WORLDS[args.world]
     world = module.build(dataclasses.replace(module.PRESETS[args.preset], depth=args.depth))
@@ -66,12 +70,14 @@ def main() -> None:
         harness_world = module.build(world.spec)
         if args.nested_blocks:
             nest_repeated_blocks(harness_world.model)
-        setup = report_tools.light_interaction_setup(harness_world, {"inner": args.inner})
+        setup = report_tools.light_interaction_setup(harness_world, {"inner": args.inner},
+                                                     dynamic={"false": False, "none": None}[args.dynamic])
         torch._dynamo.reset()
         frames, start = counters["frames"]["ok"], time.perf_counter()
         setup.warm_up()
-        print(f"light_interaction warm-up as on CUDA (inner {args.inner}): {counters['frames']['ok'] - frames} graphs "
-              f"in {time.perf_counter() - start:.1f} s")
+        print(f"light_interaction warm-up as on CUDA (inner {args.inner}, dynamic={args.dynamic}): "
+              f"{counters['frames']['ok'] - frames} Dynamo graphs, {counters[SPECIALIZE_COUNTER]['compiled']} "
+              f"specialized, in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Registered through the ``torch_dynamo_backends`` entry point (see pyproject.toml
 calls it once per captured graph: it validates the options, finds the compiled model's
 ``Accelerator`` (``li_compile.accelerator``: its plan slots, cache and report), runs the FX passes
 (``li_compile.passes.pipeline.PASSES``), records what they found, and hands the rewritten graph to
-the inner compiler.
+the inner compiler. A graph with symbolic shapes does all that once per concrete shape, at the
+first call of that shape (``li_compile.specialize``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from li_compile.passes.pipeline import PassContext, run_passes
 from li_compile.passes.sampler import compile_with_cache
 from li_compile.regions import Regions, compile_regions
 from li_compile.reporting import Compilation, Site
+from li_compile.specialize import ShapeSpecialized, is_symbolic
 
 
 def light_interaction(
@@ -37,10 +39,21 @@ def light_interaction(
     ``mode``: ``torch.compile``'s mode, forwarded to Inductor.
     """
     opts = Options.from_user(options)
+    if is_symbolic(example_inputs):  # dynamic=None/True: one static compile per concrete shape, at its first call
+        return ShapeSpecialized(gm, example_inputs, lambda graph, inputs, reason: _compile(graph, inputs, opts, mode, reason))
+    return _compile(gm, example_inputs, opts, mode)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, mode: str | None,
+             symbolic_reason: str | None = None) -> Callable:
+    """Passes, then the inner compiler behind the cache's runner; ``symbolic_reason``: why a symbolic
+    graph compiles as traced (a "graph" site in the report)."""
     target, context = calling_target()
     # a graph whose model cannot be found gets an accelerator of its own: dense plans, no cache
     acc = accelerator_of(target, opts) if target is not None else Accelerator(opts, type(gm).__name__)
     compilation = acc.new_compilation(type(gm).__name__)
+    if symbolic_reason is not None:
+        compilation.sites.append(Site(kind="graph", status="skipped", reason=symbolic_reason))
     ctx = PassContext(options=opts, example_inputs=example_inputs, compilation=compilation, plan=acc.plan,
                       dynamic=dynamic_setting(context))
     rewritten = run_passes(gm, ctx)

@@ -257,13 +257,15 @@ def test_sites_that_need_gradients_are_left_alone():
     assert any("inference-only" in s.reason for s in sites(compiled))
 
 
-def test_dynamic_shapes_are_reported_and_left_alone():
+def test_dynamic_shapes_are_specialized_to_the_calls_shape_and_rewritten():
+    """``dynamic=True``: the symbolic graph compiles a static copy for the call's shape
+    (``li_compile.specialize``), whose site is rewritten."""
     t = inputs()
     compiled = compile_eager(SPELLINGS["sdpa"], dynamic=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(t), SPELLINGS["sdpa"](t), **FP32)
     (site,) = sites(compiled)
-    assert site.status == "skipped" and "static shapes" in site.reason
+    assert site.status == "rewritten"
 
 
 @pytest.mark.parametrize("name", ["sdpa_gqa", "fp32_softmax_cast_back", "einsum_blhd", "baddbmm_with_mask"])
@@ -307,19 +309,19 @@ def test_with_sparsity_disabled_attention_is_left_to_the_inner_compiler_with_the
     assert site.status == "skipped" and "sparsity.enabled is False" in site.reason
 
 
-def test_automatic_dynamic_shapes_name_the_default_and_the_fix():
+def test_automatic_dynamic_shapes_still_rewrite_every_site():
     """``dynamic`` unset (torch.compile's None): a second shape makes Dynamo's automatic dynamic
-    shapes kick in; the site is left as written and the report says why and how to keep it static."""
+    shapes kick in; that symbolic graph is specialized per shape, so its site is rewritten too."""
     def attend(q):
         return F.scaled_dot_product_attention(q, q, q)
 
     compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
     with torch.no_grad():
-        for length in (8, 12):
+        for length in (8, 12, 16):
             q = torch.randn(1, 2, length, 4)
             torch.testing.assert_close(compiled(q), attend(q), **FP32)
-    reasons = [s.reason for s in li_compile.report(compiled).sites if s.status == "skipped"]
-    assert any("default dynamic=None" in r and "dynamic=False" in r for r in reasons), reasons
+    statuses = [s.status for s in li_compile.report(compiled).sites]
+    assert statuses == ["rewritten"] * 3, statuses  # 8 static, 12 and 16 from the symbolic graph
 
 
 def test_an_empty_head_dim_is_left_as_written_with_the_reason():

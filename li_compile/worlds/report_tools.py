@@ -30,6 +30,7 @@ from li_compile.controller.attention_plan import frame_drop_layout, padded_conte
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import launched_shapes
 from li_compile.regions import REGION_COUNTER, regional_inductor
+from li_compile.specialize import SPECIALIZE_COUNTER
 from li_compile.reporting import ChunkStats
 from li_compile.controller.selection import ContextSelection
 from li_compile.options import Options
@@ -202,16 +203,17 @@ def configure_for(accelerator: li_compile.Accelerator, world: World, trajectory:
                           layout=world.layout, revisit_inputs=world.revisit_inputs)
 
 
-def light_interaction_setup(world: World, options: Mapping[str, Any] | None = None) -> Setup:
+def light_interaction_setup(world: World, options: Mapping[str, Any] | None = None,
+                            dynamic: bool | None = False) -> Setup:
     """The light_interaction run: the world compiled with the backend; per chunk, its model's
     accelerator selects the context (memory pruning, adaptive window, compact context buckets),
     writes the attention plan and serves early steps of revisited chunks from its cache.
-    ``dynamic=False``: each context capacity gets its own static graph (Dynamo would otherwise make
-    the context length symbolic at the second capacity, and the attention pass only rewrites static
-    sites)."""
+    ``dynamic=False`` (default): each context capacity gets its own static graph; ``None``: Dynamo
+    makes the context length symbolic at the second capacity, and the backend specializes that graph
+    per capacity (``li_compile.specialize``)."""
     user = light_interaction_options(world, options)
     compiled = world.compile(
-        lambda m: torch.compile(m, backend="light_interaction", options=user, dynamic=False)
+        lambda m: torch.compile(m, backend="light_interaction", options=user, dynamic=dynamic)
     )
     accelerator = li_compile.accelerator(compiled.model)
 
@@ -308,8 +310,9 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
 
 
 def _compiles() -> int:
-    """Compilations so far in this process: Dynamo frames, and regions compiled (``li_compile.regions``)."""
-    return counters["frames"]["ok"] + counters[REGION_COUNTER]["compiled"]
+    """Compilations so far in this process: Dynamo frames, regions compiled (``li_compile.regions``) and
+    symbolic graphs specialized to a shape (``li_compile.specialize``)."""
+    return counters["frames"]["ok"] + counters[REGION_COUNTER]["compiled"] + counters[SPECIALIZE_COUNTER]["compiled"]
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""Graphs Dynamo traces with symbolic shapes (``dynamic=None`` at a second shape, ``dynamic=True``).
+
+Specifications: a symbolic graph compiles a static copy per concrete shape, at the first call of
+that shape, and equals eager; a shape seen before compiles nothing; a world compiled with
+torch.compile's default ``dynamic=None`` generates exactly what ``dynamic=False`` does, with its
+attention rewritten in every graph, the plans acting and the cache hitting, in fewer Dynamo traces;
+a graph that cannot be specialized (a data-dependent value) compiles as traced with the reason in
+the report and still equals eager.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import li_compile
+from li_compile.specialize import SPECIALIZE_COUNTER
+from li_compile.worlds import hy_worldplay, trajectories
+from li_compile.worlds.pipeline import generate, warm_up
+from li_compile.worlds.report_tools import configure_for
+
+SPARSE = {"block_q": 16, "block_k": 16, "max_density": 1.0}  # every plan runs the block-sparse kernel
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).transpose(1, 3).unbind(2)  # (B, 2 heads, L, d)
+        return x + self.out(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def _specialized() -> int:
+    return counters[SPECIALIZE_COUNTER]["compiled"]
+
+
+@torch.no_grad()
+def test_a_symbolic_graph_compiles_once_per_shape_and_equals_eager():
+    torch.manual_seed(0)
+    model = Attention()
+    compiled = torch.compile(model, backend="light_interaction", options={"inner": "eager"}, dynamic=True)
+    before = _specialized()
+    for length in (24, 40, 24):
+        x = torch.randn(2, length, 16)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert _specialized() - before == 2  # 24 and 40; the second 24 reuses its copy
+    sites = [s for s in li_compile.report(compiled).sites if s.kind == "attention"]
+    assert sites and all(s.status == "rewritten" for s in sites)
+
+
+@torch.no_grad()
+def test_a_graph_that_cannot_be_specialized_compiles_as_traced_with_the_reason():
+    class Scaled(Attention):
+        def forward(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * gain.item()  # a data-dependent value: fake tensors cannot know it
+
+    torch.manual_seed(0)
+    model, gain = Scaled(), torch.tensor(0.5)
+    torch._dynamo.config.capture_scalar_outputs = True
+    try:
+        compiled = torch.compile(model, backend="light_interaction", options={"inner": "eager"}, dynamic=True)
+        for length in (24, 40):
+            x = torch.randn(2, length, 16)
+            torch.testing.assert_close(compiled(x, gain), model(x, gain), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.config.capture_scalar_outputs = False
+    (graph_site,) = [s for s in li_compile.report(compiled).sites if s.kind == "graph"]
+    assert graph_site.status == "skipped" and "not specialized" in graph_site.reason and "dynamic=False" in graph_site.reason
+
+
+def _generation(dynamic, sparse_calls):
+    """The tiny HY world, two blocks deep, along a loop (revisits hit the cache), every plan sparse."""
+    world = hy_worldplay.build(dataclasses.replace(hy_worldplay.PRESETS["tiny"], depth=2, steps=2))
+    trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+    options = {"inner": "eager", "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options, dynamic=dynamic))
+    accelerator = li_compile.accelerator(compiled.model)
+    configure_for(accelerator, world, trajectory)
+    frames = counters["frames"]["ok"]
+    warm_up(compiled, accelerator.controller.warm_up_buckets())  # every capacity bucket, as a deployment would
+    sparse_calls.clear()
+    generation = generate(compiled, trajectory, chunks=4, accelerator=accelerator, decode=False)
+    return generation.latents, accelerator, counters["frames"]["ok"] - frames
+
+
+def test_a_world_under_the_default_dynamic_generates_what_a_static_one_does(sparse_calls):
+    """Same latents, as many block-sparse kernel calls, the same cache hits; every graph's
+    self-attention rewritten; fewer Dynamo traces (the symbolic one serves several capacities)."""
+    static, static_acc, static_traces = _generation(False, sparse_calls)
+    static_sparse = sum(sparse_calls.values())
+    specialized_before = _specialized()
+    default, default_acc, default_traces = _generation(None, sparse_calls)
+    torch.testing.assert_close(default, static, rtol=1e-5, atol=1e-5)
+    assert sum(sparse_calls.values()) == static_sparse > 0
+    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (static_acc, default_acc)]
+    assert hits[0] == hits[1] and "hit" in hits[0]
+    assert _specialized() > specialized_before and default_traces < static_traces
+    sites = default_acc.report().sites
+    assert not any(s.kind == "attention" and "symbolic" in (s.reason or "") for s in sites)
