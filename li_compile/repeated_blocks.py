@@ -36,8 +36,8 @@ def nest_repeated_blocks(model: nn.Module, min_blocks: int = MIN_BLOCKS) -> list
     if getattr(torch.compiler, "nested_compile_region", None) is None:
         raise RuntimeError(f"torch {torch.__version__} has no torch.compiler.nested_compile_region (torch 2.8 or later)")
     if not dynamo_reuses_regions():
-        warnings.warn(f"torch {torch.__version__}: Dynamo traces every call of a nested compile region again (it "
-                      "torch 2.13 reuses one trace), so marking the blocks makes warm-up longer, not shorter "
+        warnings.warn(f"torch {torch.__version__}: Dynamo traces every call of a nested compile region again "
+                      "(torch 2.13 reuses one trace), so marking the blocks makes warm-up longer, not shorter "
                       "(HY full, 54 blocks, torch 2.11: 91 s -> 134 s); the attention is rewritten either way",
                       stacklevel=2)
     marked = []

@@ -29,9 +29,11 @@ StaticCompiler = Callable[[fx.GraphModule, Sequence[Any], "str | None"], Callabl
 
 def is_symbolic(example_inputs: Sequence[Any]) -> bool:
     """Whether a graph's example inputs hold a symbolic int or a tensor of symbolic size."""
-    return any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) or
-               (isinstance(x, torch.Tensor) and not all(isinstance(s, int) for s in x.shape))
-               for x in example_inputs)
+    return any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) or _symbolic_size(x) for x in example_inputs)
+
+
+def _symbolic_size(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not all(isinstance(s, int) for s in x.shape)
 
 
 class ShapeSpecialized:
@@ -44,15 +46,17 @@ class ShapeSpecialized:
         # a copy now: once the backend returns, Dynamo drops metadata the passes read (each input's source)
         self.gm = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
         self.compile_static = compile_static
-        self.sized = [i for i, x in enumerate(example_inputs)
-                      if isinstance(x, torch.Tensor) and not all(isinstance(s, int) for s in x.shape)]
+        # what picks the static copy: the values of the non-tensor inputs (the symbols) and the sizes of
+        # the tensors whose size is symbolic, found once here rather than per call over every weight
+        self.numbers = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor)]
+        self.sized = [i for i, x in enumerate(example_inputs) if _symbolic_size(x)]
         self.compiled: dict[tuple, Callable] = {}
         self.symbolic: Callable | None = None  # the graph compiled as it is, once it failed to specialize
 
     def __call__(self, *args: Any) -> Any:
         if self.symbolic is not None:
             return self.symbolic(*args)
-        key = (tuple(a for a in args if not isinstance(a, torch.Tensor)), tuple(args[i].shape for i in self.sized))
+        key = (tuple(args[i] for i in self.numbers), tuple(args[i].shape for i in self.sized))
         compiled = self.compiled.get(key)
         if compiled is None:
             try:
@@ -72,9 +76,9 @@ def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     ``example_value`` a fake tensor of static shape, and every node whose value is a number (or a
     tuple of numbers, such as a size) folded into its users as a constant. Int inputs stay
     placeholders (the graph's signature is unchanged), unused."""
-    if len(args) != sum(n.op == "placeholder" for n in gm.graph.nodes):
-        raise ValueError(f"specialize: {len(args)} inputs for a graph of "
-                         f"{sum(n.op == 'placeholder' for n in gm.graph.nodes)} placeholders")
+    placeholders = sum(n.op == "placeholder" for n in gm.graph.nodes)
+    if len(args) != placeholders:
+        raise ValueError(f"specialize: {len(args)} inputs for a graph of {placeholders} placeholders")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}  # old node -> new node, or the constant it folded into

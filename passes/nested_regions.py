@@ -48,9 +48,9 @@ def rewrite_nested(gm: fx.GraphModule, rewrite: Callable[[fx.GraphModule], None]
         setattr(gm, name, body)
         if not lifted:
             continue
+        emitter = Emitter(gm, calls[0])  # the buffers' reads go before the graph's first op: one set for every call
+        outer = tuple(emitter.buffer(buffer, tensor) for buffer, tensor in lifted)
         for call in calls:
-            emitter = Emitter(gm, call)
-            outer = [emitter.buffer(buffer, tensor) for buffer, tensor in lifted]
             call.args = (*call.args, *outer)
 
 
