@@ -6,7 +6,9 @@ plan slot of its signature (``li_compile.plan``: dense until the controller sets
 recorded in the report as "rewritten". Everything else stays as written, recorded as "skipped"
 with the reason: softmaxes that are not attention, cross-attention (keys projected from text or
 action tokens: left dense on purpose, the controller prunes the video context), sites needing
-gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size).
+gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size; the
+backend hands the passes a static copy per shape, ``li_compile.specialize``, so these remain only in
+a graph it could not specialize).
 ``flex_attention`` calls whose ``score_mod`` is the identity are rewritten with their block mask as
 the site's mask (``attention_flex``); others stay as written, with the reason. Sites in the body of
 a ``torch.compiler.nested_compile_region`` block are rewritten once for all its calls
