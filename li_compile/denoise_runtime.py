@@ -6,7 +6,7 @@ Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) g
 ``runtime.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
 the step (``set_step``, as ``ChunkScope.step`` does; then several calls per step, such as
 classifier-free guidance as separate calls, are kept apart). On the first early step
-(``step < reuse_limit``: ``cache.reuse_steps``, by default half the chunk's steps) the chunk is looked up once per stamp; on a revisit hit the early steps
+(``step < reuse_limit``: ``cache.reuse_steps``, by default every step but the last) the chunk is looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. A hit also needs the same cache
 key: the weights generation and conditioning digest (``li_compile.cache_key``), the sigma
@@ -183,8 +183,8 @@ class DenoiseRuntime:
         self._chunk.step = step
 
     def reuse_limit(self, steps: int | None = None) -> int:
-        """How many early steps may be served in the open chunk: ``reuse_steps`` (``None``: half the
-        chunk's steps, rounded down, or ``UNKNOWN_STEPS_REUSE`` when the count is unknown), but never
+        """How many early steps may be served in the open chunk: ``reuse_steps`` (``None``: every step
+        but the last, or ``UNKNOWN_STEPS_REUSE`` when the count is unknown), but never
         the last step (the count is known from ``steps`` or the chunk's ``sigmas``); 0 when caching
         is off or no chunk is open."""
         c, options = self._chunk, self.options
@@ -192,11 +192,10 @@ class DenoiseRuntime:
             return 0
         total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else None)
         limit = options.reuse_steps
-        if limit == "auto":  # calibrating: look up (and store) every early step; then the measured choice
-            limit = self.auto.chosen if self.auto.chosen is not None else (
-                UNKNOWN_STEPS_REUSE if total is None else total - 1)
+        if limit == "auto":  # calibrating (nothing chosen yet): every early step, as the default; then the choice
+            limit = self.auto.chosen
         if limit is None:
-            limit = UNKNOWN_STEPS_REUSE if total is None else total // 2
+            limit = UNKNOWN_STEPS_REUSE if total is None else total - 1
         return limit if total is None else min(limit, total - 1)
 
     def step(

@@ -130,14 +130,15 @@ class CacheOptions:
     how many past chunks are kept, and what is kept: the clean-latent prediction ("x0", served
     against the new chunk's own latent; needs the chunk's sigmas) or the raw model output ("raw").
 
-    ``reuse_steps``: ``None`` (the default) reuses half of the chunk's steps, rounded down (2 of a
-    4-step sampler, 1 of a 3-step one; 1 when the step count is unknown), so at least as many steps
-    compute as are served: with one computed step left, a revisited chunk's latents end about 15 dB
-    from dense on both tiny worlds, against about 23-32 dB with half computed
-    (``benchmarks/results/denoise_cache_reuse.md``). ``"auto"``: measured on the model itself: its
-    first ``AUTO_CALIBRATION_HITS`` revisits (``li_compile.denoise_runtime``) compute every step and
-    compare each early step's fresh prediction with the one the cache would serve; from then on it
-    reuses the most steps whose served predictions all stayed at or above ``reuse_target_db`` (PSNR),
+    ``reuse_steps``: ``None`` (the default) serves every step but the last (3 of a 4-step sampler,
+    2 of a 3-step one; 1 when the step count is unknown). On the trained world (``trained_ar``,
+    ``benchmarks/results/trained_ar_plans.md``) a hit chunk then stays 32-64 dB from dense and as
+    close to the renderer's truth as dense; on random-weight worlds, whose outputs do not denoise, a
+    hit with one computed step ends about 15-22 dB from dense (``denoise_cache_reuse.md``): set an
+    int, or ``"auto"``, for a model whose served steps have not been checked. ``"auto"``: measured
+    on the model itself: its first ``AUTO_CALIBRATION_HITS`` revisits (``li_compile.denoise_runtime``)
+    compute every step and compare each early step's fresh prediction with the one the cache would
+    serve; from then on it reuses the most steps whose served predictions all stayed at or above ``reuse_target_db`` (PSNR),
     and the report says what it chose and why. The last step always computes, whatever the value.
     ``serve``: per revisited frame, the best-matching past frame's output (``"best"``) or the
     score-weighted average of every past frame matching at ``revisit_threshold`` (``"blend"``)."""

@@ -187,10 +187,9 @@ def test_the_last_step_always_computes():
     assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 1
 
 
-@pytest.mark.parametrize("steps, reused", [(4, 2), (3, 1), (2, 1), (6, 3)])
-def test_by_default_a_revisit_reuses_half_of_its_steps(steps, reused):
-    """``reuse_steps=None``: half the chunk's steps, rounded down, so as many steps compute as are
-    served or more (one computed step left costs a revisited chunk about 15 dB)."""
+@pytest.mark.parametrize("steps, reused", [(4, 3), (3, 2), (2, 1), (6, 5), (1, 0)])
+def test_by_default_a_revisit_serves_every_step_but_the_last(steps, reused):
+    """``reuse_steps=None``: every early step of a revisit is served; the last step computes."""
     runtime, model = DenoiseRuntime(CacheOptions()), Model()
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
     run_chunk(runtime, model, chunk_cameras(0.0), steps=steps, sigmas=sigmas, options=CacheOptions())

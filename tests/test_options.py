@@ -20,7 +20,7 @@ def test_nested_dict_sets_section_fields():
     assert opts.sparsity.block_q == Options().sparsity.block_q
     assert opts.cache.reuse_steps == 3
     assert opts.context == Options().context
-    assert Options.from_user({"cache": {"reuse_steps": None}}).cache.reuse_steps is None  # half the steps
+    assert Options.from_user({"cache": {"reuse_steps": None}}).cache.reuse_steps is None  # every step but the last
 
 
 @pytest.mark.parametrize(
