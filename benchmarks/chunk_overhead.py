@@ -1,0 +1,92 @@
+"""Where a light_interaction chunk spends host time that a dense chunk does not (GPU).
+
+Builds a world (default ``full``) at ``--depth`` blocks, warms up the dense (Inductor) and the
+light_interaction run as ``benchmarks/end_to_end.py`` does, then generates ``--chunks`` chunks of
+one trajectory with each and prints, per chunk: the whole chunk (synchronised), the host time
+before the first model call (context selection, plans, inputs) and the host time of each model
+call (enqueueing its kernels: a call that waits on the device here holds the host). Then it
+profiles ``--profile-chunks`` more chunks of each run with ``torch.profiler`` and prints the host
+operations by self CPU time, with the number of device synchronisations.
+
+    bash benchmarks/run_on_device.sh python benchmarks/chunk_overhead.py --world matrix_game3 --depth 30 \\
+        --chunks 12 --trajectory random_walk_with_returns --out $OUT/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.pipeline import generate
+from li_compile.worlds.report_tools import dense_setup, full_context_masked, light_interaction_setup
+
+WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
+SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=sorted(WORLDS), default="matrix_game3")
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--chunks", type=int, default=12)
+    parser.add_argument("--profile-chunks", type=int, default=2)
+    parser.add_argument("--trajectory", default="random_walk_with_returns", choices=sorted(trajectories.TRAJECTORIES))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    module = WORLDS[args.world]
+    spec = module.PRESETS[args.preset]
+    if args.depth is not None:
+        spec = dataclasses.replace(spec, depth=args.depth)
+    world = module.build(spec, device=args.device)
+    total = args.chunks + args.profile_chunks
+    trajectory = trajectories.make(args.trajectory, total * spec.chunk_frames, chunk_frames=spec.chunk_frames)
+    result = {}
+    for name, setup in (("dense", dense_setup(world)), ("light_interaction", light_interaction_setup(world))):
+        setup.warm_up()
+        driver = setup.driver(trajectory)
+        calls: list[tuple[int, int, float, float]] = []  # chunk, step, call start, call end (host clock)
+
+        def hook(chunk, step, model_call):
+            start = time.perf_counter()
+            out = model_call()
+            calls.append((chunk, step, start, time.perf_counter()))
+            return out
+
+        gen = generate(setup.world, trajectory, driver.policy, args.chunks, accelerator=driver.accelerator,
+                       step_hook=hook, mask_full=full_context_masked(world), decode=False)
+        rows = []
+        for c, chunk_s in enumerate(gen.chunk_times):
+            mine = [x for x in calls if x[0] == c]
+            rows.append({"chunk": c, "chunk_ms": 1000 * chunk_s,
+                         "call_host_ms": [round(1000 * (end - start), 2) for _, _, start, end in mine]})
+        driver = setup.driver(trajectory)  # an empty cache again: the profiled chunks miss as the timed ones did
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            generate(setup.world, trajectory, driver.policy, total, accelerator=driver.accelerator,
+                     mask_full=full_context_masked(world), decode=False)
+        averages = prof.key_averages()
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        syncs = {e.key: e.count for e in averages if e.key in SYNC_EVENTS}
+        print(f"== {name}: per chunk (ms) and host ms per model call")
+        for row in rows:
+            print(f"  chunk {row['chunk']:3d}  {row['chunk_ms']:8.1f}  calls {row['call_host_ms']}")
+        print(f"== {name}: profile of {total} chunks (the first {args.chunks} again, then {args.profile_chunks} more)")
+        print(table)
+        print(f"== {name}: synchronising calls {syncs}")
+        result[name] = {"chunks": rows, "syncs": syncs, "table": table}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
