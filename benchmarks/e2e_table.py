@@ -14,7 +14,7 @@ from pathlib import Path
 COLUMNS = (  # title, row key, format
     ("world", "world", "{}"), ("depth", "depth", "{}"), ("trajectory", "trajectory", "{}"), ("run", "run", "{}"),
     ("chunks", "chunks", "{}"), ("speedup", "speedup", "{:.2f}x"), ("dense s", "time_dense_s", "{:.2f}"),
-    ("li s", "time_li_s", "{:.2f}"), ("PSNR vs dense (mean / min)", None, None), ("cache hits", "cache_hits", "{}"),
+    ("li s", "time_li_s", "{:.2f}"), ("PSNR vs dense (mean / worst chunk / worst frame)", None, None), ("cache hits", "cache_hits", "{}"),
     ("frames pruned", "memory_frames_pruned", "{}"), ("density", "attention_density_mean", "{:.2f}"),
     ("peak GB (li / dense)", None, None), ("warm-up s (li / dense)", None, None),
     ("recompiles", "recompiles_after_warmup", "{}"), ("commit", "commit", "{}"),
@@ -29,7 +29,8 @@ TRUTH_COLUMNS = (  # rows of the trained worlds, scored against the renderer's g
 
 def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
     if title.startswith("PSNR"):
-        return f"{row['psnr_db_vs_dense']:.1f} / {row['min_psnr_db']:.1f} dB"
+        frame = f"{row['min_frame_psnr_db']:.1f}" if "min_frame_psnr_db" in row else "-"  # rows before the field
+        return f"{row['psnr_db_vs_dense']:.1f} / {row['min_psnr_db']:.1f} / {frame} dB"
     if title.startswith("peak"):
         return "-" if row["peak_gb"] is None else f"{row['peak_gb']:.2f} / {row['peak_gb_dense']:.2f}"
     if title in (t for t, _, _ in TRUTH_COLUMNS) and "psnr_db_dense_vs_truth" not in row:

@@ -19,7 +19,7 @@ from li_compile.worlds.report_tools import (
 
 JSON_KEYS = {
     "speedup", "recompiles_after_warmup", "cache_hits", "memory_frames_pruned", "attention_density_mean",
-    "psnr_db_vs_dense", "min_psnr_db", "time_dense_s", "time_li_s", "chunks", "tokens_per_frame",
+    "psnr_db_vs_dense", "min_psnr_db", "min_frame_psnr_db", "time_dense_s", "time_li_s", "chunks", "tokens_per_frame",
 }
 
 
@@ -51,6 +51,9 @@ def test_example_writes_the_summary_json_and_pictures(tmp_path):
     assert record["tokens_per_frame"] == hy_worldplay.PRESETS["tiny"].tokens_per_frame
     assert record["recompiles_after_warmup"] == 0
     assert summary["psnr_db_vs_dense"] >= 25  # same policy, same weights: the backend changes nothing visible
+    for row in record["per_chunk"]:  # the worst frame of a chunk is never better than the chunk as a whole
+        assert row["min_frame_psnr_db"] <= row["psnr_db"] + 1e-9
+    assert record["min_frame_psnr_db"] == min(row["min_frame_psnr_db"] for row in record["per_chunk"])
     for picture in ("timeline.png", "frames.png", "block_layout.png"):
         assert (tmp_path / picture).stat().st_size > 0
 
