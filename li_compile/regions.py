@@ -96,9 +96,10 @@ def compile_regions(inner: InnerCompiler, record: Callable[[Regions], None] = la
             record(Regions(blocks, 1, reason))
             return inner(gm, example_inputs, mode)
         shared: dict[Hashable, Callable] = {}
+        structures: dict[Hashable, int] = {}
         names = [name for name, _ in split.named_children()]
         for name in names:
-            setattr(split, name, _Region(getattr(split, name), inner, mode, shared))
+            setattr(split, name, _Region(getattr(split, name), inner, mode, shared, structures))
         record(Regions(blocks, len(names)))
         return split  # its forward is FX code: each value is dropped after its last use
 
@@ -107,10 +108,12 @@ def compile_regions(inner: InnerCompiler, record: Callable[[Regions], None] = la
 
 class _Region(torch.nn.Module):
     """One region: compiled on its first call for its inputs' layout, or the compiled function of an
-    identical region with the same input layout reused (``shared``: one per cut graph)."""
+    identical region with the same input layout reused (``shared``: one per cut graph, keyed by the
+    region's structure number in ``structures`` and its inputs' layout; numbering the structure once
+    keeps each call from hashing the whole graph's node list)."""
 
     def __init__(self, piece: fx.GraphModule, inner: InnerCompiler, mode: Any,
-                 shared: dict[Hashable, Callable]) -> None:
+                 shared: dict[Hashable, Callable], structures: dict[Hashable, int]) -> None:
         super().__init__()
         output = piece.graph.find_nodes(op="output")[0]
         self.single = not isinstance(output.args[0], (tuple, list))
@@ -118,7 +121,7 @@ class _Region(torch.nn.Module):
             output.args = ((output.args[0],),)
             piece.recompile()
         self.piece, self.inner, self.mode, self.shared = piece, inner, mode, shared
-        self.structure = structure_key(piece)
+        self.structure = structures.setdefault(structure_key(piece), len(structures))
 
     def forward(self, *args: Any) -> Any:
         key = (self.structure, inputs_key(args))
