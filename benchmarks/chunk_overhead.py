@@ -6,7 +6,9 @@ one trajectory with each and prints, per chunk: the whole chunk (synchronised), 
 before the first model call (context selection, plans, inputs) and the host time of each model
 call (enqueueing its kernels: a call that waits on the device here holds the host). Then it
 profiles ``--profile-chunks`` more chunks of each run with ``torch.profiler`` and prints the host
-operations by self CPU time, with the number of device synchronisations.
+operations by self CPU time, with the number of device synchronisations. On CUDA it then runs the
+chunks once more under ``torch.cuda.set_sync_debug_mode("warn")`` and prints where in the Python
+code each synchronising call was made (the innermost frames of this repository), by count.
 
     bash benchmarks/run_on_device.sh python benchmarks/chunk_overhead.py --world matrix_game3 --depth 30 \\
         --chunks 12 --trajectory random_walk_with_returns --out $OUT/overhead.json
@@ -15,9 +17,12 @@ operations by self CPU time, with the number of device synchronisations.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,9 +88,39 @@ def main() -> None:
         print(table)
         print(f"== {name}: synchronising calls {syncs}")
         result[name] = {"chunks": rows, "syncs": syncs, "table": table}
+        if torch.cuda.is_available():
+            driver = setup.driver(trajectory)
+            where = sync_sites(lambda: generate(setup.world, trajectory, driver.policy, total,
+                                                accelerator=driver.accelerator, mask_full=full_context_masked(world),
+                                                decode=False))
+            print(f"== {name}: synchronising calls by site in {total} chunks")
+            for site, count in where.most_common(25):
+                print(f"  {count:5d}  {site}")
+            result[name]["sync_sites"] = [[site, count] for site, count in where.most_common()]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+
+def sync_sites(run) -> collections.Counter:
+    """Call ``run()`` with CUDA's sync debug mode on: each synchronising call, counted by the
+    innermost three frames of this repository's code (``file:line function``) on its Python stack."""
+    where: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "li_compile" in f.filename or "benchmarks" in f.filename]
+            where[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return where
 
 
 if __name__ == "__main__":
