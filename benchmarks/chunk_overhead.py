@@ -33,7 +33,8 @@ from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import dense_setup, full_context_masked, light_interaction_setup
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
-SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
+SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
+               "cudaEventSynchronize")
 
 
 def main() -> None:
@@ -109,7 +110,8 @@ def sync_sites(run) -> collections.Counter:
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" in str(message):
-            frames = [f for f in traceback.extract_stack()[:-1] if "li_compile" in f.filename or "benchmarks" in f.filename]
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if "li_compile" in f.filename or "benchmarks" in f.filename]
             where[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))] += 1
 
     with warnings.catch_warnings():

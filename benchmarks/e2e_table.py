@@ -14,7 +14,8 @@ from pathlib import Path
 COLUMNS = (  # title, row key, format
     ("world", "world", "{}"), ("depth", "depth", "{}"), ("trajectory", "trajectory", "{}"), ("run", "run", "{}"),
     ("chunks", "chunks", "{}"), ("speedup", "speedup", "{:.2f}x"), ("dense s", "time_dense_s", "{:.2f}"),
-    ("li s", "time_li_s", "{:.2f}"), ("PSNR vs dense (mean / worst chunk / worst frame)", None, None), ("cache hits", "cache_hits", "{}"),
+    ("li s", "time_li_s", "{:.2f}"), ("PSNR vs dense (mean / worst chunk / worst frame)", None, None),
+    ("cache hits", "cache_hits", "{}"),
     ("frames pruned", "memory_frames_pruned", "{}"), ("density", "attention_density_mean", "{:.2f}"),
     ("peak GB (li / dense)", None, None), ("warm-up s (li / dense)", None, None),
     ("recompiles", "recompiles_after_warmup", "{}"), ("commit", "commit", "{}"),

@@ -6,7 +6,8 @@ Every model call that the sampler pass wrapped (``li_compile.passes.sampler``) g
 ``runtime.step``: the n-th call of a runner in a chunk is denoising step n, unless the loop tells
 the step (``set_step``, as ``ChunkScope.step`` does; then several calls per step, such as
 classifier-free guidance as separate calls, are kept apart). On the first early step
-(``step < reuse_limit``: ``cache.reuse_steps``, by default every step but the last) the chunk is looked up once per stamp; on a revisit hit the early steps
+(``step < reuse_limit``: ``cache.reuse_steps``, by default every step but the last) the chunk is
+looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. A hit also needs the same cache
 key: the weights generation and conditioning digest (``li_compile.cache_key``), the sigma

@@ -138,8 +138,9 @@ class CacheOptions:
     int, or ``"auto"``, for a model whose served steps have not been checked. ``"auto"``: measured
     on the model itself: its first ``AUTO_CALIBRATION_HITS`` revisits (``li_compile.denoise_runtime``)
     compute every step and compare each early step's fresh prediction with the one the cache would
-    serve; from then on it reuses the most steps whose served predictions all stayed at or above ``reuse_target_db`` (PSNR),
-    and the report says what it chose and why. The last step always computes, whatever the value.
+    serve; from then on it reuses the most steps whose served predictions all stayed at or above
+    ``reuse_target_db`` (PSNR), and the report says what it chose and why. The last step always
+    computes, whatever the value.
     ``serve``: per revisited frame, the best-matching past frame's output (``"best"``) or the
     score-weighted average of every past frame matching at ``revisit_threshold`` (``"blend"``)."""
 
