@@ -58,7 +58,12 @@ def main() -> None:
     result = {}
     for name, setup in (("dense", dense_setup(world)), ("light_interaction", light_interaction_setup(world))):
         setup.warm_up()
-        driver = setup.driver(trajectory)
+
+        def run(chunks: int, step_hook=None):
+            driver = setup.driver(trajectory)  # an empty cache each time: every run's chunks miss alike
+            return generate(setup.world, trajectory, driver.policy, chunks, accelerator=driver.accelerator,
+                            step_hook=step_hook, mask_full=full_context_masked(world), decode=False)
+
         calls: list[tuple[int, int, float, float]] = []  # chunk, step, call start, call end (host clock)
 
         def hook(chunk, step, model_call):
@@ -67,18 +72,15 @@ def main() -> None:
             calls.append((chunk, step, start, time.perf_counter()))
             return out
 
-        gen = generate(setup.world, trajectory, driver.policy, args.chunks, accelerator=driver.accelerator,
-                       step_hook=hook, mask_full=full_context_masked(world), decode=False)
+        gen = run(args.chunks, hook)
         rows = []
         for c, chunk_s in enumerate(gen.chunk_times):
             mine = [x for x in calls if x[0] == c]
             rows.append({"chunk": c, "chunk_ms": 1000 * chunk_s,
                          "call_host_ms": [round(1000 * (end - start), 2) for _, _, start, end in mine]})
-        driver = setup.driver(trajectory)  # an empty cache again: the profiled chunks miss as the timed ones did
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
-            generate(setup.world, trajectory, driver.policy, total, accelerator=driver.accelerator,
-                     mask_full=full_context_masked(world), decode=False)
+            run(total)
         averages = prof.key_averages()
         table = averages.table(sort_by="self_cpu_time_total", row_limit=30)
         syncs = {e.key: e.count for e in averages if e.key in SYNC_EVENTS}
@@ -90,10 +92,7 @@ def main() -> None:
         print(f"== {name}: synchronising calls {syncs}")
         result[name] = {"chunks": rows, "syncs": syncs, "table": table}
         if torch.cuda.is_available():
-            driver = setup.driver(trajectory)
-            where = sync_sites(lambda: generate(setup.world, trajectory, driver.policy, total,
-                                                accelerator=driver.accelerator, mask_full=full_context_masked(world),
-                                                decode=False))
+            where = sync_sites(lambda: run(total))
             print(f"== {name}: synchronising calls by site in {total} chunks")
             for site, count in where.most_common(25):
                 print(f"  {count:5d}  {site}")

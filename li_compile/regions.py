@@ -18,6 +18,7 @@ whose regions cannot be cut (``compile_regions`` says why).
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
@@ -142,7 +143,7 @@ def structure_key(piece: fx.GraphModule) -> Hashable:
     for i, node in enumerate(piece.graph.nodes):
         position[node] = i
         if node.op == "get_attr":
-            target: Any = ("attr", id(_attribute(piece, node.target)))
+            target: Any = ("attr", id(operator.attrgetter(node.target)(piece)))
         elif node.op == "call_module":
             target = ("module", id(piece.get_submodule(node.target)))
         elif node.op in ("placeholder", "output"):
@@ -184,12 +185,6 @@ def _frozen(value: Any, position: dict[fx.Node, int]) -> Hashable:
                                            torch.memory_format)):
         return (type(value).__name__, value)
     return ("object", id(value))
-
-
-def _attribute(module: torch.nn.Module, target: str) -> Any:
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
 
 
 def _symbolic(value: Any) -> bool:

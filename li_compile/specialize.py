@@ -12,6 +12,7 @@ every capacity bucket; each bucket still gets its own compile, as with ``dynamic
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from li_compile.passes.graph_copy import copy_graph
+from li_compile.passes.graph_copy import copy_module
 
 SPECIALIZE_COUNTER = "li_compile.specialize"  # torch's compile counters: [SPECIALIZE_COUNTER]["compiled"]
 
@@ -44,7 +45,7 @@ class ShapeSpecialized:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], compile_static: StaticCompiler) -> None:
         # a copy now: once the backend returns, Dynamo drops metadata the passes read (each input's source)
-        self.gm = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
+        self.gm = copy_module(gm)
         self.compile_static = compile_static
         # what picks the static copy: the values of the non-tensor inputs (the symbols) and the sizes of
         # the tensors whose size is symbolic, found once here rather than per call over every weight
@@ -113,10 +114,7 @@ def _run(gm: fx.GraphModule, node: fx.Node, inputs: tuple[tuple, dict], mode: Fa
     """``node``'s value on fake ``inputs`` (args, kwargs)."""
     args, kwargs = inputs
     if node.op == "get_attr":
-        value = gm
-        for name in str(node.target).split("."):
-            value = getattr(value, name)
-        return _fake(mode, value)
+        return _fake(mode, operator.attrgetter(str(node.target))(gm))
     with mode:
         if node.op == "call_function":
             return node.target(*args, **kwargs)

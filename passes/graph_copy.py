@@ -1,4 +1,4 @@
-"""A working copy of an FX graph, so a pass can fail without touching the graph as written."""
+"""A working copy of an FX graph or graph module, so a pass can fail without touching the original."""
 
 from __future__ import annotations
 
@@ -13,3 +13,8 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         output = output[0]
     new_graph.output(output)
     return new_graph
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with a copy of its graph (``copy_graph``): same attributes and class name."""
+    return fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)

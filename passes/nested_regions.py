@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from li_compile.passes.attention_rewrite import Emitter, is_plan_buffer
-from li_compile.passes.graph_copy import copy_graph
+from li_compile.passes.graph_copy import copy_module
 
 INVOKE_SUBGRAPH = getattr(getattr(torch.ops, "higher_order", None), "invoke_subgraph", None)
 
@@ -39,8 +39,7 @@ def rewrite_nested(gm: fx.GraphModule, rewrite: Callable[[fx.GraphModule], None]
     """Run ``rewrite`` (the attention pass on one graph) on a copy of every body called in ``gm``,
     install the copy in ``gm``, and lift the plan buffers it added to operands of every call."""
     for name, calls in nested_bodies(gm).items():
-        original = gm.get_submodule(name)
-        body = fx.GraphModule(original, copy_graph(original.graph), class_name=type(original).__name__)
+        body = copy_module(gm.get_submodule(name))
         rewrite(body)
         lifted = _lift_plan_buffers(body)
         body.graph.lint()

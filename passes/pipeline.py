@@ -18,7 +18,7 @@ from torch import fx
 
 from li_compile.options import Options
 from li_compile.passes.attention import attention_pass
-from li_compile.passes.graph_copy import copy_graph
+from li_compile.passes.graph_copy import copy_module
 from li_compile.passes.sampler import sampler_pass
 from li_compile.plan import Plan
 from li_compile.reporting import Compilation, Site
@@ -50,7 +50,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass]
     passes = PASSES if passes is None else passes
     if not passes:
         return gm
-    work = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
+    work = copy_module(gm)
     recorded = len(ctx.compilation.sites)
     try:
         for graph_pass in passes:
