@@ -4,7 +4,9 @@ Builds a world (default ``full``) at ``--depth`` blocks, warms up the dense (Ind
 light_interaction run as ``benchmarks/end_to_end.py`` does, then generates ``--chunks`` chunks of
 one trajectory with each and prints, per chunk: the whole chunk (synchronised), the host time
 before the first model call (context selection, plans, inputs) and the host time of each model
-call (enqueueing its kernels: a call that waits on the device here holds the host). Then it
+call (enqueueing its kernels: a call that waits on the device here holds the host), and a Python
+profile of the chunks' first model calls (chunk 1 on), where the backend looks up the denoising
+cache while the device may be idle. Then it
 profiles ``--profile-chunks`` more chunks of each run with ``torch.profiler`` and prints the host
 operations by self CPU time, with the number of device synchronisations. On CUDA it then runs the
 chunks once more under ``torch.cuda.set_sync_debug_mode("warn")`` and prints where in the Python
@@ -17,9 +19,12 @@ code each synchronising call was made (the innermost frames of this repository),
 from __future__ import annotations
 
 import argparse
+import cProfile
 import collections
 import dataclasses
+import io
 import json
+import pstats
 import time
 import traceback
 import warnings
@@ -65,10 +70,18 @@ def main() -> None:
                             step_hook=step_hook, mask_full=full_context_masked(world), decode=False)
 
         calls: list[tuple[int, int, float, float]] = []  # chunk, step, call start, call end (host clock)
+        first_calls = cProfile.Profile()
 
         def hook(chunk, step, model_call):
+            profiled = chunk > 0 and step == 0
             start = time.perf_counter()
-            out = model_call()
+            if profiled:
+                first_calls.enable()
+            try:
+                out = model_call()
+            finally:
+                if profiled:
+                    first_calls.disable()
             calls.append((chunk, step, start, time.perf_counter()))
             return out
 
@@ -78,6 +91,9 @@ def main() -> None:
             mine = [x for x in calls if x[0] == c]
             rows.append({"chunk": c, "chunk_ms": 1000 * chunk_s,
                          "call_host_ms": [round(1000 * (end - start), 2) for _, _, start, end in mine]})
+        text = io.StringIO()
+        pstats.Stats(first_calls, stream=text).sort_stats("cumulative").print_stats("li_compile|passes|kernels", 30)
+        first_profile = text.getvalue()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
             run(total)
@@ -87,10 +103,12 @@ def main() -> None:
         print(f"== {name}: per chunk (ms) and host ms per model call")
         for row in rows:
             print(f"  chunk {row['chunk']:3d}  {row['chunk_ms']:8.1f}  calls {row['call_host_ms']}")
+        print(f"== {name}: Python profile of the first model call of chunks 1-{args.chunks - 1}")
+        print(first_profile)
         print(f"== {name}: profile of {total} chunks (the first {args.chunks} again, then {args.profile_chunks} more)")
         print(table)
         print(f"== {name}: synchronising calls {syncs}")
-        result[name] = {"chunks": rows, "syncs": syncs, "table": table}
+        result[name] = {"chunks": rows, "syncs": syncs, "table": table, "first_calls": first_profile}
         if torch.cuda.is_available():
             where = sync_sites(lambda: run(total))
             print(f"== {name}: synchronising calls by site in {total} chunks")

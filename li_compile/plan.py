@@ -53,6 +53,16 @@ _SLOTS: "weakref.WeakValueDictionary[int, PlanSlot]" = weakref.WeakValueDictiona
 _SIGNATURES: "dict[int, SlotSignature]" = {}  # written once per id, never changed
 
 
+def upload(value: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """``value`` on ``device``, without the host waiting for the device: a host tensor bound for CUDA
+    is staged in pinned memory and copied asynchronously on the current stream (the caching host
+    allocator holds the staging buffer until the copy has run). Any other move is ``Tensor.to``."""
+    device = torch.device(device)
+    if value.device.type == "cpu" and device.type == "cuda":
+        return value.contiguous().pin_memory().to(device, non_blocking=True)
+    return value.to(device)
+
+
 def find_slot(slot_id: int) -> "PlanSlot":
     """The live slot with process-unique id ``slot_id``; ``ValueError`` if its model is gone."""
     slot = _SLOTS.get(slot_id)
@@ -111,6 +121,8 @@ class PlanSlot:
         self.full_kv_num_blocks = torch.zeros(blocks, dtype=INDEX_DTYPE, device=s.device)
         self.full_kv_indices = torch.zeros(heads_blocks, dtype=INDEX_DTYPE, device=s.device)
         self.key_keep = torch.ones((s.batch, s.kv_len), dtype=torch.bool, device=s.device)
+        self._every_block = torch.arange(s.kv_blocks, dtype=INDEX_DTYPE, device=s.device)  # clear()'s indices
+        self._tiling: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None  # (given, on device)
         self.fallbacks: collections.Counter[str] = collections.Counter()
         self.topk_constants: Any = None  # built by li::planned_attention on its first top-k call
         self.clear()
@@ -126,7 +138,7 @@ class PlanSlot:
         self.dense_span: tuple[int, int] = (0, 0)
         self.tiling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.kv_num_blocks.fill_(self.signature.kv_blocks)
-        self.kv_indices.copy_(torch.arange(self.signature.kv_blocks, dtype=INDEX_DTYPE).expand_as(self.kv_indices))
+        self.kv_indices.copy_(self._every_block.expand_as(self.kv_indices))
         self.full_kv_num_blocks.zero_()
         self.full_kv_indices.zero_()
         self.key_keep.fill_(True)
@@ -160,14 +172,23 @@ class PlanSlot:
                 target = getattr(self, name)
                 if value is None:
                     target.fill_(name == "key_keep")  # no full blocks; every key kept
-                elif name.endswith("indices"):
+                    continue
+                value = upload(value, target.device)
+                if name.endswith("indices"):
                     target.zero_()
                     target[..., : value.shape[-1]].copy_(value.expand(*target.shape[:-1], value.shape[-1]))
                 else:
                     target.copy_(value.expand_as(target))
         self.is_dense = False
         self.dense_span = dense_span
-        self.tiling = None if tiling is None else tuple(t.to(self.signature.device) for t in tiling)
+        self.tiling = None if tiling is None else self._tiling_on_device(tuple(tiling))
+
+    def _tiling_on_device(self, tiling: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``tiling`` on the slot's device, uploaded once while the same permutation tensors come
+        back (a controller keeps one tile order per capacity)."""
+        if self._tiling is None or any(a is not b for a, b in zip(self._tiling[0], tiling)):
+            self._tiling = (tiling, tuple(upload(t, self.signature.device) for t in tiling))
+        return self._tiling[1]
 
     def _check_fits(self, name: str, value: torch.Tensor) -> None:
         target = getattr(self, name)

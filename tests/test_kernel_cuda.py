@@ -117,3 +117,28 @@ def test_every_fused_partial_gives_the_natural_log_sum_exp_of_its_span(monkeypat
     want_o = (scores.softmax(-1) @ vf).unflatten(1, (kv_heads, group))
     assert (lse.float() - want_lse).abs().max().item() < 2e-2
     assert rel_err(o, want_o) < RELATIVE[torch.bfloat16]
+
+
+def test_writing_and_clearing_a_plan_from_the_host_never_makes_the_host_wait_for_the_device():
+    from li_compile.plan import Plan, SlotSignature
+
+    g = torch.Generator().manual_seed(1)
+    slot = Plan().slot_for(SlotSignature(1, 4, 512, 1024, "cuda", 128, 128))
+    layout = random_layout(g, 1, 4, 512, 1024, 128, 128)  # on the host, as the controller builds it
+    tiling = tuple(torch.randperm(n, generator=g) for n in (512, 1024, 512))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            slot.set_layout(layout, tiling=tiling)
+            first = slot.tiling
+            slot.clear()
+            slot.set_layout(layout, tiling=tiling)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(a is b for a, b in zip(first, slot.tiling))  # the same permutations: uploaded once
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "key_keep"):
+        want = getattr(layout, name)
+        got = getattr(slot, name)[..., : want.shape[-1]] if name.endswith("indices") else getattr(slot, name)
+        assert torch.equal(got.cpu(), want.expand_as(got).cpu()), name
+    assert torch.equal(slot.tiling[1].cpu(), tiling[1])

@@ -80,7 +80,6 @@ def token_keep(sequence: SequenceLayout, context_keep: torch.Tensor) -> torch.Te
 
 def frame_drop_layout(
     sequence: SequenceLayout, context_keep: torch.Tensor, block_q: int, block_k: int,
-    device: str | torch.device = "cpu",
 ) -> BlockLayout:
     """The layout that never visits dropped context tokens (rules in the module docstring), shared
     by batch and heads: ``kv_num_blocks (1, 1, Q)`` etc., ``key_keep (1, kv_len)``."""
@@ -93,7 +92,7 @@ def frame_drop_layout(
             layout.block_mask() & active, block_q=block_q, block_k=block_k, q_len=sequence.q_len,
             kv_len=sequence.kv_len, full=layout.block_mask(full_only=True) & active, key_keep=layout.key_keep,
         )
-    return layout.to(device)
+    return layout
 
 
 def _pad_to_blocks(keep: torch.Tensor, block: int) -> torch.Tensor:
@@ -113,10 +112,10 @@ def write_chunk_plan(plan: Plan, sequence: SequenceLayout, context_keep: torch.T
         for slot in slots:
             slot.clear()
         return {"plan": "dense", "density": 1.0, "slots": [s.id for s in slots]}
-    layouts: dict[tuple, BlockLayout] = {}
+    layouts: dict[tuple, BlockLayout] = {}  # on the host: set_layout copies to the device without a sync
     for slot in slots:
         s = slot.signature
-        key = (s.block_q, s.block_k, s.device)
+        key = (s.block_q, s.block_k)
         if key not in layouts:
             layouts[key] = frame_drop_layout(sequence, context_keep, *key)
         write_plan([slot], layouts[key])
@@ -203,8 +202,9 @@ def kernel_density(density: float, span: tuple[int, int], key_blocks: int) -> fl
 
 
 def slot_buffer(slot: PlanSlot) -> BlockLayout:
-    """A ``BlockLayout`` over fresh tensors shaped like ``slot``'s (a plan is built in it, then
-    copied into the slot in place: the slot's own tensors change only in ``set_layout``)."""
+    """A ``BlockLayout`` over fresh host tensors shaped like ``slot``'s (a plan is built in it, then
+    copied into the slot in place, asynchronously: the slot's own tensors change only in
+    ``set_layout``)."""
     s = slot.signature
-    tensors = [torch.zeros_like(t) for t in slot.tensors()]
+    tensors = [torch.zeros(t.shape, dtype=t.dtype) for t in slot.tensors()]
     return BlockLayout(*tensors, block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len)
