@@ -110,13 +110,12 @@ def frame_revisit_scores(
     """How well each past frame matches each current one: ``(F, 4, 4)``, ``(M, 4, 4)`` -> ``(F, M)``.
 
     ``similarity`` of each pair, 0 where the camera centres are farther apart than
-    ``max_distance * far`` (only the others are scored)."""
+    ``max_distance * far`` (only the others are scored, all in one batch)."""
     distance = (camera_centers(bank)[None] - camera_centers(current)[:, None]).norm(dim=-1)  # (F, M)
     scores = torch.zeros(current.shape[0], bank.shape[0])
-    for f in range(current.shape[0]):
-        near = (distance[f] <= max_distance * far).nonzero()[:, 0]
-        if len(near):
-            scores[f, near] = similarity(current[f], bank[near], measure, far=far)
+    frames, past = (distance <= max_distance * far).nonzero().unbind(-1)
+    if len(frames):
+        scores[frames, past] = similarity(current[frames], bank[past], measure, far=far)
     return scores
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from li_compile.controller.poses import look_at
-from li_compile.denoise_cache import DenoiseCache, Stamp, chunk_revisit_scores
+from li_compile.controller.similarity import DEFAULT_FAR, REVISIT_MAX_DISTANCE, similarity
+from li_compile.denoise_cache import DenoiseCache, Stamp, chunk_revisit_scores, frame_revisit_scores
 from li_compile.denoise_runtime import DenoiseRuntime
 from li_compile.options import CacheOptions
 
@@ -92,6 +93,21 @@ def test_chunk_score_is_the_worst_frame():
     turned[1] = look_at(torch.tensor([0.01, 0.0, 0.0]), torch.tensor([5.0, 0.0, 0.0]))
     scores = chunk_revisit_scores(current, torch.stack([current, turned]))
     assert scores[0] > 0.99 and scores[1] < 0.5
+
+
+@pytest.mark.parametrize("measure", ["frustum", "proxy"])
+def test_frame_scores_are_each_pairs_similarity_and_zero_beyond_the_revisit_distance(measure):
+    gen = torch.Generator().manual_seed(0)
+    current = chunk_cameras(0.0)
+    bank = torch.cat([chunk_cameras(0.1), chunk_cameras(5.0)])  # near and far camera centres
+    bank[:, :3, 3] += 0.05 * torch.randn(bank.shape[0], 3, generator=gen)
+    scores = frame_revisit_scores(current, bank, measure)
+    for f in range(current.shape[0]):
+        for m in range(bank.shape[0]):
+            apart = (current[f, :3, 3] - bank[m, :3, 3]).norm() > REVISIT_MAX_DISTANCE * DEFAULT_FAR
+            want = 0.0 if apart else float(similarity(current[f], bank[m][None], measure)[0])
+            assert abs(float(scores[f, m]) - want) < 1e-6, (f, m)
+    assert (scores[:, current.shape[0]:] == 0).all() and (scores[:, :current.shape[0]] > 0).any()
 
 
 # ---- the runtime: which model calls run ----

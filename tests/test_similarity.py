@@ -216,7 +216,7 @@ def test_an_empty_bank_gives_no_scores_and_no_revisit():
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"current": torch.eye(4)[:3]}, ["current pose must be (4, 4)", "(3, 4)"]),
+        ({"current": torch.eye(4)[:3]}, ["current pose must be (4, 4)", "paired with the bank", "(3, 4)"]),
         ({"bank": torch.eye(4)}, ["bank must be (N, 4, 4)", "(4, 4)"]),
         ({"near": 2.0, "far": 1.0}, ["0 < near < far", "near=2.0"]),
         ({"bounds": torch.ones(2, 4)}, ["bounds must be (4,)", "(2, 4)"]),
@@ -241,3 +241,13 @@ def test_cuda_scores_match_cpu(measure):
     cuda = similarity(bank[0].cuda(), bank.cuda(), measure)
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, atol=ATOL[measure], rtol=0)
+
+
+@measures
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds)
+def test_paired_cameras_score_as_each_pair_alone(measure, seed):
+    current, bank = _poses(seed, 5), _poses(seed + 1, 5)
+    paired = similarity(current, bank, measure)
+    alone = torch.cat([similarity(c, b[None], measure) for c, b in zip(current, bank)])
+    torch.testing.assert_close(paired, alone, rtol=0, atol=1e-6)

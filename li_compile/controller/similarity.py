@@ -25,6 +25,7 @@ fixed sample set (drawn on the CPU, so every device scores alike) to the device 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -57,10 +58,11 @@ def _check(
     current: torch.Tensor, bank: torch.Tensor, bounds: torch.Tensor | None, near: float, far: float
 ) -> torch.Tensor:
     """Shape, device and depth-range checks shared by the measures; returns the lens bounds ``(4,)``."""
-    if current.shape != (4, 4):
-        raise ValueError(f"current pose must be (4, 4), got {tuple(current.shape)}")
     if bank.ndim != 3 or bank.shape[1:] != (4, 4):
         raise ValueError(f"bank must be (N, 4, 4), got {tuple(bank.shape)}")
+    if current.shape not in ((4, 4), bank.shape):
+        raise ValueError(f"current pose must be (4, 4), or {tuple(bank.shape)} paired with the bank, "
+                         f"got {tuple(current.shape)}")
     if bank.device != current.device:
         raise ValueError(f"bank is on {bank.device}, expected the current pose's device {current.device}")
     if not 0 < near < far < math.inf:
@@ -86,24 +88,26 @@ def frustum_samples(
     and ``depths`` depth slices of equal volume (depth CDF ``∝ z^3``), jittered inside its cell by
     a generator seeded with ``seed``, so the set is the same on every call and device.
     """
-    gen = torch.Generator().manual_seed(seed)
-    jitter = torch.rand(rays, rays, depths, 3, generator=gen).to(bounds.device)
-    cell = torch.stack(
-        torch.meshgrid(
-            torch.arange(rays, device=bounds.device),
-            torch.arange(rays, device=bounds.device),
-            torch.arange(depths, device=bounds.device),
-            indexing="ij",
-        ),
-        -1,
-    ).float()
-    unit = (cell + jitter) / torch.tensor([rays, rays, depths], device=bounds.device)  # uniform in [0, 1)^3
+    unit = _unit_samples(rays, depths, seed).to(bounds.device)
     x_min, x_max, y_min, y_max = bounds.float().unbind()
     near3, far3 = near**3, far**3
     z = (near3 + unit[..., 2] * (far3 - near3)) ** (1 / 3)
     x = (x_min + unit[..., 0] * (x_max - x_min)) * z
     y = (y_min + unit[..., 1] * (y_max - y_min)) * z
     return torch.stack([x, y, z], -1).reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_samples(rays: int, depths: int, seed: int) -> torch.Tensor:
+    """The stratified, jittered points of ``frustum_samples`` in the unit cube, ``(rays, rays, depths,
+    3)``, drawn on the CPU by a generator seeded with ``seed``. A constant of its arguments, drawn
+    once (never written to: callers build new tensors from it)."""
+    gen = torch.Generator().manual_seed(seed)
+    jitter = torch.rand(rays, rays, depths, 3, generator=gen)
+    cell = torch.stack(
+        torch.meshgrid(torch.arange(rays), torch.arange(rays), torch.arange(depths), indexing="ij"), -1
+    ).float()
+    return (cell + jitter) / torch.tensor([rays, rays, depths])  # uniform in [0, 1)^3
 
 
 def frustum_overlap(
@@ -115,7 +119,8 @@ def frustum_overlap(
     rays: int = SAMPLE_RAYS,
     depths: int = SAMPLE_DEPTHS,
 ) -> torch.Tensor:
-    """Fraction of the current frustum's volume inside each past frustum: ``(4, 4)``, ``(N, 4, 4)`` -> ``(N,)``.
+    """Fraction of the current frustum's volume inside each past frustum: ``(4, 4)``, ``(N, 4, 4)`` -> ``(N,)``
+    (``current`` may also be ``(N, 4, 4)``, one camera per past camera: pairs scored in one batch).
 
     ``bounds: (4,)`` is the lens shared by all cameras (default: ``default_bounds()``); frustums
     are truncated at depths ``[near, far]``. Cost: ``N * rays**2 * depths`` point tests. Equal
@@ -188,7 +193,8 @@ def pose_proxy(
     near: float = DEFAULT_NEAR,
     far: float = DEFAULT_FAR,
 ) -> torch.Tensor:
-    """Cheap closed-form stand-in for ``frustum_overlap``: ``(4, 4)``, ``(N, 4, 4)`` -> ``(N,)`` in [0, 1].
+    """Cheap closed-form stand-in for ``frustum_overlap``: ``(4, 4)``, ``(N, 4, 4)`` -> ``(N,)`` in [0, 1]
+    (``current`` may also be ``(N, 4, 4)``, paired with the bank).
 
     Each frustum is replaced by the Gaussian with its mean and covariance (``frustum_moments``),
     placed by its pose; the score is ``(1 - sqrt(D) / PROXY_RANGE)^2`` clipped at 0, with ``D``
@@ -228,7 +234,8 @@ def similarity(
     near: float = DEFAULT_NEAR,
     far: float = DEFAULT_FAR,
 ) -> torch.Tensor:
-    """Score ``bank: (N, 4, 4)`` against ``current: (4, 4)`` with the measure named ``measure``: ``(N,)``."""
+    """Score ``bank: (N, 4, 4)`` against ``current: (4, 4)`` (or ``(N, 4, 4)``, pair by pair) with the
+    measure named ``measure``: ``(N,)``."""
     if measure not in MEASURES:
         raise ValueError(f"similarity measure must be one of {sorted(MEASURES)}, got {measure!r}")
     return MEASURES[measure](current, bank, bounds=bounds, near=near, far=far)
