@@ -43,9 +43,9 @@ def layout_misfit(slot: PlanSlot, layout: Any) -> str | None:
         )
     if layout.capacity > s.kv_blocks:
         return f"layout capacity {layout.capacity} exceeds slot {slot.id}'s {s.kv_blocks} key blocks"
-    device = torch.device(s.device)
-    if layout.kv_num_blocks.device != device:
-        return f"layout is on {layout.kv_num_blocks.device} but slot {slot.id} is on {device}"
+    device, host = torch.device(s.device), torch.device("cpu")
+    if layout.kv_num_blocks.device not in (device, host):  # a host layout is uploaded (PlanSlot.set_layout)
+        return f"layout is on {layout.kv_num_blocks.device} but slot {slot.id} is on {device} (or give it on the host)"
     return None
 
 

@@ -172,3 +172,11 @@ def test_max_density_judges_the_share_the_kernel_runs_outside_the_flash_span():
     assert kernel_density(0.7, (5, 10), 10) == pytest.approx(0.4)
     assert kernel_density(0.7, (0, 0), 10) == 0.7
     assert kernel_density(1.0, (0, 10), 10) == 1.0  # the span is every key: the plan is dense
+
+
+def test_a_host_layout_fits_a_slot_on_any_device_but_another_device_does_not():
+    seq = SequenceLayout(3, 1, 2, 2)
+    layout = frame_drop_layout(seq, padded_context_keep(1, 3), BLOCK, BLOCK)
+    on = lambda device: Plan().slot_for(SlotSignature(1, 2, seq.q_len, seq.kv_len, device, BLOCK, BLOCK))  # noqa: E731
+    assert layout_misfit(on("meta"), layout) is None  # a host layout: set_layout uploads it
+    assert "is on meta" in layout_misfit(on("cpu"), layout.to("meta"))

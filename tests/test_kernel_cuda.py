@@ -120,6 +120,7 @@ def test_every_fused_partial_gives_the_natural_log_sum_exp_of_its_span(monkeypat
 
 
 def test_writing_and_clearing_a_plan_from_the_host_never_makes_the_host_wait_for_the_device():
+    from li_compile.passes.guards import write_plan
     from li_compile.plan import Plan, SlotSignature
 
     g = torch.Generator().manual_seed(1)
@@ -133,6 +134,7 @@ def test_writing_and_clearing_a_plan_from_the_host_never_makes_the_host_wait_for
             slot.set_layout(layout, tiling=tiling)
             first = slot.tiling
             slot.clear()
+            write_plan([slot], layout)  # the guarded path a frame plan takes
             slot.set_layout(layout, tiling=tiling)
     finally:
         torch.cuda.set_sync_debug_mode("default")
