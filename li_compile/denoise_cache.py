@@ -36,6 +36,7 @@ from li_compile.controller.similarity import DEFAULT_FAR, REVISIT_MAX_DISTANCE, 
 
 REVISIT_MEASURE = "frustum"  # the reference measure: a revisit decision is rare and worth its cost
 PREDICTIONS = ("x0", "raw")
+PAIR_BATCH = 256  # (frame, past frame) pairs scored per similarity call: about 13 MB of frustum samples
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ def frame_revisit_scores(
     """How well each past frame matches each current one: ``(F, 4, 4)``, ``(M, 4, 4)`` -> ``(F, M)``.
 
     ``similarity`` of each pair, 0 where the camera centres are farther apart than
-    ``max_distance * far`` (only the others are scored, all in one batch)."""
+    ``max_distance * far`` (only the others are scored, ``PAIR_BATCH`` pairs per call: the frustum
+    measure holds ``4096 x 3`` sample coordinates per pair)."""
     distance = (camera_centers(bank)[None] - camera_centers(current)[:, None]).norm(dim=-1)  # (F, M)
     scores = torch.zeros(current.shape[0], bank.shape[0])
-    frames, past = (distance <= max_distance * far).nonzero().unbind(-1)
-    if len(frames):
+    near = (distance <= max_distance * far).nonzero()
+    for frames, past in (pairs.unbind(-1) for pairs in near.split(PAIR_BATCH)):
         scores[frames, past] = similarity(current[frames], bank[past], measure, far=far)
     return scores
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from li_compile.controller.poses import look_at
+from li_compile import denoise_cache
 from li_compile.controller.similarity import DEFAULT_FAR, REVISIT_MAX_DISTANCE, similarity
 from li_compile.denoise_cache import DenoiseCache, Stamp, chunk_revisit_scores, frame_revisit_scores
 from li_compile.denoise_runtime import DenoiseRuntime
@@ -95,11 +96,13 @@ def test_chunk_score_is_the_worst_frame():
     assert scores[0] > 0.99 and scores[1] < 0.5
 
 
+@pytest.mark.parametrize("pair_batch", [3, 256])
 @pytest.mark.parametrize("measure", ["frustum", "proxy"])
-def test_frame_scores_are_each_pairs_similarity_and_zero_beyond_the_revisit_distance(measure):
+def test_frame_scores_are_each_pairs_similarity_and_zero_beyond_the_revisit_distance(measure, pair_batch, monkeypatch):
+    monkeypatch.setattr(denoise_cache, "PAIR_BATCH", pair_batch)  # scored in several calls, or in one
     gen = torch.Generator().manual_seed(0)
-    current = chunk_cameras(0.0)
-    bank = torch.cat([chunk_cameras(0.1), chunk_cameras(5.0)])  # near and far camera centres
+    current = chunk_cameras(0.0, frames=3)
+    bank = torch.cat([chunk_cameras(0.1, frames=3), chunk_cameras(5.0, frames=3)])  # near and far camera centres
     bank[:, :3, 3] += 0.05 * torch.randn(bank.shape[0], 3, generator=gen)
     scores = frame_revisit_scores(current, bank, measure)
     for f in range(current.shape[0]):
