@@ -36,7 +36,10 @@ are named ``<run>@NAME``.
 Both runs compile regionally by default (each repeated block once, ``li_compile.regions``; the dense
 run through ``regional_inductor``); ``--whole`` compiles the unrolled model in both.
 ``--nested-blocks`` also has Dynamo trace one block for all of them in both runs
-(``li_compile.nest_repeated_blocks``); its runs are named ``<run>@nested``.
+(``li_compile.nest_repeated_blocks``); its runs are named ``<run>@nested``. ``--blocks`` compiles
+only the repeated blocks in both runs, the top level eager (``li_compile.compile_repeated_blocks``
+with the model behind ``li_compile.cached``; the dense run's blocks with Inductor); its runs are
+named ``<run>@blocks``.
 
 ``--depth`` keeps the preset's width, heads, tokens per frame and context, and cuts the number of
 DiT blocks (every block costs the same, so time per chunk scales with depth and the speedup does
@@ -106,6 +109,8 @@ def parse_args() -> argparse.Namespace:
                         help="what --options are called: runs are named <run>@<name> in the summary")
     parser.add_argument("--whole", action="store_true",
                         help="compile the unrolled model in both runs (default: each repeated block once, li_compile.regions)")
+    parser.add_argument("--blocks", action="store_true",
+                        help="compile only the repeated blocks in both runs, the top level eager")
     parser.add_argument("--nested-blocks", action="store_true",
                         help="both runs: Dynamo traces one block for all (li_compile.nest_repeated_blocks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,7 +171,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "commit": _commit(),
         "tokens_per_frame": spec.tokens_per_frame, "context_frames": spec.context_frames,
-        "regional": not args.whole, "nested_blocks": args.nested_blocks, "runs": {},
+        "regional": not args.whole, "nested_blocks": args.nested_blocks, "blocks_only": args.blocks, "runs": {},
     }
     print(f"{record['world']} depth {spec.depth}: {args.chunks} chunks, {spec.tokens_per_frame} tokens/frame, "
           f"context {spec.context_frames} frames, trajectory {name}", flush=True)
@@ -174,7 +179,8 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
     torch._dynamo.reset()
     _peak_reset(args.device)
     start = time.perf_counter()
-    dense = timed_run(dense_setup(world, regional=not args.whole), trajectory, args.chunks, args.seed, prefix)
+    dense = timed_run(dense_setup(world, regional=not args.whole, blocks=args.blocks), trajectory, args.chunks,
+                      args.seed, prefix)
     record["dense"] = {"time_s": sum(dense.generation.chunk_times), "peak_gb": _peak_gb(args.device),
                        "wall_s": time.perf_counter() - start, "warmup_s": dense.warmup_s,
                        "recompiles_after_warmup": dense.recompiles}
@@ -187,13 +193,14 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         _peak_reset(args.device)
         start = time.perf_counter()
         options = {**merged_options(ABLATIONS[ablation], args.options or {}), "regional": not args.whole}
-        light = timed_run(light_interaction_setup(world, options), trajectory, args.chunks, args.seed,
-                          prefix, calibrate=args.calibrate)
+        light = timed_run(light_interaction_setup(world, options, blocks=args.blocks), trajectory, args.chunks,
+                          args.seed, prefix, calibrate=args.calibrate)
         rows = chunk_rows(dense, light)
         summary = summarize(rows, dense, light, truth)
         run = ablation if args.calibrate is None else f"{ablation}_cal"
         run = run if args.options_name is None else f"{run}@{args.options_name}"
         run = f"{run}@nested" if args.nested_blocks else run
+        run = f"{run}@blocks" if args.blocks else run
         record["runs"][run] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
                                "warmup_s": light.warmup_s, "per_chunk": rows}
         if light.calibration is not None:
@@ -240,7 +247,7 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
         "run": run, **{k: result[k] for k in SUMMARY_FIELDS}, **{k: result[k] for k in TRUTH_FIELDS if k in result},
         "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
         "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"], "regional": record["regional"],
-        "nested_blocks": record["nested_blocks"], "device": record["device"], "torch": record["torch"], "commit": record["commit"],
+        "nested_blocks": record["nested_blocks"], "blocks_only": record["blocks_only"], "device": record["device"], "torch": record["torch"], "commit": record["commit"],
     }
     rows = json.loads(path.read_text()) if path.exists() else []
     rows = [r for r in rows if tuple(r.get(k) for k in SUMMARY_KEY) != tuple(row[k] for k in SUMMARY_KEY)] + [row]

@@ -48,6 +48,7 @@ from li_compile.sequence import SequenceLayout
 
 CALIBRATION_STEPS = 4  # default calibration candidates: recent radius 0-3 tiles, visibility margin 0-0.3
 ATTRIBUTE = "_li_accelerators"  # on the user's module or function: {Options: Accelerator}
+BLOCKS_ATTRIBUTE = "_li_compiled_blocks"  # on a model li_compile.compile_repeated_blocks compiled: its Options
 BACKEND = "light_interaction"
 
 
@@ -317,11 +318,15 @@ def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlan
 
 def accelerator(compiled: Any) -> Accelerator:
     """The ``Accelerator`` of ``compiled``: what ``torch.compile(model_or_fn, backend="light_interaction",
-    options=...)`` returned, or a module compiled in place with ``module.compile(...)``. Created on
+    options=...)`` returned, a module compiled in place with ``module.compile(...)``, or a model whose
+    blocks ``li_compile.compile_repeated_blocks`` compiled. Created on
     first use, so it can be configured before the first (lazy) compilation. A model behind the
     cache at its call boundary (``li_compile.cached(compiled, ...)``) has its compiled model's."""
     if isinstance(getattr(compiled, "accelerator", None), Accelerator):
         return compiled.accelerator
+    blocks = getattr(compiled, "__dict__", {}).get(BLOCKS_ATTRIBUTE)  # li_compile.compile_repeated_blocks
+    if blocks is not None:
+        return accelerator_of(compiled, blocks)
     target, context = _compiled_target(compiled)
     settings = _compile_settings(context)
     if settings is not None and settings.compiler_name == BACKEND:
@@ -381,14 +386,18 @@ def dynamic_setting(context: Any) -> bool | None | str:
 
 
 def _compiled_target(compiled: Any) -> tuple[Any, Any]:
-    """(the user's module or function, Dynamo's context) of a ``torch.compile`` result."""
+    """(the user's module or function, Dynamo's context) of a ``torch.compile`` result, or (the
+    model, None) for a model whose blocks ``li_compile.compile_repeated_blocks`` compiled."""
+    if isinstance(compiled, torch.nn.Module) and BLOCKS_ATTRIBUTE in compiled.__dict__:
+        return compiled, None
     if isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule):
         return compiled._orig_mod, compiled.dynamo_ctx
     impl = getattr(compiled, "_compiled_call_impl", None) if isinstance(compiled, torch.nn.Module) else compiled
     orig = getattr(impl, "_torchdynamo_orig_callable", None)
     if orig is None:
         raise ValueError(
-            f"li_compile needs what torch.compile(..., backend={BACKEND!r}) returned, got "
+            f"li_compile needs what torch.compile(..., backend={BACKEND!r}) returned (or a model passed to "
+            f"li_compile.compile_repeated_blocks), got "
             f"{type(compiled).__name__} {getattr(compiled, '__name__', '')!s}, which was not compiled by torch.compile"
         )
     target = compiled if isinstance(compiled, torch.nn.Module) else inspect.unwrap(orig)

@@ -41,17 +41,20 @@ def nest_repeated_blocks(model: nn.Module, min_blocks: int = MIN_BLOCKS) -> list
                       "(HY full, 54 blocks, torch 2.11: 91 s -> 134 s); the attention is rewritten either way",
                       stacklevel=2)
     marked = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < min_blocks:
-            continue
-        classes = {type(block) for block in module}
-        if len(classes) != 1:
-            continue
-        nested = _nested_class(classes.pop())
-        for block in module:
+    for name, blocks in repeated_block_lists(model, min_blocks):
+        nested = _nested_class(type(blocks[0]))
+        for block in blocks:
             block.__class__ = nested
         marked.append(name)
     return marked
+
+
+def repeated_block_lists(model: nn.Module, min_blocks: int = MIN_BLOCKS) -> list[tuple[str, nn.ModuleList]]:
+    """``(name, list)`` of every ``nn.ModuleList`` in ``model`` holding at least ``min_blocks``
+    modules, all of one class: the model's repeated transformer blocks."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) >= min_blocks
+            and len({type(block) for block in module}) == 1]
 
 
 def dynamo_reuses_regions() -> bool:

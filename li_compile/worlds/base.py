@@ -208,6 +208,14 @@ class World:
             setattr(twin, name, compile_fn(getattr(self, name)))
         return twin
 
+    def with_model(self, model: nn.Module, call: Callable | None = None) -> "World":
+        """A shallow copy of this world around ``model`` (e.g. a copy of its DiT whose blocks are
+        compiled in place); ``call``: what the chunk loop calls instead of ``model`` (e.g. ``model``
+        behind ``li_compile.cached``). Modules derived from the model follow it."""
+        twin = copy.copy(self)
+        twin.model = model if call is None else call
+        return twin
+
 
 class MethodModule(nn.Module):
     """One method of a module as a module of its own, so it can be compiled on its own (weights
@@ -232,6 +240,12 @@ class KVCacheWorld(World):
 
     def compiled_modules(self) -> tuple[str, ...]:
         return ("model", "encoder")
+
+    def with_model(self, model: nn.Module, call: Callable | None = None) -> "World":
+        twin = super().with_model(model, call)
+        dit = model.module if isinstance(model, MethodModule) else model  # the encoder runs the same DiT
+        twin.encoder = MethodModule(dit, "encode_context")
+        return twin
 
     def layout(self, capacity: int | None = None) -> SequenceLayout:
         """Keys: context slots then chunk frames; queries: the chunk's tokens only (KV cache)."""

@@ -12,6 +12,8 @@ plots (``--out``) and a JSON summary (``--json``).
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import math
 import time
@@ -23,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch._dynamo.utils import counters
 
 import li_compile
@@ -30,6 +33,7 @@ from li_compile.controller.attention_plan import frame_drop_layout, padded_conte
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import launched_shapes
 from li_compile.regions import REGION_COUNTER, regional_inductor
+from li_compile.repeated_blocks import repeated_block_lists
 from li_compile.specialize import SPECIALIZE_COUNTER
 from li_compile.reporting import ChunkStats
 from li_compile.controller.selection import ContextSelection
@@ -174,13 +178,24 @@ def dense_stats(chunk: int, selection: ContextSelection) -> dict[str, float]:
     return {"memory_kept": len(selection.memory), "memory_pruned": 0, "density": 1.0, "cache_hits": 0}
 
 
-def dense_setup(world: World, regional: bool = True) -> Setup:
+def dense_setup(world: World, regional: bool = True, blocks: bool = False) -> Setup:
     """The baseline: ``torch.compile`` with Inductor and upstream's ``DensePolicy``; ``regional``:
     each repeated block compiled once (``li_compile.regions.regional_inductor``), as the
-    light_interaction run compiles by default."""
+    light_interaction run compiles by default; ``blocks``: only the repeated blocks compiled, each
+    in place (``module.compile``, PyTorch's regional compilation), the top level eager, on a copy of
+    the model sharing its weights (as ``light_interaction_setup(..., blocks=True)``)."""
     spec = world.spec
-    backend = regional_inductor if regional else "inductor"
-    compiled = world.compile(partial(torch.compile, backend=backend, dynamic=False))
+    if blocks:
+        model = sharing_weights(world.model)
+        lists = repeated_block_lists(model)
+        if not lists:
+            raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile")
+        for block in (b for _, block_list in lists for b in block_list):
+            block.compile(backend="inductor", dynamic=False)
+        compiled = world.with_model(model)
+    else:
+        backend = regional_inductor if regional else "inductor"
+        compiled = world.compile(partial(torch.compile, backend=backend, dynamic=False))
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
         return Driver(DensePolicy(spec.window, spec.memory), None, dense_stats)
@@ -204,17 +219,23 @@ def configure_for(accelerator: li_compile.Accelerator, world: World, trajectory:
 
 
 def light_interaction_setup(world: World, options: Mapping[str, Any] | None = None,
-                            dynamic: bool | None = False) -> Setup:
+                            dynamic: bool | None = False, blocks: bool = False) -> Setup:
     """The light_interaction run: the world compiled with the backend; per chunk, its model's
     accelerator selects the context (memory pruning, adaptive window, compact context buckets),
     writes the attention plan and serves early steps of revisited chunks from its cache.
     ``dynamic=False`` (default): each context capacity gets its own static graph; ``None``: Dynamo
     makes the context length symbolic at the second capacity, and the backend specializes that graph
-    per capacity (``li_compile.specialize``)."""
+    per capacity (``li_compile.specialize``). ``blocks``: only the repeated blocks compiled
+    (``li_compile.compile_repeated_blocks``) on a copy of the model sharing its weights, the model
+    behind the cache at its call boundary (``li_compile.cached``, arguments ``x`` and ``sigma``)."""
     user = light_interaction_options(world, options)
-    compiled = world.compile(
-        lambda m: torch.compile(m, backend="light_interaction", options=user, dynamic=dynamic)
-    )
+    if blocks:
+        model = li_compile.compile_repeated_blocks(sharing_weights(world.model), user, dynamic=dynamic)
+        compiled = world.with_model(model, li_compile.cached(model, latent="x", timestep="sigma"))
+    else:
+        compiled = world.compile(
+            lambda m: torch.compile(m, backend="light_interaction", options=user, dynamic=dynamic)
+        )
     accelerator = li_compile.accelerator(compiled.model)
 
     def driver(trajectory: trajectories.Trajectory) -> Driver:
@@ -235,6 +256,13 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
         accelerator.warm_up(lambda capacity: warm_up(compiled, (capacity,), full_context_masked(world), unmasked))
 
     return Setup(compiled, driver, warm_up_buckets)
+
+
+def sharing_weights(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` holding ``module``'s own parameters and buffers (its structure copied: what
+    is compiled in place in the copy leaves ``module`` as it was)."""
+    same = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, same)
 
 
 def _stats_of(stats: Sequence[ChunkStats], chunk: int) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+"""Compile each repeated transformer block by itself: ``li_compile.compile_repeated_blocks(model)``.
+
+``torch.compile(model)`` has Dynamo trace the model's Python once per graph, every block of a
+54-block DiT included: at real depth that trace is most of a warm-up, and light_interaction has a
+graph per context capacity (``benchmarks/warmup_cost.py``). PyTorch's regional compilation compiles
+the repeated block instead (``module.compile()`` on each block): Dynamo traces one block per
+distinct input shape and reuses that code for every block (weights are inputs, not constants), and
+the top level runs as the user wrote it.
+
+``compile_repeated_blocks`` does that with the light_interaction backend. Each block's graph has its
+attention rewritten as in a whole-model graph, and every block's calls run with the model's one
+accelerator (its plan slots, its controller, its cache and report: the blocks share the model's
+accelerator table). The denoising cache decides per model call, and no compiled graph holds the
+model's call here: put the model behind ``li_compile.cached(model, latent=..., timestep=...)`` and
+call that in the chunk loop. Blocks are compiled in place, as ``module.compile()`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from li_compile.accelerator import ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, _Accelerators, accelerator_of
+from li_compile.options import Options
+from li_compile.regions import MIN_BLOCKS
+from li_compile.repeated_blocks import repeated_block_lists
+
+
+def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, Any] | None = None, *,
+                            dynamic: bool | None = False,
+                            min_blocks: int = MIN_BLOCKS, **compile_kwargs: Any) -> nn.Module:
+    """Compile every block of ``model``'s repeated-block lists (``nn.ModuleList`` of ``min_blocks`` or
+    more modules of one class) in place with ``backend="light_interaction"`` and ``options`` (as
+    ``torch.compile``'s), all routed to ``model``'s accelerator; returns ``model``, whose top level
+    stays eager. ``dynamic`` and ``compile_kwargs`` go to ``module.compile``. ``li_compile.accelerator
+    (model)``, ``li_compile.report(model)`` and ``li_compile.cached(model, ...)`` then work on it.
+    Raises ``ValueError`` when ``model`` has no such list, or was compiled with other options."""
+    settings = Options.from_user(options)
+    before = model.__dict__.get(BLOCKS_ATTRIBUTE)
+    if before is not None:
+        if before != settings:
+            raise ValueError(f"{type(model).__name__}'s blocks are already compiled with other options ({before}); "
+                             "compile a copy of the model for other options")
+        return model
+    lists = repeated_block_lists(model, min_blocks)
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of {min_blocks} or more blocks of one class "
+                         "to compile; compile the whole model with torch.compile(model, backend='light_interaction')")
+    table = model.__dict__.setdefault(ATTRIBUTE, _Accelerators())
+    accelerator_of(model, settings)
+    for _, blocks in lists:
+        for block in blocks:
+            block.__dict__[ATTRIBUTE] = table  # a block's graph runs with the model's accelerator
+            block.compile(backend=BACKEND, options=options, dynamic=dynamic, **compile_kwargs)
+    model.__dict__[BLOCKS_ATTRIBUTE] = settings
+    return model

@@ -1,0 +1,94 @@
+"""Compiling only the repeated blocks (``li_compile.compile_repeated_blocks``): Dynamo traces one block
+for every block of a shape, the model's top level stays eager, and a world compiled this way, behind
+the cache at its call boundary, generates what the whole-model compiled world does, with the plans
+acting in every block and the same cache hits. Each model keeps its own accelerator."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import li_compile
+from li_compile import regions
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.pipeline import generate
+from li_compile.worlds.report_tools import configure_for
+
+from test_regions import SPARSE, Stack
+
+WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
+OPTIONS = {"inner": "eager", "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
+
+
+def test_dynamo_traces_one_block_for_every_block_of_a_shape():
+    torch.manual_seed(0)
+    model = Stack(6)
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        want = model(x)
+        assert li_compile.compile_repeated_blocks(model, {"inner": "eager"}) is model
+        frames = counters["frames"]["ok"]
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+        assert counters["frames"]["ok"] - frames == 1  # six blocks, one trace
+        model(torch.randn(2, 12, 16))  # another sequence length: one more trace
+    assert counters["frames"]["ok"] - frames == 2
+    (site,) = [s for s in li_compile.report(model).sites if s.kind == "attention"][:1]
+    assert site.status == "rewritten"
+
+
+def test_each_model_runs_its_blocks_with_its_own_accelerator():
+    a, b = Stack(4), Stack(4)
+    for model in (a, b):
+        li_compile.compile_repeated_blocks(model, {"inner": "eager"})
+        with torch.no_grad():
+            model(torch.randn(1, 8, 16))
+    assert li_compile.accelerator(a) is not li_compile.accelerator(b)
+    slots = [list(li_compile.accelerator(m).plan) for m in (a, b)]
+    assert slots[0] and slots[1] and not {id(s) for s in slots[0]} & {id(s) for s in slots[1]}
+
+
+def test_a_model_without_repeated_blocks_or_compiled_with_other_options_is_refused():
+    with pytest.raises(ValueError, match="no nn.ModuleList of 4 or more blocks"):
+        li_compile.compile_repeated_blocks(Stack(3))
+    model = Stack(4)
+    li_compile.compile_repeated_blocks(model, {"inner": "eager"})
+    assert li_compile.compile_repeated_blocks(model, {"inner": "eager"}) is model  # the same options: as is
+    with pytest.raises(ValueError, match="already compiled with other options"):
+        li_compile.compile_repeated_blocks(model, {"inner": "eager", "sparsity": {"enabled": False}})
+
+
+def _generation(name: str, blocks_only: bool, sparse_calls):
+    """A tiny world, two blocks deep, along a loop (revisits hit the cache), every plan sparse: the
+    whole model compiled, or only its blocks with the model behind ``li_compile.cached``."""
+    module = WORLDS[name]
+    world = module.build(dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2))
+    trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+    if blocks_only:
+        li_compile.compile_repeated_blocks(world.model, OPTIONS, min_blocks=2)
+        compiled = world.compile(lambda m: m)  # the encoder's blocks are the model's: compiled already
+        compiled.model = li_compile.cached(world.model, latent="x", timestep="sigma")
+    else:
+        compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=OPTIONS,
+                                                         fullgraph=True, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    configure_for(accelerator, world, trajectory)
+    sparse_calls.clear()
+    generation = generate(compiled, trajectory, chunks=4, accelerator=accelerator, decode=False)
+    return generation.latents, accelerator
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_a_world_with_only_its_blocks_compiled_generates_what_the_whole_compiled_one_does(name, sparse_calls,
+                                                                                          monkeypatch):
+    """Same latents, as many block-sparse kernel calls (the plans act in every block), the same cache
+    hits (served at the model's call boundary). The region threshold is lowered so that the whole
+    two-block model is cut into regions too."""
+    monkeypatch.setattr(regions, "MIN_BLOCKS", 2)
+    whole, whole_acc = _generation(name, False, sparse_calls)
+    whole_sparse = sum(sparse_calls.values())
+    blocks, blocks_acc = _generation(name, True, sparse_calls)
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
+    assert sum(sparse_calls.values()) == whole_sparse > 0
+    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (whole_acc, blocks_acc)]
+    assert hits[0] == hits[1] and "hit" in hits[0]
