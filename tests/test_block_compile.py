@@ -92,3 +92,19 @@ def test_a_world_with_only_its_blocks_compiled_generates_what_the_whole_compiled
     assert sum(sparse_calls.values()) == whole_sparse > 0
     hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (whole_acc, blocks_acc)]
     assert hits[0] == hits[1] and "hit" in hits[0]
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_the_benchmark_compiles_blocks_on_a_copy_that_shares_the_weights(name):
+    from li_compile.worlds.report_tools import dense_setup, light_interaction_setup
+
+    module = WORLDS[name]
+    world = module.build(dataclasses.replace(module.PRESETS["tiny"], depth=4))
+    for setup in (light_interaction_setup(world, {"inner": "eager"}, blocks=True), dense_setup(world, blocks=True)):
+        dit = setup.world.model.compiled if isinstance(setup.world.model, li_compile.CachedCalls) else setup.world.model
+        mine, theirs = list(dit.parameters()), list(world.model.parameters())
+        assert dit is not world.model and len(mine) == len(theirs) and all(p is q for p, q in zip(mine, theirs))
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in dit.blocks)
+        if hasattr(setup.world, "encoder"):
+            assert setup.world.encoder.module is dit  # the context pass runs the compiled blocks too
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in world.model.blocks)  # the world's own: eager
