@@ -364,6 +364,12 @@ def accelerator_of(target: Any, options: Options) -> Accelerator:
     return table[options]
 
 
+def share_accelerators(owner: Any, member: Any) -> None:
+    """Let ``member`` (a module inside ``owner``, compiled on its own) find ``owner``'s accelerators:
+    its compiled graphs then run with ``owner``'s plans, cache and report."""
+    member.__dict__[ATTRIBUTE] = owner.__dict__.setdefault(ATTRIBUTE, _Accelerators())
+
+
 def calling_target() -> tuple[Any, Any]:
     """The user's module or function whose compiled call is on the stack (being compiled, or
     running), or None if it cannot be found, and Dynamo's context of that ``torch.compile`` (None

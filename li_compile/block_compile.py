@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from li_compile.accelerator import ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, _Accelerators, accelerator_of
+from li_compile.accelerator import BACKEND, BLOCKS_ATTRIBUTE, accelerator_of, share_accelerators
 from li_compile.options import Options
 from li_compile.regions import MIN_BLOCKS
 from li_compile.repeated_blocks import repeated_block_lists
@@ -47,11 +47,10 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
     if not lists:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of {min_blocks} or more blocks of one class "
                          "to compile; compile the whole model with torch.compile(model, backend='light_interaction')")
-    table = model.__dict__.setdefault(ATTRIBUTE, _Accelerators())
     accelerator_of(model, settings)
     for _, blocks in lists:
         for block in blocks:
-            block.__dict__[ATTRIBUTE] = table  # a block's graph runs with the model's accelerator
+            share_accelerators(model, block)
             block.compile(backend=BACKEND, options=options, dynamic=dynamic, **compile_kwargs)
     model.__dict__[BLOCKS_ATTRIBUTE] = settings
     return model
