@@ -38,7 +38,8 @@ class CachedCalls:
                              "weights it computes with, cached(..., weights=model), so that new weights never hit "
                              "outputs of the old ones")
         forward = target.forward if isinstance(target, torch.nn.Module) else target
-        self.signature = inspect.signature(forward)
+        # a wrapper module may state the signature it forwards to (``__signature__``)
+        self.signature = getattr(target, "__signature__", None) or inspect.signature(forward)
         for name in (latent, timestep):
             if name not in self.signature.parameters:
                 raise ValueError(f"{type(target).__name__} takes no argument {name!r}; its arguments are "

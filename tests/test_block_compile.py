@@ -18,7 +18,18 @@ from li_compile.worlds.report_tools import configure_for
 from test_regions import SPARSE, Stack
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
+FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3")
 OPTIONS = {"inner": "eager", "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
+
+
+def _tiny(name: str):
+    """A tiny world two blocks deep; ``hy_worldplay_cached``: HY in its KV-cache form, whose model is a
+    method of the DiT."""
+    module = matrix_game3 if name == "matrix_game3" else hy_worldplay
+    spec = dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2)
+    if name == "hy_worldplay_cached":
+        return hy_worldplay.build(dataclasses.replace(spec, block_causal=True), form="cached")
+    return module.build(spec)
 
 
 def test_dynamo_traces_one_block_for_every_block_of_a_shape():
@@ -61,8 +72,7 @@ def test_a_model_without_repeated_blocks_or_compiled_with_other_options_is_refus
 def _generation(name: str, blocks_only: bool, sparse_calls):
     """A tiny world, two blocks deep, along a loop (revisits hit the cache), every plan sparse: the
     whole model compiled, or only its blocks with the model behind ``li_compile.cached``."""
-    module = WORLDS[name]
-    world = module.build(dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2))
+    world = _tiny(name)
     trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
     if blocks_only:
         li_compile.compile_repeated_blocks(world.model, OPTIONS, min_blocks=2)
@@ -78,7 +88,7 @@ def _generation(name: str, blocks_only: bool, sparse_calls):
     return generation.latents, accelerator
 
 
-@pytest.mark.parametrize("name", sorted(WORLDS))
+@pytest.mark.parametrize("name", FORMS)
 def test_a_world_with_only_its_blocks_compiled_generates_what_the_whole_compiled_one_does(name, sparse_calls,
                                                                                           monkeypatch):
     """Same latents, as many block-sparse kernel calls (the plans act in every block), the same cache

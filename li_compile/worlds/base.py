@@ -9,6 +9,7 @@ slots) and cameras into the keyword arguments of ``model(x, sigma, **inputs)``. 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -227,6 +228,7 @@ class MethodModule(nn.Module):
         if not callable(getattr(module, method, None)):
             raise ValueError(f"{type(module).__name__} has no method {method!r}")
         self.module, self.method = module, method
+        self.__signature__ = inspect.signature(getattr(module, method))  # what a call binds (li_compile.cached)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.module, self.method)(*args, **kwargs)
