@@ -247,7 +247,8 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
         "run": run, **{k: result[k] for k in SUMMARY_FIELDS}, **{k: result[k] for k in TRUTH_FIELDS if k in result},
         "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
         "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"], "regional": record["regional"],
-        "nested_blocks": record["nested_blocks"], "blocks_only": record["blocks_only"], "device": record["device"], "torch": record["torch"], "commit": record["commit"],
+        "nested_blocks": record["nested_blocks"], "blocks_only": record["blocks_only"], "device": record["device"],
+        "torch": record["torch"], "commit": record["commit"],
     }
     rows = json.loads(path.read_text()) if path.exists() else []
     rows = [r for r in rows if tuple(r.get(k) for k in SUMMARY_KEY) != tuple(row[k] for k in SUMMARY_KEY)] + [row]

@@ -43,14 +43,24 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
             raise ValueError(f"{type(model).__name__}'s blocks are already compiled with other options ({before}); "
                              "compile a copy of the model for other options")
         return model
+    blocks = compile_blocks_in_place(model, min_blocks, backend=BACKEND, options=options, dynamic=dynamic,
+                                     **compile_kwargs)
+    for block in blocks:  # compiled lazily: each block finds the model's accelerator when it first runs
+        share_accelerators(model, block)
+    accelerator_of(model, settings)
+    model.__dict__[BLOCKS_ATTRIBUTE] = settings
+    return model
+
+
+def compile_blocks_in_place(model: nn.Module, min_blocks: int = MIN_BLOCKS, **compile_kwargs: Any) -> list[nn.Module]:
+    """``block.compile(**compile_kwargs)`` for every block of ``model``'s repeated-block lists
+    (``repeated_block_lists``), the top level left as it is; returns the blocks. Raises
+    ``ValueError`` when there is no such list (nothing is compiled then)."""
     lists = repeated_block_lists(model, min_blocks)
     if not lists:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of {min_blocks} or more blocks of one class "
-                         "to compile; compile the whole model with torch.compile(model, backend='light_interaction')")
-    accelerator_of(model, settings)
-    for _, blocks in lists:
-        for block in blocks:
-            share_accelerators(model, block)
-            block.compile(backend=BACKEND, options=options, dynamic=dynamic, **compile_kwargs)
-    model.__dict__[BLOCKS_ATTRIBUTE] = settings
-    return model
+                         "to compile; compile the whole model instead")
+    blocks = [block for _, block_list in lists for block in block_list]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return blocks

@@ -15,7 +15,7 @@ from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import configure_for
 
-from test_regions import SPARSE, Stack
+from test_regions import SPARSE, Stack, assert_generates_alike
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
 FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3")
@@ -95,13 +95,8 @@ def test_a_world_with_only_its_blocks_compiled_generates_what_the_whole_compiled
     hits (served at the model's call boundary). The region threshold is lowered so that the whole
     two-block model is cut into regions too."""
     monkeypatch.setattr(regions, "MIN_BLOCKS", 2)
-    whole, whole_acc = _generation(name, False, sparse_calls)
-    whole_sparse = sum(sparse_calls.values())
-    blocks, blocks_acc = _generation(name, True, sparse_calls)
-    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
-    assert sum(sparse_calls.values()) == whole_sparse > 0
-    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (whole_acc, blocks_acc)]
-    assert hits[0] == hits[1] and "hit" in hits[0]
+    assert_generates_alike(lambda: _generation(name, False, sparse_calls),
+                           lambda: _generation(name, True, sparse_calls), sparse_calls)
 
 
 @pytest.mark.parametrize("name", sorted(WORLDS))

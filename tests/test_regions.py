@@ -135,19 +135,28 @@ def _generation(name: str, regional: bool, sparse_calls, nested: bool = False):
     return generation.latents, accelerator
 
 
+def assert_generates_alike(reference, candidate, sparse_calls):
+    """Run two generations (each a callable returning latents and accelerator): the same latents
+    (fp32, 1e-5), as many block-sparse kernel calls (some), the same cache decisions (some hits).
+    Returns the candidate's accelerator."""
+    want, want_acc = reference()
+    want_sparse = sum(sparse_calls.values())
+    got, got_acc = candidate()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sum(sparse_calls.values()) == want_sparse > 0
+    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (want_acc, got_acc)]
+    assert hits[0] == hits[1] and "hit" in hits[0]
+    return got_acc
+
+
 @pytest.mark.parametrize("name", sorted(WORLDS))
 def test_a_regional_world_generates_what_the_whole_compiled_one_does(name, sparse_calls, monkeypatch):
     """Same latents, same number of block-sparse kernel calls (the plans act in every block), same
     cache hits (the cache acts around the cut graph). The threshold is lowered so that a two-block
     world (quick to run) is cut."""
     monkeypatch.setattr(regions, "MIN_BLOCKS", 2)
-    whole, whole_acc = _generation(name, False, sparse_calls)
-    whole_sparse = sum(sparse_calls.values())
-    regional, regional_acc = _generation(name, True, sparse_calls)
-    torch.testing.assert_close(regional, whole, rtol=1e-5, atol=1e-5)
-    assert sum(sparse_calls.values()) == whole_sparse > 0
-    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (whole_acc, regional_acc)]
-    assert hits[0] == hits[1] and "hit" in hits[0]
+    regional_acc = assert_generates_alike(lambda: _generation(name, False, sparse_calls),
+                                          lambda: _generation(name, True, sparse_calls), sparse_calls)
     assert any(s.kind == "regions" and s.status == "rewritten" for s in regional_acc.report().sites)
 
 
@@ -156,10 +165,5 @@ def test_a_world_with_blocks_traced_once_generates_what_the_plain_one_does(name,
     """Blocks as nested compile regions (Dynamo traces one body for all): same latents, as many
     block-sparse kernel calls (the plans act in every call of the one body), the same cache hits."""
     monkeypatch.setattr(regions, "MIN_BLOCKS", 2)
-    plain, plain_acc = _generation(name, True, sparse_calls)
-    plain_sparse = sum(sparse_calls.values())
-    nested, nested_acc = _generation(name, True, sparse_calls, nested=True)
-    torch.testing.assert_close(nested, plain, rtol=1e-5, atol=1e-5)
-    assert sum(sparse_calls.values()) == plain_sparse > 0
-    hits = [[s.values.get("cache") for s in acc.denoise.history] for acc in (plain_acc, nested_acc)]
-    assert hits[0] == hits[1] and "hit" in hits[0]
+    assert_generates_alike(lambda: _generation(name, True, sparse_calls),
+                           lambda: _generation(name, True, sparse_calls, nested=True), sparse_calls)

@@ -29,11 +29,11 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import li_compile
+from li_compile.block_compile import compile_blocks_in_place
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import launched_shapes
 from li_compile.regions import REGION_COUNTER, regional_inductor
-from li_compile.repeated_blocks import repeated_block_lists
 from li_compile.specialize import SPECIALIZE_COUNTER
 from li_compile.reporting import ChunkStats
 from li_compile.controller.selection import ContextSelection
@@ -187,11 +187,7 @@ def dense_setup(world: World, regional: bool = True, blocks: bool = False) -> Se
     spec = world.spec
     if blocks:
         model = sharing_weights(world.model)
-        lists = repeated_block_lists(model)
-        if not lists:
-            raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile")
-        for block in (b for _, block_list in lists for b in block_list):
-            block.compile(backend="inductor", dynamic=False)
+        compile_blocks_in_place(model, backend="inductor", dynamic=False)
         compiled = world.with_model(model)
     else:
         backend = regional_inductor if regional else "inductor"
