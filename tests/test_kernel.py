@@ -284,3 +284,39 @@ def test_layout_tensors_that_do_not_fit_the_call_are_refused_before_launch(field
     args[field] = value
     with pytest.raises(ValueError, match=match):
         torch.ops.li.block_sparse_attention(q, k, v, *args.values(), None, 8, 8, None, False)
+
+
+def _autotune_key(monkeypatch, q, k, v, layout) -> tuple:
+    """The key Triton's autotuner would choose a config by for this call: the ``AUTOTUNE_KEY``
+    arguments and every tensor argument's dtype (the launch is recorded, not run)."""
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    calls = []
+
+    class Recorder:
+        arg_names = kernel_module._attention_kernel.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **flags: calls.append((args, flags))
+
+    recorder = Recorder()
+    monkeypatch.setattr(kernel_module, "_kernels", lambda: kernel_module._Kernels(recorder, recorder, None, "recorded"))
+    kernel_module.launch(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
+                         layout.full_kv_indices, layout.key_keep, None, layout.block_q, layout.block_k, None, False)
+    (args, flags), = calls
+    named = {**dict(zip(Recorder.arg_names, args)), **flags}
+    return (tuple(named[name] for name in kernel_module.AUTOTUNE_KEY)
+            + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+
+
+def test_capacity_buckets_with_and_without_key_padding_share_one_autotune_key(monkeypatch):
+    """A model's buckets differ in key length, key padding and full blocks: one tuning serves them all
+    (its configs compile once at warm-up), while another head dim is tuned on its own."""
+    g = torch.Generator().manual_seed(0)
+    small = random_layout(g, 1, 2, 32, 64, 16, 16, with_full=True, with_keep=True)
+    full = random_layout(g, 1, 2, 32, 96, 16, 16, with_full=False, with_keep=False)
+    key_small = _autotune_key(monkeypatch, *qkv(1, 2, 2, 32, 64, 32, torch.float32), small)
+    key_full = _autotune_key(monkeypatch, *qkv(1, 2, 2, 32, 96, 32, torch.float32), full)
+    key_other_dim = _autotune_key(monkeypatch, *qkv(1, 2, 2, 32, 96, 64, torch.float32), full)
+    assert key_small == key_full
+    assert key_other_dim != key_full
