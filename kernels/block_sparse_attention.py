@@ -262,10 +262,10 @@ _TILE_HEURISTICS = {
     "FOLD_SCALE": lambda a: a["qk_scale"] > 0,
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA, each with pointer loads and (Hopper) with
-# TMA descriptor loads; Triton caches the best per shape key (`benchmarks/kernel_configs.py` times
-# each alone). bf16/fp16 at head dim 128 on H100/H200:
+# TMA descriptor loads; Triton caches the best per ``AUTOTUNE_KEY`` (`benchmarks/kernel_configs.py`
+# times each alone). bf16/fp16 at head dim 128 on H100/H200:
 # 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages (128x128 tiles fit 2 stages in
-# bf16). Kept short: every config is compiled and timed once per shape at warm-up.
+# bf16). Kept short: every config is compiled and timed once per key at warm-up.
 CUDA_CONFIGS = [
     (128, 128, 8, 2),
     (128, 64, 4, 3),
