@@ -150,7 +150,7 @@ def _attention_kernel(
     stride_sob, stride_sok, stride_sog, stride_som,
     stride_slb, stride_slk, stride_slg, stride_slm,
     H, GROUP, Lq, Lk, D, DV, block_q, block_k, qk_scale,
-    capacity, full_capacity, span_lo, span_hi,
+    capacity, full_capacity, span_lo, span_hi, q_class,
     HAS_FULL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_FULL_KEEP: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_SEED: tl.constexpr, SPAN_PASS: tl.constexpr,
@@ -278,12 +278,22 @@ CUDA_CONFIGS = [
 ]
 SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # only for layouts whose blocks the above do not tile
 # What the autotuner keys its choice on (Triton adds every tensor argument's dtype): the heads, the
-# head dims, the layout's blocks and the code path, not the sequence lengths nor whether the layout
-# has key padding or full blocks. A model's capacity buckets (one Lk each) and its unmasked full
-# context then share one tuning: its configs compile and time once, and the other shapes reuse the
-# winner (on an H100 at HY full, 54 blocks, light_interaction's cold warm-up went from 52 to 31 s).
+# head dims, the layout's blocks, the code path and the query count's size class (``q_class``, from
+# ``q_size_class``), not the exact sequence lengths nor whether the layout has key padding or full
+# blocks. A model's capacity buckets (one Lk each; HY full's Lq of 21840-37440 are one class) and its
+# unmasked full context then share one tuning: its configs compile and time once, and the other
+# shapes reuse the winner (on an H100 at HY full, 54 blocks, light_interaction's cold warm-up went
+# from 52 to 31 s, keyed without the size class, which leaves that single tuning as it was).
 AUTOTUNE_KEY = ("H", "GROUP", "D", "DV", "block_q", "block_k", "MASK_KIND", "IS_CAUSAL", "HAS_SEED", "SPAN_PASS",
-                "INPUT_PRECISION")
+                "INPUT_PRECISION", "q_class")
+
+
+def q_size_class(q_len: int) -> int:
+    """floor(log4(q_len)): query counts within a factor of 4 of each other tune together (the grid's
+    size, what decides between 64- and 128-row query tiles, changes little within a class)."""
+    return (q_len.bit_length() - 1) // 2
+
+
 INTERPRETER_TILE = 64  # the interpreter takes one config: BLOCK_M/BLOCK_N at most this
 CAPTURE_CONFIG = (128, 64, 4, 3)  # the autotuned winner at every H100 benchmark shape (bf16, D=128)
 
@@ -530,7 +540,7 @@ def launch_split(
         _lead_strides(full_keep_t, 1)[0] if full_keep is not None else 0,
         *mask_strides, *seed_strides,
         H, H // Hkv, Lq, Lk, D, DV, block_q, block_k, scale * LOG2E,
-        kv_indices.shape[-1], full_idx.shape[-1], *span,
+        kv_indices.shape[-1], full_idx.shape[-1], *span, q_size_class(Lq),
     )
     flags = dict(
         HAS_FULL=has_full, HAS_KEEP=keep is not None, HAS_FULL_KEEP=full_keep is not None,

@@ -310,13 +310,17 @@ def _autotune_key(monkeypatch, q, k, v, layout) -> tuple:
 
 
 def test_capacity_buckets_with_and_without_key_padding_share_one_autotune_key(monkeypatch):
-    """A model's buckets differ in key length, key padding and full blocks: one tuning serves them all
-    (its configs compile once at warm-up), while another head dim is tuned on its own."""
+    """A model's buckets differ in sequence lengths (within a size class of the query count), key
+    padding and full blocks: one tuning serves them all (its configs compile once at warm-up), while
+    another head dim, or a query count 4x as long, is tuned on its own."""
     g = torch.Generator().manual_seed(0)
     small = random_layout(g, 1, 2, 32, 64, 16, 16, with_full=True, with_keep=True)
-    full = random_layout(g, 1, 2, 32, 96, 16, 16, with_full=False, with_keep=False)
+    full = random_layout(g, 1, 2, 48, 96, 16, 16, with_full=False, with_keep=False)
+    long = random_layout(g, 1, 2, 128, 96, 16, 16, with_full=False, with_keep=False)
     key_small = _autotune_key(monkeypatch, *qkv(1, 2, 2, 32, 64, 32, torch.float32), small)
-    key_full = _autotune_key(monkeypatch, *qkv(1, 2, 2, 32, 96, 32, torch.float32), full)
-    key_other_dim = _autotune_key(monkeypatch, *qkv(1, 2, 2, 32, 96, 64, torch.float32), full)
+    key_full = _autotune_key(monkeypatch, *qkv(1, 2, 2, 48, 96, 32, torch.float32), full)
+    key_other_dim = _autotune_key(monkeypatch, *qkv(1, 2, 2, 48, 96, 64, torch.float32), full)
+    key_long = _autotune_key(monkeypatch, *qkv(1, 2, 2, 128, 96, 32, torch.float32), long)
     assert key_small == key_full
     assert key_other_dim != key_full
+    assert key_long != key_full
