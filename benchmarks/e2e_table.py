@@ -41,7 +41,8 @@ def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
     if title == "device":
         return short_device(row["device"])
     if title.startswith("warm-up"):
-        return f"{row['warmup_s_li']:.0f} / {row['warmup_s_dense']:.0f}"
+        kernel = f" ({row['warmup_kernel_s_li']:.0f} kernel)" if "warmup_kernel_s_li" in row else ""  # newer rows
+        return f"{row['warmup_s_li']:.0f}{kernel} / {row['warmup_s_dense']:.0f}"
     return fmt.format(row[key])
 
 

@@ -202,7 +202,8 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         run = f"{run}@nested" if args.nested_blocks else run
         run = f"{run}@blocks" if args.blocks else run
         record["runs"][run] = {**summary, "peak_gb": _peak_gb(args.device), "wall_s": time.perf_counter() - start,
-                               "warmup_s": light.warmup_s, "per_chunk": rows}
+                               "warmup_s": light.warmup_s, "warmup_kernel_s": light.warmup_kernel_s,
+                               "per_chunk": rows}
         if light.calibration is not None:
             record["runs"][run]["calibration"] = {"target": args.calibrate, "seconds": light.calibration_s,
                                                   "table": light.calibration.table()}
@@ -212,7 +213,8 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
               f"worst frame {summary['min_frame_psnr_db']:.1f}), "
               f"hits {summary['cache_hits']}, pruned {summary['memory_frames_pruned']}, "
               f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][run]['peak_gb']} GB, "
-              f"warm-up {light.warmup_s:.1f} s, recompiles {summary['recompiles_after_warmup']}, "
+              f"warm-up {light.warmup_s:.1f} s (kernel first launches {light.warmup_kernel_s:.1f} s), "
+              f"recompiles {summary['recompiles_after_warmup']}, "
               f"attention fallbacks {summary['attention_fallbacks']}, "
               f"kernel autotunes {summary['kernel_autotunes_after_warmup']}", flush=True)
         if truth is not None:
@@ -246,7 +248,8 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
         "world": record["world"], "preset": record["preset"], "depth": record["depth"], "trajectory": record["trajectory"],
         "run": run, **{k: result[k] for k in SUMMARY_FIELDS}, **{k: result[k] for k in TRUTH_FIELDS if k in result},
         "peak_gb": result["peak_gb"], "peak_gb_dense": dense["peak_gb"],
-        "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"], "regional": record["regional"],
+        "warmup_s_dense": dense["warmup_s"], "warmup_s_li": result["warmup_s"],
+        "warmup_kernel_s_li": result["warmup_kernel_s"], "regional": record["regional"],
         "nested_blocks": record["nested_blocks"], "blocks_only": record["blocks_only"], "device": record["device"],
         "torch": record["torch"], "commit": record["commit"],
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -361,6 +362,7 @@ class _Kernels:
     tuned_tma: Callable | None
     tma_failure: str | None
     launched: set = field(default_factory=set)  # call keys launched already (GPU: autotuned, a capture may reuse them)
+    first_launch_s: float = 0.0  # host seconds in the first launch of each call key (GPU: compiles, autotuning)
 
 
 def _build_kernels() -> _Kernels:
@@ -432,6 +434,13 @@ def launched_shapes() -> int:
     an ``AUTOTUNE_KEY`` times every config (seconds): a count that grows while a trajectory is timed
     means warm-up missed a shape."""
     return 0 if _KERNELS is None else len(_KERNELS.launched)
+
+
+def first_launch_seconds() -> float:
+    """Host seconds this process spent in the first launch of each call shape ``launched_shapes``
+    counts: on the GPU, Triton compiling and the autotuner timing its configs (what the kernel adds
+    to a model's warm-up); in the interpreter, running the call."""
+    return 0.0 if _KERNELS is None else _KERNELS.first_launch_s
 
 
 def kernel_variant() -> str:
@@ -555,7 +564,8 @@ def launch_split(
     call_key = (B, H, Lq, Lk, D, DV, Hkv, block_q, block_k, q.dtype, use_tma,
                 *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if interpreting or (capturing and call_key not in kernels.launched):
+    first_launch, start = call_key not in kernels.launched, time.perf_counter()
+    if interpreting or (capturing and first_launch):
         # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
         limit = 0 if interpreting else _shared_memory_limit(q.device)
@@ -575,6 +585,8 @@ def launch_split(
             call_key = (*call_key[:10], False, *call_key[11:])
     else:
         kernels.tuned[grid](*args, **flags)
+    if first_launch:
+        kernels.first_launch_s += time.perf_counter() - start
     kernels.launched.add(call_key)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 

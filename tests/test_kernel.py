@@ -324,3 +324,21 @@ def test_capacity_buckets_with_and_without_key_padding_share_one_autotune_key(mo
     assert key_small == key_full
     assert key_other_dim != key_full
     assert key_long != key_full
+
+
+def test_only_the_first_launch_of_a_call_shape_counts_as_kernel_warm_up():
+    """``first_launch_seconds`` grows by the first launch of a shape (on the GPU: compiling and
+    autotuning, what the kernel adds to warm-up) and not by a repeat of it."""
+    from li_compile.kernels.block_sparse_attention import first_launch_seconds, launched_shapes
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = qkv(1, 3, 3, 41, 77, 16, torch.float32)  # a shape no other test launches
+    layout = random_layout(g, 1, 3, 41, 77, 16, 16)
+    before_s, before_shapes = first_launch_seconds(), launched_shapes()
+    first = sparse_attention(q, k, v, layout)
+    after_first_s = first_launch_seconds()
+    again = sparse_attention(q, k, v, layout)
+    assert launched_shapes() == before_shapes + 1
+    assert after_first_s > before_s
+    assert first_launch_seconds() == after_first_s
+    torch.testing.assert_close(again, first)

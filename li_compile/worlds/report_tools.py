@@ -32,7 +32,7 @@ import li_compile
 from li_compile.block_compile import compile_blocks_in_place
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
-from li_compile.kernels.block_sparse_attention import launched_shapes
+from li_compile.kernels.block_sparse_attention import first_launch_seconds, launched_shapes
 from li_compile.regions import REGION_COUNTER, regional_inductor
 from li_compile.specialize import SPECIALIZE_COUNTER
 from li_compile.reporting import ChunkStats
@@ -279,6 +279,7 @@ class Run:
     warmup_s: float = 0.0
     calibration: li_compile.Calibration | None = None  # ``timed_run(calibrate=...)``'s result
     calibration_s: float = 0.0
+    warmup_kernel_s: float = 0.0  # of ``warmup_s``: the block-sparse kernel's first launches (GPU: autotuning)
 
 
 def ground_truth(preset: str, world: World, trajectory: trajectories.Trajectory, seed: int
@@ -305,9 +306,9 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
     untimed, as a user would calibrate once and reload), then the cache and statistics are reset."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_FUNCTION)
-    start = time.perf_counter()
+    start, kernel_before = time.perf_counter(), first_launch_seconds()
     setup.warm_up()
-    warmup_s = time.perf_counter() - start
+    warmup_s, warmup_kernel_s = time.perf_counter() - start, first_launch_seconds() - kernel_before
     driver = setup.driver(trajectory)
     step_hook = None
     if prefix is not None:
@@ -330,7 +331,8 @@ def timed_run(setup: Setup, trajectory: trajectories.Trajectory, chunks: int, se
                    step_hook=step_hook, seed=seed, progress=True, mask_full=mask_full)
     recompiles = _compiles() - compiled_before
     stats = [driver.chunk_stats(c, s) for c, s in enumerate(gen.selections)]
-    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s, calibration, calibration_s)
+    return Run(gen, stats, recompiles, launched_shapes() - tuned_before, warmup_s, calibration, calibration_s,
+               warmup_kernel_s)
 
 
 def _compiles() -> int:
