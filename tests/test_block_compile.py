@@ -12,10 +12,8 @@ from torch._dynamo.utils import counters
 import li_compile
 from li_compile import regions
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
-from li_compile.worlds.pipeline import generate
-from li_compile.worlds.report_tools import configure_for
 
-from test_regions import SPARSE, Stack, assert_generates_alike
+from test_regions import SPARSE, Stack, assert_generates_alike, generate_with_accelerator
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
 FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3")
@@ -81,11 +79,7 @@ def _generation(name: str, blocks_only: bool, sparse_calls):
     else:
         compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=OPTIONS,
                                                          fullgraph=True, dynamic=False))
-    accelerator = li_compile.accelerator(compiled.model)
-    configure_for(accelerator, world, trajectory)
-    sparse_calls.clear()
-    generation = generate(compiled, trajectory, chunks=4, accelerator=accelerator, decode=False)
-    return generation.latents, accelerator
+    return generate_with_accelerator(compiled, world, trajectory, sparse_calls)
 
 
 @pytest.mark.parametrize("name", FORMS)

@@ -128,6 +128,12 @@ def _generation(name: str, regional: bool, sparse_calls, nested: bool = False):
     options = {"inner": "eager", "regional": regional, "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options,
                                                      fullgraph=True, dynamic=False))
+    return generate_with_accelerator(compiled, world, trajectory, sparse_calls)
+
+
+def generate_with_accelerator(compiled, world, trajectory, sparse_calls):
+    """Four chunks of ``trajectory`` by ``compiled`` (``world`` with its model compiled) driven by its
+    model's accelerator, counting block-sparse calls afresh: (latents, accelerator)."""
     accelerator = li_compile.accelerator(compiled.model)
     configure_for(accelerator, world, trajectory)
     sparse_calls.clear()
