@@ -264,30 +264,28 @@ _TILE_HEURISTICS = {
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA, each with pointer loads and (Hopper) with
 # TMA descriptor loads; Triton caches the best per ``AUTOTUNE_KEY`` (`benchmarks/kernel_configs.py`
-# times each alone). bf16/fp16 at head dim 128 on H100/H200:
-# 128-row query tiles, 64/128-key tiles, 2-4 shared-memory stages (128x128 tiles fit 2 stages in
-# bf16). Kept short: every config is compiled and timed once per key at warm-up.
+# times each alone). bf16/fp16 at head dim 128 on H100/H200: 128-row query tiles with 64-key tiles
+# and 4 warps won every benchmark shape, 64x64 tiles every end-to-end tuning on an H100, 128x128 tiles
+# with 8 warps came within 15%. Kept short: every config is compiled and timed once per key at
+# warm-up (8 warps at 64-key tiles, 64x128 tiles and a fourth stage, 5-40% slower everywhere, left).
 CUDA_CONFIGS = [
     (128, 128, 8, 2),
     (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 64, 4, 4),
     (128, 64, 4, 2),  # the fastest plain-load config alone on the H200 (benchmarks/results/kernel_configs.md)
-    (64, 128, 4, 3),
     (64, 64, 4, 3),
     (64, 64, 4, 2),  # fits fp32 at head dim 128
 ]
 SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # only for layouts whose blocks the above do not tile
 # What the autotuner keys its choice on (Triton adds every tensor argument's dtype): the heads, the
-# head dims, the layout's blocks, the code path and the query count's size class (``q_class``, from
-# ``q_size_class``), not the exact sequence lengths nor whether the layout has key padding or full
-# blocks. A model's capacity buckets (one Lk each; HY full's Lq of 21840-37440 are one class) and its
-# unmasked full context then share one tuning: its configs compile and time once, and the other
-# shapes reuse the winner (on an H100 at HY full, 54 blocks, light_interaction's cold warm-up went
-# from 52 to 31 s, keyed without the size class, which leaves that single tuning as it was).
-AUTOTUNE_KEY = ("H", "GROUP", "D", "DV", "block_q", "block_k", "MASK_KIND", "IS_CAUSAL", "HAS_SEED", "SPAN_PASS",
-                "INPUT_PRECISION", "q_class")
-
+# head dims, the layout's blocks, the site and causal masks and the query count's size class
+# (``q_class``, from ``q_size_class``), not the exact sequence lengths, whether the layout has key
+# padding or full blocks, nor how the dense span runs (visited here, seeded by flash, or absent: one
+# inner loop, a different prologue). A model's capacity buckets (one Lk each; HY full's Lq of
+# 21840-37440 are one class), its unmasked full context and its code paths (Matrix-Game's context
+# pass and chunk steps) then share one tuning: its configs compile and time once, and the other shapes
+# and paths compile the winner alone (on an H100 at HY full, 54 blocks, light_interaction's cold
+# warm-up went from 52 to 31 s with the buckets sharing one tuning).
+AUTOTUNE_KEY = ("H", "GROUP", "D", "DV", "block_q", "block_k", "MASK_KIND", "IS_CAUSAL", "INPUT_PRECISION", "q_class")
 
 def q_size_class(q_len: int) -> int:
     """floor(log4(q_len)): query counts within a factor of 4 of each other tune together (the grid's
@@ -535,7 +533,8 @@ def launch_split(
     stand_in = out.view(torch.uint8)  # never read; a byte tensor, so every call's key dtypes agree (autotune key)
     keep_t = keep.view(torch.uint8) if keep is not None else stand_in
     full_keep_t = full_keep.view(torch.uint8) if full_keep is not None else stand_in
-    seed_o, seed_lse = seed if seed is not None else (kv_num_blocks, kv_num_blocks)
+    # never-read stand-ins of the seed's dtypes, so a seeded call's key dtypes equal the others'
+    seed_o, seed_lse = seed if seed is not None else (out, torch.empty(1, dtype=torch.float32, device=q.device))
     seed_strides = (*_seed_strides(seed_o, 4), *_seed_strides(seed_lse, 4)) if seed is not None else (0,) * 8
     block_d, block_dv = (_next_pow2(max(n, MIN_DOT)) for n in (D, DV))
     scale = 1.0 / math.sqrt(D) if scale is None else scale

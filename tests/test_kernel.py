@@ -286,9 +286,10 @@ def test_layout_tensors_that_do_not_fit_the_call_are_refused_before_launch(field
         torch.ops.li.block_sparse_attention(q, k, v, *args.values(), None, 8, 8, None, False)
 
 
-def _autotune_key(monkeypatch, q, k, v, layout) -> tuple:
-    """The key Triton's autotuner would choose a config by for this call: the ``AUTOTUNE_KEY``
-    arguments and every tensor argument's dtype (the launch is recorded, not run)."""
+def _autotune_key(monkeypatch, q, k, v, layout, span=(0, 0), seed=None) -> tuple:
+    """The key Triton's autotuner would choose a config by for this call (``launch_split`` with a
+    dense ``span`` and flash ``seed``): the ``AUTOTUNE_KEY`` arguments and every tensor argument's
+    dtype (the launch is recorded, not run)."""
     from li_compile.kernels import block_sparse_attention as kernel_module
 
     calls = []
@@ -301,8 +302,9 @@ def _autotune_key(monkeypatch, q, k, v, layout) -> tuple:
 
     recorder = Recorder()
     monkeypatch.setattr(kernel_module, "_kernels", lambda: kernel_module._Kernels(recorder, recorder, None, "recorded"))
-    kernel_module.launch(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
-                         layout.full_kv_indices, layout.key_keep, None, layout.block_q, layout.block_k, None, False)
+    kernel_module.launch_split(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
+                               layout.full_kv_indices, layout.key_keep, None, layout.block_q, layout.block_k, None,
+                               False, span=span, seed=seed)
     (args, flags), = calls
     named = {**dict(zip(Recorder.arg_names, args)), **flags}
     return (tuple(named[name] for name in kernel_module.AUTOTUNE_KEY)
@@ -324,6 +326,19 @@ def test_capacity_buckets_with_and_without_key_padding_share_one_autotune_key(mo
     assert key_small == key_full
     assert key_other_dim != key_full
     assert key_long != key_full
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_dense_span_visited_or_seeded_by_flash_shares_the_plain_calls_autotune_key(monkeypatch, dtype):
+    """The span's code paths differ in their prologue only: a model whose context pass visits its
+    span and whose chunk steps are seeded by flash tunes once, not once per path."""
+    g = torch.Generator().manual_seed(1)
+    layout = random_layout(g, 1, 2, 32, 64, 16, 16, with_full=True, with_keep=True)
+    q, k, v = qkv(1, 2, 2, 32, 64, 32, dtype)
+    seed = (torch.zeros(1, 2, 1, 32, 32, dtype=dtype), torch.zeros(1, 2, 1, 32, dtype=torch.float32))
+    plain = _autotune_key(monkeypatch, q, k, v, layout)
+    assert _autotune_key(monkeypatch, q, k, v, layout, span=(0, 2)) == plain
+    assert _autotune_key(monkeypatch, q, k, v, layout, span=(0, 2), seed=seed) == plain
 
 
 def test_only_the_first_launch_of_a_call_shape_counts_as_kernel_warm_up():
