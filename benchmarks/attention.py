@@ -6,18 +6,18 @@ Queries are one chunk (Lq 3840 = 4 latent frames of 24x40, or 8800), keys 1x..8x
 
 - ``structured`` (the plans' real shape): a static dense span at the end of the keys (the chunk's
   own keys and the recent frames: 60% of the visited blocks) through flash, plus scattered memory
-  blocks per head and query block through the Triton kernel. Density 1 is all span: flash alone;
+  blocks per head and query block through the Triton kernel. Density 1 is all span: plain SDPA;
 - ``random``: per head and query block, random key blocks, all full, no span (Triton only);
 - ``frames``: whole latent frames kept or dropped, the chunk's frames always (its whole blocks are
   the span); boundary blocks are partial and read a token-level keep vector (Flex: a mask_mod).
 
 Times are medians of ``triton.testing.do_bench_cudagraph`` (no host launch overhead). TFLOP/s count
 only visited blocks. Cases run in priority order until ``--budget-s`` is spent (the JSON is
-rewritten after every case), each row naming the path that ran (flash / flash + triton / triton)
+rewritten after every case), each row naming the path that ran (sdpa / cudnn + triton / triton)
 and the Triton variant (tma or plain, with the reason). Writes ``attention.json``,
 ``attention.png`` and ``attention.md`` into ``--out`` and prints a table.
 
-    bash benchmarks/run_on_device.sh python benchmarks/attention.py --out "$OUT" --budget-s 170  # H200, ~4 min
+    bash benchmarks/run_on_device.sh python benchmarks/attention.py --out "$OUT" --budget-s 170  # H100/H200, 2-4 min
     python benchmarks/attention.py --out /tmp/a --device cpu --smoke  # a dry run of the script
 """
 

@@ -106,13 +106,16 @@ def test_rows_that_see_no_key_are_zero_not_nan():
     assert out.isfinite().all() and (out == 0).all()
 
 
-def test_density_one_routes_entirely_to_flash_and_equals_sdpa():
-    q, k, v = qkv(1, 4, 2, 48, 96, 32, torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_density_one_is_exactly_sdpa(dtype):
+    """A span of every key is dense attention: SDPA's own call (no log-sum-exp asked for), bit for bit."""
+    q, k, v = qkv(1, 4, 2, 48, 96, 32, dtype)
     layout = BlockLayout.dense(block_q=16, block_k=16, q_len=48, kv_len=96)
     span = (0, layout.kv_blocks)
-    assert split_path(q, k, v, layout, span) == "cpu_flash"
+    assert split_path(q, k, v, layout, span) == "sdpa"
+    assert torch.equal(split_attention(q, k, v, layout, span), F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-    torch.testing.assert_close(split_attention(q, k, v, layout, span).float(), expected, **TOLERANCE[torch.float16])
+    torch.testing.assert_close(split_attention(q, k, v, layout, span).float(), expected, **TOLERANCE[dtype])
 
 
 def test_the_chunks_own_keys_go_through_flash_and_the_rest_through_triton():
