@@ -4,7 +4,7 @@ A full context needs no mask, and SDPA runs flash (or cuDNN) only without one; w
 all-True one, it picks a kernel that reads a bias. Whether a model should compile a second, unmasked
 graph for its full context (one more graph to trace and compile at warm-up, for light_interaction
 and dense alike) turns on this difference. For each world's full preset this times one attention call
-(bf16, CUDA-graph replay) over the full context with no mask, and with its bool key-padding mask
+(bf16, median of CUDA-graph replays) over the full context with no mask, and with its bool key-padding mask
 (broadcast over heads and queries) all True and a quarter padded, under SDPA's default choice and
 each backend that accepts the call; it prints a table and writes ``--out``/masked_sdpa.json.
 
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from li_compile.worlds import hy_worldplay, matrix_game3
@@ -39,24 +41,6 @@ def shapes() -> list[dict]:
     ]
 
 
-def time_ms(fn, iters: int = 20) -> float:
-    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def measure(shape: dict) -> list[dict]:
     """Rows of (mask, backend, ms, ratio to the unmasked default) for one shape."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -71,12 +55,9 @@ def measure(shape: dict) -> list[dict]:
         for backend_name, backend in BACKENDS.items():
             def call():
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            try:
-                if backend is None:
-                    ms = time_ms(call)
-                else:
-                    with sdpa_kernel([backend]):
-                        ms = time_ms(call)
+            try:  # the median of CUDA-graph replays, as benchmarks/attention.py times
+                with nullcontext() if backend is None else sdpa_kernel([backend]):
+                    ms = triton.testing.do_bench_cudagraph(call, rep=60, return_mode="median")
             except RuntimeError as refused:  # this backend does not take the call
                 rows.append({**shape, "mask": mask_name, "backend": backend_name, "ms": None,
                              "refused": str(refused).splitlines()[0][:120]})

@@ -287,6 +287,7 @@ SMALL_BLOCK_CONFIGS = [(32, 32, 4, 2), (16, 16, 4, 2)]  # only for layouts whose
 # warm-up went from 52 to 31 s with the buckets sharing one tuning).
 AUTOTUNE_KEY = ("H", "GROUP", "D", "DV", "block_q", "block_k", "MASK_KIND", "IS_CAUSAL", "INPUT_PRECISION", "q_class")
 
+
 def q_size_class(q_len: int) -> int:
     """floor(log4(q_len)): query counts within a factor of 4 of each other tune together (the grid's
     size, what decides between 64- and 128-row query tiles, changes little within a class)."""
@@ -533,8 +534,8 @@ def launch_split(
     stand_in = out.view(torch.uint8)  # never read; a byte tensor, so every call's key dtypes agree (autotune key)
     keep_t = keep.view(torch.uint8) if keep is not None else stand_in
     full_keep_t = full_keep.view(torch.uint8) if full_keep is not None else stand_in
-    # never-read stand-ins of the seed's dtypes, so a seeded call's key dtypes equal the others'
-    seed_o, seed_lse = seed if seed is not None else (out, torch.empty(1, dtype=torch.float32, device=q.device))
+    # never-read stand-ins of the seed's dtypes (views, no allocation), so every call's key dtypes agree
+    seed_o, seed_lse = seed if seed is not None else (out, kv_num_blocks.view(torch.float32))
     seed_strides = (*_seed_strides(seed_o, 4), *_seed_strides(seed_lse, 4)) if seed is not None else (0,) * 8
     block_d, block_dv = (_next_pow2(max(n, MIN_DOT)) for n in (D, DV))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
