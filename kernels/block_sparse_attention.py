@@ -365,7 +365,10 @@ class _Kernels:
 
 
 def _build_kernels() -> _Kernels:
-    """The kernels for this process (autotuning needs a GPU: the interpreter gets the fixed kernel)."""
+    """The kernels for this process (autotuning needs a GPU: the interpreter gets the fixed kernel).
+    Each tuning's timings persist in Triton's cache directory (``TRITON_CACHE_DIR``), keyed by the
+    kernel's source, the GPU target, Triton's version, the ``AUTOTUNE_KEY`` values and the candidate
+    configs: a later process on the same machine reuses the choice and times nothing."""
     fixed = triton.heuristics(_TILE_HEURISTICS)(_attention_kernel)
     if _interpreting():
         return _Kernels(fixed, fixed, None, "the interpreter runs one fixed config")
@@ -375,8 +378,8 @@ def _build_kernels() -> _Kernels:
             triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w, num_stages=s)
             for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
         ]
-        return triton.autotune(configs, key=list(AUTOTUNE_KEY),
-                               prune_configs_by={"early_config_prune": _prune})(fixed)
+        return triton.autotune(configs, key=list(AUTOTUNE_KEY), prune_configs_by={"early_config_prune": _prune},
+                               cache_results=True)(fixed)
 
     failure = _tma_unavailable()
     return _Kernels(fixed, autotuned(False), None if failure else autotuned(True), failure)

@@ -144,3 +144,38 @@ def test_writing_and_clearing_a_plan_from_the_host_never_makes_the_host_wait_for
         got = getattr(slot, name)[..., : want.shape[-1]] if name.endswith("indices") else getattr(slot, name)
         assert torch.equal(got.cpu(), want.expand_as(got).cpu()), name
     assert torch.equal(slot.tiling[1].cpu(), tiling[1])
+
+
+_TUNE_ONCE = """
+import sys
+import torch
+import triton.runtime.autotuner as autotuner
+from li_compile.kernels.block_layout import BlockLayout
+from li_compile.kernels.block_sparse_attention import sparse_attention
+
+if sys.argv[1] == "forbid":
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autotuner timed a config")
+    autotuner.Autotuner._bench = refuse
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+layout = BlockLayout.dense(block_q=128, block_k=128, q_len=1024, kv_len=1024, device="cuda")
+out = sparse_attention(q, k, v, layout)
+torch.cuda.synchronize()
+print(float(out.float().abs().sum()))
+"""
+
+
+def test_a_second_process_with_the_same_triton_cache_reuses_the_tuning_and_times_nothing(tmp_path):
+    """The autotuner's choice persists in TRITON_CACHE_DIR: a restarted server skips the tuning."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", _TUNE_ONCE, "tune"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert list(tmp_path.rglob("*.autotune.json")), "the first process stored no tuning"
+    second = subprocess.run([sys.executable, "-c", _TUNE_ONCE, "forbid"], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert float(second.stdout.split()[-1]) == pytest.approx(float(first.stdout.split()[-1]), rel=1e-3)
