@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -362,6 +363,7 @@ class _Kernels:
     tma_failure: str | None
     launched: set = field(default_factory=set)  # call keys launched already (GPU: autotuned, a capture may reuse them)
     first_launch_s: float = 0.0  # host seconds in the first launch of each call key (GPU: compiles, autotuning)
+    parallel_compile_failure: str | None = None  # why configs are no longer built in parallel before a tuning
 
 
 def _build_kernels() -> _Kernels:
@@ -579,6 +581,8 @@ def launch_split(
             kernels.fixed[grid](*args, **flags, **tiles)
     elif use_tma:
         try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
+            if first_launch and not capturing:
+                _compile_candidates(kernels, kernels.tuned_tma, grid, args, flags)
             _launch_tma(kernels.tuned_tma, grid, args, flags)
         except Exception as failure:  # Triton could not build or run it here: plain loads from now on
             if capturing:
@@ -587,11 +591,37 @@ def launch_split(
             kernels.tuned[grid](*args, **flags)
             call_key = (*call_key[:10], False, *call_key[11:])
     else:
+        if first_launch and not capturing:
+            _compile_candidates(kernels, kernels.tuned, grid, args, flags)
         kernels.tuned[grid](*args, **flags)
     if first_launch:
         kernels.first_launch_s += time.perf_counter() - start
     kernels.launched.add(call_key)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _compile_candidates(kernels: _Kernels, autotuner, grid, args: tuple, flags: dict) -> None:
+    """Build every config ``autotuner`` is about to time for this call, in parallel threads (Triton's
+    ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, the five
+    Hopper configs take 1-2.5 s each to build (about 7 s of a cold warm-up). Nothing is built when
+    the autotuner has this call's key already (its choice is then built alone, as before). A config
+    that fails to build is left to the autotuner, which skips it; if the parallel build itself fails,
+    it is not tried again in this process (``kernels.parallel_compile_failure`` says why)."""
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+
+    if kernels.parallel_compile_failure is not None or active_mode.get() is not None:
+        return
+    try:
+        named = {**dict(zip(autotuner.arg_names, args)), **flags}  # the autotuner's key, as Triton forms it
+        tuning_key = (*(named[k] for k in autotuner.keys),
+                      *(str(v.dtype) for n, v in named.items() if n in autotuner.arg_names and hasattr(v, "dtype")))
+        if tuning_key in autotuner.cache:
+            return
+        workers = min(len(autotuner.configs), os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            autotuner.warmup(*args, grid=grid, **flags)
+    except Exception as failure:
+        kernels.parallel_compile_failure = f"{type(failure).__name__}: {str(failure)[:200]}"
 
 
 def _tma_eligible(q, k, v, flags) -> bool:

@@ -179,3 +179,54 @@ def test_a_second_process_with_the_same_triton_cache_reuses_the_tuning_and_times
     second = subprocess.run([sys.executable, "-c", _TUNE_ONCE, "forbid"], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert float(second.stdout.split()[-1]) == pytest.approx(float(first.stdout.split()[-1]), rel=1e-3)
+
+
+_BUILD_FIRST = """
+import torch
+import triton.runtime.autotuner as autotuner
+import triton.runtime.jit as jit
+from li_compile.kernels import block_sparse_attention as bsa
+from li_compile.kernels.block_layout import BlockLayout
+
+timing, built_while_timing, timed = [False], [], []
+bench, compile_ = autotuner.Autotuner._bench, jit.JITFunction._do_compile
+
+def timed_bench(self, *args, config, **kwargs):
+    timing[0] = True
+    timed.append(config)
+    try:
+        return bench(self, *args, config=config, **kwargs)
+    finally:
+        timing[0] = False
+
+def watched_compile(self, *args, **kwargs):
+    if timing[0]:
+        built_while_timing.append(args[0])
+    return compile_(self, *args, **kwargs)
+
+autotuner.Autotuner._bench = timed_bench
+jit.JITFunction._do_compile = watched_compile
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+layout = BlockLayout.dense(block_q=128, block_k=128, q_len=1024, kv_len=1024, device="cuda")
+out = bsa.sparse_attention(q, k, v, layout)
+want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+err = ((out.float() - want).norm() / want.norm()).item()
+print(len(timed), len(built_while_timing), err, bsa._kernels().parallel_compile_failure, sep="|")
+"""
+
+
+def test_a_tuning_times_configs_already_built_in_parallel(tmp_path):
+    """Before its first tuning the kernel builds every candidate config at once (threads), so the
+    autotuner's timing loop builds nothing; the output still equals SDPA."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _BUILD_FIRST], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    timed, built_while_timing, err, failure = run.stdout.strip().splitlines()[-1].split("|", 3)
+    assert int(timed) > 1 and failure == "None", failure
+    assert int(built_while_timing) == 0
+    assert float(err) < RELATIVE[torch.bfloat16]
