@@ -5,6 +5,7 @@
 #   bash benchmarks/run_on_device.sh bash benchmarks/warmup_cold_and_warm.sh hy_worldplay 2 "$OUT/warmup"
 set -euo pipefail
 world=$1 chunks=$2 out=$3
+mkdir -p "$out"
 rm -rf ~/.triton/cache /tmp/torchinductor_*
 for start in cold warm; do
   TRITON_PRINT_AUTOTUNING=1 python benchmarks/end_to_end.py --world "$world" --preset full --chunks "$chunks" \
