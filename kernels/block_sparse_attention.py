@@ -267,8 +267,9 @@ _TILE_HEURISTICS = {
 # TMA descriptor loads; Triton caches the best per ``AUTOTUNE_KEY`` (`benchmarks/kernel_configs.py`
 # times each alone). bf16/fp16 at head dim 128 on H100/H200: 128-row query tiles with 64-key tiles
 # and 4 warps won every benchmark shape, 64x64 tiles every end-to-end tuning on an H100, 128x128 tiles
-# with 8 warps came 3-18% behind. Kept short: every config is compiled and timed once per key at
-# warm-up (8 warps at 64-key tiles, 64x128 tiles and a fourth stage, 5-40% slower everywhere, left).
+# with 8 warps came 3-18% behind. Kept short: every config is built (in parallel,
+# ``_compile_candidates``) and timed once per key at warm-up (8 warps at 64-key tiles, 64x128 tiles
+# and a fourth stage, 5-40% slower everywhere, left).
 CUDA_CONFIGS = [
     (128, 128, 8, 2),
     (128, 64, 4, 3),
