@@ -357,3 +357,52 @@ def test_only_the_first_launch_of_a_call_shape_counts_as_kernel_warm_up():
     assert after_first_s > before_s
     assert first_launch_seconds() == after_first_s
     torch.testing.assert_close(again, first)
+
+
+class _RecordingAutotuner:
+    """What ``_compile_candidates`` uses of Triton's autotuner: its argument names, key, cache of
+    tuned keys, configs and ``warmup`` (here recording whether it ran under async compilation)."""
+
+    arg_names = ["X", "H", "FLAG"]
+    keys = ["H", "FLAG"]
+
+    def __init__(self, tuned=(), fails=False):
+        self.configs, self.cache, self.fails, self.builds = [1, 2, 3], dict.fromkeys(tuned), fails, []
+
+    def warmup(self, *args, grid, **flags):
+        from triton.runtime._async_compile import active_mode
+
+        if self.fails:
+            raise RuntimeError("cannot build")
+        self.builds.append(active_mode.get() is not None)
+
+
+def _candidates(tuner, kernels=None):
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    kernels = kernels or kernel_module._Kernels(None, None, None, "none")
+    kernel_module._compile_candidates(kernels, tuner, lambda meta: (1,), (torch.zeros(2), 4), {"FLAG": True})
+    return kernels
+
+
+def test_before_a_first_tuning_the_candidates_are_built_under_triton_async_compilation():
+    from triton.runtime._async_compile import active_mode
+
+    tuner = _RecordingAutotuner()
+    assert _candidates(tuner).parallel_compile_failure is None
+    assert tuner.builds == [True]
+    assert active_mode.get() is None  # the mode ends with the builds
+
+
+def test_a_key_the_autotuner_has_tuned_builds_nothing_ahead():
+    tuner = _RecordingAutotuner(tuned=[(4, True, "torch.float32")])
+    _candidates(tuner)
+    assert tuner.builds == []
+
+
+def test_a_failed_parallel_build_is_reported_and_not_tried_again():
+    kernels = _candidates(_RecordingAutotuner(fails=True))
+    assert kernels.parallel_compile_failure == "RuntimeError: cannot build"
+    tuner = _RecordingAutotuner()
+    _candidates(tuner, kernels)
+    assert tuner.builds == []
