@@ -606,8 +606,9 @@ def _compile_candidates(kernels: _Kernels, autotuner, grid, args: tuple, flags: 
     ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, the five
     Hopper configs take 1-2.5 s each to build (about 7 s of a cold warm-up). Nothing is built when
     the autotuner has this call's key already (its choice is then built alone, as before). A config
-    that fails to build is left to the autotuner, which skips it; if the parallel build itself fails,
-    it is not tried again in this process (``kernels.parallel_compile_failure`` says why)."""
+    that fails to build here is built again by the autotuner, as without this step; if the parallel
+    build itself fails, it is not tried again in this process (``kernels.parallel_compile_failure``
+    says why)."""
     from triton.runtime._async_compile import AsyncCompileMode, active_mode
 
     if kernels.parallel_compile_failure is not None or active_mode.get() is not None:
