@@ -571,6 +571,8 @@ def launch_split(
                 *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     first_launch, start = call_key not in kernels.launched, time.perf_counter()
+    if first_launch and not (interpreting or capturing):  # the autotuner may time configs: build them first
+        _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, grid, args, flags)
     if interpreting or (capturing and first_launch):
         # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
@@ -582,8 +584,6 @@ def launch_split(
             kernels.fixed[grid](*args, **flags, **tiles)
     elif use_tma:
         try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
-            if first_launch and not capturing:
-                _compile_candidates(kernels, kernels.tuned_tma, grid, args, flags)
             _launch_tma(kernels.tuned_tma, grid, args, flags)
         except Exception as failure:  # Triton could not build or run it here: plain loads from now on
             if capturing:
@@ -592,8 +592,6 @@ def launch_split(
             kernels.tuned[grid](*args, **flags)
             call_key = (*call_key[:10], False, *call_key[11:])
     else:
-        if first_launch and not capturing:
-            _compile_candidates(kernels, kernels.tuned, grid, args, flags)
         kernels.tuned[grid](*args, **flags)
     if first_launch:
         kernels.first_launch_s += time.perf_counter() - start

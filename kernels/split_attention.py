@@ -218,7 +218,8 @@ def split_path(q, k, v, layout: BlockLayout, dense_span: tuple[int, int], attn_m
 def warm_up(calls) -> list[str]:
     """Run every ``(q, k, v, layout, dense_span)`` call shape once, outside any timing or CUDA graph
     capture: the Triton kernel autotunes on its first call per ``AUTOTUNE_KEY`` (configs, warps,
-    stages), and later calls reuse the winner (a new shape may still compile it once). Returns the path each call took (``split_path``).
+    stages), and later calls reuse the winner (a new shape may still compile it once). Returns the
+    path each call took (``split_path``).
     Call it at model warm-up with one call per attention site shape, never inside a chunk."""
     paths = [split_path(*call) for call in calls]
     if torch.cuda.is_available():
