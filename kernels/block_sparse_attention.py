@@ -601,9 +601,9 @@ def launch_split(
 
 def _compile_candidates(kernels: _Kernels, autotuner, grid, args: tuple, flags: dict) -> None:
     """Build every config ``autotuner`` is about to time for this call, in parallel threads (Triton's
-    ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, the five
-    Hopper configs take 1-2.5 s each to build (about 7 s of a cold warm-up). Nothing is built when
-    the autotuner has this call's key already (its choice is then built alone, as before). A config
+    ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, building
+    and timing the five Hopper configs took 7.5-10 s of a cold warm-up on an H100. Nothing is built
+    when the autotuner has this call's key already (its choice is then built alone, as before). A config
     that fails to build here is built again by the autotuner, as without this step; if the parallel
     build itself fails, it is not tried again in this process (``kernels.parallel_compile_failure``
     says why)."""
