@@ -135,7 +135,20 @@ def _visit_blocks(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Integer arguments that change with a model's capacity bucket (sequence lengths, layout capacities
+# and the strides they set, the dense span) but never address a vectorised load: Triton would build
+# one binary per divisibility pattern of them (HY full's 0.75 bucket, 19 frames of 1560 tokens, is the
+# only one whose Lk is not a multiple of 16); unspecialised, every bucket shares one build per code path.
+# The Q/K/V/output strides stay specialised: their multiples of 16 let loads and stores vectorise.
+BUCKET_SCALARS = (
+    "stride_nb", "stride_nh", "stride_nq", "stride_ib", "stride_ih", "stride_iq",
+    "stride_fnb", "stride_fnh", "stride_fnq", "stride_fib", "stride_fih", "stride_fiq",
+    "stride_keep_b", "stride_fkeep_b", "stride_slb", "stride_slk", "stride_slg",
+    "Lq", "Lk", "capacity", "full_capacity", "span_lo", "span_hi",
+)
+
+
+@triton.jit(do_not_specialize=BUCKET_SCALARS)
 def _attention_kernel(
     Q, K, V, Out,
     NUM, IDX, FULL_NUM, FULL_IDX, KEEP, FULL_KEEP, MASK, SEED_O, SEED_LSE,

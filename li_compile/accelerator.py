@@ -107,9 +107,10 @@ class Accelerator:
         return self
 
     def warm_up(self, call: Callable[[int], object]) -> None:
-        """Compile every context capacity the controller may pick and autotune the kernel at each,
-        before the first chunk: ``call(capacity)`` runs the model once on a context of that many
-        slots (all padding is fine). See ``ContextController.warm_up``."""
+        """Compile every context capacity the controller may pick, and run both attention routes at
+        each (the block-sparse kernel, which compiles and autotunes, and dense SDPA), before the first
+        chunk: ``call(capacity)`` runs the model once on a context of that many slots (all padding is
+        fine), and is called once per capacity. See ``ContextController.warm_up``."""
         self._controller().warm_up(call)
 
     @property

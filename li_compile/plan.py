@@ -36,10 +36,11 @@ API::
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -125,6 +126,7 @@ class PlanSlot:
         self._tiling: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None  # (given, on device)
         self.fallbacks: collections.Counter[str] = collections.Counter()
         self.topk_constants: Any = None  # built by li::planned_attention on its first top-k call
+        self.dense_warmed: set[tuple] = set()  # mask forms whose dense route ran in a warm-up (``Plan.warming``)
         self.clear()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -238,15 +240,32 @@ class Plan:
     def __init__(self) -> None:
         self._slots: list[PlanSlot] = []
         self._by_signature: dict[SlotSignature, PlanSlot] = {}
+        self.warming = False  # inside ``warming_up``: sparse calls also run their dense route once per mask form
+        self._prime: Callable[[PlanSlot], None] | None = None
 
     def slot_for(self, signature: SlotSignature) -> PlanSlot:
-        """The slot for ``signature``, created (dense) on first use."""
+        """The slot for ``signature``, created (dense) on first use; inside ``warming_up`` a new slot
+        is primed before anything reads it."""
         slot = self._by_signature.get(signature)
         if slot is None:
             slot = PlanSlot(signature)
             self._slots.append(slot)
             self._by_signature[signature] = slot
+            if self._prime is not None:
+                self._prime(slot)
         return slot
+
+    @contextlib.contextmanager
+    def warming_up(self, prime: Callable[[PlanSlot], None]) -> Iterator[None]:
+        """A warm-up call's scope: ``prime(slot)`` runs on each slot created meanwhile (a site compiled
+        by this call, before its graph first runs: e.g. writing the warm-up plan), and a sparse call
+        also runs its dense route once per slot and mask form (``li::planned_attention``), so that
+        one call of the model compiles the graph and both attention routes at their shapes."""
+        self._prime, self.warming = prime, True
+        try:
+            yield
+        finally:
+            self._prime, self.warming = None, False
 
     def slots_for(
         self,

@@ -60,9 +60,22 @@ def planned_attention(
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
         if reason is None:
-            return _sparse(q, k, v, attn_mask, slot, density, scale, is_causal).contiguous()
+            out = _sparse(q, k, v, attn_mask, slot, density, scale, is_causal).contiguous()
+            if model is not None and model.plan.warming:
+                _warm_dense_route(q, k, v, attn_mask, slot, scale, is_causal)
+            return out
         slot.record_fallback(reason)
     return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
+
+
+def _warm_dense_route(q, k, v, attn_mask, slot: PlanSlot, scale, is_causal) -> None:
+    """Warm-up only: run the dense route of a sparse call once per slot and mask form (its result is
+    dropped), so that a later chunk whose plan runs dense at this shape builds nothing (SDPA's cuDNN
+    backend builds a graph per shape and mask form on first use)."""
+    form = (None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape)), is_causal)
+    if form not in slot.dense_warmed:
+        slot.dense_warmed.add(form)
+        dense_attention(q, k, v, attn_mask, scale, is_causal)
 
 
 @planned_attention.register_fake

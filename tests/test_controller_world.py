@@ -156,6 +156,37 @@ def test_warm_up_takes_the_sparse_path_at_every_capacity_bucket(name, sparse_cal
 
 
 @pytest.mark.parametrize("name", sorted(WORLDS))
+def test_warm_up_calls_the_model_once_per_bucket_and_runs_both_attention_routes_there(name, sparse_calls,
+                                                                                       monkeypatch):
+    """One call per capacity bucket compiles it, runs the block-sparse kernel on the warm-up plan
+    (written into each plan slot as the call compiles its site) and, once per slot and mask form,
+    the dense SDPA route a denser chunk takes (cuDNN builds per shape): a second full forward per
+    bucket was a third of a cold warm-up at HY's real depth. Afterwards every slot is dense."""
+    from li_compile import planned_attention
+
+    dense_calls = []
+    original = planned_attention.dense_attention
+    monkeypatch.setattr(planned_attention, "dense_attention",
+                        lambda q, k, *rest: dense_calls.append((q.shape[2], k.shape[2])) or original(q, k, *rest))
+    world = _world(name, depth=2)  # two blocks, one plan slot: the dense route runs once, not per block
+    compiled, accelerator = _accelerated(world, trajectories.make("loop", world.spec.chunk_frames))
+    calls = []
+
+    def call(capacity):
+        calls.append(capacity)
+        warm_up(compiled, (capacity,))
+
+    accelerator.warm_up(call)
+    buckets = accelerator.controller.warm_up_buckets()
+    kv_lens = {world.layout(capacity).kv_len for capacity in buckets}
+    assert calls == list(buckets)
+    assert set(sparse_calls) == kv_lens == {slot.signature.kv_len for slot in accelerator.plan}
+    for slot in accelerator.plan:  # once per slot (one mask form each here), not once per block
+        assert dense_calls.count((slot.signature.q_len, slot.signature.kv_len)) == 1
+    assert all(slot.is_dense for slot in accelerator.plan) and not accelerator.plan.warming
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
 def test_warm_up_launches_every_kernel_shape_a_trajectory_reaches(name):
     """Warm-up writes the plans real chunks get (camera tile plans, the chunk's span split off), so
     a trajectory after it launches the block-sparse kernel in no new shape: on the GPU, no autotune

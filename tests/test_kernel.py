@@ -406,3 +406,17 @@ def test_a_failed_parallel_build_is_reported_and_not_tried_again():
     tuner = _RecordingAutotuner()
     _candidates(tuner, kernels)
     assert tuner.builds == []
+
+
+def test_the_scalars_left_unspecialised_are_kernel_arguments_and_no_tensor_stride_that_loads_vectors():
+    """``BUCKET_SCALARS`` (the integers that change with a capacity bucket, which Triton must not
+    specialise on) each name an argument of the kernel: a misspelt name would be specialised silently.
+    The Q/K/V/output strides, whose multiples of 16 let loads vectorise, are not among them."""
+    import inspect
+
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    names = inspect.signature(kernel_module._attention_kernel.fn).parameters
+    assert set(kernel_module.BUCKET_SCALARS) <= set(names)
+    vector_strides = {f"stride_{t}{d}" for t in "qkvo" for d in ("b", "h", "m", "n")} & set(names)
+    assert len(vector_strides) == 12 and not vector_strides & set(kernel_module.BUCKET_SCALARS)

@@ -230,3 +230,45 @@ def test_a_tuning_times_configs_already_built_in_parallel(tmp_path):
     assert int(timed) > 1 and failure == "None", failure
     assert int(built_while_timing) == 0
     assert float(err) < RELATIVE[torch.bfloat16]
+
+
+_BUCKETS = """
+import torch
+import triton.runtime.jit as jit
+from li_compile.kernels.block_layout import BlockLayout
+from li_compile.kernels.block_sparse_attention import sparse_attention
+
+builds, compile_ = [], jit.JITFunction._do_compile
+
+def counted_compile(self, *args, **kwargs):
+    if self.fn.__name__ == "_attention_kernel":
+        builds.append(args[0])
+    return compile_(self, *args, **kwargs)
+
+jit.JITFunction._do_compile = counted_compile
+torch.manual_seed(0)
+counts, errors = [], []
+for length in (1112, 1120, 1128):  # one size class; Lk not a multiple of 16, a multiple, not one
+    q, k, v = (torch.randn(1, 4, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    layout = BlockLayout.dense(block_q=128, block_k=128, q_len=length, kv_len=length, device="cuda")
+    out = sparse_attention(q, k, v, layout)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    errors.append(((out.float() - want).norm() / want.norm()).item())
+    counts.append(len(builds))
+print(*counts, max(errors), sep="|")
+"""
+
+
+def test_capacity_buckets_of_one_model_share_one_kernel_build(tmp_path):
+    """Sequence lengths that differ only in their divisibility (a model's capacity buckets) reuse the
+    first length's tuned binary: no build after the first, and every output equals SDPA."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _BUCKETS], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    first, second, third, err = run.stdout.strip().splitlines()[-1].split("|")
+    assert int(first) >= 1 and int(second) == int(first) and int(third) == int(first)
+    assert float(err) < RELATIVE[torch.bfloat16]

@@ -126,24 +126,24 @@ class ContextController:
         chunk's span split off, or a frame plan), so that a warm-up call at that capacity launches
         the block-sparse kernel in the shapes the chunks will: it compiles and autotunes then, never
         while a trajectory is timed. The attention sites get their plan slots when the model first
-        compiles at ``capacity``, so call the model once at that capacity before this (``warm_up``
-        does both). Returns whether a sparse plan was written (False: no site at that capacity yet,
-        or nothing to sparsify)."""
+        compiles at ``capacity``: ``warm_up`` calls this as each is created. Returns whether a sparse
+        plan was written (False: no site at that capacity yet, or nothing to sparsify)."""
         if self.layout is None or not self.options.enabled:
             return False
         chunk_poses = torch.eye(4).expand(self.layout(capacity).chunk_frames, 4, 4)
         return self._write_plan(capacity, [], [], torch.eye(4)[:0], chunk_poses)["plan"] == "sparse"
 
     def warm_up(self, call: Callable[[int], object]) -> None:
-        """Compile every capacity bucket and run the block-sparse kernel at each, before anything is
-        timed. ``call(capacity)`` runs the model once on a context of ``capacity`` slots (all padding
-        is fine). Each bucket is called once (it compiles, and its attention sites get plan slots),
-        then, with the all-padding sparse plan of ``warm_up_plan`` written, once more (the kernel
-        compiles and autotunes at that shape). The plans are cleared afterwards."""
+        """Compile every capacity bucket and run both attention routes at each, before anything is
+        timed, in one call per bucket. ``call(capacity)`` runs the model once on a context of
+        ``capacity`` slots (all padding is fine). The all-padding sparse plan of ``warm_up_plan`` is
+        written into each site's plan slot as the call compiles it (``Plan.warming_up``), so the same
+        call launches the block-sparse kernel (it compiles and autotunes at that shape) and, once per
+        site, the dense SDPA route a denser chunk would take. The plans are cleared afterwards."""
         try:
             for capacity in self.warm_up_buckets():
-                call(capacity)
-                if self.warm_up_plan(capacity):
+                self.warm_up_plan(capacity)  # sites compiled at this capacity before (a second warm-up)
+                with self.plan.warming_up(lambda slot, at=capacity: self.warm_up_plan(at)):
                     call(capacity)
         finally:
             self.plan.clear()
