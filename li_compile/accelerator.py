@@ -67,6 +67,7 @@ class Accelerator:
         self.calibration: Calibration | None = None  # the per-head plans in effect
         self.audit: Audit | None = None  # the latest li_compile.audit of this model
         self.boundary_cache: str | None = None  # how li_compile.cached calls this model, if it does
+        self.records_cuda_graphs = False  # a graph of it compiled in a mode that records CUDA graphs
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -110,8 +111,10 @@ class Accelerator:
         """Compile every context capacity the controller may pick, and run both attention routes at
         each (the block-sparse kernel, which compiles and autotunes, and dense SDPA), before the first
         chunk: ``call(capacity)`` runs the model once on a context of that many slots (all padding is
-        fine), and is called once per capacity. See ``ContextController.warm_up``."""
-        self._controller().warm_up(call)
+        fine), and is called once per capacity; twice where the model compiled in a mode that records
+        CUDA graphs (``mode="reduce-overhead"``: a graph records on its second call, with the warm-up
+        plan, whose replays then follow every later plan). See ``ContextController.warm_up``."""
+        self._controller().warm_up(call, repeat=lambda: self.records_cuda_graphs)
 
     @property
     def calibrating(self) -> CalibrationRun | None:

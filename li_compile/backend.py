@@ -52,6 +52,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, m
     # a graph whose model cannot be found gets an accelerator of its own: dense plans, no cache
     acc = accelerator_of(target, opts) if target is not None else Accelerator(opts, type(gm).__name__)
     compilation = acc.new_compilation(type(gm).__name__)
+    acc.records_cuda_graphs |= records_cuda_graphs(mode)
     if symbolic_reason is not None:
         compilation.sites.append(Site(kind="graph", status="skipped", reason=symbolic_reason))
     ctx = PassContext(options=opts, example_inputs=example_inputs, compilation=compilation, plan=acc.plan,
@@ -69,10 +70,16 @@ def _inner(opts: Options, mode: str | None, compilation: Compilation) -> Callabl
     inner = INNER[opts.inner]
     if not opts.regional:
         return inner
-    if mode and mode != "default" and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
+    if records_cuda_graphs(mode):
         _record_regions(compilation, Regions(0, 1, f"mode {mode!r} captures CUDA graphs: compiled whole"))
         return inner
     return compile_regions(inner, lambda regions: _record_regions(compilation, regions))
+
+
+def records_cuda_graphs(mode: str | None) -> bool:
+    """Whether ``torch.compile``'s ``mode`` makes Inductor record CUDA graphs (``"reduce-overhead"``,
+    ``"max-autotune"``)."""
+    return bool(mode and mode != "default" and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def _record_regions(compilation: Compilation, regions: Regions) -> None:

@@ -186,6 +186,24 @@ def test_warm_up_calls_the_model_once_per_bucket_and_runs_both_attention_routes_
     assert all(slot.is_dense for slot in accelerator.plan) and not accelerator.plan.warming
 
 
+def test_a_model_that_records_cuda_graphs_is_warmed_up_twice_per_bucket_the_second_time_on_the_warm_up_plan(
+        sparse_calls):
+    """CUDA graphs record on a graph's second call: under a mode that records them
+    (``records_cuda_graphs``, e.g. ``mode="reduce-overhead"``) warm-up calls each bucket twice, the
+    plan still written, so no chunk records; otherwise once."""
+    from li_compile.backend import records_cuda_graphs
+
+    assert records_cuda_graphs("reduce-overhead") and not records_cuda_graphs(None)
+    world = _world("hy_worldplay")
+    compiled, accelerator = _accelerated(world, trajectories.make("loop", world.spec.chunk_frames))
+    calls = []
+    accelerator.records_cuda_graphs = True
+    accelerator.warm_up(lambda capacity: calls.append(capacity) or warm_up(compiled, (capacity,)))
+    buckets = accelerator.controller.warm_up_buckets()
+    assert calls == [c for capacity in buckets for c in (capacity, capacity)]
+    assert sparse_calls == {world.layout(capacity).kv_len: 2 for capacity in buckets}  # both calls sparse (depth 1)
+
+
 @pytest.mark.parametrize("name", sorted(WORLDS))
 def test_warm_up_launches_every_kernel_shape_a_trajectory_reaches(name):
     """Warm-up writes the plans real chunks get (camera tile plans, the chunk's span split off), so

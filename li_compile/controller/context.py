@@ -133,17 +133,21 @@ class ContextController:
         chunk_poses = torch.eye(4).expand(self.layout(capacity).chunk_frames, 4, 4)
         return self._write_plan(capacity, [], [], torch.eye(4)[:0], chunk_poses)["plan"] == "sparse"
 
-    def warm_up(self, call: Callable[[int], object]) -> None:
+    def warm_up(self, call: Callable[[int], object], repeat: Callable[[], bool] | None = None) -> None:
         """Compile every capacity bucket and run both attention routes at each, before anything is
         timed, in one call per bucket. ``call(capacity)`` runs the model once on a context of
         ``capacity`` slots (all padding is fine). The all-padding sparse plan of ``warm_up_plan`` is
         written into each site's plan slot as the call compiles it (``Plan.warming_up``), so the same
         call launches the block-sparse kernel (it compiles and autotunes at that shape) and, once per
-        site, the dense SDPA route a denser chunk would take. The plans are cleared afterwards."""
+        site, the dense SDPA route a denser chunk would take. ``repeat()`` true after that call: call
+        once more with the plan still written (CUDA graphs record on a function's second call). The
+        plans are cleared afterwards."""
         try:
             for capacity in self.warm_up_buckets():
                 self.warm_up_plan(capacity)  # sites compiled at this capacity before (a second warm-up)
                 with self.plan.warming_up(lambda slot, at=capacity: self.warm_up_plan(at)):
+                    call(capacity)
+                if repeat is not None and repeat():
                     call(capacity)
         finally:
             self.plan.clear()
