@@ -1,0 +1,68 @@
+"""How many chunks of a trajectory any denoising cache could serve at a revisit threshold (CPU).
+
+A chunk can be served only when every one of its frames matches some earlier frame of the
+trajectory at ``cache.revisit_threshold`` (``frame_revisit_scores``, the cache's own measure). Per
+trajectory this prints those chunks (the most hits any cache at that threshold can make, since it
+can only hold earlier frames) and the near misses: chunks whose worst frame scores within ``--near``
+below the threshold, with every frame's best score. Compare with a run's ``cache_hits``::
+
+    python benchmarks/revisit_reach.py [--chunks 32] [--chunk-frames 4] [--threshold 0.9] [--near 0.1] \\
+        [--trajectories random_walk_with_returns,out_and_back,loop,wander] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from li_compile.denoise_cache import frame_revisit_scores
+from li_compile.options import CacheOptions
+from li_compile.worlds import trajectories
+
+
+def best_past_scores(poses: torch.Tensor, chunk_frames: int) -> list[list[float]]:
+    """Per chunk after the first, each frame's best match among all earlier chunks' frames:
+    ``poses (N * chunk_frames, 4, 4)`` -> ``N - 1`` lists of ``chunk_frames`` scores."""
+    chunks = poses.shape[0] // chunk_frames
+    rows = []
+    for c in range(1, chunks):
+        current, past = poses[c * chunk_frames:(c + 1) * chunk_frames], poses[:c * chunk_frames]
+        rows.append(frame_revisit_scores(current, past).max(-1).values.tolist())
+    return rows
+
+
+def reach(name: str, chunks: int, chunk_frames: int, threshold: float, near: float) -> dict:
+    """The servable chunks and the near misses of trajectory ``name`` (seed 0, as end_to_end.py)."""
+    poses = trajectories.make(name, chunks * chunk_frames, seed=0, chunk_frames=chunk_frames).poses
+    scores = best_past_scores(poses, chunk_frames)
+    servable = [c for c, row in enumerate(scores, 1) if min(row) >= threshold]
+    near_misses = {c: [round(s, 2) for s in row] for c, row in enumerate(scores, 1)
+                   if threshold - near <= min(row) < threshold}
+    return {"trajectory": name, "chunks": chunks, "servable": servable, "near_misses": near_misses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=32)
+    parser.add_argument("--chunk-frames", type=int, default=4, help="latent frames per chunk (HY full: 4)")
+    parser.add_argument("--threshold", type=float, default=CacheOptions().revisit_threshold)
+    parser.add_argument("--near", type=float, default=0.1, help="how far below the threshold a near miss is")
+    parser.add_argument("--trajectories", default="random_walk_with_returns,out_and_back,loop,wander")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = [reach(name, args.chunks, args.chunk_frames, args.threshold, args.near)
+            for name in args.trajectories.split(",")]
+    for row in rows:
+        print(f"{row['trajectory']}: {len(row['servable'])} of {row['chunks']} chunks servable at "
+              f"{args.threshold} {row['servable']}; {len(row['near_misses'])} near misses")
+        for chunk, scores in row["near_misses"].items():
+            print(f"  chunk {chunk}: best score per frame {scores}")
+    if args.json:
+        args.json.write_text(json.dumps({"threshold": args.threshold, "near": args.near, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
