@@ -83,8 +83,12 @@ def _visit_blocks(
             in_bounds = live_cols
         else:  # ragged last block, or a padded tile wider than a (non power of two) block
             in_bounds = (cols < Lk) & (sub_start + offs_n < block_k) & live_cols
-        k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
-        v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
+        if EVEN_D:  # a mask constant along the head dim: the loads vectorise, and so can run asynchronously
+            k_mask = in_bounds[:, None]
+            v_mask = in_bounds[:, None]
+        else:
+            k_mask = in_bounds[:, None] & (offs_d[None, :] < D)
+            v_mask = in_bounds[:, None] & (offs_dv[None, :] < DV)
         if APPLY_KEEP:
             # dropped keys' values are never read: 0 * (NaN or Inf garbage in a cache slot) would poison the row
             keep = tl.load(keep_ptr + cols, mask=in_bounds, other=0) != 0
