@@ -201,7 +201,7 @@ def _attention_kernel(
     if EVEN_M and EVEN_D:
         q = tl.load(q_ptrs)
     else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        q = tl.load(q_ptrs, mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
@@ -223,7 +223,8 @@ def _attention_kernel(
         l_i = tl.where(lse == float("-inf"), 0.0, 1.0)
         seed_ptrs = (SEED_O + b * stride_sob + h_kv * stride_sok + g * stride_sog
                      + offs_m[:, None] * stride_som + offs_dv[None, :])
-        acc = tl.load(seed_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV) & (l_i[:, None] > 0), other=0.0)
+        seed_rows = row_ok[:, None] & (l_i[:, None] > 0)
+        acc = tl.load(seed_ptrs, mask=seed_rows if EVEN_D else seed_rows & (offs_dv[None, :] < DV), other=0.0)
         acc = acc.to(tl.float32)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -267,7 +268,9 @@ def _attention_kernel(
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        # whole head dims: a per-row mask, constant along d, so the stores vectorise
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 # -- launch configurations -------------------------------------------------------------------------

@@ -453,15 +453,18 @@ for keep in (False, True):
         tiles = len(re.findall(r"= tt\\.load .*: tensor<64x128x", body))
         copies = len(re.findall(r"async_copy_global_to_local .*: tensor<64x128x", body))
         print(keep, tiles, copies)
+    stores = re.findall(r"st\\.global[.\\w]*", kernel.asm["ptx"])
+    print("stores", sum(".v4" in st for st in stores), len(stores))
 """
 
 
 def test_on_hopper_the_listed_key_and_value_tiles_load_asynchronously_so_the_loop_pipelines(tmp_path):
     """Compiled ahead of time for sm90 (no GPU needed): in every key loop of the plain-load kernel
     (ragged blocks, with and without a key keep vector), K and V tiles arrive by asynchronous copies,
-    which Triton's pipeliner issues stages ahead, not by synchronous loads. A mask that varies along
-    the head dim (a runtime ``D`` compare) blocks this: the loads stop vectorising and ran
-    synchronously, one block at a time."""
+    which Triton's pipeliner issues stages ahead, not by synchronous loads; the output of a ragged
+    query count stores in 16-byte vectors. A mask that varies along the head dim (a runtime ``D``
+    compare) blocks both: the accesses stop vectorising (the loads ran synchronously, one block at a
+    time)."""
     import os
     import subprocess
     import sys
@@ -469,7 +472,10 @@ def test_on_hopper_the_listed_key_and_value_tiles_load_asynchronously_so_the_loo
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _HOPPER_LOOPS], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    loops = [line.split() for line in run.stdout.strip().splitlines()]
+    lines = [line.split() for line in run.stdout.strip().splitlines()]
+    loops = [line for line in lines if line[0] != "stores"]
     assert {keep for keep, _, _ in loops} == {"False", "True"} and len(loops) == 4  # full-block and partial loops
     for keep, synchronous_tiles, async_tiles in loops:
         assert (int(synchronous_tiles), int(async_tiles)) == (0, 2), (keep, synchronous_tiles, async_tiles)  # K and V
+    for _, vector_stores, stores in (line for line in lines if line[0] == "stores"):
+        assert int(stores) > 0 and vector_stores == stores  # the output rows (a ragged query count) store 16 bytes at a time
