@@ -422,42 +422,6 @@ def test_the_scalars_left_unspecialised_are_kernel_arguments_and_no_tensor_strid
     assert len(vector_strides) == 12 and not vector_strides & set(kernel_module.BUCKET_SCALARS)
 
 
-_HOPPER_LOOPS = """
-import re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from li_compile.kernels import block_sparse_attention as bsa
-
-fn = bsa._attention_kernel
-names = [p.name for p in fn.params]
-pointers = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Out": "*fp16", "NUM": "*i32", "IDX": "*i32", "FULL_NUM": "*i32",
-            "FULL_IDX": "*i32", "KEEP": "*u8", "FULL_KEEP": "*u8", "MASK": "*u8", "SEED_O": "*fp16", "SEED_LSE": "*fp32"}
-vector_strides = {f"stride_{t}{d}" for t in "qkvo" for d in "bhmn"}  # multiples of 16 at head dim 128
-for keep in (False, True):
-    flags = dict(HAS_FULL=True, HAS_KEEP=keep, HAS_FULL_KEEP=False, MASK_KIND=0, IS_CAUSAL=False, EVEN_D=True,
-                 HAS_SEED=True, SPAN_PASS=False, BLOCK_D=128, BLOCK_DV=128, INPUT_PRECISION="ieee", BLOCK_M=64,
-                 BLOCK_N=64, SUBS=2, EVEN_M=False, EVEN_N=False, FOLD_SCALE=True, USE_TMA=False)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(names):
-        if name in flags:
-            signature[name], constexprs[(i,)] = "constexpr", flags[name]
-        else:
-            signature[name] = pointers.get(name, "fp32" if name == "qk_scale" else "i32")
-            if name in pointers or name in vector_strides:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": 3})
-    for body in kernel.asm["ttgir"].split("scf.for")[1:]:
-        body = body.split("scf.yield")[0]
-        tiles = len(re.findall(r"= tt\\.load .*: tensor<64x128x", body))
-        copies = len(re.findall(r"async_copy_global_to_local .*: tensor<64x128x", body))
-        print(keep, tiles, copies)
-    stores = re.findall(r"st\\.global[.\\w]*", kernel.asm["ptx"])
-    print("stores", sum(".v4" in st for st in stores), len(stores))
-"""
-
-
 def test_on_hopper_the_listed_key_and_value_tiles_load_asynchronously_so_the_loop_pipelines(tmp_path):
     """Compiled ahead of time for sm90 (no GPU needed): in every key loop of the plain-load kernel
     (ragged blocks, with and without a key keep vector), K and V tiles arrive by asynchronous copies,
@@ -465,17 +429,21 @@ def test_on_hopper_the_listed_key_and_value_tiles_load_asynchronously_so_the_loo
     query count stores in 16-byte vectors. A mask that varies along the head dim (a runtime ``D``
     compare) blocks both: the accesses stop vectorising (the loads ran synchronously, one block at a
     time)."""
+    import json
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", _HOPPER_LOOPS], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_codegen.py"), "--configs", "64,64,4,3",
+                          "--loads", "plain", "--json", "-"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line.split() for line in run.stdout.strip().splitlines()]
-    loops = [line for line in lines if line[0] != "stores"]
-    assert {keep for keep, _, _ in loops} == {"False", "True"} and len(loops) == 4  # full-block and partial loops
-    for keep, synchronous_tiles, async_tiles in loops:
-        assert (int(synchronous_tiles), int(async_tiles)) == (0, 2), (keep, synchronous_tiles, async_tiles)  # K and V
-    for _, vector_stores, stores in (line for line in lines if line[0] == "stores"):
-        assert int(stores) > 0 and vector_stores == stores  # the output rows (a ragged query count) store 16 bytes at a time
+    builds = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(build["keep"] for build in builds) == [False, True]
+    for build in builds:
+        assert len(build["loops"]) == 2  # the full-block and the partial-block loop
+        for loop in build["loops"]:
+            assert (loop["sync_tiles"], loop["async_tiles"]) == (0, 2), build  # K and V, copied ahead
+        assert build["stores"] > 0 and build["vector_stores"] == build["stores"], build  # 16 bytes at a time
