@@ -50,9 +50,13 @@ def build(config: tuple[int, int, int, int], keep: bool, tma: bool, dtype: str =
         if name in flags:
             signature[name], constexprs[(i,)] = "constexpr", flags[name]
             continue
-        signature[name] = (f"*{dtype}" if name in TENSORS else POINTERS.get(name)) or (
-            "fp32" if name == "qk_scale" else "i32")
-        if name in TENSORS or name in POINTERS or name in VECTOR_STRIDES:
+        if name in TENSORS:
+            signature[name] = f"*{dtype}"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+        if signature[name].startswith("*") or name in VECTOR_STRIDES:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps, "num_stages": stages})
