@@ -40,6 +40,8 @@ def cell(row: dict, title: str, key: str | None, fmt: str | None) -> str:
         return f"{row['psnr_db_li_vs_truth'] - row['psnr_db_dense_vs_truth']:+.2f}"
     if title == "device":
         return short_device(row["device"])
+    if title == "cache hits" and row.get("cache_near_hits"):  # newer rows: near revisits, partly served
+        return f"{row['cache_hits']} + {row['cache_near_hits']} near"
     if title.startswith("warm-up"):
         kernel = f" ({row['warmup_kernel_s_li']:.0f} kernel)" if "warmup_kernel_s_li" in row else ""  # newer rows
         return f"{row['warmup_s_li']:.0f}{kernel} / {row['warmup_s_dense']:.0f}"

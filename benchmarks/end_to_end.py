@@ -211,7 +211,8 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
         print(f"{run}: {summary['time_li_s']:.2f} s, speedup {summary['speedup']:.2f}x, "
               f"PSNR {summary['psnr_db_vs_dense']:.1f} dB (min {summary['min_psnr_db']:.1f}, "
               f"worst frame {summary['min_frame_psnr_db']:.1f}), "
-              f"hits {summary['cache_hits']}, pruned {summary['memory_frames_pruned']}, "
+              f"hits {summary['cache_hits']} (near {summary['cache_near_hits']}), "
+              f"pruned {summary['memory_frames_pruned']}, "
               f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][run]['peak_gb']} GB, "
               f"warm-up {light.warmup_s:.1f} s (kernel first launches {light.warmup_kernel_s:.1f} s), "
               f"recompiles {summary['recompiles_after_warmup']}, "
@@ -237,7 +238,8 @@ def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
 
 SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
 SUMMARY_FIELDS = ("speedup", "time_dense_s", "time_li_s", "psnr_db_vs_dense", "min_psnr_db", "min_frame_psnr_db",
-                  "recompiles_after_warmup", "cache_hits", "memory_frames_pruned", "attention_density_mean", "chunks")
+                  "recompiles_after_warmup", "cache_hits", "cache_near_hits", "memory_frames_pruned",
+                  "attention_density_mean", "chunks")
 TRUTH_FIELDS = ("psnr_db_dense_vs_truth", "psnr_db_li_vs_truth", "psnr_db_repeat_last_vs_truth")  # trained worlds
 
 

@@ -16,7 +16,10 @@ under the same stamp, in any order (``frame_revisit_scores``: ``li_compile.contr
 cameras farther apart than the revisit distance do not count); a hit needs every frame matched, and
 the served output is assembled frame by frame from the matched frames' outputs. So a retraced path
 (walk out, come back) and a crossing path revisit too. Without a frame axis (none, or ambiguous),
-every camera must match the same frame of one past chunk (``chunk_revisit_scores``).
+every camera must match the same frame of one past chunk (``chunk_revisit_scores``). A lookup may
+also accept a *near* revisit: every frame matched at a lower ``near_threshold``, not all at the
+revisit threshold. The entry it returns carries its ``score`` (its worst frame's match), so that the
+caller can serve fewer steps from a near revisit.
 
 Per-frame schedules (diffusion forcing: the stamp's schedule holds one tuple of per-frame noise
 levels per step) add one rule: a frame matches only past frames whose schedule column equals its
@@ -26,7 +29,7 @@ own, so at every served step the past frame was at the noise level this frame is
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Hashable
 
 import torch
@@ -68,13 +71,16 @@ class Entry:
     """One past chunk: its cameras ``(F, 4, 4)`` (CPU, float32), its stamp, its outputs by
     ``(step, call)`` (``call``: the model call within the step, 0 unless a step calls the model more
     than once, e.g. guidance as separate calls), and the chunk number it was generated as (for
-    reports; -1 when not told)."""
+    reports; -1 when not told). ``score``: on a lookup's result, how well the chunk it serves
+    matched (at least the revisit threshold on a hit, the worst frame's match on a near hit); 1.0 on
+    a stored entry."""
 
     key: int
     poses: torch.Tensor
     stamp: Stamp
     outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     chunk: int = -1
+    score: float = 1.0
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +95,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     near_misses: int = 0  # misses where some of the chunk's frames matched (a partial revisit, computed in full)
+    near_hits: int = 0  # every frame matched at the near threshold, not all at the revisit one (not in hits)
 
 
 def chunk_poses(poses: torch.Tensor) -> torch.Tensor:
@@ -214,38 +221,49 @@ class DenoiseCache:
         max_distance: float = REVISIT_MAX_DISTANCE,
         frame_axis: int | None = None,
         serve: str = "best",
+        near_threshold: float | None = None,
     ) -> Entry | None:
         """The revisit served to a chunk at ``poses``: among entries with the identical ``stamp`` and
         outputs for steps ``0 .. steps - 1``, per frame the best-matching past frame (``frame_axis``
         given: an ``Entry`` assembled from them, not stored) or the best-matching whole past chunk
-        (``chunk_revisit_scores``), each scoring at least ``threshold``; counts a hit or a miss and
-        marks the entries used most recently used. Ties go to the oldest entry. ``serve`` (per frame,
-        ``options.CACHE_SERVE``): ``"best"`` the best match's output, ``"blend"`` the average of every
-        matching past frame's output weighted by its score."""
+        (``chunk_revisit_scores``), each scoring at least ``threshold``, or (a near hit) at least
+        ``near_threshold`` (at most ``threshold``; None: no near hits). A near hit's ``score`` is its
+        worst frame's match, below ``threshold``; a hit's is at least ``threshold``. Counts a hit, a near hit or a miss and marks the entries used most
+        recently used. Ties go to the oldest entry. ``serve`` (per frame, ``options.CACHE_SERVE``):
+        ``"best"`` the best match's output, ``"blend"`` the average of every past frame matching at
+        the threshold accepted, weighted by its score."""
+        if near_threshold is not None and not 0.0 <= near_threshold <= threshold:
+            raise ValueError(f"near_threshold must be in [0, threshold={threshold}], got {near_threshold}")
+        accept = threshold if near_threshold is None else near_threshold
         current = chunk_poses(poses)
         candidates = [
             e for e in self._entries.values()
             if e.stamp == stamp and all((s, 0) in e.outputs for s in range(steps))
         ]
         if frame_axis is not None:
-            return self._count(self._frame_match(current, candidates, frame_axis, threshold, measure, max_distance,
-                                                 serve))
+            match = self._frame_match(current, candidates, frame_axis, accept, measure, max_distance, serve)
+            return self._count(match, threshold)
         candidates = [e for e in candidates if e.poses.shape == current.shape]
         best = None
         if candidates:
             scores = chunk_revisit_scores(current, torch.stack([e.poses for e in candidates]), measure, max_distance)
             index = int(scores.argmax())
-            if float(scores[index]) >= threshold:
+            score = float(scores[index])
+            if score >= threshold:
                 best = candidates[index]
+            elif score >= accept:  # a near hit: a copy that says how near (the stored entry keeps 1.0)
+                best = replace(candidates[index], score=score)
         if best is not None:
             self._entries.move_to_end(best.key)
-        return self._count(best)
+        return self._count(best, threshold)
 
-    def _count(self, match: Entry | None) -> Entry | None:
+    def _count(self, match: Entry | None, threshold: float) -> Entry | None:
         if match is None:
             self.stats.misses += 1
-        else:
+        elif match.score >= threshold:
             self.stats.hits += 1
+        else:
+            self.stats.near_hits += 1
         return match
 
     def _frame_match(self, current: torch.Tensor, candidates: list[Entry], frame_axis: int, threshold: float,
@@ -278,7 +296,8 @@ class DenoiseCache:
         chunks = [owners[m][0].chunk for m in best.tolist()]
         for entry in {id(e): e for e, _ in sources}.values():
             self._entries.move_to_end(entry.key)
-        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count))
+        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count),
+                     score=float(best_score.min()))
 
     def _evict(self, keep: int) -> None:
         """Drop least recently used entries (never ``keep``) until within capacity and ``max_bytes``."""

@@ -88,8 +88,9 @@ class _Chunk:
     chunk: int
     poses: torch.Tensor
     sigmas: list[Level] | None
-    start: tuple[int, int, int, int]  # cache hits, misses, evictions, near misses at begin_chunk
+    start: tuple[int, int, int, int, int]  # cache hits, misses, evictions, near misses, near hits at begin_chunk
     matches: dict[Stamp, Entry | None] = field(default_factory=dict)
+    served: dict[Stamp, int] = field(default_factory=dict)  # early steps served from each match
     opened: dict[Stamp, Entry] = field(default_factory=dict)
     finite: dict[Stamp, list[torch.Tensor]] = field(default_factory=dict)  # per stored output, on its device
     measured: dict[int, float] = field(default_factory=dict)  # reuse_steps="auto": step -> served vs fresh dB
@@ -131,7 +132,7 @@ class DenoiseRuntime:
         poses = chunk_poses(validate_poses(poses, "chunk poses"))
         schedule = None if sigmas is None else check_sigmas(sigmas, poses.shape[0])
         s = self.cache.stats
-        self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses))
+        self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses, s.near_hits))
 
     def end_chunk(self) -> ChunkStats:
         """Close the open chunk and return its statistics (also appended to ``history``)."""
@@ -142,13 +143,15 @@ class DenoiseRuntime:
             if not bool(torch.stack(flags).all()):
                 self.cache.discard(c.opened.pop(stamp))
         hit = [e.chunk for e in c.matches.values() if e is not None]
+        near = any(e is not None and e.score < self.options.revisit_threshold for e in c.matches.values())
         calibrating = self.auto is not None and self.auto.chosen is None and bool(c.measured)
         if calibrating:
             self.auto.record(c.measured, self.options.reuse_target_db, self.reuse_limit())  # the steps it measured
+        kind = "calibration" if calibrating else "near hit" if near else "hit"
         stats = ChunkStats(
             c.chunk,
             {
-                "cache": ("calibration" if calibrating else "hit") if hit else ("miss" if c.matches else "off"),
+                "cache": kind if hit else ("miss" if c.matches else "off"),
                 "reused_chunk": hit[0] if hit else None,
                 "steps_reused": c.reused,
                 "steps_computed": c.computed,
@@ -156,6 +159,7 @@ class DenoiseRuntime:
                 "cache_misses": s.misses - c.start[1],
                 "cache_evictions": s.evictions - c.start[2],
                 "cache_near_misses": s.near_misses - c.start[3],  # partial revisits, computed in full
+                "cache_near_hits": s.near_hits - c.start[4],  # near revisits: their first near_reuse_steps served
                 "cache_entries": len(self.cache),
                 "cache_bytes": self.cache.nbytes,
                 **({"reuse_auto": self.auto.summary()} if self.auto is not None else {}),
@@ -241,10 +245,8 @@ class DenoiseRuntime:
             return compute()
         stamp = Stamp.of(call_key, latents, "raw" if sigma is None else "x0", schedule)
         if stamp not in c.matches:
-            c.matches[stamp] = self.cache.lookup(c.poses, stamp, limit, self.options.revisit_threshold,
-                                                 frame_axis=frame_axis(latents.shape, c.poses.shape[0]),
-                                                 serve=self.options.serve)
-        entry = c.matches[stamp]
+            c.matches[stamp], c.served[stamp] = self._lookup(c, stamp, limit, latents)
+        entry = c.matches[stamp] if step < c.served[stamp] else None
         if entry is not None and (step, call) in entry.outputs and self.auto is not None and self.auto.chosen is None:
             out = compute()  # calibration: compute, and measure what serving would have given
             c.computed += 1
@@ -257,7 +259,7 @@ class DenoiseRuntime:
             return stored.clone() if sigma is None else ((latents - stored) / sigma).to(latents.dtype)
         out = compute()
         c.computed += 1
-        if entry is None:
+        if c.matches[stamp] is None:  # a miss: its early outputs are kept (a near hit's are not)
             if out.shape != latents.shape or out.dtype != latents.dtype:
                 raise ValueError(f"the cache serves outputs shaped like the noisy latent {tuple(latents.shape)} "
                                  f"{latents.dtype}, and this call returned {tuple(out.shape)} {out.dtype}: give the "
@@ -269,6 +271,20 @@ class DenoiseRuntime:
             self.cache.store(c.opened[stamp], step, stored, call)
             c.finite.setdefault(stamp, []).append(torch.isfinite(stored).all())  # read in end_chunk: no sync here
         return out
+
+    def _lookup(self, c: "_Chunk", stamp: Stamp, limit: int, latents: torch.Tensor) -> tuple[Entry | None, int]:
+        """The open chunk's match under ``stamp`` and how many early steps it serves: ``limit`` on a
+        revisit, ``near_reuse_steps`` (at most ``limit``) on a near revisit. While ``reuse_steps="auto"``
+        calibrates, only revisits count (a near one would skew what it measures)."""
+        options = self.options
+        calibrating = self.auto is not None and self.auto.chosen is None
+        near = options.near_threshold if options.near_reuse_steps > 0 and not calibrating else None
+        entry = self.cache.lookup(c.poses, stamp, limit, options.revisit_threshold,
+                                  frame_axis=frame_axis(latents.shape, c.poses.shape[0]), serve=options.serve,
+                                  near_threshold=near)
+        if entry is None or entry.score >= options.revisit_threshold:
+            return entry, limit
+        return entry, min(options.near_reuse_steps, limit)
 
     def _noise_level(self, step: int, latents: torch.Tensor) -> float | torch.Tensor:
         """The open chunk's noise level at ``step``: a float, or per frame a float32 tensor shaped to

@@ -142,7 +142,11 @@ class CacheOptions:
     ``reuse_target_db`` (PSNR), and the report says what it chose and why. The last step always
     computes, whatever the value.
     ``serve``: per revisited frame, the best-matching past frame's output (``"best"``) or the
-    score-weighted average of every past frame matching at ``revisit_threshold`` (``"blend"``)."""
+    score-weighted average of every past frame matching at ``revisit_threshold`` (``"blend"``).
+    ``near_reuse_steps`` / ``near_threshold``: a *near* revisit, whose every frame matches at
+    ``near_threshold`` but not all at ``revisit_threshold``, has its first ``near_reuse_steps``
+    steps served (never more than a revisit's); 0 (the default) computes it in full. What is
+    computed after a near hit is not stored."""
 
     enabled: bool = True
     reuse_steps: int | str | None = field(default=None, metadata={**_range(0, None), "optional_int": True})
@@ -151,9 +155,14 @@ class CacheOptions:
     capacity: int = field(default=64, metadata=_range(1, None))
     stored: str = field(default="x0", metadata=_choice(CACHE_STORED))
     serve: str = field(default="best", metadata=_choice(CACHE_SERVE))
+    near_threshold: float = field(default=0.8, metadata=_range(0.0, 1.0))
+    near_reuse_steps: int = field(default=0, metadata=_range(0, None))
 
     def __post_init__(self) -> None:
         _validate(self, "cache.")
+        if self.near_threshold > self.revisit_threshold:
+            raise ValueError(f"option 'cache.near_threshold' must be at most cache.revisit_threshold "
+                             f"({self.revisit_threshold}), got {self.near_threshold}")
 
 
 @dataclass(frozen=True)

@@ -404,3 +404,55 @@ def test_an_output_not_shaped_like_the_latent_is_refused_naming_both_shapes():
     runtime.begin_chunk(0, cameras_at(0.0, 2.0), [1.0, 0.5, 0.0])
     with torch.no_grad(), pytest.raises(ValueError, match=r"noisy latent \(1, 4, 2, 3, 3\).*returned \(1, 2, 2, 3, 3\)"):
         runtime.step("model", KEY, LATENT, lambda: torch.zeros(1, 2, 2, 3, 3))
+
+
+def yawed(*degrees: float) -> torch.Tensor:
+    """One camera per frame at the origin, turned ``degrees`` about the vertical axis from +z. Turned
+    2 degrees from another it matches it at about 0.93, 4 degrees at 0.88, 10 degrees at 0.73."""
+    radians = torch.tensor(degrees) * torch.pi / 180
+    target = torch.stack([5 * radians.sin(), torch.zeros_like(radians), 5 * radians.cos()], -1)
+    return look_at(torch.zeros(len(degrees), 3), target)
+
+
+def test_a_near_revisit_serves_only_its_first_near_reuse_steps_and_stores_nothing():
+    options = CacheOptions(reuse_steps=2, stored="raw", near_threshold=0.8, near_reuse_steps=1)
+    runtime, model = DenoiseRuntime(options), Model()
+    first, _ = run_chunk(runtime, model, yawed(0.0, 20.0), options=options)
+    outs, stats = run_chunk(runtime, model, yawed(4.0, 20.0), options=options)  # one frame turned: 0.88
+    assert stats.values["cache"] == "near hit" and stats.values["cache_near_hits"] == 1
+    assert stats.values["cache_hits"] == 0 and stats.values["steps_reused"] == 1
+    assert torch.equal(outs[0], first[0])  # step 0 served from the first chunk
+    assert model.calls == 4 + 3  # steps 1, 2 and 3 computed
+    assert len(runtime.cache) == 1  # what a near hit computed is not kept as a revisit source
+    outs, stats = run_chunk(runtime, model, yawed(2.0, 20.0), options=options)  # 0.93: a revisit
+    assert stats.values["cache"] == "hit" and stats.values["steps_reused"] == 2
+
+
+@pytest.mark.parametrize("near", [dict(), dict(near_threshold=0.9, near_reuse_steps=1)], ids=["default", "threshold"])
+def test_near_revisits_by_default_or_below_the_near_threshold_compute_in_full(near):
+    options = CacheOptions(reuse_steps=2, stored="raw", **near)
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(0.0, 0.0), options=options)
+    _, stats = run_chunk(runtime, model, yawed(4.0, 0.0), options=options)
+    assert stats.values["cache"] == "miss" and stats.values["steps_reused"] == 0 and model.calls == 8
+    assert stats.values["cache_near_misses"] == 1 and stats.values["cache_near_hits"] == 0
+
+
+def test_a_near_revisit_never_serves_more_steps_than_a_revisit():
+    options = CacheOptions(reuse_steps=1, stored="raw", near_threshold=0.8, near_reuse_steps=3)
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(0.0, 0.0), options=options)
+    _, stats = run_chunk(runtime, model, yawed(4.0, 4.0), options=options)
+    assert stats.values["cache"] == "near hit" and stats.values["steps_reused"] == 1
+
+
+def test_a_whole_chunk_lookup_scores_a_near_hit_below_the_threshold_and_leaves_the_entry_as_stored():
+    cache = DenoiseCache(capacity=4)
+    entry = filled(cache, yawed(0.0, 0.0))
+    near = cache.lookup(yawed(4.0, 4.0), STAMP, steps=2, threshold=0.9, near_threshold=0.8)
+    assert near is not entry and near.outputs is entry.outputs and 0.8 <= near.score < 0.9 and entry.score == 1.0
+    assert cache.lookup(yawed(4.0, 4.0), STAMP, steps=2, threshold=0.9) is None
+    assert cache.lookup(yawed(10.0, 10.0), STAMP, steps=2, threshold=0.9, near_threshold=0.8) is None
+    assert (cache.stats.hits, cache.stats.near_hits, cache.stats.misses) == (0, 1, 2)
+    with pytest.raises(ValueError, match="near_threshold must be in"):
+        cache.lookup(yawed(0.0, 0.0), STAMP, steps=2, threshold=0.8, near_threshold=0.9)

@@ -41,6 +41,8 @@ def test_nested_dict_sets_section_fields():
         ({"cache": {"enabled": "yes"}}, ["'cache.enabled'", "True or False"]),
         ({"context": {"window_min": 9, "window_max": 4}}, ["window_min", "window_max"]),
         ({"context": "fast"}, ["'context'", "keep_threshold"]),
+        ({"cache": {"near_threshold": 0.95}}, ["'cache.near_threshold'", "revisit_threshold", "0.95"]),
+        ({"cache": {"near_reuse_steps": -1}}, ["'cache.near_reuse_steps'", "[0, inf]"]),
     ],
 )
 def test_bad_options_name_the_key_and_the_valid_values(options, names):

@@ -39,7 +39,7 @@ def test_ssim_is_one_for_equal_pictures_and_drops_with_noise():
 
 def test_table_has_a_header_and_one_line_per_chunk():
     row = {"chunk": 0, "dense_ms": 1.0, "light_ms": 2.0, "window": 2, "memory_kept": 3, "memory_pruned": 1,
-           "density": 0.5, "cache_hits": 1, "psnr_db": 30.0, "ssim": 0.9}
+           "density": 0.5, "cache_hits": 1, "cache_near_hits": 0, "psnr_db": 30.0, "ssim": 0.9}
     lines = format_table([row, {**row, "chunk": 1}]).splitlines()
     assert len(lines) == 3 and "PSNR" in lines[0] and lines[2].split()[0] == "1"
 

@@ -242,6 +242,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
             values = _stats_of(accelerator.report().chunks, chunk)
             return {"memory_kept": values.get("memory_kept", 0), "memory_pruned": values.get("memory_dropped", 0),
                     "density": values.get("density", 1.0), "cache_hits": values.get("cache_hits", 0),
+                    "cache_near_hits": values.get("cache_near_hits", 0),
                     "fallbacks": sum(values.get("fallbacks", {}).values())}
 
         return Driver(None, accelerator, chunk_stats)
@@ -351,8 +352,8 @@ def chunk_rows(dense: Run, light: Run) -> list[dict[str, float]]:
     for c, (t_dense, t_light) in enumerate(zip(dense.generation.chunk_times, light.generation.chunk_times)):
         frames = dense.generation.chunk(c)
         a, b = dense.generation.frames[frames], light.generation.frames[frames]
-        stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, "fallbacks": 0,
-                 **light.stats[c]}
+        stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, "cache_near_hits": 0,
+                 "fallbacks": 0, **light.stats[c]}
         rows.append({
             "chunk": c, "dense_ms": 1000 * t_dense, "light_ms": 1000 * t_light,
             "window": len(light.generation.selections[c].recent), **stats,
@@ -364,7 +365,8 @@ def chunk_rows(dense: Run, light: Run) -> list[dict[str, float]]:
 TABLE = (  # column title, row key, decimals (None: an integer)
     ("chunk", "chunk", None), ("dense ms", "dense_ms", 1), ("li ms", "light_ms", 1), ("window", "window", None),
     ("mem kept", "memory_kept", None), ("pruned", "memory_pruned", None), ("density", "density", 2),
-    ("hits", "cache_hits", None), ("PSNR dB", "psnr_db", 1), ("SSIM", "ssim", 3),
+    ("hits", "cache_hits", None), ("near hits", "cache_near_hits", None), ("PSNR dB", "psnr_db", 1),
+    ("SSIM", "ssim", 3),
 )
 
 
@@ -390,6 +392,7 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run, truth: torch
         "recompiles_after_warmup": light.recompiles,
         "kernel_autotunes_after_warmup": light.kernel_autotunes,
         "cache_hits": int(sum(r["cache_hits"] for r in rows)),
+        "cache_near_hits": int(sum(r["cache_near_hits"] for r in rows)),
         "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
         "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
         "attention_fallbacks": int(sum(r["fallbacks"] for r in rows)),
