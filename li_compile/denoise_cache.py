@@ -228,10 +228,11 @@ class DenoiseCache:
         given: an ``Entry`` assembled from them, not stored) or the best-matching whole past chunk
         (``chunk_revisit_scores``), each scoring at least ``threshold``, or (a near hit) at least
         ``near_threshold`` (at most ``threshold``; None: no near hits). A near hit's ``score`` is its
-        worst frame's match, below ``threshold``; a hit's is at least ``threshold``. Counts a hit, a near hit or a miss and marks the entries used most
-        recently used. Ties go to the oldest entry. ``serve`` (per frame, ``options.CACHE_SERVE``):
-        ``"best"`` the best match's output, ``"blend"`` the average of every past frame matching at
-        the threshold accepted, weighted by its score."""
+        worst frame's match, below ``threshold``; a hit's is at least ``threshold``. Counts a hit, a
+        near hit or a miss and marks the entries used most recently used. Ties go to the oldest
+        entry. ``serve`` (per frame, ``options.CACHE_SERVE``): ``"best"`` the best match's output,
+        ``"blend"`` the average of every past frame matching at the threshold accepted, weighted by
+        its score."""
         if near_threshold is not None and not 0.0 <= near_threshold <= threshold:
             raise ValueError(f"near_threshold must be in [0, threshold={threshold}], got {near_threshold}")
         accept = threshold if near_threshold is None else near_threshold

@@ -143,7 +143,7 @@ class DenoiseRuntime:
             if not bool(torch.stack(flags).all()):
                 self.cache.discard(c.opened.pop(stamp))
         hit = [e.chunk for e in c.matches.values() if e is not None]
-        near = any(e is not None and e.score < self.options.revisit_threshold for e in c.matches.values())
+        near = s.near_hits > c.start[4]  # the cache counted a near hit in this chunk
         calibrating = self.auto is not None and self.auto.chosen is None and bool(c.measured)
         if calibrating:
             self.auto.record(c.measured, self.options.reuse_target_db, self.reuse_limit())  # the steps it measured
