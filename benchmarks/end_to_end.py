@@ -12,6 +12,8 @@ every component on and with one component at a time:
               with ``--ablations all,all_topk``)
     all_blend all, with revisited frames served the score-weighted blend of every matching past
               frame (``cache.serve="blend"``) instead of the best match (opt-in)
+    all_reuse_rows  all, with the context rows' attention computed at a chunk's first and last
+              steps only (``context.reuse_rows``, opt-in)
 
 and writes a JSON per world (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM
 against the dense run, recompilations after warm-up) with a bar plot, and one row per (world, preset,
@@ -82,6 +84,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows dense (the default)
     "all_frame_local": {"sparsity": {"context_queries": "frame_local"}},  # opt-in: context rows frame-local
     "all_camera_context": {"sparsity": {"context_queries": "camera"}},  # opt-in: context rows from their own cameras
+    "all_reuse_rows": {"context": {"reuse_rows": True}},  # opt-in: context rows reused between first and last step
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 
@@ -212,6 +215,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
               f"PSNR {summary['psnr_db_vs_dense']:.1f} dB (min {summary['min_psnr_db']:.1f}, "
               f"worst frame {summary['min_frame_psnr_db']:.1f}), "
               f"hits {summary['cache_hits']} (near {summary['cache_near_hits']}), "
+              f"context rows reused {summary['context_rows_reused']}, "
               f"pruned {summary['memory_frames_pruned']}, "
               f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][run]['peak_gb']} GB, "
               f"warm-up {light.warmup_s:.1f} s (kernel first launches {light.warmup_kernel_s:.1f} s), "
@@ -238,7 +242,7 @@ def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
 
 SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
 SUMMARY_FIELDS = ("speedup", "time_dense_s", "time_li_s", "psnr_db_vs_dense", "min_psnr_db", "min_frame_psnr_db",
-                  "recompiles_after_warmup", "cache_hits", "cache_near_hits", "memory_frames_pruned",
+                  "recompiles_after_warmup", "cache_hits", "cache_near_hits", "context_rows_reused", "memory_frames_pruned",
                   "attention_density_mean", "chunks")
 TRUTH_FIELDS = ("psnr_db_dense_vs_truth", "psnr_db_li_vs_truth", "psnr_db_repeat_last_vs_truth")  # trained worlds
 

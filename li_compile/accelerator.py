@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import itertools
 import sys
+import warnings
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
@@ -38,6 +39,7 @@ from li_compile.controller.calibration import Calibration, widening_ladder
 from li_compile.controller.context import DEFAULT_MEMORY_K, ContextController
 from li_compile.controller.selection import ContextSelection, pad_frames, valid_slots
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR
+from li_compile.context_rows import ContextRowReuse
 from li_compile.controller.tile_plan import TilePlanParams
 from li_compile.denoise_runtime import DenoiseRuntime
 from li_compile.options import Options
@@ -61,6 +63,7 @@ class Accelerator:
         self.options, self.name = options, name
         self.plan = Plan()
         self.denoise = DenoiseRuntime(options.cache)
+        self.context_rows = ContextRowReuse() if options.context.reuse_rows else None  # context.reuse_rows
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
@@ -103,6 +106,12 @@ class Accelerator:
             fov_y_deg=fov_y_deg, aspect=aspect, near=near, far=far, capacity_fractions=capacity_fractions, layout=layout,
         )
         self.revisit_inputs = frozenset(revisit_inputs)
+        if self.context_rows is not None:
+            self.context_rows.set_layouts(map(layout, self.controller.warm_up_buckets()) if layout is not None else ())
+            if not self.context_rows.rows:
+                warnings.warn(f"{self.name}: option context.reuse_rows has nothing to act on: "
+                              + ("no layout was configured" if layout is None else "the layout's queries are the "
+                                 "chunk's only (a KV-cache model) or it has no context frames"), stacklevel=2)
         if self.calibration is not None:
             self.use_calibration(self.calibration)  # a calibration outlives a reconfiguration
         return self
@@ -148,6 +157,8 @@ class Accelerator:
     def reset(self) -> None:
         """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay)."""
         self.denoise.reset()
+        if self.context_rows is not None:
+            self.context_rows.reset()
         self.plan.clear()
         if self.controller is not None:
             self.controller.stats.clear()
@@ -200,7 +211,8 @@ class Accelerator:
             )
         merged: dict[int, ChunkStats] = {}
         context = self.controller.stats if self.controller is not None else []
-        for stats in [*context, *self.denoise.history]:
+        rows = [] if self.context_rows is None else self.context_rows.history
+        for stats in [*context, *self.denoise.history, *rows]:
             merged.setdefault(stats.chunk, ChunkStats(stats.chunk)).values.update(stats.values)
         compilations = [self._with_plan_reach(c) for c in self.compilations]
         return Report(self.name, compilations, [merged[c] for c in sorted(merged)],
@@ -271,13 +283,18 @@ class ChunkScope:
         self.capacity = self.selection.capacity
         self.valid = valid_slots(self.selection, self.capacity)
         acc.denoise.begin_chunk(self.chunk, chunk_poses, sigmas)
+        if acc.context_rows is not None:
+            acc.context_rows.begin_chunk(self.chunk, None if sigmas is None else len(sigmas) - 1)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        acc = self.accelerator
         try:
-            self.accelerator.denoise.end_chunk()
+            acc.denoise.end_chunk()
         finally:  # a plan holds for its chunk only: later calls outside a chunk run dense
-            self.accelerator.plan.clear()
+            acc.plan.clear()
+            if acc.context_rows is not None:
+                acc.context_rows.end_chunk()
 
     def context(self, values: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Per-frame history ``values (N, ...)`` -> ``(capacity, ...)``: the selected frames
@@ -287,6 +304,8 @@ class ChunkScope:
     def step(self, step: int) -> None:
         """Denoising ``step`` starts: the model calls until the next ``step`` belong to it."""
         self.accelerator.denoise.set_step(step)
+        if self.accelerator.context_rows is not None:
+            self.accelerator.context_rows.set_step(step)
 
 
 class RoutedGraph:

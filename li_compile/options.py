@@ -106,6 +106,13 @@ class ContextOptions:
     the mask of a full context) at no more cost than the padded plan, and with more context. The
     block-sparse kernel reaches about 75% of flash's rate on an H200, so denser plans ran slower
     than dense (``benchmarks/results/end_to_end.md``). 1.0: never fill.
+
+    ``reuse_rows``: in a full-sequence model (``SequenceLayout.queries == "all"``), attention computes
+    the context frames' rows only at a chunk's first computed step and its last step; the steps
+    between reuse them and compute only the chunk's rows (``li_compile.context_rows``). Exact for a
+    block-causal model; for a bidirectional one an approximation, measured on the trained world in
+    ``benchmarks/results/context_reuse.md``. Needs the loop to tell the steps (``chunk.step(i)``) and
+    the chunk's ``sigmas``; keeps one context-rows attention output per layer during a chunk.
     """
 
     enabled: bool = True
@@ -115,6 +122,7 @@ class ContextOptions:
     window_min: int = field(default=1, metadata=_range(1, None))
     window_max: int = field(default=8, metadata=_range(1, None))
     fill_density: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    reuse_rows: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "context.")
@@ -177,6 +185,9 @@ class Options:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        if self.context.reuse_rows and not self.sparsity.enabled:
+            raise ValueError("option 'context.reuse_rows' needs sparsity.enabled=True: the rows are reused inside "
+                             "the rewritten attention sites, which sparsity.enabled=False leaves to the inner compiler")
 
     @classmethod
     def from_user(cls, options: "Options | Mapping[str, Any] | None") -> "Options":

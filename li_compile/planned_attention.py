@@ -13,7 +13,10 @@ the model calling the graph (``li_compile.plan.slot_for_call``), read on the hos
   refined per call to the best-scoring fraction of its blocks (mean-pooled q.k, plus each query
   block's own position: ``kernels.tiling.topk_layout``), computed on q's device with static shapes;
 - a slot that does not fit the call (shape, dtype, device, token count) or a call the kernel
-  refuses: dense, and the reason is counted in ``slot.fallbacks``.
+  refuses: dense, and the reason is counted in ``slot.fallbacks``;
+- with ``context.reuse_rows``, inside a chunk: the calling model's ``ContextRowReuse`` runs the call
+  (its first and last steps through the route above, the steps between reusing the context rows:
+  ``li_compile.context_rows``).
 
 It is a ``torch.library.custom_op`` with a fake implementation, which is what traces under
 ``torch.compile(fullgraph=True)`` both with the Triton interpreter on CPU and on the GPU (see
@@ -56,6 +59,20 @@ def planned_attention(
     slot = slot_for_call(None if model is None else model.plan, slot_id)
     if model is not None and model.calibrating is not None and not is_causal:
         model.calibrating.record(slot, q, k, attn_mask, scale)  # the slot is dense meanwhile
+    reuse = None if model is None or model.calibrating is not None or _capturing_cuda_graph(q) else model.context_rows
+    if reuse is not None and reuse.applies(q, k, is_causal):
+        return reuse.attend(q, k, v, attn_mask, scale, lambda: _planned(
+            model, slot, q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+            key_keep, scale, is_causal, density))
+    if reuse is not None and model.plan.warming and not is_causal:
+        reuse.warm(q, k, v, attn_mask, scale)
+    return _planned(model, slot, q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                    key_keep, scale, is_causal, density)
+
+
+def _planned(model, slot: PlanSlot, q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+             key_keep, scale, is_causal, density) -> torch.Tensor:
+    """The slot's route for every query row (module docstring)."""
     if not slot.is_dense or density < 1.0 or _capturing_cuda_graph(q):
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)

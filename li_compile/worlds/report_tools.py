@@ -243,6 +243,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
             return {"memory_kept": values.get("memory_kept", 0), "memory_pruned": values.get("memory_dropped", 0),
                     "density": values.get("density", 1.0), "cache_hits": values.get("cache_hits", 0),
                     "cache_near_hits": values.get("cache_near_hits", 0),
+                    "context_rows_reused": values.get("context_rows_reused", 0),
                     "fallbacks": sum(values.get("fallbacks", {}).values())}
 
         return Driver(None, accelerator, chunk_stats)
@@ -353,7 +354,7 @@ def chunk_rows(dense: Run, light: Run) -> list[dict[str, float]]:
         frames = dense.generation.chunk(c)
         a, b = dense.generation.frames[frames], light.generation.frames[frames]
         stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, "cache_near_hits": 0,
-                 "fallbacks": 0, **light.stats[c]}
+                 "context_rows_reused": 0, "fallbacks": 0, **light.stats[c]}
         rows.append({
             "chunk": c, "dense_ms": 1000 * t_dense, "light_ms": 1000 * t_light,
             "window": len(light.generation.selections[c].recent), **stats,
@@ -393,6 +394,7 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run, truth: torch
         "kernel_autotunes_after_warmup": light.kernel_autotunes,
         "cache_hits": int(sum(r["cache_hits"] for r in rows)),
         "cache_near_hits": int(sum(r["cache_near_hits"] for r in rows)),
+        "context_rows_reused": int(sum(r["context_rows_reused"] for r in rows)),
         "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
         "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
         "attention_fallbacks": int(sum(r["fallbacks"] for r in rows)),
@@ -441,7 +443,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"speedup {s['speedup']:.2f}x  (dense {s['time_dense_s']:.2f} s, light_interaction {s['time_li_s']:.2f} s, "
         f"{s['chunks']} chunks)",
         f"memory frames kept {s['memory_frames_kept']}, pruned {s['memory_frames_pruned']}; "
-        f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}",
+        f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}"
+        + (f"; attention calls reusing context rows {s['context_rows_reused']}" if s.get("context_rows_reused") else ""),
         f"vs dense: PSNR {s['psnr_db_vs_dense']:.1f} dB (worst chunk {s['min_psnr_db']:.1f}, worst frame "
         f"{s['min_frame_psnr_db']:.1f}), SSIM {s['ssim_vs_dense']:.3f}",
         f"recompilations after warm-up: {s['recompiles_after_warmup']} (dense: {s['dense_recompiles_after_warmup']})",

@@ -1,0 +1,153 @@
+"""Context rows reused between a chunk's denoising steps (``context.reuse_rows``).
+
+In a full-sequence model (HY-WorldPlay: ``SequenceLayout.queries == "all"``) the clean context
+frames' tokens pass every block at every step, though only the chunk's rows reach the sampler.
+With ``reuse_rows`` on, a chunk's attention calls at that sequence's shape run like this:
+
+- at the chunk's first computed step and at its last step, every query row is computed (the
+  site's plan as usual), and the context rows' output is kept per call (the n-th call of the step
+  at that shape: one per layer, and per model call where a step calls the model more than once);
+- at the steps between, only the other rows (prefix, chunk, suffix) are computed, dense over every
+  key (SDPA), and the context rows' output is the kept one.
+
+Every op around attention is row-wise, so a block whose context rows attend as at the kept step
+outputs those rows as at that step: the whole model then runs as if the context's hidden states,
+and so its keys and values at every layer, were frozen at the first computed step. For a
+block-causal model (the context never attends to the chunk) that is exact: it is what the KV-cache
+form computes. For a bidirectional one it is an approximation whose error the last step, computed
+in full, corrects: ``benchmarks/results/context_reuse.md`` measures it on the trained
+bidirectional world. What it saves is the attention of the context rows at the steps between
+(three quarters of HY full's FLOPs are attention; its context is 20 of 24 frames); the
+row-wise layers still run on every row. It costs one kept output per layer, ``(B, H, context
+tokens, head dim)``, from the first computed step until the last.
+
+It acts only inside a chunk whose loop tells the steps (``ChunkScope.step``) and whose ``sigmas``
+give the step count (the last step must be known), never while calibrating, capturing a CUDA graph
+(a replay would not run it) or for a causal site; everything else runs the site unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Iterable
+
+import torch
+
+from li_compile.planned_attention import dense_attention
+from li_compile.reporting import ChunkStats
+from li_compile.sequence import SequenceLayout
+
+
+def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
+    """The query rows ``[start, stop)`` of ``sequence``'s context frames, or None where there are none
+    to reuse (chunk-only queries, or no context frames)."""
+    if sequence.queries != "all" or sequence.context_frames == 0:
+        return None
+    start = sequence.prefix_tokens
+    return start, start + sequence.context_frames * sequence.tokens_per_frame
+
+
+class ContextRowReuse:
+    """Host state of ``reuse_rows`` for one accelerated model: the rows of each video shape, the open
+    chunk's step, its kept outputs and its counts (module docstring)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, int], tuple[int, int]] = {}  # (q_len, kv_len) -> context rows
+        self.history: list[ChunkStats] = []
+        self._warmed: set[tuple] = set()
+        self._open = False
+        self._step: int | None = None
+        self._last: int | None = None
+        self._kept: dict[tuple[tuple[int, int], int], torch.Tensor] = {}
+        self._calls: Counter[tuple[int, int]] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._chunk = -1
+        self._stepped = False  # the open chunk was told a step
+
+    def set_layouts(self, sequences: Iterable[SequenceLayout]) -> None:
+        """The video layouts the model may run (one per capacity bucket)."""
+        self.rows = {(s.q_len, s.kv_len): rows for s in sequences if (rows := context_rows(s)) is not None}
+
+    def begin_chunk(self, chunk: int, steps: int | None) -> None:
+        """Open ``chunk`` of ``steps`` denoising steps (None: unknown, and nothing is reused)."""
+        self._open, self._chunk, self._step, self._stepped = True, chunk, None, False
+        self._last = None if steps is None else steps - 1
+        self._kept.clear()
+        self._calls.clear()
+        self._counts.clear()
+
+    def set_step(self, step: int) -> None:
+        """Denoising ``step`` of the open chunk starts."""
+        self._step, self._stepped = step, True
+        self._calls.clear()
+
+    def end_chunk(self) -> None:
+        """Close the chunk: drop its kept outputs and record its counts in ``history``."""
+        if self._open:
+            values = {"context_rows_reused": self._counts["reused"],
+                      "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
+            if self._last is None:
+                values["context_rows_off"] = "the chunk's sigmas were not given: its last step is unknown"
+            elif not self._stepped:
+                values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
+            self.history.append(ChunkStats(self._chunk, values))
+        self._open, self._step, self._last = False, None, None
+        self._kept.clear()
+
+    def reset(self) -> None:
+        """Forget the chunk statistics and any open chunk."""
+        self.end_chunk()
+        self.history.clear()
+
+    def applies(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
+        """Whether a call of this shape, inside the open chunk, is run by ``attend``."""
+        return (self._open and self._step is not None and self._last is not None and not is_causal
+                and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled())
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               scale: float | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Attention ``(B, H, Lq, Dv)`` of one call (``q (B, H, Lq, D)``, ``k``/``v (B, Hkv, Lk, D)``,
+        mask broadcastable to ``(B, H, Lq, Lk)``): ``compute()`` (the site's own route) for every row,
+        keeping the context rows, or the kept context rows and the others computed dense."""
+        shape = (q.shape[2], k.shape[2])
+        start, stop = self.rows[shape]
+        key = (shape, self._calls[shape])
+        self._calls[shape] += 1
+        kept = self._kept.get(key)
+        expected = (*q.shape[:2], stop - start, v.shape[-1])
+        if self._step == self._last or kept is None or tuple(kept.shape) != expected or kept.dtype != q.dtype:
+            out = compute()
+            if self._step == self._last:
+                self._kept.pop(key, None)  # no later step reads it
+            else:
+                self._kept[key] = out[:, :, start:stop].clone()
+                self._counts["kept_bytes"] = max(self._counts["kept_bytes"], self._kept_bytes())
+            return out
+        self._counts["reused"] += 1
+        return self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
+
+    def warm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+             scale: float | None) -> None:
+        """Warm-up only: run the reusing route once per shape and mask form (its result is dropped), so
+        that the first chunk builds nothing (SDPA's cuDNN backend builds per shape and mask form)."""
+        shape = (q.shape[2], k.shape[2])
+        form = (shape, None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape)))
+        if shape in self.rows and form not in self._warmed:
+            self._warmed.add(form)
+            start, stop = self.rows[shape]
+            kept = q.new_zeros(*q.shape[:2], stop - start, v.shape[-1])
+            self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
+
+    def _kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kept.values())
+
+    @staticmethod
+    def _with_kept(q, k, v, attn_mask, scale, start: int, stop: int, kept: torch.Tensor) -> torch.Tensor:
+        """Rows outside ``[start, stop)`` attended dense, the kept rows in between."""
+        rows = q.shape[2]
+        other = q[:, :, stop:] if start == 0 else torch.cat([q[:, :, :start], q[:, :, stop:]], 2)
+        mask = attn_mask
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] == rows and rows > 1:
+            mask = mask[..., stop:, :] if start == 0 else torch.cat([mask[..., :start, :], mask[..., stop:, :]], -2)
+        out = dense_attention(other, k, v, mask, scale, False)
+        return torch.cat([out[:, :, :start], kept, out[:, :, start:]], 2)

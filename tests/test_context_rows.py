@@ -1,0 +1,229 @@
+"""Context rows reused between denoising steps (``context.reuse_rows``, ``li_compile.context_rows``).
+
+Specifications: inside a chunk, the first computed step and the last step compute every query row,
+and the steps between compute only the rows that are not context frames (dense, with the site's own
+mask), taking the context rows from that call's first computed step; nothing is reused outside a
+chunk, without the step or the step count, for causal sites or other shapes. Through the backend,
+a block-causal model gives exactly what it gives without reuse (it is the KV-cache form), and a
+bidirectional one gives what the eager model gives with its context's hidden states frozen at each
+chunk's first step.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import li_compile
+from li_compile.context_rows import ContextRowReuse, context_rows
+from li_compile.sequence import SequenceLayout
+from li_compile.worlds import hy_worldplay, trajectories
+from li_compile.worlds.pipeline import generate
+
+LAYOUT = SequenceLayout(context_frames=3, chunk_frames=1, grid_h=2, grid_w=2, prefix_tokens=2, suffix_tokens=1)
+ROWS = (2, 14)  # the context frames' query rows: after 2 prefix tokens, 3 frames of 4 tokens
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    with torch.no_grad():  # the reuse is for inference: a call that needs a gradient computes every row
+        yield
+
+
+def _qkv(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    n = LAYOUT.kv_len
+    return (torch.randn(1, HEADS, n, DIM, generator=g), torch.randn(1, KV_HEADS, n, DIM, generator=g),
+            torch.randn(1, KV_HEADS, n, DIM, generator=g))
+
+
+def _dense(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _reuse(steps: int | None = 4) -> ContextRowReuse:
+    reuse = ContextRowReuse()
+    reuse.set_layouts([LAYOUT])
+    reuse.begin_chunk(0, steps)
+    return reuse
+
+
+def test_context_rows_are_the_context_frames_of_a_full_sequence_only():
+    assert context_rows(LAYOUT) == ROWS
+    assert context_rows(dataclasses.replace(LAYOUT, queries="chunk")) is None
+    assert context_rows(dataclasses.replace(LAYOUT, context_frames=0)) is None
+
+
+def test_the_first_and_last_steps_compute_every_row_and_the_steps_between_reuse_the_context_rows():
+    reuse = _reuse(steps=4)
+    a, b = ROWS
+    mask = torch.rand(1, 1, LAYOUT.q_len, LAYOUT.kv_len, generator=torch.Generator().manual_seed(9)) > 0.3
+    mask[..., -1] = True  # every row sees a key
+    computed, first = [], {}
+    for step in range(4):
+        reuse.set_step(step)
+        for layer in range(2):
+            q, k, v = _qkv(10 * step + layer)
+            assert reuse.applies(q, k, is_causal=False)
+            out = reuse.attend(q, k, v, mask, None, lambda: computed.append((step, layer)) or _dense(q, k, v, mask))
+            full = _dense(q, k, v, mask)
+            if step in (0, 3):
+                torch.testing.assert_close(out, full, rtol=0, atol=0)
+                first.setdefault(layer, out)
+            else:
+                torch.testing.assert_close(out[:, :, a:b], first[layer][:, :, a:b], rtol=0, atol=0)
+                torch.testing.assert_close(out[:, :, :a], full[:, :, :a], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(out[:, :, b:], full[:, :, b:], rtol=1e-5, atol=1e-6)
+    assert computed == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    reuse.end_chunk()
+    assert reuse.history[-1].values["context_rows_reused"] == 4
+
+
+def test_a_chunk_whose_first_steps_were_served_computes_in_full_at_its_first_computed_step():
+    reuse = _reuse(steps=4)  # step 0 served by the denoising cache: no call
+    calls = []
+    for step in (1, 2, 3):
+        reuse.set_step(step)
+        q, k, v = _qkv(step)
+        reuse.attend(q, k, v, None, None, lambda: calls.append(step) or _dense(q, k, v))
+    assert calls == [1, 3]
+
+
+@pytest.mark.parametrize("case", ["outside a chunk", "no step told", "step count unknown", "causal", "other shape",
+                                  "after the chunk"])
+def test_nothing_is_reused_where_the_steps_or_the_rows_are_unknown(case):
+    reuse = ContextRowReuse()
+    reuse.set_layouts([LAYOUT])
+    q, k, _ = _qkv(0)
+    if case != "outside a chunk":
+        reuse.begin_chunk(0, None if case == "step count unknown" else 4)
+    if case not in ("outside a chunk", "no step told"):
+        reuse.set_step(1)
+    if case == "other shape":
+        q, k = q[:, :, :-1], k[:, :, :-1]
+    if case == "after the chunk":
+        reuse.end_chunk()
+    assert not reuse.applies(q, k, is_causal=case == "causal")
+
+
+@pytest.mark.parametrize("steps, told, reason", [(None, True, "sigmas were not given"),
+                                                  (4, False, "never called chunk.step")])
+def test_a_chunk_that_cannot_reuse_says_why_in_its_statistics(steps, told, reason):
+    reuse = _reuse(steps=steps)
+    if told:
+        reuse.set_step(0)
+    reuse.end_chunk()
+    assert reason in reuse.history[-1].values["context_rows_off"]
+
+
+def test_the_option_warns_when_the_model_has_no_context_rows_to_reuse():
+    accelerator = li_compile.Accelerator(li_compile.Options.from_user({"context": {"reuse_rows": True}}), "m")
+    with pytest.warns(UserWarning, match="reuse_rows has nothing to act on"):
+        accelerator.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity,
+                                                                          queries="chunk"))
+
+
+def test_the_kept_rows_are_released_when_the_chunk_ends():
+    reuse = _reuse(steps=3)
+    reuse.set_step(0)
+    q, k, v = _qkv(0)
+    reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
+    assert reuse._kept
+    reuse.end_chunk()
+    assert not reuse._kept
+    assert reuse.history[-1].values["context_rows_kept_gb"] == HEADS * (ROWS[1] - ROWS[0]) * DIM * 4 / 1e9
+
+
+# --- through the backend ---------------------------------------------------------------------------
+
+OPTIONS = {"inner": "eager", "cache": {"enabled": False}, "sparsity": {"block_q": 16, "block_k": 16},
+           "context": {"keep_threshold": 0.0}}
+
+
+def _world(**spec_changes):
+    spec = dataclasses.replace(hy_worldplay.PRESETS["tiny"], depth=2, steps=4, **spec_changes)
+    return hy_worldplay.build(spec, form="full")
+
+
+def _backend_run(world, trajectory, chunks: int, reuse_rows: bool):
+    options = {**OPTIONS, "context": {**OPTIONS["context"], "reuse_rows": reuse_rows}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options,
+                                                     fullgraph=True, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    accelerator.configure(memory_k=world.spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
+                          layout=world.layout)
+    gen = generate(compiled, trajectory, chunks=chunks, accelerator=accelerator, decode=False)
+    torch._dynamo.reset()
+    return gen, accelerator
+
+
+def test_a_block_causal_model_gives_what_it_gives_without_reuse():
+    world = _world(block_causal=True)
+    trajectory = trajectories.make("random_walk_with_returns", 5 * world.spec.chunk_frames)
+    plain, _ = _backend_run(world, trajectory, 5, reuse_rows=False)
+    reused, accelerator = _backend_run(world, trajectory, 5, reuse_rows=True)
+    torch.testing.assert_close(reused.latents, plain.latents, rtol=1e-5, atol=1e-5)
+    assert sum(c.values.get("context_rows_reused", 0) for c in accelerator.report().chunks) > 0
+
+
+class _Replay:
+    """A context policy that selects what a past run selected, chunk by chunk."""
+
+    def __init__(self, selections):
+        self.selections = selections
+
+    def select(self, chunk, poses, chunk_poses, latents):
+        return self.selections[chunk]
+
+
+def _frozen_context(model, tokens_per_frame: int):
+    """Forward hooks making ``model`` (eager) run with its context rows' hidden states, after every
+    block, frozen at each chunk's first step; returns the step hook that tells them the step."""
+    state = {"step": 0, "rows": 0, "kept": {}}
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: state.update(rows=kwargs["context"].shape[1] * tokens_per_frame), with_kwargs=True)
+
+    def block_hook(index):
+        def hook(module, args, output):
+            h, k, v = output
+            if state["step"] == 0:
+                state["kept"][index] = h[:, :state["rows"]].clone()
+                return output
+            if state["step"] == 3:  # the last step computes every row
+                return output
+            return torch.cat([state["kept"][index], h[:, state["rows"]:]], 1), k, v
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(block_hook(i))
+
+    def step_hook(chunk, step, call):
+        state["step"] = step
+        return call()
+    return step_hook
+
+
+def _sharpened(world, gain: float = 6.0):
+    """``world`` with its blocks' projections and modulation scaled by ``gain``: at initialisation
+    the context barely reads the chunk (freezing it moves the result by about 1e-5); scaled, it
+    moves it by about 1e-2, far beyond the tolerance the comparisons use."""
+    with torch.no_grad():
+        for block in world.model.blocks:
+            block.qkv.weight.mul_(gain)
+            block.mod.weight.mul_(gain)
+            block.mod.bias.mul_(gain)
+    return world
+
+
+def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step():
+    world = _sharpened(_world())
+    chunks = 4
+    trajectory = trajectories.make("random_walk_with_returns", chunks * world.spec.chunk_frames)
+    reused, accelerator = _backend_run(world, trajectory, chunks, reuse_rows=True)
+    plain = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False)
+    frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False,
+                      step_hook=_frozen_context(world.model, world.spec.tokens_per_frame))
+    torch.testing.assert_close(reused.latents, frozen.latents, rtol=1e-5, atol=1e-5)
+    assert (reused.latents - plain.latents).abs().max() > 1e-3  # the approximation is real here
