@@ -63,7 +63,7 @@ class Accelerator:
         self.options, self.name = options, name
         self.plan = Plan()
         self.denoise = DenoiseRuntime(options.cache)
-        self.context_rows = ContextRowReuse() if options.context.reuse_rows else None  # context.reuse_rows
+        self.context_rows = ContextRowReuse(self.denoise.matched) if options.context.reuse_rows else None
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs

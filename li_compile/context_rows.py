@@ -23,7 +23,16 @@ tokens, head dim)``, from the first computed step until the last.
 
 It acts only inside a chunk whose loop tells the steps (``ChunkScope.step``) and whose ``sigmas``
 give the step count (the last step must be known), never while calibrating, capturing a CUDA graph
-(a replay would not run it) or for a causal site; everything else runs the site unchanged.
+(a replay would not run it) or for a causal site, and not in a chunk where the denoising cache
+matched a call (the calls it serves can differ from step to step); everything else runs the site
+unchanged.
+
+A kept output is found by its call's place in the step, so the model's calls at that shape must
+repeat in the same order at every step of a chunk (classifier-free guidance on some steps only
+breaks that). Each reuse checks it on the device: the context rows' keys, which the reused steps
+recompute from frozen hidden states, must equal those of the call that kept the rows (their sum
+and 2-norm, each within ``FINGERPRINT_RTOL`` of the kept 2-norm). The check is read once, when the chunk ends (no
+synchronisation per call), and a mismatch raises there, naming the chunk.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import torch
 from li_compile.planned_attention import dense_attention
 from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
+
+FINGERPRINT_RTOL = 1e-3  # reused keys' sum and 2-norm may differ from the keeping call's by this times its 2-norm
 
 
 def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
@@ -51,14 +62,17 @@ class ContextRowReuse:
     """Host state of ``reuse_rows`` for one accelerated model: the rows of each video shape, the open
     chunk's step, its kept outputs and its counts (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, matched: Callable[[], bool] = lambda: False) -> None:
+        """``matched()``: whether the denoising cache matched any call of the open chunk."""
+        self.matched = matched
         self.rows: dict[tuple[int, int], tuple[int, int]] = {}  # (q_len, kv_len) -> context rows
         self.history: list[ChunkStats] = []
         self._warmed: set[tuple] = set()
         self._open = False
         self._step: int | None = None
         self._last: int | None = None
-        self._kept: dict[tuple[tuple[int, int], int], torch.Tensor] = {}
+        self._kept: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = {}  # rows, key fingerprint
+        self._mismatch: torch.Tensor | None = None  # on the device: a reused call's keys differed from the keeper's
         self._calls: Counter[tuple[int, int]] = Counter()
         self._counts: Counter[str] = Counter()
         self._chunk = -1
@@ -75,6 +89,7 @@ class ContextRowReuse:
         self._kept.clear()
         self._calls.clear()
         self._counts.clear()
+        self._mismatch = None
 
     def set_step(self, step: int) -> None:
         """Denoising ``step`` of the open chunk starts."""
@@ -82,7 +97,9 @@ class ContextRowReuse:
         self._calls.clear()
 
     def end_chunk(self) -> None:
-        """Close the chunk: drop its kept outputs and record its counts in ``history``."""
+        """Close the chunk: drop its kept outputs and record its counts in ``history``. Raises
+        ``RuntimeError`` when a reused call's keys showed that its rows came from another call."""
+        mismatch, chunk = self._mismatch, self._chunk
         if self._open:
             values = {"context_rows_reused": self._counts["reused"],
                       "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
@@ -91,8 +108,13 @@ class ContextRowReuse:
             elif not self._stepped:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
             self.history.append(ChunkStats(self._chunk, values))
-        self._open, self._step, self._last = False, None, None
+        self._open, self._step, self._last, self._mismatch = False, None, None, None
         self._kept.clear()
+        if mismatch is not None and bool(mismatch):
+            raise RuntimeError(
+                f"context.reuse_rows: in chunk {chunk} an attention call reused context rows kept by another call (its "
+                "context keys differ): the model's calls did not repeat in the same order at every step (e.g. "
+                "guidance on some steps only). That chunk's output is wrong; turn context.reuse_rows off for this model")
 
     def reset(self) -> None:
         """Forget the chunk statistics and any open chunk."""
@@ -102,7 +124,7 @@ class ContextRowReuse:
     def applies(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
         """Whether a call of this shape, inside the open chunk, is run by ``attend``."""
         return (self._open and self._step is not None and self._last is not None and not is_causal
-                and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled())
+                and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled() and not self.matched())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                scale: float | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -113,16 +135,18 @@ class ContextRowReuse:
         start, stop = self.rows[shape]
         key = (shape, self._calls[shape])
         self._calls[shape] += 1
-        kept = self._kept.get(key)
+        kept, keys = self._kept.get(key, (None, None))
         expected = (*q.shape[:2], stop - start, v.shape[-1])
         if self._step == self._last or kept is None or tuple(kept.shape) != expected or kept.dtype != q.dtype:
             out = compute()
             if self._step == self._last:
                 self._kept.pop(key, None)  # no later step reads it
             else:
-                self._kept[key] = out[:, :, start:stop].clone()
+                self._kept[key] = out[:, :, start:stop].clone(), _fingerprint(k, start, stop)
                 self._counts["kept_bytes"] = max(self._counts["kept_bytes"], self._kept_bytes())
             return out
+        differs = ((_fingerprint(k, start, stop) - keys).abs() > FINGERPRINT_RTOL * keys[1]).any()
+        self._mismatch = differs if self._mismatch is None else self._mismatch | differs
         self._counts["reused"] += 1
         return self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
 
@@ -139,7 +163,7 @@ class ContextRowReuse:
             self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
 
     def _kept_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._kept.values())
+        return sum(rows.numel() * rows.element_size() for rows, _ in self._kept.values())
 
     @staticmethod
     def _with_kept(q, k, v, attn_mask, scale, start: int, stop: int, kept: torch.Tensor) -> torch.Tensor:
@@ -151,3 +175,11 @@ class ContextRowReuse:
             mask = mask[..., stop:, :] if start == 0 else torch.cat([mask[..., :start, :], mask[..., stop:, :]], -2)
         out = dense_attention(other, k, v, mask, scale, False)
         return torch.cat([out[:, :, :start], kept, out[:, :, start:]], 2)
+
+
+def _fingerprint(k: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``(2,)`` float32: the sum and the 2-norm of the keys ``k (B, Hkv, Lk, D)`` of rows
+    ``[start, stop)`` (the context's: with every token a query, keys and queries share the order),
+    reduced in float32 without a float32 copy of the rows."""
+    rows = k[:, :, start:stop]
+    return torch.stack([rows.sum(dtype=torch.float32), torch.linalg.vector_norm(rows, dtype=torch.float32)])

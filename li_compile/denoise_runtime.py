@@ -122,6 +122,10 @@ class DenoiseRuntime:
         """Whether a chunk is open (between ``begin_chunk`` and ``end_chunk``)."""
         return self._chunk is not None
 
+    def matched(self) -> bool:
+        """Whether a call of the open chunk found a cache match (a hit or a near hit) so far."""
+        return self._chunk is not None and any(e is not None for e in self._chunk.matches.values())
+
     def begin_chunk(self, chunk: int, poses: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None = None) -> None:
         """Open ``chunk``: ``poses`` ``(F, 4, 4)`` are its frames' cameras (camera-to-world);
         ``sigmas`` ``(steps + 1,)`` its noise schedule (``sigmas[i]``: noise level of the latent

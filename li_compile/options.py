@@ -112,7 +112,9 @@ class ContextOptions:
     between reuse them and compute only the chunk's rows (``li_compile.context_rows``). Exact for a
     block-causal model; for a bidirectional one an approximation, measured on the trained world in
     ``benchmarks/results/context_reuse.md``. Needs the loop to tell the steps (``chunk.step(i)``) and
-    the chunk's ``sigmas``; keeps one context-rows attention output per layer during a chunk.
+    the chunk's ``sigmas``, and the model's calls to repeat in the same order at every step (checked:
+    a chunk where they do not raises when it ends); keeps one context-rows attention output per layer
+    during a chunk.
     """
 
     enabled: bool = True

@@ -32,11 +32,16 @@ def _inference():
         yield
 
 
-def _qkv(seed: int):
+def _qkv(seed: int, call: int = 0):
+    """One call's q, k, v: random, but the context rows' keys and values are those of ``call`` (a
+    model recomputes them alike at every step, from the frozen context)."""
     g = torch.Generator().manual_seed(seed)
-    n = LAYOUT.kv_len
-    return (torch.randn(1, HEADS, n, DIM, generator=g), torch.randn(1, KV_HEADS, n, DIM, generator=g),
-            torch.randn(1, KV_HEADS, n, DIM, generator=g))
+    n, (a, b) = LAYOUT.kv_len, ROWS
+    q, k, v = (torch.randn(1, HEADS, n, DIM, generator=g), torch.randn(1, KV_HEADS, n, DIM, generator=g),
+               torch.randn(1, KV_HEADS, n, DIM, generator=g))
+    g = torch.Generator().manual_seed(1000 + call)
+    k[:, :, a:b], v[:, :, a:b] = torch.randn(2, 1, KV_HEADS, b - a, DIM, generator=g)
+    return q, k, v
 
 
 def _dense(q, k, v, mask=None):
@@ -65,7 +70,7 @@ def test_the_first_and_last_steps_compute_every_row_and_the_steps_between_reuse_
     for step in range(4):
         reuse.set_step(step)
         for layer in range(2):
-            q, k, v = _qkv(10 * step + layer)
+            q, k, v = _qkv(10 * step + layer, call=layer)
             assert reuse.applies(q, k, is_causal=False)
             out = reuse.attend(q, k, v, mask, None, lambda: computed.append((step, layer)) or _dense(q, k, v, mask))
             full = _dense(q, k, v, mask)
@@ -106,6 +111,32 @@ def test_nothing_is_reused_where_the_steps_or_the_rows_are_unknown(case):
     if case == "after the chunk":
         reuse.end_chunk()
     assert not reuse.applies(q, k, is_causal=case == "causal")
+
+
+def test_a_call_that_reuses_rows_kept_by_another_call_is_reported_when_the_chunk_ends():
+    reuse = _reuse(steps=4)
+    reuse.set_step(0)
+    for call in (0, 1):  # e.g. guided and unguided calls
+        q, k, v = _qkv(call, call=call)
+        reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
+    reuse.set_step(1)
+    q, k, v = _qkv(5, call=1)  # the first call of the step is the second call of step 0
+    reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
+    with pytest.raises(RuntimeError, match="chunk 0 .* reused context rows kept by another call"):
+        reuse.end_chunk()
+    assert not reuse._kept
+
+
+def test_nothing_is_reused_in_a_chunk_where_the_denoising_cache_matched_a_call():
+    matched = [False]
+    reuse = ContextRowReuse(lambda: matched[0])
+    reuse.set_layouts([LAYOUT])
+    reuse.begin_chunk(0, 4)
+    reuse.set_step(1)
+    q, k, _ = _qkv(0)
+    assert reuse.applies(q, k, is_causal=False)
+    matched[0] = True
+    assert not reuse.applies(q, k, is_causal=False)
 
 
 @pytest.mark.parametrize("steps, told, reason", [(None, True, "sigmas were not given"),
