@@ -30,8 +30,9 @@ unchanged.
 A kept output is found by its call's place in the step, so the model's calls at that shape must
 repeat in the same order at every step of a chunk (classifier-free guidance on some steps only
 breaks that). Each reuse checks it on the device: the context rows' keys, which the reused steps
-recompute from frozen hidden states, must equal those of the call that kept the rows (their sum
-and 2-norm, each within ``FINGERPRINT_RTOL`` of the kept 2-norm). The check is read once, when the chunk ends (no
+recompute from frozen hidden states, must equal those of the call that kept the rows: their
+projection on a fixed random ±1 vector, summed and summed in absolute value, each within
+``FINGERPRINT_RTOL`` of the kept absolute sum. The check is read once, when the chunk ends (no
 synchronisation per call), and a mismatch raises there, naming the chunk.
 """
 
@@ -46,7 +47,7 @@ from li_compile.planned_attention import dense_attention
 from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
 
-FINGERPRINT_RTOL = 1e-3  # reused keys' sum and 2-norm may differ from the keeping call's by this times its 2-norm
+FINGERPRINT_RTOL = 1e-3  # a reused call's key fingerprint may differ from the keeper's by this share
 
 
 def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
@@ -72,6 +73,7 @@ class ContextRowReuse:
         self._step: int | None = None
         self._last: int | None = None
         self._kept: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = {}  # rows, key fingerprint
+        self._signs: dict[tuple, torch.Tensor] = {}  # (device, dtype, head dim) -> the fingerprint's vector
         self._mismatch: torch.Tensor | None = None  # on the device: a reused call's keys differed from the keeper's
         self._calls: Counter[tuple[int, int]] = Counter()
         self._counts: Counter[str] = Counter()
@@ -142,10 +144,10 @@ class ContextRowReuse:
             if self._step == self._last:
                 self._kept.pop(key, None)  # no later step reads it
             else:
-                self._kept[key] = out[:, :, start:stop].clone(), _fingerprint(k, start, stop)
+                self._kept[key] = out[:, :, start:stop].clone(), self._fingerprint(k, start, stop)
                 self._counts["kept_bytes"] = max(self._counts["kept_bytes"], self._kept_bytes())
             return out
-        differs = ((_fingerprint(k, start, stop) - keys).abs() > FINGERPRINT_RTOL * keys[1]).any()
+        differs = ((self._fingerprint(k, start, stop) - keys).abs() > FINGERPRINT_RTOL * keys[1]).any()
         self._mismatch = differs if self._mismatch is None else self._mismatch | differs
         self._counts["reused"] += 1
         return self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
@@ -162,6 +164,18 @@ class ContextRowReuse:
             kept = q.new_zeros(*q.shape[:2], stop - start, v.shape[-1])
             self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
 
+    def _fingerprint(self, k: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``(2,)`` float32: the keys ``k (B, Hkv, Lk, D)`` of rows ``[start, stop)`` (the context's:
+        with every token a query, keys and queries share the order) projected on a fixed random ±1
+        vector, summed and summed in absolute value (no copy of the rows)."""
+        signs = self._signs.get((k.device, k.dtype, k.shape[-1]))
+        if signs is None:
+            g = torch.Generator().manual_seed(0)
+            signs = (torch.randint(0, 2, (k.shape[-1],), generator=g) * 2 - 1).to(k.device, k.dtype)
+            self._signs[k.device, k.dtype, k.shape[-1]] = signs
+        projected = k[:, :, start:stop] @ signs  # (B, Hkv, rows)
+        return torch.stack([projected.sum(dtype=torch.float32), projected.abs().sum(dtype=torch.float32)])
+
     def _kept_bytes(self) -> int:
         return sum(rows.numel() * rows.element_size() for rows, _ in self._kept.values())
 
@@ -176,10 +190,3 @@ class ContextRowReuse:
         out = dense_attention(other, k, v, mask, scale, False)
         return torch.cat([out[:, :, :start], kept, out[:, :, start:]], 2)
 
-
-def _fingerprint(k: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """``(2,)`` float32: the sum and the 2-norm of the keys ``k (B, Hkv, Lk, D)`` of rows
-    ``[start, stop)`` (the context's: with every token a query, keys and queries share the order),
-    reduced in float32 without a float32 copy of the rows."""
-    rows = k[:, :, start:stop]
-    return torch.stack([rows.sum(dtype=torch.float32), torch.linalg.vector_norm(rows, dtype=torch.float32)])
