@@ -34,12 +34,12 @@ import torch
 from li_compile.audit import Audit
 from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest
 from li_compile.calibrating import DEFAULT_ROWS, CalibrationRun
+from li_compile.context_rows import ContextRowReuse
 from li_compile.controller.buckets import CAPACITY_FRACTIONS
 from li_compile.controller.calibration import Calibration, widening_ladder
 from li_compile.controller.context import DEFAULT_MEMORY_K, ContextController
 from li_compile.controller.selection import ContextSelection, pad_frames, valid_slots
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR
-from li_compile.context_rows import ContextRowReuse
 from li_compile.controller.tile_plan import TilePlanParams
 from li_compile.denoise_runtime import DenoiseRuntime
 from li_compile.options import Options
