@@ -104,8 +104,8 @@ def main() -> None:
         settings.append(steps)
     torch.manual_seed(0)
     rows = []
+    spec = hy_worldplay.build(args.preset, form="full").spec
     for name in args.trajectories:
-        spec = hy_worldplay.build(args.preset, form="full").spec
         trajectory = trajectories.make(name, args.chunks * spec.chunk_frames, seed=args.seed, chunk_frames=spec.chunk_frames)
         dense, truth = run(args.preset, trajectory, args.chunks, args.seed, None)
         given = dense.chunk(0).stop

@@ -55,8 +55,7 @@ def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
     to reuse (chunk-only queries, or no context frames)."""
     if sequence.queries != "all" or sequence.context_frames == 0:
         return None
-    start = sequence.prefix_tokens
-    return start, start + sequence.context_frames * sequence.tokens_per_frame
+    return sequence.frame_start(0), sequence.frame_start(sequence.context_frames)
 
 
 class ContextRowReuse:
@@ -78,7 +77,6 @@ class ContextRowReuse:
         self._calls: Counter[tuple[int, int]] = Counter()
         self._counts: Counter[str] = Counter()
         self._chunk = -1
-        self._stepped = False  # the open chunk was told a step
 
     def set_layouts(self, sequences: Iterable[SequenceLayout]) -> None:
         """The video layouts the model may run (one per capacity bucket)."""
@@ -86,7 +84,7 @@ class ContextRowReuse:
 
     def begin_chunk(self, chunk: int, steps: int | None) -> None:
         """Open ``chunk`` of ``steps`` denoising steps (None: unknown, and nothing is reused)."""
-        self._open, self._chunk, self._step, self._stepped = True, chunk, None, False
+        self._open, self._chunk, self._step = True, chunk, None
         self._last = None if steps is None else steps - 1
         self._kept.clear()
         self._calls.clear()
@@ -95,7 +93,7 @@ class ContextRowReuse:
 
     def set_step(self, step: int) -> None:
         """Denoising ``step`` of the open chunk starts."""
-        self._step, self._stepped = step, True
+        self._step = step
         self._calls.clear()
 
     def end_chunk(self) -> None:
@@ -107,7 +105,7 @@ class ContextRowReuse:
                       "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
             if self._last is None:
                 values["context_rows_off"] = "the chunk's sigmas were not given: its last step is unknown"
-            elif not self._stepped:
+            elif self._step is None:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
             self.history.append(ChunkStats(self._chunk, values))
         self._open, self._step, self._last, self._mismatch = False, None, None, None

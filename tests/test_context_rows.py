@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import li_compile
+from benchmarks.context_reuse_fidelity import ContextReuse  # the eager emulation: block outputs' context rows frozen
 from li_compile.context_rows import ContextRowReuse, context_rows
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds import hy_worldplay, trajectories
@@ -209,33 +210,6 @@ class _Replay:
         return self.selections[chunk]
 
 
-def _frozen_context(model, tokens_per_frame: int):
-    """Forward hooks making ``model`` (eager) run with its context rows' hidden states, after every
-    block, frozen at each chunk's first step; returns the step hook that tells them the step."""
-    state = {"step": 0, "rows": 0, "kept": {}}
-    model.register_forward_pre_hook(
-        lambda m, args, kwargs: state.update(rows=kwargs["context"].shape[1] * tokens_per_frame), with_kwargs=True)
-
-    def block_hook(index):
-        def hook(module, args, output):
-            h, k, v = output
-            if state["step"] == 0:
-                state["kept"][index] = h[:, :state["rows"]].clone()
-                return output
-            if state["step"] == 3:  # the last step computes every row
-                return output
-            return torch.cat([state["kept"][index], h[:, state["rows"]:]], 1), k, v
-        return hook
-
-    for i, block in enumerate(model.blocks):
-        block.register_forward_hook(block_hook(i))
-
-    def step_hook(chunk, step, call):
-        state["step"] = step
-        return call()
-    return step_hook
-
-
 def _sharpened(world, gain: float = 6.0):
     """``world`` with its blocks' projections and modulation scaled by ``gain``: at initialisation
     the context barely reads the chunk (freezing it moves the result by about 1e-5); scaled, it
@@ -254,7 +228,8 @@ def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step
     trajectory = trajectories.make("random_walk_with_returns", chunks * world.spec.chunk_frames)
     reused, accelerator = _backend_run(world, trajectory, chunks, reuse_rows=True)
     plain = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False)
+    frozen_context = ContextReuse(world.model, world.spec.tokens_per_frame, full_steps=(0, world.spec.steps - 1))
     frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False,
-                      step_hook=_frozen_context(world.model, world.spec.tokens_per_frame))
+                      step_hook=frozen_context.step_hook(lambda chunk, step, call: call()))
     torch.testing.assert_close(reused.latents, frozen.latents, rtol=1e-5, atol=1e-5)
     assert (reused.latents - plain.latents).abs().max() > 1e-3  # the approximation is real here
