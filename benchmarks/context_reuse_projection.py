@@ -1,0 +1,70 @@
+"""What ``context.reuse_rows`` would save on HY full, by FLOPs, from measured chunk times (no GPU).
+
+Per DiT block at ``frames`` frames of ``TOKENS`` tokens, width ``WIDTH``, ``TEXT`` text tokens:
+self-attention ``4 N^2 D``, the linear layers (QKV, projection, 4x MLP) ``24 N D^2``, and
+cross-attention ``4 N T D + 4 N D^2``. A step that reuses the context rows computes the chunk's
+query rows against every key (that share of self-attention) and every row-wise layer on every row;
+with ``--sliced`` the row-wise layers run on the chunk's rows only (not built). A full-context
+miss is 2 full steps and ``steps - 2`` reused ones. Each miss chunk (no cache hit, a context) of a
+measured light_interaction run is scaled by that ratio; hits and context-free chunks are kept::
+
+    python benchmarks/context_reuse_projection.py benchmarks/results/e2e_runs/hy_worldplay_full_d54_*_blocks.json
+
+It also prints the kept outputs' memory at HY full's depth (bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TOKENS, WIDTH, TEXT, CHUNK, HEADS, HEAD_DIM, DEPTH, STEPS = 1560, 2048, 256, 4, 16, 128, 54, 4
+
+
+def reused_step_cost(context_frames: int, sliced: bool = False) -> float:
+    """A reused step's FLOPs over a full step's, at ``context_frames`` context frames."""
+    n = (context_frames + CHUNK) * TOKENS
+    attention = 4 * n * n * WIDTH
+    row_wise = 24 * n * WIDTH**2 + 4 * n * TEXT * WIDTH + 4 * n * WIDTH**2
+    share = CHUNK / (context_frames + CHUNK)  # the chunk's rows
+    return (attention * share + row_wise * (share if sliced else 1.0)) / (attention + row_wise)
+
+
+def miss_cost(context_frames: int, sliced: bool = False) -> float:
+    """A full-context miss's time with the option over without it (first and last step full)."""
+    return (2 + (STEPS - 2) * reused_step_cost(context_frames, sliced)) / STEPS
+
+
+def projected_speedup(record: dict, sliced: bool = False) -> tuple[str, float, float]:
+    """(run, measured speedup, projected speedup) of one ``end_to_end.py`` per-trajectory record."""
+    run, result = next(iter(record["runs"].items()))
+    projected = 0.0
+    for chunk in result["per_chunk"]:
+        seconds = chunk["light_ms"] / 1000
+        context = chunk["window"] + chunk["memory_kept"]
+        miss = chunk["cache_hits"] == 0 and chunk["chunk"] > 0 and context > 0
+        projected += seconds * (miss_cost(context, sliced) if miss else 1.0)
+    return run, result["speedup"], result["time_dense_s"] / projected
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="end_to_end.py per-trajectory JSON files of HY full")
+    args = parser.parse_args()
+    print(f"reused step at 20 context frames: {reused_step_cost(20):.2f} of a full step "
+          f"(row-wise layers on the chunk's rows only: {reused_step_cost(20, True):.2f}); "
+          f"full-context miss {miss_cost(20):.2f} ({miss_cost(20, True):.2f})")
+    kept_gb = DEPTH * HEADS * 20 * TOKENS * HEAD_DIM * 2 / 1e9
+    print(f"kept context-row outputs at depth {DEPTH}, 20 context frames, bf16: {kept_gb:.1f} GB")
+    print("| trajectory | run | measured | projected | projected, row-wise layers on the chunk's rows |")
+    print("| --- | --- | --- | --- | --- |")
+    for path in args.runs:
+        record = json.loads(path.read_text())
+        run, measured, projected = projected_speedup(record)
+        sliced = projected_speedup(record, sliced=True)[2]
+        print(f"| {record['trajectory']} | {run} | {measured:.2f}x | {projected:.2f}x | {sliced:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
