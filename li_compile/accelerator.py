@@ -63,7 +63,10 @@ class Accelerator:
         self.options, self.name = options, name
         self.plan = Plan()
         self.denoise = DenoiseRuntime(options.cache)
-        self.context_rows = ContextRowReuse(self.denoise.matched) if options.context.reuse_rows else None
+        reuse_rows = options.context.reuse_rows is True or (options.context.reuse_rows == "auto" and options.sparsity.enabled
+                                                            and options.context.enabled)
+        self.context_rows = (ContextRowReuse(self.denoise.matched, required=options.context.reuse_rows is True)
+                             if reuse_rows else None)
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
@@ -108,7 +111,7 @@ class Accelerator:
         self.revisit_inputs = frozenset(revisit_inputs)
         if self.context_rows is not None:
             self.context_rows.set_layouts(map(layout, self.controller.warm_up_buckets()) if layout is not None else ())
-            if not self.context_rows.rows:
+            if not self.context_rows.rows and self.options.context.reuse_rows is True:
                 warnings.warn(f"{self.name}: option context.reuse_rows has nothing to act on: "
                               + ("no layout was configured" if layout is None else "the layout's queries are the "
                                  "chunk's only (a KV-cache model) or it has no context frames"), stacklevel=2)

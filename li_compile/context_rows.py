@@ -27,6 +27,12 @@ give the step count (the last step must be known), never while calibrating, capt
 matched a call (the calls it serves can differ from step to step); everything else runs the site
 unchanged.
 
+Before any reuse, the model's first chunk that could reuse is a probe: every row is computed, and
+the first call of each step at a shape (the first layer) has its context keys compared with those
+of the chunk's first step. Where they differ, the context tokens depend on the step (one timestep
+conditioning the whole sequence, as in diffusers' video DiTs), freezing them would be wrong, and
+reuse stays off for that model (``reuse_rows="auto"``) or raises (``True``).
+
 A kept output is found by its call's place in the step, so the model's calls at that shape must
 repeat in the same order at every step of a chunk (classifier-free guidance on some steps only
 breaks that). Each reuse checks it on the device: the context rows' keys, which the reused steps
@@ -48,6 +54,8 @@ from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
 
 FINGERPRINT_RTOL = 1e-3  # a reused call's key fingerprint may differ from the keeper's by this share
+STEP_DEPENDENT = ("the context's keys in the first layer differ between denoising steps: the context tokens depend on "
+                  "the step (e.g. one timestep for the whole sequence), so their rows cannot be reused")
 
 
 def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
@@ -62,9 +70,11 @@ class ContextRowReuse:
     """Host state of ``reuse_rows`` for one accelerated model: the rows of each video shape, the open
     chunk's step, its kept outputs and its counts (module docstring)."""
 
-    def __init__(self, matched: Callable[[], bool] = lambda: False) -> None:
-        """``matched()``: whether the denoising cache matched any call of the open chunk."""
-        self.matched = matched
+    def __init__(self, matched: Callable[[], bool] = lambda: False, required: bool = False) -> None:
+        """``matched()``: whether the denoising cache matched any call of the open chunk;
+        ``required``: the user asked for reuse (a failed probe raises), not ``"auto"`` (it turns off)."""
+        self.matched, self.required = matched, required
+        self.verdict: bool | None = None  # None: not probed yet; False: the context's keys follow the step
         self.rows: dict[tuple[int, int], tuple[int, int]] = {}  # (q_len, kv_len) -> context rows
         self.history: list[ChunkStats] = []
         self._warmed: set[tuple] = set()
@@ -77,6 +87,8 @@ class ContextRowReuse:
         self._calls: Counter[tuple[int, int]] = Counter()
         self._counts: Counter[str] = Counter()
         self._chunk = -1
+        self._probe_keys: dict[tuple[int, int], torch.Tensor] = {}  # shape -> the probe chunk's first fingerprint
+        self._probe_mismatch: torch.Tensor | None = None
 
     def set_layouts(self, sequences: Iterable[SequenceLayout]) -> None:
         """The video layouts the model may run (one per capacity bucket)."""
@@ -90,6 +102,8 @@ class ContextRowReuse:
         self._calls.clear()
         self._counts.clear()
         self._mismatch = None
+        self._probe_keys.clear()
+        self._probe_mismatch = None
 
     def set_step(self, step: int) -> None:
         """Denoising ``step`` of the open chunk starts."""
@@ -99,7 +113,7 @@ class ContextRowReuse:
     def end_chunk(self) -> None:
         """Close the chunk: drop its kept outputs and record its counts in ``history``. Raises
         ``RuntimeError`` when a reused call's keys showed that its rows came from another call."""
-        mismatch, chunk = self._mismatch, self._chunk
+        mismatch, chunk, probed = self._mismatch, self._chunk, self._probe_mismatch
         if self._open:
             values = {"context_rows_reused": self._counts["reused"],
                       "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
@@ -107,24 +121,35 @@ class ContextRowReuse:
                 values["context_rows_off"] = "the chunk's sigmas were not given: its last step is unknown"
             elif self._step is None:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
+            elif probed is not None:
+                self.verdict = not bool(probed)
+                values["context_rows_off"] = "probe chunk: every row computed, the context's keys compared between steps"
+            elif self.verdict is False:
+                values["context_rows_off"] = STEP_DEPENDENT
             self.history.append(ChunkStats(self._chunk, values))
-        self._open, self._step, self._last, self._mismatch = False, None, None, None
+        self._open, self._step, self._last, self._mismatch, self._probe_mismatch = False, None, None, None, None
         self._kept.clear()
+        self._probe_keys.clear()
         if mismatch is not None and bool(mismatch):
             raise RuntimeError(
                 f"context.reuse_rows: in chunk {chunk} an attention call reused context rows kept by another call (its "
                 "context keys differ): the model's calls did not repeat in the same order at every step (e.g. "
                 "guidance on some steps only). That chunk's output is wrong; turn context.reuse_rows off for this model")
+        if probed is not None and self.verdict is False and self.required:
+            raise ValueError(f"context.reuse_rows=True: in chunk {chunk} (its rows all computed) {STEP_DEPENDENT}; "
+                             "set context.reuse_rows to False or \"auto\" for this model")
 
     def reset(self) -> None:
-        """Forget the chunk statistics and any open chunk."""
+        """Forget the chunk statistics, any open chunk and the probe's verdict."""
         self.end_chunk()
         self.history.clear()
+        self.verdict = None
 
     def applies(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
         """Whether a call of this shape, inside the open chunk, is run by ``attend``."""
-        return (self._open and self._step is not None and self._last is not None and not is_causal
-                and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled() and not self.matched())
+        return (self.verdict is not False and self._open and self._step is not None and self._last is not None
+                and not is_causal and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled()
+                and not self.matched())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                scale: float | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -135,6 +160,8 @@ class ContextRowReuse:
         start, stop = self.rows[shape]
         key = (shape, self._calls[shape])
         self._calls[shape] += 1
+        if self.verdict is None:
+            return self._probe(k, start, stop, key, compute)
         kept, keys = self._kept.get(key, (None, None))
         expected = (*q.shape[:2], stop - start, v.shape[-1])
         if self._step == self._last or kept is None or tuple(kept.shape) != expected or kept.dtype != q.dtype:
@@ -149,6 +176,20 @@ class ContextRowReuse:
         self._mismatch = differs if self._mismatch is None else self._mismatch | differs
         self._counts["reused"] += 1
         return self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
+
+    def _probe(self, k: torch.Tensor, start: int, stop: int, key: tuple[tuple[int, int], int],
+               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A call of the probe chunk: ``compute()`` for every row; the first call of each step at this
+        shape (the first layer, whose keys no attention has touched yet) has its context keys compared
+        with those of the chunk's first such call (read when the chunk ends)."""
+        shape, index = key
+        if index == 0:
+            fingerprint = self._fingerprint(k, start, stop)
+            first = self._probe_keys.setdefault(shape, fingerprint)
+            if first is not fingerprint:
+                differs = ((fingerprint - first).abs() > FINGERPRINT_RTOL * first[1]).any()
+                self._probe_mismatch = differs if self._probe_mismatch is None else self._probe_mismatch | differs
+        return compute()
 
     def warm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
              scale: float | None) -> None:

@@ -114,7 +114,11 @@ class ContextOptions:
     ``benchmarks/results/context_reuse.md``. Needs the loop to tell the steps (``chunk.step(i)``) and
     the chunk's ``sigmas``, and the model's calls to repeat in the same order at every step (checked:
     a chunk where they do not raises when it ends); keeps one context-rows attention output per layer
-    during a chunk.
+    during a chunk. The model's first chunk that could reuse computes every row and checks that the
+    context's keys in the first layer repeat between steps (they do not where one timestep conditions
+    the whole sequence). ``"auto"`` (the default): on with ``context.enabled`` and
+    ``sparsity.enabled``, and off for a model that fails that check (the reason is in the chunk
+    statistics); ``True``: on, and a failed check raises; ``False``: off.
     """
 
     enabled: bool = True
@@ -124,7 +128,7 @@ class ContextOptions:
     window_min: int = field(default=1, metadata=_range(1, None))
     window_max: int = field(default=8, metadata=_range(1, None))
     fill_density: float = field(default=0.75, metadata=_range(0.0, 1.0))
-    reuse_rows: bool = False
+    reuse_rows: bool | str = field(default="auto", metadata={"auto_bool": True})
 
     def __post_init__(self) -> None:
         _validate(self, "context.")
@@ -187,7 +191,7 @@ class Options:
 
     def __post_init__(self) -> None:
         _validate(self, "")
-        if self.context.reuse_rows and not self.sparsity.enabled:
+        if self.context.reuse_rows is True and not self.sparsity.enabled:
             raise ValueError("option 'context.reuse_rows' needs sparsity.enabled=True: the rows are reused inside "
                              "the rewritten attention sites, which sparsity.enabled=False leaves to the inner compiler")
 
@@ -235,6 +239,10 @@ def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
     if "choices" in f.metadata:
         if value not in f.metadata["choices"]:
             raise ValueError(f"option {path!r} must be one of {list(f.metadata['choices'])}, got {value!r}")
+        return value
+    if f.metadata.get("auto_bool"):
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f'option {path!r} must be True, False or "auto", got {value!r}')
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):

@@ -10,6 +10,7 @@ chunk's first step.
 """
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -50,10 +51,26 @@ def _dense(q, k, v, mask=None):
 
 
 def _reuse(steps: int | None = 4) -> ContextRowReuse:
+    """A model's reuse state after its probe chunk found the context's keys step-independent."""
     reuse = ContextRowReuse()
     reuse.set_layouts([LAYOUT])
-    reuse.begin_chunk(0, steps)
+    reuse.verdict = True
+    reuse.begin_chunk(1, steps)
     return reuse
+
+
+def _probe_chunk(reuse: ContextRowReuse, step_dependent: bool) -> list[int]:
+    """Run one 4-step chunk of two layers through ``reuse``; the first layer's context keys change
+    with the step where ``step_dependent``. Returns the steps whose calls computed every row."""
+    computed = []
+    reuse.begin_chunk(0, 4)
+    for step in range(4):
+        reuse.set_step(step)
+        for layer in range(2):
+            q, k, v = _qkv(10 * step + layer, call=10 * step * step_dependent + layer)
+            assert reuse.applies(q, k, is_causal=False)
+            reuse.attend(q, k, v, None, None, lambda: computed.append(step) or _dense(q, k, v))
+    return sorted(set(computed))
 
 
 def test_context_rows_are_the_context_frames_of_a_full_sequence_only():
@@ -123,9 +140,41 @@ def test_a_call_that_reuses_rows_kept_by_another_call_is_reported_when_the_chunk
     reuse.set_step(1)
     q, k, v = _qkv(5, call=1)  # the first call of the step is the second call of step 0
     reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
-    with pytest.raises(RuntimeError, match="chunk 0 .* reused context rows kept by another call"):
+    with pytest.raises(RuntimeError, match="chunk 1 .* reused context rows kept by another call"):
         reuse.end_chunk()
     assert not reuse._kept
+
+
+def test_a_models_first_chunk_computes_every_row_and_finds_its_context_keys_repeat_between_steps():
+    reuse = ContextRowReuse()
+    reuse.set_layouts([LAYOUT])
+    assert _probe_chunk(reuse, step_dependent=False) == [0, 1, 2, 3]
+    reuse.end_chunk()
+    assert reuse.verdict is True
+    assert "probe chunk" in reuse.history[-1].values["context_rows_off"]
+    assert _probe_chunk(reuse, step_dependent=False) == [0, 3]  # the next chunk reuses
+
+
+def test_a_model_whose_context_keys_follow_the_step_is_never_reused_under_auto():
+    reuse = ContextRowReuse()
+    reuse.set_layouts([LAYOUT])
+    assert _probe_chunk(reuse, step_dependent=True) == [0, 1, 2, 3]
+    reuse.end_chunk()
+    assert reuse.verdict is False
+    reuse.begin_chunk(1, 4)
+    reuse.set_step(1)
+    q, k, _ = _qkv(0)
+    assert not reuse.applies(q, k, is_causal=False)
+    reuse.end_chunk()
+    assert "depend on the step" in reuse.history[-1].values["context_rows_off"]
+
+
+def test_a_model_whose_context_keys_follow_the_step_raises_where_reuse_was_required():
+    reuse = ContextRowReuse(required=True)
+    reuse.set_layouts([LAYOUT])
+    _probe_chunk(reuse, step_dependent=True)
+    with pytest.raises(ValueError, match=r"reuse_rows=True: in chunk 0 \(its rows all computed\) .*depend on the step"):
+        reuse.end_chunk()
 
 
 def test_nothing_is_reused_in_a_chunk_where_the_denoising_cache_matched_a_call():
@@ -155,6 +204,16 @@ def test_the_option_warns_when_the_model_has_no_context_rows_to_reuse():
     with pytest.warns(UserWarning, match="reuse_rows has nothing to act on"):
         accelerator.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity,
                                                                           queries="chunk"))
+
+
+def test_the_default_reuses_where_it_can_and_says_nothing_where_it_cannot():
+    default = li_compile.Accelerator(li_compile.Options.from_user({}), "m")
+    assert default.options.context.reuse_rows == "auto" and default.context_rows is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity, queries="chunk"))
+    for off in ({"sparsity": {"enabled": False}}, {"context": {"enabled": False}}, {"context": {"reuse_rows": False}}):
+        assert li_compile.Accelerator(li_compile.Options.from_user(off), "m").context_rows is None, off
 
 
 def test_the_kept_rows_are_released_when_the_chunk_ends():
@@ -228,8 +287,16 @@ def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step
     trajectory = trajectories.make("random_walk_with_returns", chunks * world.spec.chunk_frames)
     reused, accelerator = _backend_run(world, trajectory, chunks, reuse_rows=True)
     plain = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False)
-    frozen_context = ContextReuse(world.model, world.spec.tokens_per_frame, full_steps=(0, world.spec.steps - 1))
-    frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False,
-                      step_hook=frozen_context.step_hook(lambda chunk, step, call: call()))
+    stats = accelerator.report().chunks
+    probe = next(c.chunk for c in stats if "probe chunk" in c.values.get("context_rows_off", ""))
+    assert probe < chunks - 1
+    frozen_context = ContextReuse(world.model, world.spec.tokens_per_frame, full_steps=None)
+    frozen_steps = frozen_context.step_hook(lambda chunk, step, call: call())
+
+    def step_hook(chunk, step, call):  # chunks up to the probe chunk compute every row
+        frozen_context.full_steps = None if chunk <= probe else (0, world.spec.steps - 1)
+        return frozen_steps(chunk, step, call)
+
+    frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False, step_hook=step_hook)
     torch.testing.assert_close(reused.latents, frozen.latents, rtol=1e-5, atol=1e-5)
     assert (reused.latents - plain.latents).abs().max() > 1e-3  # the approximation is real here

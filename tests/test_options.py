@@ -43,7 +43,7 @@ def test_nested_dict_sets_section_fields():
         ({"context": "fast"}, ["'context'", "keep_threshold"]),
         ({"cache": {"near_threshold": 0.95}}, ["'cache.near_threshold'", "revisit_threshold", "0.95"]),
         ({"cache": {"near_reuse_steps": -1}}, ["'cache.near_reuse_steps'", "[0, inf]"]),
-        ({"context": {"reuse_rows": 1}}, ["'context.reuse_rows'", "True or False"]),
+        ({"context": {"reuse_rows": 1}}, ["'context.reuse_rows'", "True, False or \"auto\""]),
         ({"context": {"reuse_rows": True}, "sparsity": {"enabled": False}}, ["'context.reuse_rows'", "sparsity.enabled"]),
     ],
 )
