@@ -12,9 +12,8 @@ every component on and with one component at a time:
               with ``--ablations all,all_topk``)
     all_blend all, with revisited frames served the score-weighted blend of every matching past
               frame (``cache.serve="blend"``) instead of the best match (opt-in)
-    all_no_reuse_rows  all, with the context rows' attention computed at every step
-              (``context.reuse_rows=False``; the default computes them at a chunk's first and last
-              steps only)
+    all_reuse_rows  all, with the context rows' attention computed at a chunk's first and last
+              steps only (``context.reuse_rows="auto"``, opt-in)
 
 and writes a JSON per world (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM
 against the dense run, recompilations after warm-up) with a bar plot, and one row per (world, preset,
@@ -85,7 +84,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows dense (the default)
     "all_frame_local": {"sparsity": {"context_queries": "frame_local"}},  # opt-in: context rows frame-local
     "all_camera_context": {"sparsity": {"context_queries": "camera"}},  # opt-in: context rows from their own cameras
-    "all_no_reuse_rows": {"context": {"reuse_rows": False}},  # all, the context rows computed at every step
+    "all_reuse_rows": {"context": {"reuse_rows": "auto"}},  # opt-in: context rows reused between first and last step
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 

@@ -206,13 +206,14 @@ def test_the_option_warns_when_the_model_has_no_context_rows_to_reuse():
                                                                           queries="chunk"))
 
 
-def test_the_default_reuses_where_it_can_and_says_nothing_where_it_cannot():
-    default = li_compile.Accelerator(li_compile.Options.from_user({}), "m")
-    assert default.options.context.reuse_rows == "auto" and default.context_rows is not None
+def test_auto_reuses_where_it_can_and_says_nothing_where_it_cannot():
+    auto = li_compile.Accelerator(li_compile.Options.from_user({"context": {"reuse_rows": "auto"}}), "m")
+    assert auto.context_rows is not None and not auto.context_rows.required
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        default.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity, queries="chunk"))
-    for off in ({"sparsity": {"enabled": False}}, {"context": {"enabled": False}}, {"context": {"reuse_rows": False}}):
+        auto.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity, queries="chunk"))
+    for off in ({}, {"context": {"reuse_rows": "auto", "enabled": False}},
+                {"context": {"reuse_rows": "auto"}, "sparsity": {"enabled": False}}):
         assert li_compile.Accelerator(li_compile.Options.from_user(off), "m").context_rows is None, off
 
 

@@ -70,12 +70,12 @@ def test_the_world_compiled_with_the_backend_equals_eager(model):
                              for s in attention)
 
 
-def run_example(monkeypatch, tmp_path, model):
+def run_example(monkeypatch, tmp_path, model, options='{"inner": "eager"}'):
     import json
 
     out = tmp_path / f"{model}.json"
     monkeypatch.setattr(sys, "argv", [str(EXAMPLE), "--model", model, "--chunks", "10", "--options",
-                                      '{"inner": "eager"}', "--json", str(out)])
+                                      options, "--json", str(out)])
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     return json.loads(out.read_text())
 
@@ -90,3 +90,15 @@ def test_the_example_drives_the_upstream_class_through_the_chunk_loop(monkeypatc
     assert record["memory_frames_pruned"] > 0 and record["cache_hits"] > 0
     computed = [row for row in record["per_chunk"] if row["cache_hits"] == 0]
     assert computed and min(row["psnr_db"] for row in computed) >= 40  # fp32: rounding only
+
+
+def test_context_rows_are_never_reused_where_one_timestep_conditions_the_whole_sequence(monkeypatch, tmp_path):
+    """Wan conditions every token, the context's included, on the chunk's timestep: under
+    ``context.reuse_rows="auto"`` the probe chunk finds the context's keys changing between steps and
+    nothing is reused (computed chunks equal dense); with ``True`` the probe chunk raises."""
+    record = run_example(monkeypatch, tmp_path, "wan", '{"inner": "eager", "context": {"reuse_rows": "auto"}}')
+    assert record["context_rows_reused"] == 0
+    computed = [row for row in record["per_chunk"] if row["cache_hits"] == 0]
+    assert computed and min(row["psnr_db"] for row in computed) >= 40
+    with pytest.raises(ValueError, match="reuse_rows=True: in chunk .* depend on the step"):
+        run_example(monkeypatch, tmp_path, "wan", '{"inner": "eager", "context": {"reuse_rows": true}}')
