@@ -98,6 +98,7 @@ def test_context_rows_are_never_reused_where_one_timestep_conditions_the_whole_s
     nothing is reused (computed chunks equal dense); with ``True`` the probe chunk raises."""
     record = run_example(monkeypatch, tmp_path, "wan", '{"inner": "eager", "context": {"reuse_rows": "auto"}}')
     assert record["context_rows_reused"] == 0
+    assert any("depend on the step" in reason for reason in record["context_rows_off"])
     computed = [row for row in record["per_chunk"] if row["cache_hits"] == 0]
     assert computed and min(row["psnr_db"] for row in computed) >= 40
     with pytest.raises(ValueError, match="reuse_rows=True: in chunk .* depend on the step"):

@@ -244,6 +244,7 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
                     "density": values.get("density", 1.0), "cache_hits": values.get("cache_hits", 0),
                     "cache_near_hits": values.get("cache_near_hits", 0),
                     "context_rows_reused": values.get("context_rows_reused", 0),
+                    "context_rows_off": values.get("context_rows_off", ""),
                     "fallbacks": sum(values.get("fallbacks", {}).values())}
 
         return Driver(None, accelerator, chunk_stats)
@@ -395,6 +396,8 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run, truth: torch
         "cache_hits": int(sum(r["cache_hits"] for r in rows)),
         "cache_near_hits": int(sum(r["cache_near_hits"] for r in rows)),
         "context_rows_reused": int(sum(r["context_rows_reused"] for r in rows)),
+        "context_rows_off": sorted({r["context_rows_off"] for r in rows if r.get("context_rows_off")
+                                    and not r["context_rows_off"].startswith("probe chunk")}),
         "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
         "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
         "attention_fallbacks": int(sum(r["fallbacks"] for r in rows)),
@@ -445,6 +448,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"memory frames kept {s['memory_frames_kept']}, pruned {s['memory_frames_pruned']}; "
         f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}"
         + (f"; attention calls reusing context rows {s['context_rows_reused']}" if s.get("context_rows_reused") else ""),
+        *([f"context rows not reused: {'; '.join(s['context_rows_off'])}"] if s.get("context_rows_off") else []),
         f"vs dense: PSNR {s['psnr_db_vs_dense']:.1f} dB (worst chunk {s['min_psnr_db']:.1f}, worst frame "
         f"{s['min_frame_psnr_db']:.1f}), SSIM {s['ssim_vs_dense']:.3f}",
         f"recompilations after warm-up: {s['recompiles_after_warmup']} (dense: {s['dense_recompiles_after_warmup']})",
