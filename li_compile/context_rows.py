@@ -117,7 +117,10 @@ class ContextRowReuse:
         if self._open:
             values = {"context_rows_reused": self._counts["reused"],
                       "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
-            if self._last is None:
+            if not self.rows:
+                values["context_rows_off"] = ("the layout has no context rows (a KV-cache model's queries are the "
+                                              "chunk's only, or no layout was configured)")
+            elif self._last is None:
                 values["context_rows_off"] = "the chunk's sigmas were not given: its last step is unknown"
             elif self._step is None:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"

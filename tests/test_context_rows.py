@@ -190,9 +190,12 @@ def test_nothing_is_reused_in_a_chunk_where_the_denoising_cache_matched_a_call()
 
 
 @pytest.mark.parametrize("steps, told, reason", [(None, True, "sigmas were not given"),
-                                                  (4, False, "never called chunk.step")])
+                                                  (4, False, "never called chunk.step"),
+                                                  (4, True, "no context rows")])
 def test_a_chunk_that_cannot_reuse_says_why_in_its_statistics(steps, told, reason):
     reuse = _reuse(steps=steps)
+    if reason == "no context rows":
+        reuse.set_layouts([dataclasses.replace(LAYOUT, queries="chunk")])
     if told:
         reuse.set_step(0)
     reuse.end_chunk()
