@@ -63,10 +63,9 @@ class Accelerator:
         self.options, self.name = options, name
         self.plan = Plan()
         self.denoise = DenoiseRuntime(options.cache)
-        reuse_rows = options.context.reuse_rows is True or (options.context.reuse_rows == "auto" and options.sparsity.enabled
-                                                            and options.context.enabled)
-        self.context_rows = (ContextRowReuse(self.denoise.matched, required=options.context.reuse_rows is True)
-                             if reuse_rows else None)
+        required = options.context.reuse_rows is True
+        auto = options.context.reuse_rows == "auto" and options.sparsity.enabled and options.context.enabled
+        self.context_rows = ContextRowReuse(self.denoise.matched, required) if required or auto else None
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs

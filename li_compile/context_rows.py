@@ -54,6 +54,7 @@ from li_compile.reporting import ChunkStats
 from li_compile.sequence import SequenceLayout
 
 FINGERPRINT_RTOL = 1e-3  # a reused call's key fingerprint may differ from the keeper's by this share
+PROBED = "probe chunk: every row computed, the context's keys compared between steps"
 STEP_DEPENDENT = ("the context's keys in the first layer differ between denoising steps: the context tokens depend on "
                   "the step (e.g. one timestep for the whole sequence), so their rows cannot be reused")
 
@@ -112,7 +113,8 @@ class ContextRowReuse:
 
     def end_chunk(self) -> None:
         """Close the chunk: drop its kept outputs and record its counts in ``history``. Raises
-        ``RuntimeError`` when a reused call's keys showed that its rows came from another call."""
+        ``RuntimeError`` when a reused call's keys showed that its rows came from another call, and
+        ``ValueError`` when reuse was required and this probe chunk found the context following the step."""
         mismatch, chunk, probed = self._mismatch, self._chunk, self._probe_mismatch
         if self._open:
             values = {"context_rows_reused": self._counts["reused"],
@@ -126,7 +128,7 @@ class ContextRowReuse:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
             elif probed is not None:
                 self.verdict = not bool(probed)
-                values["context_rows_off"] = "probe chunk: every row computed, the context's keys compared between steps"
+                values["context_rows_off"] = PROBED
             elif self.verdict is False:
                 values["context_rows_off"] = STEP_DEPENDENT
             self.history.append(ChunkStats(self._chunk, values))

@@ -30,6 +30,7 @@ from torch._dynamo.utils import counters
 
 import li_compile
 from li_compile.block_compile import compile_blocks_in_place
+from li_compile.context_rows import PROBED
 from li_compile.controller.attention_plan import frame_drop_layout, padded_context_keep
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import first_launch_seconds, launched_shapes
@@ -396,8 +397,8 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run, truth: torch
         "cache_hits": int(sum(r["cache_hits"] for r in rows)),
         "cache_near_hits": int(sum(r["cache_near_hits"] for r in rows)),
         "context_rows_reused": int(sum(r["context_rows_reused"] for r in rows)),
-        "context_rows_off": sorted({r["context_rows_off"] for r in rows if r.get("context_rows_off")
-                                    and not r["context_rows_off"].startswith("probe chunk")}),
+        "context_rows_off": sorted({r["context_rows_off"] for r in rows
+                                    if r.get("context_rows_off") and r["context_rows_off"] != PROBED}),
         "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
         "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
         "attention_fallbacks": int(sum(r["fallbacks"] for r in rows)),
