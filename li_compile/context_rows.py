@@ -177,8 +177,7 @@ class ContextRowReuse:
                 self._kept[key] = out[:, :, start:stop].clone(), self._fingerprint(k, start, stop)
                 self._counts["kept_bytes"] = max(self._counts["kept_bytes"], self._kept_bytes())
             return out
-        differs = ((self._fingerprint(k, start, stop) - keys).abs() > FINGERPRINT_RTOL * keys[1]).any()
-        self._mismatch = differs if self._mismatch is None else self._mismatch | differs
+        self._mismatch = _or_differs(self._mismatch, self._fingerprint(k, start, stop), keys)
         self._counts["reused"] += 1
         return self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
 
@@ -192,8 +191,7 @@ class ContextRowReuse:
             fingerprint = self._fingerprint(k, start, stop)
             first = self._probe_keys.setdefault(shape, fingerprint)
             if first is not fingerprint:
-                differs = ((fingerprint - first).abs() > FINGERPRINT_RTOL * first[1]).any()
-                self._probe_mismatch = differs if self._probe_mismatch is None else self._probe_mismatch | differs
+                self._probe_mismatch = _or_differs(self._probe_mismatch, fingerprint, first)
         return compute()
 
     def warm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -234,3 +232,10 @@ class ContextRowReuse:
         out = dense_attention(other, k, v, mask, scale, False)
         return torch.cat([out[:, :, :start], kept, out[:, :, start:]], 2)
 
+
+def _or_differs(flag: torch.Tensor | None, fingerprint: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a 0-d bool on the device, or None: nothing yet) or'ed with whether ``fingerprint``
+    differs from ``reference`` (both ``_fingerprint``'s ``(2,)``) by more than ``FINGERPRINT_RTOL`` of
+    the reference's absolute sum; no synchronisation."""
+    differs = ((fingerprint - reference).abs() > FINGERPRINT_RTOL * reference[1]).any()
+    return differs if flag is None else flag | differs

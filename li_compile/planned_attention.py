@@ -25,6 +25,8 @@ COMPILE-NOTES). Inference only: a call that needs a gradient raises.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -60,14 +62,13 @@ def planned_attention(
     if model is not None and model.calibrating is not None and not is_causal:
         model.calibrating.record(slot, q, k, attn_mask, scale)  # the slot is dense meanwhile
     reuse = None if model is None or model.calibrating is not None or _capturing_cuda_graph(q) else model.context_rows
+    planned = functools.partial(_planned, model, slot, q, k, v, attn_mask, kv_num_blocks, kv_indices,
+                                full_kv_num_blocks, full_kv_indices, key_keep, scale, is_causal, density)
     if reuse is not None and reuse.applies(q, k, is_causal):
-        return reuse.attend(q, k, v, attn_mask, scale, lambda: _planned(
-            model, slot, q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-            key_keep, scale, is_causal, density))
+        return reuse.attend(q, k, v, attn_mask, scale, planned)
     if reuse is not None and model.plan.warming and not is_causal:
         reuse.warm(q, k, v, attn_mask, scale)
-    return _planned(model, slot, q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                    key_keep, scale, is_causal, density)
+    return planned()
 
 
 def _planned(model, slot: PlanSlot, q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,

@@ -50,10 +50,16 @@ def _dense(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _unprobed(**kwargs) -> ContextRowReuse:
+    """A model's reuse state before its first chunk, on ``LAYOUT`` (``kwargs``: ``ContextRowReuse``'s)."""
+    reuse = ContextRowReuse(**kwargs)
+    reuse.set_layouts([LAYOUT])
+    return reuse
+
+
 def _reuse(steps: int | None = 4) -> ContextRowReuse:
     """A model's reuse state after its probe chunk found the context's keys step-independent."""
-    reuse = ContextRowReuse()
-    reuse.set_layouts([LAYOUT])
+    reuse = _unprobed()
     reuse.verdict = True
     reuse.begin_chunk(1, steps)
     return reuse
@@ -117,8 +123,7 @@ def test_a_chunk_whose_first_steps_were_served_computes_in_full_at_its_first_com
 @pytest.mark.parametrize("case", ["outside a chunk", "no step told", "step count unknown", "causal", "other shape",
                                   "after the chunk"])
 def test_nothing_is_reused_where_the_steps_or_the_rows_are_unknown(case):
-    reuse = ContextRowReuse()
-    reuse.set_layouts([LAYOUT])
+    reuse = _unprobed()
     q, k, _ = _qkv(0)
     if case != "outside a chunk":
         reuse.begin_chunk(0, None if case == "step count unknown" else 4)
@@ -146,8 +151,7 @@ def test_a_call_that_reuses_rows_kept_by_another_call_is_reported_when_the_chunk
 
 
 def test_a_models_first_chunk_computes_every_row_and_finds_its_context_keys_repeat_between_steps():
-    reuse = ContextRowReuse()
-    reuse.set_layouts([LAYOUT])
+    reuse = _unprobed()
     assert _probe_chunk(reuse, step_dependent=False) == [0, 1, 2, 3]
     reuse.end_chunk()
     assert reuse.verdict is True
@@ -156,8 +160,7 @@ def test_a_models_first_chunk_computes_every_row_and_finds_its_context_keys_repe
 
 
 def test_a_model_whose_context_keys_follow_the_step_is_never_reused_under_auto():
-    reuse = ContextRowReuse()
-    reuse.set_layouts([LAYOUT])
+    reuse = _unprobed()
     assert _probe_chunk(reuse, step_dependent=True) == [0, 1, 2, 3]
     reuse.end_chunk()
     assert reuse.verdict is False
@@ -170,8 +173,7 @@ def test_a_model_whose_context_keys_follow_the_step_is_never_reused_under_auto()
 
 
 def test_a_model_whose_context_keys_follow_the_step_raises_where_reuse_was_required():
-    reuse = ContextRowReuse(required=True)
-    reuse.set_layouts([LAYOUT])
+    reuse = _unprobed(required=True)
     _probe_chunk(reuse, step_dependent=True)
     with pytest.raises(ValueError, match=r"reuse_rows=True: in chunk 0 \(its rows all computed\) .*depend on the step"):
         reuse.end_chunk()
@@ -179,8 +181,7 @@ def test_a_model_whose_context_keys_follow_the_step_raises_where_reuse_was_requi
 
 def test_nothing_is_reused_in_a_chunk_where_the_denoising_cache_matched_a_call():
     matched = [False]
-    reuse = ContextRowReuse(lambda: matched[0])
-    reuse.set_layouts([LAYOUT])
+    reuse = _unprobed(matched=lambda: matched[0])
     reuse.begin_chunk(0, 4)
     reuse.set_step(1)
     q, k, _ = _qkv(0)
