@@ -1,4 +1,4 @@
-"""What ``context.reuse_rows`` would save on HY full, by FLOPs, from measured chunk times (no GPU).
+"""What ``context.reuse_rows`` saves on HY full, by FLOPs, from chunk times measured with it off (no GPU).
 
 Per DiT block at ``frames`` frames of ``TOKENS`` tokens, width ``WIDTH``, ``TEXT`` text tokens:
 self-attention ``4 N^2 D``, the linear layers (QKV, projection, 4x MLP) ``24 N D^2``, and
@@ -6,8 +6,9 @@ cross-attention ``4 N T D + 4 N D^2``. A step that reuses the context rows compu
 query rows against every key (that share of self-attention) and every row-wise layer on every row;
 with ``--sliced`` the row-wise layers run on the chunk's rows only (not built). A full-context
 miss is 2 full steps and ``steps - 2`` reused ones. Each miss chunk (no cache hit, a context) of a
-measured light_interaction run but the first (the probe, which computes every row) is scaled by
-that ratio; hits and context-free chunks are kept::
+light_interaction run measured with reuse off (``--run``; ``all_no_reuse_rows`` in runs made since
+reuse became the default) but the first (the probe, which computes every row) is scaled by that
+ratio; hits and context-free chunks are kept::
 
     python benchmarks/context_reuse_projection.py benchmarks/results/e2e_runs/hy_worldplay_full_d54_*_blocks.json
 
@@ -37,9 +38,10 @@ def miss_cost(context_frames: int, sliced: bool = False) -> float:
     return (2 + (STEPS - 2) * reused_step_cost(context_frames, sliced)) / STEPS
 
 
-def projected_speedup(record: dict, sliced: bool = False) -> tuple[str, float, float]:
-    """(run, measured speedup, projected speedup) of one ``end_to_end.py`` per-trajectory record."""
-    run, result = next(iter(record["runs"].items()))
+def projected_speedup(record: dict, run: str, sliced: bool = False) -> tuple[str, float, float]:
+    """(run, measured speedup, projected speedup) of run ``run`` of one ``end_to_end.py``
+    per-trajectory record."""
+    result = record["runs"][run]
     projected, probed = 0.0, False
     for chunk in result["per_chunk"]:
         seconds = chunk["light_ms"] / 1000
@@ -53,6 +55,7 @@ def projected_speedup(record: dict, sliced: bool = False) -> tuple[str, float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="end_to_end.py per-trajectory JSON files of HY full")
+    parser.add_argument("--run", default="all@blocks", help="the run measured with context.reuse_rows off")
     args = parser.parse_args()
     print(f"reused step at 20 context frames: {reused_step_cost(20):.2f} of a full step "
           f"(row-wise layers on the chunk's rows only: {reused_step_cost(20, True):.2f}); "
@@ -63,8 +66,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for path in args.runs:
         record = json.loads(path.read_text())
-        run, measured, projected = projected_speedup(record)
-        sliced = projected_speedup(record, sliced=True)[2]
+        run, measured, projected = projected_speedup(record, args.run)
+        sliced = projected_speedup(record, args.run, sliced=True)[2]
         print(f"| {record['trajectory']} | {run} | {measured:.2f}x | {projected:.2f}x | {sliced:.2f}x |")
 
 

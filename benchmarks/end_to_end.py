@@ -4,7 +4,8 @@ For one reference world (``--world``) at one preset, along a trajectory with rev
 the dense baseline (``torch.compile`` with Inductor, upstream's fixed context) and the backend with
 every component on and with one component at a time:
 
-    all       context controller + denoising cache + block-sparse attention (the defaults)
+    all       context controller + denoising cache + block-sparse attention, context rows reused
+              between steps (the defaults)
     context   memory pruning, adaptive window and compact context buckets only
     cache     the denoising cache only (early steps of revisited chunks reused)
     sparse    block-sparse attention only (plans from the controller, context kept whole)
@@ -12,8 +13,9 @@ every component on and with one component at a time:
               with ``--ablations all,all_topk``)
     all_blend all, with revisited frames served the score-weighted blend of every matching past
               frame (``cache.serve="blend"``) instead of the best match (opt-in)
-    all_reuse_rows  all, with the context rows' attention computed at a chunk's first and last
-              steps only (``context.reuse_rows="auto"``, opt-in)
+    all_reuse_rows  all, with ``context.reuse_rows="auto"`` set explicitly (today's default; the
+              rows measured before it became the default name it)
+    all_no_reuse_rows  all, with the context rows computed at every step (``context.reuse_rows=False``)
 
 and writes a JSON per world (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM
 against the dense run, recompilations after warm-up) with a bar plot, and one row per (world, preset,
@@ -84,7 +86,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "all_dense_context": {"sparsity": {"context_queries": "dense"}},  # full form: context rows dense (the default)
     "all_frame_local": {"sparsity": {"context_queries": "frame_local"}},  # opt-in: context rows frame-local
     "all_camera_context": {"sparsity": {"context_queries": "camera"}},  # opt-in: context rows from their own cameras
-    "all_reuse_rows": {"context": {"reuse_rows": "auto"}},  # opt-in: context rows reused between first and last step
+    "all_reuse_rows": {"context": {"reuse_rows": "auto"}},  # the default, set explicitly
+    "all_no_reuse_rows": {"context": {"reuse_rows": False}},  # context rows computed at every step
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 

@@ -31,7 +31,9 @@ Before any reuse, the model's first chunk that could reuse is a probe: every row
 the first call of each step at a shape (the first layer) has its context keys compared with those
 of the chunk's first step. Where they differ, the context tokens depend on the step (one timestep
 conditioning the whole sequence, as in diffusers' video DiTs), freezing them would be wrong, and
-reuse stays off for that model (``reuse_rows="auto"``) or raises (``True``).
+reuse stays off for that model (``reuse_rows="auto"``, the default) or raises (``True``). The same
+happens where the probe's steps make different numbers of calls at a shape (guidance on some steps
+only): a kept output could not be matched to its call.
 
 A kept output is found by its call's place in the step, so the model's calls at that shape must
 repeat in the same order at every step of a chunk (classifier-free guidance on some steps only
@@ -57,6 +59,8 @@ FINGERPRINT_RTOL = 1e-3  # a reused call's key fingerprint may differ from the k
 PROBED = "probe chunk: every row computed, the context's keys compared between steps"
 STEP_DEPENDENT = ("the context's keys in the first layer differ between denoising steps: the context tokens depend on "
                   "the step (e.g. one timestep for the whole sequence), so their rows cannot be reused")
+CALLS_VARY = ("the steps of a chunk make different numbers of attention calls at the video's shape (e.g. guidance on "
+              "some steps only), so a kept row cannot be matched to its call")
 
 
 def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
@@ -90,6 +94,8 @@ class ContextRowReuse:
         self._chunk = -1
         self._probe_keys: dict[tuple[int, int], torch.Tensor] = {}  # shape -> the probe chunk's first fingerprint
         self._probe_mismatch: torch.Tensor | None = None
+        self._probe_calls: list[Counter[tuple[int, int]]] = []  # the probe chunk's calls per shape, per step
+        self.off_reason = STEP_DEPENDENT  # why a failed probe turned reuse off
 
     def set_layouts(self, sequences: Iterable[SequenceLayout]) -> None:
         """The video layouts the model may run (one per capacity bucket)."""
@@ -105,9 +111,12 @@ class ContextRowReuse:
         self._mismatch = None
         self._probe_keys.clear()
         self._probe_mismatch = None
+        self._probe_calls.clear()
 
     def set_step(self, step: int) -> None:
         """Denoising ``step`` of the open chunk starts."""
+        if self.verdict is None and self._step is not None:
+            self._probe_calls.append(self._calls.copy())
         self._step = step
         self._calls.clear()
 
@@ -127,21 +136,24 @@ class ContextRowReuse:
             elif self._step is None:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
             elif probed is not None:
-                self.verdict = not bool(probed)
+                calls = [*self._probe_calls, self._calls]
+                self.verdict = not bool(probed) and all(c == calls[0] for c in calls)
+                self.off_reason = STEP_DEPENDENT if bool(probed) else CALLS_VARY
                 values["context_rows_off"] = PROBED
             elif self.verdict is False:
-                values["context_rows_off"] = STEP_DEPENDENT
+                values["context_rows_off"] = self.off_reason
             self.history.append(ChunkStats(self._chunk, values))
         self._open, self._step, self._last, self._mismatch, self._probe_mismatch = False, None, None, None, None
         self._kept.clear()
         self._probe_keys.clear()
+        self._probe_calls.clear()
         if mismatch is not None and bool(mismatch):
             raise RuntimeError(
                 f"context.reuse_rows: in chunk {chunk} an attention call reused context rows kept by another call (its "
                 "context keys differ): the model's calls did not repeat in the same order at every step (e.g. "
                 "guidance on some steps only). That chunk's output is wrong; turn context.reuse_rows off for this model")
         if probed is not None and self.verdict is False and self.required:
-            raise ValueError(f"context.reuse_rows=True: in chunk {chunk} (its rows all computed) {STEP_DEPENDENT}; "
+            raise ValueError(f"context.reuse_rows=True: in chunk {chunk} (its rows all computed) {self.off_reason}; "
                              "set context.reuse_rows to False or \"auto\" for this model")
 
     def reset(self) -> None:

@@ -65,14 +65,15 @@ def _reuse(steps: int | None = 4) -> ContextRowReuse:
     return reuse
 
 
-def _probe_chunk(reuse: ContextRowReuse, step_dependent: bool) -> list[int]:
+def _probe_chunk(reuse: ContextRowReuse, step_dependent: bool, guided_steps: int = 0) -> list[int]:
     """Run one 4-step chunk of two layers through ``reuse``; the first layer's context keys change
-    with the step where ``step_dependent``. Returns the steps whose calls computed every row."""
+    with the step where ``step_dependent``, and the first ``guided_steps`` steps call each layer
+    twice (guidance as a second call). Returns the steps whose calls computed every row."""
     computed = []
     reuse.begin_chunk(0, 4)
     for step in range(4):
         reuse.set_step(step)
-        for layer in range(2):
+        for layer in [0, 0, 1, 1] if step < guided_steps else [0, 1]:
             q, k, v = _qkv(10 * step + layer, call=10 * step * step_dependent + layer)
             assert reuse.applies(q, k, is_causal=False)
             reuse.attend(q, k, v, None, None, lambda: computed.append(step) or _dense(q, k, v))
@@ -172,6 +173,21 @@ def test_a_model_whose_context_keys_follow_the_step_is_never_reused_under_auto()
     assert "depend on the step" in reuse.history[-1].values["context_rows_off"]
 
 
+def test_a_model_that_calls_more_often_on_some_steps_is_never_reused():
+    reuse = _unprobed()
+    assert _probe_chunk(reuse, step_dependent=False, guided_steps=2) == [0, 1, 2, 3]
+    reuse.end_chunk()
+    assert reuse.verdict is False
+    reuse.begin_chunk(1, 4)
+    reuse.set_step(1)
+    reuse.end_chunk()
+    assert "guidance on some steps only" in reuse.history[-1].values["context_rows_off"]
+    required = _unprobed(required=True)
+    _probe_chunk(required, step_dependent=False, guided_steps=2)
+    with pytest.raises(ValueError, match="different numbers of attention calls"):
+        required.end_chunk()
+
+
 def test_a_model_whose_context_keys_follow_the_step_raises_where_reuse_was_required():
     reuse = _unprobed(required=True)
     _probe_chunk(reuse, step_dependent=True)
@@ -210,13 +226,13 @@ def test_the_option_warns_when_the_model_has_no_context_rows_to_reuse():
                                                                           queries="chunk"))
 
 
-def test_auto_reuses_where_it_can_and_says_nothing_where_it_cannot():
-    auto = li_compile.Accelerator(li_compile.Options.from_user({"context": {"reuse_rows": "auto"}}), "m")
+def test_auto_is_the_default_reuses_where_it_can_and_says_nothing_where_it_cannot():
+    auto = li_compile.Accelerator(li_compile.Options.from_user({}), "m")
     assert auto.context_rows is not None and not auto.context_rows.required
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity, queries="chunk"))
-    for off in ({}, {"context": {"reuse_rows": "auto", "enabled": False}},
+    for off in ({"context": {"reuse_rows": False}}, {"context": {"reuse_rows": "auto", "enabled": False}},
                 {"context": {"reuse_rows": "auto"}, "sparsity": {"enabled": False}}):
         assert li_compile.Accelerator(li_compile.Options.from_user(off), "m").context_rows is None, off
 
