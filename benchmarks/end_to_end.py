@@ -16,6 +16,8 @@ every component on and with one component at a time:
     all_reuse_rows  all, with ``context.reuse_rows="auto"`` set explicitly (today's default; the
               rows measured before it became the default name it)
     all_no_reuse_rows  all, with the context rows computed at every step (``context.reuse_rows=False``)
+    all_row_blocks  all, with the blocks run on the chunk's rows alone where the context rows are
+              reused (``context.row_blocks``, opt-in; with ``--blocks`` only)
 
 and writes a JSON per world (per run: total time, speedup, peak GPU memory, decisions, PSNR/SSIM
 against the dense run, recompilations after warm-up) with a bar plot, and one row per (world, preset,
@@ -88,6 +90,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "all_camera_context": {"sparsity": {"context_queries": "camera"}},  # opt-in: context rows from their own cameras
     "all_reuse_rows": {"context": {"reuse_rows": "auto"}},  # the default, set explicitly
     "all_no_reuse_rows": {"context": {"reuse_rows": False}},  # context rows computed at every step
+    "all_row_blocks": {"context": {"row_blocks": True}},  # opt-in: blocks on the chunk's rows at reused steps
 }
 DEFAULT_ABLATIONS = "all,context,cache,sparse"
 
@@ -219,6 +222,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
               f"worst frame {summary['min_frame_psnr_db']:.1f}), "
               f"hits {summary['cache_hits']} (near {summary['cache_near_hits']}), "
               f"context rows reused {summary['context_rows_reused']}, "
+              f"blocks on the chunk's rows {summary['row_blocks_calls']}, "
               f"pruned {summary['memory_frames_pruned']}, "
               f"density {summary['attention_density_mean']:.2f}, peak {record['runs'][run]['peak_gb']} GB, "
               f"warm-up {light.warmup_s:.1f} s (kernel first launches {light.warmup_kernel_s:.1f} s), "
@@ -245,8 +249,8 @@ def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
 
 SUMMARY_KEY = ("world", "preset", "depth", "trajectory", "run")
 SUMMARY_FIELDS = ("speedup", "time_dense_s", "time_li_s", "psnr_db_vs_dense", "min_psnr_db", "min_frame_psnr_db",
-                  "recompiles_after_warmup", "cache_hits", "cache_near_hits", "context_rows_reused", "memory_frames_pruned",
-                  "attention_density_mean", "chunks")
+                  "recompiles_after_warmup", "cache_hits", "cache_near_hits", "context_rows_reused", "row_blocks_calls",
+                  "memory_frames_pruned", "attention_density_mean", "chunks")
 TRUTH_FIELDS = ("psnr_db_dense_vs_truth", "psnr_db_li_vs_truth", "psnr_db_repeat_last_vs_truth")  # trained worlds
 
 

@@ -45,6 +45,7 @@ from li_compile.denoise_runtime import DenoiseRuntime
 from li_compile.options import Options
 from li_compile.plan import Plan
 from li_compile.reporting import ChunkStats, Compilation, Report
+from li_compile.row_blocks import RowBlocks
 from li_compile.running import running_for
 from li_compile.sequence import SequenceLayout
 
@@ -66,6 +67,8 @@ class Accelerator:
         required = options.context.reuse_rows is True
         auto = options.context.reuse_rows == "auto" and options.sparsity.enabled and options.context.enabled
         self.context_rows = ContextRowReuse(self.denoise.matched, required) if required or auto else None
+        if self.context_rows is not None and options.context.row_blocks:
+            self.context_rows.blocks = RowBlocks(self.context_rows)
         self.controller: ContextController | None = None
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs

@@ -12,16 +12,18 @@ attention rewritten as in a whole-model graph, and every block's calls run with 
 accelerator (its plan slots, its controller, its cache and report: the blocks share the model's
 accelerator table). The denoising cache decides per model call, and no compiled graph holds the
 model's call here: put the model behind ``li_compile.cached(model, latent=..., timestep=...)`` and
-call that in the chunk loop. Blocks are compiled in place, as ``module.compile()`` does.
+call that in the chunk loop. Blocks are compiled in place, as ``module.compile()`` does. With
+``context.row_blocks`` each block's compiled call goes through its model's ``RowBlocks``
+(``li_compile.row_blocks``), which runs it on the chunk's rows alone where the context rows are reused.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from li_compile.accelerator import BACKEND, BLOCKS_ATTRIBUTE, accelerator_of, share_accelerators
+from li_compile.accelerator import ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, accelerator_of, share_accelerators
 from li_compile.options import Options
 from li_compile.regions import MIN_BLOCKS
 from li_compile.repeated_blocks import repeated_block_lists
@@ -47,6 +49,8 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
                                      **compile_kwargs)
     for block in blocks:  # compiled lazily: each block finds the model's accelerator when it first runs
         share_accelerators(model, block)
+        if settings.context.row_blocks:
+            block._compiled_call_impl = RowBlockCall(block, settings, block._compiled_call_impl)
     accelerator_of(model, settings)
     model.__dict__[BLOCKS_ATTRIBUTE] = settings
     return model
@@ -64,3 +68,19 @@ def compile_blocks_in_place(model: nn.Module, min_blocks: int = MIN_BLOCKS, **co
     for block in blocks:
         block.compile(**compile_kwargs)
     return blocks
+
+
+class RowBlockCall:
+    """A block's compiled call run through its model's ``RowBlocks`` (``context.row_blocks``): whole,
+    or on the chunk's rows alone where the open chunk's step reuses the context rows. ``options``:
+    the model's, which find its accelerator in the table the block shares."""
+
+    def __init__(self, block: nn.Module, options: Options, call: Callable[..., Any]) -> None:
+        self.block, self.options, self.call = block, options, call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        accelerator = self.block.__dict__.get(ATTRIBUTE, {}).get(self.options)
+        rows = None if accelerator is None or accelerator.context_rows is None else accelerator.context_rows.blocks
+        if rows is None:
+            return self.call(*args, **kwargs)
+        return rows.run(self.call, accelerator.plan.warming, args, kwargs)

@@ -47,7 +47,8 @@ synchronisation per call), and a mismatch raises there, naming the chunk.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -61,6 +62,23 @@ STEP_DEPENDENT = ("the context's keys in the first layer differ between denoisin
                   "the step (e.g. one timestep for the whole sequence), so their rows cannot be reused")
 CALLS_VARY = ("the steps of a chunk make different numbers of attention calls at the video's shape (e.g. guidance on "
               "some steps only), so a kept row cannot be matched to its call")
+
+
+@dataclass(frozen=True)
+class RowCut:
+    """The context of one full-sequence video shape: ``length`` rows, the context's ``[start, stop)``
+    among them, ``frames`` frames of which the first ``context_frames`` are the context's."""
+
+    length: int
+    start: int
+    stop: int
+    frames: int
+    context_frames: int
+
+    @property
+    def sliced_length(self) -> int:
+        """The rows left without the context's."""
+        return self.length - (self.stop - self.start)
 
 
 def context_rows(sequence: SequenceLayout) -> tuple[int, int] | None:
@@ -86,7 +104,8 @@ class ContextRowReuse:
         self._open = False
         self._step: int | None = None
         self._last: int | None = None
-        self._kept: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = {}  # rows, key fingerprint
+        # per call: its context rows' output and key fingerprint, or (keep_kv) the context's keys, values and mask columns
+        self._kept: dict[tuple[tuple[int, int], int], tuple[Any, Any, Any]] = {}
         self._signs: dict[tuple, torch.Tensor] = {}  # (device, dtype, head dim) -> the fingerprint's vector
         self._mismatch: torch.Tensor | None = None  # on the device: a reused call's keys differed from the keeper's
         self._calls: Counter[tuple[int, int]] = Counter()
@@ -96,10 +115,20 @@ class ContextRowReuse:
         self._probe_mismatch: torch.Tensor | None = None
         self._probe_calls: list[Counter[tuple[int, int]]] = []  # the probe chunk's calls per shape, per step
         self.off_reason = STEP_DEPENDENT  # why a failed probe turned reuse off
+        self.cuts: dict[int, RowCut] = {}  # sequence length -> its context (full-sequence shapes)
+        self.blocks: Any = None  # li_compile.row_blocks.RowBlocks, where context.row_blocks is on
+        self.keep_kv = False  # keep the context's keys and values (for blocks run on the chunk's rows), not outputs
+        self.slicing: RowCut | None = None  # set by a block call running on the chunk's rows alone
+        self.verifying = False  # set by the block call that the probe checks: keep keys and values, attend dense
+        self.first_step: int | None = None  # the open chunk's first computed step (its rows kept), once known
+        self._lost: str | None = None  # why a call running on the chunk's rows found nothing kept
 
     def set_layouts(self, sequences: Iterable[SequenceLayout]) -> None:
         """The video layouts the model may run (one per capacity bucket)."""
+        sequences = list(sequences)
         self.rows = {(s.q_len, s.kv_len): rows for s in sequences if (rows := context_rows(s)) is not None}
+        self.cuts = {s.q_len: RowCut(s.q_len, *self.rows[s.q_len, s.kv_len], s.frames, s.context_frames)
+                     for s in sequences if (s.q_len, s.kv_len) in self.rows}
 
     def begin_chunk(self, chunk: int, steps: int | None) -> None:
         """Open ``chunk`` of ``steps`` denoising steps (None: unknown, and nothing is reused)."""
@@ -112,6 +141,9 @@ class ContextRowReuse:
         self._probe_keys.clear()
         self._probe_mismatch = None
         self._probe_calls.clear()
+        self.first_step, self._lost = None, None
+        if self.blocks is not None:
+            self.blocks.begin_chunk()
 
     def set_step(self, step: int) -> None:
         """Denoising ``step`` of the open chunk starts."""
@@ -122,12 +154,13 @@ class ContextRowReuse:
 
     def end_chunk(self) -> None:
         """Close the chunk: drop its kept outputs and record its counts in ``history``. Raises
-        ``RuntimeError`` when a reused call's keys showed that its rows came from another call, and
-        ``ValueError`` when reuse was required and this probe chunk found the context following the step."""
-        mismatch, chunk, probed = self._mismatch, self._chunk, self._probe_mismatch
+        ``RuntimeError`` when a reused call's keys showed that its rows came from another call, or a
+        call on the chunk's rows alone found nothing kept, and ``ValueError`` when reuse was required
+        and this probe chunk found the context following the step."""
+        mismatch, chunk, probed, lost = self._mismatch, self._chunk, self._probe_mismatch, self._lost
         if self._open:
-            values = {"context_rows_reused": self._counts["reused"],
-                      "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
+            values: dict[str, Any] = {"context_rows_reused": self._counts["reused"],
+                                      "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
             if not self.rows:
                 values["context_rows_off"] = ("the layout has no context rows (a KV-cache model's queries are the "
                                               "chunk's only, or no layout was configured)")
@@ -142,8 +175,11 @@ class ContextRowReuse:
                 values["context_rows_off"] = PROBED
             elif self.verdict is False:
                 values["context_rows_off"] = self.off_reason
+            if self.blocks is not None:
+                values.update(self.blocks.end_chunk())
             self.history.append(ChunkStats(self._chunk, values))
         self._open, self._step, self._last, self._mismatch, self._probe_mismatch = False, None, None, None, None
+        self.slicing, self.verifying, self.first_step, self._lost = None, False, None, None
         self._kept.clear()
         self._probe_keys.clear()
         self._probe_calls.clear()
@@ -152,6 +188,9 @@ class ContextRowReuse:
                 f"context.reuse_rows: in chunk {chunk} an attention call reused context rows kept by another call (its "
                 "context keys differ): the model's calls did not repeat in the same order at every step (e.g. "
                 "guidance on some steps only). That chunk's output is wrong; turn context.reuse_rows off for this model")
+        if lost is not None:
+            raise RuntimeError(f"context.row_blocks: in chunk {chunk} {lost}. That chunk's output is wrong; turn "
+                               "context.row_blocks off for this model")
         if probed is not None and self.verdict is False and self.required:
             raise ValueError(f"context.reuse_rows=True: in chunk {chunk} (its rows all computed) {self.off_reason}; "
                              "set context.reuse_rows to False or \"auto\" for this model")
@@ -161,9 +200,46 @@ class ContextRowReuse:
         self.end_chunk()
         self.history.clear()
         self.verdict = None
+        if self.blocks is not None:
+            self.blocks.reset()
+
+    def current_step(self) -> int | None:
+        """The open chunk's current step (None: not told)."""
+        return self._step
+
+    def call_index(self, length: int) -> int:
+        """How many attention calls at the full-sequence shape of ``length`` the current step has made."""
+        return self._calls[length, length]
+
+    def set_call_index(self, length: int, index: int) -> None:
+        """Set that count (a checked block call runs its attention calls twice, under the same numbers)."""
+        self._calls[length, length] = index
+
+    def lose(self, reason: str) -> None:
+        """Record that the open chunk's output is wrong (``end_chunk`` raises, naming ``reason``)."""
+        self._lost = self._lost or reason
+
+    def reusing(self) -> bool:
+        """Whether the open chunk's current step reuses the context rows kept at an earlier step."""
+        return (self.verdict is True and self._open and self._step is not None and self._last is not None
+                and self._step != self._last and self.first_step is not None and self._step != self.first_step
+                and not torch.is_grad_enabled() and not self.matched())
+
+    def computing(self) -> bool:
+        """Whether the open chunk's current step is the one that computes and keeps the context rows."""
+        return (self.verdict is True and self._open and self._step is not None and self._last is not None
+                and self._step != self._last and self.first_step in (None, self._step)
+                and not torch.is_grad_enabled() and not self.matched())
+
+    def probing(self) -> bool:
+        """Whether the open chunk is the probe and its current step the first it computes."""
+        return (self.verdict is None and self._open and self._step is not None and self._last is not None
+                and self.first_step in (None, self._step) and not torch.is_grad_enabled() and not self.matched())
 
     def applies(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
         """Whether a call of this shape, inside the open chunk, is run by ``attend``."""
+        if self.slicing is not None and not is_causal and q.shape[2] == self.slicing.sliced_length:
+            return True
         return (self.verdict is not False and self._open and self._step is not None and self._last is not None
                 and not is_causal and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled()
                 and not self.matched())
@@ -172,38 +248,80 @@ class ContextRowReuse:
                scale: float | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Attention ``(B, H, Lq, Dv)`` of one call (``q (B, H, Lq, D)``, ``k``/``v (B, Hkv, Lk, D)``,
         mask broadcastable to ``(B, H, Lq, Lk)``): ``compute()`` (the site's own route) for every row,
-        keeping the context rows, or the kept context rows and the others computed dense."""
+        keeping the context rows, or the kept context rows and the others computed dense; inside a
+        block running on the chunk's rows alone (``slicing``), the chunk's rows against the kept
+        context keys and values."""
+        if self.slicing is not None and q.shape[2] == self.slicing.sliced_length:
+            return self._attend_sliced(q, k, v, attn_mask, scale)
         shape = (q.shape[2], k.shape[2])
         start, stop = self.rows[shape]
         key = (shape, self._calls[shape])
         self._calls[shape] += 1
         if self.verdict is None:
-            return self._probe(k, start, stop, key, compute)
-        kept, keys = self._kept.get(key, (None, None))
+            return self._probe(q, k, v, attn_mask, scale, start, stop, key, compute)
+        kept, keys, _ = self._kept.get(key, (None, None, None))
         expected = (*q.shape[:2], stop - start, v.shape[-1])
         if self._step == self._last or kept is None or tuple(kept.shape) != expected or kept.dtype != q.dtype:
             out = compute()
             if self._step == self._last:
                 self._kept.pop(key, None)  # no later step reads it
             else:
-                self._kept[key] = out[:, :, start:stop].clone(), self._fingerprint(k, start, stop)
+                self.first_step = self._step if self.first_step is None else self.first_step
+                if self.keep_kv:
+                    self._kept[key] = None, None, _context_kv(k, v, attn_mask, start, stop)
+                else:
+                    self._kept[key] = out[:, :, start:stop].clone(), self._fingerprint(k, start, stop), None
                 self._counts["kept_bytes"] = max(self._counts["kept_bytes"], self._kept_bytes())
             return out
         self._mismatch = _or_differs(self._mismatch, self._fingerprint(k, start, stop), keys)
         self._counts["reused"] += 1
         return self._with_kept(q, k, v, attn_mask, scale, start, stop, kept)
 
-    def _probe(self, k: torch.Tensor, start: int, stop: int, key: tuple[tuple[int, int], int],
+    def _attend_sliced(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                       scale: float | None) -> torch.Tensor:
+        """A call inside a block running on the chunk's rows alone: its rows (``q``, ``k``, ``v`` without
+        the context's) against the keys and values with the kept context's put back, dense."""
+        cut = self.slicing
+        shape = (cut.length, cut.length)
+        key = (shape, self._calls[shape])
+        self._calls[shape] += 1
+        kv = self._kept.get(key, (None, None, None))[2]
+        if kv is None or kv[0].shape[:2] != k.shape[:2]:
+            if self._open:  # (outside a chunk: the warm-up, which compiles the route)
+                self._lost = self._lost or (f"a block call on the chunk's rows alone found no context keys kept for its "
+                                            f"attention call {key[1]} at length {cut.length}: the model's calls did "
+                                            "not repeat in the same order at every step")
+            kv = _context_kv_zeros(k, v, attn_mask, cut)
+        context_k, context_v, context_mask = kv
+        mask = attn_mask
+        if mask is not None and mask.shape[-1] == cut.sliced_length and mask.shape[-1] > 1:
+            if context_mask is None:
+                self._lost = self._lost or "a block call on the chunk's rows alone has a key mask its kept call had not"
+                context_mask = _context_kv_zeros(k, v, mask, cut)[2]
+            mask = put_back(mask, mask.dim() - 1, cut.start, context_mask.expand(*mask.shape[:-1], -1))
+        keys, values = put_back(k, 2, cut.start, context_k), put_back(v, 2, cut.start, context_v)
+        if self.verdict is not None:  # (in the probe chunk: a checked call, not a reuse)
+            self._counts["reused"] += 1
+        return dense_attention(q, keys, values, mask, scale, False)
+
+    def _probe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               scale: float | None, start: int, stop: int, key: tuple[tuple[int, int], int],
                compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A call of the probe chunk: ``compute()`` for every row; the first call of each step at this
         shape (the first layer, whose keys no attention has touched yet) has its context keys compared
-        with those of the chunk's first such call (read when the chunk ends)."""
+        with those of the chunk's first such call (read when the chunk ends). In the call of a block
+        that the probe checks on the chunk's rows alone (``verifying``), the context's keys and values
+        are kept and the call attends dense (the reference the rows-alone call is compared with)."""
         shape, index = key
         if index == 0:
             fingerprint = self._fingerprint(k, start, stop)
             first = self._probe_keys.setdefault(shape, fingerprint)
             if first is not fingerprint:
                 self._probe_mismatch = _or_differs(self._probe_mismatch, fingerprint, first)
+        self.first_step = self._step if self.first_step is None else self.first_step
+        if self.verifying:
+            self._kept[key] = None, None, _context_kv(k, v, attn_mask, start, stop)
+            return dense_attention(q, k, v, attn_mask, scale, False)
         return compute()
 
     def warm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -231,7 +349,8 @@ class ContextRowReuse:
         return torch.stack([projected.sum(dtype=torch.float32), projected.abs().sum(dtype=torch.float32)])
 
     def _kept_bytes(self) -> int:
-        return sum(rows.numel() * rows.element_size() for rows, _ in self._kept.values())
+        tensors = [t for out, _, kv in self._kept.values() for t in (out, *(kv or ())) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def _with_kept(q, k, v, attn_mask, scale, start: int, stop: int, kept: torch.Tensor) -> torch.Tensor:
@@ -251,3 +370,33 @@ def _or_differs(flag: torch.Tensor | None, fingerprint: torch.Tensor, reference:
     the reference's absolute sum; no synchronisation."""
     differs = ((fingerprint - reference).abs() > FINGERPRINT_RTOL * reference[1]).any()
     return differs if flag is None else flag | differs
+
+
+def _context_kv(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, start: int, stop: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Copies of the context's keys and values (rows ``[start, stop)`` of ``k``/``v (B, Hkv, Lk, D)``)
+    and of the mask's context key columns (None without a mask, or one broadcast over the keys)."""
+    columns = None
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        columns = attn_mask[..., start:stop].clone()
+    return k[:, :, start:stop].clone(), v[:, :, start:stop].clone(), columns
+
+
+def _context_kv_zeros(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, cut: RowCut
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Zero context keys and values for the sliced ``k``/``v`` of ``cut``, and a mask's context
+    columns that let every key through (warm-up, and a call that found nothing kept)."""
+    rows = cut.stop - cut.start
+    columns = None
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        shape = (*attn_mask.shape[:-1], rows)
+        columns = attn_mask.new_ones(shape) if attn_mask.dtype == torch.bool else attn_mask.new_zeros(shape)
+    return k.new_zeros(*k.shape[:2], rows, k.shape[3]), v.new_zeros(*v.shape[:2], rows, v.shape[3]), columns
+
+
+def put_back(part: torch.Tensor, dim: int, at: int, context: torch.Tensor) -> torch.Tensor:
+    """``part`` (a tensor without the context's rows or frames) with ``context`` inserted along ``dim``
+    before index ``at``."""
+    if at == 0:
+        return torch.cat([context, part], dim)
+    return torch.cat([part.narrow(dim, 0, at), context, part.narrow(dim, at, part.shape[dim] - at)], dim)

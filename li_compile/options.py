@@ -121,6 +121,12 @@ class ContextOptions:
     (the reason is in the chunk statistics); ``True``: on, and a failed check raises; ``False``: off.
     On an H100 at HY full's real depth a full-context miss took 0.71 of dense's time, for 6.9 GB more
     peak memory (``benchmarks/results/context_reuse.md``).
+
+    ``row_blocks``: with ``reuse_rows``, the blocks ``li_compile.compile_repeated_blocks`` compiled
+    run on the chunk's rows alone at the steps that reuse the context rows (their row-wise layers
+    too, not only attention), with the context's keys and values kept per layer instead of its
+    attention output (twice the memory). The probe chunk checks it against the whole block
+    (``li_compile.row_blocks``); a model whose block fails the check keeps the attention-only reuse.
     """
 
     enabled: bool = True
@@ -131,6 +137,7 @@ class ContextOptions:
     window_max: int = field(default=8, metadata=_range(1, None))
     fill_density: float = field(default=0.75, metadata=_range(0.0, 1.0))
     reuse_rows: bool | str = field(default="auto", metadata={"auto_bool": True})
+    row_blocks: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "context.")
@@ -193,6 +200,9 @@ class Options:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        if self.context.row_blocks and self.context.reuse_rows is False:
+            raise ValueError("option 'context.row_blocks' runs blocks on the chunk's rows at the steps that reuse the "
+                             "context rows: it needs context.reuse_rows True or \"auto\", got False")
         if self.context.reuse_rows is True and not self.sparsity.enabled:
             raise ValueError("option 'context.reuse_rows' needs sparsity.enabled=True: the rows are reused inside "
                              "the rewritten attention sites, which sparsity.enabled=False leaves to the inner compiler")

@@ -22,6 +22,7 @@ from li_compile.context_rows import ContextRowReuse, context_rows
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds import hy_worldplay, trajectories
 from li_compile.worlds.pipeline import generate
+from li_compile.worlds.report_tools import sharing_weights
 
 LAYOUT = SequenceLayout(context_frames=3, chunk_frames=1, grid_h=2, grid_w=2, prefix_tokens=2, suffix_tokens=1)
 ROWS = (2, 14)  # the context frames' query rows: after 2 prefix tokens, 3 frames of 4 tokens
@@ -321,3 +322,53 @@ def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step
     frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False, step_hook=step_hook)
     torch.testing.assert_close(reused.latents, frozen.latents, rtol=1e-5, atol=1e-5)
     assert (reused.latents - plain.latents).abs().max() > 1e-3  # the approximation is real here
+
+
+# --- blocks on the chunk's rows alone (context.row_blocks) -----------------------------------------
+
+
+def _blocks_run(world, trajectory, chunks: int, row_blocks: bool):
+    """``world`` with only its blocks compiled (``compile_repeated_blocks``), context rows reused."""
+    options = {**OPTIONS, "context": {**OPTIONS["context"], "reuse_rows": True, "row_blocks": row_blocks}}
+    model = li_compile.compile_repeated_blocks(sharing_weights(world.model), options, dynamic=False, min_blocks=2)
+    compiled = world.with_model(model, li_compile.cached(model, latent="x", timestep="sigma"))
+    accelerator = li_compile.accelerator(model)
+    accelerator.configure(memory_k=world.spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
+                          layout=world.layout)
+    gen = generate(compiled, trajectory, chunks=chunks, accelerator=accelerator, decode=False)
+    torch._dynamo.reset()
+    return gen, [c.values for c in accelerator.report().chunks]
+
+
+def test_blocks_on_the_chunks_rows_alone_give_what_attention_only_reuse_gives():
+    world = _sharpened(_world())
+    trajectory = trajectories.make("random_walk_with_returns", 4 * world.spec.chunk_frames)
+    attention_only, _ = _blocks_run(world, trajectory, 4, row_blocks=False)
+    rows_alone, stats = _blocks_run(world, trajectory, 4, row_blocks=True)
+    torch.testing.assert_close(rows_alone.latents, attention_only.latents, rtol=1e-5, atol=1e-5)
+    assert sum(s.get("row_blocks_calls", 0) for s in stats) > 0
+    assert not any("row_blocks_off" in s for s in stats)
+
+
+def _position_bias(module, args, out):
+    """Adds each row's position in the block's own sequence: row-wise at one length, but a block run on
+    fewer rows gives the chunk's rows other positions."""
+    rows = out[0].shape[1]
+    return (out[0] + torch.arange(rows, dtype=out[0].dtype)[None, :, None] / rows, *out[1:])
+
+
+def test_a_block_that_reads_positions_from_its_own_length_keeps_attention_only_reuse():
+    world = _sharpened(_world())
+    for block in world.model.blocks:  # traced into each compiled block
+        block.register_forward_hook(_position_bias)
+    trajectory = trajectories.make("random_walk_with_returns", 4 * world.spec.chunk_frames)
+    attention_only, _ = _blocks_run(world, trajectory, 4, row_blocks=False)
+    refused, stats = _blocks_run(world, trajectory, 4, row_blocks=True)
+    torch.testing.assert_close(refused.latents, attention_only.latents, rtol=1e-5, atol=1e-5)
+    assert sum(s.get("row_blocks_calls", 0) for s in stats) == 0
+    assert any("other values than the whole block" in s.get("row_blocks_off", "") for s in stats)
+
+
+def test_row_blocks_needs_the_context_rows_reused():
+    with pytest.raises(ValueError, match="context.row_blocks.*needs context.reuse_rows True or \"auto\", got False"):
+        li_compile.Options.from_user({"context": {"row_blocks": True, "reuse_rows": False}})

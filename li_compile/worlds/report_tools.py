@@ -246,6 +246,8 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
                     "cache_near_hits": values.get("cache_near_hits", 0),
                     "context_rows_reused": values.get("context_rows_reused", 0),
                     "context_rows_off": values.get("context_rows_off", ""),
+                    "row_blocks_calls": values.get("row_blocks_calls", 0),
+                    "row_blocks_off": values.get("row_blocks_off", ""),
                     "fallbacks": sum(values.get("fallbacks", {}).values())}
 
         return Driver(None, accelerator, chunk_stats)
@@ -356,7 +358,7 @@ def chunk_rows(dense: Run, light: Run) -> list[dict[str, float]]:
         frames = dense.generation.chunk(c)
         a, b = dense.generation.frames[frames], light.generation.frames[frames]
         stats = {"memory_kept": 0, "memory_pruned": 0, "density": 1.0, "cache_hits": 0, "cache_near_hits": 0,
-                 "context_rows_reused": 0, "fallbacks": 0, **light.stats[c]}
+                 "context_rows_reused": 0, "row_blocks_calls": 0, "fallbacks": 0, **light.stats[c]}
         rows.append({
             "chunk": c, "dense_ms": 1000 * t_dense, "light_ms": 1000 * t_light,
             "window": len(light.generation.selections[c].recent), **stats,
@@ -399,6 +401,8 @@ def summarize(rows: list[dict[str, float]], dense: Run, light: Run, truth: torch
         "context_rows_reused": int(sum(r["context_rows_reused"] for r in rows)),
         "context_rows_off": sorted({r["context_rows_off"] for r in rows
                                     if r.get("context_rows_off") and r["context_rows_off"] != PROBED}),
+        "row_blocks_calls": int(sum(r["row_blocks_calls"] for r in rows)),
+        "row_blocks_off": sorted({r["row_blocks_off"] for r in rows if r.get("row_blocks_off")}),
         "memory_frames_pruned": int(sum(r["memory_pruned"] for r in rows)),
         "memory_frames_kept": int(sum(r["memory_kept"] for r in rows)),
         "attention_fallbacks": int(sum(r["fallbacks"] for r in rows)),
@@ -450,6 +454,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}"
         + (f"; attention calls reusing context rows {s['context_rows_reused']}" if s.get("context_rows_reused") else ""),
         *([f"context rows not reused: {'; '.join(s['context_rows_off'])}"] if s.get("context_rows_off") else []),
+        *([f"blocks not run on the chunk's rows alone: {'; '.join(s['row_blocks_off'])}"]
+          if s.get("row_blocks_off") else []),
         f"vs dense: PSNR {s['psnr_db_vs_dense']:.1f} dB (worst chunk {s['min_psnr_db']:.1f}, worst frame "
         f"{s['min_frame_psnr_db']:.1f}), SSIM {s['ssim_vs_dense']:.3f}",
         f"recompilations after warm-up: {s['recompiles_after_warmup']} (dense: {s['dense_recompiles_after_warmup']})",

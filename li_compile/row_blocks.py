@@ -1,0 +1,273 @@
+"""Blocks run on the chunk's rows alone at the steps that reuse the context rows (``context.row_blocks``).
+
+With ``context.reuse_rows`` the context's hidden states are frozen, at every layer, at a chunk's
+first computed step (``li_compile.context_rows``): at the steps between, a block's context rows
+compute exactly what they computed then. Attention-only reuse still runs the block's row-wise
+layers (norms, projections, MLP: about a quarter of HY full's step) on those rows. With
+``row_blocks`` each block that ``li_compile.compile_repeated_blocks`` compiled runs at those steps on
+the other rows alone:
+
+- its inputs lose the context: a tensor with a dimension of the sequence's length loses the
+  context's rows along the first such dimension, else one with a dimension of the frame count loses
+  the context's frames along the first such dimension (RoPE tables, per-frame modulation);
+- its attention calls get the context's keys, values and key-mask columns, kept at the first
+  computed step, put back, and attend dense (``ContextRowReuse.attend``);
+- its outputs get a context part back: the one the first computed step's last block call output,
+  which is what the model reads after its blocks, so the model's output equals attention-only
+  reuse's. The hidden states between two blocks carry that same part: code between the blocks
+  must not read the context's hidden states.
+
+That holds only where the block is row-wise outside attention and those dimensions mean what they
+seem. The probe chunk checks it at its first step: each block call runs whole (attention dense,
+the context's keys and values kept) and then on the chunk's rows alone; the two must agree on the
+chunk's rows within ``RTOL`` of the largest value (read when the chunk ends), and each block must
+take the previous block's hidden states as it returned them. A model that fails keeps
+attention-only reuse, and the chunk statistics say why. The blocks compile a second time, for the
+shorter sequence, at warm-up.
+
+It keeps the context's keys and values per layer from the first computed step to the last: twice
+the attention output that attention-only reuse keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from li_compile.context_rows import ContextRowReuse, RowCut, put_back
+
+RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # of the largest value; other dtypes (half, bf16): HALF_RTOL
+HALF_RTOL = 3e-2
+
+Leaf = tuple[int, str, torch.Tensor] | None  # (dim, "rows" or "frames", the context's part) of one output tensor
+
+
+class RowBlocks:
+    """Host state of ``row_blocks`` for one accelerated model (module docstring): whether the probe
+    found its blocks fit to run on the chunk's rows alone, and the open chunk's kept output parts."""
+
+    def __init__(self, reuse: ContextRowReuse) -> None:
+        self.reuse = reuse
+        self.fit: bool | None = None  # None: not checked yet
+        self.reason: str | None = None  # why the blocks do not fit
+        self._differs: torch.Tensor | None = None  # on the device: a checked call's rows differed
+        self._checked = 0
+        self._sliced = 0
+        self._kept: dict[int, list[Leaf]] = {}  # sequence length -> the latest block call's output parts
+        self._previous: torch.Tensor | None = None  # the hidden states the step's latest block call returned
+        self._step: int | None = None
+
+    def begin_chunk(self) -> None:
+        """A chunk opens: nothing kept, nothing counted."""
+        self._differs, self._checked, self._sliced, self._previous, self._step = None, 0, 0, None, None
+        self._kept.clear()
+
+    def end_chunk(self) -> dict[str, Any]:
+        """The chunk's statistics; after the probe chunk, the verdict of its checks."""
+        if self.fit is None and self._checked:
+            if self.reason is None and self._differs is not None and bool(self._differs):
+                self.reason = "a block on the chunk's rows alone computed other values than the whole block"
+            self.fit = self.reason is None
+        self.reuse.keep_kv = self.fit is True
+        values: dict[str, Any] = {"row_blocks_calls": self._sliced}
+        if self.fit is False:
+            values["row_blocks_off"] = self.reason
+        self.begin_chunk()
+        return values
+
+    def reset(self) -> None:
+        """Forget the verdict (a new trajectory probes again)."""
+        self.begin_chunk()
+        self.fit, self.reason, self.reuse.keep_kv = None, None, False
+
+    def run(self, call: Callable[..., Any], warming: bool, args: tuple, kwargs: dict) -> Any:
+        """One call of a compiled block, ``call(*args, **kwargs)``: whole, checked, or on the
+        chunk's rows alone, as the open chunk's step asks."""
+        reuse = self.reuse
+        cut = _cut_of((args, kwargs), reuse.cuts)
+        if cut is None or torch.is_grad_enabled():
+            return call(*args, **kwargs)
+        if warming:
+            out = call(*args, **kwargs)
+            if self.fit is not False:
+                try:
+                    self._on_rows(call, cut, args, kwargs)  # compiles the block for the shorter sequence
+                except Exception as error:  # noqa: BLE001 - a block that cannot run on fewer rows runs whole
+                    self._refuse(error)
+            return out
+        if self.fit is None and reuse.probing():
+            return self._check(call, cut, args, kwargs)
+        if self.fit and reuse.computing():
+            out = call(*args, **kwargs)
+            self._kept[cut.length] = [_context_part(t, cut) for t in _leaves(out)]
+            return out
+        if self.fit and reuse.reusing():
+            return self._reuse(call, cut, args, kwargs)
+        return call(*args, **kwargs)
+
+    def _check(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+        """The probe's check of one block call: whole, then on the chunk's rows alone (module docstring)."""
+        reuse = self.reuse
+        before = reuse.call_index(cut.length)
+        reuse.verifying = True
+        try:
+            out = call(*args, **kwargs)
+        finally:
+            reuse.verifying = False
+        after = reuse.call_index(cut.length)
+        reuse.set_call_index(cut.length, before)
+        try:
+            sliced = self._on_rows(call, cut, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - a block that cannot run on fewer rows runs whole
+            self._refuse(error)
+            sliced = None
+        calls = reuse.call_index(cut.length)
+        reuse.set_call_index(cut.length, after)
+        if sliced is None:
+            return out
+        self._checked += 1
+        whole, rows = _leaves(out), _leaves(sliced)
+        if calls != after or len(whole) != len(rows):
+            self.reason = self.reason or "a block on the chunk's rows alone made other calls or outputs than the whole block"
+        elif not self._chained(args, kwargs, out, cut):
+            self.reason = self.reason or ("the model changes the hidden states between its blocks, so a block's "
+                                          "context rows would not be the previous block's")
+        else:
+            for full, part in zip(whole, rows):
+                self._compare(_cut_tensor(full, cut), part)
+        return out
+
+    def _reuse(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+        """A block call at a reused step: on the chunk's rows alone, the kept context parts put back."""
+        if not self._chained(args, kwargs, None, cut):
+            self.reuse.lose("the model changed the hidden states between two blocks running on the chunk's rows")
+        kept = self._kept.get(cut.length, [])
+        sliced = self._on_rows(call, cut, args, kwargs)
+        leaves = iter(range(len(_leaves(sliced))))
+
+        def restore(part: torch.Tensor) -> torch.Tensor:
+            index = next(leaves)
+            leaf = kept[index] if index < len(kept) else None
+            if leaf is None:
+                return part
+            dim, kind, context = leaf
+            at = cut.start if kind == "rows" else 0
+            if part.dim() <= dim or part.shape[:dim] != context.shape[:dim]:
+                self.reuse.lose("a block's output on the chunk's rows alone does not match the kept context part")
+                return part
+            return put_back(part, dim, at, context)
+
+        out = _map(sliced, restore)
+        self._previous = _hidden(_leaves(out), cut)
+        self._sliced += 1
+        return out
+
+    def _on_rows(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+        """``call`` on the chunk's rows alone: every input without the context's rows or frames."""
+        sliced_args, sliced_kwargs = _map((args, kwargs), lambda t: _cut_tensor(t, cut))
+        self.reuse.slicing = cut
+        try:
+            return call(*sliced_args, **sliced_kwargs)
+        finally:
+            self.reuse.slicing = None
+
+    def _chained(self, args: tuple, kwargs: dict, out: Any, cut: RowCut) -> bool:
+        """Whether this block call takes the hidden states the step's previous block call returned
+        (the first input with the sequence's length); records this call's (``out``, or the output
+        ``_reuse`` builds) for the next."""
+        step = self.reuse.current_step()
+        first = self._step != step
+        self._step = step
+        hidden = _hidden(_leaves((args, kwargs)), cut)
+        chained = first or self._previous is None or hidden is self._previous
+        if out is not None:
+            self._previous = _hidden(_leaves(out), cut)
+        return chained
+
+    def _compare(self, whole: torch.Tensor, rows: torch.Tensor) -> None:
+        """Or into the device flag whether ``rows`` differs from ``whole`` (both the chunk's rows)."""
+        if whole.shape != rows.shape or whole.dtype != rows.dtype:
+            self.reason = self.reason or "a block on the chunk's rows alone returned other shapes than the whole block"
+            return
+        if whole.is_floating_point():
+            a, b = whole.float(), rows.float()
+            tolerance = RTOL.get(whole.dtype, HALF_RTOL) * a.abs().max().clamp_min(1e-30)
+            differs = ((a - b).abs().max() > tolerance) | ~torch.isfinite(b).all()
+        else:
+            differs = (whole != rows).any()
+        self._differs = differs if self._differs is None else self._differs | differs
+
+    def _refuse(self, error: Exception) -> None:
+        self.fit = False
+        self.reason = f"the block failed on the chunk's rows alone ({type(error).__name__}: {str(error)[:200]})"
+
+
+def _cut_of(value: Any, cuts: dict[int, RowCut]) -> RowCut | None:
+    """The cut of the first tensor in ``value`` with a dimension of a full-sequence length, or None."""
+    for t in _leaves(value):
+        for size in t.shape:
+            if size in cuts:
+                return cuts[size]
+    return None
+
+
+def _dim_of(t: torch.Tensor, cut: RowCut) -> tuple[int, str] | None:
+    """Where ``t`` holds the context: its first dimension of the sequence's length (``"rows"``), else
+    its first of the frame count (``"frames"``), else None."""
+    for kind, size in (("rows", cut.length), ("frames", cut.frames)):
+        if size in t.shape:
+            return t.shape.index(size), kind
+    return None
+
+
+def _cut_tensor(t: torch.Tensor, cut: RowCut) -> torch.Tensor:
+    """``t`` without the context's rows or frames (``_dim_of``); unchanged where it holds none."""
+    found = _dim_of(t, cut)
+    if found is None:
+        return t
+    dim, kind = found
+    if kind == "frames":
+        return t.narrow(dim, cut.context_frames, cut.frames - cut.context_frames)
+    if cut.start == 0:
+        return t.narrow(dim, cut.stop, cut.length - cut.stop)
+    return torch.cat([t.narrow(dim, 0, cut.start), t.narrow(dim, cut.stop, cut.length - cut.stop)], dim)
+
+
+def _context_part(t: torch.Tensor, cut: RowCut) -> Leaf:
+    """A copy of the context's rows or frames of one output tensor, with where they go."""
+    found = _dim_of(t, cut)
+    if found is None:
+        return None
+    dim, kind = found
+    start, size = (cut.start, cut.stop - cut.start) if kind == "rows" else (0, cut.context_frames)
+    return dim, kind, t.narrow(dim, start, size).clone()
+
+
+def _hidden(tensors: list[torch.Tensor], cut: RowCut) -> torch.Tensor | None:
+    """The first of ``tensors`` with a dimension of the sequence's length or of the rows without the
+    context's (the hidden states a block passes on), or None."""
+    return next((t for t in tensors if cut.length in t.shape or cut.sliced_length in t.shape), None)
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value`` (tuples, lists and dicts of them), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _leaves(v)]
+    return []
+
+
+def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to each tensor in it, in ``_leaves``' order."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        mapped = [_map(v, fn) for v in value]
+        return type(value)(mapped) if isinstance(value, list) or type(value) is tuple else type(value)(*mapped)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return value
