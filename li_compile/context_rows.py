@@ -18,8 +18,10 @@ form computes. For a bidirectional one it is an approximation whose error the la
 in full, corrects: ``benchmarks/results/context_reuse.md`` measures it on the trained
 bidirectional world. What it saves is the attention of the context rows at the steps between
 (three quarters of HY full's FLOPs are attention; its context is 20 of 24 frames); the
-row-wise layers still run on every row. It costs one kept output per layer, ``(B, H, context
-tokens, head dim)``, from the first computed step until the last.
+row-wise layers still run on every row (``context.row_blocks`` skips them too:
+``li_compile.row_blocks``, which sets ``slicing`` around a block's call and ``keep_kv``). It costs
+one kept output per layer, ``(B, H, context tokens, head dim)``, from the first computed step until
+the last; with ``row_blocks`` the context's keys and values per layer instead.
 
 It acts only inside a chunk whose loop tells the steps (``ChunkScope.step``) and whose ``sigmas``
 give the step count (the last step must be known), never while calibrating, capturing a CUDA graph

@@ -39,6 +39,7 @@ from li_compile.context_rows import ContextRowReuse, RowCut, put_back
 
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # of the largest value; other dtypes (half, bf16): HALF_RTOL
 HALF_RTOL = 3e-2
+STANDARD = torch.contiguous_format  # the strides a row-major copy has
 
 Leaf = tuple[int, str, torch.Tensor] | None  # (dim, "rows" or "frames", the context's part) of one output tensor
 
@@ -69,6 +70,9 @@ class RowBlocks:
             if self.reason is None and self._differs is not None and bool(self._differs):
                 self.reason = "a block on the chunk's rows alone computed other values than the whole block"
             self.fit = self.reason is None
+        elif self.fit is None and self.reuse.verdict is True:  # the probe chunk ran no block through RowBlocks
+            self.fit, self.reason = False, ("no block ran through li_compile.compile_repeated_blocks, which "
+                                            "context.row_blocks needs: the context rows' attention alone is reused")
         self.reuse.keep_kv = self.fit is True
         values: dict[str, Any] = {"row_blocks_calls": self._sliced}
         if self.fit is False:
@@ -222,15 +226,17 @@ def _dim_of(t: torch.Tensor, cut: RowCut) -> tuple[int, str] | None:
 
 
 def _cut_tensor(t: torch.Tensor, cut: RowCut) -> torch.Tensor:
-    """``t`` without the context's rows or frames (``_dim_of``); unchanged where it holds none."""
+    """``t`` without the context's rows or frames (``_dim_of``), a copy with standard strides (a
+    compiled block is specialised on its inputs' strides, which a view would take from each
+    capacity's full tensor, size-1 dimensions included); unchanged where it holds none."""
     found = _dim_of(t, cut)
     if found is None:
         return t
     dim, kind = found
     if kind == "frames":
-        return t.narrow(dim, cut.context_frames, cut.frames - cut.context_frames)
+        return t.narrow(dim, cut.context_frames, cut.frames - cut.context_frames).clone(memory_format=STANDARD)
     if cut.start == 0:
-        return t.narrow(dim, cut.stop, cut.length - cut.stop)
+        return t.narrow(dim, cut.stop, cut.length - cut.stop).clone(memory_format=STANDARD)
     return torch.cat([t.narrow(dim, 0, cut.start), t.narrow(dim, cut.stop, cut.length - cut.stop)], dim)
 
 

@@ -260,8 +260,8 @@ def _world(**spec_changes):
     return hy_worldplay.build(spec, form="full")
 
 
-def _backend_run(world, trajectory, chunks: int, reuse_rows: bool):
-    options = {**OPTIONS, "context": {**OPTIONS["context"], "reuse_rows": reuse_rows}}
+def _backend_run(world, trajectory, chunks: int, reuse_rows: bool, row_blocks: bool = False):
+    options = {**OPTIONS, "context": {**OPTIONS["context"], "reuse_rows": reuse_rows, "row_blocks": row_blocks}}
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options,
                                                      fullgraph=True, dynamic=False))
     accelerator = li_compile.accelerator(compiled.model)
@@ -372,3 +372,12 @@ def test_a_block_that_reads_positions_from_its_own_length_keeps_attention_only_r
 def test_row_blocks_needs_the_context_rows_reused():
     with pytest.raises(ValueError, match="context.row_blocks.*needs context.reuse_rows True or \"auto\", got False"):
         li_compile.Options.from_user({"context": {"row_blocks": True, "reuse_rows": False}})
+
+
+def test_row_blocks_on_a_whole_model_graph_says_that_it_needs_the_blocks_compiled():
+    world = _world(block_causal=True)
+    trajectory = trajectories.make("random_walk_with_returns", 3 * world.spec.chunk_frames)
+    _, accelerator = _backend_run(world, trajectory, 3, reuse_rows=True, row_blocks=True)
+    stats = [c.values for c in accelerator.report().chunks]
+    assert any("needs: the context rows' attention alone is reused" in s.get("row_blocks_off", "") for s in stats)
+    assert sum(s.get("context_rows_reused", 0) for s in stats) > 0
