@@ -51,6 +51,8 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
         share_accelerators(model, block)
         if settings.context.row_blocks:
             block._compiled_call_impl = RowBlockCall(block, settings, block._compiled_call_impl)
+    if settings.context.row_blocks:
+        model.register_forward_pre_hook(ModelCallStart(settings))
     accelerator_of(model, settings)
     model.__dict__[BLOCKS_ATTRIBUTE] = settings
     return model
@@ -70,6 +72,26 @@ def compile_blocks_in_place(model: nn.Module, min_blocks: int = MIN_BLOCKS, **co
     return blocks
 
 
+def _row_blocks(module: nn.Module, options: Options) -> tuple[Any, Any]:
+    """(the accelerator ``module`` shares for ``options``, its ``RowBlocks``), or (None, None)."""
+    accelerator = module.__dict__.get(ATTRIBUTE, {}).get(options)
+    if accelerator is None or accelerator.context_rows is None or accelerator.context_rows.blocks is None:
+        return None, None
+    return accelerator, accelerator.context_rows.blocks
+
+
+class ModelCallStart:
+    """A forward pre-hook of the model: each call starts a new chain of blocks (``RowBlocks.model_call``)."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def __call__(self, model: nn.Module, args: tuple) -> None:
+        _, rows = _row_blocks(model, self.options)
+        if rows is not None:
+            rows.model_call()
+
+
 class RowBlockCall:
     """A block's compiled call run through its model's ``RowBlocks`` (``context.row_blocks``): whole,
     or on the chunk's rows alone where the open chunk's step reuses the context rows. ``options``:
@@ -79,8 +101,7 @@ class RowBlockCall:
         self.block, self.options, self.call = block, options, call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        accelerator = self.block.__dict__.get(ATTRIBUTE, {}).get(self.options)
-        rows = None if accelerator is None or accelerator.context_rows is None else accelerator.context_rows.blocks
+        accelerator, rows = _row_blocks(self.block, self.options)
         if rows is None:
             return self.call(*args, **kwargs)
         return rows.run(self.call, accelerator.plan.warming, args, kwargs)

@@ -12,18 +12,19 @@ the other rows alone:
   the context's frames along the first such dimension (RoPE tables, per-frame modulation);
 - its attention calls get the context's keys, values and key-mask columns, kept at the first
   computed step, put back, and attend dense (``ContextRowReuse.attend``);
-- its outputs get a context part back: the one the first computed step's last block call output,
-  which is what the model reads after its blocks, so the model's output equals attention-only
-  reuse's. The hidden states between two blocks carry that same part: code between the blocks
-  must not read the context's hidden states.
+- its outputs get a context part back: at the end of a chain of blocks (the last block of a model
+  call), the part that call output at the first computed step, which is what the model reads after
+  its blocks, so the model's output equals attention-only reuse's; between two blocks, that same
+  part of the chain's end (the next block drops it): code between the blocks must not read the
+  context's hidden states.
 
 That holds only where the block is row-wise outside attention and those dimensions mean what they
 seem. The probe chunk checks it at its first step: each block call runs whole (attention dense,
 the context's keys and values kept) and then on the chunk's rows alone; the two must agree on the
-chunk's rows within ``RTOL`` of the largest value (read when the chunk ends), and each block must
-take the previous block's hidden states as it returned them. A model that fails keeps
-attention-only reuse, and the chunk statistics say why. The blocks compile a second time, for the
-shorter sequence, at warm-up.
+chunk's rows within ``RTOL`` of the largest value (read when the chunk ends), and within a model
+call each block must take the previous block's hidden states as it returned them (a model call
+starts a chain: ``model_call``). A model that fails keeps attention-only reuse, and the chunk
+statistics say why. The blocks compile a second time, for the shorter sequence, at warm-up.
 
 It keeps the context's keys and values per layer from the first computed step to the last: twice
 the attention output that attention-only reuse keeps.
@@ -31,6 +32,7 @@ the attention output that attention-only reuse keeps.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -55,14 +57,20 @@ class RowBlocks:
         self._differs: torch.Tensor | None = None  # on the device: a checked call's rows differed
         self._checked = 0
         self._sliced = 0
-        self._kept: dict[int, list[Leaf]] = {}  # sequence length -> the latest block call's output parts
-        self._previous: torch.Tensor | None = None  # the hidden states the step's latest block call returned
+        self._kept: dict[int, dict[int, list[Leaf]]] = {}  # length -> chain end's call number -> its output parts
+        self._previous: torch.Tensor | None = None  # the hidden states the model call's latest block returned
+        self._numbers: Counter[int] = Counter()  # block calls per length in the current step
         self._step: int | None = None
 
     def begin_chunk(self) -> None:
         """A chunk opens: nothing kept, nothing counted."""
         self._differs, self._checked, self._sliced, self._previous, self._step = None, 0, 0, None, None
         self._kept.clear()
+        self._numbers.clear()
+
+    def model_call(self) -> None:
+        """The model is called: its first block starts a new chain."""
+        self._previous = None
 
     def end_chunk(self) -> dict[str, Any]:
         """The chunk's statistics; after the probe chunk, the verdict of its checks."""
@@ -103,8 +111,13 @@ class RowBlocks:
         if self.fit is None and reuse.probing():
             return self._check(call, cut, args, kwargs)
         if self.fit and reuse.computing():
+            number, linked, _ = self._enter(args, kwargs, cut)
             out = call(*args, **kwargs)
-            self._kept[cut.length] = [_context_part(t, cut) for t in _leaves(out)]
+            kept = self._kept.setdefault(cut.length, {})
+            if linked:
+                kept.pop(number - 1, None)  # not a chain's end
+            kept[number] = [_context_part(t, cut) for t in _leaves(out)]
+            self._previous = _hidden(_leaves(out), cut)
             return out
         if self.fit and reuse.reusing():
             return self._reuse(call, cut, args, kwargs)
@@ -131,10 +144,12 @@ class RowBlocks:
         if sliced is None:
             return out
         self._checked += 1
+        _, _, broken = self._enter(args, kwargs, cut)
+        self._previous = _hidden(_leaves(out), cut)
         whole, rows = _leaves(out), _leaves(sliced)
         if calls != after or len(whole) != len(rows):
             self.reason = self.reason or "a block on the chunk's rows alone made other calls or outputs than the whole block"
-        elif not self._chained(args, kwargs, out, cut):
+        elif broken:
             self.reason = self.reason or ("the model changes the hidden states between its blocks, so a block's "
                                           "context rows would not be the previous block's")
         else:
@@ -144,9 +159,12 @@ class RowBlocks:
 
     def _reuse(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
         """A block call at a reused step: on the chunk's rows alone, the kept context parts put back."""
-        if not self._chained(args, kwargs, None, cut):
+        number, _, broken = self._enter(args, kwargs, cut)
+        if broken:
             self.reuse.lose("the model changed the hidden states between two blocks running on the chunk's rows")
-        kept = self._kept.get(cut.length, [])
+        ends = self._kept.get(cut.length, {})
+        end = min((n for n in ends if n >= number), default=None)  # this call's chain's end
+        kept = [] if end is None else ends[end]
         sliced = self._on_rows(call, cut, args, kwargs)
         leaves = iter(range(len(_leaves(sliced))))
 
@@ -176,18 +194,19 @@ class RowBlocks:
         finally:
             self.reuse.slicing = None
 
-    def _chained(self, args: tuple, kwargs: dict, out: Any, cut: RowCut) -> bool:
-        """Whether this block call takes the hidden states the step's previous block call returned
-        (the first input with the sequence's length); records this call's (``out``, or the output
-        ``_reuse`` builds) for the next."""
+    def _enter(self, args: tuple, kwargs: dict, cut: RowCut) -> tuple[int, bool, bool]:
+        """Count a block call: (its number among the current step's calls at this length, whether it
+        takes the hidden states the model call's previous block returned, whether it takes other
+        ones: something changed them between two blocks)."""
         step = self.reuse.current_step()
-        first = self._step != step
-        self._step = step
+        if self._step != step:
+            self._step, self._previous = step, None
+            self._numbers.clear()
+        number = self._numbers[cut.length]
+        self._numbers[cut.length] += 1
         hidden = _hidden(_leaves((args, kwargs)), cut)
-        chained = first or self._previous is None or hidden is self._previous
-        if out is not None:
-            self._previous = _hidden(_leaves(out), cut)
-        return chained
+        linked = self._previous is not None and hidden is self._previous
+        return number, linked, self._previous is not None and not linked
 
     def _compare(self, whole: torch.Tensor, rows: torch.Tensor) -> None:
         """Or into the device flag whether ``rows`` differs from ``whole`` (both the chunk's rows)."""

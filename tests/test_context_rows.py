@@ -327,7 +327,7 @@ def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step
 # --- blocks on the chunk's rows alone (context.row_blocks) -----------------------------------------
 
 
-def _blocks_run(world, trajectory, chunks: int, row_blocks: bool):
+def _blocks_run(world, trajectory, chunks: int, row_blocks: bool, step_hook=None):
     """``world`` with only its blocks compiled (``compile_repeated_blocks``), context rows reused."""
     options = {**OPTIONS, "context": {**OPTIONS["context"], "reuse_rows": True, "row_blocks": row_blocks}}
     model = li_compile.compile_repeated_blocks(sharing_weights(world.model), options, dynamic=False, min_blocks=2)
@@ -335,7 +335,7 @@ def _blocks_run(world, trajectory, chunks: int, row_blocks: bool):
     accelerator = li_compile.accelerator(model)
     accelerator.configure(memory_k=world.spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
                           layout=world.layout)
-    gen = generate(compiled, trajectory, chunks=chunks, accelerator=accelerator, decode=False)
+    gen = generate(compiled, trajectory, chunks=chunks, accelerator=accelerator, decode=False, step_hook=step_hook)
     torch._dynamo.reset()
     return gen, [c.values for c in accelerator.report().chunks]
 
@@ -345,6 +345,17 @@ def test_blocks_on_the_chunks_rows_alone_give_what_attention_only_reuse_gives():
     trajectory = trajectories.make("random_walk_with_returns", 4 * world.spec.chunk_frames)
     attention_only, _ = _blocks_run(world, trajectory, 4, row_blocks=False)
     rows_alone, stats = _blocks_run(world, trajectory, 4, row_blocks=True)
+    torch.testing.assert_close(rows_alone.latents, attention_only.latents, rtol=1e-5, atol=1e-5)
+    assert sum(s.get("row_blocks_calls", 0) for s in stats) > 0
+    assert not any("row_blocks_off" in s for s in stats)
+
+
+def test_a_step_that_calls_the_model_twice_runs_both_calls_on_the_chunks_rows():
+    world = _sharpened(_world())
+    trajectory = trajectories.make("random_walk_with_returns", 4 * world.spec.chunk_frames)
+    twice = lambda chunk, step, call: 0.5 * (call() + 2 * call())  # noqa: E731 - two calls per step, as guidance
+    attention_only, _ = _blocks_run(world, trajectory, 4, row_blocks=False, step_hook=twice)
+    rows_alone, stats = _blocks_run(world, trajectory, 4, row_blocks=True, step_hook=twice)
     torch.testing.assert_close(rows_alone.latents, attention_only.latents, rtol=1e-5, atol=1e-5)
     assert sum(s.get("row_blocks_calls", 0) for s in stats) > 0
     assert not any("row_blocks_off" in s for s in stats)
