@@ -116,7 +116,7 @@ class RowBlocks:
             kept = self._kept.setdefault(cut.length, {})
             if linked:
                 kept.pop(number - 1, None)  # not a chain's end
-            kept[number] = [_context_part(t, cut) for t in _leaves(out)]
+            kept[number] = [context_part(t, cut) for t in _leaves(out)]
             self._previous = _hidden(_leaves(out), cut)
             return out
         if self.fit and reuse.reusing():
@@ -154,7 +154,7 @@ class RowBlocks:
                                           "context rows would not be the previous block's")
         else:
             for full, part in zip(whole, rows):
-                self._compare(_cut_tensor(full, cut), part)
+                self._compare(cut_tensor(full, cut), part)
         return out
 
     def _reuse(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
@@ -187,7 +187,7 @@ class RowBlocks:
 
     def _on_rows(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
         """``call`` on the chunk's rows alone: every input without the context's rows or frames."""
-        sliced_args, sliced_kwargs = _map((args, kwargs), lambda t: _cut_tensor(t, cut))
+        sliced_args, sliced_kwargs = _map((args, kwargs), lambda t: cut_tensor(t, cut))
         self.reuse.slicing = cut
         try:
             return call(*sliced_args, **sliced_kwargs)
@@ -244,7 +244,7 @@ def _dim_of(t: torch.Tensor, cut: RowCut) -> tuple[int, str] | None:
     return None
 
 
-def _cut_tensor(t: torch.Tensor, cut: RowCut) -> torch.Tensor:
+def cut_tensor(t: torch.Tensor, cut: RowCut) -> torch.Tensor:
     """``t`` without the context's rows or frames (``_dim_of``), a copy with standard strides (a
     compiled block is specialised on its inputs' strides, which a view would take from each
     capacity's full tensor, size-1 dimensions included); unchanged where it holds none."""
@@ -259,7 +259,7 @@ def _cut_tensor(t: torch.Tensor, cut: RowCut) -> torch.Tensor:
     return torch.cat([t.narrow(dim, 0, cut.start), t.narrow(dim, cut.stop, cut.length - cut.stop)], dim)
 
 
-def _context_part(t: torch.Tensor, cut: RowCut) -> Leaf:
+def context_part(t: torch.Tensor, cut: RowCut) -> Leaf:
     """A copy of the context's rows or frames of one output tensor, with where they go."""
     found = _dim_of(t, cut)
     if found is None:

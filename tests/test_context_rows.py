@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import li_compile
 from benchmarks.context_reuse_fidelity import ContextReuse  # the eager emulation: block outputs' context rows frozen
-from li_compile.context_rows import ContextRowReuse, context_rows
+from li_compile.context_rows import ContextRowReuse, RowCut, context_rows, put_back
+from li_compile.row_blocks import context_part, cut_tensor
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds import hy_worldplay, trajectories
 from li_compile.worlds.pipeline import generate
@@ -392,3 +393,17 @@ def test_row_blocks_on_a_whole_model_graph_says_that_it_needs_the_blocks_compile
     stats = [c.values for c in accelerator.report().chunks]
     assert any("needs: the context rows' attention alone is reused" in s.get("row_blocks_off", "") for s in stats)
     assert sum(s.get("context_rows_reused", 0) for s in stats) > 0
+
+
+def test_a_tensor_cut_to_the_chunks_rows_and_given_its_context_back_is_unchanged():
+    cut = RowCut(length=LAYOUT.kv_len, start=ROWS[0], stop=ROWS[1], frames=LAYOUT.frames,
+                 context_frames=LAYOUT.context_frames)
+    for shape, dim in (((2, LAYOUT.kv_len, 8), 1), ((2, 3, LAYOUT.kv_len, 8), 2), ((2, LAYOUT.frames, 8), 1)):
+        t = torch.randn(shape)
+        part = context_part(t, cut)
+        cut_t = cut_tensor(t, cut)
+        assert part[0] == dim and cut_t.is_contiguous()
+        assert cut_t.shape[dim] == (cut.sliced_length if part[1] == "rows" else LAYOUT.chunk_frames)
+        at = cut.start if part[1] == "rows" else 0
+        assert torch.equal(put_back(cut_t, dim, at, part[2]), t)
+    assert cut_tensor(torch.randn(2, 5, 8), cut).shape == (2, 5, 8)  # no context in it: unchanged
