@@ -118,6 +118,7 @@ class ContextRowReuse:
         self._probe_calls: list[Counter[tuple[int, int]]] = []  # the probe chunk's calls per shape, per step
         self.off_reason = STEP_DEPENDENT  # why a failed probe turned reuse off
         self.cuts: dict[int, RowCut] = {}  # sequence length -> its context (full-sequence shapes)
+        self.configured = False  # set_layouts was given layouts
         self.blocks: Any = None  # li_compile.row_blocks.RowBlocks, where context.row_blocks is on
         self.keep_kv = False  # keep the context's keys and values (for blocks run on the chunk's rows), not outputs
         self.slicing: RowCut | None = None  # set by a block call running on the chunk's rows alone
@@ -128,6 +129,7 @@ class ContextRowReuse:
     def set_layouts(self, sequences: Iterable[SequenceLayout]) -> None:
         """The video layouts the model may run (one per capacity bucket)."""
         sequences = list(sequences)
+        self.configured = bool(sequences)
         self.rows = {(s.q_len, s.kv_len): rows for s in sequences if (rows := context_rows(s)) is not None}
         self.cuts = {s.q_len: RowCut(s.q_len, *self.rows[s.q_len, s.kv_len], s.frames, s.context_frames)
                      for s in sequences if (s.q_len, s.kv_len) in self.rows}
@@ -163,9 +165,12 @@ class ContextRowReuse:
         if self._open:
             values: dict[str, Any] = {"context_rows_reused": self._counts["reused"],
                                       "context_rows_kept_gb": self._counts["kept_bytes"] / 1e9}
-            if not self.rows:
-                values["context_rows_off"] = ("the layout has no context rows (a KV-cache model's queries are the "
-                                              "chunk's only, or no layout was configured)")
+            if not self.configured:
+                values["context_rows_off"] = "no layout was configured (accelerator.configure(layout=...))"
+            elif not self.rows:
+                if self.required:  # ("auto": a KV-cache model already computes its context once; nothing to say)
+                    values["context_rows_off"] = ("the layout has no context rows (a KV-cache model's queries are "
+                                                  "the chunk's only)")
             elif self._last is None:
                 values["context_rows_off"] = "the chunk's sigmas were not given: its last step is unknown"
             elif self._step is None:

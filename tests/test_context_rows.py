@@ -210,15 +210,26 @@ def test_nothing_is_reused_in_a_chunk_where_the_denoising_cache_matched_a_call()
 
 @pytest.mark.parametrize("steps, told, reason", [(None, True, "sigmas were not given"),
                                                   (4, False, "never called chunk.step"),
-                                                  (4, True, "no context rows")])
+                                                  (4, True, "no layout was configured")])
 def test_a_chunk_that_cannot_reuse_says_why_in_its_statistics(steps, told, reason):
     reuse = _reuse(steps=steps)
-    if reason == "no context rows":
-        reuse.set_layouts([dataclasses.replace(LAYOUT, queries="chunk")])
+    if reason == "no layout was configured":
+        reuse.set_layouts([])
     if told:
         reuse.set_step(0)
     reuse.end_chunk()
     assert reason in reuse.history[-1].values["context_rows_off"]
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_kv_cache_layout_is_named_only_where_reuse_was_required(required):
+    reuse = _unprobed(required=required)
+    reuse.set_layouts([dataclasses.replace(LAYOUT, queries="chunk")])
+    reuse.begin_chunk(1, 4)
+    reuse.set_step(0)
+    reuse.end_chunk()
+    said = reuse.history[-1].values.get("context_rows_off", "")
+    assert ("no context rows (a KV-cache model" in said) == required
 
 
 def test_the_option_warns_when_the_model_has_no_context_rows_to_reuse():
