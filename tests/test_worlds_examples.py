@@ -58,6 +58,14 @@ def test_example_writes_the_summary_json_and_pictures(tmp_path):
         assert (tmp_path / picture).stat().st_size > 0
 
 
+def test_the_blocks_flag_compiles_only_the_blocks_and_lets_them_run_on_the_chunks_rows():
+    summary = run_example(hy_worldplay, "loop", ["--chunks", "3", "--blocks", "--options",
+                                                  '{"cache": {"enabled": false}, "context": {"row_blocks": true}}'])
+    assert summary["row_blocks_calls"] > 0 and not summary["row_blocks_off"]
+    assert summary["recompiles_after_warmup"] == 0
+    assert summary["psnr_db_vs_dense"] >= 25
+
+
 def test_the_preset_flag_offers_each_worlds_own_presets():
     """``--preset trained`` exists for the HY-WorldPlay-style world only (the one with trained weights)."""
 

@@ -57,7 +57,8 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
 
 def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None,
                presets: Sequence[str] = ("tiny", "small", "full")) -> argparse.Namespace:
-    """The examples' flags: ``--preset --device --chunks --trajectory --seed --options --calibrate --out --json``;
+    """The examples' flags: ``--preset --device --chunks --trajectory --seed --options --calibrate --blocks --out
+    --json``;
     ``--options`` is the backend's ``options=`` dict as JSON, checked as the backend checks it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="tiny", choices=presets)
@@ -70,6 +71,9 @@ def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | 
     parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
                         help="calibrate the tile plans on the first chunks to keep TARGET (e.g. 0.99) of the "
                              "attention mass (li_compile.calibrate) and print the recall per layer")
+    parser.add_argument("--blocks", action="store_true",
+                        help="compile only the repeated blocks in both runs (li_compile.compile_repeated_blocks: the "
+                             "shortest warm-up, and what context.row_blocks needs)")
     parser.add_argument("--out", type=Path, default=None, help="folder for plots and pictures")
     parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON to this file")
     args = parser.parse_args(argv)
@@ -137,6 +141,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 # compiles the same model forward, dense with 2 graphs (padded, full), a light_interaction run with
 # one per capacity bucket and one more (full) at the largest; past the limit Dynamo would run the forward eagerly, silently.
 GRAPHS_PER_FUNCTION = 64
+BLOCKS_AT_LEAST = 2  # the runs that compile only the blocks do so from this many (the tiny presets have 2)
 
 # --- the two runs ----------------------------------------------------------------------------------
 
@@ -188,7 +193,7 @@ def dense_setup(world: World, regional: bool = True, blocks: bool = False) -> Se
     spec = world.spec
     if blocks:
         model = sharing_weights(world.model)
-        compile_blocks_in_place(model, backend="inductor", dynamic=False)
+        compile_blocks_in_place(model, BLOCKS_AT_LEAST, backend="inductor", dynamic=False)
         compiled = world.with_model(model)
     else:
         backend = regional_inductor if regional else "inductor"
@@ -227,7 +232,8 @@ def light_interaction_setup(world: World, options: Mapping[str, Any] | None = No
     behind the cache at its call boundary (``li_compile.cached``, arguments ``x`` and ``sigma``)."""
     user = light_interaction_options(world, options)
     if blocks:
-        model = li_compile.compile_repeated_blocks(sharing_weights(world.model), user, dynamic=dynamic)
+        model = li_compile.compile_repeated_blocks(sharing_weights(world.model), user, dynamic=dynamic,
+                                                   min_blocks=BLOCKS_AT_LEAST)
         compiled = world.with_model(model, li_compile.cached(model, latent="x", timestep="sigma"))
     else:
         compiled = world.compile(
@@ -569,7 +575,8 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
           f"{spec.tokens_per_frame} tokens per frame, context {spec.context_frames} frames, {spec.steps} steps, "
           f"trajectory '{args.trajectory}'")
     truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
-    setups = {"dense": dense_setup(world), "light_interaction": light_interaction_setup(world, args.options)}
+    setups = {"dense": dense_setup(world, blocks=args.blocks),
+              "light_interaction": light_interaction_setup(world, args.options, blocks=args.blocks)}
     calibrate = {"dense": None, "light_interaction": args.calibrate}
     runs = {label: timed_run(setup, trajectory, args.chunks, args.seed, prefix, calibrate=calibrate[label])
             for label, setup in progress_bar(setups.items(), "runs")}
