@@ -458,7 +458,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{s['chunks']} chunks)",
         f"memory frames kept {s['memory_frames_kept']}, pruned {s['memory_frames_pruned']}; "
         f"attention density {s['attention_density_mean']:.2f}; denoise-cache hits {s['cache_hits']}"
-        + (f"; attention calls reusing context rows {s['context_rows_reused']}" if s.get("context_rows_reused") else ""),
+        + (f"; attention calls reusing context rows {s['context_rows_reused']}" if s.get("context_rows_reused") else "")
+        + (f"; block calls on the chunk's rows alone {s['row_blocks_calls']}" if s.get("row_blocks_calls") else ""),
         *([f"context rows not reused: {'; '.join(s['context_rows_off'])}"] if s.get("context_rows_off") else []),
         *([f"blocks not run on the chunk's rows alone: {'; '.join(s['row_blocks_off'])}"]
           if s.get("row_blocks_off") else []),
