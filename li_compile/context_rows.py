@@ -226,30 +226,32 @@ class ContextRowReuse:
         """Record that the open chunk's output is wrong (``end_chunk`` raises, naming ``reason``)."""
         self._lost = self._lost or reason
 
+    def _in_step(self) -> bool:
+        """Whether a step of the open chunk is running where rows may be reused: the step and the
+        step count known, no gradient, and no call of the chunk matched by the denoising cache."""
+        return (self._open and self._step is not None and self._last is not None and not torch.is_grad_enabled()
+                and not self.matched())
+
     def reusing(self) -> bool:
         """Whether the open chunk's current step reuses the context rows kept at an earlier step."""
-        return (self.verdict is True and self._open and self._step is not None and self._last is not None
-                and self._step != self._last and self.first_step is not None and self._step != self.first_step
-                and not torch.is_grad_enabled() and not self.matched())
+        return (self.verdict is True and self._in_step() and self._step != self._last
+                and self.first_step is not None and self._step != self.first_step)
 
     def computing(self) -> bool:
         """Whether the open chunk's current step is the one that computes and keeps the context rows."""
-        return (self.verdict is True and self._open and self._step is not None and self._last is not None
-                and self._step != self._last and self.first_step in (None, self._step)
-                and not torch.is_grad_enabled() and not self.matched())
+        return (self.verdict is True and self._in_step() and self._step != self._last
+                and self.first_step in (None, self._step))
 
     def probing(self) -> bool:
         """Whether the open chunk is the probe and its current step the first it computes."""
-        return (self.verdict is None and self._open and self._step is not None and self._last is not None
-                and self.first_step in (None, self._step) and not torch.is_grad_enabled() and not self.matched())
+        return self.verdict is None and self._in_step() and self.first_step in (None, self._step)
 
     def applies(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
         """Whether a call of this shape, inside the open chunk, is run by ``attend``."""
         if self.slicing is not None and not is_causal and q.shape[2] == self.slicing.sliced_length:
             return True
-        return (self.verdict is not False and self._open and self._step is not None and self._last is not None
-                and not is_causal and (q.shape[2], k.shape[2]) in self.rows and not torch.is_grad_enabled()
-                and not self.matched())
+        return (self.verdict is not False and not is_causal and (q.shape[2], k.shape[2]) in self.rows
+                and self._in_step())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                scale: float | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -363,12 +365,12 @@ class ContextRowReuse:
     def _with_kept(q, k, v, attn_mask, scale, start: int, stop: int, kept: torch.Tensor) -> torch.Tensor:
         """Rows outside ``[start, stop)`` attended dense, the kept rows in between."""
         rows = q.shape[2]
-        other = q[:, :, stop:] if start == 0 else torch.cat([q[:, :, :start], q[:, :, stop:]], 2)
+        other = without(q, 2, start, stop)
         mask = attn_mask
         if mask is not None and mask.dim() >= 2 and mask.shape[-2] == rows and rows > 1:
-            mask = mask[..., stop:, :] if start == 0 else torch.cat([mask[..., :start, :], mask[..., stop:, :]], -2)
+            mask = without(mask, mask.dim() - 2, start, stop)
         out = dense_attention(other, k, v, mask, scale, False)
-        return torch.cat([out[:, :, :start], kept, out[:, :, start:]], 2)
+        return put_back(out, 2, start, kept)
 
 
 def _or_differs(flag: torch.Tensor | None, fingerprint: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -399,6 +401,14 @@ def _context_kv_zeros(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor 
         shape = (*attn_mask.shape[:-1], rows)
         columns = attn_mask.new_ones(shape) if attn_mask.dtype == torch.bool else attn_mask.new_zeros(shape)
     return k.new_zeros(*k.shape[:2], rows, k.shape[3]), v.new_zeros(*v.shape[:2], rows, v.shape[3]), columns
+
+
+def without(t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+    """``t`` without indices ``[start, stop)`` of ``dim`` (a view where ``start`` is 0, else a copy);
+    ``put_back`` inverts it."""
+    if start == 0:
+        return t.narrow(dim, stop, t.shape[dim] - stop)
+    return torch.cat([t.narrow(dim, 0, start), t.narrow(dim, stop, t.shape[dim] - stop)], dim)
 
 
 def put_back(part: torch.Tensor, dim: int, at: int, context: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from li_compile.context_rows import ContextRowReuse, RowCut, put_back
+from li_compile.context_rows import ContextRowReuse, RowCut, put_back, without
 
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # of the largest value; other dtypes (half, bf16): HALF_RTOL
 HALF_RTOL = 3e-2
@@ -252,11 +252,9 @@ def cut_tensor(t: torch.Tensor, cut: RowCut) -> torch.Tensor:
     if found is None:
         return t
     dim, kind = found
-    if kind == "frames":
-        return t.narrow(dim, cut.context_frames, cut.frames - cut.context_frames).clone(memory_format=STANDARD)
-    if cut.start == 0:
-        return t.narrow(dim, cut.stop, cut.length - cut.stop).clone(memory_format=STANDARD)
-    return torch.cat([t.narrow(dim, 0, cut.start), t.narrow(dim, cut.stop, cut.length - cut.stop)], dim)
+    start, stop = (cut.start, cut.stop) if kind == "rows" else (0, cut.context_frames)
+    rest = without(t, dim, start, stop)
+    return rest.clone(memory_format=STANDARD) if start == 0 else rest  # (else already a copy)
 
 
 def context_part(t: torch.Tensor, cut: RowCut) -> Leaf:
