@@ -123,6 +123,7 @@ class ContextRowReuse:
         self.keep_kv = False  # keep the context's keys and values (for blocks run on the chunk's rows), not outputs
         self.slicing: RowCut | None = None  # set by a block call running on the chunk's rows alone
         self.verifying = False  # set by the block call that the probe checks: keep keys and values, attend dense
+        self.checking = False  # set by a checked call on the chunk's rows: compared, not used (nothing kept: no loss)
         self.first_step: int | None = None  # the open chunk's first computed step (its rows kept), once known
         self._lost: str | None = None  # why a call running on the chunk's rows found nothing kept
 
@@ -186,7 +187,7 @@ class ContextRowReuse:
                 values.update(self.blocks.end_chunk())
             self.history.append(ChunkStats(self._chunk, values))
         self._open, self._step, self._last, self._mismatch, self._probe_mismatch = False, None, None, None, None
-        self.slicing, self.verifying, self.first_step, self._lost = None, False, None, None
+        self.slicing, self.verifying, self.checking, self.first_step, self._lost = None, False, False, None, None
         self._kept.clear()
         self._probe_keys.clear()
         self._probe_calls.clear()
@@ -296,7 +297,7 @@ class ContextRowReuse:
         self._calls[shape] += 1
         kv = self._kept.get(key, (None, None, None))[2]
         if kv is None or kv[0].shape[:2] != k.shape[:2]:
-            if self._open:  # (outside a chunk: the warm-up, which compiles the route)
+            if self._open and not self.checking:  # (outside a chunk: the warm-up, which compiles the route)
                 self._lost = self._lost or (f"a block call on the chunk's rows alone found no context keys kept for its "
                                             f"attention call {key[1]} at length {cut.length}: the model's calls did "
                                             "not repeat in the same order at every step")

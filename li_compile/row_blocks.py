@@ -26,6 +26,13 @@ call each block must take the previous block's hidden states as it returned them
 starts a chain: ``model_call``). A model that fails keeps attention-only reuse, and the chunk
 statistics say why. The blocks compile a second time, for the shorter sequence, at warm-up.
 
+A block call whose inputs differ from every checked one in shape, dtype or structure (a capacity
+bucket or a full context without its key mask that the probe chunk never saw) is checked the same
+way at the first step of a later chunk that computes it, and its verdict is read there, before any
+step runs it on the chunk's rows. A call on the chunk's rows alone never runs eagerly: where Dynamo's
+``recompile_limit`` would make it (the block's code already has that many graphs), its original
+attention would see the chunk's keys alone, so it fails instead and the blocks run whole from then on.
+
 It keeps the context's keys and values per layer from the first computed step to the last: twice
 the attention output that attention-only reuse keeps.
 """
@@ -61,6 +68,7 @@ class RowBlocks:
         self._previous: torch.Tensor | None = None  # the hidden states the model call's latest block returned
         self._numbers: Counter[int] = Counter()  # block calls per length in the current step
         self._step: int | None = None
+        self._checked_inputs: set[tuple] = set()  # signatures (``_signature``) of the block calls checked
 
     def begin_chunk(self) -> None:
         """A chunk opens: nothing kept, nothing counted."""
@@ -92,6 +100,7 @@ class RowBlocks:
         """Forget the verdict (a new trajectory probes again)."""
         self.begin_chunk()
         self.fit, self.reason, self.reuse.keep_kv = None, None, False
+        self._checked_inputs.clear()
 
     def run(self, call: Callable[..., Any], warming: bool, args: tuple, kwargs: dict) -> Any:
         """One call of a compiled block, ``call(*args, **kwargs)``: whole, checked, or on the
@@ -110,6 +119,8 @@ class RowBlocks:
             return out
         if self.fit is None and reuse.probing():
             return self._check(call, cut, args, kwargs)
+        if self.fit and reuse.computing() and _signature((args, kwargs)) not in self._checked_inputs:
+            return self._check_now(call, cut, args, kwargs)
         if self.fit and reuse.computing():
             number, linked, _ = self._enter(args, kwargs, cut)
             out = call(*args, **kwargs)
@@ -123,6 +134,46 @@ class RowBlocks:
             return self._reuse(call, cut, args, kwargs)
         return call(*args, **kwargs)
 
+    def _check_now(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+        """A block call that no check has seen, at a chunk's first computed step after the probe:
+        whole (its context's keys and values kept, as at every such step), then on the chunk's rows
+        alone, compared at once (one wait on the device); a failure turns the option off before a
+        step runs this call on the chunk's rows. Returns the whole call's output."""
+        reuse = self.reuse
+        number, linked, _ = self._enter(args, kwargs, cut)
+        before = reuse.call_index(cut.length)
+        out = call(*args, **kwargs)
+        after = reuse.call_index(cut.length)
+        reuse.set_call_index(cut.length, before)
+        try:
+            sliced = self._on_rows(call, cut, args, kwargs, checking=True)
+        except Exception as error:  # noqa: BLE001 - a block that cannot run on fewer rows runs whole
+            sliced = None
+            self._refuse(error)
+        calls = reuse.call_index(cut.length)
+        reuse.set_call_index(cut.length, after)
+        if sliced is not None:
+            whole, rows = _leaves(out), _leaves(sliced)
+            if calls != after or len(whole) != len(rows):
+                self.reason = "a block on the chunk's rows alone made other calls or outputs than the whole block"
+            else:
+                self._differs = None
+                for full, part in zip(whole, rows):
+                    self._compare(cut_tensor(full, cut), part)
+                if self.reason is None and self._differs is not None and bool(self._differs):
+                    self.reason = "a block on the chunk's rows alone computed other values than the whole block"
+                self._differs = None
+        if self.reason is not None:
+            self.fit = False  # this chunk's later steps run every block whole, exactly (no kept outputs)
+            return out
+        self._checked_inputs.add(_signature((args, kwargs)))
+        kept = self._kept.setdefault(cut.length, {})
+        if linked:
+            kept.pop(number - 1, None)
+        kept[number] = [context_part(t, cut) for t in _leaves(out)]
+        self._previous = _hidden(_leaves(out), cut)
+        return out
+
     def _check(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
         """The probe's check of one block call: whole, then on the chunk's rows alone (module docstring)."""
         reuse = self.reuse
@@ -135,7 +186,7 @@ class RowBlocks:
         after = reuse.call_index(cut.length)
         reuse.set_call_index(cut.length, before)
         try:
-            sliced = self._on_rows(call, cut, args, kwargs)
+            sliced = self._on_rows(call, cut, args, kwargs, checking=True)
         except Exception as error:  # noqa: BLE001 - a block that cannot run on fewer rows runs whole
             self._refuse(error)
             sliced = None
@@ -144,6 +195,7 @@ class RowBlocks:
         if sliced is None:
             return out
         self._checked += 1
+        self._checked_inputs.add(_signature((args, kwargs)))
         _, _, broken = self._enter(args, kwargs, cut)
         self._previous = _hidden(_leaves(out), cut)
         whole, rows = _leaves(out), _leaves(sliced)
@@ -185,14 +237,17 @@ class RowBlocks:
         self._sliced += 1
         return out
 
-    def _on_rows(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
-        """``call`` on the chunk's rows alone: every input without the context's rows or frames."""
+    def _on_rows(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict,
+                 checking: bool = False) -> Any:
+        """``call`` on the chunk's rows alone: every input without the context's rows or frames.
+        ``checking``: the output is only compared with the whole call's."""
         sliced_args, sliced_kwargs = _map((args, kwargs), lambda t: cut_tensor(t, cut))
-        self.reuse.slicing = cut
-        try:
-            return call(*sliced_args, **sliced_kwargs)
+        self.reuse.slicing, self.reuse.checking = cut, checking
+        try:  # never eagerly (see the module docstring): past the recompile limit, fail
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return call(*sliced_args, **sliced_kwargs)
         finally:
-            self.reuse.slicing = None
+            self.reuse.slicing, self.reuse.checking = None, False
 
     def _enter(self, args: tuple, kwargs: dict, cut: RowCut) -> tuple[int, bool, bool]:
         """Count a block call: (its number among the current step's calls at this length, whether it
@@ -223,7 +278,26 @@ class RowBlocks:
 
     def _refuse(self, error: Exception) -> None:
         self.fit = False
-        self.reason = f"the block failed on the chunk's rows alone ({type(error).__name__}: {str(error)[:200]})"
+        if "recompile_limit" in f"{type(error).__name__} {error}":
+            limit = torch._dynamo.config.recompile_limit
+            self.reason = (f"the block's code reached Dynamo's recompile_limit ({limit} graphs) before its call on "
+                           "the chunk's rows alone compiled: raise torch._dynamo.config.recompile_limit (each "
+                           "capacity bucket and key-mask variant is a graph, and the chunk's rows two more)")
+        else:
+            self.reason = f"the block failed on the chunk's rows alone ({type(error).__name__}: {str(error)[:200]})"
+
+
+def _signature(value: Any) -> tuple:
+    """What a compiled block's graph is chosen by, roughly: the structure of ``value`` with each
+    tensor's shape, dtype and device, and each other leaf's type and (plain scalars) value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _signature(v)) for k, v in value.items()))
+    plain = value if value is None or isinstance(value, (bool, int, float, str)) else None
+    return (type(value).__name__, plain)
 
 
 def _cut_of(value: Any, cuts: dict[int, RowCut]) -> RowCut | None:
