@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import li_compile
 from benchmarks.context_reuse_fidelity import ContextReuse  # the eager emulation: block outputs' context rows frozen
@@ -339,16 +340,20 @@ def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step
 # --- blocks on the chunk's rows alone (context.row_blocks) -----------------------------------------
 
 
-def _blocks_run(world, trajectory, chunks: int, row_blocks: bool, step_hook=None):
-    """``world`` with only its blocks compiled (``compile_repeated_blocks``), context rows reused."""
+def _blocks_run(world, trajectory, chunks: int, row_blocks: bool, step_hook=None, mask_full: bool = True):
+    """``world`` with only its blocks compiled (``compile_repeated_blocks``), context rows reused;
+    ``mask_full=False``: a full context without its key mask (as on CUDA), one more graph per block."""
     options = {**OPTIONS, "context": {**OPTIONS["context"], "reuse_rows": True, "row_blocks": row_blocks}}
     model = li_compile.compile_repeated_blocks(sharing_weights(world.model), options, dynamic=False, min_blocks=2)
     compiled = world.with_model(model, li_compile.cached(model, latent="x", timestep="sigma"))
     accelerator = li_compile.accelerator(model)
     accelerator.configure(memory_k=world.spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
                           layout=world.layout)
-    gen = generate(compiled, trajectory, chunks=chunks, accelerator=accelerator, decode=False, step_hook=step_hook)
-    torch._dynamo.reset()
+    try:
+        gen = generate(compiled, trajectory, chunks=chunks, accelerator=accelerator, decode=False,
+                       step_hook=step_hook, mask_full=mask_full)
+    finally:
+        torch._dynamo.reset()
     return gen, [c.values for c in accelerator.report().chunks]
 
 
@@ -390,6 +395,27 @@ def test_a_block_that_reads_positions_from_its_own_length_keeps_attention_only_r
     torch.testing.assert_close(refused.latents, attention_only.latents, rtol=1e-5, atol=1e-5)
     assert sum(s.get("row_blocks_calls", 0) for s in stats) == 0
     assert any("other values than the whole block" in s.get("row_blocks_off", "") for s in stats)
+
+
+def test_a_call_on_the_chunks_rows_past_dynamos_recompile_limit_turns_the_option_off_not_eager():
+    """Past ``recompile_limit`` Dynamo runs a call eagerly, and a block run eagerly on the chunk's rows
+    would attend to the chunk's keys alone (0.01 off here, silently). The run's last new graph is
+    the full context's unmasked call on the chunk's rows, which the probe chunk never saw: with
+    the limit one graph short, that call is checked when its chunk first computes it, fails to
+    compile instead of running eagerly, and the blocks run whole from then on, the reason naming
+    the limit; every frame equals the attention-only reuse's (unscaled weights: reuse moves
+    nothing beyond 1e-5 here)."""
+    world = _world()
+    trajectory = trajectories.make("random_walk_with_returns", 8 * world.spec.chunk_frames)
+    attention_only, _ = _blocks_run(world, trajectory, 8, row_blocks=False, mask_full=False)
+    before = counters["frames"]["ok"]
+    _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
+    graphs = counters["frames"]["ok"] - before
+    with torch._dynamo.config.patch(recompile_limit=graphs - 1):
+        limited, stats = _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
+    torch.testing.assert_close(limited.latents, attention_only.latents, rtol=1e-4, atol=1e-4)
+    assert sum(s.get("row_blocks_calls", 0) for s in stats) > 0  # on until the full context came
+    assert any("recompile_limit" in s.get("row_blocks_off", "") for s in stats)
 
 
 def test_row_blocks_needs_the_context_rows_reused():
