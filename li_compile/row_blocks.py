@@ -217,7 +217,14 @@ class RowBlocks:
         ends = self._kept.get(cut.length, {})
         end = min((n for n in ends if n >= number), default=None)  # this call's chain's end
         kept = [] if end is None else ends[end]
-        sliced = self._on_rows(call, cut, args, kwargs)
+        try:
+            sliced = self._on_rows(call, cut, args, kwargs)
+        except Exception as error:
+            if "recompile_limit" not in f"{type(error).__name__} {error}":
+                raise
+            self._refuse(error)  # (a graph no check compiled: inputs ``_signature`` does not tell apart)
+            raise RuntimeError(f"context.row_blocks: {self.reason}. This step runs the blocks on the chunk's rows "
+                               "alone and cannot finish") from error
         leaves = iter(range(len(_leaves(sliced))))
 
         def restore(part: torch.Tensor) -> torch.Tensor:

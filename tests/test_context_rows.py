@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 import li_compile
 from benchmarks.context_reuse_fidelity import ContextReuse  # the eager emulation: block outputs' context rows frozen
 from li_compile.context_rows import ContextRowReuse, RowCut, context_rows, put_back
+from li_compile import row_blocks
 from li_compile.row_blocks import context_part, cut_tensor
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds import hy_worldplay, trajectories
@@ -416,6 +417,20 @@ def test_a_call_on_the_chunks_rows_past_dynamos_recompile_limit_turns_the_option
     torch.testing.assert_close(limited.latents, attention_only.latents, rtol=1e-4, atol=1e-4)
     assert sum(s.get("row_blocks_calls", 0) for s in stats) > 0  # on until the full context came
     assert any("recompile_limit" in s.get("row_blocks_off", "") for s in stats)
+
+
+def test_a_call_first_compiled_at_a_reused_step_past_the_limit_raises_naming_it(monkeypatch):
+    """Inputs that the check cannot tell apart (every signature equal here) leave the unmasked call's
+    first compile to a reused step; one graph short of the limit, that step raises, naming it."""
+    monkeypatch.setattr(row_blocks, "_signature", lambda value: ())
+    world = _world()
+    trajectory = trajectories.make("random_walk_with_returns", 8 * world.spec.chunk_frames)
+    before = counters["frames"]["ok"]
+    _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
+    graphs = counters["frames"]["ok"] - before
+    with torch._dynamo.config.patch(recompile_limit=graphs - 1), pytest.raises(
+            RuntimeError, match="context.row_blocks: the block's code reached Dynamo's recompile_limit"):
+        _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
 
 
 def test_row_blocks_needs_the_context_rows_reused():
