@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 from li_compile.accelerator import ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, accelerator_of, share_accelerators
@@ -50,7 +51,12 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
     for block in blocks:  # compiled lazily: each block finds the model's accelerator when it first runs
         share_accelerators(model, block)
         if settings.context.row_blocks:
-            block._compiled_call_impl = RowBlockCall(block, settings, block._compiled_call_impl)
+            compiled_call = getattr(block, "_compiled_call_impl", None)  # (what nn.Module.compile sets)
+            if compiled_call is None:
+                raise RuntimeError(f"context.row_blocks wraps the call that nn.Module.compile keeps in "
+                                   f"_compiled_call_impl, which {type(block).__name__} lacks under torch "
+                                   f"{torch.__version__}; turn context.row_blocks off")
+            block._compiled_call_impl = RowBlockCall(block, settings, compiled_call)
     if settings.context.row_blocks:
         model.register_forward_pre_hook(ModelCallStart(settings))
     accelerator_of(model, settings)

@@ -67,6 +67,14 @@ def test_a_model_without_repeated_blocks_or_compiled_with_other_options_is_refus
         li_compile.compile_repeated_blocks(model, {"inner": "eager", "sparsity": {"enabled": False}})
 
 
+def test_row_blocks_under_a_torch_whose_module_compile_keeps_no_compiled_call_is_refused(monkeypatch):
+    """``context.row_blocks`` wraps the call ``nn.Module.compile`` keeps (``_compiled_call_impl``, a
+    private attribute of torch 2.11 and 2.13): where a torch keeps none, compiling says so."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="context.row_blocks wraps the call .* turn context.row_blocks off"):
+        li_compile.compile_repeated_blocks(Stack(4), {"inner": "eager", "context": {"row_blocks": True}})
+
+
 def _generation(name: str, blocks_only: bool, sparse_calls):
     """A tiny world, two blocks deep, along a loop (revisits hit the cache), every plan sparse: the
     whole model compiled, or only its blocks with the model behind ``li_compile.cached``."""
