@@ -113,8 +113,10 @@ class Accelerator:
         self.revisit_inputs = frozenset(revisit_inputs)
         if self.context_rows is not None:
             self.context_rows.set_layouts(map(layout, self.controller.warm_up_buckets()) if layout is not None else ())
-            if not self.context_rows.rows and self.options.context.reuse_rows is True:
-                warnings.warn(f"{self.name}: option context.reuse_rows has nothing to act on: "
+            named = [f"context.{n}" for n in ("reuse_rows", "row_blocks") if getattr(self.options.context, n) is True]
+            if not self.context_rows.rows and named:
+                verb = "has" if len(named) == 1 else "have"
+                warnings.warn(f"{self.name}: option {' and '.join(named)} {verb} nothing to act on: "
                               + ("no layout was configured" if layout is None else "the layout's queries are the "
                                  "chunk's only (a KV-cache model) or it has no context frames"), stacklevel=2)
         if self.calibration is not None:

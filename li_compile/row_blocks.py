@@ -86,6 +86,9 @@ class RowBlocks:
             if self.reason is None and self._differs is not None and bool(self._differs):
                 self.reason = "a block on the chunk's rows alone computed other values than the whole block"
             self.fit = self.reason is None
+        elif self.fit is None and self.reuse.configured and not self.reuse.rows:
+            self.fit, self.reason = False, ("the layout has no context rows (a KV-cache model's queries are the "
+                                            "chunk's only): every block runs whole")
         elif self.fit is None and self.reuse.verdict is True:  # the probe chunk ran no block through RowBlocks
             self.fit, self.reason = False, ("no block ran through li_compile.compile_repeated_blocks, which "
                                             "context.row_blocks needs: the context rows' attention alone is reused")

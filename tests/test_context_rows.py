@@ -239,6 +239,9 @@ def test_the_option_warns_when_the_model_has_no_context_rows_to_reuse():
     with pytest.warns(UserWarning, match="reuse_rows has nothing to act on"):
         accelerator.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity,
                                                                           queries="chunk"))
+    blocks = li_compile.Accelerator(li_compile.Options.from_user({"context": {"row_blocks": True}}), "m")
+    with pytest.warns(UserWarning, match="option context.row_blocks has nothing to act on"):
+        blocks.configure(layout=lambda capacity: dataclasses.replace(LAYOUT, context_frames=capacity, queries="chunk"))
 
 
 def test_auto_is_the_default_reuses_where_it_can_and_says_nothing_where_it_cannot():
@@ -431,6 +434,15 @@ def test_a_call_first_compiled_at_a_reused_step_past_the_limit_raises_naming_it(
     with torch._dynamo.config.patch(recompile_limit=graphs - 1), pytest.raises(
             RuntimeError, match="context.row_blocks: the block's code reached Dynamo's recompile_limit"):
         _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
+
+
+def test_row_blocks_on_a_kv_cache_model_says_that_it_has_no_context_rows():
+    world = hy_worldplay.build(dataclasses.replace(hy_worldplay.PRESETS["tiny"], depth=2, steps=4, block_causal=True),
+                               form="cached")
+    trajectory = trajectories.make("random_walk_with_returns", 2 * world.spec.chunk_frames)
+    with pytest.warns(UserWarning, match="context.row_blocks have nothing to act on"):
+        _, stats = _blocks_run(world, trajectory, 2, row_blocks=True)
+    assert all("has no context rows" in s.get("row_blocks_off", "") for s in stats)
 
 
 def test_row_blocks_needs_the_context_rows_reused():
