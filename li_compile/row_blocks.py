@@ -86,6 +86,8 @@ class RowBlocks:
             if self.reason is None and self._differs is not None and bool(self._differs):
                 self.reason = "a block on the chunk's rows alone computed other values than the whole block"
             self.fit = self.reason is None
+        elif self.fit is None and self.reuse.verdict is False:
+            self.fit, self.reason = False, "the context rows are not reused (context_rows_off says why)"
         elif self.fit is None and self.reuse.configured and not self.reuse.rows:
             self.fit, self.reason = False, ("the layout has no context rows (a KV-cache model's queries are the "
                                             "chunk's only): every block runs whole")

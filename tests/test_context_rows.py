@@ -21,7 +21,7 @@ import li_compile
 from benchmarks.context_reuse_fidelity import ContextReuse  # the eager emulation: block outputs' context rows frozen
 from li_compile.context_rows import ContextRowReuse, RowCut, context_rows, put_back
 from li_compile import row_blocks
-from li_compile.row_blocks import context_part, cut_tensor
+from li_compile.row_blocks import RowBlocks, context_part, cut_tensor
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds import hy_worldplay, trajectories
 from li_compile.worlds.pipeline import generate
@@ -166,9 +166,11 @@ def test_a_models_first_chunk_computes_every_row_and_finds_its_context_keys_repe
 
 def test_a_model_whose_context_keys_follow_the_step_is_never_reused_under_auto():
     reuse = _unprobed()
+    reuse.blocks = RowBlocks(reuse)  # context.row_blocks on as well: it says why it does nothing
     assert _probe_chunk(reuse, step_dependent=True) == [0, 1, 2, 3]
     reuse.end_chunk()
     assert reuse.verdict is False
+    assert "context rows are not reused" in reuse.history[-1].values["row_blocks_off"]
     reuse.begin_chunk(1, 4)
     reuse.set_step(1)
     q, k, _ = _qkv(0)
