@@ -129,61 +129,28 @@ class RowBlocks:
         if self.fit and reuse.computing():
             number, linked, _ = self._enter(args, kwargs, cut)
             out = call(*args, **kwargs)
-            kept = self._kept.setdefault(cut.length, {})
-            if linked:
-                kept.pop(number - 1, None)  # not a chain's end
-            kept[number] = [context_part(t, cut) for t in _leaves(out)]
-            self._previous = _hidden(_leaves(out), cut)
+            self._keep_end(cut, number, linked, out)
             return out
         if self.fit and reuse.reusing():
             return self._reuse(call, cut, args, kwargs)
         return call(*args, **kwargs)
 
-    def _check_now(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
-        """A block call that no check has seen, at a chunk's first computed step after the probe:
-        whole (its context's keys and values kept, as at every such step), then on the chunk's rows
-        alone, compared at once (one wait on the device); a failure turns the option off before a
-        step runs this call on the chunk's rows. Returns the whole call's output."""
-        reuse = self.reuse
-        number, linked, _ = self._enter(args, kwargs, cut)
-        before = reuse.call_index(cut.length)
-        out = call(*args, **kwargs)
-        after = reuse.call_index(cut.length)
-        reuse.set_call_index(cut.length, before)
-        try:
-            sliced = self._on_rows(call, cut, args, kwargs, checking=True)
-        except Exception as error:  # noqa: BLE001 - a block that cannot run on fewer rows runs whole
-            sliced = None
-            self._refuse(error)
-        calls = reuse.call_index(cut.length)
-        reuse.set_call_index(cut.length, after)
-        if sliced is not None:
-            whole, rows = _leaves(out), _leaves(sliced)
-            if calls != after or len(whole) != len(rows):
-                self.reason = "a block on the chunk's rows alone made other calls or outputs than the whole block"
-            else:
-                self._differs = None
-                for full, part in zip(whole, rows):
-                    self._compare(cut_tensor(full, cut), part)
-                if self.reason is None and self._differs is not None and bool(self._differs):
-                    self.reason = "a block on the chunk's rows alone computed other values than the whole block"
-                self._differs = None
-        if self.reason is not None:
-            self.fit = False  # this chunk's later steps run every block whole, exactly (no kept outputs)
-            return out
-        self._checked_inputs.add(_signature((args, kwargs)))
+    def _keep_end(self, cut: RowCut, number: int, linked: bool, out: Any) -> None:
+        """At the step that keeps the context: ``out``'s context parts, as the chain's end so far."""
         kept = self._kept.setdefault(cut.length, {})
         if linked:
-            kept.pop(number - 1, None)
+            kept.pop(number - 1, None)  # not a chain's end
         kept[number] = [context_part(t, cut) for t in _leaves(out)]
         self._previous = _hidden(_leaves(out), cut)
-        return out
 
-    def _check(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
-        """The probe's check of one block call: whole, then on the chunk's rows alone (module docstring)."""
+    def _both(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict,
+              verifying: bool) -> tuple[Any, Any, bool]:
+        """The call whole (``verifying``: the probe's dense route, keys and values kept), then on the
+        chunk's rows alone with its attention calls under the same numbers: (the whole output, the
+        rows' output or None where that call failed, whether both made the same calls and outputs)."""
         reuse = self.reuse
         before = reuse.call_index(cut.length)
-        reuse.verifying = True
+        reuse.verifying = verifying
         try:
             out = call(*args, **kwargs)
         finally:
@@ -197,21 +164,50 @@ class RowBlocks:
             sliced = None
         calls = reuse.call_index(cut.length)
         reuse.set_call_index(cut.length, after)
+        alike = sliced is not None and calls == after and len(_leaves(out)) == len(_leaves(sliced))
+        if sliced is not None and not alike:
+            self.reason = self.reason or "a block on the chunk's rows alone made other calls or outputs than the whole block"
+        return out, sliced, alike
+
+    def _compare_all(self, cut: RowCut, out: Any, sliced: Any) -> None:
+        """Or into the device flag whether any output of the rows' call differs from the whole call's."""
+        for full, part in zip(_leaves(out), _leaves(sliced)):
+            self._compare(cut_tensor(full, cut), part)
+
+    def _check_now(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+        """A block call that no check has seen, at a chunk's first computed step after the probe:
+        whole (its context's keys and values kept, as at every such step), then on the chunk's rows
+        alone, compared at once (one wait on the device); a failure turns the option off before a
+        step runs this call on the chunk's rows. Returns the whole call's output."""
+        number, linked, _ = self._enter(args, kwargs, cut)
+        out, sliced, alike = self._both(call, cut, args, kwargs, verifying=False)
+        if alike:
+            self._differs = None
+            self._compare_all(cut, out, sliced)
+            if self.reason is None and self._differs is not None and bool(self._differs):
+                self.reason = "a block on the chunk's rows alone computed other values than the whole block"
+            self._differs = None
+        if self.reason is not None:
+            self.fit = False  # this chunk's later steps run every block whole, exactly (no kept outputs)
+            return out
+        self._checked_inputs.add(_signature((args, kwargs)))
+        self._keep_end(cut, number, linked, out)
+        return out
+
+    def _check(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+        """The probe's check of one block call: whole, then on the chunk's rows alone (module docstring)."""
+        out, sliced, alike = self._both(call, cut, args, kwargs, verifying=True)
         if sliced is None:
             return out
         self._checked += 1
         self._checked_inputs.add(_signature((args, kwargs)))
         _, _, broken = self._enter(args, kwargs, cut)
         self._previous = _hidden(_leaves(out), cut)
-        whole, rows = _leaves(out), _leaves(sliced)
-        if calls != after or len(whole) != len(rows):
-            self.reason = self.reason or "a block on the chunk's rows alone made other calls or outputs than the whole block"
-        elif broken:
+        if alike and broken:
             self.reason = self.reason or ("the model changes the hidden states between its blocks, so a block's "
                                           "context rows would not be the previous block's")
-        else:
-            for full, part in zip(whole, rows):
-                self._compare(cut_tensor(full, cut), part)
+        elif alike:
+            self._compare_all(cut, out, sliced)
         return out
 
     def _reuse(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
