@@ -113,6 +113,24 @@ def test_trained_example_reports_fidelity_against_ground_truth(tmp_path):
     assert all(math.isfinite(record[k]) for k in TRUTH_KEYS)
 
 
+def test_the_cuda_harness_runs_blocks_on_the_chunks_rows_with_full_contexts_unmasked(monkeypatch):
+    """The GPU benchmark's ``--blocks --ablations all_row_blocks`` route (full contexts unmasked,
+    forced here): warm-up compiles every graph the blocks need on the chunk's rows (no recompile in
+    the timed run), the unmasked full context's call, which the probe chunk never saw, passes its
+    check and runs on the chunk's rows, and the frames equal the attention-only reuse's."""
+    monkeypatch.setattr(report_tools, "full_context_masked", lambda world: False)
+    world = hy_worldplay.build("tiny", seed=0)
+    f = world.spec.chunk_frames
+    trajectory = trajectories.make("random_walk_with_returns", 8 * f, seed=0, chunk_frames=f)
+    options = {"inner": "eager", "cache": {"enabled": False}}
+    attention_only = timed_run(light_interaction_setup(world, options, blocks=True), trajectory, 8, 0)
+    rows = timed_run(light_interaction_setup(world, {**options, "context": {"row_blocks": True}}, blocks=True),
+                     trajectory, 8, 0)
+    assert rows.recompiles == 0 and not any(s["row_blocks_off"] for s in rows.stats)
+    assert rows.stats[-1]["row_blocks_calls"] > 0  # the last chunks' context is full: unmasked
+    torch.testing.assert_close(rows.generation.latents, attention_only.generation.latents, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cuda_harness_runs_full_contexts_unmasked_with_every_graph_warmed_up(monkeypatch):
     """On CUDA (``full_context_masked`` False; forced here) a light_interaction run has one graph per
     capacity bucket and one more, unmasked, for a full context at the largest bucket: warm-up
