@@ -43,6 +43,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only
 
 from li_compile.context_rows import ContextRowReuse, RowCut, put_back, without
 
@@ -83,8 +84,7 @@ class RowBlocks:
     def end_chunk(self) -> dict[str, Any]:
         """The chunk's statistics; after the probe chunk, the verdict of its checks."""
         if self.fit is None and self._checked:
-            if self.reason is None and self._differs is not None and bool(self._differs):
-                self.reason = "a block on the chunk's rows alone computed other values than the whole block"
+            self._read_differs()
             self.fit = self.reason is None
         elif self.fit is None and self.reuse.verdict is False:
             self.fit, self.reason = False, "the context rows are not reused (context_rows_off says why)"
@@ -124,9 +124,10 @@ class RowBlocks:
             return out
         if self.fit is None and reuse.probing():
             return self._check(call, cut, args, kwargs)
-        if self.fit and reuse.computing() and _signature((args, kwargs)) not in self._checked_inputs:
-            return self._check_now(call, cut, args, kwargs)
         if self.fit and reuse.computing():
+            signature = _signature((args, kwargs))
+            if signature not in self._checked_inputs:
+                return self._check_now(call, cut, args, kwargs, signature)
             number, linked, _ = self._enter(args, kwargs, cut)
             out = call(*args, **kwargs)
             self._keep_end(cut, number, linked, out)
@@ -174,7 +175,7 @@ class RowBlocks:
         for full, part in zip(_leaves(out), _leaves(sliced)):
             self._compare(cut_tensor(full, cut), part)
 
-    def _check_now(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict) -> Any:
+    def _check_now(self, call: Callable[..., Any], cut: RowCut, args: tuple, kwargs: dict, signature: tuple) -> Any:
         """A block call that no check has seen, at a chunk's first computed step after the probe:
         whole (its context's keys and values kept, as at every such step), then on the chunk's rows
         alone, compared at once (one wait on the device); a failure turns the option off before a
@@ -184,13 +185,12 @@ class RowBlocks:
         if alike:
             self._differs = None
             self._compare_all(cut, out, sliced)
-            if self.reason is None and self._differs is not None and bool(self._differs):
-                self.reason = "a block on the chunk's rows alone computed other values than the whole block"
+            self._read_differs()
             self._differs = None
         if self.reason is not None:
             self.fit = False  # this chunk's later steps run every block whole, exactly (no kept outputs)
             return out
-        self._checked_inputs.add(_signature((args, kwargs)))
+        self._checked_inputs.add(signature)
         self._keep_end(cut, number, linked, out)
         return out
 
@@ -240,7 +240,7 @@ class RowBlocks:
                 return part
             return put_back(part, dim, at, context)
 
-        out = _map(sliced, restore)
+        out = tree_map_only(torch.Tensor, restore, sliced)
         self._previous = _hidden(_leaves(out), cut)
         self._sliced += 1
         return out
@@ -249,7 +249,7 @@ class RowBlocks:
                  checking: bool = False) -> Any:
         """``call`` on the chunk's rows alone: every input without the context's rows or frames.
         ``checking``: the output is only compared with the whole call's."""
-        sliced_args, sliced_kwargs = _map((args, kwargs), lambda t: cut_tensor(t, cut))
+        sliced_args, sliced_kwargs = tree_map_only(torch.Tensor, lambda t: cut_tensor(t, cut), (args, kwargs))
         self.reuse.slicing, self.reuse.checking = cut, checking
         try:  # never eagerly (see the module docstring): past the recompile limit, fail
             with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
@@ -284,6 +284,11 @@ class RowBlocks:
             differs = (whole != rows).any()
         self._differs = differs if self._differs is None else self._differs | differs
 
+    def _read_differs(self) -> None:
+        """Wait on the device flag of the comparisons so far; the reason where one differed."""
+        if self.reason is None and self._differs is not None and bool(self._differs):
+            self.reason = "a block on the chunk's rows alone computed other values than the whole block"
+
     def _refuse(self, error: Exception) -> None:
         self.fit = False
         if "recompile_limit" in f"{type(error).__name__} {error}":
@@ -298,14 +303,14 @@ class RowBlocks:
 def _signature(value: Any) -> tuple:
     """What a compiled block's graph is chosen by, roughly: the structure of ``value`` with each
     tensor's shape, dtype and device, and each other leaf's type and (plain scalars) value."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, *(_signature(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _signature(v)) for k, v in value.items()))
-    plain = value if value is None or isinstance(value, (bool, int, float, str)) else None
-    return (type(value).__name__, plain)
+    leaves, structure = tree_flatten(value)
+
+    def leaf(v: Any) -> tuple:
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), v.dtype, v.device)
+        return (type(v).__name__, v if v is None or isinstance(v, (bool, int, float, str)) else None)
+
+    return (str(structure), *map(leaf, leaves))
 
 
 def _cut_of(value: Any, cuts: dict[int, RowCut]) -> RowCut | None:
@@ -356,23 +361,6 @@ def _hidden(tensors: list[torch.Tensor], cut: RowCut) -> torch.Tensor | None:
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:
-    """The tensors in ``value`` (tuples, lists and dicts of them), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _leaves(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _leaves(v)]
-    return []
-
-
-def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``value`` with ``fn`` applied to each tensor in it, in ``_leaves``' order."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        mapped = [_map(v, fn) for v in value]
-        return type(value)(mapped) if isinstance(value, list) or type(value) is tuple else type(value)(*mapped)
-    if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
-    return value
+    """The tensors in ``value`` (any pytree: tuples, lists, dicts, registered output classes), in
+    the order ``tree_map_only`` visits them."""
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
