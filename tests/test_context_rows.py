@@ -403,6 +403,14 @@ def test_a_block_that_reads_positions_from_its_own_length_keeps_attention_only_r
     assert any("other values than the whole block" in s.get("row_blocks_off", "") for s in stats)
 
 
+def _one_graph_short(world, trajectory, chunks: int):
+    """Dynamo's recompile limit one graph below what a row_blocks run with full contexts unmasked
+    compiles (counted in such a run), as a context manager."""
+    before = counters["frames"]["ok"]
+    _blocks_run(world, trajectory, chunks, row_blocks=True, mask_full=False)
+    return torch._dynamo.config.patch(recompile_limit=counters["frames"]["ok"] - before - 1)
+
+
 def test_a_call_on_the_chunks_rows_past_dynamos_recompile_limit_turns_the_option_off_not_eager():
     """Past ``recompile_limit`` Dynamo runs a call eagerly, and a block run eagerly on the chunk's rows
     would attend to the chunk's keys alone (0.01 off here, silently). The run's last new graph is
@@ -414,10 +422,7 @@ def test_a_call_on_the_chunks_rows_past_dynamos_recompile_limit_turns_the_option
     world = _world()
     trajectory = trajectories.make("random_walk_with_returns", 8 * world.spec.chunk_frames)
     attention_only, _ = _blocks_run(world, trajectory, 8, row_blocks=False, mask_full=False)
-    before = counters["frames"]["ok"]
-    _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
-    graphs = counters["frames"]["ok"] - before
-    with torch._dynamo.config.patch(recompile_limit=graphs - 1):
+    with _one_graph_short(world, trajectory, 8):
         limited, stats = _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
     torch.testing.assert_close(limited.latents, attention_only.latents, rtol=1e-4, atol=1e-4)
     assert sum(s.get("row_blocks_calls", 0) for s in stats) > 0  # on until the full context came
@@ -430,10 +435,7 @@ def test_a_call_first_compiled_at_a_reused_step_past_the_limit_raises_naming_it(
     monkeypatch.setattr(row_blocks, "_signature", lambda value: ())
     world = _world()
     trajectory = trajectories.make("random_walk_with_returns", 8 * world.spec.chunk_frames)
-    before = counters["frames"]["ok"]
-    _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
-    graphs = counters["frames"]["ok"] - before
-    with torch._dynamo.config.patch(recompile_limit=graphs - 1), pytest.raises(
+    with _one_graph_short(world, trajectory, 8), pytest.raises(
             RuntimeError, match="context.row_blocks: the block's code reached Dynamo's recompile_limit"):
         _blocks_run(world, trajectory, 8, row_blocks=True, mask_full=False)
 
