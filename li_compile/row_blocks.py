@@ -302,12 +302,13 @@ class RowBlocks:
 
 def _signature(value: Any) -> tuple:
     """What a compiled block's graph is chosen by, roughly: the structure of ``value`` with each
-    tensor's shape, dtype and device, and each other leaf's type and (plain scalars) value."""
+    tensor's shape, strides, dtype, device and whether it requires grad (what Dynamo guards on), and
+    each other leaf's type and (plain scalars) value."""
     leaves, structure = tree_flatten(value)
 
     def leaf(v: Any) -> tuple:
         if isinstance(v, torch.Tensor):
-            return ("tensor", tuple(v.shape), v.dtype, v.device)
+            return ("tensor", tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad)
         return (type(v).__name__, v if v is None or isinstance(v, (bool, int, float, str)) else None)
 
     return (str(structure), *map(leaf, leaves))

@@ -475,3 +475,15 @@ def test_a_tensor_cut_to_the_chunks_rows_and_given_its_context_back_is_unchanged
         at = cut.start if part[1] == "rows" else 0
         assert torch.equal(put_back(cut_t, dim, at, part[2]), t)
     assert cut_tensor(torch.randn(2, 5, 8), cut).shape == (2, 5, 8)  # no context in it: unchanged
+
+
+def test_a_block_calls_signature_tells_apart_what_dynamo_compiles_apart():
+    """A call whose inputs differ only in strides or in needing a gradient compiles a graph of its
+    own, so a check must see it before a reused step runs it."""
+    x = torch.randn(2, 6, 4)
+    base = row_blocks._signature(((x,), {"scale": 2}))
+    assert row_blocks._signature(((x.clone(),), {"scale": 2})) == base
+    assert row_blocks._signature(((x.transpose(0, 1).contiguous().transpose(0, 1),), {"scale": 2})) != base
+    assert row_blocks._signature(((x.clone().requires_grad_(),), {"scale": 2})) != base
+    assert row_blocks._signature(((x,), {"scale": 3})) != base
+    assert row_blocks._signature(((x.half(),), {"scale": 2})) != base
