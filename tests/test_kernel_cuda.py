@@ -82,11 +82,11 @@ def test_gpu_split_path_flash_plus_triton_matches_the_fp32_reference(dtype, head
     from test_kernel_split import reference as split_reference
 
     g = torch.Generator().manual_seed(11)
-    q = torch.randn(2, heads, 1000, 128, generator=g).to("cuda", dtype)
-    k = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
-    v = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
-    span = chunk_span(1000, 3000, 128)
-    layout = split_layout(random_layout(g, 2, heads, 1000, 3000, 128, 128).to("cuda"), span)
+    q = torch.randn(2, heads, 1200, 128, generator=g).to("cuda", dtype)
+    k = torch.randn(2, kv_heads, 3600, 128, generator=g).to("cuda", dtype)
+    v = torch.randn(2, kv_heads, 3600, 128, generator=g).to("cuda", dtype)
+    span = chunk_span(1200, 3600, 128)  # 1168 keys: over MIN_FLASH_SPAN_KEYS
+    layout = split_layout(random_layout(g, 2, heads, 1200, 3600, 128, 128).to("cuda"), span)
     assert split_path(q, k, v, layout, span) == ("efficient" if dtype == torch.float32 else "cudnn") + " + triton"
     out = split_attention(q, k, v, layout, span)
     assert rel_err(out, split_reference(q, k, v, layout, span)) < RELATIVE[dtype]
