@@ -32,11 +32,12 @@ from li_compile.kernels.block_sparse_attention import check_span, launch, launch
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
-# A span shorter than this many keys runs in the Triton kernel itself on these devices: flash's second
-# launch and the round trip of its partial output (B, H, Lq, Dv) cost about what its faster rate saves
-# on 9 blocks of 128 keys (H100, `benchmarks/attention.py`, 3840 x 15360 at density 0.125: 5.45x
-# through flash, 5.53x for Triton alone on a random layout), and more on fewer.
-MIN_FLASH_SPAN_KEYS = 1024
+# A span whose Q.K^T work (B * H * Lq * span keys * D multiply-adds) is under this runs in the Triton
+# kernel itself on these devices: there flash's second launch and the round trip of its partial
+# output cost more than its faster rate saves. H100, bf16, `benchmarks/attention.py`: 24 heads x 3840
+# queries over a span of 640 keys (7.5e9) ran 8% faster in Triton alone, 8800 queries over 608 keys
+# (1.6e10) 6% slower; 3840 over 1152 (1.4e10) took the same either way.
+MIN_FLASH_SPAN_WORK = 2**33
 SHORT_SPAN_DEVICES = ("cuda",)
 
 
@@ -167,8 +168,9 @@ def _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indi
         return out.contiguous(), "sdpa"
     seed, variant = None, "triton (span in-kernel: site or causal mask)"
     span_keys = min(span[1] * block_k, k.shape[2]) - span[0] * block_k
-    if attn_mask is None and not is_causal and q.device.type in SHORT_SPAN_DEVICES and span_keys < MIN_FLASH_SPAN_KEYS:
-        variant = f"a span of {span_keys} keys, under {MIN_FLASH_SPAN_KEYS}"
+    span_work = math.prod(q.shape) * span_keys
+    if attn_mask is None and not is_causal and q.device.type in SHORT_SPAN_DEVICES and span_work < MIN_FLASH_SPAN_WORK:
+        variant = f"a span of {span_keys} keys, {span_work:.1e} multiply-adds, under {MIN_FLASH_SPAN_WORK:.1e}"
     elif attn_mask is None and not is_causal:
         seed, variant = flash_partial(q, k, v, span, block_k, scale)
     if seed is None:
@@ -217,7 +219,7 @@ def split_attention(
 def split_path(q, k, v, layout: BlockLayout, dense_span: tuple[int, int], attn_mask=None, is_causal=False) -> str:
     """Which path ``split_attention`` takes for this call: "sdpa" (the span is every key: plain SDPA),
     "<fused> + triton", "triton (span in-kernel: <why>)" (a mask, a call flash refuses, or on the GPU
-    a span under ``MIN_FLASH_SPAN_KEYS``) or "triton" (no span), where <fused> is the SDPA kernel that
+    a span whose work is under ``MIN_FLASH_SPAN_WORK``) or "triton" (no span), where <fused> is the SDPA kernel that
     ran the span (cudnn, flash, efficient or cpu_flash). Runs the call once."""
     with torch.no_grad():
         return _attend(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,

@@ -75,21 +75,36 @@ def test_top_k_selection_runs_the_kernel_on_the_gpu_and_equals_its_masked_refere
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
-def test_gpu_split_path_flash_plus_triton_matches_the_fp32_reference(dtype, heads, kv_heads):
+def test_gpu_split_path_flash_plus_triton_matches_the_fp32_reference(monkeypatch, dtype, heads, kv_heads):
     """The chunk's own keys through cuDNN (bf16/fp16) or the efficient kernel (fp32), the rest
     through the Triton kernel, merged by LSE; ragged lengths."""
+    from li_compile.kernels import split_attention as split_attention_module
     from li_compile.kernels.split_attention import chunk_span, split_attention, split_layout, split_path
     from test_kernel_split import reference as split_reference
 
     g = torch.Generator().manual_seed(11)
-    q = torch.randn(2, heads, 1200, 128, generator=g).to("cuda", dtype)
-    k = torch.randn(2, kv_heads, 3600, 128, generator=g).to("cuda", dtype)
-    v = torch.randn(2, kv_heads, 3600, 128, generator=g).to("cuda", dtype)
-    span = chunk_span(1200, 3600, 128)  # 1168 keys: over MIN_FLASH_SPAN_KEYS
-    layout = split_layout(random_layout(g, 2, heads, 1200, 3600, 128, 128).to("cuda"), span)
+    monkeypatch.setattr(split_attention_module, "MIN_FLASH_SPAN_WORK", 0)  # flash for this small span too
+    q = torch.randn(2, heads, 1000, 128, generator=g).to("cuda", dtype)
+    k = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
+    v = torch.randn(2, kv_heads, 3000, 128, generator=g).to("cuda", dtype)
+    span = chunk_span(1000, 3000, 128)
+    layout = split_layout(random_layout(g, 2, heads, 1000, 3000, 128, 128).to("cuda"), span)
     assert split_path(q, k, v, layout, span) == ("efficient" if dtype == torch.float32 else "cudnn") + " + triton"
     out = split_attention(q, k, v, layout, span)
     assert rel_err(out, split_reference(q, k, v, layout, span)) < RELATIVE[dtype]
+
+
+def test_gpu_a_span_too_short_for_flash_runs_in_the_kernel_and_matches_the_reference():
+    from li_compile.kernels.split_attention import chunk_span, split_attention, split_layout, split_path
+    from test_kernel_split import reference as split_reference
+
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 8, n, 128, generator=g).to("cuda", torch.bfloat16) for n in (256, 1024, 1024))
+    span = chunk_span(256, 1024, 128)
+    layout = split_layout(random_layout(g, 2, 8, 256, 1024, 128, 128).to("cuda"), span)
+    assert split_path(q, k, v, layout, span).startswith("triton (span in-kernel: a span of 256 keys")
+    out = split_attention(q, k, v, layout, span)
+    assert rel_err(out, split_reference(q, k, v, layout, span)) < RELATIVE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("variant", ["cudnn", "flash", "efficient"])

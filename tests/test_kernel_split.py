@@ -130,17 +130,17 @@ def test_the_chunks_own_keys_go_through_flash_and_the_rest_through_triton():
 
 
 def test_a_span_too_short_for_flash_to_pay_is_visited_in_the_kernel(monkeypatch):
-    """On the GPU a span under MIN_FLASH_SPAN_KEYS skips flash (its extra launch and partial cost
-    more than it saves); the result is the same attention. Here the CPU takes the GPU's rule."""
+    """On the GPU a span whose work is under MIN_FLASH_SPAN_WORK skips flash (its extra launch and
+    partial cost more than it saves); the result is the same attention. Here the CPU takes the GPU's rule."""
     from li_compile.kernels import split_attention as split
     monkeypatch.setattr(split, "SHORT_SPAN_DEVICES", ("cpu",))
-    monkeypatch.setattr(split, "MIN_FLASH_SPAN_KEYS", 48)
+    monkeypatch.setattr(split, "MIN_FLASH_SPAN_WORK", 2 * 40 * 16 * 48)  # q (1, 2, 40, 16): 48 keys
     q, k, v = qkv(1, 2, 1, 40, 130, 16, torch.float32)
     layout = random_layout(torch.Generator().manual_seed(4), 1, 2, 40, 130, 8, 16)
-    assert split_path(q, k, v, layout, (6, 9)) == "triton (span in-kernel: a span of 34 keys, under 48)"
+    assert split_path(q, k, v, layout, (6, 9)) == "triton (span in-kernel: a span of 34 keys, 4.4e+04 multiply-adds, under 6.1e+04)"
     torch.testing.assert_close(split_attention(q, k, v, layout, (6, 9)), reference(q, k, v, layout, (6, 9)),
                                **TOLERANCE[torch.float32])
-    assert split_path(q, k, v, layout, (5, 9)) == "cpu_flash + triton"  # 50 keys: flash runs it
+    assert split_path(q, k, v, layout, (5, 9)) == "cpu_flash + triton"  # 50 keys: flash runs them
 
 
 def test_head_dims_that_differ_visit_the_span_in_the_kernel():
