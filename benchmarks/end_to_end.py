@@ -273,14 +273,19 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
 
 
 def _commit() -> str:
-    """The commit measured: ``LI_COMMIT`` (set where the checkout has no git), else ``git rev-parse``."""
+    """The commit measured: ``LI_COMMIT`` (set where the checkout has no git), else ``git rev-parse``,
+    marked ``+changes`` where tracked files differ from it (a copied working tree whose git history is
+    older than its files, as on the device machine, names the commit its history ends at)."""
     if os.environ.get("LI_COMMIT"):
         return os.environ["LI_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+changes" if changed else head
 
 
 def _write(out: Path, record: dict[str, Any]) -> None:

@@ -158,3 +158,25 @@ def test_the_cuda_harness_runs_full_contexts_unmasked_with_every_graph_warmed_up
     hits = [[s["cache_hits"] for s in run.stats] for run in (masked, unmasked)]
     assert hits[0] == hits[1] and sum(hits[1]) > 0
     torch.testing.assert_close(unmasked.generation.latents, masked.generation.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmark_names_a_commit_whose_files_were_changed_as_such(tmp_path, monkeypatch):
+    """A copied working tree whose git history is older than its files (the device machine's) must
+    not be reported as the commit its history ends at."""
+    import subprocess
+
+    from benchmarks.end_to_end import _commit
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LI_COMMIT", raising=False)
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "f.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert _commit() == head
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert _commit() == f"{head}+changes"
+    monkeypatch.setenv("LI_COMMIT", "abc1234")
+    assert _commit() == "abc1234"
