@@ -12,7 +12,8 @@ l = 1, acc = o) instead of from zero, so its epilogue writes the merged output. 
 or V: flash reads K/V's span as a slice (a view) and, under GQA, the query heads that share a
 key/value head as one longer query sequence (a view of Q); the only new tensors are flash's partial
 output and log-sum-exp, and the result. Where flash cannot run (a site or causal mask, head dims
-that differ, a dtype or a query layout it does not take) the Triton kernel visits the span itself.
+that differ, a dtype or a query layout it does not take), or on the GPU where the span is too short
+for it to pay (``MIN_FLASH_SPAN_WORK``), the Triton kernel visits the span itself.
 
     split_attention(q, k, v, layout, dense_span)    # the layout-level entry point
     split_layout(layout, dense_span)                # the layout minus the span (what plans should list)
@@ -36,7 +37,8 @@ FLASH_MAX_HEAD_DIM = 256
 # kernel itself on these devices: there flash's second launch and the round trip of its partial
 # output cost more than its faster rate saves. H100, bf16, `benchmarks/attention.py`: 24 heads x 3840
 # queries over a span of 640 keys (7.5e9) ran 8% faster in Triton alone, 8800 queries over 608 keys
-# (1.6e10) 6% slower; 3840 over 1152 (1.4e10) took the same either way.
+# (1.6e10) 6% slower; 3840 over 1152 (1.4e10) about the same (5.45x through flash against 5.53x for
+# Triton alone on a random layout of the same density).
 MIN_FLASH_SPAN_WORK = 2**33
 SHORT_SPAN_DEVICES = ("cuda",)
 
