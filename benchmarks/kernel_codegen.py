@@ -7,7 +7,7 @@ The variant built is a chunk's sparse call: the flash-seeded path (``HAS_SEED``)
 block lists, ragged query and key counts (``EVEN_M``/``EVEN_N`` false, as HY's buckets), head dim
 128, with and without a key keep vector, plain pointer loads and TMA::
 
-    python benchmarks/kernel_codegen.py [--configs 128,64,4,3 64,64,4,3] [--loads plain tma] [--dtype fp16|bf16] \\
+    PYTHONPATH=. python benchmarks/kernel_codegen.py [--configs 128,64,4,3 64,64,4,3] [--loads plain tma] [--dtype fp16|bf16] \\
         [--json FILE]
 """
 
@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from benchmarks.cubin_tools import resources
 from li_compile.kernels import block_sparse_attention as bsa
 
 POINTERS = {"NUM": "*i32", "IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32", "KEEP": "*u8", "FULL_KEEP": "*u8",
@@ -71,20 +70,6 @@ def loops(ttgir: str) -> list[dict[str, int]]:
                       "async_tiles": len(re.findall(rf"async_copy_global_to_local .*: {TILE}", body)),
                       "tma_tiles": body.count("async_tma_copy_global_to_local")})
     return found
-
-
-def resources(cubin: bytes) -> str:
-    """Registers, stack and local (spill) memory per thread of the built ``cubin``, as the
-    ``cuobjdump`` Triton ships reports them, or why there is no report."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        return "no cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
-        binary.write(cubin)
-        binary.flush()
-        run = subprocess.run([str(cuobjdump), "-res-usage", binary.name], capture_output=True, text=True)
-    usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", run.stdout)
-    return usage.group(0) if usage else (run.stdout + run.stderr).strip()[-200:]
 
 
 def report(config, keep: bool, tma: bool, dtype: str) -> dict:

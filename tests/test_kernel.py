@@ -436,7 +436,7 @@ def test_on_hopper_the_listed_key_and_value_tiles_load_asynchronously_so_the_loo
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(root)}
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_codegen.py"), "--configs", "64,64,4,3",
                           "--loads", "plain", "--json", "-"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
