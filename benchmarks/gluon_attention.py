@@ -33,7 +33,8 @@ Commands::
 
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0     # the GPU machine's Triton
     PYTHONPATH=. /tmp/t36/bin/python benchmarks/gluon_attention.py --compile-only [--configs ...] [--json FILE]
-    bash benchmarks/run_on_device.sh python benchmarks/gluon_attention.py [--bench cudagraph] [--json FILE]
+    timeout 300 bash benchmarks/run_on_device.sh python benchmarks/gluon_attention.py [--bench cudagraph] [--json FILE]
+    # (untested barrier phases may hang: keep the timeout)
 
 ``--compile-only`` needs no GPU and no torch (Triton 3.6 only). The default mode (GPU) first checks a
 small GQA case with 0, 1, 2 and all key blocks listed, then B=1, H=24, Lq=3840, Lk=15360 bf16 at
