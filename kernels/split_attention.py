@@ -87,7 +87,7 @@ def flash_partial(
     if group > 1 and q.stride(1) != Lq * q.stride(2):
         return None, f"GQA query heads are not one sequence per key/value head (strides {q.stride()})"
     rows = q.view(B, Hkv, group * Lq, D) if group > 1 else q  # a view: checked above
-    keys = slice(dense_span[0] * block_k, min(dense_span[1] * block_k, Lk))
+    keys = _span_keys(dense_span, block_k, Lk)
     k_span, v_span = k[:, :, keys], v[:, :, keys]  # views
     refusals = []
     for variant in _variants(q):
@@ -101,6 +101,11 @@ def flash_partial(
         lse = lse.reshape(*lse.shape[:2], -1)[..., : group * Lq]
         return (o.unflatten(2, (group, Lq)), lse.unflatten(2, (group, Lq))), variant
     return None, "fused SDPA refused (" + "; ".join(refusals) + ")"
+
+
+def _span_keys(dense_span: tuple[int, int], block_k: int, kv_len: int) -> slice:
+    """The keys of the key-block span (first, end): the last block may be ragged."""
+    return slice(dense_span[0] * block_k, min(dense_span[1] * block_k, kv_len))
 
 
 def _variants(q: torch.Tensor) -> tuple[str, ...]:
@@ -169,12 +174,14 @@ def _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indi
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
         return out.contiguous(), "sdpa"
     seed, variant = None, "triton (span in-kernel: site or causal mask)"
-    span_keys = min(span[1] * block_k, k.shape[2]) - span[0] * block_k
-    span_work = math.prod(q.shape) * span_keys
-    if attn_mask is None and not is_causal and q.device.type in SHORT_SPAN_DEVICES and span_work < MIN_FLASH_SPAN_WORK:
-        variant = f"a span of {span_keys} keys, {span_work:.1e} multiply-adds, under {MIN_FLASH_SPAN_WORK:.1e}"
-    elif attn_mask is None and not is_causal:
-        seed, variant = flash_partial(q, k, v, span, block_k, scale)
+    if attn_mask is None and not is_causal:
+        keys = _span_keys(span, block_k, k.shape[2])
+        span_work = math.prod(q.shape) * (keys.stop - keys.start)
+        if q.device.type in SHORT_SPAN_DEVICES and span_work < MIN_FLASH_SPAN_WORK:
+            variant = (f"a span of {keys.stop - keys.start} keys, {span_work:.1e} multiply-adds, "
+                       f"under {MIN_FLASH_SPAN_WORK:.1e}")
+        else:
+            seed, variant = flash_partial(q, k, v, span, block_k, scale)
     if seed is None:
         return launch_split(q, k, v, *layout, scale, is_causal, span=span), f"triton (span in-kernel: {variant})"
     return launch_split(q, k, v, *layout, scale, is_causal, span=span, seed=seed), f"{variant} + triton"
