@@ -38,8 +38,9 @@ Commands::
 
 ``--compile-only`` needs no GPU and no torch (Triton 3.6 only). The default mode (GPU) first checks a
 small GQA case with 0, 1, 2 and all key blocks listed, then B=1, H=24, Lq=3840, Lk=15360 bf16 at
-densities 1, 0.5, 0.25 against a float32 masked-dense reference, and times each config against
-dense SDPA and the repo's ``sparse_attention`` (TFLOP/s per visited block).
+densities 1, 0.5, 0.25 (``benchmarks/attention.py``'s random layouts) against a float32 masked-dense
+reference, and times each config against dense SDPA and the repo's ``sparse_attention`` (TFLOP/s per
+visited block).
 
 Verified offline (Triton 3.6.0, sm90): every config in ``CONFIGS`` builds. The loop's PTX has
 ``wgmma.wait_group 1`` after the P V issue, and the final SASS keeps the softmax's 64 ``MUFU.EX2``
@@ -372,33 +373,14 @@ def compile_only(args) -> int:
 # -- GPU check and timing -------------------------------------------------------------------------
 
 
-def _random_mask(torch, H, q_blocks, k_blocks, density, generator):
-    """(1, H, Q, K) bool: each query block lists round(density * K) key blocks at random, its own
-    diagonal block always among them. The queries are taken to be the last Q blocks of the keys
-    (a chunk attending to its context, as in ``benchmarks/attention.py``), so query block i's
-    diagonal block is key block K - Q + i."""
-    scores = torch.rand(1, H, q_blocks, k_blocks, generator=generator)
-    keep = max(1, round(density * k_blocks))
-    scores[..., torch.arange(q_blocks), k_blocks - q_blocks + torch.arange(q_blocks)] = 2.0  # always kept
-    top = scores.topk(keep, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-
-
-def _lists(torch, mask):
-    """counts (B|1, H, Q) and indices (B|1, H, Q, K) int32 of a bool block mask: listed blocks first."""
-    counts = mask.sum(-1, dtype=torch.int32)
-    indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts.cuda(), indices.cuda()
-
-
-def _reference(torch, q, k, v, mask, scale):
-    """float32 masked-dense attention, one head at a time; rows with no visited key give 0."""
+def _reference(torch, q, k, v, layout, scale):
+    """float32 attention under ``layout``'s token mask, one head at a time; rows with no visited key give 0."""
     B, H, Lq, _ = q.shape
     group = H // k.shape[1]
+    mask = layout.to_dense_mask()  # (B|1, H|1, Lq, Lk)
     out = torch.empty(B, H, Lq, v.shape[-1], device=q.device, dtype=torch.float32)
     for h in range(H):
-        m = mask[:, min(h, mask.shape[1] - 1)].cuda()
-        dense = m.repeat_interleave(BLOCK_K, -2).repeat_interleave(BLOCK_K, -1)  # (B|1, Lq, Lk)
+        dense = mask[:, min(h, mask.shape[1] - 1)]
         s = (q[:, h].float() @ k[:, h // group].float().transpose(-1, -2)) * scale
         p = torch.softmax(s.masked_fill(~dense, float("-inf")), dim=-1).nan_to_num(0.0)
         out[:, h] = p @ v[:, h // group].float()
@@ -412,6 +394,8 @@ def _max_rel_err(out, ref) -> float:
 def _edge_check(torch, configs, gen) -> list[dict]:
     """Small GQA case (H 4 over 2 K/V heads) whose query blocks list 0, 1, 2 and all key blocks: the
     zero-row guard and tile counts below the ring depth (predicated prefetches) against the reference."""
+    from li_compile.kernels.block_layout import BlockLayout
+
     B, H, Hkv, Lq, Lk = 2, 4, 2, 512, 1024
     q = torch.randn(B, H, Lq, HEAD_DIM, generator=gen).to("cuda", torch.bfloat16)
     k = torch.randn(B, Hkv, Lk, HEAD_DIM, generator=gen).to("cuda", torch.bfloat16)
@@ -421,9 +405,11 @@ def _edge_check(torch, configs, gen) -> list[dict]:
     mask[:, :, 1, 3] = True  # one block
     mask[:, :, 2, 5] = mask[:, :, 2, 0] = True  # two blocks
     mask[:, :, 3] = True  # all blocks
-    counts, indices = _lists(torch, mask)
+    layout = BlockLayout.from_block_mask(mask, block_q=BLOCK_K, block_k=BLOCK_K, q_len=Lq, kv_len=Lk,
+                                         full=mask).to("cuda")  # every listed block whole: the full lists
+    counts, indices = layout.full_kv_num_blocks, layout.full_kv_indices
     scale = 1.0 / math.sqrt(HEAD_DIM)
-    ref = _reference(torch, q, k, v, mask, scale)
+    ref = _reference(torch, q, k, v, layout, scale)
     rows = []
     for config in configs:
         block_m, block_n, warps, num_buf, pin = config
@@ -444,7 +430,7 @@ def gpu_main(args) -> None:
     import torch
     import triton.testing
 
-    from li_compile.kernels.block_layout import BlockLayout
+    from benchmarks.attention import random_layout
     from li_compile.kernels.block_sparse_attention import sparse_attention
 
     if args.bench == "cudagraph":  # as benchmarks/attention.py times (no host launch cost)
@@ -466,13 +452,12 @@ def gpu_main(args) -> None:
     sdpa_tflops = B * H * q_blocks * k_blocks * flops_per_block / sdpa_ms / 1e9
     print(f"sdpa dense: {sdpa_ms:.3f} ms, {sdpa_tflops:.1f} TFLOP/s")
     for density in args.densities:
-        mask = _random_mask(torch, H, q_blocks, k_blocks, density, gen)
-        # full=mask: every listed block is whole (no element mask), the repo kernel's fast path
-        layout = BlockLayout.from_block_mask(mask, block_q=BLOCK_K, block_k=BLOCK_K, q_len=Lq, kv_len=Lk,
-                                             full=mask).to("cuda")
-        counts, indices = _lists(torch, mask)
+        # benchmarks/attention.py's random layout: every listed block whole (the full lists), the repo
+        # kernel's fast path, so the two kernels visit the same blocks
+        layout = random_layout(H, Lq, Lk, density, gen).to("cuda")
+        counts, indices = layout.full_kv_num_blocks, layout.full_kv_indices
         visited = int(counts.sum()) * B
-        ref = _reference(torch, q, k, v, mask, scale)
+        ref = _reference(torch, q, k, v, layout, scale)
         with torch.no_grad():
             repo_err = _max_rel_err(sparse_attention(q, k, v, layout), ref)
             repo_ms = bench(lambda: sparse_attention(q, k, v, layout))
