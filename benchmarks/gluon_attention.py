@@ -34,7 +34,7 @@ Commands::
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0     # the GPU machine's Triton
     PYTHONPATH=. /tmp/t36/bin/python benchmarks/gluon_attention.py --compile-only [--configs ...] [--json FILE]
     timeout 300 bash benchmarks/run_on_device.sh python benchmarks/gluon_attention.py [--bench cudagraph] [--json FILE]
-    # (untested barrier phases may hang: keep the timeout)
+    # (a changed config could hang on a barrier phase: keep the timeout)
 
 ``--compile-only`` needs no GPU and no torch (Triton 3.6 only). The default mode (GPU) first checks a
 small GQA case with 0, 1, 2 and all key blocks listed, then B=1, H=24, Lq=3840, Lk=15360 bf16 at
@@ -48,10 +48,14 @@ Verified offline (Triton 3.6.0, sm90): every config in ``CONFIGS`` builds. The l
 spills and no ptxas "wgmma serialized" warning for (128,128,8 warps), (128,64,8), (64,128,4),
 (64,64,4). (128,128,4 warps) does not fit in registers (spills, ptxas serializes the wgmma) and
 (128,64,4) spills a little and ptxas hoists the wait 0 above the softmax: kept as data points.
-NOT verified (needs a GPU): correctness, that nothing hangs (barrier phases, predicated loads),
-and the speed. Known cost: Triton's barrier analysis adds ~4 CTA-wide ``bar.sync`` per loop
-iteration around the TMA refills (two are needed with 8 warps, as one thread refills a slot both
-warpgroups read; two are not).
+Measured on an H100 (torch 2.11, Triton 3.6; ``benchmarks/results/gluon_attention.json``): every
+config is correct (2e-3 relative to the fp32 reference, every edge case) and nothing hangs, but none
+is faster than the repo's Triton kernel where it matters: at 3840 x 15360, 24 heads, the best config
+(128, 128, 8 warps, 2 buffers) gives 509 / 473 / 457 TFLOP/s per visited block at densities 1 /
+0.5 / 0.25 against the Triton kernel's 488 / 503 / 469 and cuDNN's 598; (128, 128, 4 warps) 146.
+Known cost: Triton's barrier analysis adds ~4 CTA-wide ``bar.sync`` per loop iteration around the
+TMA refills (two are needed with 8 warps, as one thread refills a slot both warpgroups read; two are
+not).
 """
 
 from __future__ import annotations
