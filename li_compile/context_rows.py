@@ -306,7 +306,8 @@ class ContextRowReuse:
         mask = attn_mask
         if mask is not None and mask.shape[-1] == cut.sliced_length and mask.shape[-1] > 1:
             if context_mask is None:
-                self._lost = self._lost or "a block call on the chunk's rows alone has a key mask its kept call had not"
+                if not self.checking:  # (a checked call is only compared with the whole block, which decides)
+                    self._lost = self._lost or "a block call on the chunk's rows alone has a key mask its kept call had not"
                 context_mask = _context_kv_zeros(k, v, mask, cut)[2]
             mask = put_back(mask, mask.dim() - 1, cut.start, context_mask.expand(*mask.shape[:-1], -1))
         keys, values = put_back(k, 2, cut.start, context_k), put_back(v, 2, cut.start, context_v)

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 import li_compile
 from benchmarks.context_reuse_fidelity import ContextReuse  # the eager emulation: block outputs' context rows frozen
-from li_compile.context_rows import ContextRowReuse, RowCut, context_rows, put_back
+from li_compile.context_rows import ContextRowReuse, RowCut, context_rows, put_back, without
 from li_compile import row_blocks
 from li_compile.row_blocks import RowBlocks, context_part, cut_tensor
 from li_compile.sequence import SequenceLayout
@@ -461,6 +461,33 @@ def test_row_blocks_on_a_whole_model_graph_says_that_it_needs_the_blocks_compile
     stats = [c.values for c in accelerator.report().chunks]
     assert any("needs: the context rows' attention alone is reused" in s.get("row_blocks_off", "") for s in stats)
     assert sum(s.get("context_rows_reused", 0) for s in stats) > 0
+
+
+def _sliced_call_with_a_mask_its_kept_call_had_not(checking: bool) -> ContextRowReuse:
+    """A chunk whose first step keeps a call's context keys with no mask; at the next step a block
+    call on the chunk's rows alone (``checking``: only compared with the whole block's) brings a key mask."""
+    reuse = _reuse(steps=4)
+    reuse.keep_kv = True
+    reuse.set_step(0)
+    q, k, v = _qkv(0)
+    reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
+    reuse.set_step(1)
+    cut = RowCut(length=LAYOUT.kv_len, start=ROWS[0], stop=ROWS[1], frames=LAYOUT.frames,
+                 context_frames=LAYOUT.context_frames)
+    sliced = [without(t, 2, *ROWS) for t in _qkv(1)]
+    mask = torch.ones(1, 1, cut.sliced_length, cut.sliced_length, dtype=torch.bool)
+    reuse.slicing, reuse.checking = cut, checking
+    reuse.attend(*sliced, mask, None, lambda: pytest.fail("a sliced call never computes the site's route"))
+    reuse.slicing, reuse.checking = None, False
+    return reuse
+
+
+def test_a_sliced_call_with_a_key_mask_its_kept_call_had_not_loses_the_chunk_unless_only_checked():
+    """Run for real, such a call's output is wrong: the chunk is lost (``end_chunk`` raises). Only
+    checked, the comparison with the whole block fails instead, and the chunk is fine."""
+    _sliced_call_with_a_mask_its_kept_call_had_not(checking=True).end_chunk()
+    with pytest.raises(RuntimeError, match="has a key mask its kept call had not"):
+        _sliced_call_with_a_mask_its_kept_call_had_not(checking=False).end_chunk()
 
 
 def test_a_tensor_cut_to_the_chunks_rows_and_given_its_context_back_is_unchanged():
