@@ -150,7 +150,7 @@ def run_case(heads, q_len, kv_len, kind, density, flex, gen, frame_tokens, sdpa_
     rest = split_layout(layout, span)  # ours: the span through flash, the rest through Triton
 
     with torch.no_grad():
-        path = split_path(q, k, v, rest, span)  # also the warm-up: builds (elsewhere than Hopper, autotunes) this shape once
+        path = split_path(q, k, v, rest, span)  # also the warm-up: autotunes this shape once
         ours = split_attention(q, k, v, rest, span)
         try:
             theirs = flex(q, k, v, block_mask=block_mask)

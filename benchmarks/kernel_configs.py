@@ -54,7 +54,6 @@ def run(case: dict, config, variant) -> dict:
     """Time one config on one case; the kernel is rebuilt with that config as its only candidate."""
     name, tma = variant
     os.environ["LI_KERNEL_TMA"] = tma
-    os.environ["LI_KERNEL_AUTOTUNE"] = "1"  # through the autotuner, not Hopper's preset config
     bsa.CUDA_CONFIGS, bsa.SMALL_BLOCK_CONFIGS, bsa._KERNELS = [config], [], None
     q, k, v = case["qkv"]
     row = {"config": list(config), "variant": name, "sdpa_ms": case["sdpa_ms"]}

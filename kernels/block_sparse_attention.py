@@ -318,14 +318,6 @@ def q_size_class(q_len: int) -> int:
 
 INTERPRETER_TILE = 64  # the interpreter takes one config: BLOCK_M/BLOCK_N at most this
 CAPTURE_CONFIG = (128, 64, 4, 3)  # the autotuned winner at every H100 benchmark shape (bf16, D=128)
-# The config a GPU architecture (compute capability) launches for 16-bit inputs with no autotuning.
-# A model's tuning runs at warm-up, on the warm-up's all-padding plan, not on a chunk's: it timed
-# a layout the chunks never run (on Matrix-Game full it chose 64x64 tiles, 17-22% slower than
-# 128x64 on real layouts, benchmarks/results/kernel_configs.md) and cost a cold start its
-# candidates' builds and timings. On Hopper (H100, H200) 128x64 tiles, 4 warps, 3 stages won every
-# shape of benchmarks/attention.py, where the autotuner times the real layouts. ``LI_KERNEL_AUTOTUNE=1``
-# in the environment autotunes on these architectures too.
-PRESET_CONFIGS = {(9, 0): CAPTURE_CONFIG}
 
 
 def shared_memory_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv: int, elem: int) -> int:
@@ -390,8 +382,7 @@ class _Kernels:
     tuned: Callable
     tuned_tma: Callable | None
     tma_failure: str | None
-    presets: dict = field(default_factory=dict)  # compute capability -> the config launched untuned
-    launched: dict = field(default_factory=dict)  # call key launched already -> its preset tiles (None: autotuned)
+    launched: set = field(default_factory=set)  # call keys launched already (GPU: autotuned, a capture may reuse them)
     first_launch_s: float = 0.0  # host seconds in the first launch of each call key (GPU: compiles, autotuning)
     parallel_compile_failure: str | None = None  # why configs are no longer built in parallel before a tuning
 
@@ -414,8 +405,7 @@ def _build_kernels() -> _Kernels:
                                cache_results=True)(fixed)
 
     failure = _tma_unavailable()
-    presets = {} if os.environ.get("LI_KERNEL_AUTOTUNE", "0") == "1" else dict(PRESET_CONFIGS)
-    return _Kernels(fixed, autotuned(False), None if failure else autotuned(True), failure, presets)
+    return _Kernels(fixed, autotuned(False), None if failure else autotuned(True), failure)
 
 
 def _tma_unavailable() -> str | None:
@@ -495,20 +485,6 @@ def _fixed_launch(block_q: int, block_k: int, interpreting: bool,
     memory = memory or (lambda m, n, stages: 0)
     candidates = [CAPTURE_CONFIG] + CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
     m, n, w, s = fitting_configs(candidates, block_q, block_k, memory, limit)[0]
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-
-
-def preset_tiles(config: tuple[int, int, int, int] | None, dtype: torch.dtype, block_q: int, block_k: int,
-                 memory: Callable[[int, int, int], int], limit: int) -> dict | None:
-    """Launch settings for a call that runs ``config`` (BLOCK_M, BLOCK_N, warps, stages; a
-    ``PRESET_CONFIGS`` entry) untuned: None (autotune) when there is none, the inputs are not 16-bit,
-    its tiles do not divide the layout's blocks or it needs more than ``limit`` bytes of shared
-    memory by ``memory(m, n, stages)``."""
-    if config is None or dtype not in (torch.float16, torch.bfloat16):
-        return None
-    m, n, w, s = config
-    if block_q % m or block_k % n or memory(m, n, s) > limit:
-        return None
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
 
@@ -615,37 +591,31 @@ def launch_split(
                 *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     first_launch, start = call_key not in kernels.launched, time.perf_counter()
-    if interpreting:
-        tiles = _fixed_launch(block_q, block_k, True)
-    elif first_launch:
+    if first_launch and not (interpreting or capturing):  # the autotuner may time configs: build them first
+        _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, grid, args, flags)
+    if interpreting or (capturing and first_launch):
+        # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
-        limit = _shared_memory_limit(q.device)
-        tiles = preset_tiles(kernels.presets.get(torch.cuda.get_device_capability(q.device)), q.dtype,
-                             block_q, block_k, memory, limit)
-        if tiles is None and capturing:  # no timing inside a capture: fixed tiles for a shape never tuned
-            tiles = _fixed_launch(block_q, block_k, False, memory, limit)
-        elif tiles is None:  # the autotuner will time configs: build them first
-            _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, grid, args, flags)
-    else:  # as its first launch did (None: the autotuner's stored winner, so a capture times nothing)
-        tiles = kernels.launched[call_key]
-    launch_flags = {**flags, **(tiles or {})}
-    if tiles is not None and use_tma:
-        launch_flags["USE_TMA"] = True
-    if use_tma:
-        try:
-            _launch_tma(kernels.tuned_tma if tiles is None else kernels.fixed, grid, args, launch_flags)
+        limit = 0 if interpreting else _shared_memory_limit(q.device)
+        tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
+        if use_tma:
+            _launch_tma(kernels.fixed, grid, args, {**flags, **tiles, "USE_TMA": True})
+        else:
+            kernels.fixed[grid](*args, **flags, **tiles)
+    elif use_tma:
+        try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
+            _launch_tma(kernels.tuned_tma, grid, args, flags)
         except Exception as failure:  # Triton could not build or run it here: plain loads from now on
             if capturing:
                 raise
             kernels.tuned_tma, kernels.tma_failure = None, f"TMA failed: {type(failure).__name__}: {str(failure)[:200]}"
-            launch_flags.pop("USE_TMA", None)
-            (kernels.tuned if tiles is None else kernels.fixed)[grid](*args, **launch_flags)
+            kernels.tuned[grid](*args, **flags)
             call_key = (*call_key[:10], False, *call_key[11:])
     else:
-        (kernels.tuned if tiles is None else kernels.fixed)[grid](*args, **launch_flags)
+        kernels.tuned[grid](*args, **flags)
     if first_launch:
         kernels.first_launch_s += time.perf_counter() - start
-    kernels.launched[call_key] = tiles  # later calls of this key launch the same way (a capture too)
+    kernels.launched.add(call_key)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 

@@ -230,65 +230,6 @@ def test_cuda_graph_capture_launches_a_fixed_config_that_tiles_the_layout_blocks
 H100_SHARED_MEMORY = 232448  # bytes per block (opt-in), what Triton reported launching fp32 128x128 tiles
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_a_16_bit_call_with_a_preset_config_runs_it_when_it_tiles_the_blocks_and_fits(dtype):
-    from li_compile.kernels.block_sparse_attention import PRESET_CONFIGS, preset_tiles, shared_memory_bytes
-
-    hopper = PRESET_CONFIGS[(9, 0)]
-    memory = lambda m, n, stages: shared_memory_bytes(m, n, stages, 128, 128, 2)  # noqa: E731
-    assert preset_tiles(hopper, dtype, 128, 128, memory, H100_SHARED_MEMORY) == dict(
-        zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), hopper)
-    )
-    assert preset_tiles(None, dtype, 128, 128, memory, H100_SHARED_MEMORY) is None  # no preset: autotune
-    assert preset_tiles(hopper, dtype, 64, 128, memory, H100_SHARED_MEMORY) is None  # 128 rows do not tile 64
-    assert preset_tiles(hopper, dtype, 128, 96, memory, H100_SHARED_MEMORY) is None  # 64 keys do not tile 96
-    assert preset_tiles(hopper, dtype, 128, 128, memory, 1000) is None  # does not fit
-    assert preset_tiles(hopper, torch.float32, 128, 128, memory, H100_SHARED_MEMORY) is None
-
-
-def _launches(monkeypatch, capability, presets) -> tuple[list, list, list]:
-    """What ``launch_split`` does on a (pretended) GPU of ``capability``: (fixed-kernel launches'
-    flags, autotuned launches' flags, candidate builds), recorded, nothing run."""
-    from li_compile.kernels import block_sparse_attention as kernel_module
-
-    fixed, tuned, built = [], [], []
-
-    class Recorder:
-        def __init__(self, calls):
-            self.calls = calls
-
-        def __getitem__(self, grid):
-            return lambda *args, **flags: self.calls.append(flags)
-
-    kernels = kernel_module._Kernels(Recorder(fixed), Recorder(tuned), None, "recorded", presets)
-    monkeypatch.setattr(kernel_module, "_kernels", lambda: kernels)
-    monkeypatch.setattr(kernel_module, "_interpreting", lambda: False)
-    monkeypatch.setattr(kernel_module, "check_call", lambda *args: None)  # CPU tensors pass for CUDA ones
-    monkeypatch.setattr(kernel_module, "_shared_memory_limit", lambda device: H100_SHARED_MEMORY)
-    monkeypatch.setattr(kernel_module, "_compile_candidates", lambda *args: built.append(args))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    q, k, v = qkv(1, 2, 2, 256, 256, 64, torch.float16)
-    layout = BlockLayout.dense(block_q=128, block_k=128, q_len=256, kv_len=256)
-    for _ in range(2):
-        kernel_module.launch(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
-                             layout.full_kv_indices, layout.key_keep, None, 128, 128, None, False)
-    return fixed, tuned, built
-
-
-def test_on_hopper_a_16_bit_call_launches_the_preset_untuned_and_elsewhere_it_autotunes(monkeypatch):
-    from li_compile.kernels.block_sparse_attention import PRESET_CONFIGS
-
-    fixed, tuned, built = _launches(monkeypatch, (9, 0), dict(PRESET_CONFIGS))
-    m, n, w, s = PRESET_CONFIGS[(9, 0)]
-    assert [(f["BLOCK_M"], f["BLOCK_N"], f["num_warps"], f["num_stages"]) for f in fixed] == [(m, n, w, s)] * 2
-    assert tuned == [] and built == []
-    fixed, tuned, built = _launches(monkeypatch, (8, 0), dict(PRESET_CONFIGS))
-    assert fixed == [] and len(tuned) == 2 and len(built) == 1  # candidates built once, before the first tuning
-    assert all("BLOCK_M" not in f for f in tuned)
-    fixed, tuned, built = _launches(monkeypatch, (9, 0), {})  # LI_KERNEL_AUTOTUNE=1
-    assert fixed == [] and len(tuned) == 2 and len(built) == 1
-
-
 @pytest.mark.parametrize("elem", [2, 4])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_configs_that_overflow_shared_memory_are_never_launched(elem, dim):
