@@ -13,7 +13,7 @@ chunks once more under ``torch.cuda.set_sync_debug_mode("warn")`` and prints whe
 code each synchronising call was made (the innermost frames of this repository), by count.
 
     bash benchmarks/run_on_device.sh python benchmarks/chunk_overhead.py --world matrix_game3 --depth 30 \\
-        --chunks 12 --trajectory random_walk_with_returns --out $OUT/overhead.json
+        --chunks 12 --trajectory random_walk_with_returns [--blocks] --out $OUT/overhead.json
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=12)
     parser.add_argument("--profile-chunks", type=int, default=2)
     parser.add_argument("--trajectory", default="random_walk_with_returns", choices=sorted(trajectories.TRAJECTORIES))
+    parser.add_argument("--blocks", action="store_true", help="only the repeated blocks compiled in both runs, "
+                        "the top level eager (as end_to_end.py --blocks)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     module = WORLDS[args.world]
@@ -61,7 +63,11 @@ def main() -> None:
     total = args.chunks + args.profile_chunks
     trajectory = trajectories.make(args.trajectory, total * spec.chunk_frames, chunk_frames=spec.chunk_frames)
     result = {}
-    for name, setup in (("dense", dense_setup(world)), ("light_interaction", light_interaction_setup(world))):
+    setups = {"dense": lambda: dense_setup(world, blocks=args.blocks),
+              "light_interaction": lambda: light_interaction_setup(world, blocks=args.blocks)}
+    for name, make_setup in setups.items():
+        torch._dynamo.reset()  # each run compiles afresh: with --blocks both compile the same block code,
+        setup = make_setup()  # and together they would pass Dynamo's recompile limit (calls then run eagerly)
         setup.warm_up()
 
         def run(chunks: int, step_hook=None):
