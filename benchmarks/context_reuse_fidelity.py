@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from li_compile.worlds import hy_worldplay, trajectories
+from li_compile.worlds.base import MethodModule
 from li_compile.worlds.fidelity import prefix_hook, trained_truth
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import frame_psnr, psnr
@@ -39,14 +40,16 @@ class ContextReuse:
     such step's context rows.
 
     ``step_hook`` (for ``generate``) tells the hooks the step; ``context.shape[1]`` slots of
-    ``tokens_per_frame`` tokens each lead the sequence (``HYWorldPlayDiT.forward``)."""
+    ``tokens_per_frame`` tokens each lead the sequence (``HYWorldPlayDiT.forward``,
+    ``MatrixGame3DiT.forward_full``). ``model``: the DiT, or a ``MethodModule`` of it (its blocks are the DiT's)."""
 
     def __init__(self, model: torch.nn.Module, tokens_per_frame: int, full_steps: tuple[int, ...] | None) -> None:
         self.step, self.rows, self.full_steps = 0, 0, full_steps
         self.saved: dict[int, torch.Tensor] = {}
         self.tokens_per_frame = tokens_per_frame
         model.register_forward_pre_hook(self._slots, with_kwargs=True)
-        for i, block in enumerate(model.blocks):
+        dit = model.module if isinstance(model, MethodModule) else model
+        for i, block in enumerate(dit.blocks):
             block.register_forward_hook(self._block(i))
 
     def _slots(self, module, args, kwargs):

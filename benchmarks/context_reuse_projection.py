@@ -1,8 +1,8 @@
 """What ``context.reuse_rows`` saves on HY full, by FLOPs, from chunk times measured with it off (no GPU).
 
-Per DiT block at ``frames`` frames of ``TOKENS`` tokens, width ``WIDTH``, ``TEXT`` text tokens:
-self-attention ``4 N^2 D``, the linear layers (QKV, projection, 4x MLP) ``24 N D^2``, and
-cross-attention ``4 N T D + 4 N D^2``. A step that reuses the context rows computes the chunk's
+Per DiT block at ``N`` tokens, width ``D``, ``T`` text tokens, MLP ratio ``r`` (``Dims``, from a
+preset): self-attention ``4 N^2 D``, the linear layers (QKV, projection, MLP) ``(8 + 4 r) N D^2``,
+and cross-attention ``4 N T D + 4 N D^2``. A step that reuses the context rows computes the chunk's
 query rows against every key (that share of self-attention) and every row-wise layer on every row;
 with ``--sliced`` the row-wise layers run on the chunk's rows only (not built). A full-context
 miss is 2 full steps and ``steps - 2`` reused ones. Each miss chunk (no cache hit, a context) of a
@@ -19,23 +19,57 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-TOKENS, WIDTH, TEXT, CHUNK, HEADS, HEAD_DIM, DEPTH, STEPS = 1560, 2048, 256, 4, 16, 128, 54, 4
+from li_compile.worlds import hy_worldplay
+from li_compile.worlds.base import WorldSpec
 
 
-def reused_step_cost(context_frames: int, sliced: bool = False) -> float:
+@dataclass(frozen=True)
+class Dims:
+    """What a DiT step's FLOPs depend on: tokens per frame, width, text tokens, chunk frames, steps,
+    MLP ratio, heads x head dim, depth."""
+
+    tokens: int
+    width: int
+    text: int
+    chunk: int
+    steps: int
+    mlp_ratio: float
+    heads: int
+    head_dim: int
+    depth: int
+
+    @classmethod
+    def of(cls, spec: WorldSpec) -> "Dims":
+        return cls(spec.tokens_per_frame, spec.dim, spec.text_tokens, spec.chunk_frames, spec.steps, spec.mlp_ratio,
+                   spec.heads, spec.head_dim, spec.depth)
+
+
+HY_FULL = Dims.of(hy_worldplay.PRESETS["full"])
+
+
+def block_flops(dims: Dims, queries: int, keys: int, rows: int | None = None) -> float:
+    """FLOPs of one block: ``queries`` query tokens against ``keys`` keys, the row-wise layers on
+    ``rows`` tokens (default ``queries``); its keys' own projections are counted only through ``rows``."""
+    rows = queries if rows is None else rows
+    d = dims.width
+    attention = 4 * queries * keys * d
+    row_wise = (8 + 4 * dims.mlp_ratio) * rows * d**2 + 4 * rows * dims.text * d + 4 * rows * d**2
+    return attention + row_wise
+
+
+def reused_step_cost(context_frames: int, sliced: bool = False, dims: Dims = HY_FULL) -> float:
     """A reused step's FLOPs over a full step's, at ``context_frames`` context frames."""
-    n = (context_frames + CHUNK) * TOKENS
-    attention = 4 * n * n * WIDTH
-    row_wise = 24 * n * WIDTH**2 + 4 * n * TEXT * WIDTH + 4 * n * WIDTH**2
-    share = CHUNK / (context_frames + CHUNK)  # the chunk's rows
-    return (attention * share + row_wise * (share if sliced else 1.0)) / (attention + row_wise)
+    n = (context_frames + dims.chunk) * dims.tokens
+    chunk = dims.chunk * dims.tokens  # the chunk's rows
+    return block_flops(dims, chunk, n, chunk if sliced else n) / block_flops(dims, n, n)
 
 
-def miss_cost(context_frames: int, sliced: bool = False) -> float:
+def miss_cost(context_frames: int, sliced: bool = False, dims: Dims = HY_FULL) -> float:
     """A full-context miss's time with the option over without it (first and last step full)."""
-    return (2 + (STEPS - 2) * reused_step_cost(context_frames, sliced)) / STEPS
+    return (2 + (dims.steps - 2) * reused_step_cost(context_frames, sliced, dims)) / dims.steps
 
 
 def projected_speedup(record: dict, run: str, sliced: bool = False) -> tuple[str, float, float]:
@@ -60,8 +94,8 @@ def main() -> None:
     print(f"reused step at 20 context frames: {reused_step_cost(20):.2f} of a full step "
           f"(row-wise layers on the chunk's rows only: {reused_step_cost(20, True):.2f}); "
           f"full-context miss {miss_cost(20):.2f} ({miss_cost(20, True):.2f})")
-    kept_gb = DEPTH * HEADS * 20 * TOKENS * HEAD_DIM * 2 / 1e9
-    print(f"kept context-row outputs at depth {DEPTH}, 20 context frames, bf16: {kept_gb:.1f} GB")
+    kept_gb = HY_FULL.depth * HY_FULL.heads * 20 * HY_FULL.tokens * HY_FULL.head_dim * 2 / 1e9
+    print(f"kept context-row outputs at depth {HY_FULL.depth}, 20 context frames, bf16: {kept_gb:.1f} GB")
     print("| trajectory | run | measured | projected | projected, row-wise layers on the chunk's rows |")
     print("| --- | --- | --- | --- | --- |")
     for path in args.runs:

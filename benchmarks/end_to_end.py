@@ -105,9 +105,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trajectories", default="loop",
                         help="comma-separated names from " + ",".join(sorted(trajectories.TRAJECTORIES)))
     parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma-separated subset of " + ",".join(ABLATIONS))
-    parser.add_argument("--form", choices=hy_worldplay.FORMS, default=None,
-                        help="hy_worldplay only: full (context re-run every step) or cached (context KV once per "
-                             "chunk; block-causal worlds); default: the world's own")
+    parser.add_argument("--form", choices=sorted(set(hy_worldplay.FORMS) | set(matrix_game3.FORMS)), default=None,
+                        help="full (context and chunk in one sequence at every step: HY's bidirectional form, "
+                             "Matrix-Game's upstream form) or cached (the context's KV once per chunk: HY's "
+                             "block-causal worlds, Matrix-Game's default); default: the world's own")
     parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
                         help="calibrate the tile plans to keep TARGET of the attention mass (li_compile.calibrate) on "
                              "the trajectory's first chunks before each light_interaction run; runs are named <run>_cal")
@@ -129,8 +130,6 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if (args.options is None) != (args.options_name is None):
         parser.error("--options and --options-name go together: the name keeps those runs apart in the summary")
-    if args.form is not None and args.world != "hy_worldplay":
-        parser.error(f"--form applies to hy_worldplay only, got --world {args.world}")
     unknown = sorted(set(args.trajectories.split(",")) - set(trajectories.TRAJECTORIES))
     if unknown:
         parser.error(f"unknown trajectories {unknown}; choose from {sorted(trajectories.TRAJECTORIES)}")

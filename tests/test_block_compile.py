@@ -16,17 +16,19 @@ from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from test_regions import SPARSE, Stack, assert_generates_alike, generate_with_accelerator
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
-FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3")
+FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3", "matrix_game3_full")
 OPTIONS = {"inner": "eager", "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
 
 
 def _tiny(name: str):
     """A tiny world two blocks deep; ``hy_worldplay_cached``: HY in its KV-cache form, whose model is a
-    method of the DiT."""
-    module = matrix_game3 if name == "matrix_game3" else hy_worldplay
+    method of the DiT; ``matrix_game3_full``: Matrix-Game in upstream's full-sequence form (likewise)."""
+    module = matrix_game3 if name.startswith("matrix_game3") else hy_worldplay
     spec = dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2)
     if name == "hy_worldplay_cached":
         return hy_worldplay.build(dataclasses.replace(spec, block_causal=True), form="cached")
+    if name == "matrix_game3_full":
+        return matrix_game3.build(spec, form="full")
     return module.build(spec)
 
 

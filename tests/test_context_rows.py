@@ -23,7 +23,7 @@ from li_compile.context_rows import ContextRowReuse, RowCut, context_rows, put_b
 from li_compile import row_blocks
 from li_compile.row_blocks import RowBlocks, context_part, cut_tensor
 from li_compile.sequence import SequenceLayout
-from li_compile.worlds import hy_worldplay, trajectories
+from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import sharing_weights
 
@@ -339,6 +339,37 @@ def test_a_bidirectional_model_runs_as_with_its_context_frozen_at_the_first_step
         return frozen_steps(chunk, step, call)
 
     frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False, step_hook=step_hook)
+    torch.testing.assert_close(reused.latents, frozen.latents, rtol=1e-5, atol=1e-5)
+    assert (reused.latents - plain.latents).abs().max() > 1e-3  # the approximation is real here
+
+
+def test_matrix_game_in_upstreams_form_runs_as_with_its_context_frozen_at_the_first_step():
+    """Matrix-Game's full form (upstream's: context and chunk in one sequence at every step) is
+    bidirectional as HY's is: its context rows are reused between steps, and the frames equal the
+    eager model's with the context's hidden states frozen at each chunk's first step (3 steps: the
+    middle one reuses)."""
+    spec = dataclasses.replace(matrix_game3.PRESETS["tiny"], depth=2, steps=3)
+    world = matrix_game3.build(spec, form="full")
+    with torch.no_grad():  # sharpened, so that freezing the context moves the frames (see _sharpened)
+        for block in world.model.module.blocks:
+            for weight in (block.q.weight, block.k.weight, block.v.weight, block.modulation):
+                weight.mul_(6.0)
+    chunks = 4
+    trajectory = trajectories.make("random_walk_with_returns", chunks * spec.chunk_frames)
+    reused, accelerator = _backend_run(world, trajectory, chunks, reuse_rows=True)
+    stats = accelerator.report().chunks
+    assert sum(c.values.get("context_rows_reused", 0) for c in stats) > 0
+    probe = next(c.chunk for c in stats if "probe chunk" in c.values.get("context_rows_off", ""))
+    assert probe < chunks - 1
+    frozen_context = ContextReuse(world.model, spec.tokens_per_frame, full_steps=None)
+    frozen_steps = frozen_context.step_hook(lambda chunk, step, call: call())
+
+    def step_hook(chunk, step, call):
+        frozen_context.full_steps = None if chunk <= probe else (0, spec.steps - 1)
+        return frozen_steps(chunk, step, call)
+
+    frozen = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False, step_hook=step_hook)
+    plain = generate(world, trajectory, _Replay(reused.selections), chunks, decode=False)
     torch.testing.assert_close(reused.latents, frozen.latents, rtol=1e-5, atol=1e-5)
     assert (reused.latents - plain.latents).abs().max() > 1e-3  # the approximation is real here
 

@@ -18,12 +18,16 @@ from li_compile.worlds.pipeline import ContextSelection, DensePolicy, gather_con
 from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
+# every world and form the generic specifications below hold for: (module, build's keyword arguments)
+FORMS = {"hy_worldplay": (hy_worldplay, {}), "matrix_game3": (matrix_game3, {}),
+         "matrix_game3_full": (matrix_game3, {"form": "full"})}
 CHUNKS = 6
 
 
-@pytest.fixture(scope="module", params=sorted(WORLDS))
+@pytest.fixture(scope="module", params=sorted(FORMS))
 def world(request):
-    return WORLDS[request.param].build("tiny", seed=0)
+    module, kwargs = FORMS[request.param]
+    return module.build("tiny", seed=0, **kwargs)
 
 
 def _trajectory(world, name="random_walk_with_returns", chunks=CHUNKS):
@@ -268,8 +272,29 @@ def test_layouts_describe_the_attention_sequence(world):
     spec = world.spec
     assert layout.context_frames == spec.context_frames and layout.chunk_frames == spec.chunk_frames
     assert layout.tokens_per_frame == spec.tokens_per_frame
-    assert layout.queries == ("all" if world.model.__class__ is hy_worldplay.HYWorldPlayDiT else "chunk")
+    assert layout.queries == ("chunk" if isinstance(world, matrix_game3.MatrixGame3) else "all")
     assert world.layout(capacity=2).context_frames == 2
+
+
+def test_matrix_game_forms_agree_where_the_context_is_all_padding_and_differ_where_it_attends_to_the_chunk():
+    """The same DiT in upstream's full-sequence form and in the KV-cache form: with no valid context
+    frame the chunk attends to itself alone in both, so they agree; with context frames they differ,
+    as the full form's context also attends to the noisy chunk. An unknown form is refused."""
+    cached, full = (matrix_game3.build("tiny", seed=0, form=form) for form in ("cached", "full"))
+    spec = cached.spec
+    traj = _trajectory(cached, chunks=2)
+    f = spec.chunk_frames
+    x = torch.randn(1, f, *spec.latent_shape, generator=torch.Generator().manual_seed(0))
+    for selection, agree in ((ContextSelection([], []), True), (ContextSelection([], [f - 1]), False)):
+        context = gather_context(torch.randn(f, *spec.latent_shape), traj.poses[:f], selection, spec.context_frames)
+        outs = [w.model(x, torch.tensor(0.6), **w.inputs(context, traj.poses[f:2 * f], traj.actions()[f:2 * f], f))
+                for w in (cached, full)]
+        if agree:
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        else:
+            assert (outs[1] - outs[0]).abs().max() > 1e-4  # (2e-3 here; rounding is below 1e-6)
+    with pytest.raises(ValueError, match=r"form must be one of \['cached', 'full'\], got 'kv'"):
+        matrix_game3.build("tiny", form="kv")
 
 
 def test_build_is_seeded_and_rejects_unknown_presets():

@@ -66,6 +66,15 @@ def test_the_blocks_flag_compiles_only_the_blocks_and_lets_them_run_on_the_chunk
     assert summary["psnr_db_vs_dense"] >= 25
 
 
+def test_the_form_flag_runs_matrix_game_in_upstreams_form_with_its_context_rows_reused():
+    summary = run_example(matrix_game3, "loop", ["--chunks", "3", "--form", "full", "--options",
+                                                  '{"cache": {"enabled": false}}'])
+    assert summary["context_rows_reused"] > 0 and summary["recompiles_after_warmup"] == 0
+    assert summary["psnr_db_vs_dense"] >= 25
+    with pytest.raises(SystemExit):  # a world without forms has no --form
+        parse_args("x", "loop", ["--form", "full"])
+
+
 def test_the_preset_flag_offers_each_worlds_own_presets():
     """``--preset trained`` exists for the HY-WorldPlay-style world only (the one with trained weights)."""
 
@@ -180,3 +189,21 @@ def test_the_benchmark_names_a_commit_whose_files_were_changed_as_such(tmp_path,
     assert _commit() == f"{head}+changes"
     monkeypatch.setenv("LI_COMMIT", "abc1234")
     assert _commit() == "abc1234"
+
+
+def test_the_flops_projections_count_a_block_as_attention_plus_its_row_wise_layers():
+    """``benchmarks/context_reuse_projection.py``'s block (``4 N^2 D`` attention, ``(8 + 4 r) N D^2``
+    linear layers, ``4 N T D + 4 N D^2`` cross-attention) and ``benchmarks/matrix_game_forms.py``'s
+    chunks: a chunk of hits only costs one step in three, the full form's dense chunk more than the
+    KV-cache form's (its context runs at every step, attending to the chunk too)."""
+    from benchmarks.context_reuse_projection import Dims, block_flops, miss_cost
+    from benchmarks.matrix_game_forms import MG_FULL, dense_chunk_flops, projected
+
+    dims = Dims(tokens=4, width=8, text=2, chunk=1, steps=3, mlp_ratio=4.0, heads=1, head_dim=8, depth=1)
+    n, d = 12, 8
+    assert block_flops(dims, n, n) == 4 * n * n * d + 24 * n * d * d + 4 * n * 2 * d + 4 * n * d * d
+    assert block_flops(dims, 4, n) < block_flops(dims, 4, n, n) < block_flops(dims, n, n)  # fewer rows, fewer FLOPs
+    assert projected(32, 32, False) == pytest.approx(MG_FULL.steps)
+    assert projected(0, 32, True) == pytest.approx(1 / miss_cost(matrix_game3.PRESETS["full"].context_frames, True,
+                                                                 MG_FULL))
+    assert 1 < dense_chunk_flops("full") / dense_chunk_flops("cached") < 2

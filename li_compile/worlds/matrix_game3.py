@@ -1,6 +1,7 @@
-"""Matrix-Game-3.0-style reference world: a Wan-family DiT with causal chunk attention over a KV cache
-of clean context frames (recent frames + retrieved memory), keyboard/mouse actions and camera
-conditioning, and a distilled few-step sampler. Random weights; the structure is what matters here.
+"""Matrix-Game-3.0-style reference world: a Wan-family DiT whose chunk attends to clean context frames
+(recent frames + retrieved memory), in upstream's one-sequence form or a KV-cache form, with
+keyboard/mouse actions and camera conditioning, and a distilled few-step sampler. Random weights;
+the structure is what matters here.
 
 What it mirrors (upstream: SkyworkAI/Matrix-Game, ``Matrix-Game-3/pipeline/inference_pipeline.py``;
 base model Wan2.2-TI2V-5B):
@@ -20,13 +21,20 @@ base model Wan2.2-TI2V-5B):
   (here 4 keys) and mouse (yaw/pitch) actions per frame, "no action" for memory frames.
 - Distilled model (DMD, Self-Forcing-style multi-segment distillation): **3 sampler steps**, shift 5.
 
-How attention is spelled here (the project's KV-cache case, ``SequenceLayout(queries="chunk")``): once
-per chunk, ``encode_context`` runs the clean context frames through every block at timestep 0 and
-keeps each block's keys and values (the KV cache, ``(depth, 2, B, heads, K * T, head_dim)``);
-then every denoising step runs only the chunk's tokens as queries against
-``torch.cat([cached keys, chunk keys])`` on the sequence axis. Upstream concatenates the memory and
-re-injected latents into one sequence instead (every step recomputes them); the cache trades that
-for one context pass per chunk, as Matrix-Game 2's Self-Forcing pipeline does. Assumed: the
+How attention is spelled here, in two forms of one DiT (``build``'s ``form``):
+
+- ``"full"``, upstream's: at every denoising step the memory and re-injected frames (timestep 0)
+  and the chunk's frames are one token sequence (``x_memory`` and the re-injected latents
+  concatenated with the new ones in ``inference_pipeline.py``), every token a query
+  (``forward_full``, ``SequenceLayout(queries="all")``): the context attends to the noisy chunk too.
+- ``"cached"`` (the default, the project's KV-cache case, ``SequenceLayout(queries="chunk")``): once
+  per chunk ``encode_context`` runs the clean context frames through every block at timestep 0 and
+  keeps each block's keys and values (``(depth, 2, B, heads, K * T, head_dim)``); every denoising
+  step then runs only the chunk's tokens as queries against ``torch.cat([cached keys, chunk keys])``
+  (``forward``), as Matrix-Game 2's Self-Forcing pipeline does: one context pass per chunk instead of
+  the context in every step, and a context that never sees the chunk (other outputs than ``"full"``).
+
+Assumed: the
 sampler is the x0-renoise update of distilled few-step samplers (upstream's inference script runs the
 distilled model through a UniPC scheduler); the camera is a flattened relative 3x4 pose through an
 MLP (not per-pixel Plücker rays); actions enter through an MLP added to the timestep embedding (not
@@ -41,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from li_compile.sequence import SequenceLayout
 from li_compile.worlds.base import (
-    Context, KVCacheWorld, MethodModule, WorldSpec, init_model, prompt_embedding, resolve_spec,
+    Context, KVCacheWorld, MethodModule, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
 )
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
@@ -119,7 +128,8 @@ class MatrixGame3DiT(nn.Module):
     from ``encode_context`` for ``K`` context slots, ``context_valid: (B, K)`` bool (``None``: every
     slot valid, no mask); ``camera: (B, F, 12)``, ``actions: (B, F, 6)``, ``frame_t: (B, F)`` the
     chunk frames' latent indices (RoPE time), ``text: (B, N, text_dim)``. Returns the velocity
-    ``(B, F, C, h, w)``.
+    ``(B, F, C, h, w)``. ``forward_full`` is the same network in upstream's form (context and chunk
+    in one sequence at every step).
     """
 
     def __init__(self, spec: WorldSpec) -> None:
@@ -174,21 +184,45 @@ class MatrixGame3DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, kv: torch.Tensor, context_valid: torch.Tensor | None,
                 camera: torch.Tensor, actions: torch.Tensor, frame_t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
         b, chunk = x.shape[:2]
         h, cond, e, rope = self._embed(x, sigma.reshape(1, 1).expand(b, chunk), camera, actions, frame_t)
         mask = None if context_valid is None else key_padding_mask(
-            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), spec.tokens_per_frame)
+            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), self.spec.tokens_per_frame)
         for block, cache in zip(self.blocks, kv.unbind(0)):
             h, _, _ = block(h, e, rope, mask, text, cache)
+        return self._head(h, cond)
+
+    def forward_full(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                     context_valid: torch.Tensor | None, camera: torch.Tensor, actions: torch.Tensor,
+                     frame_t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The velocity ``(B, F, C, h, w)`` in upstream's form: the context frames ``context (B, K, C, h, w)``
+        (timestep 0, ``context_valid (B, K)``; ``None``: all valid, no mask) and the chunk ``x`` in one
+        token sequence, every token a query. ``camera: (B, K + F, 12)``, ``actions: (B, K + F, 6)``,
+        ``frame_t: (B, K + F)`` (the context's latent indices, then the chunk's)."""
+        b, chunk, slots = x.shape[0], x.shape[1], context.shape[1]
+        noise_level = torch.cat([sigma.new_zeros(b, slots), sigma.reshape(1, 1).expand(b, chunk)], 1)
+        h, cond, e, rope = self._embed(torch.cat([context, x], 1), noise_level, camera, actions, frame_t)
+        mask = None if context_valid is None else key_padding_mask(
+            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), self.spec.tokens_per_frame)
+        for block in self.blocks:
+            h, _, _ = block(h, e, rope, mask, text)
+        return self._head(h[:, slots * self.spec.tokens_per_frame:], cond[:, slots:])
+
+    def _head(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The velocity ``(B, F, C, h, w)`` of the chunk from its final hidden states ``h (B, F * T, D)``
+        and per-frame conditioning ``cond (B, F, D)``."""
+        spec, chunk = self.spec, cond.shape[1]
         shift, scale = (self.head_modulation + cond[:, :, None]).unbind(2)
         out = self.head(modulate(self.head_norm(h), shift, scale, chunk))
         return unpatchify(out, chunk, spec.latent_channels, spec.latent_h, spec.latent_w, spec.patch)
 
 
+FORMS = ("cached", "full")  # build's ``form``: the KV-cache form (default) or upstream's full sequence
+
+
 class MatrixGame3(KVCacheWorld):
-    """The Matrix-Game-3.0-style world: ``model`` (``MatrixGame3DiT``), its ``encoder`` (the KV cache
-    pass, run once per chunk in ``inputs``) and their per-chunk inputs."""
+    """The Matrix-Game-3.0-style world in the KV-cache form: ``model`` (``MatrixGame3DiT``), its
+    ``encoder`` (the KV cache pass, run once per chunk in ``inputs``) and their per-chunk inputs."""
 
     revisit_inputs = ("kv", "context_valid", "camera", "actions", "frame_t")
 
@@ -215,10 +249,46 @@ class MatrixGame3(KVCacheWorld):
         }
 
 
+class MatrixGame3Full(World):
+    """The Matrix-Game-3.0-style world in upstream's form: ``model`` runs ``MatrixGame3DiT.forward_full``
+    (context and chunk in one sequence, every step) on the same DiT as ``MatrixGame3``."""
+
+    revisit_inputs = ("context", "context_valid", "camera", "actions", "frame_t")
+
+    def __init__(self, spec: WorldSpec, dit: MatrixGame3DiT, text: torch.Tensor) -> None:
+        self.spec, self.dit, self.text = spec, dit, text
+        self.model = MethodModule(dit, "forward_full")
+
+    def layout(self, capacity: int | None = None) -> SequenceLayout:
+        """Context slots then chunk frames; every token is a query."""
+        return self.context_layout(capacity, "all")
+
+    def inputs(self, context: Context, chunk_poses: torch.Tensor, chunk_actions: torch.Tensor,
+               first_frame: int) -> dict[str, torch.Tensor]:
+        """Cameras relative to the chunk's first camera, "no action" for the context frames, the
+        context's latent indices then the chunk's as RoPE time (as ``MatrixGame3.inputs``)."""
+        dtype, device = self.spec.dtype, self.device
+        poses = torch.cat([context.poses[0], chunk_poses])
+        actions = torch.cat([torch.zeros(context.capacity, ACTION_DIM), chunk_actions])[None]
+        chunk_t = (first_frame + torch.arange(self.spec.chunk_frames)).float()[None].to(device)
+        return {
+            "context": context.latents,
+            "context_valid": context.valid,
+            "camera": camera_features(chunk_poses[0], poses)[None].to(device, dtype),
+            "actions": actions.to(device, dtype),
+            "frame_t": torch.cat([context.frame_index, chunk_t], 1),
+            "text": self.text,
+        }
+
+
 def build(preset: str | WorldSpec = "tiny", device: Any = None, dtype: torch.dtype | None = None,
-          seed: int = 0) -> MatrixGame3:
+          seed: int = 0, form: str = "cached") -> MatrixGame3 | MatrixGame3Full:
     """The world of ``preset`` (a name in ``PRESETS`` or a ``WorldSpec``) with seeded random weights,
-    on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16)."""
+    on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16), in ``form``
+    (``FORMS``: ``"cached"``, the KV-cache form, or ``"full"``, upstream's one sequence per step)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
     spec = resolve_spec(preset, PRESETS, dtype)
     model = init_model(MatrixGame3DiT, spec, device, seed)
-    return MatrixGame3(spec, model, prompt_embedding(spec, seed, model.patch_in.weight.device))
+    text = prompt_embedding(spec, seed, model.patch_in.weight.device)
+    return MatrixGame3(spec, model, text) if form == "cached" else MatrixGame3Full(spec, model, text)

@@ -56,12 +56,14 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM stabilisers for pictures in [0, 1]
 
 
 def parse_args(description: str, default_trajectory: str, argv: Sequence[str] | None = None,
-               presets: Sequence[str] = ("tiny", "small", "full")) -> argparse.Namespace:
-    """The examples' flags: ``--preset --device --chunks --trajectory --seed --options --calibrate --blocks --out
-    --json``;
+               presets: Sequence[str] = ("tiny", "small", "full"), forms: Sequence[str] = ()) -> argparse.Namespace:
+    """The examples' flags: ``--preset [--form] --device --chunks --trajectory --seed --options --calibrate --blocks
+    --out --json`` (``--form`` where the world has ``forms``);
     ``--options`` is the backend's ``options=`` dict as JSON, checked as the backend checks it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="tiny", choices=presets)
+    if forms:
+        parser.add_argument("--form", default=None, choices=forms, help="the world's sequence form (default: its own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunks", type=int, default=16, help="chunks to generate (default 16)")
     parser.add_argument("--trajectory", default=default_trajectory, choices=sorted(trajectories.TRAJECTORIES))
@@ -566,9 +568,11 @@ def run_example(world_module: ModuleType, default_trajectory: str, argv: Sequenc
     """Build the world of ``world_module`` (``hy_worldplay`` or ``matrix_game3``), run dense and
     light_interaction along a trajectory with revisits, print the table and summary, write plots
     and JSON as flagged. Returns the summary."""
-    args = parse_args(world_module.__doc__.splitlines()[0], default_trajectory, argv, world_module.PRESET_NAMES)
+    forms = getattr(world_module, "FORMS", ())
+    args = parse_args(world_module.__doc__.splitlines()[0], default_trajectory, argv, world_module.PRESET_NAMES, forms)
     start = time.perf_counter()
-    world = world_module.build(args.preset, device=args.device, seed=args.seed)
+    form = getattr(args, "form", None)
+    world = world_module.build(args.preset, device=args.device, seed=args.seed, **({} if form is None else {"form": form}))
     spec = world.spec
     trajectory = trajectories.make(args.trajectory, args.chunks * spec.chunk_frames, seed=args.seed,
                                    chunk_frames=spec.chunk_frames)
