@@ -25,7 +25,8 @@ from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 
-FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3": (matrix_game3, "chunk")}
+FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3": (matrix_game3, "chunk"),
+         "matrix_game3_full": (matrix_game3, "all")}  # (module, queries): Matrix-Game in both of its forms
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
                 densities.append(stats["plan_density"])
                 kernel.append(kernel_density(stats["plan_density"], plan_slot.dense_span, plan_slot.signature.kv_blocks))
-            print(f"{spec.name} (q {sequence.q_len}, k {sequence.kv_len}) {args.trajectory} recent_radius {radius}, "
+            print(f"{name} (q {sequence.q_len}, k {sequence.kv_len}) {args.trajectory} recent_radius {radius}, "
                   f"context rows {rule if queries == 'all' else '-'}: {1000 * sum(times) / len(times):.0f} ms per plan, "
                   f"density {min(densities):.2f}-{max(densities):.2f}, kernel {min(kernel):.2f}-{max(kernel):.2f}")
 

@@ -11,8 +11,10 @@ looked up once per stamp; on a revisit hit the early steps
 return the stored output of the matched past chunk and the model does not run; otherwise the model
 runs and its early outputs are stored under the chunk's cameras. A hit also needs the same cache
 key: the weights generation and conditioning digest (``li_compile.cache_key``), the sigma
-schedule, and the latent's shape, dtype and device. A non-finite output is never kept (checked on
-the device, read once at ``end_chunk``: no sync per step). Outside ``begin_chunk`` / ``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
+schedule, and the latent's shape, dtype and device. A chunk with a non-finite stored output is never
+served: checked on the device as it is stored, and read before the next lookup, which drops such an
+entry (no host-device sync per step or at a chunk's end; the read waits only for the early step that
+stored it). Outside ``begin_chunk`` / ``end_chunk``, or with gradients enabled (a served output would cut the gradient), nothing is cached:
 the model always runs. All of this happens on the host, between
 calls of compiled graphs, so hits and misses never change anything Dynamo guards on.
 
@@ -114,6 +116,7 @@ class DenoiseRuntime:
         self.cache = DenoiseCache(self.cache.capacity)
         self.history: list[ChunkStats] = []
         self._chunk: _Chunk | None = None
+        self._unchecked: list[tuple[Entry, torch.Tensor]] = []  # closed chunks' entries, each with its device flag: all finite
         self._outer = False  # a boundary-cached call is computing (outer_call)
         self.auto = AutoReuse() if self.options.reuse_steps == "auto" else None
 
@@ -143,9 +146,8 @@ class DenoiseRuntime:
         if self._chunk is None:
             raise ValueError("end_chunk() without begin_chunk(): no chunk is open")
         c, s = self._chunk, self.cache.stats
-        for stamp, flags in c.finite.items():  # never keep what a bad input produced (one sync per chunk)
-            if not bool(torch.stack(flags).all()):
-                self.cache.discard(c.opened.pop(stamp))
+        for stamp, flags in c.finite.items():  # read before the next lookup (_drop_non_finite): no sync here
+            self._unchecked.append((c.opened[stamp], torch.stack(flags).all()))
         hit = [e.chunk for e in c.matches.values() if e is not None]
         near = s.near_hits > c.start[4]  # the cache counted a near hit in this chunk
         calibrating = self.auto is not None and self.auto.chosen is None and bool(c.measured)
@@ -280,6 +282,7 @@ class DenoiseRuntime:
         """The open chunk's match under ``stamp`` and how many early steps it serves: ``limit`` on a
         revisit, ``near_reuse_steps`` (at most ``limit``) on a near revisit. While ``reuse_steps="auto"``
         calibrates, only revisits count (a near one would skew what it measures)."""
+        self._drop_non_finite()
         options = self.options
         calibrating = self.auto is not None and self.auto.chosen is None
         near = options.near_threshold if options.near_reuse_steps > 0 and not calibrating else None
@@ -289,6 +292,14 @@ class DenoiseRuntime:
         if entry is None or entry.score >= options.revisit_threshold:
             return entry, limit
         return entry, min(options.near_reuse_steps, limit)
+
+    def _drop_non_finite(self) -> None:
+        """Drop every closed chunk's entry that stored a non-finite output (never keep what a bad
+        input produced). Reads each device flag: waits only until the step that stored it has run."""
+        for entry, finite in self._unchecked:
+            if not bool(finite):
+                self.cache.discard(entry)
+        self._unchecked.clear()
 
     def _noise_level(self, step: int, latents: torch.Tensor) -> float | torch.Tensor:
         """The open chunk's noise level at ``step``: a float, or per frame a float32 tensor shaped to
