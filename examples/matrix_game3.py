@@ -23,6 +23,10 @@ This script does that for the reference Matrix-Game-3.0-style world (``li_compil
 and compares it with the dense run:
 
     python examples/matrix_game3.py --preset tiny --chunks 16 --out out/mg3 --json out/mg3.json
+
+``--form full`` runs the world as upstream does (memory and re-injected frames re-run with the chunk
+at every step, no KV cache): ``model(x, sigma, context, context_valid, ...)`` is then a plain
+full-sequence model, and the chunk loop has no KV-cache pass.
 """
 
 import sys

@@ -34,11 +34,10 @@ How attention is spelled here, in two forms of one DiT (``build``'s ``form``):
   (``forward``), as Matrix-Game 2's Self-Forcing pipeline does: one context pass per chunk instead of
   the context in every step, and a context that never sees the chunk (other outputs than ``"full"``).
 
-Assumed: the
-sampler is the x0-renoise update of distilled few-step samplers (upstream's inference script runs the
-distilled model through a UniPC scheduler); the camera is a flattened relative 3x4 pose through an
-MLP (not per-pixel Plücker rays); actions enter through an MLP added to the timestep embedding (not
-upstream's GameFactory-style action module).
+Assumed: the sampler is the x0-renoise update of distilled few-step samplers (upstream's inference
+script runs the distilled model through a UniPC scheduler); the camera is a flattened relative 3x4
+pose through an MLP (not per-pixel Plücker rays); actions enter through an MLP added to the
+timestep embedding (not upstream's GameFactory-style action module).
 """
 
 from __future__ import annotations
@@ -256,7 +255,7 @@ class MatrixGame3Full(World):
     revisit_inputs = ("context", "context_valid", "camera", "actions", "frame_t")
 
     def __init__(self, spec: WorldSpec, dit: MatrixGame3DiT, text: torch.Tensor) -> None:
-        self.spec, self.dit, self.text = spec, dit, text
+        self.spec, self.text = spec, text
         self.model = MethodModule(dit, "forward_full")
 
     def layout(self, capacity: int | None = None) -> SequenceLayout:
