@@ -293,8 +293,9 @@ def test_matrix_game_forms_agree_where_the_context_is_all_padding_and_differ_whe
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
         else:
             assert (outs[1] - outs[0]).abs().max() > 1e-4  # (2e-3 here; rounding is below 1e-6)
-    with pytest.raises(ValueError, match=r"form must be one of \['cached', 'full'\], got 'kv'"):
+    with pytest.raises(ValueError, match=r"form must be one of \['cached', 'full'\] or None, got 'kv'"):
         matrix_game3.build("tiny", form="kv")
+    assert isinstance(matrix_game3.build("tiny", form=None), matrix_game3.MatrixGame3)  # None: the default
 
 
 def test_build_is_seeded_and_rejects_unknown_presets():

@@ -281,12 +281,14 @@ class MatrixGame3Full(World):
 
 
 def build(preset: str | WorldSpec = "tiny", device: Any = None, dtype: torch.dtype | None = None,
-          seed: int = 0, form: str = "cached") -> MatrixGame3 | MatrixGame3Full:
+          seed: int = 0, form: str | None = None) -> MatrixGame3 | MatrixGame3Full:
     """The world of ``preset`` (a name in ``PRESETS`` or a ``WorldSpec``) with seeded random weights,
     on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16), in ``form``
-    (``FORMS``: ``"cached"``, the KV-cache form, or ``"full"``, upstream's one sequence per step)."""
+    (``FORMS``: ``"cached"``, the KV-cache form, or ``"full"``, upstream's one sequence per step;
+    None: ``"cached"``, as HY's ``build`` takes None for its own default)."""
+    form = "cached" if form is None else form
     if form not in FORMS:
-        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
+        raise ValueError(f"form must be one of {list(FORMS)} or None, got {form!r}")
     spec = resolve_spec(preset, PRESETS, dtype)
     model = init_model(MatrixGame3DiT, spec, device, seed)
     text = prompt_embedding(spec, seed, model.patch_in.weight.device)
