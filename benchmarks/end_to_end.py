@@ -159,8 +159,7 @@ def main() -> None:
         spec = module.PRESETS[args.preset]
         if args.depth is not None:
             spec = dataclasses.replace(spec, depth=args.depth)
-        world = module.build(spec, device=args.device, seed=args.seed,
-                             **({} if args.form is None else {"form": args.form}))
+        world = module.build(spec, device=args.device, seed=args.seed, form=args.form)  # None: the world's own
     if args.nested_blocks and not nest_repeated_blocks(world.model):
         raise SystemExit(f"--nested-blocks: {type(world.model).__name__} has no list of repeated blocks")
     for name in args.trajectories.split(","):

@@ -45,8 +45,8 @@ from li_compile.worlds.base import (
 )
 from li_compile.worlds.layers import (
     CAMERA_DIM, FREQ_DIM, CameraRope, CrossAttention, Embedder, FeedForward, RayEmbedder, Rope3D, apply_camera_rope,
-    apply_rope, camera_features, gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features,
-    unpatchify,
+    apply_rope, camera_features, context_and_chunk_mask, gate, heads, key_padding_mask, merge_heads, modulate, patchify,
+    timestep_features, unpatchify,
 )
 from li_compile.worlds.trajectories import ACTION_DIM
 
@@ -199,8 +199,7 @@ class HYWorldPlayDiT(nn.Module):
         if spec.block_causal:
             mask = block_causal_mask(context_valid, b, slots, chunk, spec.tokens_per_frame, x.device)
         else:
-            mask = None if context_valid is None else key_padding_mask(
-                torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), spec.tokens_per_frame)
+            mask = context_and_chunk_mask(context_valid, chunk, spec.tokens_per_frame)
         for block in self.blocks:
             h, _, _ = block(h, cond, rope, mask, text, camera_rope)
         return self._head(h[:, slots * spec.tokens_per_frame:], cond[:, slots:], x, sigma)
@@ -234,8 +233,7 @@ class HYWorldPlayDiT(nn.Module):
         b, chunk = x.shape[:2]
         positions = torch.arange(chunk, device=x.device).float().expand(b, chunk)
         h, cond, rope, camera_rope = self._embed(x, sigma.reshape(1, 1).expand(b, chunk), camera, actions, positions)
-        mask = None if context_valid is None else key_padding_mask(
-            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), spec.tokens_per_frame)
+        mask = context_and_chunk_mask(context_valid, chunk, spec.tokens_per_frame)
         for block, cache in zip(self.blocks, kv.unbind(0)):
             h, _, _ = block(h, cond, rope, mask, text, camera_rope, cache)
         return self._head(h, cond, x, sigma)

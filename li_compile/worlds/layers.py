@@ -235,6 +235,15 @@ def key_padding_mask(valid: torch.Tensor, tokens_per_frame: int) -> torch.Tensor
     return valid[:, :, None].expand(b, frames, tokens_per_frame).reshape(b, 1, 1, frames * tokens_per_frame)
 
 
+def context_and_chunk_mask(context_valid: torch.Tensor | None, chunk: int, tokens_per_frame: int) -> torch.Tensor | None:
+    """``key_padding_mask`` of keys that are the context's slots (``context_valid (B, K)``) then
+    ``chunk`` chunk frames, always valid; None without ``context_valid`` (every key valid, no mask)."""
+    if context_valid is None:
+        return None
+    b = context_valid.shape[0]
+    return key_padding_mask(torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), tokens_per_frame)
+
+
 class CrossAttention(nn.Module):
     """Video tokens attend to prompt tokens (kept small; the attention pass leaves it dense)."""
 

@@ -53,8 +53,8 @@ from li_compile.worlds.base import (
     Context, KVCacheWorld, MethodModule, World, WorldSpec, init_model, prompt_embedding, resolve_spec,
 )
 from li_compile.worlds.layers import (
-    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features, gate, heads,
-    key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
+    CAMERA_DIM, FREQ_DIM, CrossAttention, Embedder, FeedForward, Rope3D, apply_rope, camera_features,
+    context_and_chunk_mask, gate, heads, key_padding_mask, merge_heads, modulate, patchify, timestep_features, unpatchify,
 )
 from li_compile.worlds.trajectories import ACTION_DIM
 
@@ -185,8 +185,7 @@ class MatrixGame3DiT(nn.Module):
                 camera: torch.Tensor, actions: torch.Tensor, frame_t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         b, chunk = x.shape[:2]
         h, cond, e, rope = self._embed(x, sigma.reshape(1, 1).expand(b, chunk), camera, actions, frame_t)
-        mask = None if context_valid is None else key_padding_mask(
-            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), self.spec.tokens_per_frame)
+        mask = context_and_chunk_mask(context_valid, chunk, self.spec.tokens_per_frame)
         for block, cache in zip(self.blocks, kv.unbind(0)):
             h, _, _ = block(h, e, rope, mask, text, cache)
         return self._head(h, cond)
@@ -201,8 +200,7 @@ class MatrixGame3DiT(nn.Module):
         b, chunk, slots = x.shape[0], x.shape[1], context.shape[1]
         noise_level = torch.cat([sigma.new_zeros(b, slots), sigma.reshape(1, 1).expand(b, chunk)], 1)
         h, cond, e, rope = self._embed(torch.cat([context, x], 1), noise_level, camera, actions, frame_t)
-        mask = None if context_valid is None else key_padding_mask(
-            torch.cat([context_valid, context_valid.new_ones(b, chunk)], 1), self.spec.tokens_per_frame)
+        mask = context_and_chunk_mask(context_valid, chunk, self.spec.tokens_per_frame)
         for block in self.blocks:
             h, _, _ = block(h, e, rope, mask, text)
         return self._head(h[:, slots * self.spec.tokens_per_frame:], cond[:, slots:])
