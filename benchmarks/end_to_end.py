@@ -30,8 +30,10 @@ the ablation: what each component alone saves against dense. Run it as::
 
 ``--preset trained`` and ``--preset trained_ar`` (HY) run a world trained on rendered rooms from the
 true first chunk of a held-out room and add PSNR/SSIM of dense and of each run against the
-renderer's ground truth. ``--form full|cached`` picks HY's sequence form (``trained_ar`` deploys
-cached; ``full`` re-runs its context every step, HY's bidirectional form); the rows' world names it.
+renderer's ground truth. ``--form full|cached`` picks the sequence form: ``full`` re-runs the
+context with the chunk at every step (HY's bidirectional form; Matrix-Game's upstream form, its
+default), ``cached`` fills a KV cache from the context once per chunk (HY's block-causal worlds, which
+``trained_ar`` deploys; Matrix-Game's KV-cache form). Given, the rows' world names it.
 
 ``--calibrate 0.99`` calibrates the tile plans (``li_compile.calibrate``) on the trajectory's first
 two chunks before each light_interaction run (untimed; the runs are named ``<run>_cal`` and their
@@ -107,8 +109,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma-separated subset of " + ",".join(ABLATIONS))
     parser.add_argument("--form", choices=sorted(set(hy_worldplay.FORMS) | set(matrix_game3.FORMS)), default=None,
                         help="full (context and chunk in one sequence at every step: HY's bidirectional form, "
-                             "Matrix-Game's upstream form) or cached (the context's KV once per chunk: HY's "
-                             "block-causal worlds, Matrix-Game's default); default: the world's own")
+                             "Matrix-Game's upstream form and default) or cached (the context's KV once per "
+                             "chunk: HY's block-causal worlds, Matrix-Game's KV-cache form); default: the "
+                             "world's own; given, the rows' world names it")
     parser.add_argument("--calibrate", type=float, default=None, metavar="TARGET",
                         help="calibrate the tile plans to keep TARGET of the attention mass (li_compile.calibrate) on "
                              "the trajectory's first chunks before each light_interaction run; runs are named <run>_cal")

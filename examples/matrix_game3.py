@@ -24,9 +24,10 @@ and compares it with the dense run:
 
     python examples/matrix_game3.py --preset tiny --chunks 16 --out out/mg3 --json out/mg3.json
 
-``--form full`` runs the world as upstream does (memory and re-injected frames re-run with the chunk
-at every step, no KV cache): ``model(x, sigma, context, context_valid, ...)`` is then a plain
-full-sequence model, and the chunk loop has no KV-cache pass.
+By default the world runs as upstream does (memory and re-injected frames re-run with the chunk at
+every step, no KV cache): ``model(x, sigma, context, context_valid, ...)`` is a plain full-sequence
+model, and the chunk loop has no KV-cache pass. ``--form cached`` runs its KV-cache form, the loop
+above.
 """
 
 import sys

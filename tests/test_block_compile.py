@@ -12,23 +12,24 @@ from torch._dynamo.utils import counters
 import li_compile
 from li_compile import regions
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.base import MethodModule
 
 from test_regions import SPARSE, Stack, assert_generates_alike, generate_with_accelerator
 
-WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
-FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3", "matrix_game3_full")
+FORMS = ("hy_worldplay", "hy_worldplay_cached", "matrix_game3", "matrix_game3_cached")
 OPTIONS = {"inner": "eager", "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
 
 
 def _tiny(name: str):
     """A tiny world two blocks deep; ``hy_worldplay_cached``: HY in its KV-cache form, whose model is a
-    method of the DiT; ``matrix_game3_full``: Matrix-Game in upstream's full-sequence form (likewise)."""
+    method of the DiT; ``matrix_game3_cached``: Matrix-Game in its KV-cache form, whose model is a method
+    too (``matrix_game3``: upstream's full-sequence form, the default)."""
     module = matrix_game3 if name.startswith("matrix_game3") else hy_worldplay
     spec = dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2)
     if name == "hy_worldplay_cached":
         return hy_worldplay.build(dataclasses.replace(spec, block_causal=True), form="cached")
-    if name == "matrix_game3_full":
-        return matrix_game3.build(spec, form="full")
+    if name == "matrix_game3_cached":
+        return matrix_game3.build(spec, form="cached")
     return module.build(spec)
 
 
@@ -103,17 +104,22 @@ def test_a_world_with_only_its_blocks_compiled_generates_what_the_whole_compiled
                            lambda: _generation(name, True, sparse_calls), sparse_calls)
 
 
-@pytest.mark.parametrize("name", sorted(WORLDS))
+def _dit(model: torch.nn.Module) -> torch.nn.Module:
+    """The DiT a world's model runs (unwrapped from ``li_compile.cached`` and from ``MethodModule``)."""
+    model = model.compiled if isinstance(model, li_compile.CachedCalls) else model
+    return model.module if isinstance(model, MethodModule) else model
+
+
+@pytest.mark.parametrize("name", FORMS)
 def test_the_benchmark_compiles_blocks_on_a_copy_that_shares_the_weights(name):
     from li_compile.worlds.report_tools import dense_setup, light_interaction_setup
 
-    module = WORLDS[name]
-    world = module.build(dataclasses.replace(module.PRESETS["tiny"], depth=4))
+    world = _tiny(name)
     for setup in (light_interaction_setup(world, {"inner": "eager"}, blocks=True), dense_setup(world, blocks=True)):
-        dit = setup.world.model.compiled if isinstance(setup.world.model, li_compile.CachedCalls) else setup.world.model
+        dit = _dit(setup.world.model)
         mine, theirs = list(dit.parameters()), list(world.model.parameters())
         assert dit is not world.model and len(mine) == len(theirs) and all(p is q for p, q in zip(mine, theirs))
         assert all(getattr(b, "_compiled_call_impl", None) is not None for b in dit.blocks)
         if hasattr(setup.world, "encoder"):
             assert setup.world.encoder.module is dit  # the context pass runs the compiled blocks too
-    assert all(getattr(b, "_compiled_call_impl", None) is None for b in world.model.blocks)  # the world's own: eager
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in _dit(world.model).blocks)  # the world's own: eager

@@ -20,6 +20,7 @@ from li_compile import regions
 from li_compile.regions import MIN_BLOCKS, inputs_key
 from li_compile.repeated_blocks import nest_repeated_blocks
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
+from li_compile.worlds.base import MethodModule
 from li_compile.worlds.pipeline import generate
 from li_compile.worlds.report_tools import configure_for
 
@@ -123,7 +124,8 @@ def _generation(name: str, regional: bool, sparse_calls, nested: bool = False):
     module = WORLDS[name]
     world = module.build(dataclasses.replace(module.PRESETS["tiny"], depth=2, steps=2))
     if nested:
-        assert nest_repeated_blocks(world.model, min_blocks=2) == ["blocks"]
+        dit_path = "module." if isinstance(world.model, MethodModule) else ""  # Matrix-Game's model: a DiT method
+        assert nest_repeated_blocks(world.model, min_blocks=2) == [dit_path + "blocks"]
     trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
     options = {"inner": "eager", "regional": regional, "sparsity": SPARSE, "cache": {"reuse_steps": 1}}
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options,

@@ -20,7 +20,7 @@ from li_compile.worlds.sampling import euler_step, renoise_step, sigma_schedule
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
 # every world and form the generic specifications below hold for: (module, build's keyword arguments)
 FORMS = {"hy_worldplay": (hy_worldplay, {}), "matrix_game3": (matrix_game3, {}),
-         "matrix_game3_full": (matrix_game3, {"form": "full"})}
+         "matrix_game3_cached": (matrix_game3, {"form": "cached"})}
 CHUNKS = 6
 
 
@@ -293,9 +293,9 @@ def test_matrix_game_forms_agree_where_the_context_is_all_padding_and_differ_whe
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
         else:
             assert (outs[1] - outs[0]).abs().max() > 1e-4  # (2e-3 here; rounding is below 1e-6)
-    with pytest.raises(ValueError, match=r"form must be one of \['cached', 'full'\] or None, got 'kv'"):
+    with pytest.raises(ValueError, match=r"form must be one of \['full', 'cached'\] or None, got 'kv'"):
         matrix_game3.build("tiny", form="kv")
-    assert isinstance(matrix_game3.build("tiny", form=None), matrix_game3.MatrixGame3)  # None: the default
+    assert isinstance(matrix_game3.build("tiny", form=None), matrix_game3.MatrixGame3Full)  # None: the default
 
 
 def test_build_is_seeded_and_rejects_unknown_presets():

@@ -66,11 +66,14 @@ def test_the_blocks_flag_compiles_only_the_blocks_and_lets_them_run_on_the_chunk
     assert summary["psnr_db_vs_dense"] >= 25
 
 
-def test_the_form_flag_runs_matrix_game_in_upstreams_form_with_its_context_rows_reused():
-    summary = run_example(matrix_game3, "loop", ["--chunks", "3", "--form", "full", "--options",
-                                                  '{"cache": {"enabled": false}}'])
-    assert summary["context_rows_reused"] > 0 and summary["recompiles_after_warmup"] == 0
-    assert summary["psnr_db_vs_dense"] >= 25
+def test_matrix_game_runs_in_upstreams_form_by_default_and_in_its_kv_cache_form_by_the_form_flag():
+    """Upstream's form re-runs the context with the chunk at every step, so its context rows are
+    reused between steps; the KV-cache form's queries are the chunk's alone."""
+    options = ["--options", '{"cache": {"enabled": false}}']
+    for form, reused in (([], True), (["--form", "cached"], False)):
+        summary = run_example(matrix_game3, "loop", ["--chunks", "3", *form, *options])
+        assert (summary["context_rows_reused"] > 0) == reused and summary["recompiles_after_warmup"] == 0
+        assert summary["psnr_db_vs_dense"] >= 25
     with pytest.raises(SystemExit):  # a world without forms has no --form
         parse_args("x", "loop", ["--form", "full"])
 

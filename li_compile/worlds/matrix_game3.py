@@ -23,11 +23,11 @@ base model Wan2.2-TI2V-5B):
 
 How attention is spelled here, in two forms of one DiT (``build``'s ``form``):
 
-- ``"full"``, upstream's: at every denoising step the memory and re-injected frames (timestep 0)
+- ``"full"`` (the default), upstream's: at every denoising step the memory and re-injected frames (timestep 0)
   and the chunk's frames are one token sequence (``x_memory`` and the re-injected latents
   concatenated with the new ones in ``inference_pipeline.py``), every token a query
   (``forward_full``, ``SequenceLayout(queries="all")``): the context attends to the noisy chunk too.
-- ``"cached"`` (the default, the project's KV-cache case, ``SequenceLayout(queries="chunk")``): once
+- ``"cached"`` (the project's KV-cache case, ``SequenceLayout(queries="chunk")``): once
   per chunk ``encode_context`` runs the clean context frames through every block at timestep 0 and
   keeps each block's keys and values (``(depth, 2, B, heads, K * T, head_dim)``); every denoising
   step then runs only the chunk's tokens as queries against ``torch.cat([cached keys, chunk keys])``
@@ -214,7 +214,7 @@ class MatrixGame3DiT(nn.Module):
         return unpatchify(out, chunk, spec.latent_channels, spec.latent_h, spec.latent_w, spec.patch)
 
 
-FORMS = ("cached", "full")  # build's ``form``: the KV-cache form (default) or upstream's full sequence
+FORMS = ("full", "cached")  # build's ``form``: upstream's full sequence (default) or the KV-cache form
 
 
 class MatrixGame3(KVCacheWorld):
@@ -282,12 +282,12 @@ def build(preset: str | WorldSpec = "tiny", device: Any = None, dtype: torch.dty
           seed: int = 0, form: str | None = None) -> MatrixGame3 | MatrixGame3Full:
     """The world of ``preset`` (a name in ``PRESETS`` or a ``WorldSpec``) with seeded random weights,
     on ``device`` (default CPU) in ``dtype`` (default: the preset's; ``full`` is bf16), in ``form``
-    (``FORMS``: ``"cached"``, the KV-cache form, or ``"full"``, upstream's one sequence per step;
-    None: ``"cached"``, as HY's ``build`` takes None for its own default)."""
-    form = "cached" if form is None else form
+    (``FORMS``: ``"full"``, upstream's one sequence per step, or ``"cached"``, the KV-cache form;
+    None: ``"full"``, as HY's ``build`` takes None for its own default)."""
+    form = "full" if form is None else form
     if form not in FORMS:
         raise ValueError(f"form must be one of {list(FORMS)} or None, got {form!r}")
     spec = resolve_spec(preset, PRESETS, dtype)
     model = init_model(MatrixGame3DiT, spec, device, seed)
     text = prompt_embedding(spec, seed, model.patch_in.weight.device)
-    return MatrixGame3(spec, model, text) if form == "cached" else MatrixGame3Full(spec, model, text)
+    return MatrixGame3Full(spec, model, text) if form == "full" else MatrixGame3(spec, model, text)
