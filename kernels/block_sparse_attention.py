@@ -37,11 +37,6 @@ class UnsupportedAttention(ValueError):
     """The kernel cannot run this call (shape, block size, dtype); callers may fall back to SDPA."""
 
 
-class KernelNotBuilt(Exception):
-    """``launch_split(background=True)``: the kernel for this call shape is being built in a background
-    thread; the caller runs the call another way meanwhile."""
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -390,18 +385,6 @@ class _Kernels:
     launched: set = field(default_factory=set)  # call keys launched already (GPU: autotuned, a capture may reuse them)
     first_launch_s: float = 0.0  # host seconds in the first launch of each call key (GPU: compiles, autotuning)
     parallel_compile_failure: str | None = None  # why configs are no longer built in parallel before a tuning
-    builds: dict = field(default_factory=dict)  # call key -> Future of its background build (``launch_split``)
-    builder: ThreadPoolExecutor | None = None  # the one thread background builds run on, made on first use
-
-    def building(self) -> bool:
-        """Whether a background build is still running."""
-        return any(not job.done() for job in self.builds.values())
-
-    def wait_for_builds(self) -> None:
-        """Block until every background build has finished (a failed one is built again, in the
-        foreground, by the first launch that needs it)."""
-        for job in list(self.builds.values()):
-            job.exception()
 
 
 def _build_kernels() -> _Kernels:
@@ -478,13 +461,6 @@ def launched_shapes() -> int:
     return 0 if _KERNELS is None else len(_KERNELS.launched)
 
 
-def kernel_building() -> bool:
-    """Whether a background build of the kernel (``launch_split(background=True)``) is still running:
-    until it finishes, calls that would launch a call shape for the first time raise
-    ``KernelNotBuilt``."""
-    return _KERNELS is not None and _KERNELS.building()
-
-
 def first_launch_seconds() -> float:
     """Host seconds this process spent in the first launch of each call shape ``launched_shapes``
     counts: on the GPU, Triton compiling and the autotuner timing its configs (what the kernel adds
@@ -555,20 +531,12 @@ def launch_split(
     block_q: int, block_k: int, scale: float | None, is_causal: bool,
     span: tuple[int, int] = (0, 0),
     seed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    background: bool = False,
 ) -> torch.Tensor:
     """``launch`` plus a dense key-block span ``span = (first, end)`` (block_k units) that every query
     row sees whole; listed blocks inside it are skipped. Without ``seed`` the kernel visits the span
     itself (site and causal masks apply). With ``seed = (o, lse)``, flash's partial over the span
     (o: (B, Hkv, G, Lq, Dv) in q's dtype, lse: (B, Hkv, G, Lq) fp32 natural log, G = H // Hkv; any
-    strides, last dim of o contiguous) starts the online softmax, and the output is the merge.
-
-    ``background`` (GPU, outside a CUDA graph capture): a call shape never launched before does not
-    wait for its build. Its first call submits the build of every config its tuning may time to a
-    background thread (one thread: builds run one after the other) and raises ``KernelNotBuilt``;
-    so does every call while any background build runs. After that the first launch tunes as
-    usual, on configs already built. A call without ``background`` or inside a capture waits for the
-    background builds first."""
+    strides, last dim of o contiguous) starts the online softmax, and the output is the merge."""
     check_call(q, k, v, block_q, block_k)
     check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
     B, H, Lq, D = q.shape
@@ -623,14 +591,8 @@ def launch_split(
                 *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     first_launch, start = call_key not in kernels.launched, time.perf_counter()
-    autotuner = kernels.tuned_tma if use_tma else kernels.tuned
-    if not interpreting:  # while a background build runs, nothing else touches the kernel's autotuner
-        if background and not capturing:
-            _require_built(kernels, call_key, autotuner, grid, args, flags)
-        else:
-            kernels.wait_for_builds()
     if first_launch and not (interpreting or capturing):  # the autotuner may time configs: build them first
-        _compile_candidates(kernels, autotuner, grid, args, flags)
+        _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, grid, args, flags)
     if interpreting or (capturing and first_launch):
         # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
@@ -658,13 +620,14 @@ def launch_split(
 
 
 def _compile_candidates(kernels: _Kernels, autotuner, grid, args: tuple, flags: dict) -> None:
-    """Build every config ``autotuner`` is about to time for this call, in parallel threads, so that
-    its timing loop finds them built: one after the other, building and timing the five Hopper
-    configs took 7.5-10 s of a cold warm-up on an H100. Nothing is built when the autotuner has this
-    call's key already (its choice is then built alone, as before). A config that fails to build
-    here is built again by the autotuner, as without this step; if the parallel build itself fails,
-    it is not tried again in this process (``kernels.parallel_compile_failure`` says why)."""
-    from triton.runtime._async_compile import active_mode
+    """Build every config ``autotuner`` is about to time for this call, in parallel threads (Triton's
+    ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, building
+    and timing the five Hopper configs took 7.5-10 s of a cold warm-up on an H100. Nothing is built
+    when the autotuner has this call's key already (its choice is then built alone, as before). A config
+    that fails to build here is built again by the autotuner, as without this step; if the parallel
+    build itself fails, it is not tried again in this process (``kernels.parallel_compile_failure``
+    says why)."""
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
 
     if kernels.parallel_compile_failure is not None or active_mode.get() is not None:
         return
@@ -674,31 +637,11 @@ def _compile_candidates(kernels: _Kernels, autotuner, grid, args: tuple, flags: 
                       *(str(v.dtype) for n, v in named.items() if n in autotuner.arg_names and hasattr(v, "dtype")))
         if tuning_key in autotuner.cache:
             return
-        _build_candidates(autotuner, grid, args, flags)
+        workers = min(len(autotuner.configs), os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            autotuner.warmup(*args, grid=grid, **flags)
     except Exception as failure:
         kernels.parallel_compile_failure = f"{type(failure).__name__}: {str(failure)[:200]}"
-
-
-def _build_candidates(autotuner, grid, args: tuple, flags: dict) -> None:
-    """Compile (not launch) every config ``autotuner`` would time for this call, in parallel threads
-    (Triton's ``AsyncCompileMode``)."""
-    from triton.runtime._async_compile import AsyncCompileMode
-
-    workers = min(len(autotuner.configs), os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
-        autotuner.warmup(*args, grid=grid, **flags)
-
-
-def _require_built(kernels: _Kernels, call_key: tuple, autotuner, grid, args: tuple, flags: dict) -> None:
-    """``launch_split(background=True)``'s gate: submit this call shape's build (every candidate config)
-    to the background thread if it is new, and raise ``KernelNotBuilt`` while any build runs."""
-    if call_key not in kernels.launched and call_key not in kernels.builds:
-        if kernels.builder is None:
-            kernels.builder = ThreadPoolExecutor(1, thread_name_prefix="li-kernel-build")
-        kernels.builds[call_key] = kernels.builder.submit(_build_candidates, autotuner, grid, args, flags)
-    if kernels.building():
-        raise KernelNotBuilt(f"the block-sparse kernel is building in the background "
-                             f"({sum(not job.done() for job in kernels.builds.values())} builds running)")
 
 
 def _tma_eligible(q, k, v, flags) -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
-from li_compile.kernels.block_sparse_attention import check_span, launch_split, register_inference_only
+from li_compile.kernels.block_sparse_attention import check_span, launch, launch_split, register_inference_only
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
@@ -149,27 +149,24 @@ def attend(
     is_causal: bool,
     span_first: int = 0,
     span_end: int = 0,
-    background: bool = False,
 ) -> torch.Tensor:
     """The ``li::block_sparse_attention`` call (same arguments, same result) plus the dense key-block
     span [span_first, span_end) that every query row sees whole, on top of the listed blocks (listed
     blocks inside the span count once). Returns (B, H, Lq, Dv) in q's dtype, contiguous.
-    ``background``: the kernel's first launch of a call shape builds it in the background and raises
-    ``KernelNotBuilt`` meanwhile (``launch_split``).
 
     The launcher behind ``li::split_attention``; code already inside a custom op calls it directly."""
     out, _ = _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep,
-                     attn_mask, block_q, block_k, scale, is_causal, (span_first, span_end), background)
+                     attn_mask, block_q, block_k, scale, is_causal, (span_first, span_end))
     return out
 
 
 def _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask,
-            block_q, block_k, scale, is_causal, span, background=False) -> tuple[torch.Tensor, str]:
+            block_q, block_k, scale, is_causal, span) -> tuple[torch.Tensor, str]:
     """``attend`` and the name of the path that ran (for benchmarks and reports)."""
     span = check_span(span, k.shape[2], block_k)
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask, block_q, block_k)
     if span[0] == span[1]:
-        return launch_split(q, k, v, *layout, scale, is_causal, background=background), "triton"
+        return launch(q, k, v, *layout, scale, is_causal), "triton"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if span == (0, cdiv(k.shape[2], block_k)) and attn_mask is None and not is_causal:
         # the span is every key (listed blocks all lie inside it): dense attention is the answer,
@@ -186,9 +183,8 @@ def _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indi
         else:
             seed, variant = flash_partial(q, k, v, span, block_k, scale)
     if seed is None:
-        return (launch_split(q, k, v, *layout, scale, is_causal, span=span, background=background),
-                f"triton (span in-kernel: {variant})")
-    return launch_split(q, k, v, *layout, scale, is_causal, span=span, seed=seed, background=background), f"{variant} + triton"
+        return launch_split(q, k, v, *layout, scale, is_causal, span=span), f"triton (span in-kernel: {variant})"
+    return launch_split(q, k, v, *layout, scale, is_causal, span=span, seed=seed), f"{variant} + triton"
 
 
 split_attention_op = torch.library.custom_op("li::split_attention", attend, mutates_args=())
@@ -196,7 +192,7 @@ split_attention_op = torch.library.custom_op("li::split_attention", attend, muta
 
 @split_attention_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask, block_q, block_k,
-      scale, is_causal, span_first=0, span_end=0, background=False):
+      scale, is_causal, span_first=0, span_end=0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -212,19 +208,18 @@ def split_attention(
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
-    background: bool = False,
 ) -> torch.Tensor:
     """Attention of q (B, H, Lq, D) over k, v (B, Hkv, Lk, D|Dv) restricted to ``layout`` plus the
     whole key blocks of ``dense_span`` (first, end), on top of an optional site / causal mask:
     ``to_dense_mask()`` of the layout, OR every key of the span, AND the site mask. Rows that see no
-    key are zeros. Returns (B, H, Lq, Dv) in q's dtype. ``background``: see ``attend``."""
+    key are zeros. Returns (B, H, Lq, Dv) in q's dtype."""
     if (layout.q_len, layout.kv_len) != (q.shape[2], k.shape[2]):
         raise ValueError(
             f"layout is for (q_len, kv_len)={(layout.q_len, layout.kv_len)}, got q/k lengths {(q.shape[2], k.shape[2])}"
         )
     args = (
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
-        layout.key_keep, attn_mask, layout.block_q, layout.block_k, scale, is_causal, *dense_span, background,
+        layout.key_keep, attn_mask, layout.block_q, layout.block_k, scale, is_causal, *dense_span,
     )
     needs_op = torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     return split_attention_op(*args) if needs_op else attend(*args)  # eager inference: skip the dispatch

@@ -21,7 +21,6 @@ INNER_COMPILERS = ("inductor", "eager", "tensorrt")
 SIMILARITY_MEASURES = ("proxy", "frustum")
 WINDOW_RULES = ("shrink_on_motion", "grow_on_motion", "fixed")
 PLANS = ("tiles", "frames")  # what a sparse plan is made of: see SparsityOptions
-KERNEL_BUILDS = ("warm_up", "background")  # when the block-sparse kernel is built: see SparsityOptions
 # context query rows of a full sequence (see SparsityOptions), widest first: each rule's plan is a
 # superset of the next one's, the order calibration.widening_ladder widens them in (reversed)
 CONTEXT_QUERY_RULES = ("dense", "camera", "frame_local")
@@ -71,13 +70,7 @@ class SparsityOptions:
     fused kernel (cuDNN on the GPU) and the rest of the plan through the block-sparse kernel, merged
     by log-sum-exp (``kernels.split_attention``), where every query row's plan visits the chunk
     whole (chunk queries, or dense context rows); on the H200 that split is 1.49-1.76x faster than
-    dense SDPA at density 0.5 on structured layouts, against 1.54-1.59x for the kernel alone.
-
-    ``kernel_builds``: when the block-sparse kernel is built and tuned on the GPU (Triton compiles
-    each call shape's candidate configs, then times them): ``"warm_up"`` (default) in the warm-up
-    calls, which wait for it; ``"background"`` in a background thread started by the warm-up calls,
-    which do not wait: until a call shape's build is done its sparse plans run dense (counted in the
-    chunk's ``fallbacks``), and its first launch after that times the built configs in the chunk."""
+    dense SDPA at density 0.5 on structured layouts, against 1.54-1.59x for the kernel alone."""
 
     enabled: bool = True
     block_q: int = field(default=128, metadata=_range(16, 256))
@@ -89,7 +82,6 @@ class SparsityOptions:
     context_queries: str = field(default="dense", metadata=_choice(CONTEXT_QUERY_RULES))
     max_density: float = field(default=0.6, metadata=_range(0.0, 1.0))
     flash_span: bool = True
-    kernel_builds: str = field(default="warm_up", metadata=_choice(KERNEL_BUILDS))
 
     def __post_init__(self) -> None:
         _validate(self, "sparsity.")

@@ -14,10 +14,6 @@ the model calling the graph (``li_compile.plan.slot_for_call``), read on the hos
   block's own position: ``kernels.tiling.topk_layout``), computed on q's device with static shapes;
 - a slot that does not fit the call (shape, dtype, device, token count) or a call the kernel
   refuses: dense, and the reason is counted in ``slot.fallbacks``;
-- ``sparsity.kernel_builds="background"``: the warm-up calls submit the kernel's builds to a
-  background thread; until they are done a sparse slot runs dense (``kernel_building``, or the
-  call's own shape not built yet: ``KernelNotBuilt``), and ``BUILDING`` is counted in
-  ``slot.fallbacks``;
 - with ``context.reuse_rows``, inside a chunk: the calling model's ``ContextRowReuse`` runs the call
   (its first and last steps through the route above, the steps between reusing the context rows:
   ``li_compile.context_rows``).
@@ -35,16 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout
-from li_compile.kernels.block_sparse_attention import (
-    KernelNotBuilt, UnsupportedAttention, kernel_building, register_inference_only,
-)
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, register_inference_only
 from li_compile.kernels.split_attention import split_attention
 from li_compile.kernels.tiling import own_blocks, topk_layout
 from li_compile.plan import PlanSlot, slot_for_call
 from li_compile.running import running
 from li_compile.tiled_sequence import permute_mask
-
-BUILDING = "kernel building in the background: ran dense"  # the fallback reason while it builds
 
 
 @torch.library.custom_op("li::planned_attention", mutates_args=())
@@ -86,11 +78,7 @@ def _planned(model, slot: PlanSlot, q, k, v, attn_mask, kv_num_blocks, kv_indice
         tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
         reason = slot.misfit(q, k, tensors)
         if reason is None:
-            background = model is not None and model.options.sparsity.kernel_builds == "background"
-            if background and not model.plan.warming and kernel_building():  # warm-up calls submit builds
-                slot.record_fallback(BUILDING)
-                return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
-            out = _sparse(q, k, v, attn_mask, slot, density, scale, is_causal, background).contiguous()
+            out = _sparse(q, k, v, attn_mask, slot, density, scale, is_causal).contiguous()
             if model is not None and model.plan.warming:
                 _warm_dense_route(q, k, v, attn_mask, slot, scale, is_causal)
             return out
@@ -161,13 +149,11 @@ def dense_attention(
     )
 
 
-def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal, background: bool = False
-            ) -> torch.Tensor:
+def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal) -> torch.Tensor:
     """The slot's layout (or its top-k refinement) on top of the site's own mask (and causal mask,
     top-left aligned as SDPA's): the slot's dense span through flash and the rest through the
     block-sparse kernel, in the slot's tile order if it has one; masked SDPA (counted in
-    ``slot.fallbacks``) where the kernel refuses. ``background``: a call shape whose kernel is not
-    built starts its build in the background and runs dense (``kernel_builds="background"``)."""
+    ``slot.fallbacks``) where the kernel refuses."""
     if slot.tiling is not None:
         if is_causal:  # a causal mask is defined in token order: no tile order for it
             slot.record_fallback("causal site with a tile-order plan: ran dense")
@@ -177,10 +163,7 @@ def _sparse(q, k, v, attn_mask, slot: PlanSlot, density: float, scale, is_causal
         attn_mask = permute_mask(attn_mask, query_perm, key_perm)
     layout = _layout(q, k, slot, density)
     try:
-        out = split_attention(q, k, v, layout, slot.dense_span, scale, attn_mask, is_causal, background)
-    except KernelNotBuilt:  # its build has just been started: dense (in the slot's tile order) meanwhile
-        slot.record_fallback(BUILDING)
-        out = dense_attention(q, k, v, attn_mask, scale, is_causal)
+        out = split_attention(q, k, v, layout, slot.dense_span, scale, attn_mask, is_causal)
     except UnsupportedAttention as refusal:
         slot.record_fallback(f"kernel refused: {refusal}")
         out = _masked_dense(q, k, v, attn_mask, layout, slot.dense_span, scale, is_causal)

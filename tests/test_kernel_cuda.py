@@ -287,20 +287,3 @@ def test_capacity_buckets_of_one_model_share_one_kernel_build(tmp_path):
     first, second, third, err = run.stdout.strip().splitlines()[-1].split("|")
     assert int(first) >= 1 and int(second) == int(first) and int(third) == int(first)
     assert float(err) < RELATIVE[torch.bfloat16]
-
-
-def test_a_background_build_answers_once_it_is_done():
-    """``background=True``: a call shape never launched raises ``KernelNotBuilt`` while its configs
-    build in a background thread; once the build is done the same call tunes and equals the reference."""
-    from li_compile.kernels import block_sparse_attention as bsa
-    from li_compile.kernels.split_attention import split_attention
-
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 4, n, 128, generator=g).to("cuda", torch.bfloat16) for n in (337, 611, 611))  # a new shape
-    layout = random_layout(g, 1, 4, 337, 611, 128, 128).to("cuda")
-    with pytest.raises(bsa.KernelNotBuilt):
-        split_attention(q, k, v, layout, background=True)
-    bsa._kernels().wait_for_builds()
-    assert not bsa.kernel_building()
-    out = split_attention(q, k, v, layout, background=True)
-    assert rel_err(out, reference(q, k, v, layout)) < RELATIVE[torch.bfloat16]

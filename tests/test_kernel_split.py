@@ -6,9 +6,6 @@ causal masks); rows that see no key are zeros. Runs in the Triton interpreter on
 span's flash partial is torch's CPU flash kernel (the same aten contract as CUDA's: output and
 natural-log log-sum-exp)."""
 
-import functools
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,24 +297,3 @@ def test_the_tma_variant_computes_the_same_attention(monkeypatch, kv_len):
         torch.testing.assert_close(split_attention(q, k, v, layout, span), reference(q, k, v, layout, span),
                                    **TOLERANCE[torch.float32])
     assert launches == [True, True]
-
-
-def test_background_builds_hold_first_launches_until_every_build_is_done(monkeypatch):
-    """``launch_split(background=True)``'s gate, with a stand-in build that waits for a signal: a new
-    call shape submits its build and raises ``KernelNotBuilt``; so does any call while a build runs,
-    its own or another's; once every build is done, calls go ahead and nothing is built again."""
-    release = threading.Event()
-    built = []
-    monkeypatch.setattr(bsa, "_build_candidates", lambda autotuner, grid, args, flags: release.wait(10) and built.append(args))
-    kernels = bsa._Kernels(None, None, None, None)
-    gate = functools.partial(bsa._require_built, kernels, grid=None, flags={}, autotuner=None)
-    for key in ("a", "a", "b"):
-        with pytest.raises(bsa.KernelNotBuilt, match="building in the background"):
-            gate(key, args=(key,))
-    assert kernels.building() and set(kernels.builds) == {"a", "b"}
-    release.set()
-    kernels.wait_for_builds()
-    assert not kernels.building() and built == [("a",), ("b",)]  # one thread: in the order submitted
-    gate("a", args=("a",))
-    gate("b", args=("b",))
-    assert len(kernels.builds) == 2  # nothing built again

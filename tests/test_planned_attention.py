@@ -86,35 +86,6 @@ def test_a_sparse_slot_computes_sdpa_under_the_layouts_token_mask(shared_heads, 
     assert not slot.fallbacks
 
 
-@pytest.mark.parametrize("building", ["another build runs", "this shape's build just started", "built"])
-def test_with_background_builds_a_sparse_slot_runs_dense_until_the_kernel_is_built(building, monkeypatch):
-    """``sparsity.kernel_builds="background"``: while the kernel builds (any build running, or this call
-    shape's own build just submitted: ``KernelNotBuilt``) the sparse slot computes exactly SDPA and
-    counts why; once built, the slot's layout applies."""
-    import li_compile.planned_attention as planned
-    from li_compile.kernels.block_sparse_attention import KernelNotBuilt
-    from li_compile.options import Options
-    from li_compile.running import running_for
-
-    plan, (q, k, v) = Plan(), qkv()
-    slot = plan.slot_for(SlotSignature(2, 4, 10, 13, "cpu", BLOCK_Q, BLOCK_K))
-    layout, tokens = random_layout(slot)
-    slot.set_layout(layout)
-    monkeypatch.setattr(planned, "kernel_building", lambda: building == "another build runs")
-    if building == "this shape's build just started":
-        def not_built(*args):
-            raise KernelNotBuilt("building")
-        monkeypatch.setattr(planned, "split_attention", not_built)
-    model = SimpleNamespace(options=Options.from_user({"sparsity": {"kernel_builds": "background"}}),
-                            plan=plan, calibrating=None, context_rows=None)
-    with running_for(model):
-        got = call(slot, q, k, v)
-    dense = building != "built"
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=None if dense else tokens)
-    torch.testing.assert_close(got, expected, **FP32)
-    assert dict(slot.fallbacks) == ({planned.BUILDING: 1} if dense else {})
-
-
 def test_the_key_keep_vector_drops_exactly_those_keys():
     slot, (q, k, v) = make_slot(), qkv()
     keep = torch.ones(2, 13, dtype=torch.bool)
