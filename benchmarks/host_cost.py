@@ -22,7 +22,7 @@ from li_compile.plan import SlotSignature
 from li_compile.sequence import SequenceLayout
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 
-FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3": (matrix_game3, "chunk")}
+FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3_cached": (matrix_game3, "chunk")}  # Matrix-Game: its KV-cache form
 
 
 def main() -> None:

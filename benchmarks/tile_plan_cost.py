@@ -25,8 +25,8 @@ from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 
-FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3": (matrix_game3, "chunk"),
-         "matrix_game3_full": (matrix_game3, "all")}  # (module, queries): Matrix-Game in both of its forms
+FORMS = {"hy_worldplay": (hy_worldplay, "all"), "matrix_game3": (matrix_game3, "all"),
+         "matrix_game3_cached": (matrix_game3, "chunk")}  # (module, queries): Matrix-Game in both of its forms
 
 
 def main() -> None:
