@@ -57,7 +57,7 @@ def main() -> None:
                                    spec.sigmas()) as scope:
                 scope.context(latents[:first])
             times.append(1000 * (time.perf_counter() - start))
-        print(f"{spec.name} {args.trajectory}: {statistics.median(times):.0f} ms per chunk (median of "
+        print(f"{name} ({spec.name}) {args.trajectory}: {statistics.median(times):.0f} ms per chunk (median of "
               f"{len(times)}, {min(times):.0f}-{max(times):.0f}) on {args.threads} CPU threads")
 
 
