@@ -4,10 +4,12 @@ A chunk can be served only when every one of its frames matches some earlier fra
 trajectory at ``cache.revisit_threshold`` (``frame_revisit_scores``, the cache's own measure). Per
 trajectory this prints those chunks (the most hits any cache at that threshold can make, since it
 can only hold earlier frames) and the near misses: chunks whose worst frame scores within ``--near``
-below the threshold, with every frame's best score. Compare with a run's ``cache_hits``::
+below the threshold, with every frame's best score. Compare with a run's ``cache_hits``.
+``--skip-previous`` leaves the chunk just before out of the past frames (how many matches only
+continue the path rather than return to it)::
 
     python benchmarks/revisit_reach.py [--chunks 32] [--chunk-frames 4] [--threshold 0.9] [--near 0.1] \\
-        [--trajectories random_walk_with_returns,out_and_back,loop,wander] [--json FILE]
+        [--trajectories random_walk_with_returns,out_and_back,loop,wander] [--skip-previous] [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,21 +25,26 @@ from li_compile.options import CacheOptions
 from li_compile.worlds import trajectories
 
 
-def best_past_scores(poses: torch.Tensor, chunk_frames: int) -> list[list[float]]:
-    """Per chunk after the first, each frame's best match among all earlier chunks' frames:
-    ``poses (N * chunk_frames, 4, 4)`` -> ``N - 1`` lists of ``chunk_frames`` scores."""
+def best_past_scores(poses: torch.Tensor, chunk_frames: int, skip: int = 0) -> list[list[float]]:
+    """Per chunk after the first, each frame's best match among the frames of the chunks before it,
+    less the ``skip`` chunks just before: ``poses (N * chunk_frames, 4, 4)`` -> ``N - 1`` lists of
+    ``chunk_frames`` scores (0 where no chunk is left)."""
     chunks = poses.shape[0] // chunk_frames
     rows = []
     for c in range(1, chunks):
-        current, past = poses[c * chunk_frames:(c + 1) * chunk_frames], poses[:c * chunk_frames]
+        current, past = poses[c * chunk_frames:(c + 1) * chunk_frames], poses[:max(c - skip, 0) * chunk_frames]
+        if past.shape[0] == 0:
+            rows.append([0.0] * chunk_frames)
+            continue
         rows.append(frame_revisit_scores(current, past).max(-1).values.tolist())
     return rows
 
 
-def reach(name: str, chunks: int, chunk_frames: int, threshold: float, near: float) -> dict:
-    """The servable chunks and the near misses of trajectory ``name`` (seed 0, as end_to_end.py)."""
+def reach(name: str, chunks: int, chunk_frames: int, threshold: float, near: float, skip: int = 0) -> dict:
+    """The servable chunks and the near misses of trajectory ``name`` (seed 0, as end_to_end.py),
+    matched against the chunks before each but the ``skip`` last."""
     poses = trajectories.make(name, chunks * chunk_frames, seed=0, chunk_frames=chunk_frames).poses
-    scores = best_past_scores(poses, chunk_frames)
+    scores = best_past_scores(poses, chunk_frames, skip)
     servable = [c for c, row in enumerate(scores, 1) if min(row) >= threshold]
     near_misses = {c: [round(s, 2) for s in row] for c, row in enumerate(scores, 1)
                    if threshold - near <= min(row) < threshold}
@@ -51,9 +58,10 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=CacheOptions().revisit_threshold)
     parser.add_argument("--near", type=float, default=0.1, help="how far below the threshold a near miss is")
     parser.add_argument("--trajectories", default="random_walk_with_returns,out_and_back,loop,wander")
+    parser.add_argument("--skip-previous", action="store_true", help="leave the chunk just before out of the past")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    rows = [reach(name, args.chunks, args.chunk_frames, args.threshold, args.near)
+    rows = [reach(name, args.chunks, args.chunk_frames, args.threshold, args.near, int(args.skip_previous))
             for name in args.trajectories.split(",")]
     for row in rows:
         print(f"{row['trajectory']}: {len(row['servable'])} of {row['chunks']} chunks servable at "
