@@ -176,7 +176,7 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
     truth, prefix = ground_truth(args.preset, world, trajectory, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
-        "world": spec.name if args.form is None else f"{spec.name} ({args.form} form)", "preset": args.preset,
+        "world": world_label(spec.name, args.form), "preset": args.preset,
         "depth": spec.depth, "chunks": args.chunks, "trajectory": name,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "commit": _commit(),
@@ -271,6 +271,11 @@ def _add_summary_row(path: Path, record: dict[str, Any], run: str) -> None:
     rows = [r for r in rows if tuple(r.get(k) for k in SUMMARY_KEY) != tuple(row[k] for k in SUMMARY_KEY)] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(sorted(rows, key=lambda r: tuple(str(r[k]) for k in SUMMARY_KEY)), indent=1))
+
+
+def world_label(name: str, form: str | None) -> str:
+    """A summary row's ``world``: the preset's ``name``, with the sequence form where ``--form`` named one."""
+    return name if form is None else f"{name} ({form} form)"
 
 
 def _commit() -> str:

@@ -9,7 +9,7 @@ device, nothing allocated), its context K/V at full capacity, the dense peak mea
 share of it the context K/V is; and the share of the K/V a plan would have to drop for the peak to fall
 by ``--target`` (0.25: issue 23's target).
 
-    python benchmarks/memory_budget.py [--target 0.25]
+    PYTHONPATH=. python benchmarks/memory_budget.py [--target 0.25]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.end_to_end import world_label
 from li_compile.worlds import hy_worldplay, matrix_game3
 
 SUMMARY = Path(__file__).parent / "results" / "e2e_summary.json"
@@ -37,7 +38,7 @@ def budget(module, kv_cache_form: bool, target: float, rows: list[dict]) -> dict
     weights = sum(p.numel() for p in world.model.parameters()) * itemsize / 1e9
     context_tokens = spec.context_frames * spec.tokens_per_frame
     kv = spec.depth * 2 * context_tokens * spec.heads * spec.head_dim * itemsize / 1e9
-    peaks = [r["peak_gb_dense"] for r in rows if kv_cache_form and r["world"] == f"{spec.name} (cached form)"
+    peaks = [r["peak_gb_dense"] for r in rows if kv_cache_form and r["world"] == world_label(spec.name, "cached")
              and r["depth"] == spec.depth and r.get("peak_gb_dense")]
     peak = max(peaks) if peaks else weights + kv  # not measured: weights and K/V alone (a lower bound)
     return {
