@@ -531,12 +531,77 @@ def launch_split(
     block_q: int, block_k: int, scale: float | None, is_causal: bool,
     span: tuple[int, int] = (0, 0),
     seed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    siblings: Callable[[], list["KernelCall"]] | None = None,
 ) -> torch.Tensor:
     """``launch`` plus a dense key-block span ``span = (first, end)`` (block_k units) that every query
     row sees whole; listed blocks inside it are skipped. Without ``seed`` the kernel visits the span
     itself (site and causal masks apply). With ``seed = (o, lse)``, flash's partial over the span
     (o: (B, Hkv, G, Lq, Dv) in q's dtype, lse: (B, Hkv, G, Lq) fp32 natural log, G = H // Hkv; any
-    strides, last dim of o contiguous) starts the online softmax, and the output is the merge."""
+    strides, last dim of o contiguous) starts the online softmax, and the output is the merge.
+
+    ``siblings``: the calls (``prepare_call``) the same model will make later with other code paths
+    (its unpadded full context): asked for only when this call starts a tuning, whose candidate
+    configs are then built for them too, in the same parallel builds (``_compile_candidates``)."""
+    call = prepare_call(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep,
+                        attn_mask, block_q, block_k, scale, is_causal, span, seed)
+    kernels = _kernels()
+    interpreting = _interpreting()
+    args, flags, grid, use_tma = call.args, call.flags, call.grid, call.use_tma
+    q = args[0]
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    call_key = call.key
+    first_launch, start = call_key not in kernels.launched, time.perf_counter()
+    if first_launch and not (interpreting or capturing):  # the autotuner may time configs: build them first
+        _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, call, siblings)
+    if interpreting or (capturing and first_launch):
+        # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
+        memory = partial(_tile_memory, dims=[flags["BLOCK_D"], flags["BLOCK_DV"]], elem=q.element_size())
+        limit = 0 if interpreting else _shared_memory_limit(q.device)
+        tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
+        if use_tma:
+            _launch_tma(kernels.fixed, grid, args, {**flags, **tiles, "USE_TMA": True})
+        else:
+            kernels.fixed[grid](*args, **flags, **tiles)
+    elif use_tma:
+        try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
+            _launch_tma(kernels.tuned_tma, grid, args, flags)
+        except Exception as failure:  # Triton could not build or run it here: plain loads from now on
+            if capturing:
+                raise
+            kernels.tuned_tma, kernels.tma_failure = None, f"TMA failed: {type(failure).__name__}: {str(failure)[:200]}"
+            kernels.tuned[grid](*args, **flags)
+            call_key = (*call_key[:10], False, *call_key[11:])
+    else:
+        kernels.tuned[grid](*args, **flags)
+    if first_launch:
+        kernels.first_launch_s += time.perf_counter() - start
+    kernels.launched.add(call_key)
+    out = args[3]
+    return out if out.dtype == call.out_dtype else out.to(call.out_dtype)
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One launch as Triton sees it: the kernel's positional ``args`` (inputs already as the kernel
+    reads them, the output allocated), its constexpr ``flags``, the ``grid``, whether it loads by TMA,
+    the result's dtype and the ``key`` telling its call shape apart (``launched_shapes``)."""
+
+    args: tuple
+    flags: dict
+    grid: Callable
+    use_tma: bool
+    out_dtype: torch.dtype
+    key: tuple
+
+
+def prepare_call(
+    q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask,
+    block_q: int, block_k: int, scale: float | None, is_causal: bool,
+    span: tuple[int, int] = (0, 0),
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> KernelCall:
+    """The launch ``launch_split`` makes of these arguments (checked, as there), without running it:
+    the output is allocated, nothing is built or launched."""
     check_call(q, k, v, block_q, block_k)
     check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
     B, H, Lq, D = q.shape
@@ -584,64 +649,54 @@ def launch_split(
         BLOCK_D=block_d, BLOCK_DV=block_dv, INPUT_PRECISION=_dot_precision(q),
     )
     kernels = _kernels()
-    interpreting = _interpreting()
     grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     use_tma = kernels.tuned_tma is not None and _tma_eligible(q, k, v, flags)
-    call_key = (B, H, Lq, Lk, D, DV, Hkv, block_q, block_k, q.dtype, use_tma,
-                *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    first_launch, start = call_key not in kernels.launched, time.perf_counter()
-    if first_launch and not (interpreting or capturing):  # the autotuner may time configs: build them first
-        _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, grid, args, flags)
-    if interpreting or (capturing and first_launch):
-        # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
-        memory = partial(_tile_memory, dims=[block_d, block_dv], elem=q.element_size())
-        limit = 0 if interpreting else _shared_memory_limit(q.device)
-        tiles = _fixed_launch(block_q, block_k, interpreting, memory, limit)
-        if use_tma:
-            _launch_tma(kernels.fixed, grid, args, {**flags, **tiles, "USE_TMA": True})
-        else:
-            kernels.fixed[grid](*args, **flags, **tiles)
-    elif use_tma:
-        try:  # a capture of a tuned shape replays the tuned winner: the autotuner times nothing then
-            _launch_tma(kernels.tuned_tma, grid, args, flags)
-        except Exception as failure:  # Triton could not build or run it here: plain loads from now on
-            if capturing:
-                raise
-            kernels.tuned_tma, kernels.tma_failure = None, f"TMA failed: {type(failure).__name__}: {str(failure)[:200]}"
-            kernels.tuned[grid](*args, **flags)
-            call_key = (*call_key[:10], False, *call_key[11:])
-    else:
-        kernels.tuned[grid](*args, **flags)
-    if first_launch:
-        kernels.first_launch_s += time.perf_counter() - start
-    kernels.launched.add(call_key)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    key = (B, H, Lq, Lk, D, DV, Hkv, block_q, block_k, q.dtype, use_tma,
+           *(v for v in flags.values()), *(t.dtype for t in args if isinstance(t, torch.Tensor)))
+    return KernelCall(args, flags, grid, use_tma, out_dtype, key)
 
 
-def _compile_candidates(kernels: _Kernels, autotuner, grid, args: tuple, flags: dict) -> None:
-    """Build every config ``autotuner`` is about to time for this call, in parallel threads (Triton's
+def _compile_candidates(kernels: _Kernels, autotuner, call: KernelCall,
+                        siblings: Callable[[], list[KernelCall]] | None = None) -> None:
+    """Build every config ``autotuner`` is about to time for ``call``, in parallel threads (Triton's
     ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, building
-    and timing the five Hopper configs took 7.5-10 s of a cold warm-up on an H100. Nothing is built
-    when the autotuner has this call's key already (its choice is then built alone, as before). A config
-    that fails to build here is built again by the autotuner, as without this step; if the parallel
-    build itself fails, it is not tried again in this process (``kernels.parallel_compile_failure``
-    says why)."""
+    and timing the five Hopper configs took 7.5-10 s of a cold warm-up on an H100. The same configs
+    are built for each of ``siblings()`` (later calls of another code path that share this tuning) in
+    the same threads: whichever config wins, its build for them is then ready, where otherwise each
+    would build it alone at its first call (0.9-1.4 s on an H100). Nothing is built (and
+    ``siblings`` is not called) when the autotuner has this call's key already (its choice is then
+    built alone, as before). A config that fails to build here is built again by the autotuner, as
+    without this step; if the parallel build itself fails, it is not tried again in this process
+    (``kernels.parallel_compile_failure`` says why); siblings that cannot be prepared are left out."""
     from triton.runtime._async_compile import AsyncCompileMode, active_mode
 
     if kernels.parallel_compile_failure is not None or active_mode.get() is not None:
         return
     try:
-        named = {**dict(zip(autotuner.arg_names, args)), **flags}  # the autotuner's key, as Triton forms it
+        named = {**dict(zip(autotuner.arg_names, call.args)), **call.flags}  # the autotuner's key, as Triton forms it
         tuning_key = (*(named[k] for k in autotuner.keys),
                       *(str(v.dtype) for n, v in named.items() if n in autotuner.arg_names and hasattr(v, "dtype")))
         if tuning_key in autotuner.cache:
             return
-        workers = min(len(autotuner.configs), os.cpu_count() or 1)
+        calls = [call, *_siblings_of(call, siblings)]
+        workers = min(len(autotuner.configs) * len(calls), os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
-            autotuner.warmup(*args, grid=grid, **flags)
+            for each in calls:
+                autotuner.warmup(*each.args, grid=each.grid, **each.flags)
     except Exception as failure:
         kernels.parallel_compile_failure = f"{type(failure).__name__}: {str(failure)[:200]}"
+
+
+def _siblings_of(call: KernelCall, siblings: Callable[[], list[KernelCall]] | None) -> list[KernelCall]:
+    """The calls of ``siblings()`` that the same autotuner serves as ``call`` (same load kind) and that
+    are another call shape; none where preparing them fails (the builds go on without them)."""
+    if siblings is None:
+        return []
+    try:
+        prepared = siblings()
+    except Exception:  # noqa: BLE001 - a sibling is a guess at a later call: without it that call builds alone
+        return []
+    return [s for s in prepared if s.use_tma == call.use_tma and s.key != call.key]
 
 
 def _tma_eligible(q, k, v, flags) -> bool:
@@ -793,16 +848,22 @@ def _lead_strides(t: torch.Tensor, n: int = 3) -> list[int]:
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(n)]
 
 
+def folds_key_padding(attn_mask: torch.Tensor | None, kv_len: int) -> bool:
+    """Whether ``attn_mask`` is a key-padding mask, bool (B|1, 1, 1, Lk), which the kernel reads as a
+    keep vector (``_fold_key_padding``) rather than as a site mask."""
+    return (
+        attn_mask is not None
+        and attn_mask.dtype == torch.bool
+        and attn_mask.dim() == 4
+        and attn_mask.shape[1:3] == (1, 1)
+        and attn_mask.shape[3] == kv_len
+    )
+
+
 def _fold_key_padding(key_keep, attn_mask, kv_len):
     """A bool key-padding site mask (B|1, 1, 1, Lk) becomes a keep vector (the fast path): partial
     blocks read ``key_keep & padding``, full blocks ``padding``. Returns (keep, full_keep, mask)."""
-    if (
-        attn_mask is None
-        or attn_mask.dtype != torch.bool
-        or attn_mask.dim() != 4
-        or attn_mask.shape[1:3] != (1, 1)
-        or attn_mask.shape[3] != kv_len
-    ):
+    if not folds_key_padding(attn_mask, kv_len):
         return key_keep, None, attn_mask
     padding = attn_mask[:, 0, 0, :]
     keep = padding if key_keep is None else key_keep & padding

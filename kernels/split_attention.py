@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
-from li_compile.kernels.block_sparse_attention import check_span, launch, launch_split, register_inference_only
+from li_compile.kernels.block_sparse_attention import (
+    KernelCall, check_span, folds_key_padding, launch_split, prepare_call, register_inference_only,
+)
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
@@ -164,27 +166,52 @@ def _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indi
             block_q, block_k, scale, is_causal, span) -> tuple[torch.Tensor, str]:
     """``attend`` and the name of the path that ran (for benchmarks and reports)."""
     span = check_span(span, k.shape[2], block_k)
-    layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask, block_q, block_k)
-    if span[0] == span[1]:
-        return launch(q, k, v, *layout, scale, is_causal), "triton"
+    lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if span == (0, cdiv(k.shape[2], block_k)) and attn_mask is None and not is_causal:
+    route, seed, variant = _route(q, k, v, attn_mask, is_causal, span, block_k, scale)
+    if route == "sdpa":
         # the span is every key (listed blocks all lie inside it): dense attention is the answer,
         # SDPA's own call, with no log-sum-exp to ask for
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-        return out.contiguous(), "sdpa"
-    seed, variant = None, "triton (span in-kernel: site or causal mask)"
+        return out.contiguous(), variant
+    siblings = None
+    if folds_key_padding(attn_mask, k.shape[2]):
+        siblings = lambda: _unmasked(q, k, v, lists, block_q, block_k, scale, is_causal, span)  # noqa: E731
+    out = launch_split(q, k, v, *lists, attn_mask, block_q, block_k, scale, is_causal, span=span, seed=seed,
+                       siblings=siblings)
+    return out, variant
+
+
+def _route(q, k, v, attn_mask, is_causal, span, block_k, scale):
+    """How ``_attend`` runs a call: ``(route, seed, name)``, route ``"sdpa"`` (the span is every key
+    and nothing masks it), ``"seeded"`` (flash's partial over the span, ``seed``, starts the Triton
+    kernel) or ``"triton"`` (the kernel alone, visiting the span itself if there is one)."""
+    if span[0] == span[1]:
+        return "triton", None, "triton"
+    if span == (0, cdiv(k.shape[2], block_k)) and attn_mask is None and not is_causal:
+        return "sdpa", None, "sdpa"
+    reason = "site or causal mask"
     if attn_mask is None and not is_causal:
         keys = _span_keys(span, block_k, k.shape[2])
         span_work = math.prod(q.shape) * (keys.stop - keys.start)
         if q.device.type in SHORT_SPAN_DEVICES and span_work < MIN_FLASH_SPAN_WORK:
-            variant = (f"a span of {keys.stop - keys.start} keys, {span_work:.1e} multiply-adds, "
-                       f"under {MIN_FLASH_SPAN_WORK:.1e}")
+            reason = (f"a span of {keys.stop - keys.start} keys, {span_work:.1e} multiply-adds, "
+                      f"under {MIN_FLASH_SPAN_WORK:.1e}")
         else:
-            seed, variant = flash_partial(q, k, v, span, block_k, scale)
-    if seed is None:
-        return launch_split(q, k, v, *layout, scale, is_causal, span=span), f"triton (span in-kernel: {variant})"
-    return launch_split(q, k, v, *layout, scale, is_causal, span=span, seed=seed), f"{variant} + triton"
+            seed, reason = flash_partial(q, k, v, span, block_k, scale)
+            if seed is not None:
+                return "seeded", seed, f"{reason} + triton"
+    return "triton", None, f"triton (span in-kernel: {reason})"
+
+
+def _unmasked(q, k, v, lists, block_q, block_k, scale, is_causal, span) -> list[KernelCall]:
+    """The Triton launch this call would make without its key-padding mask, prepared (its flash
+    partial run, if it takes one), not launched: a model whose padded capacity buckets mask keys makes
+    that call once its context is full (which drops the mask, so that dense rows run flash)."""
+    route, seed, _ = _route(q, k, v, None, is_causal, span, block_k, scale)
+    if route == "sdpa":
+        return []
+    return [prepare_call(q, k, v, *lists, None, block_q, block_k, scale, is_causal, span=span, seed=seed)]
 
 
 split_attention_op = torch.library.custom_op("li::split_attention", attend, mutates_args=())

@@ -368,6 +368,7 @@ class _RecordingAutotuner:
 
     def __init__(self, tuned=(), fails=False):
         self.configs, self.cache, self.fails, self.builds = [1, 2, 3], dict.fromkeys(tuned), fails, []
+        self.flags = []  # the flags of each call built
 
     def warmup(self, *args, grid, **flags):
         from triton.runtime._async_compile import active_mode
@@ -375,13 +376,20 @@ class _RecordingAutotuner:
         if self.fails:
             raise RuntimeError("cannot build")
         self.builds.append(active_mode.get() is not None)
+        self.flags.append(flags)
 
 
-def _candidates(tuner, kernels=None):
+def _call(flag=True, use_tma=False, key=("padded",)):
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    return kernel_module.KernelCall((torch.zeros(2), 4), {"FLAG": flag}, lambda meta: (1,), use_tma, torch.float32, key)
+
+
+def _candidates(tuner, kernels=None, siblings=None):
     from li_compile.kernels import block_sparse_attention as kernel_module
 
     kernels = kernels or kernel_module._Kernels(None, None, None, "none")
-    kernel_module._compile_candidates(kernels, tuner, lambda meta: (1,), (torch.zeros(2), 4), {"FLAG": True})
+    kernel_module._compile_candidates(kernels, tuner, _call(), siblings)
     return kernels
 
 
@@ -398,6 +406,31 @@ def test_a_key_the_autotuner_has_tuned_builds_nothing_ahead():
     tuner = _RecordingAutotuner(tuned=[(4, True, "torch.float32")])
     _candidates(tuner)
     assert tuner.builds == []
+
+
+def test_a_first_tuning_builds_its_candidates_for_the_later_code_paths_in_the_same_async_compilation():
+    """The siblings a call names (its unpadded context's launch) get every candidate built with its
+    own, in one parallel build; a sibling of the other load kind (another autotuner) or of the same
+    call shape adds nothing, and siblings that cannot be prepared leave the call's own builds as they
+    were."""
+    tuner = _RecordingAutotuner()
+    others = [_call(False, key=("unpadded",)), _call(False, use_tma=True, key=("tma",)), _call(True)]
+    assert _candidates(tuner, siblings=lambda: others).parallel_compile_failure is None
+    assert tuner.builds == [True, True]
+    assert tuner.flags == [{"FLAG": True}, {"FLAG": False}]
+
+    def unpreparable():
+        raise RuntimeError("flash refused")
+
+    tuner = _RecordingAutotuner()
+    assert _candidates(tuner, siblings=unpreparable).parallel_compile_failure is None
+    assert tuner.flags == [{"FLAG": True}]
+
+
+def test_a_tuned_key_does_not_prepare_siblings():
+    asked = []
+    _candidates(_RecordingAutotuner(tuned=[(4, True, "torch.float32")]), siblings=lambda: asked.append(1) or [])
+    assert asked == []
 
 
 def test_a_failed_parallel_build_is_reported_and_not_tried_again():

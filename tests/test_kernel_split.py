@@ -231,6 +231,46 @@ class _CopyWatch(TorchDispatchMode):
         return out
 
 
+def _as_specialised(call: bsa.KernelCall) -> tuple:
+    """What Triton builds a launch by: its flags, and per argument a tensor's dtype, shape and strides
+    or a scalar's value (``BUCKET_SCALARS`` included: the calls compared here have equal lengths)."""
+    args = tuple((t.dtype, tuple(t.shape), t.stride()) if isinstance(t, torch.Tensor) else t for t in call.args)
+    return call.flags, args, call.key
+
+
+@pytest.mark.parametrize("span", [(0, 0), (2, 4)], ids=["no span (HY full)", "flash-seeded span (Matrix-Game)"])
+def test_a_padded_call_prepares_the_launch_its_unpadded_context_makes(monkeypatch, span):
+    """A key-padding mask (a model's padded capacity bucket) names, as its sibling, the launch the
+    same site makes without the mask (the full context): the same flags and arguments as Triton
+    specialises them, so that the first tuning can build its code path too. Without a mask there is
+    no sibling; a span that flash would run under no mask comes with flash's partial (so the sibling
+    is the seeded path, where the padded call visits its span in the kernel)."""
+    launches = []
+    real = split.launch_split
+
+    def spy(*args, **kwargs):
+        launches.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(split, "launch_split", spy)
+    q, k, v = qkv(1, 2, 2, 32, 64, 16, torch.float32)
+    layout = split_layout(random_layout(torch.Generator().manual_seed(12), 1, 2, 32, 64, 16, 16), span)
+    padding = torch.ones(1, 1, 1, 64, dtype=torch.bool)
+    padding[..., :8] = False
+    padded = split_attention(q, k, v, layout, span, attn_mask=padding)
+    torch.testing.assert_close(padded, reference(q, k, v, layout, span, padding), **TOLERANCE[torch.float32])
+    (_, kwargs), = launches
+    assert kwargs["seed"] is None
+    sibling, = kwargs["siblings"]()
+    launches.clear()
+    split_attention(q, k, v, layout, span)
+    (args, kwargs), = launches
+    assert kwargs["siblings"] is None
+    assert (kwargs["seed"] is not None) == (span != (0, 0))
+    unpadded = bsa.prepare_call(*args, span=kwargs["span"], seed=kwargs["seed"])
+    assert _as_specialised(sibling) == _as_specialised(unpadded)
+
+
 def test_the_merge_makes_no_copy_of_q_k_or_v(monkeypatch):
     """Every op of the split path that touches q, k or v either returns a view of it or is the flash
     kernel itself, the Triton kernel is handed q, k and v's own memory, and nothing allocated is
