@@ -662,8 +662,9 @@ def _compile_candidates(kernels: _Kernels, autotuner, call: KernelCall,
     ``AsyncCompileMode``), so that its timing loop finds them built: one after the other, building
     and timing the five Hopper configs took 7.5-10 s of a cold warm-up on an H100. The same configs
     are built for each of ``siblings()`` (later calls of another code path that share this tuning) in
-    the same threads: whichever config wins, its build for them is then ready, where otherwise each
-    would build it alone at its first call (0.9-1.4 s on an H100). Nothing is built (and
+    the same threads, where the host has a core for each build: whichever config wins, its build for
+    them is then ready, where otherwise each would build it alone at its first call (0.9-1.4 s on an
+    H100). Nothing is built (and
     ``siblings`` is not called) when the autotuner has this call's key already (its choice is then
     built alone, as before). A config that fails to build here is built again by the autotuner, as
     without this step; if the parallel build itself fails, it is not tried again in this process
@@ -678,8 +679,9 @@ def _compile_candidates(kernels: _Kernels, autotuner, call: KernelCall,
                       *(str(v.dtype) for n, v in named.items() if n in autotuner.arg_names and hasattr(v, "dtype")))
         if tuning_key in autotuner.cache:
             return
-        calls = [call, *_siblings_of(call, siblings)]
-        workers = min(len(autotuner.configs) * len(calls), os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        calls = [call, *_siblings_of(call, siblings, room=cores // len(autotuner.configs) - 1)]
+        workers = min(len(autotuner.configs) * len(calls), cores)
         with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
             for each in calls:
                 autotuner.warmup(*each.args, grid=each.grid, **each.flags)
@@ -687,16 +689,18 @@ def _compile_candidates(kernels: _Kernels, autotuner, call: KernelCall,
         kernels.parallel_compile_failure = f"{type(failure).__name__}: {str(failure)[:200]}"
 
 
-def _siblings_of(call: KernelCall, siblings: Callable[[], list[KernelCall]] | None) -> list[KernelCall]:
-    """The calls of ``siblings()`` that the same autotuner serves as ``call`` (same load kind) and that
-    are another call shape; none where preparing them fails (the builds go on without them)."""
-    if siblings is None:
+def _siblings_of(call: KernelCall, siblings: Callable[[], list[KernelCall]] | None, room: int) -> list[KernelCall]:
+    """The first ``room`` calls of ``siblings()`` that the same autotuner serves as ``call`` (same load
+    kind) and that are another call shape; none where preparing them fails (the builds go on without
+    them). ``room``: how many more sets of candidates the cores build at once with ``call``'s (on a
+    host with fewer cores the siblings would lengthen the tuning's builds by more than they save)."""
+    if siblings is None or room < 1:
         return []
     try:
         prepared = siblings()
     except Exception:  # noqa: BLE001 - a sibling is a guess at a later call: without it that call builds alone
         return []
-    return [s for s in prepared if s.use_tma == call.use_tma and s.key != call.key]
+    return [s for s in prepared if s.use_tma == call.use_tma and s.key != call.key][:room]
 
 
 def _tma_eligible(q, k, v, flags) -> bool:

@@ -408,11 +408,12 @@ def test_a_key_the_autotuner_has_tuned_builds_nothing_ahead():
     assert tuner.builds == []
 
 
-def test_a_first_tuning_builds_its_candidates_for_the_later_code_paths_in_the_same_async_compilation():
+def test_a_first_tuning_builds_its_candidates_for_the_later_code_paths_in_the_same_async_compilation(monkeypatch):
     """The siblings a call names (its unpadded context's launch) get every candidate built with its
-    own, in one parallel build; a sibling of the other load kind (another autotuner) or of the same
-    call shape adds nothing, and siblings that cannot be prepared leave the call's own builds as they
-    were."""
+    own, in one parallel build, where the host has a core for each build; a sibling of the other load
+    kind (another autotuner) or of the same call shape adds nothing, and siblings that cannot be
+    prepared leave the call's own builds as they were."""
+    monkeypatch.setattr("os.cpu_count", lambda: 6)  # a core for each of 3 candidates, twice
     tuner = _RecordingAutotuner()
     others = [_call(False, key=("unpadded",)), _call(False, use_tma=True, key=("tma",)), _call(True)]
     assert _candidates(tuner, siblings=lambda: others).parallel_compile_failure is None
@@ -424,6 +425,11 @@ def test_a_first_tuning_builds_its_candidates_for_the_later_code_paths_in_the_sa
 
     tuner = _RecordingAutotuner()
     assert _candidates(tuner, siblings=unpreparable).parallel_compile_failure is None
+    assert tuner.flags == [{"FLAG": True}]
+
+    monkeypatch.setattr("os.cpu_count", lambda: 5)  # fewer cores than builds: the call's own only
+    tuner = _RecordingAutotuner()
+    _candidates(tuner, siblings=lambda: others)
     assert tuner.flags == [{"FLAG": True}]
 
 
