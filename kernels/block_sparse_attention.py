@@ -311,8 +311,9 @@ AUTOTUNE_KEY = ("H", "GROUP", "D", "DV", "block_q", "block_k", "MASK_KIND", "IS_
 
 
 def q_size_class(q_len: int) -> int:
-    """floor(log4(q_len)): query counts within a factor of 4 of each other tune together (the grid's
-    size, what decides between 64- and 128-row query tiles, changes little within a class)."""
+    """floor(log4(q_len)): query counts in one [4**k, 4**(k+1)) range tune together (the grid's size,
+    what decides between 64- and 128-row query tiles, changes little within it); a call within
+    ``NEIGHBOUR_RATIO`` of one tuned in the next range takes its choice (``_adopt_neighbour_choice``)."""
     return (q_len.bit_length() - 1) // 2
 
 
@@ -385,6 +386,7 @@ class _Kernels:
     launched: set = field(default_factory=set)  # call keys launched already (GPU: autotuned, a capture may reuse them)
     first_launch_s: float = 0.0  # host seconds in the first launch of each call key (GPU: compiles, autotuning)
     parallel_compile_failure: str | None = None  # why configs are no longer built in parallel before a tuning
+    tuned_q_len: dict = field(default_factory=dict)  # tuning key -> the query count it was tuned at here
 
 
 def _build_kernels() -> _Kernels:
@@ -552,7 +554,9 @@ def launch_split(
     call_key = call.key
     first_launch, start = call_key not in kernels.launched, time.perf_counter()
     if first_launch and not (interpreting or capturing):  # the autotuner may time configs: build them first
-        _compile_candidates(kernels, kernels.tuned_tma if use_tma else kernels.tuned, call, siblings)
+        autotuner = kernels.tuned_tma if use_tma else kernels.tuned
+        if not _adopt_neighbour_choice(kernels, autotuner, call):
+            _compile_candidates(kernels, autotuner, call, siblings)
     if interpreting or (capturing and first_launch):
         # no timing possible (interpreter, or a CUDA graph capture of a shape never tuned): fixed tiles
         memory = partial(_tile_memory, dims=[flags["BLOCK_D"], flags["BLOCK_DV"]], elem=q.element_size())
@@ -674,10 +678,7 @@ def _compile_candidates(kernels: _Kernels, autotuner, call: KernelCall,
     if kernels.parallel_compile_failure is not None or active_mode.get() is not None:
         return
     try:
-        named = {**dict(zip(autotuner.arg_names, call.args)), **call.flags}  # the autotuner's key, as Triton forms it
-        tuning_key = (*(named[k] for k in autotuner.keys),
-                      *(str(v.dtype) for n, v in named.items() if n in autotuner.arg_names and hasattr(v, "dtype")))
-        if tuning_key in autotuner.cache:
+        if _tuning_key(autotuner, call) in autotuner.cache:
             return
         cores = os.cpu_count() or 1
         calls = [call, *_siblings_of(call, siblings, room=cores // len(autotuner.configs) - 1)]
@@ -687,6 +688,37 @@ def _compile_candidates(kernels: _Kernels, autotuner, call: KernelCall,
                 autotuner.warmup(*each.args, grid=each.grid, **each.flags)
     except Exception as failure:
         kernels.parallel_compile_failure = f"{type(failure).__name__}: {str(failure)[:200]}"
+
+
+def _tuning_key(autotuner, call: KernelCall) -> tuple:
+    """The key ``autotuner`` chooses a config by for ``call``, as Triton forms it: the ``AUTOTUNE_KEY``
+    values, then every tensor argument's dtype."""
+    named = {**dict(zip(autotuner.arg_names, call.args)), **call.flags}
+    return (*(named[k] for k in autotuner.keys),
+            *(str(v.dtype) for n, v in named.items() if n in autotuner.arg_names and hasattr(v, "dtype")))
+
+
+NEIGHBOUR_RATIO = 2  # a call this close in query count to a tuned one of the next size class takes its choice
+
+
+def _adopt_neighbour_choice(kernels: _Kernels, autotuner, call: KernelCall) -> bool:
+    """Give an untuned ``call`` the choice of a key tuned in this process that differs only in the
+    query count's size class, at a query count within ``NEIGHBOUR_RATIO`` of this call's: a model's
+    capacity buckets that straddle a class boundary then tune once (Matrix-Game full's 13200-16720
+    queries lie on both sides of 4**7). Returns whether it did; otherwise records this call's query
+    count under its key (the autotuner is about to tune it)."""
+    key = _tuning_key(autotuner, call)
+    if key in autotuner.cache:
+        return False
+    at = autotuner.keys.index("q_class")
+    q_len = dict(zip(autotuner.arg_names, call.args))["Lq"]
+    for other, tuned_len in kernels.tuned_q_len.items():
+        if (other in autotuner.cache and other[:at] + other[at + 1:] == key[:at] + key[at + 1:]
+                and max(q_len, tuned_len) <= NEIGHBOUR_RATIO * min(q_len, tuned_len)):
+            autotuner.cache[key] = autotuner.cache[other]
+            return True
+    kernels.tuned_q_len[key] = q_len
+    return False
 
 
 def _siblings_of(call: KernelCall, siblings: Callable[[], list[KernelCall]] | None, room: int) -> list[KernelCall]:

@@ -439,6 +439,41 @@ def test_a_tuned_key_does_not_prepare_siblings():
     assert asked == []
 
 
+class _TunedAutotuner:
+    """What ``_adopt_neighbour_choice`` uses of Triton's autotuner: argument names, key, choices made."""
+
+    arg_names = ["X", "H", "Lq", "q_class"]
+    keys = ["H", "q_class"]
+
+    def __init__(self):
+        self.cache = {}
+
+
+def _sized_call(heads, q_len):
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    args = (torch.zeros(1), heads, q_len, kernel_module.q_size_class(q_len))
+    return kernel_module.KernelCall(args, {}, lambda meta: (1,), False, torch.float32, (heads, q_len))
+
+
+def test_a_call_near_a_tuned_query_count_of_the_next_size_class_takes_its_choice():
+    """Matrix-Game full's buckets run 13200-16720 queries, on both sides of 4**7: the second size
+    class takes the choice the first was tuned to instead of timing the configs again. A query count
+    more than 2x away, or another head count, is tuned on its own."""
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    kernels, tuner = kernel_module._Kernels(None, None, None, "none"), _TunedAutotuner()
+    first = _sized_call(24, 16720)
+    assert not kernel_module._adopt_neighbour_choice(kernels, tuner, first)  # the autotuner tunes it
+    tuner.cache[kernel_module._tuning_key(tuner, first)] = "its choice"
+    near = _sized_call(24, 13200)
+    assert kernel_module.q_size_class(13200) != kernel_module.q_size_class(16720)
+    assert kernel_module._adopt_neighbour_choice(kernels, tuner, near)
+    assert tuner.cache[kernel_module._tuning_key(tuner, near)] == "its choice"
+    assert not kernel_module._adopt_neighbour_choice(kernels, tuner, _sized_call(24, 4000))  # 4.2x fewer
+    assert not kernel_module._adopt_neighbour_choice(kernels, tuner, _sized_call(40, 13200))
+
+
 def test_a_failed_parallel_build_is_reported_and_not_tried_again():
     kernels = _candidates(_RecordingAutotuner(fails=True))
     assert kernels.parallel_compile_failure == "RuntimeError: cannot build"
