@@ -4,7 +4,8 @@ A chunk can be served only when every one of its frames matches some earlier fra
 trajectory at ``cache.revisit_threshold`` (``frame_revisit_scores``, the cache's own measure). Per
 trajectory this prints those chunks (the most hits any cache at that threshold can make, since it
 can only hold earlier frames) and the near misses: chunks whose worst frame scores within ``--near``
-below the threshold, with every frame's best score. Compare with a run's ``cache_hits``.
+below the threshold, with every frame's best score, and which of them only continue the path (every
+frame's best match is the last frame of the chunk just before). Compare with a run's ``cache_hits``.
 ``--skip-previous`` leaves the chunk just before out of the past frames (how many matches only
 continue the path rather than return to it)::
 
@@ -25,18 +26,19 @@ from li_compile.options import CacheOptions
 from li_compile.worlds import trajectories
 
 
-def best_past_scores(poses: torch.Tensor, chunk_frames: int, skip: int = 0) -> list[list[float]]:
+def best_past_matches(poses: torch.Tensor, chunk_frames: int, skip: int = 0) -> list[tuple[list[float], list[int]]]:
     """Per chunk after the first, each frame's best match among the frames of the chunks before it,
-    less the ``skip`` chunks just before: ``poses (N * chunk_frames, 4, 4)`` -> ``N - 1`` lists of
-    ``chunk_frames`` scores (0 where no chunk is left)."""
+    less the ``skip`` chunks just before: ``poses (N * chunk_frames, 4, 4)`` -> ``N - 1`` pairs of
+    ``chunk_frames`` scores (0 where no chunk is left) and the past frame each matched (-1: none)."""
     chunks = poses.shape[0] // chunk_frames
     rows = []
     for c in range(1, chunks):
         current, past = poses[c * chunk_frames:(c + 1) * chunk_frames], poses[:max(c - skip, 0) * chunk_frames]
         if past.shape[0] == 0:
-            rows.append([0.0] * chunk_frames)
+            rows.append(([0.0] * chunk_frames, [-1] * chunk_frames))
             continue
-        rows.append(frame_revisit_scores(current, past).max(-1).values.tolist())
+        best = frame_revisit_scores(current, past).max(-1)
+        rows.append((best.values.tolist(), best.indices.tolist()))
     return rows
 
 
@@ -44,11 +46,15 @@ def reach(name: str, chunks: int, chunk_frames: int, threshold: float, near: flo
     """The servable chunks and the near misses of trajectory ``name`` (seed 0, as end_to_end.py),
     matched against the chunks before each but the ``skip`` last."""
     poses = trajectories.make(name, chunks * chunk_frames, seed=0, chunk_frames=chunk_frames).poses
-    scores = best_past_scores(poses, chunk_frames, skip)
-    servable = [c for c, row in enumerate(scores, 1) if min(row) >= threshold]
-    near_misses = {c: [round(s, 2) for s in row] for c, row in enumerate(scores, 1)
+    matches = best_past_matches(poses, chunk_frames, skip)
+    servable = [c for c, (row, _) in enumerate(matches, 1) if min(row) >= threshold]
+    near_misses = {c: [round(s, 2) for s in row] for c, (row, _) in enumerate(matches, 1)
                    if threshold - near <= min(row) < threshold}
-    return {"trajectory": name, "chunks": chunks, "servable": servable, "near_misses": near_misses}
+    # a near miss that only continues the path: every frame's best match is the previous chunk's last frame
+    continuations = [c for c, (_, frames) in enumerate(matches, 1)
+                     if c in near_misses and set(frames) == {c * chunk_frames - 1}]
+    return {"trajectory": name, "chunks": chunks, "servable": servable, "near_misses": near_misses,
+            "continuations": continuations}
 
 
 def main() -> None:
@@ -65,7 +71,8 @@ def main() -> None:
             for name in args.trajectories.split(",")]
     for row in rows:
         print(f"{row['trajectory']}: {len(row['servable'])} of {row['chunks']} chunks servable at "
-              f"{args.threshold} {row['servable']}; {len(row['near_misses'])} near misses")
+              f"{args.threshold} {row['servable']}; {len(row['near_misses'])} near misses, "
+              f"{len(row['continuations'])} of them continuations {row['continuations']}")
         for chunk, scores in row["near_misses"].items():
             print(f"  chunk {chunk}: best score per frame {scores}")
     if args.json:

@@ -18,8 +18,9 @@ the served output is assembled frame by frame from the matched frames' outputs. 
 (walk out, come back) and a crossing path revisit too. Without a frame axis (none, or ambiguous),
 every camera must match the same frame of one past chunk (``chunk_revisit_scores``). A lookup may
 also accept a *near* revisit: every frame matched at a lower ``near_threshold``, not all at the
-revisit threshold. The entry it returns carries its ``score`` (its worst frame's match), so that the
-caller can serve fewer steps from a near revisit.
+revisit threshold, unless every frame matches best the last frame of the chunk just before (the
+path going on from there, ``continues_path``). The entry it returns carries its ``score`` (its
+worst frame's match), so that the caller can serve fewer steps from a near revisit.
 
 Per-frame schedules (diffusion forcing: the stamp's schedule holds one tuple of per-frame noise
 levels per step) add one rule: a frame matches only past frames whose schedule column equals its
@@ -222,6 +223,7 @@ class DenoiseCache:
         frame_axis: int | None = None,
         serve: str = "best",
         near_threshold: float | None = None,
+        chunk: int | None = None,
     ) -> Entry | None:
         """The revisit served to a chunk at ``poses``: among entries with the identical ``stamp`` and
         outputs for steps ``0 .. steps - 1``, per frame the best-matching past frame (``frame_axis``
@@ -232,7 +234,9 @@ class DenoiseCache:
         near hit or a miss and marks the entries used most recently used. Ties go to the oldest
         entry. ``serve`` (per frame, ``options.CACHE_SERVE``): ``"best"`` the best match's output,
         ``"blend"`` the average of every past frame matching at the threshold accepted, weighted by
-        its score."""
+        its score. ``chunk``: the number of the chunk looking up; given, a near match (per frame) whose
+        every frame matches best the last frame of chunk ``chunk - 1`` is a miss: the path goes on
+        from there rather than coming back (``continues_path``)."""
         if near_threshold is not None and not 0.0 <= near_threshold <= threshold:
             raise ValueError(f"near_threshold must be in [0, threshold={threshold}], got {near_threshold}")
         accept = threshold if near_threshold is None else near_threshold
@@ -242,7 +246,8 @@ class DenoiseCache:
             if e.stamp == stamp and all((s, 0) in e.outputs for s in range(steps))
         ]
         if frame_axis is not None:
-            match = self._frame_match(current, candidates, frame_axis, accept, measure, max_distance, serve)
+            match = self._frame_match(current, candidates, frame_axis, accept, measure, max_distance, serve,
+                                      previous=None if chunk is None else chunk - 1, revisit=threshold)
             return self._count(match, threshold)
         candidates = [e for e in candidates if e.poses.shape == current.shape]
         best = None
@@ -268,10 +273,12 @@ class DenoiseCache:
         return match
 
     def _frame_match(self, current: torch.Tensor, candidates: list[Entry], frame_axis: int, threshold: float,
-                     measure: str, max_distance: float, serve: str) -> Entry | None:
+                     measure: str, max_distance: float, serve: str, previous: int | None = None,
+                     revisit: float = 1.0) -> Entry | None:
         """Every current frame's matching past frames (any entry, any order), or None if a frame has
-        none scoring at least ``threshold``: their outputs (the best one, or the score-weighted blend
-        of all) assembled along ``frame_axis`` into an unstored ``Entry``."""
+        none scoring at least ``threshold``, or if the match scores below ``revisit`` and
+        ``continues_path`` from chunk ``previous``: their outputs (the best one, or the
+        score-weighted blend of all) assembled along ``frame_axis`` into an unstored ``Entry``."""
         if not candidates:
             return None
         owners = [(e, g) for e in candidates for g in range(e.poses.shape[0])]
@@ -283,6 +290,9 @@ class DenoiseCache:
         matched = best_score >= threshold
         if not bool(matched.all()):
             self.stats.near_misses += int(bool(matched.any()))
+            return None
+        if float(best_score.min()) < revisit and continues_path([owners[m] for m in best.tolist()], previous):
+            self.stats.near_misses += 1
             return None
         if serve == "best":
             weights = [[(m, 1.0)] for m in best.tolist()]
@@ -308,6 +318,13 @@ class DenoiseCache:
             oldest = next(k for k in self._entries if k != keep)
             del self._entries[oldest]
             self.stats.evictions += 1
+
+
+def continues_path(sources: list[tuple[Entry, int]], previous: int | None) -> bool:
+    """Whether every frame's best match (``(entry, frame)`` per current frame) is the last frame of
+    chunk ``previous``: the path goes on from where that chunk ended (``explore``'s chunks of 2
+    frames score 0.93 and 0.86 against it) rather than coming back. A return matches other frames."""
+    return previous is not None and all(e.chunk == previous and g == e.poses.shape[0] - 1 for e, g in sources)
 
 
 def frame_schedules(stamp: Stamp) -> list[tuple[float, ...]] | None:

@@ -288,7 +288,7 @@ class DenoiseRuntime:
         near = options.near_threshold if options.near_reuse_steps > 0 and not calibrating else None
         entry = self.cache.lookup(c.poses, stamp, limit, options.revisit_threshold,
                                   frame_axis=frame_axis(latents.shape, c.poses.shape[0]), serve=options.serve,
-                                  near_threshold=near)
+                                  near_threshold=near, chunk=c.chunk)
         if entry is None or entry.score >= options.revisit_threshold:
             return entry, limit
         return entry, min(options.near_reuse_steps, limit)

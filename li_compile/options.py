@@ -169,7 +169,8 @@ class CacheOptions:
     ``near_reuse_steps`` / ``near_threshold``: a *near* revisit, whose every frame matches at
     ``near_threshold`` but not all at ``revisit_threshold``, has its first ``near_reuse_steps``
     steps served (never more than a revisit's); 0 (the default) computes it in full. What is
-    computed after a near hit is not stored."""
+    computed after a near hit is not stored. A near match whose every frame matches best the last
+    frame of the chunk just before is the path going on, not a return: a miss."""
 
     enabled: bool = True
     reuse_steps: int | str | None = field(default=None, metadata={**_range(0, None), "optional_int": True})

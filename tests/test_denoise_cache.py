@@ -131,10 +131,10 @@ def KEY():  # the cache key of every call of the stand-in model (weights and con
     return "fp"
 
 
-def run_chunk(runtime, model, poses, steps=4, sigmas=None, options=CacheOptions(reuse_steps=2), x=None):
+def run_chunk(runtime, model, poses, steps=4, sigmas=None, options=CacheOptions(reuse_steps=2), x=None, chunk=0):
     x = torch.randn(LATENT.shape, generator=torch.Generator().manual_seed(0)) if x is None else x
     runtime.options = options  # the model's cache options (an accelerator's runtime is built with them)
-    runtime.begin_chunk(0, poses, sigmas)
+    runtime.begin_chunk(chunk, poses, sigmas)
     with torch.no_grad():
         outs = [runtime.step("model", KEY, x, lambda i=i: model(x, i)) for i in range(steps)]
     return outs, runtime.end_chunk()
@@ -436,6 +436,29 @@ def test_near_revisits_by_default_or_below_the_near_threshold_compute_in_full(ne
     _, stats = run_chunk(runtime, model, yawed(4.0, 0.0), options=options)
     assert stats.values["cache"] == "miss" and stats.values["steps_reused"] == 0 and model.calls == 8
     assert stats.values["cache_near_misses"] == 1 and stats.values["cache_near_hits"] == 0
+
+
+def test_a_near_match_that_only_continues_the_path_from_the_chunk_before_is_a_miss():
+    """A camera turning on from where the last chunk ended near-matches that chunk's last frame with
+    every frame (``explore``'s 2-frame chunks: 0.93 and 0.86). That is the path going on, not a
+    return: it computes in full. The same near match with another chunk in between comes back to
+    that frame: a near hit; so is a chunk whose frames match other frames of the chunk before."""
+    options = CacheOptions(reuse_steps=2, stored="raw", near_threshold=0.8, near_reuse_steps=1)
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(-4.0, 0.0), options=options, chunk=0)
+    _, stats = run_chunk(runtime, model, yawed(5.0, 6.0), options=options, chunk=1)  # both best: chunk 0's 0 degrees
+    assert stats.values["cache"] == "miss" and stats.values["cache_near_misses"] == 1 and model.calls == 8
+
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(-4.0, 0.0), options=options, chunk=0)
+    run_chunk(runtime, model, yawed(90.0, 95.0), options=options, chunk=1)  # elsewhere
+    _, stats = run_chunk(runtime, model, yawed(5.0, 6.0), options=options, chunk=2)  # back to chunk 0's end
+    assert stats.values["cache"] == "near hit" and stats.values["steps_reused"] == 1
+
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(-4.0, 0.0), options=options, chunk=0)
+    _, stats = run_chunk(runtime, model, yawed(-8.0, 5.0), options=options, chunk=1)  # best: chunk 0's first, then last
+    assert stats.values["cache"] == "near hit"
 
 
 def test_a_near_revisit_never_serves_more_steps_than_a_revisit():
