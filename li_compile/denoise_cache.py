@@ -291,11 +291,12 @@ class DenoiseCache:
         if not bool(matched.all()):
             self.stats.near_misses += int(bool(matched.any()))
             return None
-        if float(best_score.min()) < revisit and continues_path([owners[m] for m in best.tolist()], previous):
+        best, worst = best.tolist(), float(best_score.min())
+        if worst < revisit and continues_path([owners[m] for m in best], previous):
             self.stats.near_misses += 1
             return None
         if serve == "best":
-            weights = [[(m, 1.0)] for m in best.tolist()]
+            weights = [[(m, 1.0)] for m in best]
         elif serve == "blend":
             weights = [[(m, float(w)) for m, w in enumerate(row.tolist()) if w >= threshold] for row in scores]
         else:
@@ -304,11 +305,10 @@ class DenoiseCache:
         keys = set.intersection(*(set(e.outputs) for e, _ in sources))
         outputs = {key: torch.cat([_blend(owners, frame, key, frame_axis) for frame in weights], frame_axis)
                    for key in keys}
-        chunks = [owners[m][0].chunk for m in best.tolist()]
+        chunks = [owners[m][0].chunk for m in best]
         for entry in {id(e): e for e, _ in sources}.values():
             self._entries.move_to_end(entry.key)
-        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count),
-                     score=float(best_score.min()))
+        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count), score=worst)
 
     def _evict(self, keep: int) -> None:
         """Drop least recently used entries (never ``keep``) until within capacity and ``max_bytes``."""
