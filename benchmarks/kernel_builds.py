@@ -62,9 +62,9 @@ def main() -> None:
     phases: list[dict] = []
     build_round, bench = bsa._compile_candidates, autotuner.Autotuner._bench
 
-    def timed_round(kernels, tuner, call, siblings=None):
+    def timed_round(*args, **kwargs):  # any version's signature (to time an earlier commit's kernels too)
         start, built = time.perf_counter(), len(builds)
-        build_round(kernels, tuner, call, siblings)
+        build_round(*args, **kwargs)
         phases.append({"phase": "parallel_builds", "seconds": round(time.perf_counter() - start, 3),
                        "builds": len(builds) - built})
 
