@@ -214,6 +214,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """Speedup over SDPA per layout family and nominal density, as min-max over every shape run (the
+    README's kernel table), with the Triton kernel's TF/s per visited block where it ran alone."""
+    def span(values: list[float], fmt: str) -> str:
+        if not values:
+            return "-"
+        low, high = min(values), max(values)
+        return f"{low:{fmt}}" if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}-{high:{fmt}}"
+
+    header = "| layout | " + " | ".join(f"density {d:g}" for d in DENSITIES) + " |"
+    lines = [header, "|" + " --- |" * (len(DENSITIES) + 1)]
+    for kind in sorted({r["kind"] for r in rows}, key=["structured", "random", "frames"].index):
+        of_kind = [r for r in rows if r["kind"] == kind]
+        cells = [span([r["speedup_vs_sdpa"] for r in of_kind if r["density"] == d], ".2f") + "x" for d in DENSITIES]
+        alone = [r["ours_tflops"] for r in of_kind if r.get("path") == "triton"]
+        rate = f" (Triton alone: {span(alone, '.0f')} TF/s per visited block)" if alone else ""
+        lines.append(f"| {kind}{rate} | " + " | ".join(c if c != "-x" else "-" for c in cells) + " |")
+    lines.append("| target (0.9/density; SDPA's own at 1) | " + " | ".join(
+        f"{0.9 / d if d < 1 else 1.0:.2f}x" for d in DENSITIES) + " |")
+    return "\n".join(lines)
+
+
 def check_against_sdpa(gen, device: str) -> dict:
     """Small ragged GQA cases against fp32 SDPA under the expanded mask: the split path (chunk span
     through flash, partial frame blocks through Triton) and the causal path (span in-kernel).
@@ -350,7 +372,7 @@ def finish(result: dict, out: Path) -> None:
         plot(result["rows"], out / "attention.png")
     except ImportError as missing:  # no matplotlib on the machine: the JSON and table still stand
         print(f"no plot: {missing}")
-    table = markdown(result["rows"])
+    table = summary(result["rows"]) + "\n\n" + markdown(result["rows"])
     (out / "attention.md").write_text(table + "\n")
     print(table)
     print(json.dumps(result["info"]))
