@@ -4,8 +4,8 @@ A chunk can be served only when every one of its frames matches some earlier fra
 trajectory at ``cache.revisit_threshold`` (``frame_revisit_scores``, the cache's own measure). Per
 trajectory this prints those chunks (the most hits any cache at that threshold can make, since it
 can only hold earlier frames) and the near misses: chunks whose worst frame scores within ``--near``
-below the threshold, with every frame's best score, and which of them only continue the path (every
-frame's best match is the last frame of the chunk just before). Compare with a run's ``cache_hits``.
+below the threshold, with every frame's best score, and which of them only continue the path
+(``continues_path``: every frame matches the last camera of the chunk just before at least as well). Compare with a run's ``cache_hits``.
 ``--skip-previous`` leaves the chunk just before out of the past frames (how many matches only
 continue the path rather than return to it)::
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from li_compile.denoise_cache import frame_revisit_scores
+from li_compile.denoise_cache import continues_path, frame_revisit_scores
 from li_compile.options import CacheOptions
 from li_compile.worlds import trajectories
 
@@ -50,9 +50,8 @@ def reach(name: str, chunks: int, chunk_frames: int, threshold: float, near: flo
     servable = [c for c, (row, _) in enumerate(matches, 1) if min(row) >= threshold]
     near_misses = {c: [round(s, 2) for s in row] for c, (row, _) in enumerate(matches, 1)
                    if threshold - near <= min(row) < threshold}
-    # a near miss that only continues the path: every frame's best match is the previous chunk's last frame
-    continuations = [c for c, (_, frames) in enumerate(matches, 1)
-                     if c in near_misses and set(frames) == {c * chunk_frames - 1}]
+    continuations = [c for c, (row, _) in enumerate(matches, 1) if c in near_misses and continues_path(
+        poses[c * chunk_frames:(c + 1) * chunk_frames], torch.tensor(row), poses[c * chunk_frames - 1])]
     return {"trajectory": name, "chunks": chunks, "servable": servable, "near_misses": near_misses,
             "continuations": continuations}
 

@@ -206,8 +206,9 @@ class Accelerator:
     def cache_key(self, weights: Sequence[torch.Tensor], conditioning: Sequence[object]) -> Hashable | None:
         """The denoising-cache key of a call: its weights' identity token and its conditioning
         digest (``li_compile.cache_key``); None when the weights cannot be identified."""
-        token = self._weights.token(weights)
-        return None if token is None else (token, conditioning_digest(self._digests, conditioning))
+        epoch = self.denoise.chunks_begun  # weights' norms and conditioning digests are read once per chunk
+        token = self._weights.token(weights, epoch)
+        return None if token is None else (token, conditioning_digest(self._digests, conditioning, epoch))
 
     def report(self) -> Report:
         """What was rewritten (every compiled graph of this model) and per-chunk statistics."""

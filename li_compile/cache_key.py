@@ -6,16 +6,24 @@ other input must match what produced it:
 
 - **the weights** (``WeightsIdentity``): the parameter and buffer tensors a compiled graph is
   called with, by identity (held weakly: a tensor freed and another allocated at its address is a
-  different tensor) and by version counter (every in-place update bumps it: ``load_state_dict``,
-  ``p.mul_(0.5)``, an optimizer step). Weights passed as inputs (``torch.func.functional_call``)
-  are other tensors, so they key other entries. Graphs of one model at several shapes (capacity
-  buckets) are called with the same tensors, so they share entries.
+  different tensor), by version counter (every in-place update bumps it: ``load_state_dict``,
+  ``p.mul_(0.5)``, an optimizer step) and by storage address (``p.data = other``, ``module.to(...)``
+  and ``vector_to_parameters`` swap it). Writes through ``p.data`` in place (``p.data.copy_(ema)``)
+  move none of these, so once per chunk the token also holds every weight's L2 norm, computed on
+  its device in fp32 (one fused reduction per device and one read): a write through ``.data``
+  between chunks that changes any weight's norm changes the key. Weights passed as inputs
+  (``torch.func.functional_call``) are other tensors, so they key other entries. Graphs of one
+  model at several shapes (capacity buckets) are called with the same tensors, so they share entries.
 - **the conditioning** (``conditioning_digest``): every other tensor input of the model (text,
   first-frame, any input the user did not declare as pose- or context-derived), reduced on its
   device to two 64-bit sums of its bytes under fixed position weights. Equal inputs always give
-  equal digests; different ones collide with probability about 2**-62 per pair. A tensor seen
-  before at the same version reuses its digest (``DigestMemo``), so a text embedding shared by
-  every chunk is read once.
+  equal digests; different ones collide with probability about 2**-62 per pair. Each tensor is
+  digested once per chunk (``DigestMemo``: within a chunk, a tensor at the same version and address
+  reuses its digest), all of a call's in one read.
+
+What no key sees: a write through ``.data`` that keeps every weight's norm (a permutation, a sign
+flip), and any write through ``.data`` in the middle of a chunk. After such a write call
+``li.reset()`` (``Accelerator.reset``), which forgets every cached output.
 """
 
 from __future__ import annotations
@@ -38,18 +46,22 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 class WeightsIdentity:
-    """Tokens that name a tensor's exact contents without reading them (module docstring).
+    """Tokens that name a set of weights' contents (module docstring).
 
-    ``token(tensors)`` is one ``(incarnation, version)`` pair per tensor: the incarnation names the
-    tensor object (a new object, even at a freed one's address, gets a new number), the version
-    counter moves on every in-place update and never goes back. Equal tokens: the same tensors,
-    unchanged since. None when a tensor has no version counter (an inference tensor): uncacheable."""
+    ``token(tensors, epoch)``: one ``(incarnation, version, address)`` triple per tensor, then the
+    tensors' L2 norms (``weight_norms``, computed once per ``epoch``: the chunk). The incarnation
+    names the tensor object (a new object, even at a freed one's address, gets a new number), the
+    version counter moves on every in-place update and never goes back, the address moves when the
+    storage is swapped. Equal tokens: the same tensors, unchanged since as far as the module
+    docstring says. None when a tensor has no version counter (an inference tensor): uncacheable."""
 
     def __init__(self) -> None:
         self._incarnations: dict[int, tuple[weakref.ref, int]] = {}
         self._next = 0
+        self._norms: dict[tuple, tuple] = {}  # triples -> norms, for the epoch in _epoch
+        self._epoch: int | None = None
 
-    def token(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...] | None:
+    def token(self, tensors: Sequence[torch.Tensor], epoch: int = 0) -> tuple | None:
         out = []
         for t in tensors:
             version = _version(t)
@@ -60,8 +72,13 @@ class WeightsIdentity:
                 self._next += 1
                 known = (weakref.ref(t, self._forget(id(t))), self._next)
                 self._incarnations[id(t)] = known
-            out.append((known[1], version))
-        return tuple(out)
+            out.append((known[1], version, t.data_ptr()))
+        triples = tuple(out)
+        if epoch != self._epoch:
+            self._norms, self._epoch = {}, epoch
+        if triples not in self._norms:
+            self._norms[triples] = weight_norms(tensors)
+        return triples + (self._norms[triples],)
 
     def _forget(self, address: int):
         def forget(ref: weakref.ref) -> None:
@@ -71,33 +88,69 @@ class WeightsIdentity:
         return forget
 
 
-def tensor_digest(t: torch.Tensor) -> tuple:
-    """Shape, dtype and two 64-bit position-weighted sums of ``t``'s bytes, computed on its device
-    (one host read)."""
+def weight_norms(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Every tensor's L2 norm in fp32 (fp64 tensors in fp64; floating tensors: ``torch._foreach_norm``,
+    one fused reduction per device and dtype) or its byte sums (``digest_sums``: integer, bool and
+    complex tensors), read to the host at once: one value tuple per tensor, in order."""
+    values: list = [None] * len(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_floating_point():
+            groups.setdefault((t.device, torch.float64 if t.dtype == torch.float64 else torch.float32), []).append(i)
+        else:
+            values[i] = digest_sums(t)
+    for (_, dtype), indices in groups.items():
+        norms = torch._foreach_norm([tensors[i].detach() for i in indices], 2, dtype=dtype)
+        for i, norm in zip(indices, norms):
+            values[i] = norm
+    return tuple(tuple(v) for v in _read([v.reshape(-1) for v in values]))
+
+
+def digest_sums(t: torch.Tensor) -> torch.Tensor:
+    """Two 64-bit position-weighted sums of ``t``'s bytes, on its device: ``(2,)`` int64."""
     flat = t.detach().contiguous().reshape(-1)
     words = flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 and flat.numel() else flat.view(torch.uint8)
     words = words.to(torch.int64)
     position = torch.arange(1, words.numel() + 1, device=words.device, dtype=torch.int64)
-    sums = torch.stack([(words * (position * _MIX_A + 1)).sum(), (words * (position * _MIX_B + 7)).sum()])
-    return (tuple(t.shape), t.dtype, *sums.tolist())
+    return torch.stack([(words * (position * _MIX_A + 1)).sum(), (words * (position * _MIX_B + 7)).sum()])
+
+
+def _read(values: list[torch.Tensor]) -> list[list]:
+    """Device values to host lists: one read per device and kind (floating values as float64,
+    the others as int64, so no 64-bit sum is rounded)."""
+    out: list = [None] * len(values)
+    groups: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault((v.device, v.is_floating_point()), []).append(i)
+    for (_, floating), indices in groups.items():
+        flat = torch.cat([values[i].to(torch.float64 if floating else torch.int64) for i in indices]).tolist()
+        start = 0
+        for i in indices:
+            out[i] = flat[start:start + values[i].numel()]
+            start += values[i].numel()
+    return out
 
 
 class DigestMemo:
-    """``tensor_digest`` remembered per tensor object and version (held weakly)."""
+    """Digests of tensors (shape, dtype, ``digest_sums``), remembered per tensor object, version and
+    address within one ``epoch`` (the chunk; held weakly): every tensor is read again each epoch."""
 
     def __init__(self) -> None:
-        self._memo = WeakIdKeyDictionary()  # tensor -> (version, digest)
+        self._memo = WeakIdKeyDictionary()  # tensor -> ((epoch, version, address), digest)
 
-    def digest(self, t: torch.Tensor) -> tuple:
-        version = _version(t)
-        known = self._memo.get(t)
-        if known is not None and version is not None and known[0] == version:
-            return known[1]
-        digest = tensor_digest(t)
-        self._memo[t] = (version, digest)
-        return digest
+    def digests(self, tensors: Sequence[torch.Tensor], epoch: int = 0) -> list[tuple]:
+        """The digest of each of ``tensors``: those not remembered for this epoch in one read."""
+        marks = [(epoch, _version(t), t.data_ptr()) for t in tensors]
+        fresh = [i for i, (t, mark) in enumerate(zip(tensors, marks))
+                 if mark[1] is None or t not in self._memo or self._memo[t][0] != mark]
+        for i, sums in zip(fresh, _read([digest_sums(tensors[i]) for i in fresh])):
+            self._memo[tensors[i]] = (marks[i], (tuple(tensors[i].shape), tensors[i].dtype, *sums))
+        return [self._memo[t][1] for t in tensors]
 
 
-def conditioning_digest(memo: DigestMemo, inputs: Sequence[object]) -> tuple:
-    """The digest of every tensor in ``inputs`` (non-tensors by value), in order."""
-    return tuple(memo.digest(x) if isinstance(x, torch.Tensor) else ("value", repr(x)) for x in inputs)
+def conditioning_digest(memo: DigestMemo, inputs: Sequence[object], epoch: int = 0) -> tuple:
+    """The digest of every tensor in ``inputs`` (non-tensors by value), in order; tensors not
+    digested yet in this ``epoch`` are read at once."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    digests = iter(memo.digests(tensors, epoch))
+    return tuple(next(digests) if isinstance(x, torch.Tensor) else ("value", repr(x)) for x in inputs)

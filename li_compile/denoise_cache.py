@@ -18,9 +18,11 @@ the served output is assembled frame by frame from the matched frames' outputs. 
 (walk out, come back) and a crossing path revisit too. Without a frame axis (none, or ambiguous),
 every camera must match the same frame of one past chunk (``chunk_revisit_scores``). A lookup may
 also accept a *near* revisit: every frame matched at a lower ``near_threshold``, not all at the
-revisit threshold, unless every frame matches best the last frame of the chunk just before (the
-path going on from there, ``continues_path``). The entry it returns carries its ``score`` (its
-worst frame's match), so that the caller can serve fewer steps from a near revisit.
+revisit threshold, unless every frame matches the last camera of the chunk just before at least as
+well as what would serve it (the path going on from there, ``continues_path``). The entry it
+returns carries its ``score`` (its worst frame's match), so that the caller can serve fewer steps
+from a near revisit. A frame never matches a past frame it shares nothing with (score 0), whatever
+the thresholds.
 
 Per-frame schedules (diffusion forcing: the stamp's schedule holds one tuple of per-frame noise
 levels per step) add one rule: a frame matches only past frames whose schedule column equals its
@@ -223,7 +225,7 @@ class DenoiseCache:
         frame_axis: int | None = None,
         serve: str = "best",
         near_threshold: float | None = None,
-        chunk: int | None = None,
+        previous: torch.Tensor | None = None,
     ) -> Entry | None:
         """The revisit served to a chunk at ``poses``: among entries with the identical ``stamp`` and
         outputs for steps ``0 .. steps - 1``, per frame the best-matching past frame (``frame_axis``
@@ -234,9 +236,10 @@ class DenoiseCache:
         near hit or a miss and marks the entries used most recently used. Ties go to the oldest
         entry. ``serve`` (per frame, ``options.CACHE_SERVE``): ``"best"`` the best match's output,
         ``"blend"`` the average of every past frame matching at the threshold accepted, weighted by
-        its score. ``chunk``: the number of the chunk looking up; given, a near match (per frame) whose
-        every frame matches best the last frame of chunk ``chunk - 1`` is a miss: the path goes on
-        from there rather than coming back (``continues_path``)."""
+        its score (a hit blends only frames matching at ``threshold``). ``previous``: the last camera
+        ``(4, 4)`` of the chunk generated just before (whether stored or not); given, a near match
+        that ``continues_path`` from it is a miss: the path goes on from there rather than coming
+        back."""
         if near_threshold is not None and not 0.0 <= near_threshold <= threshold:
             raise ValueError(f"near_threshold must be in [0, threshold={threshold}], got {near_threshold}")
         accept = threshold if near_threshold is None else near_threshold
@@ -247,7 +250,7 @@ class DenoiseCache:
         ]
         if frame_axis is not None:
             match = self._frame_match(current, candidates, frame_axis, accept, measure, max_distance, serve,
-                                      previous=None if chunk is None else chunk - 1, revisit=threshold)
+                                      previous=previous, revisit=threshold)
             return self._count(match, threshold)
         candidates = [e for e in candidates if e.poses.shape == current.shape]
         best = None
@@ -255,10 +258,14 @@ class DenoiseCache:
             scores = chunk_revisit_scores(current, torch.stack([e.poses for e in candidates]), measure, max_distance)
             index = int(scores.argmax())
             score = float(scores[index])
-            if score >= threshold:
+            if score > 0 and score >= threshold:
                 best = candidates[index]
-            elif score >= accept:  # a near hit: a copy that says how near (the stored entry keeps 1.0)
-                best = replace(candidates[index], score=score)
+            elif score > 0 and score >= accept:  # a near hit: a copy that says how near (the stored entry keeps 1.0)
+                per_frame = frame_revisit_scores(current, candidates[index].poses, measure, max_distance).diagonal()
+                if continues_path(current, per_frame, previous, measure, max_distance):
+                    self.stats.near_misses += 1
+                else:
+                    best = replace(candidates[index], score=score)
         if best is not None:
             self._entries.move_to_end(best.key)
         return self._count(best, threshold)
@@ -276,9 +283,10 @@ class DenoiseCache:
                      measure: str, max_distance: float, serve: str, previous: int | None = None,
                      revisit: float = 1.0) -> Entry | None:
         """Every current frame's matching past frames (any entry, any order), or None if a frame has
-        none scoring at least ``threshold``, or if the match scores below ``revisit`` and
-        ``continues_path`` from chunk ``previous``: their outputs (the best one, or the
-        score-weighted blend of all) assembled along ``frame_axis`` into an unstored ``Entry``."""
+        none scoring at least ``threshold`` (and above 0), or if the match scores below ``revisit`` and
+        ``continues_path`` from the camera ``previous``: their outputs (the best one, or the
+        score-weighted blend of all matching at the threshold the match met) assembled along
+        ``frame_axis`` into an unstored ``Entry``."""
         if not candidates:
             return None
         owners = [(e, g) for e in candidates for g in range(e.poses.shape[0])]
@@ -287,18 +295,19 @@ class DenoiseCache:
         if levels is not None:  # diffusion forcing: only frames on the same noise schedule stand in for each other
             scores = scores * torch.tensor([[levels[f] == levels[g] for _, g in owners] for f in range(len(current))])
         best_score, best = scores.max(-1)  # first (oldest) on ties
-        matched = best_score >= threshold
+        matched = (best_score >= threshold) & (best_score > 0)
         if not bool(matched.all()):
             self.stats.near_misses += int(bool(matched.any()))
             return None
         best, worst = best.tolist(), float(best_score.min())
-        if worst < revisit and continues_path([owners[m] for m in best], previous):
+        if worst < revisit and continues_path(current, best_score, previous, measure, max_distance):
             self.stats.near_misses += 1
             return None
         if serve == "best":
             weights = [[(m, 1.0)] for m in best]
         elif serve == "blend":
-            weights = [[(m, float(w)) for m, w in enumerate(row.tolist()) if w >= threshold] for row in scores]
+            floor = revisit if worst >= revisit else threshold
+            weights = [[(m, float(w)) for m, w in enumerate(row.tolist()) if w >= floor and w > 0] for row in scores]
         else:
             raise ValueError(f"serve must be 'best' or 'blend', got {serve!r}")
         sources = [owners[m] for frame in weights for m, _ in frame]
@@ -320,11 +329,20 @@ class DenoiseCache:
             self.stats.evictions += 1
 
 
-def continues_path(sources: list[tuple[Entry, int]], previous: int | None) -> bool:
-    """Whether every frame's best match (``(entry, frame)`` per current frame) is the last frame of
-    chunk ``previous``: the path goes on from where that chunk ended (``explore``'s chunks of 2
-    frames score 0.93 and 0.86 against it) rather than coming back. A return matches other frames."""
-    return previous is not None and all(e.chunk == previous and g == e.poses.shape[0] - 1 for e, g in sources)
+CONTINUATION_SLACK = 1e-6  # scores of one pair computed in two calls may differ by rounding
+
+
+def continues_path(current: torch.Tensor, served: torch.Tensor, previous: torch.Tensor | None,
+                   measure: str = REVISIT_MEASURE, max_distance: float = REVISIT_MAX_DISTANCE) -> bool:
+    """Whether a match only continues the path: every current frame ``(F, 4, 4)`` matches the
+    camera ``previous`` ``(4, 4)`` (the last of the chunk generated just before) at least as well as
+    the past frame serving it matches it (``served``: ``(F,)`` scores). The path then goes on from
+    where that chunk ended (``explore``'s chunks of 2 frames score 0.93 and 0.86 against it) rather
+    than coming back; a return matches other places better. False without ``previous``."""
+    if previous is None:
+        return False
+    against = frame_revisit_scores(current, previous.reshape(1, 4, 4).float(), measure, max_distance)[:, 0]
+    return bool((against >= served.float() - CONTINUATION_SLACK).all())
 
 
 def frame_schedules(stamp: Stamp) -> list[tuple[float, ...]] | None:

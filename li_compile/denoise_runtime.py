@@ -51,7 +51,7 @@ from li_compile.options import CacheOptions
 from li_compile.reporting import ChunkStats
 
 Level = float | tuple[float, ...]  # one step's noise level: the chunk's, or one per frame (diffusion forcing)
-UNKNOWN_STEPS_REUSE = 1  # steps served by the default reuse_steps when a chunk's step count is unknown
+UNKNOWN_STEPS_STORED = 64  # steps a chunk stores while the step count is unknown (the first without sigmas)
 AUTO_CALIBRATION_HITS = 2  # reuse_steps="auto": revisits computed in full to measure what serving costs
 PSNR_CAP_DB = 100.0  # PSNR of identical predictions
 
@@ -101,6 +101,7 @@ class _Chunk:
     step: int | None = None  # told by the loop (set_step), else counted per runner
     reused: int = 0
     computed: int = 0
+    last_served: int = -1  # the latest step served from the cache
 
 
 class DenoiseRuntime:
@@ -115,7 +116,10 @@ class DenoiseRuntime:
         """Forget every entry, the chunk statistics and any open chunk (the capacity stays)."""
         self.cache = DenoiseCache(self.cache.capacity)
         self.history: list[ChunkStats] = []
+        self.chunks_begun = 0  # chunks opened so far: what the cache key's once-per-chunk reads are keyed on
         self._chunk: _Chunk | None = None
+        self._previous: torch.Tensor | None = None  # the last camera of the chunk closed last (continues_path)
+        self._steps_seen: int | None = None  # fewest steps a chunk without sigmas ran (reuse_limit)
         self._unchecked: list[tuple[Entry, torch.Tensor]] = []  # closed chunks' entries, each with its device flag: all finite
         self._outer = False  # a boundary-cached call is computing (outer_call)
         self.auto = AutoReuse() if self.options.reuse_steps == "auto" else None
@@ -140,6 +144,7 @@ class DenoiseRuntime:
         schedule = None if sigmas is None else check_sigmas(sigmas, poses.shape[0])
         s = self.cache.stats
         self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses, s.near_hits))
+        self.chunks_begun += 1
 
     def end_chunk(self) -> ChunkStats:
         """Close the open chunk and return its statistics (also appended to ``history``)."""
@@ -172,8 +177,26 @@ class DenoiseRuntime:
             },
         )
         self.history.append(stats)
-        self._chunk = None
+        self._chunk, self._previous = None, c.poses[-1]
+        if c.sigmas is None:
+            self._note_steps(c)
         return stats
+
+    def _note_steps(self, c: "_Chunk") -> None:
+        """Learn from a closed chunk without sigmas how many steps a chunk runs (the fewest seen), so
+        that later chunks never serve their last step; ``ValueError`` if this one served it (it ran
+        fewer steps than the chunks before it)."""
+        if c.step is not None:
+            ran = 1 + max((step for (_, step) in c.calls), default=-1)
+        else:
+            ran = max(c.calls.values(), default=0)
+        if ran == 0:
+            return
+        self._steps_seen = ran if self._steps_seen is None else min(self._steps_seen, ran)
+        if c.last_served >= ran - 1:
+            raise ValueError(f"chunk {c.chunk} ran {ran} denoising steps and its last was served from the cache: "
+                             "chunks before it ran more steps, and without sigmas the cache knows the count only "
+                             "from them; pass the chunk's sigmas to li.chunk(...) when the step count varies")
 
     @contextlib.contextmanager
     def outer_call(self) -> Iterator[None]:
@@ -195,19 +218,26 @@ class DenoiseRuntime:
 
     def reuse_limit(self, steps: int | None = None) -> int:
         """How many early steps may be served in the open chunk: ``reuse_steps`` (``None``: every step
-        but the last, or ``UNKNOWN_STEPS_REUSE`` when the count is unknown), but never
-        the last step (the count is known from ``steps`` or the chunk's ``sigmas``); 0 when caching
+        but the last), but never the last step. The step count comes from ``steps``, the chunk's
+        ``sigmas``, or else the fewest steps an earlier chunk without sigmas ran; before any did, the
+        chunk stores its first ``reuse_steps`` (else ``UNKNOWN_STEPS_STORED``) steps and can match
+        nothing (no entry of a chunk without sigmas exists yet). With ``"x0"`` stored, never a step
+        from the first one where a frame's noise level is 0 (nothing to convert by). 0 when caching
         is off or no chunk is open."""
         c, options = self._chunk, self.options
         if c is None or not options.enabled:
             return 0
-        total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else None)
+        total = steps if steps is not None else (len(c.sigmas) - 1 if c.sigmas is not None else self._steps_seen)
+        if total is None:
+            return options.reuse_steps if isinstance(options.reuse_steps, int) else UNKNOWN_STEPS_STORED
         limit = options.reuse_steps
         if limit == "auto":  # calibrating (nothing chosen yet): every early step, as the default; then the choice
             limit = self.auto.chosen
-        if limit is None:
-            limit = UNKNOWN_STEPS_REUSE if total is None else total - 1
-        return limit if total is None else min(limit, total - 1)
+        limit = total - 1 if limit is None else min(limit, total - 1)
+        if c.sigmas is not None and options.stored == "x0":
+            clean = [i for i, level in enumerate(c.sigmas) if min(level if isinstance(level, tuple) else (level,)) <= 0]
+            limit = min([limit, *clean])
+        return limit
 
     def step(
         self,
@@ -261,6 +291,7 @@ class DenoiseRuntime:
             return out
         if entry is not None and (step, call) in entry.outputs:
             c.reused += 1
+            c.last_served = max(c.last_served, step)
             stored = entry.outputs[step, call]
             return stored.clone() if sigma is None else ((latents - stored) / sigma).to(latents.dtype)
         out = compute()
@@ -288,7 +319,7 @@ class DenoiseRuntime:
         near = options.near_threshold if options.near_reuse_steps > 0 and not calibrating else None
         entry = self.cache.lookup(c.poses, stamp, limit, options.revisit_threshold,
                                   frame_axis=frame_axis(latents.shape, c.poses.shape[0]), serve=options.serve,
-                                  near_threshold=near, chunk=c.chunk)
+                                  near_threshold=near, previous=self._previous)
         if entry is None or entry.score >= options.revisit_threshold:
             return entry, limit
         return entry, min(options.near_reuse_steps, limit)
@@ -331,8 +362,10 @@ def _psnr_db(served: torch.Tensor, fresh: torch.Tensor) -> float:
 
 def frame_axis(shape: Sequence[int], frames: int) -> int | None:
     """The latent's frame axis: the one axis after the batch with ``frames`` entries, or None when
-    there is none or more than one (then revisits are matched chunk by chunk, frames in order)."""
-    axes = [a for a in range(1, len(shape)) if shape[a] == frames]
+    there is none or more than one (then revisits are matched chunk by chunk, frames in order). The
+    last axis of a 3-D latent is its channels (tokens ``(B, F * T, C)``), never its frames."""
+    last = len(shape) - 1 if len(shape) == 3 else len(shape)
+    axes = [a for a in range(1, last) if shape[a] == frames]
     return axes[0] if len(axes) == 1 else None
 
 

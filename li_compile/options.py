@@ -154,7 +154,8 @@ class CacheOptions:
     against the new chunk's own latent; needs the chunk's sigmas) or the raw model output ("raw").
 
     ``reuse_steps``: ``None`` (the default) serves every step but the last (3 of a 4-step sampler,
-    2 of a 3-step one; 1 when the step count is unknown). On the trained world (``trained_ar``,
+    2 of a 3-step one; without the chunk's sigmas the count is the fewest steps an earlier chunk
+    ran, and the first such chunk serves nothing). On the trained world (``trained_ar``,
     ``benchmarks/results/trained_ar_plans.md``) a hit chunk then stays 32-64 dB from dense and as
     close to the renderer's truth as dense; on random-weight worlds, whose outputs do not denoise, a
     hit with one computed step ends about 15-22 dB from dense (``denoise_cache_reuse.md``): set an
@@ -169,8 +170,9 @@ class CacheOptions:
     ``near_reuse_steps`` / ``near_threshold``: a *near* revisit, whose every frame matches at
     ``near_threshold`` but not all at ``revisit_threshold``, has its first ``near_reuse_steps``
     steps served (never more than a revisit's); 0 (the default) computes it in full. What is
-    computed after a near hit is not stored. A near match whose every frame matches best the last
-    frame of the chunk just before is the path going on, not a return: a miss."""
+    computed after a near hit is not stored. A near match whose every frame matches the last camera
+    of the chunk just before at least as well as what would serve it is the path going on, not a
+    return: a miss. With near revisits on, ``near_threshold`` must be at most ``revisit_threshold``."""
 
     enabled: bool = True
     reuse_steps: int | str | None = field(default=None, metadata={**_range(0, None), "optional_int": True})
@@ -184,9 +186,12 @@ class CacheOptions:
 
     def __post_init__(self) -> None:
         _validate(self, "cache.")
-        if self.near_threshold > self.revisit_threshold:
+        default = CacheOptions.__dataclass_fields__["near_threshold"].default
+        # checked where near revisits are on or it was set: a lower revisit_threshold alone is fine
+        if self.near_threshold > self.revisit_threshold and (self.near_reuse_steps > 0 or self.near_threshold != default):
             raise ValueError(f"option 'cache.near_threshold' must be at most cache.revisit_threshold "
-                             f"({self.revisit_threshold}), got {self.near_threshold}")
+                             f"({self.revisit_threshold}), got {self.near_threshold}"
+                             + (" (its default)" if self.near_threshold == default else ""))
 
 
 @dataclass(frozen=True)

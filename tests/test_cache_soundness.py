@@ -90,18 +90,30 @@ def test_a_true_revisit_hits_and_stays_close_to_dense():
     assert psnr(out, exact(world.model, noise(world, 1), inputs)) > 10
 
 
-@pytest.mark.parametrize("update", ["load_state_dict", "in_place"])
+@pytest.mark.parametrize("update", ["load_state_dict", "in_place", "data_in_place", "data_copy", "data_swap", "to"])
 def test_finding_1_weights_changed_in_place_never_hit_the_old_weights_entries(update):
+    """Also through ``.data``, which moves no version counter: in place (an EMA swap, a hand-written
+    loader), by a new storage, and by ``Module.to``, which swaps each parameter's storage."""
     world, other = tiny_world(0), tiny_world(1)
     compiled, accelerator = accelerated(world)
     inputs = inputs_of(world)
     cached_chunk(compiled, accelerator, noise(world, 0), inputs)
+    new = dict(other.model.named_parameters())
     with torch.no_grad():
         if update == "load_state_dict":
             world.model.load_state_dict(other.model.state_dict())
+        elif update == "to":
+            world.model.to(torch.float64).to(torch.float32)
         else:
-            for p in world.model.parameters():
-                p.mul_(0.5)
+            for name, p in world.model.named_parameters():
+                if update == "in_place":
+                    p.mul_(0.5)
+                elif update == "data_in_place":
+                    p.data.mul_(0.5)
+                elif update == "data_copy":
+                    p.data.copy_(new[name])
+                else:
+                    p.data = new[name].detach().clone()
     out, stats = cached_chunk(compiled, accelerator, noise(world, 1), inputs, chunk=1)
     assert stats["cache"] == "miss"
     torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs), **FP32)
@@ -152,6 +164,17 @@ def test_finding_4_other_conditioning_never_hits(declared):
     assert stats["cache"] == ("hit" if declared else "miss")
     if not declared:
         torch.testing.assert_close(out, exact(world.model, noise(world, 2), other_actions), **FP32)
+
+
+def test_finding_4_conditioning_changed_through_data_between_chunks_never_hits():
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    inputs = inputs_of(world)
+    cached_chunk(compiled, accelerator, noise(world, 0), inputs)
+    inputs["text"].data.add_(1.0)  # no version counter moves
+    out, stats = cached_chunk(compiled, accelerator, noise(world, 1), inputs, chunk=1)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs), **FP32)
 
 
 def test_finding_4_a_second_generation_with_a_new_prompt_never_hits_the_first():

@@ -7,7 +7,7 @@ from li_compile.controller.poses import look_at
 from li_compile import denoise_cache
 from li_compile.controller.similarity import DEFAULT_FAR, REVISIT_MAX_DISTANCE, similarity
 from li_compile.denoise_cache import DenoiseCache, Stamp, chunk_revisit_scores, frame_revisit_scores
-from li_compile.denoise_runtime import DenoiseRuntime
+from li_compile.denoise_runtime import DenoiseRuntime, frame_axis
 from li_compile.options import CacheOptions
 
 
@@ -216,12 +216,30 @@ def test_by_default_a_revisit_serves_every_step_but_the_last(steps, reused):
     assert stats.values["steps_reused"] == reused and stats.values["steps_computed"] == steps - reused
 
 
-def test_by_default_a_chunk_of_unknown_length_reuses_one_step():
+def test_without_sigmas_the_step_count_is_learned_from_the_chunks_before():
     runtime, model = DenoiseRuntime(CacheOptions()), Model()
     options = CacheOptions(stored="raw")
     run_chunk(runtime, model, chunk_cameras(0.0), options=options)
     _, stats = run_chunk(runtime, model, chunk_cameras(0.0), options=options)
-    assert stats.values["steps_reused"] == 1 and stats.values["steps_computed"] == 3
+    assert stats.values["steps_reused"] == 3 and stats.values["steps_computed"] == 1
+
+
+@pytest.mark.parametrize("reuse_steps", [3, 4, 10])
+def test_without_sigmas_the_last_step_computes_whatever_reuse_steps_says(reuse_steps):
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
+    options = CacheOptions(stored="raw", reuse_steps=reuse_steps)
+    run_chunk(runtime, model, chunk_cameras(0.0), steps=3, options=options)
+    calls = model.calls
+    _, stats = run_chunk(runtime, model, chunk_cameras(0.0), steps=3, options=options)
+    assert stats.values["steps_reused"] == 2 and model.calls == calls + 1
+
+
+def test_a_chunk_without_sigmas_that_ran_fewer_steps_than_before_and_was_served_its_last_raises():
+    runtime, model = DenoiseRuntime(CacheOptions()), Model()
+    options = CacheOptions(stored="raw")
+    run_chunk(runtime, model, chunk_cameras(0.0), steps=4, options=options)
+    with pytest.raises(ValueError, match="ran 2 denoising steps and its last was served"):
+        run_chunk(runtime, model, chunk_cameras(0.0), steps=2, options=options)
 
 
 def test_with_gradients_enabled_the_model_always_runs():
@@ -311,6 +329,32 @@ def test_per_frame_schedules_serve_a_frame_only_from_a_past_frame_on_the_same_sc
     assert stats["cache"] == "hit"
 
 
+@pytest.mark.parametrize("option", ["revisit_threshold", "near_threshold"])
+def test_a_threshold_of_zero_never_matches_a_place_or_a_schedule_column_that_shares_nothing(option):
+    """A frame scores 0 against a past frame far away or on another schedule column: never a match,
+    even where the threshold accepts any score."""
+    extra = {"revisit_threshold": 0.0} if option == "revisit_threshold" else {"near_threshold": 0.0, "near_reuse_steps": 1}
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps=1, stored="raw", **extra))
+    per_frame_chunk(runtime, 0, cameras_at(0.0, 2.0), [10.0, 20.0], STAGGERED)
+    outs, stats = per_frame_chunk(runtime, 1, cameras_at(700.0, 900.0), [30.0, 40.0], STAGGERED)
+    assert stats["cache"] == "miss" and outs[0][0, 0, :, 0, 0].tolist() == [30.0, 40.0]
+    outs, stats = per_frame_chunk(runtime, 2, cameras_at(2.0, 0.0), [50.0, 60.0], STAGGERED)  # other columns
+    assert stats["cache"] == "miss" and outs[0][0, 0, :, 0, 0].tolist() == [50.0, 60.0]
+    cache = DenoiseCache(capacity=4)
+    filled(cache, chunk_cameras(0.0))
+    assert cache.lookup(chunk_cameras(300.0), STAMP, steps=2, threshold=0.0) is None  # whole-chunk matching
+
+
+def test_a_per_frame_schedule_with_a_frame_clean_at_an_early_step_serves_only_the_steps_before():
+    """Under ``"x0"`` a frame at noise level 0 has nothing to convert by: the steps from there on
+    compute (no error, on a miss or a hit)."""
+    early_clean = [[0.5, 1.0], [0.0, 0.66], [0.0, 0.33], [0.0, 0.0]]  # 3 steps: frame 0 clean from step 1
+    runtime = DenoiseRuntime(CacheOptions(reuse_steps=2))
+    assert per_frame_chunk(runtime, 0, cameras_at(0.0, 2.0), [10.0, 20.0], early_clean)[1]["cache"] == "miss"
+    _, stats = per_frame_chunk(runtime, 1, cameras_at(0.0, 2.0), [30.0, 40.0], early_clean)
+    assert stats["cache"] == "hit" and stats["steps_reused"] == 1 and stats["steps_computed"] == 1
+
+
 def test_per_frame_noise_levels_convert_the_stored_clean_prediction_frame_by_frame():
     """``"x0"`` under per-frame sigmas: stored ``x0 = x - sigma_f * v`` and served
     ``v = (x - x0) / sigma_f``, each frame at its own level."""
@@ -321,6 +365,11 @@ def test_per_frame_noise_levels_convert_the_stored_clean_prediction_frame_by_fra
     outs, stats = per_frame_chunk(runtime, 1, cameras_at(0.0, 2.0), [30.0, 40.0], STAGGERED, latent)
     assert stats["cache"] == "hit"
     assert outs[0][0, 0, :, 0, 0].tolist() == [10.0, 20.0]  # (8 - -2) / 1.0 and (6 - -4) / 0.5
+
+
+def test_the_last_axis_of_a_token_latent_is_its_channels_never_its_frames():
+    assert frame_axis((1, 18, 2), 2) is None  # 2 frames of 9 tokens, 2 channels
+    assert frame_axis((1, 2, 9), 2) == 1 and frame_axis((1, 4, 2, 3, 3), 2) == 2
 
 
 def test_per_frame_sigmas_that_do_not_fit_the_chunk_are_refused_naming_them():
@@ -345,6 +394,23 @@ def test_blend_serves_the_score_weighted_average_of_every_matching_past_frame():
         assert stats["cache"] == "hit"
         served[serve] = outs[0][0, 0, :, 0, 0].tolist()
     assert served == {"best": [10.0, 20.0], "blend": [20.0, 20.0]}
+
+
+def test_blend_on_a_hit_averages_only_frames_matching_at_the_revisit_threshold_whatever_near_revisits_do():
+    """A past frame scoring between the near and the revisit threshold (6 degrees off) never enters
+    a full hit's blend: turning near revisits on leaves a hit's output unchanged."""
+    served = []
+    for near_steps in (0, 1):
+        options = CacheOptions(reuse_steps=1, stored="raw", serve="blend", near_reuse_steps=near_steps)
+        runtime = DenoiseRuntime(options)
+        per_frame_chunk(runtime, 0, yawed(0.0, 20.0), [10.0, 20.0])
+        per_frame_chunk(runtime, 1, yawed(90.0, 120.0), [0.0, 0.0])
+        per_frame_chunk(runtime, 2, yawed(6.0, 300.0), [30.0, 40.0])  # frame 0 near chunk 0's frame 0: stored
+        per_frame_chunk(runtime, 3, yawed(200.0, 220.0), [0.0, 0.0])
+        outs, stats = per_frame_chunk(runtime, 4, yawed(0.0, 20.0), [50.0, 60.0])  # an exact return
+        assert stats["cache"] == "hit"
+        served.append(outs[0][0, 0, :, 0, 0].tolist())
+    assert served == [[10.0, 20.0], [10.0, 20.0]]
 
 
 def test_auto_reuse_measures_its_first_revisits_and_then_serves_the_steps_that_stayed_close():
@@ -461,11 +527,42 @@ def test_a_near_match_that_only_continues_the_path_from_the_chunk_before_is_a_mi
     assert stats.values["cache"] == "near hit"
 
 
+@pytest.mark.parametrize("numbers", [(0, 2), (5, 3), (1, 1)])
+def test_the_chunk_just_before_is_the_one_generated_last_whatever_its_number(numbers):
+    options = CacheOptions(reuse_steps=2, stored="raw", near_threshold=0.8, near_reuse_steps=1)
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(-4.0, 0.0), options=options, chunk=numbers[0])
+    _, stats = run_chunk(runtime, model, yawed(5.0, 6.0), options=options, chunk=numbers[1])
+    assert stats.values["cache"] == "miss"
+
+
+def test_a_path_going_on_from_a_served_chunk_is_a_miss_though_that_chunk_was_not_stored():
+    options = CacheOptions(reuse_steps=2, stored="raw", near_threshold=0.8, near_reuse_steps=1)
+    runtime, model = DenoiseRuntime(options), Model()
+    kinds = [run_chunk(runtime, model, poses, options=options, chunk=c)[1].values["cache"]
+             for c, poses in enumerate((yawed(-4.0, 0.0), yawed(90.0, 95.0), yawed(-4.0, 0.0), yawed(5.0, 6.0)))]
+    assert kinds == ["miss", "miss", "hit", "miss"]
+
+
+def test_a_path_going_on_is_a_miss_when_chunks_are_matched_whole_too():
+    """A latent with no single frame axis (two axes of the frame count) is matched chunk by chunk."""
+    options = CacheOptions(reuse_steps=2, stored="raw", near_threshold=0.8, near_reuse_steps=1)
+    latent = torch.zeros(1, 4, 2, 2, 3)
+    runtime, model = DenoiseRuntime(options), Model()
+    run_chunk(runtime, model, yawed(-4.0, 0.0), options=options, x=latent)
+    _, stats = run_chunk(runtime, model, yawed(2.0, 4.0), options=options, x=latent, chunk=1)
+    assert stats.values["cache"] == "miss"
+    run_chunk(runtime, model, yawed(90.0, 95.0), options=options, x=latent, chunk=2)  # elsewhere
+    _, stats = run_chunk(runtime, model, yawed(-8.0, -4.0), options=options, x=latent, chunk=3)  # chunk 0, 4 degrees off
+    assert stats.values["cache"] == "near hit"
+
+
 def test_a_near_revisit_never_serves_more_steps_than_a_revisit():
     options = CacheOptions(reuse_steps=1, stored="raw", near_threshold=0.8, near_reuse_steps=3)
     runtime, model = DenoiseRuntime(options), Model()
     run_chunk(runtime, model, yawed(0.0, 0.0), options=options)
-    _, stats = run_chunk(runtime, model, yawed(4.0, 4.0), options=options)
+    run_chunk(runtime, model, yawed(90.0, 95.0), options=options, chunk=1)  # elsewhere: the next is a return
+    _, stats = run_chunk(runtime, model, yawed(4.0, 4.0), options=options, chunk=2)
     assert stats.values["cache"] == "near hit" and stats.values["steps_reused"] == 1
 
 

@@ -21,6 +21,8 @@ def test_nested_dict_sets_section_fields():
     assert opts.cache.reuse_steps == 3
     assert opts.context == Options().context
     assert Options.from_user({"cache": {"reuse_steps": None}}).cache.reuse_steps is None  # every step but the last
+    # below the near threshold's default: fine while near revisits are off
+    assert Options.from_user({"cache": {"revisit_threshold": 0.5}}).cache.revisit_threshold == 0.5
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,7 @@ def test_nested_dict_sets_section_fields():
         ({"context": {"window_min": 9, "window_max": 4}}, ["window_min", "window_max"]),
         ({"context": "fast"}, ["'context'", "keep_threshold"]),
         ({"cache": {"near_threshold": 0.95}}, ["'cache.near_threshold'", "revisit_threshold", "0.95"]),
+        ({"cache": {"revisit_threshold": 0.5, "near_reuse_steps": 1}}, ["'cache.near_threshold'", "0.8 (its default)"]),
         ({"cache": {"near_reuse_steps": -1}}, ["'cache.near_reuse_steps'", "[0, inf]"]),
         ({"context": {"reuse_rows": 1}}, ["'context.reuse_rows'", "True, False or \"auto\""]),
         ({"context": {"reuse_rows": True}, "sparsity": {"enabled": False}}, ["'context.reuse_rows'", "sparsity.enabled"]),
