@@ -241,9 +241,12 @@ def run_trajectory(args: argparse.Namespace, world, name: str) -> None:
 
 def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``base`` compile options with ``extra``'s over them, section by section (``{"sparsity": {...}}``
-    merges into base's ``sparsity``); top-level values of ``extra`` replace base's."""
+    merges into base's ``sparsity``, except a section ``base`` disables: the ablation turns it off,
+    and its other options cannot act); top-level values of ``extra`` replace base's."""
     merged = dict(base)
     for key, value in extra.items():
+        if isinstance(value, dict) and merged.get(key, {}).get("enabled") is False:
+            continue
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     return merged
 

@@ -176,12 +176,14 @@ class CacheOptions:
 
     enabled: bool = True
     reuse_steps: int | str | None = field(default=None, metadata={**_range(0, None), "optional_int": True})
-    reuse_target_db: float = field(default=30.0, metadata=_range(0.0, None))
+    reuse_target_db: float = field(default=30.0, metadata={**_range(0.0, None),
+                                                            "acts_with": ("reuse_steps", lambda v: v == "auto", '"auto"')})
     revisit_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0))
     capacity: int = field(default=64, metadata=_range(1, None))
     stored: str = field(default="x0", metadata=_choice(CACHE_STORED))
     serve: str = field(default="best", metadata=_choice(CACHE_SERVE))
-    near_threshold: float = field(default=0.8, metadata=_range(0.0, 1.0))
+    near_threshold: float = field(default=0.8, metadata={**_range(0.0, 1.0),
+                                                         "acts_with": ("near_reuse_steps", lambda v: v > 0, "above 0")})
     near_reuse_steps: int = field(default=0, metadata=_range(0, None))
 
     def __post_init__(self) -> None:
@@ -235,7 +237,14 @@ def _validate(options: Any, prefix: str) -> None:
         object.__setattr__(options, f.name, value)  # a nested section given as a dict becomes its dataclass
 
 
+# sections none of whose other options acts when ``enabled`` is False (context's dense policy still
+# uses its window_max, so context is not one)
+INERT_WHEN_DISABLED = ("sparsity", "cache")
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """``cls`` from a user dict: unknown keys, bad values and options given where they cannot act
+    (a disabled section's, or one whose ``acts_with`` field says otherwise) raise ``ValueError``."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -243,7 +252,16 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         if key not in fields:
             raise ValueError(f"unknown option {path!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: {sorted(fields)}")
         kwargs[key] = _check(fields[key], value, path)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if prefix[:-1] in INERT_WHEN_DISABLED and kwargs.get("enabled") is False and len(kwargs) > 1:
+        others = sorted(f"{prefix}{k}" for k in kwargs if k != "enabled")
+        raise ValueError(f"option(s) {others} cannot act with {prefix}enabled=False: leave them out")
+    for key in kwargs:
+        acts_with = fields[key].metadata.get("acts_with")
+        if acts_with is not None and not acts_with[1](getattr(built, acts_with[0])):
+            raise ValueError(f"option {prefix + key!r} acts only with {prefix}{acts_with[0]} {acts_with[2]}, "
+                             f"got {getattr(built, acts_with[0])!r}: set that too, or leave it out")
+    return built
 
 
 def _check(f: dataclasses.Field, value: Any, path: str) -> Any:

@@ -37,7 +37,7 @@ def _generate(world, trajectory, cache: bool):
     """``world`` compiled with the backend (eager inner), the controller off (upstream's fixed window
     and memory count), the denoising cache on or off: (generation, chunk stats of the cache)."""
     # whole graphs (regional=False): the fixture counts runs of the graph that holds the sampler
-    options = {"inner": "eager", "regional": False, "cache": {"reuse_steps": 1, "enabled": cache},
+    options = {"inner": "eager", "regional": False, "cache": {"reuse_steps": 1} if cache else {"enabled": False},
                "context": {"enabled": False, "window_max": world.spec.window}}
     compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options, dynamic=False))
     accelerator = li_compile.accelerator(compiled.model)
