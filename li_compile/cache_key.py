@@ -90,20 +90,23 @@ class WeightsIdentity:
 
 def weight_norms(tensors: Sequence[torch.Tensor]) -> tuple:
     """Every tensor's L2 norm in fp32 (fp64 tensors in fp64; floating tensors: ``torch._foreach_norm``,
-    one fused reduction per device and dtype) or its byte sums (``digest_sums``: integer, bool and
-    complex tensors), read to the host at once: one value tuple per tensor, in order."""
-    values: list = [None] * len(tensors)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    one fused reduction per device and dtype, stacked) or its byte sums (``digest_sums``: integer,
+    bool and complex tensors), read to the host in one read per group: one value tuple per tensor,
+    in order."""
+    groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.is_floating_point():
-            groups.setdefault((t.device, torch.float64 if t.dtype == torch.float64 else torch.float32), []).append(i)
-        else:
-            values[i] = digest_sums(t)
-    for (_, dtype), indices in groups.items():
-        norms = torch._foreach_norm([tensors[i].detach() for i in indices], 2, dtype=dtype)
-        for i, norm in zip(indices, norms):
-            values[i] = norm
-    return tuple(tuple(v) for v in _read([v.reshape(-1) for v in values]))
+        kind = (torch.float64 if t.dtype == torch.float64 else torch.float32) if t.is_floating_point() else None
+        groups.setdefault((t.device, kind), []).append(i)
+    values: list = [None] * len(tensors)
+    with torch.no_grad():
+        for (_, kind), indices in groups.items():
+            if kind is None:
+                stacked = torch.stack([digest_sums(tensors[i]) for i in indices])  # (n, 2) int64
+            else:
+                stacked = torch.stack(torch._foreach_norm([tensors[i] for i in indices], 2, dtype=kind))[:, None]
+            for i, row in zip(indices, stacked.tolist()):
+                values[i] = tuple(row)
+    return tuple(values)
 
 
 def digest_sums(t: torch.Tensor) -> torch.Tensor:
@@ -113,22 +116,6 @@ def digest_sums(t: torch.Tensor) -> torch.Tensor:
     words = words.to(torch.int64)
     position = torch.arange(1, words.numel() + 1, device=words.device, dtype=torch.int64)
     return torch.stack([(words * (position * _MIX_A + 1)).sum(), (words * (position * _MIX_B + 7)).sum()])
-
-
-def _read(values: list[torch.Tensor]) -> list[list]:
-    """Device values to host lists: one read per device and kind (floating values as float64,
-    the others as int64, so no 64-bit sum is rounded)."""
-    out: list = [None] * len(values)
-    groups: dict[tuple[torch.device, bool], list[int]] = {}
-    for i, v in enumerate(values):
-        groups.setdefault((v.device, v.is_floating_point()), []).append(i)
-    for (_, floating), indices in groups.items():
-        flat = torch.cat([values[i].to(torch.float64 if floating else torch.int64) for i in indices]).tolist()
-        start = 0
-        for i in indices:
-            out[i] = flat[start:start + values[i].numel()]
-            start += values[i].numel()
-    return out
 
 
 class DigestMemo:
@@ -143,8 +130,12 @@ class DigestMemo:
         marks = [(epoch, _version(t), t.data_ptr()) for t in tensors]
         fresh = [i for i, (t, mark) in enumerate(zip(tensors, marks))
                  if mark[1] is None or t not in self._memo or self._memo[t][0] != mark]
-        for i, sums in zip(fresh, _read([digest_sums(tensors[i]) for i in fresh])):
-            self._memo[tensors[i]] = (marks[i], (tuple(tensors[i].shape), tensors[i].dtype, *sums))
+        by_device: dict[torch.device, list[int]] = {}
+        for i in fresh:
+            by_device.setdefault(tensors[i].device, []).append(i)
+        for indices in by_device.values():  # one read per device
+            for i, sums in zip(indices, torch.stack([digest_sums(tensors[i]) for i in indices]).tolist()):
+                self._memo[tensors[i]] = (marks[i], (tuple(tensors[i].shape), tensors[i].dtype, *sums))
         return [self._memo[t][1] for t in tensors]
 
 
