@@ -203,6 +203,11 @@ class Accelerator:
         if not any(c is compilation for c in self.compilations):
             self.compilations.append(compilation)
 
+    def prefetch_cache_key(self) -> None:
+        """Start the next chunk's weight norms (``WeightsIdentity.prefetch``) before it is planned."""
+        if self.options.cache.enabled:
+            self._weights.prefetch(self.denoise.chunks_begun + 1)
+
     def cache_key(self, weights: Sequence[torch.Tensor], conditioning: Sequence[object]) -> Hashable | None:
         """The denoising-cache key of a call: its weights' identity token and its conditioning
         digest (``li_compile.cache_key``); None when the weights cannot be identified."""
@@ -287,6 +292,7 @@ class ChunkScope:
     def __enter__(self) -> "ChunkScope":
         past_poses, chunk_poses, past_latents, sigmas = self._args
         acc = self.accelerator
+        acc.prefetch_cache_key()  # the weights' norms compute on the device while the host plans
         self.selection = acc._controller().select(self.chunk, past_poses, chunk_poses, past_latents)
         self.capacity = self.selection.capacity
         self.valid = valid_slots(self.selection, self.capacity)

@@ -53,15 +53,41 @@ class WeightsIdentity:
     names the tensor object (a new object, even at a freed one's address, gets a new number), the
     version counter moves on every in-place update and never goes back, the address moves when the
     storage is swapped. Equal tokens: the same tensors, unchanged since as far as the module
-    docstring says. None when a tensor has no version counter (an inference tensor): uncacheable."""
+    docstring says. None when a tensor has no version counter (an inference tensor): uncacheable.
+
+    ``prefetch(epoch)`` starts the norms of the tensors keyed last on their device without reading
+    them, so that a chunk's first key finds them computed (the host plans the chunk meanwhile)."""
 
     def __init__(self) -> None:
         self._incarnations: dict[int, tuple[weakref.ref, int]] = {}
         self._next = 0
         self._norms: dict[tuple, tuple] = {}  # triples -> norms, for the epoch in _epoch
         self._epoch: int | None = None
+        self._last: list[weakref.ref] = []  # the tensors whose norms were read last
+        self._pending: tuple | None = None  # (epoch, triples, norms on their devices) from prefetch
 
     def token(self, tensors: Sequence[torch.Tensor], epoch: int = 0) -> tuple | None:
+        triples = self._triples(tensors)
+        if triples is None:
+            return None
+        if epoch != self._epoch:
+            self._norms, self._epoch = {}, epoch
+        if triples not in self._norms:
+            pending, self._pending = self._pending, None
+            started = pending[2] if pending is not None and pending[:2] == (epoch, triples) else norms_on_device(tensors)
+            self._norms[triples] = read_norms(started, len(tensors))
+            self._last = [weakref.ref(t) for t in tensors]
+        return triples + (self._norms[triples],)
+
+    def prefetch(self, epoch: int) -> None:
+        """Start, for ``epoch``, the norms of the tensors whose norms were read last (if all are alive)."""
+        tensors = [ref() for ref in self._last]
+        if not tensors or any(t is None for t in tensors):
+            return
+        triples = self._triples(tensors)
+        self._pending = None if triples is None else (epoch, triples, norms_on_device(tensors))
+
+    def _triples(self, tensors: Sequence[torch.Tensor]) -> tuple | None:
         out = []
         for t in tensors:
             version = _version(t)
@@ -73,12 +99,7 @@ class WeightsIdentity:
                 known = (weakref.ref(t, self._forget(id(t))), self._next)
                 self._incarnations[id(t)] = known
             out.append((known[1], version, t.data_ptr()))
-        triples = tuple(out)
-        if epoch != self._epoch:
-            self._norms, self._epoch = {}, epoch
-        if triples not in self._norms:
-            self._norms[triples] = weight_norms(tensors)
-        return triples + (self._norms[triples],)
+        return tuple(out)
 
     def _forget(self, address: int):
         def forget(ref: weakref.ref) -> None:
@@ -89,23 +110,37 @@ class WeightsIdentity:
 
 
 def weight_norms(tensors: Sequence[torch.Tensor]) -> tuple:
-    """Every tensor's L2 norm in fp32 (fp64 tensors in fp64; floating tensors: ``torch._foreach_norm``,
-    one fused reduction per device and dtype, stacked) or its byte sums (``digest_sums``: integer,
-    bool and complex tensors), read to the host in one read per group: one value tuple per tensor,
-    in order."""
+    """Every tensor's L2 norm in fp32 (fp64 tensors in fp64) or, for integer, bool and complex
+    tensors, its byte sums (``digest_sums``): one value tuple per tensor, in order, read to the host
+    in one read per group (``norms_on_device``, then ``read_norms``)."""
+    return read_norms(norms_on_device(tensors), len(tensors))
+
+
+def norms_on_device(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """``weight_norms``' values, not read: per group of tensors (device, and floating or not) their
+    indices and a stacked ``(n, 1)`` float (``torch._foreach_norm``, one fused reduction) or ``(n, 2)``
+    int64 tensor on that device."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         kind = (torch.float64 if t.dtype == torch.float64 else torch.float32) if t.is_floating_point() else None
         groups.setdefault((t.device, kind), []).append(i)
-    values: list = [None] * len(tensors)
+    parts = []
     with torch.no_grad():
         for (_, kind), indices in groups.items():
             if kind is None:
-                stacked = torch.stack([digest_sums(tensors[i]) for i in indices])  # (n, 2) int64
+                stacked = torch.stack([digest_sums(tensors[i]) for i in indices])
             else:
                 stacked = torch.stack(torch._foreach_norm([tensors[i] for i in indices], 2, dtype=kind))[:, None]
-            for i, row in zip(indices, stacked.tolist()):
-                values[i] = tuple(row)
+            parts.append((indices, stacked))
+    return parts
+
+
+def read_norms(parts: list[tuple[list[int], torch.Tensor]], count: int) -> tuple:
+    """The values of ``norms_on_device``'s ``parts`` for ``count`` tensors, as host tuples in order."""
+    values: list = [None] * count
+    for indices, stacked in parts:
+        for i, row in zip(indices, stacked.tolist()):
+            values[i] = tuple(row)
     return tuple(values)
 
 

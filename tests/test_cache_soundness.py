@@ -194,6 +194,25 @@ def test_finding_4_a_second_generation_with_a_new_prompt_never_hits_the_first():
                                rtol=1e-4, atol=1e-4)
 
 
+def test_finding_1_a_second_generation_after_weights_swapped_through_data_never_hits_the_first():
+    """Through the chunk scope, whose weight norms start before the chunk is planned (prefetch)."""
+    world, other = tiny_world(0), tiny_world(1)
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=OPTIONS, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    trajectory = trajectories.make("loop", 6 * world.spec.chunk_frames)
+    accelerator.configure(memory_k=world.spec.memory, layout=world.layout, revisit_inputs=world.revisit_inputs)
+    generate(compiled, trajectory, accelerator=accelerator, decode=False)
+    assert generate(compiled, trajectory, chunks=1, accelerator=accelerator, decode=False)
+    assert accelerator.denoise.history[-1].values["cache"] == "hit"  # the same weights: a revisit hits
+    new = dict(other.model.named_parameters())
+    for name, p in world.model.named_parameters():  # an EMA-style swap: no version counter moves
+        p.data.copy_(new[name])
+    second = generate(compiled, trajectory, chunks=2, accelerator=accelerator, decode=False)
+    assert [s.values["cache"] for s in accelerator.denoise.history[-2:]] == ["miss", "miss"]
+    torch.testing.assert_close(second.latents, generate(world, trajectory, chunks=2, decode=False).latents,
+                               rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("second", [[1.0, 0.2, 0.1, 0.05, 0.0], [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.2, 0.0]])
 def test_finding_5_another_sigma_schedule_never_hits(second):
     world = tiny_world()
