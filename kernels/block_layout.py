@@ -65,7 +65,9 @@ class BlockLayout:
         for counts, indices in self._lists():
             self._check_list(counts, indices)
         if self.kv_num_blocks.device.type == "cpu":  # values too, where reading them costs no device sync
-            validate_layout(self)
+            # (not uniqueness: it would double a full-size plan's host time, and the library's builders
+            # list each block once; a launch on the CPU checks it, ``check_layout``)
+            validate_layout(self, unique=False)
         if self.key_keep is not None:
             keep = self.key_keep
             if keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != self.kv_len:
@@ -222,17 +224,37 @@ class BlockLayout:
         )
 
 
-def validate_layout(layout: BlockLayout, dense_span: tuple[int, int] | None = None) -> None:
+def validate_layout(layout: BlockLayout, dense_span: tuple[int, int] | None = None, unique: bool = True) -> None:
     """Raise ``ValueError`` naming the first bad index value of ``layout``: a count outside
-    [0, capacity] or a used ``kv_indices`` entry outside [0, kv_blocks). With ``dense_span``
-    (first, end) key blocks, also a listed block inside the span (the split path reduces the span by
-    flash: the kernel would skip it, wasting its work). Syncs once when the layout is on a GPU: call it
-    when plans are written, not per attention call."""
+    [0, capacity], a used ``kv_indices`` entry outside [0, kv_blocks), or (``unique``) a key block
+    listed twice for one query block (``validate_unique``). With ``dense_span`` (first, end) key
+    blocks, also a listed block inside the span (the split path reduces the span by flash: the kernel
+    would skip it, wasting its work). Syncs once when the layout is on a GPU: call it when plans are
+    written, not per attention call."""
     names = [("kv_num_blocks", "kv_indices")]
     if layout.full_kv_num_blocks is not None:
         names.append(("full_kv_num_blocks", "full_kv_indices"))
     for (count_name, index_name), (counts, indices) in zip(names, layout._lists()):
         validate_indices(counts, indices, layout.kv_blocks, count_name, index_name, dense_span)
+    if unique:
+        validate_unique(layout._lists(), layout.kv_blocks)
+
+
+def validate_unique(lists: list[tuple[torch.Tensor, torch.Tensor]], kv_blocks: int) -> None:
+    """Raise ``ValueError`` when a query block lists a key block twice, in one list or in both the
+    partial and the full one (the kernel would count its keys twice). ``lists``: (counts (..., Q),
+    indices (..., Q, C)) pairs whose used indices are already known to be in [0, kv_blocks)."""
+    seen = None
+    for counts, indices in lists:
+        used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None].long()
+        target = torch.where(used, indices.long(), kv_blocks)  # unused entries land in a spare column
+        listed = torch.zeros(*indices.shape[:-1], kv_blocks + 1, dtype=torch.int32, device=indices.device)
+        listed = listed.scatter_add(-1, target, torch.ones_like(target, dtype=torch.int32))[..., :kv_blocks]
+        seen = listed if seen is None else seen.expand(torch.broadcast_shapes(seen.shape, listed.shape)) + listed
+    if seen is not None and seen.numel() and int(seen.max()) > 1:
+        where = [int(x) for x in (seen > 1).nonzero()[0]]
+        raise ValueError(f"query block {tuple(where[:-1])} lists key block {where[-1]} more than once (in one list, "
+                         "or in both kv_indices and full_kv_indices): expected each key block at most once")
 
 
 def validate_indices(

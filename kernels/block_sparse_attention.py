@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv, validate_indices
+from li_compile.kernels.block_layout import BlockLayout, cdiv, validate_indices, validate_unique
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # smallest M/N/K tl.dot takes on the GPU
@@ -832,7 +832,7 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, 
 
 def check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k) -> None:
     """Raise ``ValueError`` naming the first layout tensor whose shape, dtype or device does not fit the
-    call. Index values are checked on the CPU (``validate_indices``); on a GPU checking them would sync,
+    call. Index values are checked on the CPU (``validate_indices``, ``validate_unique``); on a GPU checking them would sync,
     and the kernel clamps counts and skips bad indices, so bad values never read out of bounds."""
     B, H, Lq = q.shape[:3]
     Lk = k.shape[2]
@@ -851,6 +851,8 @@ def check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_in
             raise ValueError(f"{index_name} {tuple(indices.shape)} does not match {count_name} {tuple(counts.shape)}")
         if counts.device.type == "cpu":
             validate_indices(counts, indices, cdiv(Lk, block_k), count_name, index_name)
+    if kv_num_blocks.device.type == "cpu":
+        validate_unique([(c, i) for _, c, _, i in lists], cdiv(Lk, block_k))
     if key_keep is not None and (
         key_keep.dtype != torch.bool or key_keep.dim() != 2 or key_keep.shape[0] not in (1, B)
         or key_keep.shape[1] != Lk or key_keep.device != q.device

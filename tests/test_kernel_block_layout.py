@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.block_layout import BlockLayout, cdiv, validate_layout
 from li_compile.kernels.block_sparse_attention import sparse_attention
 from li_compile.plan import Plan, SlotSignature
 from li_compile.planned_attention import planned_attention
@@ -71,6 +71,35 @@ def test_invalid_fields_are_named_in_the_error(kwargs, match):
     )
     with pytest.raises(ValueError, match=match):
         BlockLayout(**{**base, **kwargs})
+
+
+def i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "lists",
+    [
+        dict(kv_num_blocks=i32([[[3]]]), kv_indices=i32([[[[0, 0, 1]]]])),
+        dict(kv_num_blocks=i32([[[1]]]), kv_indices=i32([[[[1, 0]]]]), full_kv_num_blocks=i32([[[1]]]),
+             full_kv_indices=i32([[[[1, 0]]]])),
+    ],
+    ids=["twice_in_one_list", "in_both_lists"],
+)
+def test_a_key_block_listed_twice_for_a_query_block_is_refused(lists):
+    """The kernel would count its keys twice: ``validate_layout`` and a launch on the CPU refuse it,
+    naming the query block and the key block; a repeat past the count is never read, so it passes."""
+    base = dict(full_kv_num_blocks=None, full_kv_indices=None, key_keep=None, block_q=16, block_k=8, q_len=16,
+                kv_len=16)
+    twice = r"query block \(0, 0, 0\) lists key block [01] more than once"
+    layout = BlockLayout(**{**base, **lists})
+    with pytest.raises(ValueError, match=twice):
+        validate_layout(layout)
+    q = k = v = torch.randn(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=twice):
+        sparse_attention(q, k, v, layout)
+    unused_repeat = BlockLayout(**{**base, "kv_num_blocks": i32([[[2]]]), "kv_indices": i32([[[[0, 1, 0]]]])})
+    validate_layout(unused_repeat)
 
 
 def test_from_block_mask_rejects_a_mask_of_the_wrong_grid():

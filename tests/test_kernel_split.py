@@ -199,6 +199,7 @@ def test_the_kernel_skips_what_the_check_refuses_and_never_reads_out_of_bounds(m
     """With the value check switched off (a GPU does not run it per call), bad counts are clamped to
     [0, capacity] and bad indices skipped: the result is the good entries' attention."""
     monkeypatch.setattr(bsa, "validate_indices", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bsa, "validate_unique", lambda *args, **kwargs: None)
     q, k, v = qkv(1, 1, 1, 32, 64, 16, torch.float32)
     num = torch.tensor([[[9, -3]]], dtype=torch.int32)  # over capacity, negative
     idx = torch.tensor([[[[1, 1_000_000, -7, 3], [0, 0, 0, 0]]]], dtype=torch.int32)
