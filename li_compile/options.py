@@ -73,8 +73,9 @@ class SparsityOptions:
     dense SDPA at density 0.5 on structured layouts, against 1.54-1.59x for the kernel alone."""
 
     enabled: bool = True
-    block_q: int = field(default=128, metadata=_range(16, 256))
-    block_k: int = field(default=128, metadata=_range(16, 256))
+    # multiples of 16: the GPU kernel's smallest tile (another size would run every plan as masked dense there)
+    block_q: int = field(default=128, metadata={**_range(16, 256), "multiple_of": 16})
+    block_k: int = field(default=128, metadata={**_range(16, 256), "multiple_of": 16})
     density: float = field(default=1.0, metadata=_range(0.0, 1.0, above_lo=True))
     plan: str = field(default="tiles", metadata=_choice(PLANS))
     recent_radius: int = field(default=1, metadata=_range(0, None))
@@ -266,6 +267,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if not dataclasses.is_dataclass(default) and not isinstance(value, (bool, int, float, str, type(None))):
+        raise ValueError(f"option {path!r} must be a plain bool, number, string or None, "
+                         f"got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(default):
         if isinstance(value, type(default)):
             return value
@@ -305,5 +309,8 @@ def _check_number(f: dataclasses.Field, value: Any, path: str, integer: bool, ki
         raise ValueError(
             f"option {path!r} must be in {'(' if above else '['}{lo}, {'inf' if hi is None else hi}], got {value!r}"
         )
+    step = f.metadata.get("multiple_of")
+    if step is not None and value % step:
+        raise ValueError(f"option {path!r} must be a multiple of {step}, got {value!r}")
     return value
 

@@ -1,5 +1,6 @@
 """The options object: defaults, nested dicts, and clear errors for bad keys and values."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,9 @@ def test_nested_dict_sets_section_fields():
         ({"context": {"fill_density": -0.1}}, ["'context.fill_density'", "[0.0, 1.0]"]),
         ({"context": {"keep_threshold": float("nan")}}, ["'context.keep_threshold'", "finite"]),
         ({"sparsity": {"block_q": 8}}, ["'sparsity.block_q'", "[16, 256]"]),
+        ({"sparsity": {"block_k": 24}}, ["'sparsity.block_k'", "multiple of 16", "24"]),
+        ({"context": {"reuse_rows": np.array([1, 2])}}, ["'context.reuse_rows'", "plain bool", "ndarray"]),
+        ({"cache": {"reuse_steps": np.int64(2)}}, ["'cache.reuse_steps'", "plain bool", "int64"]),
         ({"sparsity": {"density": 0.0}}, ["'sparsity.density'", "(0.0, 1.0]"]),
         ({"sparsity": {"density": 1.2}}, ["'sparsity.density'", "(0.0, 1.0]"]),
         ({"cache": {"reuse_steps": 1.5}}, ["'cache.reuse_steps'", "an int"]),
