@@ -28,6 +28,11 @@ CACHE_STORED = ("x0", "raw")  # what the denoising cache keeps: see li_compile.d
 CACHE_SERVE = ("best", "blend")  # what a revisited frame is served: see li_compile.denoise_cache
 
 
+# ``acts_with`` metadata: (the section's field, whether its value lets this option act, that value in words)
+_TILES = ("plan", lambda v: v == "tiles", '"tiles"')
+_ENABLED = ("enabled", lambda v: v is True, "True")
+
+
 def _choice(values: tuple[str, ...]) -> dict:
     return {"choices": values}
 
@@ -78,9 +83,9 @@ class SparsityOptions:
     block_k: int = field(default=128, metadata={**_range(16, 256), "multiple_of": 16})
     density: float = field(default=1.0, metadata=_range(0.0, 1.0, above_lo=True))
     plan: str = field(default="tiles", metadata=_choice(PLANS))
-    recent_radius: int = field(default=1, metadata=_range(0, None))
-    visibility_margin: float = field(default=0.1, metadata=_range(0.0, None))
-    context_queries: str = field(default="dense", metadata=_choice(CONTEXT_QUERY_RULES))
+    recent_radius: int = field(default=1, metadata={**_range(0, None), "acts_with": _TILES})
+    visibility_margin: float = field(default=0.1, metadata={**_range(0.0, None), "acts_with": _TILES})
+    context_queries: str = field(default="dense", metadata={**_choice(CONTEXT_QUERY_RULES), "acts_with": _TILES})
     max_density: float = field(default=0.6, metadata=_range(0.0, 1.0))
     flash_span: bool = True
 
@@ -131,8 +136,8 @@ class ContextOptions:
     """
 
     enabled: bool = True
-    similarity: str = field(default="proxy", metadata=_choice(SIMILARITY_MEASURES))
-    keep_threshold: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    similarity: str = field(default="proxy", metadata={**_choice(SIMILARITY_MEASURES), "acts_with": _ENABLED})
+    keep_threshold: float = field(default=0.1, metadata={**_range(0.0, 1.0), "acts_with": _ENABLED})
     window_rule: str = field(default="fixed", metadata=_choice(WINDOW_RULES))
     window_min: int = field(default=1, metadata=_range(1, None))
     window_max: int = field(default=8, metadata=_range(1, None))

@@ -114,7 +114,8 @@ def test_padding_of_a_dense_plan_is_filled_with_the_next_best_memory_frames(chun
 
 
 def test_disabled_controller_is_the_dense_policy():
-    controller = _controller(enabled=False, keep_threshold=1.0)
+    # a keep_threshold (which would prune) given with it is an error: it cannot act
+    controller = _make({"enabled": False, "window_max": 2}, memory_k=3)
     past = _turned([180] * 6 + [0, 0])
     selection = controller.select(0, past, _turned([0]), _moving_latents(8))
     assert selection.recent == [6, 7] and len(selection.memory) == 3 and selection.capacity == 5

@@ -52,6 +52,8 @@ def test_nested_dict_sets_section_fields():
         ({"cache": {"reuse_target_db": 25.0}}, ["'cache.reuse_target_db'", 'cache.reuse_steps "auto"', "got None"]),
         ({"cache": {"enabled": False, "near_reuse_steps": 1}}, ["cache.near_reuse_steps", "cache.enabled=False"]),
         ({"sparsity": {"enabled": False, "density": 0.5}}, ["sparsity.density", "sparsity.enabled=False"]),
+        ({"sparsity": {"plan": "frames", "recent_radius": 2}}, ["'sparsity.recent_radius'", 'sparsity.plan "tiles"']),
+        ({"context": {"enabled": False, "keep_threshold": 0.2}}, ["'context.keep_threshold'", "context.enabled True"]),
         ({"cache": {"revisit_threshold": 0.5, "near_reuse_steps": 1}}, ["'cache.near_threshold'", "0.8 (its default)"]),
         ({"cache": {"near_reuse_steps": -1}}, ["'cache.near_reuse_steps'", "[0, inf]"]),
         ({"context": {"reuse_rows": 1}}, ["'context.reuse_rows'", "True, False or \"auto\""]),
