@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.tile_permute import wall_ms
 from li_compile.cache_key import DigestMemo, conditioning_digest, weight_norms
 from li_compile.worlds import hy_worldplay, matrix_game3, trajectories
 from li_compile.worlds.pipeline import ContextSelection, gather_context
 
 WORLDS = {"hy_worldplay": hy_worldplay, "matrix_game3": matrix_game3}
-
-
-def timed_ms(fn, repeats: int) -> list[float]:
-    """Wall milliseconds of ``fn()`` (which reads to the host, so it waits for the device)."""
-    fn()
-    out = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        out.append(1e3 * (time.perf_counter() - start))
-    return out
 
 
 def main() -> None:
@@ -64,8 +51,8 @@ def main() -> None:
         "world": f"{args.world}/{args.preset}", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "weights": len(weights), "weight_gb": sum(t.numel() * t.element_size() for t in weights) / 1e9,
         "conditioning": [list(t.shape) for t in conditioning],
-        "weight_norms_ms": timed_ms(lambda: weight_norms(weights), args.repeats),
-        "conditioning_digest_ms": timed_ms(lambda: conditioning_digest(memo, conditioning, next(epochs)), args.repeats),
+        "weight_norms_ms": wall_ms(lambda: weight_norms(weights), args.repeats),
+        "conditioning_digest_ms": wall_ms(lambda: conditioning_digest(memo, conditioning, next(epochs)), args.repeats),
     }
     for key in ("weight_norms_ms", "conditioning_digest_ms"):
         print(f"{key}: median {sorted(row[key])[len(row[key]) // 2]:.2f} ms over {args.repeats}")

@@ -22,7 +22,9 @@ from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
 
 
-def _median_ms(fn, repeats: int) -> float:
+def wall_ms(fn, repeats: int) -> list[float]:
+    """Wall milliseconds of each of ``repeats`` calls of ``fn()`` after one warm call, the device
+    synchronised before and after each."""
     fn()
     times = []
     for _ in range(repeats):
@@ -33,6 +35,11 @@ def _median_ms(fn, repeats: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = wall_ms(fn, repeats)
     return sorted(times)[len(times) // 2]
 
 

@@ -280,7 +280,7 @@ class DenoiseCache:
         return match
 
     def _frame_match(self, current: torch.Tensor, candidates: list[Entry], frame_axis: int, threshold: float,
-                     measure: str, max_distance: float, serve: str, previous: int | None = None,
+                     measure: str, max_distance: float, serve: str, previous: torch.Tensor | None = None,
                      revisit: float = 1.0) -> Entry | None:
         """Every current frame's matching past frames (any entry, any order), or None if a frame has
         none scoring at least ``threshold`` (and above 0), or if the match scores below ``revisit`` and
