@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
-from li_compile.kernels.block_sparse_attention import kernel_variant
+from li_compile.kernels.block_sparse_attention import kernel_variant, tuned_configs
 from li_compile.kernels.split_attention import chunk_span, split_attention, split_layout, split_path
 
 BLOCK = 128
@@ -170,6 +170,7 @@ def run_case(heads, q_len, kv_len, kind, density, flex, gen, frame_tokens, devic
         row = {
             "heads": heads, "q_len": q_len, "kv_len": kv_len, "kind": kind, "density": density,
             "visited_density": real_density, "span": list(span), "path": path, "variant": kernel_variant(),
+            "tuned_configs": tuned_configs(),  # every tuning so far; the one keyed by this shape's q_class ran
             "err_vs_flex": rel_err(ours, theirs), "flex_compiled": flex_compiled,
         }
         row["sdpa_ms"], row["ours_ms"] = time_pair(lambda: F.scaled_dot_product_attention(q, k, v),

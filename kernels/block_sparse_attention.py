@@ -470,6 +470,20 @@ def first_launch_seconds() -> float:
     return 0.0 if _KERNELS is None else _KERNELS.first_launch_s
 
 
+def tuned_configs() -> dict[str, str]:
+    """The config each tuning in this process chose, by its key: ``"H=24 ... q_class=6 (tma)"`` ->
+    ``"128x64, warps 4, stages 2"`` (BLOCK_M x BLOCK_N). Empty before the first tuning, and in the
+    interpreter (which never tunes)."""
+    if _KERNELS is None or _interpreting():
+        return {}
+    chosen = {}
+    for tuner, name in ((_KERNELS.tuned, "plain"), (_KERNELS.tuned_tma, "tma")):
+        for key, config in ({} if tuner is None else tuner.cache).items():
+            named = " ".join(f"{k}={v}" for k, v in zip(AUTOTUNE_KEY, key))
+            chosen[f"{named} ({name})"] = "{}x{}, warps {}, stages {}".format(*_config_tuple(config))
+    return chosen
+
+
 def kernel_variant() -> str:
     """Which Triton variant launches run: "tma" (Hopper descriptor loads) or "plain (<why not tma>)"."""
     kernels = _kernels()

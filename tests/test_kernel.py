@@ -474,6 +474,23 @@ def test_a_call_near_a_tuned_query_count_of_the_next_size_class_takes_its_choice
     assert not kernel_module._adopt_neighbour_choice(kernels, tuner, _sized_call(40, 13200))
 
 
+def test_tuned_configs_names_each_tunings_key_and_the_config_it_chose(monkeypatch):
+    """What a benchmark logs beside its timings: the autotuner's choice per key, readable."""
+    import triton
+
+    from li_compile.kernels import block_sparse_attention as kernel_module
+
+    key = (24, 1, 128, 128, 128, 128, 0, False, "tf32", 6, "torch.bfloat16")
+    tma = _TunedAutotuner()
+    tma.cache[key] = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(kernel_module, "_KERNELS", kernel_module._Kernels(None, _TunedAutotuner(), tma, None))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    named = "H=24 GROUP=1 D=128 DV=128 block_q=128 block_k=128 MASK_KIND=0 IS_CAUSAL=False INPUT_PRECISION=tf32 q_class=6"
+    assert kernel_module.tuned_configs() == {f"{named} (tma)": "128x64, warps 4, stages 2"}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_module.tuned_configs() == {}  # the interpreter never tunes
+
+
 def test_a_failed_parallel_build_is_reported_and_not_tried_again():
     kernels = _candidates(_RecordingAutotuner(fails=True))
     assert kernels.parallel_compile_failure == "RuntimeError: cannot build"
