@@ -51,7 +51,7 @@ from li_compile.sequence import SequenceLayout
 
 CALIBRATION_STEPS = 4  # default calibration candidates: recent radius 0-3 tiles, visibility margin 0-0.3
 ATTRIBUTE = "_li_accelerators"  # on the user's module or function: {Options: Accelerator}
-BLOCKS_ATTRIBUTE = "_li_compiled_blocks"  # on a model li_compile.compile_repeated_blocks compiled: its Options
+BLOCKS_ATTRIBUTE = "_li_compiled_blocks"  # on a model li_compile.compile_repeated_blocks compiled: BlocksCompiled
 BACKEND = "light_interaction"
 
 
@@ -76,6 +76,7 @@ class Accelerator:
         self.audit: Audit | None = None  # the latest li_compile.audit of this model
         self.boundary_cache: str | None = None  # how li_compile.cached calls this model, if it does
         self.records_cuda_graphs = False  # a graph of it compiled in a mode that records CUDA graphs
+        self.open_chunk: ChunkScope | None = None  # the chunk scope entered and not yet exited
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -162,7 +163,9 @@ class Accelerator:
         self.calibration = calibration
 
     def reset(self) -> None:
-        """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay)."""
+        """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay).
+        Inside a chunk scope the chunk is closed: its remaining calls run dense, without the cache."""
+        self.open_chunk = None
         self.denoise.reset()
         if self.context_rows is not None:
             self.context_rows.reset()
@@ -208,12 +211,11 @@ class Accelerator:
         if self.options.cache.enabled:
             self._weights.prefetch(self.denoise.chunks_begun + 1)
 
-    def cache_key(self, weights: Sequence[torch.Tensor], conditioning: Sequence[object]) -> Hashable | None:
+    def cache_key(self, weights: Sequence[torch.Tensor], conditioning: Sequence[object]) -> Hashable:
         """The denoising-cache key of a call: its weights' identity token and its conditioning
-        digest (``li_compile.cache_key``); None when the weights cannot be identified."""
+        digest (``li_compile.cache_key``)."""
         epoch = self.denoise.chunks_begun  # weights' norms and conditioning digests are read once per chunk
-        token = self._weights.token(weights, epoch)
-        return None if token is None else (token, conditioning_digest(self._digests, conditioning, epoch))
+        return self._weights.token(weights, epoch), conditioning_digest(self._digests, conditioning, epoch)
 
     def report(self) -> Report:
         """What was rewritten (every compiled graph of this model) and per-chunk statistics."""
@@ -292,23 +294,41 @@ class ChunkScope:
     def __enter__(self) -> "ChunkScope":
         past_poses, chunk_poses, past_latents, sigmas = self._args
         acc = self.accelerator
-        acc.prefetch_cache_key()  # the weights' norms compute on the device while the host plans
-        self.selection = acc._controller().select(self.chunk, past_poses, chunk_poses, past_latents)
-        self.capacity = self.selection.capacity
-        self.valid = valid_slots(self.selection, self.capacity)
-        acc.denoise.begin_chunk(self.chunk, chunk_poses, sigmas)
+        if acc.open_chunk is not None:
+            raise RuntimeError(f"{acc.name}: chunk {acc.open_chunk.chunk} is open: chunk scopes do not nest (exit "
+                               f"it before entering chunk {self.chunk})")
+        controller = acc._controller()
+        planned = len(controller.stats)
+        try:
+            acc.denoise.check_chunk(chunk_poses, sigmas)  # before anything is planned: a refusal leaves no state
+            acc.prefetch_cache_key()  # the weights' norms compute on the device while the host plans
+            self.selection = controller.select(self.chunk, past_poses, chunk_poses, past_latents)
+            self.capacity = self.selection.capacity
+            self.valid = valid_slots(self.selection, self.capacity)
+            acc.denoise.begin_chunk(self.chunk, chunk_poses, sigmas)
+        except BaseException:  # the chunk never opened: later calls outside a chunk run dense
+            acc.plan.clear()
+            del controller.stats[planned:]
+            raise
         if acc.context_rows is not None:
             acc.context_rows.begin_chunk(self.chunk, None if sigmas is None else len(sigmas) - 1)
+        acc.open_chunk = self
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: type | None, *exc: Any) -> None:
+        """Close the chunk; one that raised (``kind``) stores nothing in the cache and decides
+        nothing about ``context.reuse_rows``. Nothing to close after ``li.reset()`` inside the scope."""
         acc = self.accelerator
+        if acc.open_chunk is not self:
+            return
+        acc.open_chunk = None
+        failed = kind is not None
         try:
-            acc.denoise.end_chunk()
+            acc.denoise.end_chunk(failed)
         finally:  # a plan holds for its chunk only: later calls outside a chunk run dense
             acc.plan.clear()
             if acc.context_rows is not None:
-                acc.context_rows.end_chunk()
+                acc.context_rows.end_chunk(failed)
 
     def context(self, values: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Per-frame history ``values (N, ...)`` -> ``(capacity, ...)``: the selected frames
@@ -361,7 +381,7 @@ def accelerator(compiled: Any) -> Accelerator:
     cache at its call boundary (``li_compile.cached(compiled, ...)``) has its compiled model's."""
     if isinstance(getattr(compiled, "accelerator", None), Accelerator):
         return compiled.accelerator
-    blocks = getattr(compiled, "__dict__", {}).get(BLOCKS_ATTRIBUTE)  # li_compile.compile_repeated_blocks
+    blocks = blocks_options(compiled)  # li_compile.compile_repeated_blocks
     if blocks is not None:
         return accelerator_of(compiled, blocks)
     target, context = _compiled_target(compiled)
@@ -377,6 +397,27 @@ def accelerator(compiled: Any) -> Accelerator:
         f"li_compile.accelerator() needs a model compiled with backend={BACKEND!r}, got {got} "
         f"({len(made)} light_interaction accelerators on it: call the compiled model once first)"
     )
+
+
+class BlocksCompiled:
+    """The mark ``li_compile.compile_repeated_blocks`` leaves on a model: the ``options`` its blocks
+    were compiled with. A deep copy or a pickle of the model runs eager (torch drops each block's
+    compiled call, as for any module compiled in place), so the mark is not copied: it becomes None."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (type(None), ())
+
+
+def blocks_options(model: Any) -> Options | None:
+    """The options ``li_compile.compile_repeated_blocks`` compiled ``model``'s blocks with, or None."""
+    mark = getattr(model, "__dict__", {}).get(BLOCKS_ATTRIBUTE)
+    return None if mark is None else mark.options
 
 
 class _Accelerators(dict):
@@ -431,7 +472,7 @@ def dynamic_setting(context: Any) -> bool | None | str:
 def _compiled_target(compiled: Any) -> tuple[Any, Any]:
     """(the user's module or function, Dynamo's context) of a ``torch.compile`` result, or (the
     model, None) for a model whose blocks ``li_compile.compile_repeated_blocks`` compiled."""
-    if isinstance(compiled, torch.nn.Module) and BLOCKS_ATTRIBUTE in compiled.__dict__:
+    if isinstance(compiled, torch.nn.Module) and blocks_options(compiled) is not None:
         return compiled, None
     if isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule):
         return compiled._orig_mod, compiled.dynamo_ctx

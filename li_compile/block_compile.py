@@ -24,7 +24,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from li_compile.accelerator import ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, accelerator_of, share_accelerators
+from li_compile.accelerator import (
+    ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, BlocksCompiled, accelerator_of, blocks_options, share_accelerators,
+)
 from li_compile.options import Options
 from li_compile.regions import MIN_BLOCKS
 from li_compile.repeated_blocks import repeated_block_lists
@@ -40,7 +42,7 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
     (model)``, ``li_compile.report(model)`` and ``li_compile.cached(model, ...)`` then work on it.
     Raises ``ValueError`` when ``model`` has no such list, or was compiled with other options."""
     settings = Options.from_user(options)
-    before = model.__dict__.get(BLOCKS_ATTRIBUTE)
+    before = blocks_options(model)
     if before is not None:
         if before != settings:
             raise ValueError(f"{type(model).__name__}'s blocks are already compiled with other options ({before}); "
@@ -57,10 +59,12 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
                                    f"_compiled_call_impl, which {type(block).__name__} lacks under torch "
                                    f"{torch.__version__}; turn context.row_blocks off")
             block._compiled_call_impl = RowBlockCall(block, settings, compiled_call)
+    for key in [k for k, hook in model._forward_pre_hooks.items() if isinstance(hook, ModelCallStart)]:
+        del model._forward_pre_hooks[key]  # a copy compiled again: its original's hook goes
     if settings.context.row_blocks:
         model.register_forward_pre_hook(ModelCallStart(settings))
     accelerator_of(model, settings)
-    model.__dict__[BLOCKS_ATTRIBUTE] = settings
+    model.__dict__[BLOCKS_ATTRIBUTE] = BlocksCompiled(settings)
     return model
 
 

@@ -11,15 +11,18 @@ other input must match what produced it:
   and ``vector_to_parameters`` swap it). Writes through ``p.data`` in place (``p.data.copy_(ema)``)
   move none of these, so once per chunk the token also holds every weight's L2 norm, computed on
   its device in fp32 (one fused reduction per device and one read): a write through ``.data``
-  between chunks that changes any weight's norm changes the key. Weights passed as inputs
-  (``torch.func.functional_call``) are other tensors, so they key other entries. Graphs of one
-  model at several shapes (capacity buckets) are called with the same tensors, so they share entries.
+  between chunks that changes any weight's norm changes the key. An inference tensor (made under
+  ``torch.inference_mode``) has no version counter: an in-place write to it is seen as one through
+  ``.data`` is, by its norm. Weights passed as inputs (``torch.func.functional_call``) are other
+  tensors, so they key other entries. Graphs of one model at several shapes (capacity buckets) are
+  called with the same tensors, so they share entries.
 - **the conditioning** (``conditioning_digest``): every other tensor input of the model (text,
   first-frame, any input the user did not declare as pose- or context-derived), reduced on its
   device to two 64-bit sums of its bytes under fixed position weights. Equal inputs always give
   equal digests; different ones collide with probability about 2**-62 per pair. Each tensor is
   digested once per chunk (``DigestMemo``: within a chunk, a tensor at the same version and address
-  reuses its digest), all of a call's in one read.
+  reuses its digest), all of a call's in one read. Tensors inside lists, tuples, dicts and
+  dataclasses are digested as tensors; numpy arrays by their bytes; other values by ``repr``.
 
 What no key sees: a write through ``.data`` that keeps every weight's norm (a permutation, a sign
 flip), and any write through ``.data`` in the middle of a chunk. After such a write call
@@ -28,6 +31,8 @@ flip), and any write through ``.data`` in the middle of a chunk. After such a wr
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import weakref
 from typing import Sequence
 
@@ -37,12 +42,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 _MIX_A, _MIX_B = 0x1E3779B97F4A7C15, 0x42B2AE3D27D4EB4F  # odd constants below 2**63 (products wrap)
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's version counter; None for inference tensors, which have none."""
+NO_VERSION = -1  # the version of an inference tensor, which has no counter (its norm still keys it)
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter; ``NO_VERSION`` for inference tensors, which have none."""
     try:
         return t._version
     except RuntimeError:
-        return None
+        return NO_VERSION
 
 
 class WeightsIdentity:
@@ -53,7 +61,7 @@ class WeightsIdentity:
     names the tensor object (a new object, even at a freed one's address, gets a new number), the
     version counter moves on every in-place update and never goes back, the address moves when the
     storage is swapped. Equal tokens: the same tensors, unchanged since as far as the module
-    docstring says. None when a tensor has no version counter (an inference tensor): uncacheable.
+    docstring says.
 
     ``prefetch(epoch)`` starts the norms of the tensors keyed last on their device without reading
     them, so that a chunk's first key finds them computed (the host plans the chunk meanwhile)."""
@@ -66,10 +74,8 @@ class WeightsIdentity:
         self._last: list[weakref.ref] = []  # the tensors whose norms were read last
         self._pending: tuple | None = None  # (epoch, triples, norms on their devices) from prefetch
 
-    def token(self, tensors: Sequence[torch.Tensor], epoch: int = 0) -> tuple | None:
+    def token(self, tensors: Sequence[torch.Tensor], epoch: int = 0) -> tuple:
         triples = self._triples(tensors)
-        if triples is None:
-            return None
         if epoch != self._epoch:
             self._norms, self._epoch = {}, epoch
         if triples not in self._norms:
@@ -84,21 +90,17 @@ class WeightsIdentity:
         tensors = [ref() for ref in self._last]
         if not tensors or any(t is None for t in tensors):
             return
-        triples = self._triples(tensors)
-        self._pending = None if triples is None else (epoch, triples, norms_on_device(tensors))
+        self._pending = (epoch, self._triples(tensors), norms_on_device(tensors))
 
-    def _triples(self, tensors: Sequence[torch.Tensor]) -> tuple | None:
+    def _triples(self, tensors: Sequence[torch.Tensor]) -> tuple:
         out = []
         for t in tensors:
-            version = _version(t)
-            if version is None:
-                return None
             known = self._incarnations.get(id(t))
             if known is None or known[0]() is not t:
                 self._next += 1
                 known = (weakref.ref(t, self._forget(id(t))), self._next)
                 self._incarnations[id(t)] = known
-            out.append((known[1], version, t.data_ptr()))
+            out.append((known[1], _version(t), t.data_ptr()))
         return tuple(out)
 
     def _forget(self, address: int):
@@ -164,7 +166,7 @@ class DigestMemo:
         """The digest of each of ``tensors``: those not remembered for this epoch in one read."""
         marks = [(epoch, _version(t), t.data_ptr()) for t in tensors]
         fresh = [i for i, (t, mark) in enumerate(zip(tensors, marks))
-                 if mark[1] is None or t not in self._memo or self._memo[t][0] != mark]
+                 if mark[1] == NO_VERSION or t not in self._memo or self._memo[t][0] != mark]
         by_device: dict[torch.device, list[int]] = {}
         for i in fresh:
             by_device.setdefault(tensors[i].device, []).append(i)
@@ -175,8 +177,30 @@ class DigestMemo:
 
 
 def conditioning_digest(memo: DigestMemo, inputs: Sequence[object], epoch: int = 0) -> tuple:
-    """The digest of every tensor in ``inputs`` (non-tensors by value), in order; tensors not
-    digested yet in this ``epoch`` are read at once."""
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    """The digest of ``inputs``: of every tensor in them, also inside lists, tuples, dicts and
+    dataclasses (``leaves``), in order, with their nesting; tensors not digested yet in this
+    ``epoch`` are read at once."""
+    items = leaves(inputs)
+    tensors = [x for x in items if isinstance(x, torch.Tensor)]
     digests = iter(memo.digests(tensors, epoch))
-    return tuple(next(digests) if isinstance(x, torch.Tensor) else ("value", repr(x)) for x in inputs)
+    return tuple(next(digests) if isinstance(x, torch.Tensor) else x for x in items)
+
+
+def leaves(value: object) -> list:
+    """``value`` flattened for a digest: its tensors as they are, every other leaf as a hashable
+    description (numpy arrays by their bytes' hash, other values by type and ``repr``), with markers
+    for where each list, tuple, dict or dataclass opens and closes."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [("open", type(value).__name__), *(x for item in value for x in leaves(item)), ("close",)]
+    if isinstance(value, dict):
+        return [("open", "dict"), *(x for key, item in value.items() for x in [("key", repr(key)), *leaves(item)]),
+                ("close",)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return [("open", type(value).__qualname__), *leaves(fields)[1:]]
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
+        return [("numpy", str(getattr(value, "dtype", "")), tuple(getattr(value, "shape", ())),
+                 hashlib.sha256(value.tobytes()).hexdigest())]
+    return [("value", type(value).__qualname__, repr(value))]

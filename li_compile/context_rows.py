@@ -157,11 +157,13 @@ class ContextRowReuse:
         self._step = step
         self._calls.clear()
 
-    def end_chunk(self) -> None:
+    def end_chunk(self, failed: bool = False) -> None:
         """Close the chunk: drop its kept outputs and record its counts in ``history``. Raises
         ``RuntimeError`` when a reused call's keys showed that its rows came from another call, or a
         call on the chunk's rows alone found nothing kept, and ``ValueError`` when reuse was required
-        and this probe chunk found the context following the step."""
+        and this probe chunk found the context following the step. A chunk that ``failed`` (raised
+        before its end) raises nothing here and, if it was the probe, decides nothing: the next
+        chunk probes again."""
         mismatch, chunk, probed, lost = self._mismatch, self._chunk, self._probe_mismatch, self._lost
         if self._open:
             values: dict[str, Any] = {"context_rows_reused": self._counts["reused"],
@@ -176,6 +178,8 @@ class ContextRowReuse:
                 values["context_rows_off"] = "the chunk's sigmas were not given: its last step is unknown"
             elif self._step is None:
                 values["context_rows_off"] = "the chunk loop never called chunk.step(i): the steps are unknown"
+            elif probed is not None and failed:
+                values["context_rows_off"] = "the probe chunk raised before its end: the next chunk probes again"
             elif probed is not None:
                 calls = [*self._probe_calls, self._calls]
                 self.verdict = not bool(probed) and all(c == calls[0] for c in calls)
@@ -191,6 +195,8 @@ class ContextRowReuse:
         self._kept.clear()
         self._probe_keys.clear()
         self._probe_calls.clear()
+        if failed:
+            return
         if mismatch is not None and bool(mismatch):
             raise RuntimeError(
                 f"context.reuse_rows: in chunk {chunk} an attention call reused context rows kept by another call (its "

@@ -140,17 +140,33 @@ class DenoiseRuntime:
         store raw outputs. A still-open chunk is ended first."""
         if self._chunk is not None:
             self.end_chunk()
-        poses = chunk_poses(validate_poses(poses, "chunk poses"))
-        schedule = None if sigmas is None else check_sigmas(sigmas, poses.shape[0])
+        poses, schedule = self.check_chunk(poses, sigmas)
         s = self.cache.stats
         self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses, s.near_hits))
         self.chunks_begun += 1
 
-    def end_chunk(self) -> ChunkStats:
-        """Close the open chunk and return its statistics (also appended to ``history``)."""
+    @staticmethod
+    def check_chunk(poses: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None) -> tuple[torch.Tensor, list | None]:
+        """A chunk's cameras ``(F, 4, 4)`` and schedule as ``begin_chunk`` keeps them (``check_sigmas``);
+        ``ValueError`` naming what is wrong with either."""
+        poses = chunk_poses(validate_poses(poses, "chunk poses"))
+        return poses, None if sigmas is None else check_sigmas(sigmas, poses.shape[0])
+
+    def end_chunk(self, failed: bool = False) -> ChunkStats:
+        """Close the open chunk and return its statistics (also appended to ``history``). A chunk
+        that ``failed`` (raised before its end) keeps none of its outputs: its statistics say
+        "interrupted"."""
         if self._chunk is None:
             raise ValueError("end_chunk() without begin_chunk(): no chunk is open")
         c, s = self._chunk, self.cache.stats
+        if failed:
+            for entry in c.opened.values():
+                self.cache.discard(entry)
+            stats = ChunkStats(c.chunk, {"cache": "interrupted", "steps_reused": c.reused, "steps_computed": c.computed,
+                                         "cache_entries": len(self.cache), "cache_bytes": self.cache.nbytes})
+            self.history.append(stats)
+            self._chunk = None
+            return stats
         for stamp, flags in c.finite.items():  # read before the next lookup (_drop_non_finite): no sync here
             self._unchecked.append((c.opened[stamp], torch.stack(flags).all()))
         hit = [e.chunk for e in c.matches.values() if e is not None]
@@ -253,7 +269,7 @@ class DenoiseRuntime:
 
         ``latents``: the model's noisy latent input; the output has its shape and dtype.
         ``key()``: the cache key of this call (``Accelerator.cache_key``; evaluated only on early
-        steps, where a lookup or a store needs it); None: never cached. ``step``: the denoising
+        steps, where a lookup or a store needs it). ``step``: the denoising
         step, if the caller knows it (else the step told by ``set_step``, else the n-th call of
         ``runner`` in this chunk is step n); ``steps``: the chunk's step count, if known (the last
         step is never served).
@@ -275,11 +291,7 @@ class DenoiseRuntime:
             return compute()
         sigma = self._noise_level(step, latents) if c.sigmas is not None and self.options.stored == "x0" else None
         schedule = tuple(c.sigmas) if c.sigmas is not None else (steps,)
-        call_key = key()
-        if call_key is None:  # weights without version counters: nothing can be proven equal
-            c.computed += 1
-            return compute()
-        stamp = Stamp.of(call_key, latents, "raw" if sigma is None else "x0", schedule)
+        stamp = Stamp.of(key(), latents, "raw" if sigma is None else "x0", schedule)
         if stamp not in c.matches:
             c.matches[stamp], c.served[stamp] = self._lookup(c, stamp, limit, latents)
         entry = c.matches[stamp] if step < c.served[stamp] else None
@@ -373,10 +385,16 @@ def check_sigmas(sigmas: Sequence[float] | Sequence[Sequence[float]] | torch.Ten
     """``sigmas (steps + 1,)`` as floats, or per-frame ``(steps + 1, frames)`` as one tuple of floats
     per step; ``ValueError`` unless there are at least two steps' levels, all finite and >= 0, and
     per-frame rows have one level for each of the chunk's ``frames``."""
-    rows = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
-    per_frame = bool(rows) and all(isinstance(r, (list, tuple, torch.Tensor)) for r in rows)
+    try:
+        if isinstance(sigmas, (str, bytes)) or getattr(sigmas, "ndim", 1) == 0:
+            raise TypeError
+        rows = [r.tolist() if hasattr(r, "tolist") else r for r in sigmas]  # 0-d tensors and numpy scalars: floats
+    except TypeError:
+        raise ValueError(f"sigmas must be a sequence or tensor of steps + 1 noise levels (or of per-frame rows), "
+                         f"got {sigmas!r}") from None
+    per_frame = bool(rows) and all(isinstance(r, (list, tuple)) for r in rows)
     if per_frame:
-        schedule = [tuple(float(s) for s in (r.tolist() if isinstance(r, torch.Tensor) else r)) for r in rows]
+        schedule = [tuple(float(s) for s in r) for r in rows]
         if any(len(r) != frames for r in schedule):
             raise ValueError(f"per-frame sigmas must be (steps + 1, {frames}) for a chunk of {frames} frames, "
                              f"got rows of {sorted({len(r) for r in schedule})} levels")

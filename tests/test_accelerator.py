@@ -128,3 +128,82 @@ def test_a_chunks_plan_holds_inside_its_scope_only():
         sparse_inside.append(any(not slot.is_dense for slot in accelerator.plan))
     assert any(sparse_inside)  # some chunk ran a sparse plan ...
     assert len(out) == CHUNKS and all(slot.is_dense for slot in accelerator.plan)  # ... and none outlives it
+
+
+def _opened_once(trajectory_chunks: int = 3):
+    """A tiny HY world compiled and run through ``trajectory_chunks`` chunks (its plan slots made)."""
+    world = tiny(hy_worldplay)
+    trajectory = trajectories.make("loop", CHUNKS * world.spec.chunk_frames)
+    compiled, accelerator = accelerated(world, trajectory)
+    for _ in chunk_loop(compiled, accelerator, trajectory, []):
+        pass
+    return world, trajectory, accelerator
+
+
+def _scope(world, trajectory, accelerator, chunk: int, sigmas=None):
+    frames = world.spec.chunk_frames
+    first = chunk * frames
+    poses = trajectory.poses.float()
+    history = torch.zeros(first, *world.spec.latent_shape)
+    return accelerator.chunk(chunk, poses[:first], poses[first:first + frames], history,
+                             world.spec.sigmas() if sigmas is None else sigmas)
+
+
+@pytest.mark.parametrize("sigmas", [[1.0, float("nan")], [0.5]])
+def test_a_chunk_that_fails_to_open_leaves_no_plan_and_no_statistics(sigmas):
+    """The sigmas are checked before anything is planned, and whatever fails while the scope opens
+    leaves the plan slots dense: a later call outside a chunk runs dense, as documented."""
+    world, trajectory, accelerator = _opened_once()
+    planned = len(accelerator.controller.stats)
+    with pytest.raises(ValueError, match="sigmas"):
+        with _scope(world, trajectory, accelerator, 3, sigmas):
+            pass
+    assert all(slot.is_dense for slot in accelerator.plan)
+    assert len(accelerator.controller.stats) == planned and accelerator.open_chunk is None
+
+
+def test_a_chunk_whose_planning_fails_leaves_the_plan_slots_dense(monkeypatch):
+    world, trajectory, accelerator = _opened_once()
+    select = accelerator.controller.select
+
+    def select_then_fail(*args):
+        select(*args)  # writes the plans, then something fails before the chunk opens
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(accelerator.controller, "select", select_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with _scope(world, trajectory, accelerator, 3):
+            pass
+    assert all(slot.is_dense for slot in accelerator.plan) and not accelerator.denoise.active
+
+
+def test_chunk_scopes_do_not_nest():
+    world, trajectory, accelerator = _opened_once()
+    with _scope(world, trajectory, accelerator, 3):
+        with pytest.raises(RuntimeError, match="chunk 3 is open: chunk scopes do not nest"):
+            with _scope(world, trajectory, accelerator, 4):
+                pass
+        assert accelerator.denoise.active  # the outer chunk is untouched
+    assert accelerator.open_chunk is None
+
+
+def test_reset_inside_a_chunk_scope_closes_the_chunk_and_the_scope_exits_cleanly():
+    world, trajectory, accelerator = _opened_once()
+    with _scope(world, trajectory, accelerator, 3):
+        accelerator.reset()  # e.g. after a write through .data in the middle of the chunk
+        assert not accelerator.denoise.active and all(slot.is_dense for slot in accelerator.plan)
+    with _scope(world, trajectory, accelerator, 4):
+        assert accelerator.denoise.active
+
+
+def test_an_interrupted_chunk_keeps_none_of_its_outputs_in_the_cache():
+    world, trajectory, accelerator = _opened_once()
+    accelerator.reset()
+    entries = []
+    with pytest.raises(KeyboardInterrupt):
+        with _scope(world, trajectory, accelerator, 0), torch.no_grad():
+            accelerator.denoise.step("runner", lambda: "key", torch.zeros(1, 2), lambda: torch.ones(1, 2), step=0)
+            entries.append(len(accelerator.denoise.cache))
+            raise KeyboardInterrupt
+    assert entries == [1] and len(accelerator.denoise.cache) == 0
+    assert accelerator.denoise.history[-1].values["cache"] == "interrupted"

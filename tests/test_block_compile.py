@@ -70,6 +70,30 @@ def test_a_model_without_repeated_blocks_or_compiled_with_other_options_is_refus
         li_compile.compile_repeated_blocks(model, {"inner": "eager", "sparsity": {"enabled": False}})
 
 
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_a_copy_of_a_block_compiled_model_is_eager_until_its_blocks_are_compiled_again(copier):
+    """As for any module compiled in place, a deep copy or a pickle of the model drops its blocks'
+    compiled calls: it is an eager model (``li_compile.accelerator`` refuses it), and compiling its
+    blocks gives it an accelerator and plan slots of its own."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = li_compile.compile_repeated_blocks(Stack(4), {"inner": "eager"})
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        expected = model(x)
+    twin = copy.deepcopy(model) if copier == "deepcopy" else pickle.loads(pickle.dumps(model))
+    with pytest.raises(ValueError, match="was not compiled by torch.compile"):
+        li_compile.accelerator(twin)
+    assert li_compile.compile_repeated_blocks(twin, {"inner": "eager"}) is twin
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), expected, rtol=1e-5, atol=1e-5)
+    assert li_compile.accelerator(twin) is not li_compile.accelerator(model)
+    assert not {id(s) for s in li_compile.accelerator(twin).plan} & {id(s) for s in li_compile.accelerator(model).plan}
+    assert all(block._compiled_call_impl is not None for block in twin.blocks)
+
+
 def test_row_blocks_under_a_torch_whose_module_compile_keeps_no_compiled_call_is_refused(monkeypatch):
     """``context.row_blocks`` wraps the call ``nn.Module.compile`` keeps (``_compiled_call_impl``, a
     private attribute of torch 2.11 and 2.13): where a torch keeps none, compiling says so."""

@@ -240,3 +240,93 @@ def test_finding_6_a_non_finite_chunk_is_never_served_and_a_nan_sigma_is_refused
         accelerator.denoise.begin_chunk(2, HERE, [1.0, float("nan"), 0.0])
     with pytest.raises(ValueError, match="chunk poses"):
         accelerator.denoise.begin_chunk(2, torch.full((2, 4, 4), float("nan")), SIGMAS)
+
+
+class _Guided(torch.nn.Module):
+    """A denoiser with a Python scalar argument (a guidance scale), which Dynamo bakes into its graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(4, 4)
+
+    def forward(self, x, sigma, guidance):
+        return guidance * self.mix(x.movedim(1, -1)).movedim(-1, 1) * sigma
+
+
+@pytest.mark.parametrize("first, second", [(1.0, 4.0), (1, 4), (True, False)])
+def test_finding_7_a_python_scalar_baked_into_another_graph_never_hits_the_first_graphs_entries(first, second):
+    """Each value of a float, int or bool argument is a graph of its own (Dynamo specialises it):
+    the graph's baked constants are part of the key (``graph_signature``)."""
+    torch.manual_seed(0)
+    model = _Guided()
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
+    accelerator = li_compile.accelerator(compiled)
+    x = torch.randn(1, 4, 2, 3, 3)
+
+    def run(guidance, chunk):
+        return cached_chunk(lambda x, s: compiled(x, s, guidance), accelerator, x, {}, chunk=chunk)
+
+    run(first, 0)
+    out, stats = run(second, 1)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(lambda x, s: model(x, s, second), x, {}), **FP32)
+    assert run(second, 2)[1]["cache"] == "hit"  # the same value again: its own graph's entries
+
+
+def test_the_graphs_of_one_model_at_several_context_sizes_share_one_signature():
+    """Capacity buckets differ in sizes, positions and plan slot names only: their graphs share
+    cache entries (a revisit may be served across buckets, as the cache's approximation allows)."""
+    from li_compile.passes.sampler_runners import graph_signature
+
+    def model(context, x):
+        frames = torch.arange(context.shape[1] + x.shape[1]) - context.shape[1]
+        tokens = torch.cat([context, x], 1).reshape(1, -1, 4)
+        return (tokens * frames.float().repeat_interleave(6)[None, :, None])[:, -x.shape[1] * 6:].reshape(x.shape)
+
+    x = torch.randn(1, 2, 6, 4)
+    graphs = [torch._dynamo.export(model)(torch.randn(1, n, 6, 4), x).graph_module for n in (3, 5)]
+    assert graph_signature(graphs[0]) == graph_signature(graphs[1])
+    scaled = torch._dynamo.export(lambda c, x: model(c, x) * 2.0)(torch.randn(1, 3, 6, 4), x).graph_module
+    assert graph_signature(scaled) != graph_signature(graphs[0])
+
+
+def test_finding_8_tensors_inside_list_dict_and_dataclass_arguments_are_digested():
+    """``li_compile.cached`` keys every argument but the latent and the timestep: two prompts whose
+    printed corners agree (``repr`` summarises a tensor of over 1000 elements) are two keys."""
+    from li_compile.cache_key import DigestMemo, conditioning_digest
+
+    @dataclasses.dataclass
+    class Prompt:
+        text: torch.Tensor
+        scale: float = 1.0
+
+    a = torch.randn(1, 32, 64)
+    b = a.clone()
+    b[:, 3:29] += 5.0
+    assert repr([a]) == repr([b])
+    memo = DigestMemo()
+    for wrap in (lambda t: [t], lambda t: (t, 1), lambda t: {"text": t}, lambda t: Prompt(t), lambda t: [{"p": Prompt(t)}]):
+        assert conditioning_digest(memo, [wrap(a)]) != conditioning_digest(memo, [wrap(b)])
+        assert conditioning_digest(memo, [wrap(a)]) == conditioning_digest(memo, [wrap(a.clone())])
+    assert conditioning_digest(memo, [Prompt(a, 1.0)]) != conditioning_digest(memo, [Prompt(a, 2.0)])
+    assert conditioning_digest(memo, [[a], [a]]) != conditioning_digest(memo, [[a, a]])  # nesting counts
+
+
+def test_finding_9_weights_made_under_inference_mode_are_cached_and_their_changes_seen():
+    """Inference tensors have no version counter: their identity, address and per-chunk norms key
+    them, so the cache works for a model built under ``torch.inference_mode`` and an in-place write
+    between chunks is a miss."""
+    with torch.inference_mode():
+        world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    with torch.inference_mode():
+        inputs = inputs_of(world)
+        x0, x1 = noise(world, 0), noise(world, 1)
+    cached_chunk(compiled, accelerator, x0, inputs)
+    assert cached_chunk(compiled, accelerator, x1, inputs, chunk=1)[1]["cache"] == "hit"
+    with torch.inference_mode():
+        for p in world.model.parameters():
+            p.mul_(0.5)
+    out, stats = cached_chunk(compiled, accelerator, x1, inputs, chunk=2)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(world.model, x1, inputs), **FP32)

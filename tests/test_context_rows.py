@@ -545,3 +545,21 @@ def test_a_block_calls_signature_tells_apart_what_dynamo_compiles_apart():
     assert row_blocks._signature(((x.clone().requires_grad_(),), {"scale": 2})) != base
     assert row_blocks._signature(((x,), {"scale": 3})) != base
     assert row_blocks._signature(((x.half(),), {"scale": 2})) != base
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_an_interrupted_probe_chunk_decides_nothing_and_raises_nothing(required):
+    """A probe chunk stopped part-way (Ctrl-C, out of memory) has an incomplete step: the next chunk
+    probes again, and the user's exception is the one that propagates."""
+    reuse = _unprobed(required=required)
+    reuse.begin_chunk(0, 4)
+    for step in range(3):  # stopped during step 2, after one of its two layers
+        reuse.set_step(step)
+        for layer in [0, 1] if step < 2 else [0]:
+            q, k, v = _qkv(10 * step + layer, call=layer)
+            reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
+    reuse.end_chunk(failed=True)
+    assert reuse.verdict is None and "probes again" in reuse.history[-1].values["context_rows_off"]
+    _probe_chunk(reuse, step_dependent=False)
+    reuse.end_chunk()
+    assert reuse.verdict is True

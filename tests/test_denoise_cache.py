@@ -576,3 +576,19 @@ def test_a_whole_chunk_lookup_scores_a_near_hit_below_the_threshold_and_leaves_t
     assert (cache.stats.hits, cache.stats.near_hits, cache.stats.misses) == (0, 1, 2)
     with pytest.raises(ValueError, match="near_threshold must be in"):
         cache.lookup(yawed(0.0, 0.0), STAMP, steps=2, threshold=0.8, near_threshold=0.9)
+
+
+def test_sigmas_may_be_0d_tensors_or_numpy_values_and_a_single_level_is_refused():
+    """``list(spec.sigmas())`` (0-d tensors) is a schedule like the floats; a 0-d tensor, a number
+    or a string is not, and the error says what is expected."""
+    import numpy
+
+    from li_compile.denoise_runtime import check_sigmas
+
+    levels = [1.0, 0.5, 0.0]
+    assert check_sigmas(list(torch.tensor(levels)), 2) == levels
+    assert check_sigmas(numpy.array(levels), 2) == levels
+    assert check_sigmas([torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0])], 2) == [(1.0, 1.0), (0.0, 0.0)]
+    for bad in (torch.tensor(0.5), 0.5, "1.0"):
+        with pytest.raises(ValueError, match="steps \\+ 1 noise levels"):
+            check_sigmas(bad, 2)

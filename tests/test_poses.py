@@ -84,6 +84,17 @@ def test_pose_errors_use_the_given_name_and_count_other_bad_cameras():
         validate_poses(torch.eye(4).tolist())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_poses_in_a_half_type_are_checked_within_its_rounding(dtype):
+    """A valid camera rounded to fp16 or bf16 is accepted (returned as float32); scaled axes are not."""
+    poses = _poses(3)
+    torch.testing.assert_close(validate_poses(poses.to(dtype)), poses.to(dtype).float())
+    scaled = poses.clone()
+    scaled[0, :3, :3] *= 1.2
+    with pytest.raises(ValueError, match="not orthonormal"):
+        validate_poses(scaled.to(dtype))
+
+
 def test_orthonormality_tolerance_is_adjustable():
     poses = _bad_pose(lambda p: p[:3, :3].mul_(1 + 1e-3))
     validate_poses(poses, atol=1e-2)

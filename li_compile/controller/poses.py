@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 ORTHONORMAL_ATOL = 1e-4  # max |R^T R - I|, |det R - 1| and |bottom row - [0, 0, 0, 1]| accepted
+HALF_ROUNDING = 8  # poses in fp16/bf16: that many of the type's epsilons (its rounding of each entry)
 INTRINSICS_ATOL = 1e-6  # max |entry| accepted where a pinhole matrix has zeros (skew, row 3)
 
 
@@ -57,8 +58,11 @@ def validate_poses(poses: torch.Tensor, name: str = "poses", atol: float = ORTHO
     ``poses: (..., 4, 4)``. Raises ``ValueError`` naming the first bad camera for: a wrong shape, NaN
     or inf, a bottom row other than ``[0, 0, 0, 1]``, a rotation block that is not orthonormal
     (``max |R^T R - I| > atol``) or that is a reflection (``det R = -1``; OpenCV cameras are
-    right-handed: x right, y down, z forward).
+    right-handed: x right, y down, z forward). Poses given in a half type are checked within
+    ``HALF_ROUNDING`` of its machine epsilon instead, where that is looser than ``atol``.
     """
+    if isinstance(poses, torch.Tensor) and poses.dtype in (torch.float16, torch.bfloat16):
+        atol = max(atol, HALF_ROUNDING * torch.finfo(poses.dtype).eps)
     poses = _as_float_tensor(poses, name, (4, 4))
     bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], device=poses.device)
     bottom_err = (poses[..., 3, :] - bottom).abs().amax(-1)
