@@ -41,6 +41,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def check_sizes(**sizes: object) -> None:
+    """Raise ``ValueError`` naming the first of ``sizes`` (name=value: block sizes, lengths) that is
+    not a positive int (a bool or a float such as ``16.0`` is not)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 @dataclass
 class BlockLayout:
     """Which key blocks every query block visits (BCSR); see the module docstring for shapes."""
@@ -56,10 +64,7 @@ class BlockLayout:
     kv_len: int
 
     def __post_init__(self) -> None:
-        for name in ("block_q", "block_k", "q_len", "kv_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BlockLayout.{name} must be a positive int, got {value!r}")
+        check_sizes(**{f"BlockLayout.{name}": getattr(self, name) for name in ("block_q", "block_k", "q_len", "kv_len")})
         if (self.full_kv_num_blocks is None) != (self.full_kv_indices is None):
             raise ValueError("BlockLayout.full_kv_num_blocks and full_kv_indices must both be given or both be None")
         for counts, indices in self._lists():
@@ -111,13 +116,23 @@ class BlockLayout:
         """A layout from a block-level bool mask ``blocks`` ((B|1, H|1, Q, K) or (Q, K); True = visit).
 
         ``full`` (same shape, optional) marks the visited blocks that need no element mask: they go to
-        the full lists, the rest (``blocks & ~full``) to the partial lists. Capacity is ``K``."""
+        the full lists, the rest (``blocks & ~full``) to the partial lists; ``full`` marking a block
+        that ``blocks`` does not visit is a ValueError (checked on the CPU: on a GPU reading it would
+        sync, and ``topk_layout`` builds layouts inside attention ops). Capacity is ``K``."""
+        check_sizes(block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len)
         q_blocks, kv_blocks = cdiv(q_len, block_q), cdiv(kv_len, block_k)
         blocks = _as_4d(blocks, "blocks", q_blocks, kv_blocks)
         if full is None:
             partial, full_lists = blocks, None
         else:
             full = _as_4d(full, "full", q_blocks, kv_blocks)
+            stray = full & ~blocks
+            if stray.device.type == "cpu" and bool(stray.any()):
+                where = tuple(int(i) for i in stray.nonzero()[0])
+                raise ValueError(
+                    f"full marks block {where} (B, H, query block, key block) that blocks does not visit: "
+                    "expected full to mark visited blocks only"
+                )
             partial, full_lists = blocks & ~full, _to_bcsr(full)
         counts, indices = _to_bcsr(partial)
         return cls(
@@ -136,6 +151,7 @@ class BlockLayout:
         cls, *, block_q: int, block_k: int, q_len: int, kv_len: int, device: str | torch.device = "cpu"
     ) -> "BlockLayout":
         """Every key block for every query block, all full (shared across batch and heads)."""
+        check_sizes(block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len)
         blocks = torch.ones(cdiv(q_len, block_q), cdiv(kv_len, block_k), dtype=torch.bool, device=device)
         return cls.from_block_mask(
             blocks, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, full=blocks

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv, validate_indices, validate_unique
+from li_compile.kernels.block_layout import BlockLayout, cdiv, check_sizes, validate_indices, validate_unique
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # smallest M/N/K tl.dot takes on the GPU
@@ -624,6 +624,7 @@ def prepare_call(
     check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    check_site_mask(attn_mask, (B, H, Lq, Lk))
     span = check_span(span, Lk, block_k)
     if seed is not None and span[0] == span[1]:
         raise ValueError(f"a flash seed needs a non-empty span, got span {span}")
@@ -826,7 +827,9 @@ def sparse_attention(
 
 
 def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> None:
-    """Raise ``UnsupportedAttention`` naming the first thing the kernel cannot run."""
+    """Raise ``UnsupportedAttention`` naming the first thing the kernel cannot run (``ValueError``
+    for block sizes that are not positive ints)."""
+    check_sizes(block_q=block_q, block_k=block_k)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise UnsupportedAttention(f"q, k, v must be 4-D (B, H, L, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -834,6 +837,10 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, 
     B, H, Lq, D = q.shape
     if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
         raise UnsupportedAttention(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if H < 1 or k.shape[1] < 1 or D < 1:
+        raise UnsupportedAttention(
+            f"q, k, v need at least one head and a head dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if H % k.shape[1]:
         raise UnsupportedAttention(f"key/value heads ({k.shape[1]}) must divide query heads ({H})")
     if max(D, v.shape[3]) > 256:
@@ -922,16 +929,24 @@ def _fold_key_padding(key_keep, attn_mask, kv_len):
     return keep.contiguous(), padding.contiguous(), None
 
 
+def check_site_mask(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> None:
+    """Raise ``UnsupportedAttention`` for a site mask SDPA refuses too: neither bool (True = attend)
+    nor floating (additive), e.g. an integer 0/1 mask, or not broadcastable to ``shape`` (B, H, Lq,
+    Lk), e.g. a key-padding mask (B', 1, 1, Lk) whose batch B' is neither 1 nor B."""
+    if attn_mask is None:
+        return
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise UnsupportedAttention(f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+    if attn_mask.dim() > 4 or any(m not in (1, n) for m, n in zip(reversed(attn_mask.shape), reversed(shape))):
+        raise UnsupportedAttention(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk)={shape}")
+
+
 def _site_mask(attn_mask, shape, stand_in):
-    """(kind, tensor, strides (b, h, m, n)) of the site mask: kind 0 none, 1 bool, 2 additive."""
+    """(kind, tensor, strides (b, h, m, n)) of the site mask (``check_site_mask``-ed): kind 0 none,
+    1 bool, 2 additive."""
     if attn_mask is None:
         return 0, stand_in, (0, 0, 0, 0)
-    try:
-        mask = attn_mask.expand(shape) if attn_mask.dim() <= 4 else None
-    except RuntimeError:
-        mask = None
-    if mask is None:
-        raise UnsupportedAttention(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk)={shape}")
+    mask = attn_mask.expand(shape)
     strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
     if mask.dtype == torch.bool:
         return 1, mask.view(torch.uint8), strides  # same strides, bytes Triton can load

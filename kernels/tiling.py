@@ -30,7 +30,7 @@ from functools import cached_property
 
 import torch
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.block_layout import BlockLayout, cdiv, check_sizes
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,7 @@ def frame_layout(
     the key order used (e.g. ``TileOrder.frame_ids`` or raster frame ids), -1 = always visible.
     Blocks wholly inside kept frames are full; blocks that mix kept and dropped tokens are partial
     with ``key_keep``; blocks of dropped frames only are never visited. Shared by batch and heads."""
+    check_sizes(block_q=block_q, block_k=block_k, q_len=q_len)
     if keep_frames.dtype != torch.bool or keep_frames.dim() != 1:
         raise ValueError(f"keep_frames must be a (F,) bool tensor, got {keep_frames.dtype} {tuple(keep_frames.shape)}")
     if key_frame_ids.dim() != 1 or int(key_frame_ids.max()) >= keep_frames.numel():
@@ -177,8 +178,10 @@ def local_window_layout(
 
     ``query``/``key`` are the tile orders of the two sides (same grid and tile); the query frames
     are key frames ``query_frame_offset, ...`` (e.g. the chunk at the end of memory + recent +
-    chunk), a multiple of the tile's frames. Blocks are visited whole (full) when any of their token
-    pairs is in the window: exact when every block is whole tiles, a superset otherwise."""
+    chunk), a multiple of the tile's frames in ``[0, key.frames - query.frames]``. Blocks are visited
+    whole (full) when any of their token pairs is in the window: exact when every block is whole
+    tiles, a superset otherwise."""
+    check_sizes(block_q=block_q, block_k=block_k)
     if (query.grid_h, query.grid_w, query.tile) != (key.grid_h, key.grid_w, key.tile):
         raise ValueError(
             f"query and key tile orders need the same grid and tile, got {(query.grid_h, query.grid_w, query.tile)} "
@@ -186,6 +189,12 @@ def local_window_layout(
         )
     if len(window) != 3 or any(not isinstance(d, int) or d < 0 for d in window):
         raise ValueError(f"window must be three non-negative ints (dt, dh, dw), got {window!r}")
+    last = key.frames - query.frames
+    if isinstance(query_frame_offset, bool) or not isinstance(query_frame_offset, int) or not 0 <= query_frame_offset <= last:
+        raise ValueError(
+            f"query_frame_offset must be an int in [0, {last}] (key frames {key.frames} - query frames "
+            f"{query.frames}) so that the query frames are key frames, got {query_frame_offset!r}"
+        )
     if query_frame_offset % query.tile[0]:
         raise ValueError(f"query_frame_offset {query_frame_offset} must be a multiple of the tile's frames {query.tile[0]}")
     # tile-level neighbourhood, one extra group (index -1) for prefix/suffix tokens that sees / is seen by all
@@ -237,6 +246,7 @@ def topk_layout(
     The result is per batch and head (B, H, Q, K)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    check_sizes(block_q=block_q, block_k=block_k)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if H % Hkv:

@@ -157,9 +157,10 @@ class Accelerator:
 
     def use_calibration(self, calibration: Calibration | None) -> None:
         """Write one plan per head from ``calibration`` (e.g. ``Calibration.from_json`` of a saved one)
-        in every later chunk; None goes back to the options' single plan. The report shows its recall."""
-        controller = self._controller()
-        controller.head_params = None if calibration is None else calibration.head_params()
+        in every later chunk; None goes back to the options' single plan. The report shows its recall.
+        ``ValueError`` naming why when the calibration cannot act on this model
+        (``ContextController.use_calibration``)."""
+        self._controller().use_calibration(calibration)
         self.calibration = calibration
 
     def reset(self) -> None:

@@ -4,8 +4,10 @@ The backend only sees the graphs Dynamo hands it. Attention in code Dynamo runs 
 skipped, the Python between two graphs after a graph break) never reaches it, and a graph whose
 passes failed compiles as written: neither appears among the report's sites. ``audit(compiled,
 *args)`` runs the model once, eagerly (``torch.compiler.set_stance("force_eager")``), under a torch
-function mode that records every ``F.scaled_dot_product_attention`` and ``flex_attention`` call with
-its source line, and matches those lines against the attention sites the backend saw. The result is
+function mode that records every ``F.scaled_dot_product_attention``, ``flex_attention`` and
+``nn.MultiheadAttention`` call with its source line (``li_compile.reporting.user_location``, the rule
+the report's site locations follow), and matches those lines against the attention sites the backend
+saw. A site the passes cannot see into (``nn.MultiheadAttention``'s one opaque node) is not seen. The result is
 kept on the model's accelerator, and ``li_compile.report`` prints it: "N attention calls ran
 unaccelerated, here is where".
 
@@ -23,7 +25,10 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-ATTENTION_CALLS = ("scaled_dot_product_attention", "flex_attention")  # function names the audit counts
+from li_compile.reporting import user_location
+
+# function names the audit counts (nn.MultiheadAttention calls the last)
+ATTENTION_CALLS = ("scaled_dot_product_attention", "flex_attention", "multi_head_attention_forward")
 
 
 @dataclass
@@ -44,13 +49,13 @@ class Audit:
         if not missed:
             return f"audit: all {total} attention call(s) of one forward ran in the backend's graphs"
         lines = [f"audit: {sum(missed.values())} of {total} attention call(s) of one forward ran unaccelerated "
-                 "(eager code, a graph break, or a graph compiled as written):"]
+                 "(eager code, a graph break, a graph compiled as written, or a call opaque to the passes):"]
         lines += [f"  {line}: {n} call(s)" for line, n in sorted(missed.items())]
         return "\n".join(lines)
 
 
 class _AttentionCalls(TorchFunctionMode):
-    """Counts attention calls by the innermost source line outside torch and li_compile."""
+    """Counts attention calls by the user's source line (``user_location``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,12 +68,9 @@ class _AttentionCalls(TorchFunctionMode):
 
 
 def _caller() -> str:
-    """The innermost frame of user code ("file.py:12 in forward", as the report writes locations)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/li_compile/" not in path:
-            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
-    return "unknown"
+    """The user's line of the call ("file.py:12 in forward"), by the rule the report's sites use."""
+    frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_stack()]
+    return user_location(frames) or "unknown"
 
 
 def audit(compiled: Any, *args: Any, **kwargs: Any) -> Audit:
@@ -82,7 +84,7 @@ def audit(compiled: Any, *args: Any, **kwargs: Any) -> Audit:
     mode = _AttentionCalls()
     with torch.no_grad(), torch.compiler.set_stance("force_eager"), mode:
         compiled(*args, **kwargs)
-    seen = {s.location: s.status for s in sites if s.kind == "attention"}
+    seen = {s.location: s.status for s in sites if s.kind == "attention" and not s.detail.get("opaque")}
     acc.audit = Audit(dict(mode.calls), seen)
     return acc.audit
 

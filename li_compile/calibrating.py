@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from li_compile.controller.calibration import Calibration
+from li_compile.controller.calibration import Calibration, CalibrationSetting, check_target
 from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, key_keep, write_tile_plan
 from li_compile.kernels.block_layout import cdiv
 from li_compile.plan import Plan, PlanSlot
@@ -40,21 +40,23 @@ class CalibrationRun:
     def __init__(self, candidates: Sequence[TilePlanParams], target: float, rows: int = DEFAULT_ROWS) -> None:
         if not candidates:
             raise ValueError("calibration needs at least one candidate TilePlanParams")
-        if not 0 < target <= 1:
-            raise ValueError(f"target kept mass must be in (0, 1], got {target}")
+        check_target(target)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an int >= 1, got {rows!r}")
         self.candidates, self.target, self.rows = tuple(candidates), target, rows
         self.worst: dict[str, torch.Tensor] = {}  # layer -> (candidates, heads) float64
+        self.made_for: CalibrationSetting | None = None  # the setting of the chunks measured
         self.chunks = 0
         self._sites: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._graph, self._index = "", 0
 
     def write_candidates(self, plan: Plan, tiled: TiledSequence, roles: Sequence[str], context_poses: torch.Tensor,
-                         chunk_poses: torch.Tensor, bounds: torch.Tensor) -> dict[str, object]:
+                         chunk_poses: torch.Tensor, bounds: torch.Tensor, made_for: CalibrationSetting
+                         ) -> dict[str, object]:
         """This chunk's candidate block masks for every slot of ``plan`` matching ``tiled.sequence``
-        (arguments as ``write_tile_plan``'s); the slots are cleared: the chunk runs dense. Returns
-        the chunk's plan stats."""
+        (arguments as ``write_tile_plan``'s; ``made_for``: the controller's setting, recorded in the
+        calibration); the slots are cleared: the chunk runs dense. Returns the chunk's plan stats."""
+        self.made_for = made_for
         sequence = tiled.sequence
         slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
         rows = key_keep(tiled, roles) if sequence.queries == "all" else torch.ones(sequence.q_len, dtype=torch.bool)
@@ -120,5 +122,5 @@ class CalibrationRun:
                 "calibration measured no attention site: run at least one chunk inside it, with tile plans in "
                 "effect (sparsity.plan='tiles', the lens configured, a plan floor below sparsity.max_density)"
             )
-        return Calibration.choose(self.target, self.candidates, self.worst)
+        return Calibration.choose(self.target, self.candidates, self.worst, self.made_for)
 

@@ -9,9 +9,52 @@ statistics of that model only.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
+import torch
+
+MACHINERY = ("li_compile", "li_compile.passes", "li_compile.kernels")  # packages whose frames are not the user's
+USER_SUBPACKAGES = ("worlds",)  # li_compile's reference world models: model code a user reads and copies
+
+
+def user_location(frames: Iterable[tuple[str, int, str]]) -> str | None:
+    """The user's source line of a call, "file.py:12 in forward": the innermost of ``frames``
+    ((path, line, function), outermost first) outside torch and outside li_compile's own machinery
+    (li_compile/worlds/ is user code), or None if every frame is inside them. The report's site
+    locations and the audit's call lines both come from here, so the two match."""
+    for path, line, function in reversed(list(frames)):
+        if _is_user_code(path):
+            return f"{os.path.basename(path)}:{line} in {function}"
+    return None
+
+
+@functools.cache
+def _is_user_code(path: str) -> bool:
+    real = os.path.realpath(path)
+    user, machinery = _code_dirs()
+    return any(real.startswith(d) for d in user) or not any(real.startswith(d) for d in machinery)
+
+
+@functools.cache
+def _code_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(user code folders inside li_compile, machinery folders: li_compile's packages and torch)."""
+    user = [os.path.join(d, sub) for d in _package_dirs("li_compile") for sub in USER_SUBPACKAGES]
+    machinery = [d for name in MACHINERY for d in _package_dirs(name)] + [os.path.dirname(torch.__file__)]
+    return _resolved(user), _resolved(machinery)
+
+
+def _package_dirs(name: str) -> list[str]:
+    return list(importlib.util.find_spec(name).submodule_search_locations)
+
+
+def _resolved(dirs: list[str]) -> tuple[str, ...]:
+    """Folders with symlinks resolved (passes/ and kernels/ may be linked into li_compile/) and a
+    trailing separator, so a path is under one exactly when it starts with it."""
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
 
 
 @dataclass

@@ -6,9 +6,10 @@ plan slot of its signature (``li_compile.plan``: dense until the controller sets
 recorded in the report as "rewritten". Everything else stays as written, recorded as "skipped"
 with the reason: softmaxes that are not attention, cross-attention (keys projected from text or
 action tokens: left dense on purpose, the controller prunes the video context), sites needing
-gradients (the op is inference-only) and sites with symbolic shapes (slots are fixed-size; the
+gradients (the op is inference-only), sites with symbolic shapes (slots are fixed-size; the
 backend hands the passes a static copy per shape, ``li_compile.specialize``, so these remain only in
-a graph it could not specialize).
+a graph it could not specialize), sites the rewrite would round otherwise (an fp32 bias on an fp16
+site) and ``nn.MultiheadAttention``'s fused call (one node the pass cannot see into: ``OPAQUE``).
 ``flex_attention`` calls whose ``score_mod`` is the identity are rewritten with their block mask as
 the site's mask (``attention_flex``); others stay as written, with the reason. Sites in the body of
 a ``torch.compiler.nested_compile_region`` block are rewritten once for all its calls
@@ -36,11 +37,11 @@ from torch import fx
 from li_compile.passes.attention_flex import is_flex_attention, match_flex, with_block_mask
 from li_compile.passes.attention_match import AttentionMatch, NotAttention, describe, match_sdpa, match_softmax
 from li_compile.passes.attention_rewrite import heads_shape, kv_heads, rewrite_site
-from li_compile.passes.attention_spellings import Sdpa, Softmax, example, read
+from li_compile.passes.attention_spellings import ADD_MASK, Sdpa, Softmax, example, read
 from li_compile.passes.attention_streams import TokenStreams
 from li_compile.passes.nested_regions import rewrite_nested
 from li_compile.plan import SlotSignature
-from li_compile.reporting import Site
+from li_compile.reporting import Site, user_location
 
 if TYPE_CHECKING:  # pipeline imports this module to register the pass
     from li_compile.passes.pipeline import PassContext
@@ -48,6 +49,14 @@ if TYPE_CHECKING:  # pipeline imports this module to register the pass
 KIND = "attention"
 
 SPARSITY_OFF = "attention (sparsity.enabled is False: left to the inner compiler)"
+
+# Calls Dynamo keeps as one node whose attention the pass cannot see into: reported as skipped sites
+# with detail["opaque"] (the audit counts their calls as unaccelerated).
+OPAQUE = {
+    torch.nn.functional.multi_head_attention_forward: (
+        "nn.MultiheadAttention's fused call (F.multi_head_attention_forward) is opaque to the rewrite: write the "
+        "attention with F.scaled_dot_product_attention to have it planned; left as written"),
+}
 
 
 def attention_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
@@ -62,6 +71,10 @@ def _rewrite_sites(gm: fx.GraphModule, ctx: "PassContext") -> None:
     erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node in erased:
+            continue
+        if node.op == "call_function" and node.target in OPAQUE:
+            ctx.compilation.sites.append(Site(KIND, "skipped", reason=OPAQUE[node.target], location=location(node),
+                                              detail={"opaque": True}))
             continue
         readings = read(node)
         if is_flex_attention(node):
@@ -106,10 +119,9 @@ def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: obj
     if any(not isinstance(s, int) for t in operands for s in t.shape):
         raise NotAttention(f"symbolic shapes ({_why_symbolic(dynamic)}): plan slots need static shapes; left as "
                            "written. Fix: torch.compile(..., dynamic=False)")
-    lossy = _lossy_intermediate(match, operands[0].dtype)
+    lossy = _lossy(match, operands[0].dtype)
     if lossy is not None:
-        raise NotAttention(f"{lossy.name} rounds the attention to {example(lossy).dtype} inside a "
-                           f"{operands[0].dtype} site: the rewrite would compute it in {operands[0].dtype}; left as written")
+        raise NotAttention(f"{lossy}; left as written")
     if any(t.requires_grad for t in operands):
         raise NotAttention("needs gradients (traced with grad enabled); planned attention is inference-only: left as written")
     if streams.is_cross_attention(match.q.node, match.k.node):
@@ -117,18 +129,29 @@ def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: obj
         raise NotAttention(f"cross-attention (keys projected from other tokens: {names}) left dense")
 
 
-def _lossy_intermediate(match: AttentionMatch, dtype: torch.dtype) -> fx.Node | None:
-    """A matched node whose value is floating point of lower precision than the site's ``dtype``
-    (e.g. weights cast to float16 before the values product on float32 inputs), or None. Casts to
-    higher precision (an fp32 softmax of fp16 scores, cast back) are what the kernel does anyway."""
-    if not dtype.is_floating_point:
-        return None
+def _lossy(match: AttentionMatch, dtype: torch.dtype) -> str | None:
+    """Why the rewrite, which computes in the site's ``dtype`` (q's), would round otherwise than the
+    site does, or None. One precision rule (``_coarser``), both ways: a matched node of lower
+    precision than ``dtype`` (weights cast to float16 before the values product on float32 inputs:
+    the site rounds, the rewrite would not), an additive mask of higher precision (a float32 bias
+    added to the float32 scores of a float16 site: the rewrite would round the bias). Casts of the
+    scores to higher precision (an fp32 softmax of fp16 scores, cast back) are what the kernel does."""
     for node in match.nodes:
         value = example(node)
-        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and \
-                torch.finfo(value.dtype).eps > torch.finfo(dtype).eps:
-            return node
+        if isinstance(value, torch.Tensor) and _coarser(value.dtype, dtype):
+            return (f"{node.name} rounds the attention to {value.dtype} inside a {dtype} site: the rewrite would "
+                    f"compute it in {dtype}")
+    for mask in match.masks:
+        value = example(mask.node)
+        if mask.kind == ADD_MASK and _coarser(dtype, value.dtype):
+            return (f"the additive mask {mask.node.name} is {value.dtype} on a {dtype} site: the rewrite would round "
+                    f"it to {dtype}")
     return None
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether floating dtype ``a`` has less precision than floating dtype ``b``."""
+    return a.is_floating_point and b.is_floating_point and torch.finfo(a).eps > torch.finfo(b).eps
 
 
 def _why_symbolic(dynamic: object) -> str:
@@ -149,9 +172,7 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
 def location(node: fx.Node) -> str:
-    """The user's source line of ``node`` ("file.py:12 in forward"), from Dynamo's stack trace."""
+    """The user's source line of ``node`` ("file.py:12 in forward"), from Dynamo's stack trace
+    (``user_location``: a flex call's innermost frames are inside torch)."""
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
-    if not frames:
-        return describe(node)
-    path, line, fn = frames[-1]
-    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"
+    return user_location(frames) or describe(node)

@@ -9,6 +9,10 @@ A call is rewritten exactly when:
 - only the output is used (no log-sum-exp or row max);
 - the mask the block mask stands for fits ``MAX_MASK_ELEMENTS``.
 
+A call without a block mask (Dynamo passes FlexAttention's default: one listed block of
+``_LARGE_SPARSE_BLOCK_SIZE`` tokens whose ``mask_mod`` is always True) masks nothing: it is
+rewritten as unmasked attention, and no mask is built.
+
 Its mask is then built in the graph, with FlexAttention's semantics: a key is visible where its
 block is listed as full, or listed as partial and ``mask_mod(b, h, q_idx, kv_idx)`` is True
 (``mask_mod`` evaluated over broadcast index grids, as ``create_mask`` does). The site is matched as
@@ -58,21 +62,20 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
         raise NotAttention("flex_attention operands must be 4-D (B, H, L, D) tensors")
     blocks = _block_mask(block_mask)
     q_len, kv_len = values[0].shape[2], values[1].shape[2]
-    mask_batch, mask_heads = (example(blocks["kv_num"]).shape[i] for i in (0, 1))
-    elements = mask_batch * mask_heads * q_len * kv_len
-    if elements > MAX_MASK_ELEMENTS:
-        raise NotAttention(f"flex_attention's block mask would expand to {elements} mask elements (more than "
-                           f"{MAX_MASK_ELEMENTS}): left as written")
+    if not _masks_nothing(gm, blocks, q_len, kv_len):
+        _check_expandable(blocks, q_len, kv_len)
     return sdpa_layout_match("flex_attention", users[0], (q, k, v), LABELS, (), float(scale), False, (node, users[0]))
 
 
 def with_block_mask(gm: fx.GraphModule, match: AttentionMatch) -> AttentionMatch:
     """``match`` (of ``match_flex``) with its call's block mask as a bool mask, computed by nodes
-    inserted before the call (``flex_visibility``)."""
+    inserted before the call (``flex_visibility``); unchanged if the block mask masks nothing."""
     node = match.nodes[0]
     blocks = _block_mask(node.args[4])
-    buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
     q_value, k_value = example(match.q.node), example(match.k.node)
+    if _masks_nothing(gm, blocks, q_value.shape[2], k_value.shape[2]):
+        return match
+    buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
     kv_num = example(blocks["kv_num"])
     shape = (kv_num.shape[0], kv_num.shape[1], q_value.shape[2], k_value.shape[2])
     mask = _emit_mask(gm, node, blocks, buffers, q_value.device, shape)
@@ -94,17 +97,47 @@ def flex_visibility(mod_mask: torch.Tensor, kv_num: torch.Tensor, kv_idx: torch.
 
 
 def _listed(num: torch.Tensor, idx: torch.Tensor, kv_blocks: int) -> torch.Tensor:
-    """``(..., Q)`` counts and ``(..., Q, M)`` indices -> ``(..., Q, kv_blocks)`` bool of the listed blocks."""
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    """``(..., Q)`` counts and ``(..., Q, M)`` indices -> ``(..., Q, kv_blocks)`` bool of the listed blocks
+    (a listed block past the keys holds no key: it is dropped)."""
+    listed = (torch.arange(idx.shape[-1], device=idx.device) < num[..., None]) & (idx < kv_blocks)
     target = torch.where(listed, idx.long(), kv_blocks)  # unlisted entries land in a spare column
     spare = torch.zeros(*idx.shape[:-1], kv_blocks + 1, dtype=torch.bool, device=idx.device)
     return spare.scatter(-1, target, True)[..., :kv_blocks]
 
 
 def _tokens(blocks: torch.Tensor, q_block: int, kv_block: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """Block-level ``(..., Q, K)`` -> token-level ``(..., q_len, kv_len)``."""
-    rows = blocks.repeat_interleave(q_block, dim=-2)[..., :q_len, :]
-    return rows.repeat_interleave(kv_block, dim=-1)[..., :kv_len]
+    """Block-level ``(..., Q, K)`` -> token-level ``(..., q_len, kv_len)``: token (i, j) reads block
+    (i // q_block, j // kv_block), so nothing larger than the result is allocated whatever the block sizes."""
+    rows = torch.arange(q_len, device=blocks.device) // q_block
+    cols = torch.arange(kv_len, device=blocks.device) // kv_block
+    return blocks[..., rows[:, None], cols]
+
+
+def _check_expandable(blocks: dict, q_len: int, kv_len: int) -> None:
+    """Refuse a block mask whose token mask would be too large to build."""
+    kv_num = example(blocks["kv_num"])
+    elements = kv_num.shape[0] * kv_num.shape[1] * q_len * kv_len
+    if elements > MAX_MASK_ELEMENTS:
+        raise NotAttention(f"flex_attention's block mask would expand to {elements} mask elements (more than "
+                           f"{MAX_MASK_ELEMENTS}): left as written")
+
+
+def _masks_nothing(gm: fx.GraphModule, blocks: dict, q_len: int, kv_len: int) -> bool:
+    """Whether the block mask lets every query see every key: FlexAttention's default for a call
+    without one (``torch.ones`` / ``torch.zeros`` tables listing one block that spans all tokens, a
+    ``mask_mod`` that returns True)."""
+    one_block = blocks["q_block"] >= q_len and blocks["kv_block"] >= kv_len
+    constant_tables = (blocks["kv_num"].target is torch.ones and blocks["kv_idx"].target is torch.zeros
+                       and blocks["full_num"] is None)
+    return one_block and constant_tables and _returns_true(gm, blocks["mask_mod"])
+
+
+def _returns_true(gm: fx.GraphModule, mask_mod: fx.Node) -> bool:
+    """Whether the ``mask_mod`` graph returns a constant True (FlexAttention's ``noop_mask``)."""
+    (output,) = [n for n in gm.get_submodule(mask_mod.target).graph.nodes if n.op == "output"]
+    result = output.args[0]
+    return isinstance(result, fx.Node) and result.op == "call_method" and result.target == "new_ones" and \
+        result.kwargs.get("dtype") is torch.bool
 
 
 def _is_identity(gm: fx.GraphModule, score_mod: object) -> bool:

@@ -44,13 +44,16 @@ class CallKey:
         self.weights = [i for i, n in enumerate(inputs) if is_parameter(n)]
         self.held = [t for _, t in gm.named_parameters()]  # not buffers: plan slots live there
         self.names = {i: input_name(n) for i, n in enumerate(inputs) if i not in excluded and i not in self.weights}
-        self.signature = graph_signature(gm)
+        self.gm = gm
+        self.signatures: dict[frozenset[str], str] = {}  # by the running model's revisit_inputs
 
     def __call__(self, args: Sequence) -> Hashable:
         model = running()
         weights = [args[i] for i in self.weights if isinstance(args[i], torch.Tensor)] + self.held
         conditioning = [args[i] for i, name in self.names.items() if name not in model.revisit_inputs]
-        return self.signature, model.cache_key(weights, conditioning)
+        if model.revisit_inputs not in self.signatures:
+            self.signatures[model.revisit_inputs] = graph_signature(self.gm, model.revisit_inputs)
+        return self.signatures[model.revisit_inputs], model.cache_key(weights, conditioning)
 
 
 # Calls whose integer arguments are sizes, dims, counts or bounds, and calls that make position or
@@ -63,23 +66,34 @@ SHAPE_CALLS = frozenset({
 POSITION_SOURCES = frozenset({"arange", "linspace", "size", "zeros", "ones", "empty", "full"})
 
 
-def graph_signature(gm: fx.GraphModule) -> str:
+def graph_signature(gm: fx.GraphModule, revisit: frozenset[str] = frozenset()) -> str:
     """A digest of what ``gm`` computes apart from its inputs: every node's operation and the values
     Dynamo baked into its arguments (a Python float, bool, string or integer argument of the model is
-    a constant of its graph, and another value is another graph). Integers are left out where they
-    are sizes or positions: in the arguments of ``SHAPE_CALLS`` and of the li ops (capacities, block
-    sizes), in slices, and in arithmetic on position tensors (``POSITION_SOURCES`` and what is
-    computed from them alone, e.g. ``arange(n) - context_frames``), so that the graphs of one model
-    at several capacity buckets, which differ there (and in their plan slots' names), share cache
-    entries: the cache's approximation allows another context."""
-    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    a constant of its graph, and another value is another graph). Left out, so that the graphs of one
+    model that the cache's approximation allows to share entries (another context) get one digest:
+
+    - integers that are sizes or positions: in the arguments of ``SHAPE_CALLS`` and of the li ops
+      (capacities, block sizes), in slices, and in arithmetic on position tensors
+      (``POSITION_SOURCES`` and what is computed from them alone, e.g. ``arange(n) -
+      context_frames``): the graphs of several capacity buckets differ there, and in their plan
+      slots' names;
+    - the inputs named in ``revisit`` (``Accelerator.configure(revisit_inputs=...)``: camera- and
+      context-derived) and what is computed from them alone, which arguments name as None: a
+      context's validity mask, which a full context's graph drops, is one."""
+    index: dict[fx.Node, int] = {}
     positions: set[fx.Node] = set()
+    dropped: set[fx.Node] = set()
     described = []
     for node in gm.graph.nodes:
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         inputs = node.all_input_nodes
-        if name in POSITION_SOURCES or (node.op in ("call_function", "call_method") and inputs
-                                        and all(n in positions for n in inputs)):
+        computed = node.op in ("call_function", "call_method") and bool(inputs)
+        if (node.op == "placeholder" and input_name(node) in revisit) or (
+                computed and any(n in dropped for n in inputs) and all(n in dropped or n in positions for n in inputs)):
+            dropped.add(node)
+            continue
+        index[node] = len(index)
+        if name in POSITION_SOURCES or (computed and all(n in positions for n in inputs)):
             positions.add(node)
         shaped = name in SHAPE_CALLS or str(node.target).startswith("li.") or any(n in positions for n in inputs)
         target = _qualified(node.target) if node.op == "call_function" else re.sub(r"li_plan_slot\d+", "li_plan_slot", str(node.target))
@@ -92,10 +106,11 @@ def _qualified(target: object) -> str:
 
 
 def _baked(value: object, shaped: bool, index: dict[fx.Node, int]) -> object:
-    """``value`` (a node's arguments) as ``graph_signature`` describes it: nodes by position in the
-    graph, integers as "int" where ``shaped`` or inside a slice, other values by ``repr``."""
+    """``value`` (a node's arguments) as ``graph_signature`` describes it: nodes by position among
+    those it keeps (a node it left out as None), integers as "int" where ``shaped`` or inside a
+    slice, other values by ``repr``."""
     if isinstance(value, fx.Node):
-        return ("node", index[value])
+        return ("node", index[value]) if value in index else repr(None)
     if isinstance(value, (list, tuple)):
         return tuple(_baked(v, shaped, index) for v in value)
     if isinstance(value, dict):

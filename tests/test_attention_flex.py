@@ -99,6 +99,17 @@ def flex_sites(compiled):
     return [s for s in li_compile.report(compiled).sites if s.kind == "attention"]
 
 
+def compiled_alike(attend):
+    """``attend(q, k, v)`` compiled with light_interaction (eager inner) equals it run eagerly
+    (fp32); returns its one flex site."""
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    q, k, v = qkv()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
+    (site,) = flex_sites(compiled)
+    return site
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_flex_call_with_a_block_mask_is_rewritten_and_equals_eager_flex(case):
     block_mask, shapes, gqa = CASES[case]()
@@ -158,9 +169,33 @@ def test_a_flex_call_that_cannot_be_rewritten_exactly_runs_as_written_with_the_r
             return out * lse.exp()[..., None]
         return flex_attention(q, k, v, block_mask=block_mask)
 
-    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    site = compiled_alike(attend)
+    assert site.status == "skipped" and reason in site.reason, site.reason
+
+
+def identity_score(score, b, h, q, kv):
+    return score
+
+
+@pytest.mark.parametrize("score_mod", [None, identity_score], ids=["plain", "identity_score_mod"])
+def test_a_flex_call_without_a_block_mask_is_rewritten_as_unmasked_attention(score_mod):
+    """Dynamo hands such a call FlexAttention's default block mask (one block of 2^30 tokens that
+    masks nothing): the site is plain attention, rewritten with no mask to build."""
+    def attend(q, k, v):
+        return flex_attention(q, k, v, score_mod=score_mod)
+
+    site = compiled_alike(attend)
+    assert site.status == "rewritten" and site.detail["masks"] == 0
+
+
+def test_a_mask_mod_on_blocks_larger_than_the_sequence_expands_to_no_more_than_the_token_mask():
+    """A block mask of one 2^30-token block with a causal ``mask_mod``: the token mask is built per
+    token (never block size x block size), so the rewritten site runs and equals eager flex."""
+    huge = BlockMask.from_kv_blocks(torch.ones(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32),
+                                    BLOCK_SIZE=1 << 30, mask_mod=causal)
     q, k, v = qkv()
+    attend, compiled = compiled_flex(huge)
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
     (site,) = flex_sites(compiled)
-    assert site.status == "skipped" and reason in site.reason, site.reason
+    assert site.status == "rewritten" and site.detail["masks"] == 1

@@ -70,7 +70,7 @@ SPELLINGS = {
         t["q"], (0.25 * t["k"]).transpose(-1, -2)
     ).softmax(dim=-1).matmul(t["v"]),
     "fp32_softmax_cast_back": lambda t: F.softmax(
-        (t["q"].half() @ t["k"].half().transpose(-2, -1)).float() * 0.3 + t["bias"], dim=-1, dtype=torch.float32
+        (t["q"].half() @ t["k"].half().transpose(-2, -1)).float() * 0.3 + t["bias"].half(), dim=-1, dtype=torch.float32
     ).to(torch.float16) @ t["v"].half(),
     "einsum_bhld": lambda t: torch.einsum(
         "bhij,bhjd->bhid", torch.einsum("bhid,bhjd->bhij", t["q"], t["k"]).mul(0.3).softmax(-1), t["v"]
@@ -248,6 +248,53 @@ def test_self_attention_with_cache_norm_and_rope_is_rewritten_cross_attention_le
     assert "left dense" in cross_site.reason and "test_attention_pass.py" in cross_site.location
 
 
+class ContextAttention(torch.nn.Module):
+    """The chunk ``x`` attends to keys and values projected from ``kv_from(context, x)``."""
+
+    def __init__(self, kv_from, width=32, heads=4):
+        super().__init__()
+        self.kv_from, self.heads = kv_from, heads
+        self.norm = torch.nn.LayerNorm(width)
+        self.shift = torch.nn.Parameter(torch.randn(width))  # broadcast over tokens: not a token stream
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def split(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x, context):
+        kv = self.kv_from(self, context, x)
+        return F.scaled_dot_product_attention(self.split(self.q(self.norm(x) + self.shift)), self.split(self.k(kv)),
+                                              self.split(self.v(kv)))
+
+
+KEY_STREAMS = {  # where the keys come from -> whether the site is self-attention over the chunk
+    "context_and_chunk_concatenated_before_the_projection": (lambda m, context, x: torch.cat([context, x], 1), True),
+    "the_chunk_before_the_queries_norm": (lambda m, context, x: x, True),
+    "the_chunk_shifted_and_cast": (lambda m, context, x: (x + m.shift).float(), True),
+    "context_tokens_shifted_as_the_queries_are": (lambda m, context, x: m.norm(context) + m.shift, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEY_STREAMS))
+def test_keys_that_contain_the_queries_tokens_are_self_attention_keys_of_other_tokens_are_not(name):
+    """Token streams are traced through ``torch.cat`` and row-wise ops (norms, casts, elementwise
+    arithmetic with broadcast operands): keys projected from a concatenation holding the queries'
+    hidden states, or from those hidden states before the queries' norm, make a self-attention site;
+    keys from the context alone stay cross-attention, left dense."""
+    kv_from, is_self = KEY_STREAMS[name]
+    block = ContextAttention(kv_from).eval()
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 6, 32, generator=g), torch.randn(1, 10, 32, generator=g)
+    compiled = compile_eager(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, context), block(x, context), **FP32)
+    (site,) = sites(compiled)
+    if is_self:
+        assert site.status == "rewritten", site.reason
+    else:
+        assert site.status == "skipped" and site.reason.startswith("cross-attention")
+
+
 def test_sites_that_need_gradients_are_left_alone():
     block, args = DiTBlock(), dit_inputs()
     compiled = compile_eager(block)
@@ -349,3 +396,19 @@ def test_weights_rounded_to_half_on_float_inputs_are_left_as_written():
         torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), rtol=0, atol=0)
     assert [s.status for s in sites(compiled)] == ["skipped"]
     assert "rounds the attention to torch.float16" in sites(compiled)[0].reason
+
+
+def test_a_float32_bias_on_a_half_site_is_left_as_written_not_rounded():
+    """fp16 q, k, v with fp32 scores and an fp32 additive bias: eager adds the bias in fp32; the
+    rewrite computes in q's dtype and would round a bias of ~3000 to fp16 steps of 2 (error 0.3)."""
+    def attend(q, k, v, bias):
+        return ((q @ k.mT).float() * 0.25 + bias).softmax(-1).half() @ v
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g).half() for _ in range(3))
+    bias = torch.randn(1, 1, 32, 32, generator=g) * 20 + 3000
+    compiled = compile_eager(attend, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, bias), attend(q, k, v, bias), rtol=0, atol=0)
+    (site,) = sites(compiled)
+    assert site.status == "skipped" and "would round it to torch.float16" in site.reason

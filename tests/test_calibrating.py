@@ -4,7 +4,8 @@ Specifications: the kept mass measured at a site equals the fp64 softmax referen
 and keys left out; chunks inside a calibration compute exactly what dense attention does; a
 calibration to keep all the mass changes no answer afterwards; a looser one makes later plans
 sparse per head, with no recompilation, and the report prints the recall per layer; a saved
-calibration reloads to the same plans.
+calibration reloads to the same plans; a calibration that cannot act on a model (its controller
+writes no tile plan, or it was made for other heads, blocks, tile or depth range) is refused, naming why.
 """
 
 import dataclasses
@@ -15,10 +16,12 @@ from torch._dynamo.utils import counters
 
 import li_compile
 from li_compile.calibrating import CalibrationRun
-from li_compile.controller.attention_plan import tile_shape
-from li_compile.controller.calibration import Calibration, widening_ladder
+from li_compile.controller.attention_plan import tile_shape, write_tile_chunk_plan
+from li_compile.controller.calibration import Calibration, CalibrationSetting, widening_ladder
+from li_compile.controller.context import ContextController
 from li_compile.controller.poses import bounds_from_fov, make_poses
 from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, key_keep, write_tile_plan
+from li_compile.options import ContextOptions, SparsityOptions
 from li_compile.plan import Plan, SlotSignature
 from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
@@ -38,7 +41,8 @@ def test_measured_kept_mass_equals_the_reference_softmax_without_padding():
     roles, bounds = ["pad", "recent"], bounds_from_fov(60.0, 1.0)
     candidates = widening_ladder(TilePlanParams(recent_radius=0, context_queries="frame_local"), 2)
     run = CalibrationRun(candidates, target=0.9, rows=10_000)
-    run.write_candidates(plan, tiled, roles, poses[:2], poses[2:], bounds)
+    setting = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0))
+    run.write_candidates(plan, tiled, roles, poses[:2], poses[2:], bounds, setting)
     assert slot.is_dense  # calibration chunks run dense
     generator = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, seq.q_len, 8, generator=generator) * 2 for _ in range(2))
@@ -57,6 +61,7 @@ def test_measured_kept_mass_equals_the_reference_softmax_without_padding():
         expected = (probs * visited).sum(-1)[:, :, rows].mean((0, 2))
         torch.testing.assert_close(run.worst["g.attention0"][c], expected, rtol=1e-5, atol=1e-6)
     assert (run.worst["g.attention0"][1] >= run.worst["g.attention0"][0] - 1e-9).all()  # wider keeps more
+    assert run.finish().made_for == setting  # the calibration records the setting it was measured in
 
 
 def _run(world, trajectory, target=None, chunks=3, calibrate_chunks=2, options=OPTIONS, calibration=None):
@@ -135,3 +140,91 @@ def test_a_calibration_without_measured_chunks_says_what_it_needs(world, traject
             pass
     with pytest.raises(ValueError, match=r"target kept mass must be in \(0, 1\], got 1.5"):
         li_compile.calibrate(setup.world.model, target=1.5)
+
+
+def _layout(capacity: int) -> SequenceLayout:
+    return SequenceLayout(capacity, 1, 4, 4, prefix_tokens=3, queries="all")
+
+
+def _controller(plan: Plan, sparsity: dict | None = None, context: dict | None = None, **kwargs) -> ContextController:
+    """A controller of 16-token blocks over ``_layout`` with a 60 degree lens, unless ``kwargs`` say otherwise."""
+    options = ContextOptions(**{"window_min": 1, "window_max": 2, "window_rule": "fixed", **(context or {})})
+    sparsity = SparsityOptions(**{"block_q": 16, "block_k": 16, "max_density": 1.0, **(sparsity or {})})
+    return ContextController(options, plan, sparsity=sparsity, memory_k=2, **{"layout": _layout, "fov_y_deg": 60.0, **kwargs})
+
+
+def _calibration(heads: int, made_for: CalibrationSetting | None) -> Calibration:
+    candidates = widening_ladder(TilePlanParams(depth_range=(0.1, 10.0)), 1)
+    return Calibration(0.9, candidates, {"g.attention0": torch.ones(1, heads)}, {"g.attention0": [0] * heads}, made_for)
+
+
+FITS = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0))  # what _controller() plans with
+
+
+@pytest.mark.parametrize(
+    "controller, calibration, match",
+    [
+        ({"fov_y_deg": None}, {}, "no lens is configured"),
+        ({"sparsity": {"plan": "frames"}}, {}, "sparsity.plan is 'frames'"),
+        ({"context": {"enabled": False}}, {}, r"the context controller is off"),
+        ({"layout": None}, {}, "no attention layout is configured"),
+        ({}, {"heads": 4}, "the calibration has plans for 4 heads, but the attention sites of .* tokens have 2 heads"),
+        ({}, {"made_for": dataclasses.replace(FITS, block_q=32)}, r"another setting .*: block_q 32 vs 16"),
+        ({"near": 0.5, "far": 20.0}, {}, r"another setting .*: depth_range \(0.1, 10.0\) vs \(0.5, 20.0\)"),
+    ],
+    ids=["no_lens", "frame_plans", "controller_off", "no_layout", "other_heads",
+         "other_blocks", "other_depth_range"],
+)
+def test_a_calibration_that_cannot_act_on_a_model_is_refused_naming_why(controller, calibration, match):
+    plan = Plan()
+    plan.slot_for(SlotSignature(1, 2, _layout(4).q_len, _layout(4).kv_len, "cpu", 16, 16))  # a compiled 2-head site
+    ours = _controller(plan, **controller)
+    with pytest.raises(ValueError, match=match):
+        ours.use_calibration(_calibration(**{"heads": 2, "made_for": FITS, **calibration}))
+    assert ours.head_params is None
+
+
+def test_calibrated_plans_too_dense_to_pay_are_accepted_and_their_chunks_run_dense_saying_why():
+    """A calibration measured on this model whose plans would run more block pairs than
+    ``sparsity.max_density`` is no error (dense is what they call for): such chunks take the frame
+    plan, and the reason names the calibrated plans' floor."""
+    plan = Plan()
+    plan.slot_for(SlotSignature(1, 2, _layout(4).q_len, _layout(4).kv_len, "cpu", 16, 16))
+    controller = _controller(plan, sparsity={"max_density": 0.0})
+    controller.use_calibration(_calibration(2, FITS))
+    assert controller.head_params == _calibration(2, FITS).head_params()
+    assert "the calibrated per-head plans at context capacity 4" in controller._frame_plan_reason(4)
+
+
+def test_a_calibration_made_for_the_model_plans_every_head_and_none_goes_back_to_the_options_plan():
+    plan = Plan()
+    plan.slot_for(SlotSignature(1, 2, _layout(4).q_len, _layout(4).kv_len, "cpu", 16, 16))
+    controller = _controller(plan)
+    for made_for in (FITS, None):  # one measured on a model, and one made by hand (its heads are checked)
+        controller.use_calibration(_calibration(2, made_for))
+        assert controller.head_params == _calibration(2, made_for).head_params()
+    controller.use_calibration(None)
+    assert controller.head_params is None
+
+
+def test_per_head_plans_for_another_head_count_are_refused_when_written_not_ignored():
+    """A site compiled after the calibration was applied has 2 heads; plans for 4 raise when written."""
+    seq = _layout(2)
+    tiled = TiledSequence(seq, tile_shape(16))
+    plan = Plan()
+    plan.slot_for(SlotSignature(1, 2, seq.q_len, seq.kv_len, "cpu", 16, 16))
+    poses = make_poses(torch.eye(3), torch.tensor([[0.0, 0.0, 0.1 * i] for i in range(3)]))
+    params = TilePlanParams()
+    with pytest.raises(ValueError, match="the calibration has plans for 4 heads, but the attention sites of 51 x 51 "
+                                         "tokens have 2 heads"):
+        write_tile_chunk_plan(plan, tiled, ["pad", "recent"], poses[:2], poses[2:], bounds_from_fov(60.0, 1.0), params,
+                              SparsityOptions(max_density=1.0), head_params=(params,) * 4)
+
+
+def test_calibration_measures_its_candidates_where_the_options_plan_is_too_dense_to_pay(world, trajectory):
+    """Under the default ``max_density`` HY's options' plan (dense context rows) runs dense; the
+    candidates (frame-local and camera context rows among them) are measured all the same."""
+    torch._dynamo.reset()
+    options = {**OPTIONS, "sparsity": {"block_q": 16, "block_k": 16}}
+    scope = _run(world, trajectory, target=0.9, options=options, chunks=1)[0]
+    assert scope.calibration is not None and scope.calibration.choice

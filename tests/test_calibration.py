@@ -1,14 +1,20 @@
 """Calibration: kept mass is the softmax mass a plan visits (1 when dense); on a model built to have
 known local attention, calibration picks the narrowest plan reaching the target, a higher target
-never picks a narrower one, global heads stay dense, and the result survives a JSON round trip."""
+never picks a narrower one, global heads stay dense, and the result survives a JSON round trip; a
+corrupt or foreign file is refused, naming what is wrong."""
 
+import json
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from li_compile.controller.calibration import (
     DENSE,
+    FORMAT_VERSION,
     Calibration,
+    CalibrationSetting,
     calibrate,
     kept_mass,
     kept_mass_from_probs,
@@ -98,3 +104,57 @@ def test_a_frame_local_ladder_widens_its_context_rows_last_and_every_step_is_a_s
     for narrow, wide in zip(masks, masks[1:]):
         assert not (narrow & ~wide).any() and wide.sum() >= narrow.sum()
     assert masks[-1].sum() > masks[-2].sum()
+
+
+def _saved_calibration() -> dict:
+    """A valid calibration file (3 candidates, one layer "l" of 2 heads) as the JSON object to corrupt."""
+    kept = torch.tensor([[0.5, 0.95], [0.95, 0.97], [1.0, 1.0]], dtype=torch.float64)
+    calibration = Calibration(0.9, widening_ladder(TilePlanParams(), 3), {"l": kept}, {"l": [1, 0]},
+                              CalibrationSetting(16, 16, (1, 4, 4), (0.1, 10.0)))
+    return json.loads(calibration.to_json())
+
+
+def _set(*path, value):
+    def corrupt(data):
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+    return corrupt
+
+
+def _delete(key):
+    return lambda data: data.pop(key)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (_set("choice", "l", value=[-3, 0]), r"choice\['l'\] must list one candidate index in \[-1, 3\) per head"),
+        (_set("choice", "l", value=[7, 0]), r"choice\['l'\] must list one candidate index in \[-1, 3\) per head"),
+        (_set("kept", value={"other": [[0.5, 0.9]] * 3}), r"kept and choice must name the same layers"),
+        (_set("kept", "l", value=[[0.1]]), r"kept\['l'\] must be \(candidates=3, heads=2\) .* got \(1, 1\)"),
+        (_set("target", value=7), r"target kept mass must be in \(0, 1\], got 7"),
+        (_set("target", value=0), r"target kept mass must be in \(0, 1\], got 0"),
+        (_set("tile_budget", value=3), r"calibration has unknown fields \['tile_budget'\]"),
+        (_set("candidates", 0, "tile_budget", value=3), r"candidates\[0\] has unknown fields \['tile_budget'\]"),
+        (_delete("choice"), r"calibration has missing fields \['choice'\]"),
+        (_set("made_for", "tile", value=[1, 4]), r"made_for.tile must be a list of 3 numbers, got \[1, 4\]"),
+        (_delete("format_version"), r"calibration has no format_version"),
+        (_set("format_version", value=2), r"calibration format_version is 2, this li_compile reads version 1"),
+    ],
+    ids=["choice_below_dense", "choice_past_the_candidates", "layers_differ", "heads_differ", "target_above_one",
+         "target_zero", "unknown_field", "unknown_candidate_field", "missing_field", "bad_setting", "no_version",
+         "newer_version"],
+)
+def test_a_corrupt_or_foreign_calibration_file_is_refused_naming_what_is_wrong(corrupt, match):
+    data = _saved_calibration()
+    Calibration.from_json(json.dumps(data))  # the file itself loads
+    corrupt(data)
+    with pytest.raises(ValueError, match=match):
+        Calibration.from_json(json.dumps(data))
+
+
+def test_a_saved_calibration_keeps_the_setting_it_was_measured_in():
+    data = _saved_calibration()
+    assert data["format_version"] == FORMAT_VERSION
+    assert Calibration.from_json(json.dumps(data)).made_for == CalibrationSetting(16, 16, (1, 4, 4), (0.1, 10.0))

@@ -165,6 +165,24 @@ def test_a_split_tile_plan_visits_exactly_what_the_tile_plan_allows(queries, rul
     assert torch.equal(visited, reference.to_dense_mask())
 
 
+def test_the_chunk_key_span_is_the_chunks_keys_with_sinks_in_place_and_shifted_onto_sinks_with_sinks_at_the_end():
+    """``chunk_key_span`` counts from the chunk's token-order position. With the prefix in place that
+    is its tile-order position too; with ``sinks="end"`` (the controller's) the prefix sits behind the
+    video, so the span starts a prefix later: past the chunk's first keys, into sink keys (which
+    every row visits as well)."""
+    from li_compile.controller.attention_plan import chunk_key_span, tile_shape
+    from li_compile.tiled_sequence import TiledSequence
+
+    seq = SequenceLayout(2, 2, 4, 8, prefix_tokens=16, queries="all")
+    first, end = chunk_key_span(seq, 16)
+    in_place = TiledSequence(seq, tile_shape(16), sinks="in_place").key_frame_ids[first * 16:end * 16]
+    assert (in_place >= seq.context_frames).all() and len(in_place) == seq.chunk_frames * seq.tokens_per_frame
+    at_end = TiledSequence(seq, tile_shape(16)).key_frame_ids
+    chunk_start = int((at_end >= seq.context_frames).nonzero()[0])
+    assert first * 16 == chunk_start + seq.prefix_tokens  # shifted by the prefix
+    assert set(at_end[first * 16:end * 16].tolist()) == {2, 3, -1}  # chunk frames and sinks only
+
+
 def test_max_density_judges_the_share_the_kernel_runs_outside_the_flash_span():
     """A chunk-query plan of density 0.7 whose chunk span (0.5 of the keys, run by SDPA) is visited
     whole leaves the kernel 0.4 of its pairs: sparse under ``max_density`` 0.6; with no span, the

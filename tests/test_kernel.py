@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from li_compile.kernels.block_layout import BlockLayout, cdiv
-from li_compile.kernels.block_sparse_attention import UnsupportedAttention, sparse_attention
+from li_compile.kernels.block_sparse_attention import UnsupportedAttention, launch, sparse_attention
 
 TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
 
@@ -205,14 +205,44 @@ def test_gradients_are_refused_with_a_clear_error():
         (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), "must divide"),
         (((1, 2, 8, 16), (1, 2, 8, 32), (1, 2, 8, 32)), "do not match"),
         (((1, 2, 8, 512), (1, 2, 8, 512), (1, 2, 8, 512)), "head dims"),
+        (((1, 0, 8, 16), (1, 0, 8, 16), (1, 0, 8, 16)), r"at least one head .* got q \(1, 0, 8, 16\)"),
+        (((1, 2, 8, 0), (1, 2, 8, 0), (1, 2, 8, 16)), r"a head dim >= 1, got q \(1, 2, 8, 0\)"),
     ],
-    ids=["gqa_heads", "head_dim", "too_wide"],
+    ids=["gqa_heads", "head_dim", "too_wide", "no_heads", "empty_head_dim"],
 )
 def test_unsupported_calls_raise_naming_the_problem(shapes, match):
     q, k, v = (torch.randn(s) for s in shapes)
     layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=8)
     with pytest.raises(UnsupportedAttention, match=match):
         sparse_attention(q, k, v, layout)
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.ones(3, 1, 1, 8, dtype=torch.bool), r"attn_mask \(3, 1, 1, 8\) does not broadcast to \(B, H, Lq, Lk\)=\(2, 2, 8, 8\)"),
+        (torch.ones(1, 1, 8, 8, dtype=torch.int64), r"attn_mask must be bool .* or floating .*, got torch.int64"),
+    ],
+    ids=["key_padding_of_another_batch", "integer_mask"],
+)
+def test_a_site_mask_sdpa_refuses_is_refused_naming_its_shape_or_dtype(mask, match):
+    """A bool key-padding mask (B', 1, 1, Lk) of another batch (SDPA cannot broadcast it) and an
+    integer 0/1 mask (SDPA takes bool or floating only) are refused, not read as a batch-B keep
+    vector or added to the logits: ``UnsupportedAttention``, so a rewritten site falls back to SDPA."""
+    q, k, v = qkv(2, 2, 2, 8, 8, 16, torch.float32)
+    layout = BlockLayout.dense(block_q=8, block_k=8, q_len=8, kv_len=8)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with pytest.raises(UnsupportedAttention, match=match):
+        sparse_attention(q, k, v, layout, attn_mask=mask)
+
+
+@pytest.mark.parametrize("block_q", [0, 16.0])
+def test_a_block_size_that_is_not_a_positive_int_is_named(block_q):
+    q, k, v = qkv(1, 1, 1, 20, 20, 16, torch.float32)
+    counts, indices = torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"block_q must be a positive int, got {block_q!r}"):
+        launch(q, k, v, counts, indices, None, None, None, None, block_q, 16, None, False)
 
 
 def test_cuda_graph_capture_launches_a_fixed_config_that_tiles_the_layout_blocks():

@@ -107,6 +107,21 @@ def test_from_block_mask_rejects_a_mask_of_the_wrong_grid():
         BlockLayout.from_block_mask(torch.ones(3, 3, dtype=torch.bool), block_q=8, block_k=8, q_len=16, kv_len=24)
 
 
+def test_full_blocks_must_be_blocks_the_mask_visits():
+    """``full`` marks which *visited* blocks need no element mask; marking a skipped one is refused."""
+    with pytest.raises(ValueError, match=r"full marks block \(0, 0, 0, 1\) .* that blocks does not visit"):
+        BlockLayout.from_block_mask(torch.tensor([[True, False], [True, True]]), block_q=16, block_k=16, q_len=20,
+                                    kv_len=20, full=torch.ones(2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("block_q", [0, -16, 16.0])
+def test_layout_builders_name_a_block_size_that_is_not_a_positive_int(block_q):
+    with pytest.raises(ValueError, match=f"block_q must be a positive int, got {block_q!r}"):
+        BlockLayout.dense(block_q=block_q, block_k=16, q_len=20, kv_len=20)
+    with pytest.raises(ValueError, match=f"block_q must be a positive int, got {block_q!r}"):
+        BlockLayout.from_block_mask(torch.ones(2, 2, dtype=torch.bool), block_q=block_q, block_k=16, q_len=20, kv_len=20)
+
+
 def test_a_layout_written_into_a_plan_slot_drives_planned_attention_like_the_kernel():
     g = torch.Generator().manual_seed(0)
     slot = Plan().slot_for(SlotSignature(1, 2, 24, 40, "cpu", 8, 8))

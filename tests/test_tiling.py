@@ -132,6 +132,28 @@ def test_local_window_is_exact_when_blocks_are_whole_tiles():
     assert layout.density < 0.5
 
 
+@pytest.mark.parametrize("offset", [-1, 2, 5])
+def test_local_window_query_frames_outside_the_key_frames_are_refused_naming_the_range(offset):
+    """One query frame over two key frames: offsets 0 and 1 place it on a key frame; others would
+    leave every query with no video key to see."""
+    query, key = TileOrder(1, 2, 2, (1, 1, 1)), TileOrder(2, 2, 2, (1, 1, 1))
+    with pytest.raises(ValueError, match=rf"query_frame_offset must be an int in \[0, 1\] .* got {offset}"):
+        local_window_layout(query, key, (0, 0, 0), query_frame_offset=offset, block_q=1, block_k=1)
+
+
+def test_layout_builders_name_a_block_size_that_is_not_a_positive_int():
+    order = TileOrder(2, 2, 2, (1, 1, 1))
+    q = k = torch.randn(1, 1, order.length, 4)
+    builders = [
+        ("block_k", lambda: frame_layout(torch.ones(2, dtype=torch.bool), order.frame_ids, order.length, block_k=0)),
+        ("block_q", lambda: local_window_layout(order, order, (0, 0, 0), block_q=0)),
+        ("block_k", lambda: topk_layout(q, k, 0.5, block_k=16.0)),
+    ]
+    for name, build in builders:
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            build()
+
+
 @pytest.mark.parametrize("density", [0.25, 0.5, 1.0])
 def test_topk_layout_keeps_the_most_similar_key_blocks_within_the_budget(density):
     g = torch.Generator().manual_seed(0)

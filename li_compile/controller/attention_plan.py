@@ -124,8 +124,14 @@ def write_chunk_plan(plan: Plan, sequence: SequenceLayout, context_keep: torch.T
 
 
 def chunk_key_span(sequence: SequenceLayout, block_k: int) -> tuple[int, int]:
-    """Key blocks ``(first, end)`` wholly made of the chunk's own tokens (the same in token and in
-    tile order: context tiles come first, then the chunk's): every query of a plan visits them."""
+    """Key blocks ``(first, end)`` of ``block_k`` keys wholly inside the chunk's own tokens at their
+    *token-order* positions (after the prefix and the context frames); ``(0, 0)`` when no whole block
+    fits. In tile order with ``sinks="in_place"`` those blocks hold the same tokens. With
+    ``sinks="end"`` (``TiledSequence``'s default, the controller's) the prefix sits behind the video,
+    so the chunk starts ``prefix_tokens`` keys earlier and the span is shifted by ``prefix_tokens``:
+    it leaves out the chunk's first keys (their blocks run in the kernel, not in flash) and covers up
+    to ``prefix_tokens`` sink keys after the chunk. Either way, where ``span_seen_by_every_row`` holds,
+    every query row visits the whole span: it visits the chunk, and every row visits the sinks."""
     start = sequence.prefix_tokens + sequence.context_frames * sequence.tokens_per_frame
     stop = start + sequence.chunk_frames * sequence.tokens_per_frame
     first, end = cdiv(start, block_k), stop // block_k
@@ -156,18 +162,20 @@ def write_tile_chunk_plan(
     not rebuilt per chunk), in each slot's blocks; a plan denser than ``sparsity.max_density``
     clears its slot instead (dense). ``roles``: "pad"/"memory"/"recent" per context slot;
     ``context_poses (capacity, 4, 4)`` (any matrix on padding), ``chunk_poses (F, 4, 4)``, ``bounds
-    (4,)`` the lens; ``head_params``: a calibrated plan per head (``Calibration.head_params``), for
-    the slots with that many heads (others take ``params``). Returns stats as ``write_chunk_plan``
-    (plus ``dropped`` candidates)."""
+    (4,)`` the lens; ``head_params``: a calibrated plan per head (``Calibration.head_params``) in place
+    of ``params``, for slots of that many heads (ValueError for another, ``check_calibrated_heads``).
+    Returns stats as ``write_chunk_plan`` (plus ``dropped`` candidates)."""
     sequence = tiled.sequence
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
     if not slots:
         return {"plan": "no site", "density": 1.0, "slots": []}
+    if head_params is not None:
+        check_calibrated_heads(len(head_params), slots)
+    ours = (params,) if head_params is None else tuple(head_params)
     densities = []
     for slot in slots:
         s = slot.signature
         layout = slot_buffer(slot)
-        ours = tuple(head_params) if head_params is not None and len(head_params) == s.heads else (params,)
         span = flash_span(sequence, ours, sparsity, s.block_k)
         stats = write_tile_plan(layout, tiled, roles, context_poses, chunk_poses, bounds, ours, span)
         kernel = kernel_density(stats.density, span, cdiv(s.kv_len, s.block_k))
@@ -181,6 +189,18 @@ def write_tile_chunk_plan(
     dense = sum(k for _, k in densities) / len(densities) > sparsity.max_density
     return {"plan": "dense" if dense else "sparse", "plan_kind": "tiles", "density": 1.0 if dense else planned,
             "plan_density": planned, "slots": [s.id for s in slots], "dropped": stats.dropped}
+
+
+def check_calibrated_heads(heads: int, slots: Sequence[PlanSlot]) -> None:
+    """Raise ValueError when a calibration with ``heads`` plans per layer meets a slot of another head
+    count: it was made for another model, and its plans would not act."""
+    for slot in slots:
+        s = slot.signature
+        if s.heads != heads:
+            raise ValueError(
+                f"the calibration has plans for {heads} heads, but the attention sites of {s.q_len} x {s.kv_len} "
+                f"tokens have {s.heads} heads: it was made for another model; calibrate this one"
+            )
 
 
 def flash_span(sequence: SequenceLayout, params: Sequence[TilePlanParams | None], sparsity: SparsityOptions,

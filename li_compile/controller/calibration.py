@@ -11,7 +11,13 @@ list), the attention inputs of a few chunks, and a function that makes a chunk's
 parameters; per layer and head it picks the first candidate whose *worst* chunk keeps at least
 ``target`` (e.g. 0.99). Heads that no candidate serves are global: they stay dense (choice -1).
 Deterministic: no sampling, ties go to the narrower candidate. The result is saved and reloaded as
-JSON (``Calibration.to_json`` / ``from_json``), and ``table()`` prints the recall per layer.
+JSON (``Calibration.to_json`` / ``from_json``, which refuses a file of another format version or
+with missing, unknown or inconsistent fields), and ``table()`` prints the recall per layer.
+
+A calibration holds one choice per head, so it fits only a model with that many heads per layer;
+one measured on a model (``li_compile.calibrate``) also records the setting it was measured in
+(``made_for``: block sizes, tile, depth range), and a model in another setting refuses it
+(``ContextController.use_calibration``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from li_compile.options import CONTEXT_QUERY_RULES
 from li_compile.kernels.block_layout import BlockLayout
 
 DENSE = -1  # the choice of a head no candidate serves: it stays dense
+FORMAT_VERSION = 1  # of Calibration.to_json's files; from_json reads this version only
 MARGIN_STEP = 0.1  # widening_ladder widens the visibility margin by this per step
 ROWS_PER_PASS = 1024  # kept_mass scores this many queries at once (bounds memory: rows x kv_len floats)
 
@@ -84,19 +91,91 @@ def widening_ladder(base: TilePlanParams = TilePlanParams(), steps: int = 4) -> 
     return ladder + tuple(dataclasses.replace(ladder[-1], context_queries=rule) for rule in wider)
 
 
+def check_target(target: float) -> None:
+    """Raise ValueError unless ``target`` (the kept mass a calibration reaches) is a number in (0, 1]."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"target kept mass must be in (0, 1], got {target!r}")
+
+
+@dataclass(frozen=True)
+class CalibrationSetting:
+    """The setting a calibration was measured in, which a model must share to use it: the attention
+    blocks ``block_q`` x ``block_k`` tokens (``sparsity.block_q``/``block_k``), the 3D ``tile`` of one
+    block in the tile order (t, h, w), and the scene's ``depth_range`` ``(near, far)`` (the
+    controller's ``near``/``far``)."""
+
+    block_q: int
+    block_k: int
+    tile: tuple[int, int, int]
+    depth_range: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        sizes = (self.block_q, self.block_k, *self.tile)
+        if len(self.tile) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ValueError(f"block_q, block_k and tile (t, h, w) must be positive ints, got {self.block_q!r}, "
+                             f"{self.block_k!r} and {self.tile!r}")
+        depths = self.depth_range
+        numbers = len(depths) == 2 and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in depths)
+        if not numbers or not 0 < depths[0] < depths[1]:
+            raise ValueError(f"depth_range must be (near, far) with 0 < near < far, got {depths!r}")
+
+    def differences(self, other: "CalibrationSetting") -> list[str]:
+        """``"name ours vs theirs"`` for every field where ``other`` differs."""
+        return [
+            f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}"
+            for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+# the fields of a calibration file (``Calibration.to_json``), of each candidate, and of ``made_for``
+_FILE_FIELDS = ("format_version", "target", "candidates", "kept", "choice", "made_for")
+_CANDIDATE_FIELDS = tuple(f.name for f in dataclasses.fields(TilePlanParams))
+_SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(CalibrationSetting))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What ``calibrate`` chose: ``candidates`` (narrowest first), per layer the worst-chunk kept mass
     of every candidate and head ``kept[layer]: (candidates, H)``, and per layer and head the chosen
-    candidate index ``choice[layer][h]`` (``DENSE`` = -1: stays dense)."""
+    candidate index ``choice[layer][h]`` (``DENSE`` = -1: stays dense). ``made_for``: the setting it
+    was measured in (None: made from tensors or by hand, not on a model; only its heads are checked).
+    Raises ValueError naming the first inconsistent field."""
 
     target: float
     candidates: tuple[TilePlanParams, ...]
     kept: dict[str, torch.Tensor]
     choice: dict[str, list[int]]
+    made_for: CalibrationSetting | None = None
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
+        if not self.candidates or not all(isinstance(c, TilePlanParams) for c in self.candidates):
+            raise ValueError(f"candidates must be a non-empty sequence of TilePlanParams, got {self.candidates!r}")
+        if not self.choice or set(self.kept) != set(self.choice):
+            raise ValueError(
+                f"kept and choice must name the same layers (at least one), got {sorted(self.kept)} and {sorted(self.choice)}"
+            )
+        if self.made_for is not None and not isinstance(self.made_for, CalibrationSetting):
+            raise ValueError(f"made_for must be a CalibrationSetting or None, got {type(self.made_for).__name__}")
+        n = len(self.candidates)
+        for layer, choice in self.choice.items():
+            indices = isinstance(choice, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in choice)
+            if not indices or not choice or not all(DENSE <= c < n for c in choice):
+                raise ValueError(
+                    f"choice[{layer!r}] must list one candidate index in [{DENSE}, {n}) per head "
+                    f"({DENSE}: dense), got {choice!r}"
+                )
+            kept = self.kept[layer]
+            if not isinstance(kept, torch.Tensor) or tuple(kept.shape) != (n, len(choice)):
+                shape = tuple(kept.shape) if isinstance(kept, torch.Tensor) else type(kept).__name__
+                raise ValueError(
+                    f"kept[{layer!r}] must be (candidates={n}, heads={len(choice)}) as choice[{layer!r}] has "
+                    f"{len(choice)} heads, got {shape}"
+                )
 
     @classmethod
-    def choose(cls, target: float, candidates: Sequence[TilePlanParams], kept: Mapping[str, torch.Tensor]) -> "Calibration":
+    def choose(cls, target: float, candidates: Sequence[TilePlanParams], kept: Mapping[str, torch.Tensor],
+               made_for: CalibrationSetting | None = None) -> "Calibration":
         """Per layer and head, the first (narrowest) candidate whose worst-chunk kept mass ``kept[layer]:
         (candidates, H)`` reaches ``target``; ``DENSE`` where none does."""
         choice = {}
@@ -104,17 +183,22 @@ class Calibration:
             reaches = mass >= target  # (candidates, H)
             first = reaches.float().argmax(0)  # first True (0 when none: fixed below)
             choice[layer] = [int(f) if reaches[:, h].any() else DENSE for h, f in enumerate(first)]
-        return cls(target, tuple(candidates), dict(kept), choice)
+        return cls(target, tuple(candidates), dict(kept), choice, made_for)
+
+    @property
+    def heads(self) -> int:
+        """The head count of every layer (one per-head plan is shared by all); ValueError when they differ."""
+        heads = {len(c) for c in self.choice.values()}
+        if len(heads) != 1:
+            raise ValueError(f"layers have different head counts {sorted(heads)}: no shared per-head plan")
+        return heads.pop()
 
     def head_params(self) -> tuple[TilePlanParams | None, ...]:
         """One plan per head for every layer (plan slots are shared by the layers of one shape): the
         widest candidate any layer chose for that head, None (dense) where any layer needs dense.
         Each layer then keeps at least its own choice's mass, as wider plans are supersets."""
-        heads = {len(c) for c in self.choice.values()}
-        if len(heads) != 1:
-            raise ValueError(f"layers have different head counts {sorted(heads)}: no shared per-head plan")
         per_head = []
-        for h in range(heads.pop()):
+        for h in range(self.heads):
             chosen = [c[h] for c in self.choice.values()]
             per_head.append(None if DENSE in chosen else self.candidates[max(chosen)])
         return tuple(per_head)
@@ -140,21 +224,73 @@ class Calibration:
         return "\n".join(lines)
 
     def to_json(self) -> str:
+        """This calibration as JSON, with its ``format_version`` (``from_json`` reads it back)."""
         return json.dumps({
+            "format_version": FORMAT_VERSION,
             "target": self.target,
             "candidates": [dataclasses.asdict(c) for c in self.candidates],
             "kept": {layer: kept.tolist() for layer, kept in self.kept.items()},
             "choice": self.choice,
+            "made_for": None if self.made_for is None else dataclasses.asdict(self.made_for),
         })
 
     @classmethod
     def from_json(cls, text: str) -> "Calibration":
+        """The calibration ``to_json`` wrote. ValueError naming what is wrong for another format
+        version, a missing or unknown field, or values that do not fit together (``__post_init__``)."""
         data = json.loads(text)
-        candidates = tuple(
-            TilePlanParams(**{**c, "depth_range": tuple(c["depth_range"])}) for c in data["candidates"]
-        )
-        kept = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in data["kept"].items()}
-        return cls(data["target"], candidates, kept, {layer: list(c) for layer, c in data["choice"].items()})
+        if isinstance(data, dict) and "format_version" not in data:
+            raise ValueError(
+                f"calibration has no format_version: not a calibration, or written before version {FORMAT_VERSION} "
+                "of the format; calibrate the model again"
+            )
+        _check_fields(data, "calibration", _FILE_FIELDS)
+        if data["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"calibration format_version is {data['format_version']!r}, this li_compile reads version "
+                f"{FORMAT_VERSION}: calibrate the model again"
+            )
+        if not isinstance(data["candidates"], list):
+            raise ValueError(f"calibration candidates must be a list, got {type(data['candidates']).__name__}")
+        candidates = []
+        for i, c in enumerate(data["candidates"]):
+            _check_fields(c, f"candidates[{i}]", _CANDIDATE_FIELDS)
+            depth_range = _as_tuple(c["depth_range"], f"candidates[{i}].depth_range", 2)
+            candidates.append(TilePlanParams(**{**c, "depth_range": depth_range}))
+        for name in ("kept", "choice"):
+            if not isinstance(data[name], dict):
+                raise ValueError(f"calibration {name} must map layer names to lists, got {type(data[name]).__name__}")
+        kept = {}
+        for layer, v in data["kept"].items():
+            try:
+                kept[layer] = torch.tensor(v, dtype=torch.float64)
+            except (TypeError, ValueError) as bad:
+                raise ValueError(f"kept[{layer!r}] must be a (candidates, heads) list of numbers: {bad}") from None
+        made_for = data["made_for"]
+        if made_for is not None:
+            _check_fields(made_for, "made_for", _SETTING_FIELDS)
+            made_for = CalibrationSetting(made_for["block_q"], made_for["block_k"],
+                                          _as_tuple(made_for["tile"], "made_for.tile", 3),
+                                          _as_tuple(made_for["depth_range"], "made_for.depth_range", 2))
+        return cls(data["target"], tuple(candidates), kept, dict(data["choice"]), made_for)
+
+
+
+def _check_fields(data: object, what: str, fields: tuple[str, ...]) -> None:
+    """ValueError unless ``data`` is a JSON object with exactly ``fields``, naming the missing and unknown ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object with fields {list(fields)}, got {type(data).__name__}")
+    missing, unknown = [f for f in fields if f not in data], sorted(set(data) - set(fields))
+    problems = [f"missing fields {missing}"] * bool(missing) + [f"unknown fields {unknown}"] * bool(unknown)
+    if problems:
+        raise ValueError(f"{what} has {' and '.join(problems)}: expected exactly {list(fields)}")
+
+
+def _as_tuple(value: object, what: str, length: int) -> tuple:
+    """A JSON list of ``length`` items as a tuple; ValueError naming ``what`` otherwise."""
+    if not isinstance(value, list) or len(value) != length:
+        raise ValueError(f"{what} must be a list of {length} numbers, got {value!r}")
+    return tuple(value)
 
 
 def calibrate(
@@ -170,8 +306,7 @@ def calibrate(
     ``(q, k)`` of that chunk, shapes as in ``kept_mass``, in tile order; ``plan_for(c, params)``: the
     chunk's plan for those parameters (e.g. ``tile_plan(tiled, roles, ..., params)`` with chunk
     ``c``'s cameras). Layers must be the same in every chunk."""
-    if not 0 < target <= 1:
-        raise ValueError(f"target kept mass must be in (0, 1], got {target}")
+    check_target(target)
     if not candidates or not chunks:
         raise ValueError(f"need at least one candidate and one chunk, got {len(candidates)} and {len(chunks)}")
     layers = list(chunks[0])

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from li_compile.controller.attention_plan import (
-    flash_span, kernel_density, padded_context_keep, tile_shape, visited_share, write_chunk_plan,
-    write_tile_chunk_plan,
+    check_calibrated_heads, flash_span, kernel_density, padded_context_keep, tile_shape, visited_share,
+    write_chunk_plan, write_tile_chunk_plan,
 )
 from li_compile.controller.buckets import CAPACITY_FRACTIONS, bucket_for, capacity_buckets
+from li_compile.controller.calibration import Calibration, CalibrationSetting
 from li_compile.controller.poses import bounds_from_fov, validate_bounds, validate_poses
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
 from li_compile.controller.selection import ContextSelection
@@ -98,7 +99,7 @@ class ContextController:
             recent_radius=sparsity.recent_radius, depth_range=(near, far), visibility_margin=sparsity.visibility_margin,
             context_queries=sparsity.context_queries,
         )
-        self.head_params: tuple[TilePlanParams | None, ...] | None = None  # calibrated plans, one per head
+        self.head_params: tuple[TilePlanParams | None, ...] | None = None  # calibrated plans (use_calibration)
         self.calibrating: CalibrationRun | None = None  # set by Accelerator.calibrate: measure, run dense
         self.memory_k = memory_k
         self.max_context = memory_k + self.options.window_max
@@ -106,7 +107,46 @@ class ContextController:
         self.layout = layout
         self.stats: list[ChunkStats] = []
         self._tiled: dict[int, TiledSequence] = {}  # capacity -> its tile order (permutations built once)
-        self._floors: dict[int, float] = {}  # capacity -> least tile-plan density (cameras aside)
+        self._floors: dict[tuple[int, TilePlanParams], float] = {}  # least tile-plan density (cameras aside)
+
+    def calibration_setting(self) -> CalibrationSetting:
+        """The setting a calibration of this controller's plans is measured in and must match: the
+        options' block sizes, the tile of one block (``tile_shape``) and the depth range (near, far)."""
+        sparsity = self.sparsity
+        return CalibrationSetting(sparsity.block_q, sparsity.block_k, tile_shape(sparsity.block_q), (self.near, self.far))
+
+    def calibration_refusal(self) -> str | None:
+        """Why this model never writes camera tile plans, so that per-head plans (a calibration) cannot
+        act, or None (``_frame_plan_reason``). Plans too dense to pay (their floor above
+        ``sparsity.max_density``) are no reason: they run dense where they are, which the chunk
+        statistics say, as uncalibrated plans do."""
+        if self.layout is None:
+            return "no attention layout is configured (configure(layout=...))"
+        return self._frame_plan_reason(self.warm_up_buckets()[-1], floor=False)
+
+    def use_calibration(self, calibration: Calibration | None) -> None:
+        """Plan every later chunk with one tile plan per head from ``calibration`` (None: the options'
+        single plan). Raises ValueError naming why when it cannot act: no chunk gets a tile plan
+        (``calibration_refusal``), it was measured in another setting (``Calibration.made_for`` against
+        ``calibration_setting``), or for another head count than the compiled attention sites have
+        (sites compiled later are checked when their plan is written)."""
+        if calibration is None:
+            self.head_params = None
+            return
+        ours = self.calibration_setting()
+        if calibration.made_for is not None and calibration.made_for != ours:
+            raise ValueError(
+                "this calibration was measured in another setting (calibration vs this model): "
+                f"{'; '.join(calibration.made_for.differences(ours))}; calibrate this model"
+            )
+        if self.layout is not None:
+            for sequence in map(self.layout, self.warm_up_buckets()):
+                check_calibrated_heads(calibration.heads, self.plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len))
+        previous, self.head_params = self.head_params, calibration.head_params()
+        refusal = self.calibration_refusal()  # (with its plans: their floor decides where they act)
+        if refusal is not None:
+            self.head_params = previous
+            raise ValueError(f"this calibration cannot act: no chunk gets a per-head tile plan, as {refusal}")
 
     def warm_up_buckets(self) -> tuple[int, ...]:
         """The context capacities ``select`` may return, ascending: run one chunk at each during
@@ -187,11 +227,8 @@ class ContextController:
         with the lens known), else the frame plan (dropped slots skipped; dense when the controller is
         off, as every slot is then kept)."""
         sequence = self.layout(capacity)
-        if not self.options.enabled:
-            return write_chunk_plan(self.plan, sequence, padded_context_keep(capacity, capacity))
-        kept = len(memory) + len(recent)
-        if self.sparsity.plan != "tiles" or self.bounds is None or self._floor(capacity) > self.sparsity.max_density:
-            # no lens, or a tile plan could not get below max_density (e.g. dense context rows): skip its host work
+        kept = len(memory) + len(recent) if self.options.enabled else capacity  # off: every slot kept, dense
+        if self._frame_plan_reason(capacity) is not None:  # skip a tile plan's host work
             return write_chunk_plan(self.plan, sequence, padded_context_keep(kept, capacity))
         roles = ["pad"] * (capacity - kept) + ["memory"] * len(memory) + ["recent"] * len(recent)
         context_poses = torch.eye(4).repeat(capacity, 1, 1)
@@ -199,20 +236,48 @@ class ContextController:
             context_poses[capacity - kept:] = poses[memory + recent]
         if self.calibrating is not None:
             return self.calibrating.write_candidates(self.plan, self._tiled_at(capacity), roles, context_poses,
-                                                     chunk_poses, self.bounds)
+                                                     chunk_poses, self.bounds, self.calibration_setting())
         return write_tile_chunk_plan(self.plan, self._tiled_at(capacity), roles, context_poses, chunk_poses,
                                      self.bounds, self.tile_params, self.sparsity, self.head_params)
 
-    def _floor(self, capacity: int) -> float:
+    def _frame_plan_reason(self, capacity: int, floor: bool = True) -> str | None:
+        """Why a chunk at ``capacity`` gets a frame plan (or none) rather than a camera tile plan, or
+        None; ``floor=False`` leaves out the plans' density floor (``_plans_floor``)."""
+        sparsity = self.sparsity
+        if not sparsity.enabled:
+            return "sparsity.enabled is False (no attention site is rewritten)"
+        if not self.options.enabled:
+            return "the context controller is off (context.enabled=False)"
+        if sparsity.plan != "tiles":
+            return f"sparsity.plan is {sparsity.plan!r}"
+        if self.bounds is None:
+            return "no lens is configured (fov_y_deg or bounds)"
+        if self.calibrating is not None or not floor:  # candidates are measured whatever the options' plan costs
+            return None
+        floor = self._plans_floor(capacity)
+        if floor > sparsity.max_density:  # e.g. dense context rows
+            plans = "the calibrated per-head plans" if self.head_params is not None else "a tile plan"
+            return (f"{plans} at context capacity {capacity} would run at least {floor:.3f} of the block pairs "
+                    f"in the kernel, above sparsity.max_density={sparsity.max_density}")
+        return None
+
+    def _plans_floor(self, capacity: int) -> float:
+        """``_floor`` of the plans in effect: the options' plan, or the mean over heads of the calibrated
+        per-head plans' (a dense head: 1)."""
+        if self.head_params is None:
+            return self._floor(capacity, self.tile_params)
+        return sum(1.0 if p is None else self._floor(capacity, p) for p in self.head_params) / len(self.head_params)
+
+    def _floor(self, capacity: int, params: TilePlanParams) -> float:
         """The least share of its block pairs the kernel would run (``kernel_density``) in a tile plan
-        at ``capacity`` with a full context (own chunk, sinks, dense context rows), in the blocks of
-        the options; computed once per capacity."""
-        if capacity not in self._floors:
+        of ``params`` at ``capacity`` with a full context (own chunk, sinks, its context rows), in the
+        blocks of the options; computed once per capacity and plan."""
+        if (capacity, params) not in self._floors:
             tiled = self._tiled_at(capacity)
-            mandatory = mandatory_blocks(tiled, self.tile_params, self.sparsity.block_q, self.sparsity.block_k)
-            span = flash_span(tiled.sequence, (self.tile_params,), self.sparsity, self.sparsity.block_k)
-            self._floors[capacity] = kernel_density(float(mandatory.float().mean()), span, mandatory.shape[-1])
-        return self._floors[capacity]
+            mandatory = mandatory_blocks(tiled, params, self.sparsity.block_q, self.sparsity.block_k)
+            span = flash_span(tiled.sequence, (params,), self.sparsity, self.sparsity.block_k)
+            self._floors[capacity, params] = kernel_density(float(mandatory.float().mean()), span, mandatory.shape[-1])
+        return self._floors[capacity, params]
 
     def _tiled_at(self, capacity: int) -> TiledSequence:
         """The sequence at ``capacity`` in the tile order of one block (``sparsity.block_q``), made once."""
