@@ -23,21 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import li_compile.kernels.block_sparse_attention as bsa
-from benchmarks.attention import BLOCK, HEAD_DIM, rel_err, structured_layout, time_ms
+from benchmarks.attention import BLOCK, HEAD_DIM, rel_err, structured_layout, time_ms, tune_afresh
 from li_compile.kernels.split_attention import MIN_FLASH_SPAN_WORK, flash_partial, split_layout, split_path
 
 HEADS = 24
 CASES = [(q_len, q_len * ratio, density) for q_len in (8800, 3840) for ratio in (1, 2, 4, 8)
          for density in (0.125, 0.25, 0.5)]
-
-
-def fresh_tuning() -> None:
-    """Drop the process's kernels and ignore Triton's on-disk tunings: the next launch tunes anew."""
-    bsa._KERNELS = None
-    kernels = bsa._kernels()
-    for tuner in (kernels.tuned, kernels.tuned_tma):
-        if tuner is not None:
-            tuner.cache_results = False
 
 
 def rest_blocks(rest) -> float:
@@ -70,7 +61,7 @@ def run_case(q_len: int, kv_len: int, density: float) -> dict:
         reference = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.to_dense_mask()).float()
         row["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
         for name, fn in (("seeded", seeded), ("in_kernel", in_kernel)):
-            fresh_tuning()
+            tune_afresh()
             row[f"{name}_err"] = rel_err(fn(), reference)
             row[f"{name}_config"] = list(bsa.tuned_configs().values())
             row[f"{name}_ms"] = time_ms(fn)
