@@ -337,7 +337,10 @@ class ChunkScope:
         return pad_frames(values, self.selection, self.capacity, fill)
 
     def step(self, step: int) -> None:
-        """Denoising ``step`` starts: the model calls until the next ``step`` belong to it."""
+        """Denoising ``step`` starts: the model calls until the next ``step`` belong to it (nothing
+        after ``li.reset()`` closed the chunk)."""
+        if self.accelerator.open_chunk is not self:
+            return
         self.accelerator.denoise.set_step(step)
         if self.accelerator.context_rows is not None:
             self.accelerator.context_rows.set_step(step)
@@ -353,15 +356,36 @@ class RoutedGraph:
 
     def __init__(self, compiled: Callable, options: Options, fallback: Accelerator, compilation: Compilation) -> None:
         self.compiled, self.options, self.fallback, self.compilation = compiled, options, fallback, compilation
+        self._signatures: dict[Any, inspect.Signature | None] = {}  # by the called function's code
 
     def __call__(self, *args: Any) -> Any:
-        target, _ = calling_target()
+        frame = _compile_wrapper_frame()
+        target = _target_of(frame)
         accelerator = accelerator_of(target, self.options) if target is not None else self.fallback
         accelerator.runs(self.compilation)
         if accelerator.calibrating is not None:
             accelerator.calibrating.begin_graph_call(self.compilation.graph_name)
-        with running_for(accelerator):
+        with running_for(accelerator, self._arguments(frame, target)):
             return self.compiled(*args)
+
+    def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:
+        """The user's call's arguments by name (the forward's or the function's signature; by
+        position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty when unknown."""
+        if frame is None or target is None:
+            return {}
+        args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
+        fn = target.forward if isinstance(target, torch.nn.Module) else target
+        code = getattr(fn, "__code__", fn)
+        if code not in self._signatures:
+            try:
+                self._signatures[code] = inspect.signature(fn)
+            except (TypeError, ValueError):
+                self._signatures[code] = None
+        signature = self._signatures[code]
+        try:
+            return dict(signature.bind(*args, **kwargs).arguments) if signature is not None else {}
+        except TypeError:
+            return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
 
 
 def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,
@@ -453,15 +477,28 @@ def calling_target() -> tuple[Any, Any]:
     """The user's module or function whose compiled call is on the stack (being compiled, or
     running), or None if it cannot be found, and Dynamo's context of that ``torch.compile`` (None
     likewise). Found by walking the Python stack up to Dynamo's ``compile_wrapper`` frame."""
+    frame = _compile_wrapper_frame()
+    return _target_of(frame), None if frame is None else frame.f_locals.get("self")
+
+
+def _compile_wrapper_frame() -> Any:
+    """The innermost frame of Dynamo's ``compile_wrapper`` on the Python stack, or None."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "compile_wrapper" and frame.f_code.co_filename.endswith("eval_frame.py"):
-            fn = inspect.unwrap(frame.f_locals.get("fn"))
-            owner = getattr(fn, "__self__", None)
-            target = owner if isinstance(owner, torch.nn.Module) else fn
-            return (target if hasattr(target, "__dict__") else None), frame.f_locals.get("self")
+            return frame
         frame = frame.f_back
-    return None, None
+    return None
+
+
+def _target_of(frame: Any) -> Any:
+    """The user's module or function that a ``compile_wrapper`` frame calls, or None."""
+    if frame is None:
+        return None
+    fn = inspect.unwrap(frame.f_locals.get("fn"))
+    owner = getattr(fn, "__self__", None)
+    target = owner if isinstance(owner, torch.nn.Module) else fn
+    return target if hasattr(target, "__dict__") else None
 
 
 def dynamic_setting(context: Any) -> bool | None | str:

@@ -21,11 +21,15 @@ other input must match what produced it:
   device to two 64-bit sums of its bytes under fixed position weights. Equal inputs always give
   equal digests; different ones collide with probability about 2**-62 per pair. Each tensor is
   digested once per chunk (``DigestMemo``: within a chunk, a tensor at the same version and address
-  reuses its digest), all of a call's in one read. Tensors inside lists, tuples, dicts and
-  dataclasses are digested as tensors; numpy arrays by their bytes; other values by ``repr``.
+  reuses its digest), all of a call's in one read. Tensors inside lists, tuples, sets, dicts,
+  dataclasses and other objects' attributes are digested as tensors (``leaves``); numpy arrays by
+  their bytes; numbers, strings and other plain values by ``repr``.
+- **the call's Python values** (``argument_values``): a float, int, bool or string argument is a
+  constant Dynamo bakes into the graph, not a graph input, so the graph-level runners add the
+  user's call's arguments (but the latent, the timestep and the revisit inputs) to the key.
 
-What no key sees: a write through ``.data`` that keeps every weight's norm (a permutation, a sign
-flip), and any write through ``.data`` in the middle of a chunk. After such a write call
+What no key sees: a write through ``.data`` (or to an inference tensor) that keeps every weight's
+norm (a permutation, a sign flip), and any such write in the middle of a chunk. After such a write call
 ``li.reset()`` (``Accelerator.reset``), which forgets every cached output.
 """
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import weakref
-from typing import Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -51,6 +55,11 @@ def _version(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:
         return NO_VERSION
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where ``t``'s storage is (a sparse tensor, which has none: 0; its version and values key it)."""
+    return t.data_ptr() if t.layout == torch.strided else 0
 
 
 class WeightsIdentity:
@@ -100,7 +109,7 @@ class WeightsIdentity:
                 self._next += 1
                 known = (weakref.ref(t, self._forget(id(t))), self._next)
                 self._incarnations[id(t)] = known
-            out.append((known[1], _version(t), t.data_ptr()))
+            out.append((known[1], _version(t), _address(t)))
         return tuple(out)
 
     def _forget(self, address: int):
@@ -147,8 +156,10 @@ def read_norms(parts: list[tuple[list[int], torch.Tensor]], count: int) -> tuple
 
 
 def digest_sums(t: torch.Tensor) -> torch.Tensor:
-    """Two 64-bit position-weighted sums of ``t``'s bytes, on its device: ``(2,)`` int64."""
-    flat = t.detach().contiguous().reshape(-1)
+    """Two 64-bit position-weighted sums of ``t``'s bytes (a sparse tensor's dense values), on its
+    device: ``(2,)`` int64."""
+    t = t.detach() if t.layout == torch.strided else t.detach().to_dense()
+    flat = t.contiguous().reshape(-1)
     words = flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 and flat.numel() else flat.view(torch.uint8)
     words = words.to(torch.int64)
     position = torch.arange(1, words.numel() + 1, device=words.device, dtype=torch.int64)
@@ -164,7 +175,7 @@ class DigestMemo:
 
     def digests(self, tensors: Sequence[torch.Tensor], epoch: int = 0) -> list[tuple]:
         """The digest of each of ``tensors``: those not remembered for this epoch in one read."""
-        marks = [(epoch, _version(t), t.data_ptr()) for t in tensors]
+        marks = [(epoch, _version(t), _address(t)) for t in tensors]
         fresh = [i for i, (t, mark) in enumerate(zip(tensors, marks))
                  if mark[1] == NO_VERSION or t not in self._memo or self._memo[t][0] != mark]
         by_device: dict[torch.device, list[int]] = {}
@@ -186,21 +197,47 @@ def conditioning_digest(memo: DigestMemo, inputs: Sequence[object], epoch: int =
     return tuple(next(digests) if isinstance(x, torch.Tensor) else x for x in items)
 
 
-def leaves(value: object) -> list:
+MAX_NESTING = 64  # how deep ``leaves`` follows containers and objects
+
+
+def leaves(value: object, depth: int = 0) -> list:
     """``value`` flattened for a digest: its tensors as they are, every other leaf as a hashable
-    description (numpy arrays by their bytes' hash, other values by type and ``repr``), with markers
-    for where each list, tuple, dict or dataclass opens and closes."""
+    description (numpy arrays by their bytes' hash, numbers, strings, None and other plain values
+    by type and ``repr``), with markers for where each list, tuple, set, dict, dataclass or object
+    (by its attributes) opens and closes. ``ValueError`` past ``MAX_NESTING`` levels."""
     if isinstance(value, torch.Tensor):
         return [value]
+    if depth > MAX_NESTING:
+        raise ValueError(f"a model argument nests containers or objects more than {MAX_NESTING} levels deep: the "
+                         "denoising cache cannot key it; pass it flatter, or turn the cache off")
     if isinstance(value, (list, tuple)):
-        return [("open", type(value).__name__), *(x for item in value for x in leaves(item)), ("close",)]
-    if isinstance(value, dict):
-        return [("open", "dict"), *(x for key, item in value.items() for x in [("key", repr(key)), *leaves(item)]),
-                ("close",)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return [("open", type(value).__qualname__), *leaves(fields)[1:]]
-    if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
+        items = [(None, item) for item in value]
+    elif isinstance(value, (set, frozenset)):
+        items = [(None, item) for item in sorted(value, key=repr)]
+    elif isinstance(value, dict):
+        items = [(repr(key), item) for key, item in value.items()]
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
         return [("numpy", str(getattr(value, "dtype", "")), tuple(getattr(value, "shape", ())),
                  hashlib.sha256(value.tobytes()).hexdigest())]
-    return [("value", type(value).__qualname__, repr(value))]
+    elif isinstance(value, (int, float, complex, str, bytes, type(None), torch.dtype, torch.device)) or callable(value):
+        return [("value", type(value).__qualname__, repr(value))]
+    elif hasattr(value, "__dict__"):  # an object of the user's: by its attributes, as a dataclass
+        items = list(vars(value).items())
+    else:
+        return [("value", type(value).__qualname__, repr(value))]
+    inner = [x for label, item in items for x in [*([("key", label)] if label is not None else []),
+                                                  *leaves(item, depth + 1)]]
+    return [("open", type(value).__qualname__), *inner, ("close",)]
+
+
+def argument_values(arguments: Mapping[str, object], excluded: Collection[str]) -> tuple:
+    """The Python values of a call's ``arguments`` (by name) but the ``excluded`` names: every leaf
+    of each (``leaves``), tensors only marked (they are graph inputs, keyed apart or excluded)."""
+    values = []
+    for name, value in arguments.items():
+        if name not in excluded:
+            values.append(("argument", name))
+            values.extend("tensor" if isinstance(x, torch.Tensor) else x for x in leaves(value))
+    return tuple(values)

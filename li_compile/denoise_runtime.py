@@ -383,24 +383,31 @@ def frame_axis(shape: Sequence[int], frames: int) -> int | None:
 
 def check_sigmas(sigmas: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor, frames: int) -> list[Level]:
     """``sigmas (steps + 1,)`` as floats, or per-frame ``(steps + 1, frames)`` as one tuple of floats
-    per step; ``ValueError`` unless there are at least two steps' levels, all finite and >= 0, and
-    per-frame rows have one level for each of the chunk's ``frames``."""
-    try:
-        if isinstance(sigmas, (str, bytes)) or getattr(sigmas, "ndim", 1) == 0:
-            raise TypeError
-        rows = [r.tolist() if hasattr(r, "tolist") else r for r in sigmas]  # 0-d tensors and numpy scalars: floats
-    except TypeError:
-        raise ValueError(f"sigmas must be a sequence or tensor of steps + 1 noise levels (or of per-frame rows), "
-                         f"got {sigmas!r}") from None
-    per_frame = bool(rows) and all(isinstance(r, (list, tuple)) for r in rows)
+    per step, from a list or tuple (of numbers or 0-d tensors, or of rows), a tensor or a numpy array;
+    ``ValueError`` unless there are at least two steps' levels, all finite and >= 0, and per-frame rows
+    have one level for each of the chunk's ``frames``."""
+    def number(level: object) -> float:
+        level = level.item() if isinstance(level, torch.Tensor) and level.dim() == 0 else level
+        if isinstance(level, bool) or not isinstance(level, (int, float)) and type(level).__module__ != "numpy":
+            raise ValueError(f"sigmas must be numbers, got {level!r} in {sigmas!r}")
+        return float(level)
+
+    if not isinstance(sigmas, (list, tuple)) and not (hasattr(sigmas, "tolist") and getattr(sigmas, "ndim", 0) >= 1):
+        raise ValueError(f"sigmas must be a list, tuple, tensor or array of steps + 1 noise levels (or of per-frame "
+                         f"rows), got {sigmas!r}")
+    rows = sigmas.tolist() if not isinstance(sigmas, (list, tuple)) else [
+        r.tolist() if hasattr(r, "tolist") and getattr(r, "ndim", 0) >= 1 else r for r in sigmas]
+    per_frame = bool(rows) and isinstance(rows[0], (list, tuple))
+    if any(isinstance(r, (list, tuple)) != per_frame for r in rows):
+        raise ValueError(f"sigmas must be all numbers or all per-frame rows, got {sigmas!r}")
     if per_frame:
-        schedule = [tuple(float(s) for s in r) for r in rows]
+        schedule = [tuple(number(s) for s in r) for r in rows]
         if any(len(r) != frames for r in schedule):
             raise ValueError(f"per-frame sigmas must be (steps + 1, {frames}) for a chunk of {frames} frames, "
                              f"got rows of {sorted({len(r) for r in schedule})} levels")
         levels = [s for r in schedule for s in r]
     else:
-        schedule = [float(s) for s in rows]
+        schedule = [number(s) for s in rows]
         levels = schedule
     if len(schedule) < 2:
         raise ValueError(f"sigmas must list steps + 1 >= 2 noise levels, got {schedule}")

@@ -48,7 +48,7 @@ class CachedCalls:
         self.accelerator = accelerator(compiled)
         self.accelerator.boundary_cache = (f"li_compile.cached(latent={latent!r}, timestep={timestep!r}) serves "
                                            "every call of the model, also where its sampler sites are skipped")
-        self.weights = [*weights.parameters(), *weights.buffers()]
+        self.module = weights
         self.wrap: Any = None  # how the model returns its output: learnt from the first computed call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -71,7 +71,8 @@ class CachedCalls:
 
     def _key(self, arguments: dict[str, Any]) -> Hashable | None:
         excluded = {self.latent, self.timestep, *self.accelerator.revisit_inputs}
-        return self.accelerator.cache_key(self.weights, [v for k, v in arguments.items() if k not in excluded])
+        weights = [*self.module.parameters(), *self.module.buffers()]  # now: load_state_dict(assign=True) swaps them
+        return self.accelerator.cache_key(weights, [v for k, v in arguments.items() if k not in excluded])
 
 
 def cached(compiled: Any, latent: str, timestep: str, weights: torch.nn.Module | None = None) -> CachedCalls:

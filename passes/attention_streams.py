@@ -6,8 +6,9 @@ path are the hidden states q, k and v were projected from. Norms, RoPE, reshapes
 with a KV cache and chunking a fused QKV projection are all walked through. Each hidden state is
 then resolved to its *token streams*: walking up through ``torch.cat`` (keys projected from
 ``cat([context, x])`` carry the tokens of both) and row-wise ops (norms, casts, elementwise
-arithmetic, following only the operands of the result's full shape: a broadcast scale or shift is
-no stream) to the tensors it is made of. Self-attention projects keys from (at least partly) the
+arithmetic with one operand of the result's full shape, the data: a broadcast scale or shift is no
+stream) to the tensors it is made of. A sum of two full-shape tensors (``x + camera_tokens``) is a
+stream of its own: a per-token embedding added to two streams does not make them one. Self-attention projects keys from (at least partly) the
 same streams as the queries: also when keys are the current chunk concatenated with cached keys or
 with the context, joint text+video tokens, or the queries' hidden states before a norm;
 cross-attention projects them from other tokens only (text, actions). If either side has no
@@ -93,8 +94,9 @@ def _walked_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _stream_inputs(node: fx.Node) -> list[fx.Node]:
-    """The tensors whose tokens ``node``'s rows are: every operand of a ``torch.cat``, the operands
-    of a row-wise op that have the result's shape; none for anything else (``node`` is a stream)."""
+    """The tensors whose tokens ``node``'s rows are: every operand of a ``torch.cat``, the one
+    operand of a row-wise op that has the result's shape; none for anything else, or for a row-wise
+    op of several full-shape operands (``node`` is a stream)."""
     if node.op == "call_function" and node.target in _CAT:
         return list(node.all_input_nodes)
     row_wise = (node.op == "call_function" and node.target in _ROW_WISE_FUNCTIONS) or (
@@ -102,8 +104,8 @@ def _stream_inputs(node: fx.Node) -> list[fx.Node]:
     value = example(node)
     if not row_wise or not isinstance(value, torch.Tensor):
         return []
-    return [n for n in node.all_input_nodes
-            if isinstance(example(n), torch.Tensor) and example(n).shape == value.shape]
+    full = [n for n in node.all_input_nodes if isinstance(example(n), torch.Tensor) and example(n).shape == value.shape]
+    return full if len(full) == 1 else []
 
 
 def _projection_input(node: fx.Node) -> fx.Node | None:

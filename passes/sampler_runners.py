@@ -14,112 +14,44 @@ nothing Dynamo guards on: the model compiles once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
+from li_compile.cache_key import argument_values
 from li_compile.inner import InnerCompiler, compile_or_as_written
 from li_compile.passes.sampler_match import Step, TransformerSite, input_name, is_parameter
-from li_compile.running import running
+from li_compile.running import running, running_arguments
 
 log = logging.getLogger("li_compile")
 
 
 
 class CallKey:
-    """The cache key of one call of a compiled graph (``li_compile.cache_key``): the graph's
-    ``graph_signature`` (the values Dynamo baked into it), the identity and version of every weight
-    tensor it uses (its parameter/buffer inputs and the parameters the graph holds), and the digest
-    of its conditioning inputs: every other input except the noisy latent(s) ``latents`` (input
-    positions), the timestep(s) and the inputs the running model's accelerator was told vary on a
-    revisit (``Accelerator.configure(revisit_inputs=...)``)."""
+    """The cache key of one call of a compiled graph (``li_compile.cache_key``): the identity and
+    version of every weight tensor it uses (its parameter/buffer inputs and the parameters the graph
+    holds), the digest of its conditioning inputs (every other input except the noisy latent(s)
+    ``latents`` (input positions), the timestep(s) and the inputs the running model's accelerator was
+    told vary on a revisit, ``Accelerator.configure(revisit_inputs=...)``), and the Python values of
+    the user's call (``running_arguments``, but those same names): a float, int, bool or string
+    argument such as a guidance scale is a constant Dynamo bakes into the graph, not an input."""
 
     def __init__(self, gm: fx.GraphModule, excluded: set[int]) -> None:
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.weights = [i for i, n in enumerate(inputs) if is_parameter(n)]
         self.held = [t for _, t in gm.named_parameters()]  # not buffers: plan slots live there
         self.names = {i: input_name(n) for i, n in enumerate(inputs) if i not in excluded and i not in self.weights}
-        self.gm = gm
-        self.signatures: dict[frozenset[str], str] = {}  # by the running model's revisit_inputs
+        self.excluded_names = frozenset(input_name(inputs[i]) for i in excluded)
 
     def __call__(self, args: Sequence) -> Hashable:
         model = running()
         weights = [args[i] for i in self.weights if isinstance(args[i], torch.Tensor)] + self.held
         conditioning = [args[i] for i, name in self.names.items() if name not in model.revisit_inputs]
-        if model.revisit_inputs not in self.signatures:
-            self.signatures[model.revisit_inputs] = graph_signature(self.gm, model.revisit_inputs)
-        return self.signatures[model.revisit_inputs], model.cache_key(weights, conditioning)
-
-
-# Calls whose integer arguments are sizes, dims, counts or bounds, and calls that make position or
-# size tensors: where the graphs of one model at several capacity buckets differ (``graph_signature``).
-SHAPE_CALLS = frozenset({
-    "view", "reshape", "expand", "repeat", "tile", "narrow", "split", "split_with_sizes", "chunk", "unflatten",
-    "flatten", "size", "arange", "linspace", "zeros", "ones", "empty", "full", "new_zeros", "new_ones",
-    "new_empty", "new_full", "rand", "randn", "pad", "repeat_interleave",
-})
-POSITION_SOURCES = frozenset({"arange", "linspace", "size", "zeros", "ones", "empty", "full"})
-
-
-def graph_signature(gm: fx.GraphModule, revisit: frozenset[str] = frozenset()) -> str:
-    """A digest of what ``gm`` computes apart from its inputs: every node's operation and the values
-    Dynamo baked into its arguments (a Python float, bool, string or integer argument of the model is
-    a constant of its graph, and another value is another graph). Left out, so that the graphs of one
-    model that the cache's approximation allows to share entries (another context) get one digest:
-
-    - integers that are sizes or positions: in the arguments of ``SHAPE_CALLS`` and of the li ops
-      (capacities, block sizes), in slices, and in arithmetic on position tensors
-      (``POSITION_SOURCES`` and what is computed from them alone, e.g. ``arange(n) -
-      context_frames``): the graphs of several capacity buckets differ there, and in their plan
-      slots' names;
-    - the inputs named in ``revisit`` (``Accelerator.configure(revisit_inputs=...)``: camera- and
-      context-derived) and what is computed from them alone, which arguments name as None: a
-      context's validity mask, which a full context's graph drops, is one."""
-    index: dict[fx.Node, int] = {}
-    positions: set[fx.Node] = set()
-    dropped: set[fx.Node] = set()
-    described = []
-    for node in gm.graph.nodes:
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        inputs = node.all_input_nodes
-        computed = node.op in ("call_function", "call_method") and bool(inputs)
-        if (node.op == "placeholder" and input_name(node) in revisit) or (
-                computed and any(n in dropped for n in inputs) and all(n in dropped or n in positions for n in inputs)):
-            dropped.add(node)
-            continue
-        index[node] = len(index)
-        if name in POSITION_SOURCES or (computed and all(n in positions for n in inputs)):
-            positions.add(node)
-        shaped = name in SHAPE_CALLS or str(node.target).startswith("li.") or any(n in positions for n in inputs)
-        target = _qualified(node.target) if node.op == "call_function" else re.sub(r"li_plan_slot\d+", "li_plan_slot", str(node.target))
-        described.append((node.op, target, _baked(node.args, shaped, index), _baked(node.kwargs, shaped, index)))
-    return hashlib.sha256(repr(described).encode()).hexdigest()
-
-
-def _qualified(target: object) -> str:
-    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', getattr(target, '__name__', target))}"
-
-
-def _baked(value: object, shaped: bool, index: dict[fx.Node, int]) -> object:
-    """``value`` (a node's arguments) as ``graph_signature`` describes it: nodes by position among
-    those it keeps (a node it left out as None), integers as "int" where ``shaped`` or inside a
-    slice, other values by ``repr``."""
-    if isinstance(value, fx.Node):
-        return ("node", index[value]) if value in index else repr(None)
-    if isinstance(value, (list, tuple)):
-        return tuple(_baked(v, shaped, index) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, _baked(v, shaped, index)) for k, v in value.items())
-    if isinstance(value, slice):
-        return ("slice", *(_baked(v, True, index) for v in (value.start, value.stop, value.step)))
-    if isinstance(value, int) and not isinstance(value, bool) and shaped:
-        return "int"
-    return repr(value)
+        values = argument_values(running_arguments(), self.excluded_names | model.revisit_inputs)
+        return values, model.cache_key(weights, conditioning)
 
 
 class ModelCallRunner:

@@ -189,9 +189,11 @@ def test_chunk_scopes_do_not_nest():
 
 def test_reset_inside_a_chunk_scope_closes_the_chunk_and_the_scope_exits_cleanly():
     world, trajectory, accelerator = _opened_once()
-    with _scope(world, trajectory, accelerator, 3):
+    with _scope(world, trajectory, accelerator, 3) as chunk:
+        chunk.step(0)
         accelerator.reset()  # e.g. after a write through .data in the middle of the chunk
         assert not accelerator.denoise.active and all(slot.is_dense for slot in accelerator.plan)
+        chunk.step(1)  # the loop goes on: its remaining calls run dense, without the cache
     with _scope(world, trajectory, accelerator, 4):
         assert accelerator.denoise.active
 

@@ -267,6 +267,15 @@ class ContextAttention(torch.nn.Module):
                                               self.split(self.v(kv)))
 
 
+def the_site_of(block, *args):
+    """``block`` compiled (eager inner, one graph) equals it run eagerly on ``args`` (fp32); its one site."""
+    compiled = compile_eager(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), block(*args), **FP32)
+    (site,) = sites(compiled)
+    return site
+
+
 KEY_STREAMS = {  # where the keys come from -> whether the site is self-attention over the chunk
     "context_and_chunk_concatenated_before_the_projection": (lambda m, context, x: torch.cat([context, x], 1), True),
     "the_chunk_before_the_queries_norm": (lambda m, context, x: x, True),
@@ -282,17 +291,38 @@ def test_keys_that_contain_the_queries_tokens_are_self_attention_keys_of_other_t
     hidden states, or from those hidden states before the queries' norm, make a self-attention site;
     keys from the context alone stay cross-attention, left dense."""
     kv_from, is_self = KEY_STREAMS[name]
-    block = ContextAttention(kv_from).eval()
     g = torch.Generator().manual_seed(0)
-    x, context = torch.randn(1, 6, 32, generator=g), torch.randn(1, 10, 32, generator=g)
-    compiled = compile_eager(block, fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, context), block(x, context), **FP32)
-    (site,) = sites(compiled)
+    site = the_site_of(ContextAttention(kv_from).eval(), torch.randn(1, 6, 32, generator=g),
+                       torch.randn(1, 10, 32, generator=g))
     if is_self:
         assert site.status == "rewritten", site.reason
     else:
         assert site.status == "skipped" and site.reason.startswith("cross-attention")
+
+
+class SharedEmbedding(torch.nn.Module):
+    """``x`` attends to another stream of as many tokens; both add one per-token embedding."""
+
+    def __init__(self, width=32, heads=4, tokens=6):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Parameter(torch.randn(1, tokens, width))
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def split(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x, other):
+        q_in, kv_in = x + self.embed, other + self.embed
+        return F.scaled_dot_product_attention(self.split(self.q(q_in)), self.split(self.k(kv_in)), self.split(self.v(kv_in)))
+
+
+def test_a_per_token_embedding_added_to_two_streams_does_not_make_them_one():
+    """Keys from another stream that shares the queries' position or camera embedding (one graph
+    node, full-shape) stay cross-attention: a sum of two full-shape tensors is a stream of its own."""
+    g = torch.Generator().manual_seed(0)
+    site = the_site_of(SharedEmbedding().eval(), torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g))
+    assert site.status == "skipped" and site.reason.startswith("cross-attention")
 
 
 def test_sites_that_need_gradients_are_left_alone():

@@ -273,21 +273,62 @@ def test_finding_7_a_python_scalar_baked_into_another_graph_never_hits_the_first
     assert run(second, 2)[1]["cache"] == "hit"  # the same value again: its own graph's entries
 
 
-def test_the_graphs_of_one_model_at_several_context_sizes_share_one_signature():
-    """Capacity buckets differ in sizes, positions and plan slot names only: their graphs share
-    cache entries (a revisit may be served across buckets, as the cache's approximation allows)."""
-    from li_compile.passes.sampler_runners import graph_signature
+class _Indexed(torch.nn.Module):
+    """A denoiser whose Python int argument reaches its output only through sizes, slices and positions."""
 
-    def model(context, x):
-        frames = torch.arange(context.shape[1] + x.shape[1]) - context.shape[1]
-        tokens = torch.cat([context, x], 1).reshape(1, -1, 4)
-        return (tokens * frames.float().repeat_interleave(6)[None, :, None])[:, -x.shape[1] * 6:].reshape(x.shape)
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling, self.table = spelling, torch.nn.Parameter(torch.randn(8, 4))
 
-    x = torch.randn(1, 2, 6, 4)
-    graphs = [torch._dynamo.export(model)(torch.randn(1, n, 6, 4), x).graph_module for n in (3, 5)]
-    assert graph_signature(graphs[0]) == graph_signature(graphs[1])
-    scaled = torch._dynamo.export(lambda c, x: model(c, x) * 2.0)(torch.randn(1, 3, 6, 4), x).graph_module
-    assert graph_signature(scaled) != graph_signature(graphs[0])
+    def forward(self, x, sigma, k):
+        if self.spelling == "narrow":
+            row = self.table.narrow(0, k, 1)
+        elif self.spelling == "slice":
+            row = self.table[k:k + 1]
+        elif self.spelling == "full":
+            row = torch.full((1, 4), k, dtype=x.dtype)
+        else:  # a position offset
+            row = (torch.arange(4, dtype=x.dtype) + k)[None]
+        return x * sigma + row[:, :, None, None, None]
+
+
+@pytest.mark.parametrize("spelling", ["narrow", "slice", "full", "position"])
+def test_finding_7_an_int_argument_in_a_size_slice_or_position_is_part_of_the_key(spelling):
+    torch.manual_seed(0)
+    model = _Indexed(spelling)
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
+    accelerator = li_compile.accelerator(compiled)
+    x = torch.randn(1, 4, 2, 3, 3)
+    cached_chunk(lambda x, s: compiled(x, s, 1), accelerator, x, {})
+    out, stats = cached_chunk(lambda x, s: compiled(x, s, 5), accelerator, x, {}, chunk=1)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(lambda x, s: model(x, s, 5), x, {}), **FP32)
+
+
+class _Acting(torch.nn.Module):
+    """Actions (a revisit input: they may differ on a revisit) scaled by a Python argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.Linear(2, 4)
+
+    def forward(self, x, sigma, actions, action_scale):
+        return x * sigma + self.act(actions * action_scale)[:, :, None, None, None]
+
+
+def test_finding_7_an_argument_acting_on_a_revisit_input_is_part_of_the_key():
+    torch.manual_seed(0)
+    model = _Acting()
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
+    accelerator = li_compile.accelerator(compiled)
+    accelerator.configure(revisit_inputs=("actions",))
+    x, actions = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 2)
+    cached_chunk(lambda x, s: compiled(x, s, actions, 1.0), accelerator, x, {})
+    out, stats = cached_chunk(lambda x, s: compiled(x, s, actions, 4.0), accelerator, x, {}, chunk=1)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(lambda x, s: model(x, s, actions, 4.0), x, {}), **FP32)
+    other_actions = torch.randn(1, 2)  # the revisit input itself may differ: a hit
+    assert cached_chunk(lambda x, s: compiled(x, s, other_actions, 4.0), accelerator, x, {}, chunk=2)[1]["cache"] == "hit"
 
 
 def test_finding_8_tensors_inside_list_dict_and_dataclass_arguments_are_digested():
@@ -311,6 +352,23 @@ def test_finding_8_tensors_inside_list_dict_and_dataclass_arguments_are_digested
     assert conditioning_digest(memo, [Prompt(a, 1.0)]) != conditioning_digest(memo, [Prompt(a, 2.0)])
     assert conditioning_digest(memo, [[a], [a]]) != conditioning_digest(memo, [[a, a]])  # nesting counts
 
+    class Holder:  # a plain object: by its attributes, not its address
+        def __init__(self, text):
+            self.text = text
+
+    holder = Holder(a)
+    before = conditioning_digest(memo, [holder], epoch=1)
+    holder.text = b
+    assert conditioning_digest(memo, [holder], epoch=2) != before
+    assert conditioning_digest(memo, [frozenset({"x", 2})]) == conditioning_digest(memo, [frozenset({2, "x"})])
+    sparse = a[0].to_sparse()
+    assert conditioning_digest(memo, [sparse]) != conditioning_digest(memo, [b[0].to_sparse()])
+    deep = a
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(ValueError, match="more than 64 levels deep"):
+        conditioning_digest(memo, [deep])
+
 
 def test_finding_9_weights_made_under_inference_mode_are_cached_and_their_changes_seen():
     """Inference tensors have no version counter: their identity, address and per-chunk norms key
@@ -330,3 +388,17 @@ def test_finding_9_weights_made_under_inference_mode_are_cached_and_their_change
     out, stats = cached_chunk(compiled, accelerator, x1, inputs, chunk=2)
     assert stats["cache"] == "miss"
     torch.testing.assert_close(out, exact(world.model, x1, inputs), **FP32)
+
+
+def test_finding_8_the_boundary_cache_keys_the_weights_the_model_holds_now():
+    """``li_compile.cached`` reads the module's parameters at every call: weights assigned anew
+    (``load_state_dict(assign=True)``, a swapped submodule) are other weights."""
+    world, other = tiny_world(0), tiny_world(1)
+    compiled, accelerator = accelerated(world)
+    dit = li_compile.cached(compiled, latent="x", timestep="sigma")
+    inputs = inputs_of(world)
+    cached_chunk(dit, accelerator, noise(world, 0), inputs)
+    world.model.load_state_dict(other.model.state_dict(), assign=True)
+    out, stats = cached_chunk(dit, accelerator, noise(world, 1), inputs, chunk=1)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs), **FP32)

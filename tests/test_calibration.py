@@ -141,10 +141,13 @@ def _delete(key):
         (_set("made_for", "tile", value=[1, 4]), r"made_for.tile must be a list of 3 numbers, got \[1, 4\]"),
         (_delete("format_version"), r"calibration has no format_version"),
         (_set("format_version", value=2), r"calibration format_version is 2, this li_compile reads version 1"),
+        (_set("candidates", 0, "visibility_margin", value="0.1"), r"visibility_margin must be >= 0 .*got '0.1'"),
+        (_set("candidates", 0, "min_visibility", value=None), r"min_visibility must be in \[0, 1\), got None"),
+        (_set("candidates", 0, "depth_range", value=["near", 2.0]), r"depth_range must be \(near, far\)"),
     ],
     ids=["choice_below_dense", "choice_past_the_candidates", "layers_differ", "heads_differ", "target_above_one",
          "target_zero", "unknown_field", "unknown_candidate_field", "missing_field", "bad_setting", "no_version",
-         "newer_version"],
+         "newer_version", "margin_a_string", "visibility_none", "depth_a_string"],
 )
 def test_a_corrupt_or_foreign_calibration_file_is_refused_naming_what_is_wrong(corrupt, match):
     data = _saved_calibration()

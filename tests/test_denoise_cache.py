@@ -589,6 +589,11 @@ def test_sigmas_may_be_0d_tensors_or_numpy_values_and_a_single_level_is_refused(
     assert check_sigmas(list(torch.tensor(levels)), 2) == levels
     assert check_sigmas(numpy.array(levels), 2) == levels
     assert check_sigmas([torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0])], 2) == [(1.0, 1.0), (0.0, 0.0)]
-    for bad in (torch.tensor(0.5), 0.5, "1.0"):
+    for bad in (torch.tensor(0.5), 0.5, "1.0", {1.0: 0, 0.0: 1}, {1.0, 0.0}, (s for s in levels)):
         with pytest.raises(ValueError, match="steps \\+ 1 noise levels"):
             check_sigmas(bad, 2)
+    for bad in (["1.0", "0.0"], [1.0, None], [True, False]):
+        with pytest.raises(ValueError, match="sigmas must be numbers"):
+            check_sigmas(bad, 2)
+    with pytest.raises(ValueError, match="all numbers or all per-frame rows"):
+        check_sigmas([1.0, [0.5, 0.5], 0.0], 2)

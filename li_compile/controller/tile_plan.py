@@ -80,16 +80,22 @@ class TilePlanParams:
     def __post_init__(self) -> None:
         if isinstance(self.recent_radius, bool) or not isinstance(self.recent_radius, int) or self.recent_radius < 0:
             raise ValueError(f"recent_radius must be an int >= 0 (tiles), got {self.recent_radius!r}")
-        if len(self.depth_range) != 2 or not 0 < self.depth_range[0] < self.depth_range[1] < math.inf:
+        if (len(self.depth_range) != 2 or not all(_real(d) for d in self.depth_range)
+                or not 0 < self.depth_range[0] < self.depth_range[1] < math.inf):
             raise ValueError(f"depth_range must be (near, far) with 0 < near < far < inf, got {self.depth_range!r}")
         if isinstance(self.depth_samples, bool) or not isinstance(self.depth_samples, int) or self.depth_samples < 1:
             raise ValueError(f"depth_samples must be an int >= 1, got {self.depth_samples!r}")
-        if not 0 <= self.visibility_margin < math.inf:
+        if not _real(self.visibility_margin) or not 0 <= self.visibility_margin < math.inf:
             raise ValueError(f"visibility_margin must be >= 0 (a fraction of the image), got {self.visibility_margin!r}")
-        if not 0 <= self.min_visibility < 1:
+        if not _real(self.min_visibility) or not 0 <= self.min_visibility < 1:
             raise ValueError(f"min_visibility must be in [0, 1), got {self.min_visibility!r}")
         if self.context_queries not in CONTEXT_QUERY_RULES:
             raise ValueError(f"context_queries must be one of {CONTEXT_QUERY_RULES}, got {self.context_queries!r}")
+
+
+def _real(value: object) -> bool:
+    """Whether ``value`` is a real number (int or float, not bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class PlanStats(NamedTuple):
