@@ -26,7 +26,8 @@ other input must match what produced it:
   their bytes; numbers, strings and other plain values by ``repr``.
 - **the call's Python values** (``argument_values``): a float, int, bool or string argument is a
   constant Dynamo bakes into the graph, not a graph input, so the graph-level runners add the
-  user's call's arguments (but the latent, the timestep and the revisit inputs) to the key.
+  user's call's arguments (but the latent, the timestep and the revisit inputs) to the key, and
+  the graph's family (``Accelerator.graph_family``) for values read from attributes or globals.
 
 What no key sees: a write through ``.data`` (or to an inference tensor) that keeps every weight's
 norm (a permutation, a sign flip), and any such write in the middle of a chunk. After such a write call
@@ -36,7 +37,10 @@ norm (a permutation, a sign flip), and any such write in the middle of a chunk. 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import hashlib
+import types
 import weakref
 from typing import Collection, Mapping, Sequence
 
@@ -200,35 +204,50 @@ def conditioning_digest(memo: DigestMemo, inputs: Sequence[object], epoch: int =
 MAX_NESTING = 64  # how deep ``leaves`` follows containers and objects
 
 
-def leaves(value: object, depth: int = 0) -> list:
+def leaves(value: object, depth: int = 0, path: tuple[int, ...] = ()) -> list:
     """``value`` flattened for a digest: its tensors as they are, every other leaf as a hashable
-    description (numpy arrays by their bytes' hash, numbers, strings, None and other plain values
-    by type and ``repr``), with markers for where each list, tuple, set, dict, dataclass or object
-    (by its attributes) opens and closes. ``ValueError`` past ``MAX_NESTING`` levels."""
+    description (numpy arrays by their bytes' hash; numbers, strings, None and other plain values by
+    type and ``repr``), with markers for where each list, tuple, set, dict, dataclass or object opens
+    and closes. Objects (callable ones too) by their attributes (``__dict__`` and ``__slots__``),
+    functions by their code, defaults and closure, a reference back to an enclosing object by how
+    far up it is. ``ValueError`` past ``MAX_NESTING`` levels."""
     if isinstance(value, torch.Tensor):
         return [value]
+    if id(value) in path:
+        return [("cycle", len(path) - path.index(id(value)))]
     if depth > MAX_NESTING:
         raise ValueError(f"a model argument nests containers or objects more than {MAX_NESTING} levels deep: the "
                          "denoising cache cannot key it; pass it flatter, or turn the cache off")
+    if isinstance(value, (int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum, type)):
+        return [("value", type(value).__qualname__, repr(value))]
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
+        return [("numpy", str(getattr(value, "dtype", "")), tuple(getattr(value, "shape", ())),
+                 hashlib.sha256(value.tobytes()).hexdigest())]
     if isinstance(value, (list, tuple)):
         items = [(None, item) for item in value]
     elif isinstance(value, (set, frozenset)):
         items = [(None, item) for item in sorted(value, key=repr)]
     elif isinstance(value, dict):
         items = [(repr(key), item) for key, item in value.items()]
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+    elif dataclasses.is_dataclass(value):
         items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
-    elif type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
-        return [("numpy", str(getattr(value, "dtype", "")), tuple(getattr(value, "shape", ())),
-                 hashlib.sha256(value.tobytes()).hexdigest())]
-    elif isinstance(value, (int, float, complex, str, bytes, type(None), torch.dtype, torch.device)) or callable(value):
-        return [("value", type(value).__qualname__, repr(value))]
-    elif hasattr(value, "__dict__"):  # an object of the user's: by its attributes, as a dataclass
-        items = list(vars(value).items())
+    elif isinstance(value, types.FunctionType):
+        cells = [cell.cell_contents for cell in value.__closure__ or () if cell.cell_contents is not value]
+        code = hashlib.sha256(value.__code__.co_code).hexdigest()[:16]
+        items = [("code", f"{value.__module__}.{value.__qualname__}#{code}"), ("defaults", value.__defaults__),
+                 ("closure", cells)]
+    elif isinstance(value, types.MethodType):
+        items = [("function", value.__func__), ("self", value.__self__)]
+    elif isinstance(value, functools.partial):
+        items = [("function", value.func), ("args", value.args), ("keywords", value.keywords)]
     else:
-        return [("value", type(value).__qualname__, repr(value))]
-    inner = [x for label, item in items for x in [*([("key", label)] if label is not None else []),
-                                                  *leaves(item, depth + 1)]]
+        slots = [n for cls in type(value).__mro__ for n in getattr(cls, "__slots__", ()) if hasattr(value, n)]
+        attributes = {**{n: getattr(value, n) for n in slots}, **getattr(value, "__dict__", {})}
+        if not attributes:
+            return [("value", type(value).__qualname__, repr(value))]
+        items = list(attributes.items())
+    inner = [x for label, item in items
+             for x in [*([("key", label)] if label is not None else []), *leaves(item, depth + 1, (*path, id(value)))]]
     return [("open", type(value).__qualname__), *inner, ("close",)]
 
 

@@ -6,13 +6,15 @@ path are the hidden states q, k and v were projected from. Norms, RoPE, reshapes
 with a KV cache and chunking a fused QKV projection are all walked through. Each hidden state is
 then resolved to its *token streams*: walking up through ``torch.cat`` (keys projected from
 ``cat([context, x])`` carry the tokens of both) and row-wise ops (norms, casts, elementwise
-arithmetic with one operand of the result's full shape, the data: a broadcast scale or shift is no
-stream) to the tensors it is made of. A sum of two full-shape tensors (``x + camera_tokens``) is a
-stream of its own: a per-token embedding added to two streams does not make them one. Self-attention projects keys from (at least partly) the
-same streams as the queries: also when keys are the current chunk concatenated with cached keys or
-with the context, joint text+video tokens, or the queries' hidden states before a norm;
-cross-attention projects them from other tokens only (text, actions). If either side has no
-projection above it (q, k, v given as graph inputs), the site is not called cross-attention.
+arithmetic, following the operands of the result's full shape: a broadcast scale or shift is no
+stream; a cast's dtype reference is none either) to the tensors it is made of. Self-attention:
+one side's streams hold all of the other's (keys of ``cat([context, x]) + positions`` hold the
+queries' ``x + positions``; queries of a per-token modulated ``norm(x)`` hold the keys' ``x``).
+Cross-attention: each side has a stream the other lacks (queries of ``x + camera_tokens``, keys of
+``other + camera_tokens``: a shared embedding does not make them one), as are keys from other
+tokens only (text, actions). Keys of the current chunk concatenated with cached keys or with the
+context, and joint text+video tokens, are self-attention. If either side has no projection above
+it (q, k, v given as graph inputs), the site is not called cross-attention.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ _ROW_WISE_FUNCTIONS = frozenset({
     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
     torch.rsqrt, F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm, F.silu, F.gelu,
 })
-_ROW_WISE_METHODS = frozenset({"add", "sub", "mul", "div", "float", "half", "bfloat16", "double", "to", "type",
-                               "contiguous"})
+_CASTS = frozenset({"to", "type", "type_as"})  # a tensor argument is a dtype/device reference, not data
+_ROW_WISE_METHODS = frozenset({"add", "sub", "mul", "div", "float", "half", "bfloat16", "double", "contiguous", *_CASTS})
 
 
 class TokenStreams:
@@ -62,9 +64,9 @@ class TokenStreams:
         return frozenset().union(*(self._streams[p] for p in parents)) if parents else frozenset({node})
 
     def is_cross_attention(self, q: fx.Node, k: fx.Node) -> bool:
-        """True when q and k both come from projections, of disjoint token streams."""
+        """True when q and k both come from projections and each has a token stream the other lacks."""
         q_sources, k_sources = self.sources(q), self.sources(k)
-        return bool(q_sources) and bool(k_sources) and not (q_sources & k_sources)
+        return bool(q_sources) and bool(k_sources) and not (q_sources <= k_sources or k_sources <= q_sources)
 
 
 def _memoised(memo: dict[fx.Node, frozenset[fx.Node]], node: fx.Node, inputs: Callable[[fx.Node], list[fx.Node]],
@@ -94,9 +96,9 @@ def _walked_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _stream_inputs(node: fx.Node) -> list[fx.Node]:
-    """The tensors whose tokens ``node``'s rows are: every operand of a ``torch.cat``, the one
-    operand of a row-wise op that has the result's shape; none for anything else, or for a row-wise
-    op of several full-shape operands (``node`` is a stream)."""
+    """The tensors whose tokens ``node``'s rows are: every operand of a ``torch.cat``, the operands
+    of a row-wise op that have the result's shape (of a cast, the tensor cast); none for anything
+    else (``node`` is a stream)."""
     if node.op == "call_function" and node.target in _CAT:
         return list(node.all_input_nodes)
     row_wise = (node.op == "call_function" and node.target in _ROW_WISE_FUNCTIONS) or (
@@ -104,8 +106,9 @@ def _stream_inputs(node: fx.Node) -> list[fx.Node]:
     value = example(node)
     if not row_wise or not isinstance(value, torch.Tensor):
         return []
-    full = [n for n in node.all_input_nodes if isinstance(example(n), torch.Tensor) and example(n).shape == value.shape]
-    return full if len(full) == 1 else []
+    operands = [node.args[0]] if node.op == "call_method" and node.target in _CASTS else node.all_input_nodes
+    return [n for n in operands
+            if isinstance(n, fx.Node) and isinstance(example(n), torch.Tensor) and example(n).shape == value.shape]
 
 
 def _projection_input(node: fx.Node) -> fx.Node | None:

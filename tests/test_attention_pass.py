@@ -256,6 +256,7 @@ class ContextAttention(torch.nn.Module):
         self.kv_from, self.heads = kv_from, heads
         self.norm = torch.nn.LayerNorm(width)
         self.shift = torch.nn.Parameter(torch.randn(width))  # broadcast over tokens: not a token stream
+        self.positions = torch.nn.Parameter(torch.randn(1, 16, width))  # one per context and chunk token
         self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
 
     def split(self, x):
@@ -281,6 +282,8 @@ KEY_STREAMS = {  # where the keys come from -> whether the site is self-attentio
     "the_chunk_before_the_queries_norm": (lambda m, context, x: x, True),
     "the_chunk_shifted_and_cast": (lambda m, context, x: (x + m.shift).float(), True),
     "context_tokens_shifted_as_the_queries_are": (lambda m, context, x: m.norm(context) + m.shift, False),
+    "context_and_chunk_with_positions_added_after": (lambda m, context, x: torch.cat([context, x], 1) + m.positions, True),
+    "the_chunk_cast_like_the_context": (lambda m, context, x: context[:, :6].to(x), False),
 }
 
 
