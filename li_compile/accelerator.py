@@ -79,7 +79,7 @@ class Accelerator:
         self.records_cuda_graphs = False  # a graph of it compiled in a mode that records CUDA graphs
         self.open_chunk: ChunkScope | None = None  # the chunk scope entered and not yet exited
         self._families: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph runner -> its family
-        self._family_shapes: dict[tuple, int] = {}  # input shapes a graph ran -> its family
+        self._shape_runners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # input shapes -> a live runner
         self._family = 0  # the family of the graph run last
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
@@ -216,12 +216,13 @@ class Accelerator:
         share entries. A graph whose ``inputs`` have shapes no graph of this model ran before (another
         capacity bucket, a full context without its mask, another specialisation of a symbolic graph)
         joins the family of the graph run last; one whose shapes another graph ran already was compiled
-        because a value Dynamo guards changed (a module attribute, a global): a family of its own."""
+        because a value Dynamo guards changed (a module attribute, a global): a family of its own. (A
+        graph whose shapes only graphs freed since ran, after ``torch._dynamo.reset()``, joins.)"""
         family = self._families.get(runner)
         if family is None:
             shapes = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
-            family = self._family if shapes not in self._family_shapes else max(self._family_shapes.values()) + 1
-            self._family_shapes.setdefault(shapes, family)
+            family = self._family if shapes not in self._shape_runners else max(self._families.values()) + 1
+            self._shape_runners.setdefault(shapes, runner)
             self._families[runner] = family
         self._family = family
         return family
