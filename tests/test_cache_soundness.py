@@ -255,8 +255,8 @@ class _Guided(torch.nn.Module):
 
 @pytest.mark.parametrize("first, second", [(1.0, 4.0), (1, 4), (True, False)])
 def test_finding_7_a_python_scalar_baked_into_another_graph_never_hits_the_first_graphs_entries(first, second):
-    """Each value of a float, int or bool argument is a graph of its own (Dynamo specialises it):
-    the graph's baked constants are part of the key (``graph_signature``)."""
+    """Each value of a float, int or bool argument is a graph of its own (Dynamo specialises it) and
+    not a graph input: the call's argument values are part of the key (``argument_values``)."""
     torch.manual_seed(0)
     model = _Guided()
     compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
