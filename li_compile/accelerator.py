@@ -27,7 +27,6 @@ import inspect
 import itertools
 import sys
 import warnings
-import weakref
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
@@ -78,9 +77,6 @@ class Accelerator:
         self.boundary_cache: str | None = None  # how li_compile.cached calls this model, if it does
         self.records_cuda_graphs = False  # a graph of it compiled in a mode that records CUDA graphs
         self.open_chunk: ChunkScope | None = None  # the chunk scope entered and not yet exited
-        self._families: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph runner -> its family
-        self._shape_runners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # input shapes -> a live runner
-        self._family = 0  # the family of the graph run last
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
 
@@ -210,22 +206,6 @@ class Accelerator:
         instances of a class: the instance that compiled it first has it already)."""
         if not any(c is compilation for c in self.compilations):
             self.compilations.append(compilation)
-
-    def graph_family(self, runner: Any, inputs: Sequence[Any]) -> int:
-        """The family of the compiled graph ``runner`` calls, for its cache key: graphs of one family
-        share entries. A graph whose ``inputs`` have shapes no graph of this model ran before (another
-        capacity bucket, a full context without its mask, another specialisation of a symbolic graph)
-        joins the family of the graph run last; one whose shapes another graph ran already was compiled
-        because a value Dynamo guards changed (a module attribute, a global): a family of its own. (A
-        graph whose shapes only graphs freed since ran, after ``torch._dynamo.reset()``, joins.)"""
-        family = self._families.get(runner)
-        if family is None:
-            shapes = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
-            family = self._family if shapes not in self._shape_runners else max(self._families.values()) + 1
-            self._shape_runners.setdefault(shapes, runner)
-            self._families[runner] = family
-        self._family = family
-        return family
 
     def prefetch_cache_key(self) -> None:
         """Start the next chunk's weight norms (``WeightsIdentity.prefetch``) before it is planned."""

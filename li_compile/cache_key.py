@@ -26,8 +26,10 @@ other input must match what produced it:
   their bytes; numbers, strings and other plain values by ``repr``.
 - **the call's Python values** (``argument_values``): a float, int, bool or string argument is a
   constant Dynamo bakes into the graph, not a graph input, so the graph-level runners add the
-  user's call's arguments (but the latent, the timestep and the revisit inputs) to the key, and
-  the graph's family (``Accelerator.graph_family``) for values read from attributes or globals.
+  user's call's arguments (but the latent, the timestep and the revisit inputs) to the key. A
+  value the model reads from a module attribute or a global is not seen (``li.reset()`` after
+  changing one): which of a model's graphs may share entries (its capacity buckets, a full context
+  without its mask) cannot be told from which were compiled for a changed value.
 
 What no key sees: a write through ``.data`` (or to an inference tensor) that keeps every weight's
 norm (a permutation, a sign flip), and any such write in the middle of a chunk. After such a write call

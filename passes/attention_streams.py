@@ -8,11 +8,11 @@ then resolved to its *token streams*: walking up through ``torch.cat`` (keys pro
 ``cat([context, x])`` carry the tokens of both) and row-wise ops (norms, casts, elementwise
 arithmetic, following the operands of the result's full shape: a broadcast scale or shift is no
 stream; a cast's dtype reference is none either) to the tensors it is made of. Self-attention:
-one side's streams hold all of the other's (keys of ``cat([context, x]) + positions`` hold the
-queries' ``x + positions``; queries of a per-token modulated ``norm(x)`` hold the keys' ``x``).
-Cross-attention: each side has a stream the other lacks (queries of ``x + camera_tokens``, keys of
-``other + camera_tokens``: a shared embedding does not make them one), as are keys from other
-tokens only (text, actions). Keys of the current chunk concatenated with cached keys or with the
+the keys' streams hold all of the queries' (keys of ``cat([context, x]) + positions`` hold the
+queries' ``x + positions``). Cross-attention otherwise: queries of ``x + camera_tokens`` and keys of
+``other + camera_tokens`` (a shared embedding does not make them one), queries that mix in the keys'
+stream (``x + other`` over ``other``), keys from other tokens only (text, actions). Queries of a
+per-token modulated ``norm(x)`` over keys of ``x`` are called cross-attention too (left dense: safe). Keys of the current chunk concatenated with cached keys or with the
 context, and joint text+video tokens, are self-attention. If either side has no projection above
 it (q, k, v given as graph inputs), the site is not called cross-attention.
 """
@@ -64,9 +64,9 @@ class TokenStreams:
         return frozenset().union(*(self._streams[p] for p in parents)) if parents else frozenset({node})
 
     def is_cross_attention(self, q: fx.Node, k: fx.Node) -> bool:
-        """True when q and k both come from projections and each has a token stream the other lacks."""
+        """True when q and k both come from projections and the queries have a token stream the keys lack."""
         q_sources, k_sources = self.sources(q), self.sources(k)
-        return bool(q_sources) and bool(k_sources) and not (q_sources <= k_sources or k_sources <= q_sources)
+        return bool(q_sources) and bool(k_sources) and not q_sources <= k_sources
 
 
 def _memoised(memo: dict[fx.Node, frozenset[fx.Node]], node: fx.Node, inputs: Callable[[fx.Node], list[fx.Node]],

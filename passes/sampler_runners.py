@@ -35,11 +35,9 @@ class CallKey:
     version of every weight tensor it uses (its parameter/buffer inputs and the parameters the graph
     holds), the digest of its conditioning inputs (every other input except the noisy latent(s)
     ``latents`` (input positions), the timestep(s) and the inputs the running model's accelerator was
-    told vary on a revisit, ``Accelerator.configure(revisit_inputs=...)``), the Python values of the
-    user's call (``running_arguments``, but those same names: a float, int, bool or string argument
-    such as a guidance scale is a constant Dynamo bakes into the graph, not an input), and the graph's
-    family (``Accelerator.graph_family``: a graph compiled for a changed module attribute or global
-    keys entries of its own)."""
+    told vary on a revisit, ``Accelerator.configure(revisit_inputs=...)``), and the Python values of
+    the user's call (``running_arguments``, but those same names): a float, int, bool or string
+    argument such as a guidance scale is a constant Dynamo bakes into the graph, not an input."""
 
     def __init__(self, gm: fx.GraphModule, excluded: set[int]) -> None:
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -53,7 +51,7 @@ class CallKey:
         weights = [args[i] for i in self.weights if isinstance(args[i], torch.Tensor)] + self.held
         conditioning = [args[i] for i, name in self.names.items() if name not in model.revisit_inputs]
         values = argument_values(running_arguments(), self.excluded_names | model.revisit_inputs)
-        return model.graph_family(self, args), values, model.cache_key(weights, conditioning)
+        return values, model.cache_key(weights, conditioning)
 
 
 class ModelCallRunner:

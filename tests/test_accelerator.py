@@ -210,22 +210,3 @@ def test_an_interrupted_chunk_keeps_none_of_its_outputs_in_the_cache():
     assert entries == [1] and len(accelerator.denoise.cache) == 0
     assert accelerator.denoise.history[-1].values["cache"] == "interrupted"
 
-
-def test_graph_families_new_shapes_join_the_running_graphs_a_graph_for_shapes_already_run_starts_its_own():
-    """``Accelerator.graph_family``: capacity buckets share cache entries; a graph recompiled for a
-    changed attribute (same shapes as a live graph) does not; one for shapes only freed graphs ran
-    (after ``torch._dynamo.reset()``) joins again."""
-    import gc
-
-    class Runner:  # stands in for a compiled graph's cache runner
-        pass
-
-    accelerator = li_compile.accelerator(torch.compile(torch.nn.Linear(2, 2), backend="light_interaction"))
-    small, large = [torch.zeros(1, 3)], [torch.zeros(1, 5)]
-    first, bucket, recompiled = Runner(), Runner(), Runner()
-    assert accelerator.graph_family(first, small) == accelerator.graph_family(bucket, large) == 0
-    assert accelerator.graph_family(recompiled, small) == 1  # the same shapes as a live graph: a changed value
-    assert accelerator.graph_family(first, small) == 0  # each graph keeps its family
-    del first, bucket, recompiled
-    gc.collect()
-    assert accelerator.graph_family(Runner(), large) == 0  # the graph run last was family 0's

@@ -287,6 +287,29 @@ KEY_STREAMS = {  # where the keys come from -> whether the site is self-attentio
 }
 
 
+class MixedQueries(torch.nn.Module):
+    """Queries that mix in the keys' stream (``x + other``, or ``cat([other, x])``) over keys of ``other``."""
+
+    def __init__(self, mix, width=32, heads=4):
+        super().__init__()
+        self.mix, self.heads = mix, heads
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def split(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x, other):
+        q_in = x + other if self.mix == "add" else torch.cat([other, x], 1)
+        return F.scaled_dot_product_attention(self.split(self.q(q_in)), self.split(self.k(other)), self.split(self.v(other)))
+
+
+@pytest.mark.parametrize("mix", ["add", "cat"])
+def test_queries_that_mix_in_the_keys_stream_are_still_cross_attention(mix):
+    g = torch.Generator().manual_seed(0)
+    site = the_site_of(MixedQueries(mix).eval(), torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g))
+    assert site.status == "skipped" and site.reason.startswith("cross-attention")
+
+
 @pytest.mark.parametrize("name", sorted(KEY_STREAMS))
 def test_keys_that_contain_the_queries_tokens_are_self_attention_keys_of_other_tokens_are_not(name):
     """Token streams are traced through ``torch.cat`` and row-wise ops (norms, casts, elementwise

@@ -273,40 +273,6 @@ def test_finding_7_a_python_scalar_baked_into_another_graph_never_hits_the_first
     assert run(second, 2)[1]["cache"] == "hit"  # the same value again: its own graph's entries
 
 
-SCALE = 1.0  # a global the model below reads: Dynamo bakes it into the graph and guards on it
-
-
-class _Attributed(torch.nn.Module):
-    """A denoiser scaled by a module attribute and by a global, neither an argument."""
-
-    def __init__(self):
-        super().__init__()
-        self.mix, self.guidance = torch.nn.Linear(4, 4), 1.0
-
-    def forward(self, x, sigma):
-        return self.guidance * SCALE * self.mix(x.movedim(1, -1)).movedim(-1, 1) * sigma
-
-
-@pytest.mark.parametrize("change", ["attribute", "global"])
-def test_finding_7_a_graph_compiled_for_a_changed_attribute_or_global_keys_entries_of_its_own(change, monkeypatch):
-    """Dynamo compiles a graph for the new value, for shapes another graph already ran: it is a
-    family of its own (``Accelerator.graph_family``), while capacity buckets share one family."""
-    torch.manual_seed(0)
-    model = _Attributed()
-    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
-    accelerator = li_compile.accelerator(compiled)
-    x = torch.randn(1, 4, 2, 3, 3)
-    cached_chunk(compiled, accelerator, x, {})
-    if change == "attribute":
-        model.guidance = 4.0
-    else:
-        monkeypatch.setitem(globals(), "SCALE", 4.0)
-    out, stats = cached_chunk(compiled, accelerator, x, {}, chunk=1)
-    assert stats["cache"] == "miss"
-    torch.testing.assert_close(out, exact(model, x, {}), **FP32)
-    assert cached_chunk(compiled, accelerator, x, {}, chunk=2)[1]["cache"] == "hit"  # the same value: its entries
-
-
 class _Indexed(torch.nn.Module):
     """A denoiser whose Python int argument reaches its output only through sizes, slices and positions."""
 
