@@ -301,12 +301,12 @@ class ChunkScope:
         controller = acc._controller()
         planned = len(controller.stats)
         try:
-            acc.denoise.check_chunk(chunk_poses, sigmas)  # before anything is planned: a refusal leaves no state
+            checked = acc.denoise.check_chunk(chunk_poses, sigmas)  # before any planning: a refusal leaves no state
             acc.prefetch_cache_key()  # the weights' norms compute on the device while the host plans
             self.selection = controller.select(self.chunk, past_poses, chunk_poses, past_latents)
             self.capacity = self.selection.capacity
             self.valid = valid_slots(self.selection, self.capacity)
-            acc.denoise.begin_chunk(self.chunk, chunk_poses, sigmas)
+            acc.denoise.open_chunk(self.chunk, *checked)
         except BaseException:  # the chunk never opened: later calls outside a chunk run dense
             acc.plan.clear()
             del controller.stats[planned:]
@@ -365,7 +365,7 @@ class RoutedGraph:
         accelerator.runs(self.compilation)
         if accelerator.calibrating is not None:
             accelerator.calibrating.begin_graph_call(self.compilation.graph_name)
-        with running_for(accelerator, self._arguments(frame, target)):
+        with running_for(accelerator, lambda: self._arguments(frame, target)):
             return self.compiled(*args)
 
     def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:

@@ -138,15 +138,19 @@ class DenoiseRuntime:
         ``sigmas`` ``(steps + 1,)`` its noise schedule (``sigmas[i]``: noise level of the latent
         entering step ``i``), or ``(steps + 1, F)`` one per frame (diffusion forcing), or None to
         store raw outputs. A still-open chunk is ended first."""
+        self.open_chunk(chunk, *self.check_chunk(poses, sigmas))
+
+    def open_chunk(self, chunk: int, poses: torch.Tensor, schedule: list[Level] | None) -> None:
+        """``begin_chunk`` with the cameras and schedule ``check_chunk`` returned for it."""
         if self._chunk is not None:
             self.end_chunk()
-        poses, schedule = self.check_chunk(poses, sigmas)
         s = self.cache.stats
         self._chunk = _Chunk(chunk, poses, schedule, (s.hits, s.misses, s.evictions, s.near_misses, s.near_hits))
         self.chunks_begun += 1
 
     @staticmethod
-    def check_chunk(poses: torch.Tensor, sigmas: Sequence[float] | torch.Tensor | None) -> tuple[torch.Tensor, list | None]:
+    def check_chunk(poses: torch.Tensor,
+                    sigmas: Sequence[float] | torch.Tensor | None) -> tuple[torch.Tensor, list[Level] | None]:
         """A chunk's cameras ``(F, 4, 4)`` and schedule as ``begin_chunk`` keeps them (``check_sigmas``);
         ``ValueError`` naming what is wrong with either."""
         poses = chunk_poses(validate_poses(poses, "chunk poses"))

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 _RUNNING: ContextVar[Any] = ContextVar("li_compile_running_accelerator", default=None)
-_ARGUMENTS: ContextVar[Mapping[str, Any]] = ContextVar("li_compile_running_arguments", default={})
+_ARGUMENTS: ContextVar[Callable[[], Mapping[str, Any]]] = ContextVar("li_compile_running_arguments", default=dict)
 
 
 def running() -> Any:
@@ -25,15 +25,16 @@ def running() -> Any:
 
 
 def running_arguments() -> Mapping[str, Any]:
-    """The arguments of the user's compiled call that is running, by name (empty when unknown)."""
-    return _ARGUMENTS.get()
+    """The arguments of the user's compiled call that is running, by name (empty when unknown);
+    bound now, on the cache's early steps that key a call, not on every call."""
+    return _ARGUMENTS.get()()
 
 
 @contextlib.contextmanager
-def running_for(accelerator: Any, arguments: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Make ``accelerator`` the running one for the block, and ``arguments`` (the user's call's, by
+def running_for(accelerator: Any, arguments: Callable[[], Mapping[str, Any]] = dict) -> Iterator[None]:
+    """Make ``accelerator`` the running one for the block, and ``arguments()`` (the user's call's, by
     name) what ``running_arguments`` returns."""
-    token, arguments_token = _RUNNING.set(accelerator), _ARGUMENTS.set(arguments or {})
+    token, arguments_token = _RUNNING.set(accelerator), _ARGUMENTS.set(arguments)
     try:
         yield
     finally:
