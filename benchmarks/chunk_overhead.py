@@ -10,7 +10,9 @@ cache while the device may be idle. Then it
 profiles ``--profile-chunks`` more chunks of each run with ``torch.profiler`` and prints the host
 operations by self CPU time, with the number of device synchronisations. On CUDA it then runs the
 chunks once more under ``torch.cuda.set_sync_debug_mode("warn")`` and prints where in the Python
-code each synchronising call was made (the innermost frames of this repository), by count.
+code each synchronising call was made (the innermost frames of this repository), by count. It also
+counts the garbage collector's collections during the timed chunks, with their host milliseconds by
+generation (``--gc-freeze``: freeze the objects warm-up left first, so a collection never scans them).
 
     bash benchmarks/run_on_device.sh python benchmarks/chunk_overhead.py --world matrix_game3 --depth 30 \\
         --chunks 12 --trajectory random_walk_with_returns [--blocks] --out $OUT/overhead.json
@@ -22,6 +24,7 @@ import argparse
 import cProfile
 import collections
 import dataclasses
+import gc
 import io
 import json
 import pstats
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--trajectory", default="random_walk_with_returns", choices=sorted(trajectories.TRAJECTORIES))
     parser.add_argument("--blocks", action="store_true", help="only the repeated blocks compiled in both runs, "
                         "the top level eager (as end_to_end.py --blocks)")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after each warm-up: the objects "
+                        "compilation left are never scanned by the garbage collector again")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     module = WORLDS[args.world]
@@ -69,6 +74,11 @@ def main() -> None:
         torch._dynamo.reset()  # each run compiles afresh: with --blocks both compile the same block code,
         setup = make_setup()  # and together they would pass Dynamo's recompile limit (calls then run eagerly)
         setup.warm_up()
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        print(f"== {name}: {len(gc.get_objects())} objects the garbage collector tracks after warm-up "
+              f"({gc.get_freeze_count()} frozen)", flush=True)
 
         def run(chunks: int, step_hook=None):
             driver = setup.driver(trajectory)  # an empty cache each time: every run's chunks miss alike
@@ -91,12 +101,15 @@ def main() -> None:
             calls.append((chunk, step, start, time.perf_counter()))
             return out
 
-        gen = run(args.chunks, hook)
+        with GcPauses() as pauses:
+            gen = run(args.chunks, hook)
         rows = []
         for c, chunk_s in enumerate(gen.chunk_times):
             mine = [x for x in calls if x[0] == c]
             rows.append({"chunk": c, "chunk_ms": 1000 * chunk_s,
                          "call_host_ms": [round(1000 * (end - start), 2) for _, _, start, end in mine]})
+        print(f"== {name}: garbage collections in {args.chunks} chunks, by generation: "
+              f"{pauses.summary()}", flush=True)
         text = io.StringIO()
         pstats.Stats(first_calls, stream=text).sort_stats("cumulative").print_stats("li_compile|passes|kernels", 30)
         first_profile = text.getvalue()
@@ -114,7 +127,8 @@ def main() -> None:
         print(f"== {name}: profile of {total} chunks (the first {args.chunks} again, then {args.profile_chunks} more)")
         print(table)
         print(f"== {name}: synchronising calls {syncs}")
-        result[name] = {"chunks": rows, "syncs": syncs, "table": table, "first_calls": first_profile}
+        result[name] = {"chunks": rows, "syncs": syncs, "table": table, "first_calls": first_profile,
+                        "gc_pauses": pauses.summary()}
         if torch.cuda.is_available():
             where = sync_sites(lambda: run(total))
             print(f"== {name}: synchronising calls by site in {total} chunks")
@@ -124,6 +138,33 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+
+class GcPauses:
+    """Within the scope, the garbage collector's collections and their host milliseconds, by generation
+    (a collection of generation 2 scans every tracked object, which compilation leaves by the million)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, list[float]] = collections.defaultdict(list)
+        self._started = 0.0
+
+    def _record(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.runs[info["generation"]].append(1000 * (time.perf_counter() - self._started))
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._record)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{generation: {"count", "total_ms", "max_ms"}}."""
+        return {str(g): {"count": len(ms), "total_ms": round(sum(ms), 1), "max_ms": round(max(ms), 1)}
+                for g, ms in sorted(self.runs.items())}
 
 
 def sync_sites(run) -> collections.Counter:

@@ -165,14 +165,20 @@ class Accelerator:
 
     def reset(self) -> None:
         """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay).
-        Inside a chunk scope the chunk is closed: its remaining calls run dense, without the cache."""
+        Inside a chunk scope the chunk is closed: its remaining calls run dense, without the cache.
+        Where reusing context rows already made that chunk's output wrong, its ``RuntimeError`` is
+        raised once everything is forgotten."""
         self.open_chunk = None
-        self.denoise.reset()
-        if self.context_rows is not None:
-            self.context_rows.reset()
-        self.plan.clear()
-        if self.controller is not None:
-            self.controller.stats.clear()
+        try:
+            self.denoise.reset()
+        finally:
+            try:
+                if self.context_rows is not None:
+                    self.context_rows.reset()
+            finally:
+                self.plan.clear()
+                if self.controller is not None:
+                    self.controller.stats.clear()
 
     # --- per chunk ----------------------------------------------------------------------------
 
@@ -369,23 +375,33 @@ class RoutedGraph:
             return self.compiled(*args)
 
     def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:
-        """The user's call's arguments by name (the forward's or the function's signature; by
-        position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty when unknown."""
+        """The user's call's arguments by name (the signature an instance declares, as a wrapper
+        module does, else the forward's or the function's; a ``**kwargs`` parameter's arguments by their
+        own names; by position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty when unknown."""
         if frame is None or target is None:
             return {}
         args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
-        fn = target.forward if isinstance(target, torch.nn.Module) else target
-        code = getattr(fn, "__code__", fn)
-        if code not in self._signatures:
-            try:
-                self._signatures[code] = inspect.signature(fn)
-            except (TypeError, ValueError):
-                self._signatures[code] = None
-        signature = self._signatures[code]
+        signature = vars(target).get("__signature__") if hasattr(target, "__dict__") else None
+        if signature is None:  # (an instance's own __signature__, as a wrapper module declares, comes first)
+            fn = target.forward if isinstance(target, torch.nn.Module) else target
+            code = getattr(fn, "__code__", fn)
+            if code not in self._signatures:
+                try:
+                    self._signatures[code] = inspect.signature(fn)
+                except (TypeError, ValueError):
+                    self._signatures[code] = None
+            signature = self._signatures[code]
         try:
-            return dict(signature.bind(*args, **kwargs).arguments) if signature is not None else {}
+            bound = signature.bind(*args, **kwargs) if signature is not None else None
         except TypeError:
+            bound = None
+        if bound is None:
             return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
+        arguments = {}
+        for name, value in bound.arguments.items():  # a **kwargs parameter's arguments go by their own names
+            kind = signature.parameters[name].kind
+            arguments.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        return arguments
 
 
 def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,

@@ -210,12 +210,15 @@ class ContextRowReuse:
                              "set context.reuse_rows to False or \"auto\" for this model")
 
     def reset(self) -> None:
-        """Forget the chunk statistics, any open chunk and the probe's verdict."""
-        self.end_chunk()
-        self.history.clear()
-        self.verdict = None
-        if self.blocks is not None:
-            self.blocks.reset()
+        """Forget the chunk statistics, any open chunk and the probe's verdict; then raise the open
+        chunk's error, if its output is wrong (``end_chunk``)."""
+        try:
+            self.end_chunk()
+        finally:
+            self.history.clear()
+            self.verdict = None
+            if self.blocks is not None:
+                self.blocks.reset()
 
     def current_step(self) -> int | None:
         """The open chunk's current step (None: not told)."""

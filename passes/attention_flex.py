@@ -61,9 +61,8 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
     if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in values):
         raise NotAttention("flex_attention operands must be 4-D (B, H, L, D) tensors")
     blocks = _block_mask(block_mask)
-    q_len, kv_len = values[0].shape[2], values[1].shape[2]
-    if not _masks_nothing(gm, blocks, q_len, kv_len):
-        _check_expandable(blocks, q_len, kv_len)
+    if not _masks_nothing(gm, blocks, values[0].shape[2], values[1].shape[2]):
+        _check_expandable(_mask_shape(gm, blocks, values[0], values[1]))
     return sdpa_layout_match("flex_attention", users[0], (q, k, v), LABELS, (), float(scale), False, (node, users[0]))
 
 
@@ -76,8 +75,7 @@ def with_block_mask(gm: fx.GraphModule, match: AttentionMatch) -> AttentionMatch
     if _masks_nothing(gm, blocks, q_value.shape[2], k_value.shape[2]):
         return match
     buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
-    kv_num = example(blocks["kv_num"])
-    shape = (kv_num.shape[0], kv_num.shape[1], q_value.shape[2], k_value.shape[2])
+    shape = _mask_shape(gm, blocks, q_value, k_value)
     mask = _emit_mask(gm, node, blocks, buffers, q_value.device, shape)
     return replace(match, masks=(Mask(mask, LABELS + ("i", "j"), KEEP_MASK),))
 
@@ -113,10 +111,21 @@ def _tokens(blocks: torch.Tensor, q_block: int, kv_block: int, q_len: int, kv_le
     return blocks[..., rows[:, None], cols]
 
 
-def _check_expandable(blocks: dict, q_len: int, kv_len: int) -> None:
-    """Refuse a block mask whose token mask would be too large to build."""
+def _mask_shape(gm: fx.GraphModule, blocks: dict, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """The token mask's ``(B|1, H|1, Lq, Lk)``: a batch or head axis is the queries' where the block
+    tables have it or ``mask_mod`` reads its index (a mask broadcast over heads, ``H=None``, whose
+    ``mask_mod`` still reads ``h``: FlexAttention calls it with every query head), else 1."""
     kv_num = example(blocks["kv_num"])
-    elements = kv_num.shape[0] * kv_num.shape[1] * q_len * kv_len
+    graph = gm.get_submodule(blocks["mask_mod"].target).graph
+    indices = [n for n in graph.nodes if n.op == "placeholder"][:2]
+    reads = [len(indices) > axis and bool(indices[axis].users) for axis in (0, 1)]
+    batch, heads = (q.shape[axis] if kv_num.shape[axis] > 1 or reads[axis] else 1 for axis in (0, 1))
+    return batch, heads, q.shape[2], k.shape[2]
+
+
+def _check_expandable(shape: tuple[int, int, int, int]) -> None:
+    """Refuse a block mask whose token mask ``shape`` would be too large to build."""
+    elements = shape[0] * shape[1] * shape[2] * shape[3]
     if elements > MAX_MASK_ELEMENTS:
         raise NotAttention(f"flex_attention's block mask would expand to {elements} mask elements (more than "
                            f"{MAX_MASK_ELEMENTS}): left as written")

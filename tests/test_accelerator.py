@@ -198,6 +198,26 @@ def test_reset_inside_a_chunk_scope_closes_the_chunk_and_the_scope_exits_cleanly
         assert accelerator.denoise.active
 
 
+def test_reset_inside_a_chunk_whose_reused_rows_went_wrong_raises_after_forgetting_everything():
+    """The chunk a reset closes may have an output that reusing context rows made wrong: the reset
+    raises that error, but only once the plans are dense again and the statistics and the probe's
+    verdict are forgotten (a later call outside a chunk runs dense)."""
+    world, trajectory, accelerator = _opened_once()
+    with _scope(world, trajectory, accelerator, 3) as chunk:
+        chunk.step(0)
+        assert not all(slot.is_dense for slot in accelerator.plan)
+        accelerator.context_rows.verdict = True
+        accelerator.context_rows.lose("a block call found nothing kept")
+        with pytest.raises(RuntimeError, match="a block call found nothing kept"):
+            accelerator.reset()
+        assert all(slot.is_dense for slot in accelerator.plan)
+        assert accelerator.context_rows.verdict is None and not accelerator.context_rows.history
+        assert not accelerator.controller.stats and not accelerator.denoise.active
+        chunk.step(1)
+    with _scope(world, trajectory, accelerator, 4):
+        assert accelerator.denoise.active
+
+
 def test_an_interrupted_chunk_keeps_none_of_its_outputs_in_the_cache():
     world, trajectory, accelerator = _opened_once()
     accelerator.reset()

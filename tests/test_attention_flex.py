@@ -121,6 +121,39 @@ def test_a_flex_call_with_a_block_mask_is_rewritten_and_equals_eager_flex(case):
     assert site.status == "rewritten" and site.detail["spelling"] == "flex_attention"
 
 
+def narrowing_window(b, h, q, kv):  # head 0 and batch 0 see the most
+    return (q - kv).abs() <= 24 * (4 - h) + 40 * (1 - b)
+
+
+def listed_tokens(num, idx, q_block, kv_block, q_len, kv_len):
+    """(B|1, H|1, q_len, kv_len) bool: the tokens of the listed key blocks of each query block."""
+    out = torch.zeros(*num.shape[:2], q_len, kv_len, dtype=torch.bool)
+    for b, h, row in torch.cartesian_prod(*(torch.arange(n) for n in num.shape)).tolist():
+        for block in idx[b, h, row, :num[b, h, row]].tolist():
+            out[b, h, row * q_block:(row + 1) * q_block, block * kv_block:(block + 1) * kv_block] = True
+    return out
+
+
+@pytest.mark.parametrize("index", ["head", "batch"])
+def test_a_block_mask_broadcast_over_heads_or_batch_calls_mask_mod_with_each_real_index(index):
+    """``create_block_mask(mask_mod, B=None, H=None)`` lists blocks for batch 0 and head 0 only, but
+    compiled FlexAttention calls ``mask_mod`` in the partial blocks with every real batch and query
+    head index (diffusers' flex backend builds such masks). Reference: that semantics written out,
+    SDPA under full blocks or partial blocks where ``mask_mod`` holds."""
+    block_mask = create_block_mask(narrowing_window, None, None, 200, 300, device="cpu", BLOCK_SIZE=32)
+    q, k, v = qkv(batch=2 if index == "batch" else 1)
+    b, h = (torch.arange(n).view(*([1] * axis), n, *([1] * (3 - axis))) for axis, n in enumerate(q.shape[:2]))
+    mod = narrowing_window(b, h, torch.arange(200).view(1, 1, 200, 1), torch.arange(300).view(1, 1, 1, 300))
+    sizes = (32, 32, 200, 300)
+    visible = (listed_tokens(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, *sizes)
+               | (listed_tokens(block_mask.kv_num_blocks, block_mask.kv_indices, *sizes) & mod))
+    _, compiled = compiled_flex(block_mask)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), masked_sdpa(q, k, v, visible), **FP32)
+    (site,) = flex_sites(compiled)
+    assert site.status == "rewritten"
+
+
 def test_the_plan_is_intersected_with_the_block_mask_in_the_kernel():
     """A sparse plan on the rewritten site: the output is attention under both the user's mask and
     the plan (block-sparse kernel, interpreter), and at full plan density it equals eager flex."""

@@ -8,6 +8,7 @@ checked against the dense output by PSNR instead.
 """
 
 import copy
+import inspect
 import dataclasses
 
 import pytest
@@ -416,3 +417,46 @@ def test_finding_8_the_boundary_cache_keys_the_weights_the_model_holds_now():
     out, stats = cached_chunk(dit, accelerator, noise(world, 1), inputs, chunk=1)
     assert stats["cache"] == "miss"
     torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs), **FP32)
+
+
+class _Conditioned(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 4)
+
+    def forward(self, x, sigma, context, context_valid=None):
+        weight = 1.0 if context_valid is None else context_valid.float().mean()
+        return x * torch.cos(sigma) + self.proj(context * weight)[:, :, None, None, None]  # (cos: the timestep)
+
+
+class _Wrapper(torch.nn.Module):
+    """A model behind ``forward(*args, **kwargs)``; ``declared``: it declares the wrapped signature
+    (as ``worlds.base.MethodModule`` does)."""
+
+    def __init__(self, inner: torch.nn.Module, declared: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        if declared:
+            self.__signature__ = inspect.signature(inner.forward)
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_finding_10_revisit_inputs_passed_through_a_wrapper_stay_out_of_the_key(declared):
+    """Revisit inputs passed by keyword through a ``forward(*args, **kwargs)`` wrapper (which may
+    declare the wrapped signature, as ``worlds.base.MethodModule`` does) are left out of the key as
+    named ones are: a revisit whose context mask is None where the first visit's was a tensor (another
+    capacity bucket's form) still hits."""
+    torch.manual_seed(0)
+    model = _Wrapper(_Conditioned(), declared)
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
+    accelerator = li_compile.accelerator(compiled)
+    accelerator.configure(revisit_inputs=("context", "context_valid"))
+    x, context = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 2)
+    first = {"context": context, "context_valid": torch.ones(1, 2, dtype=torch.bool)}
+    cached_chunk(compiled, accelerator, x, first)
+    out, stats = cached_chunk(compiled, accelerator, x, {"context": context, "context_valid": None}, chunk=1)
+    assert stats["cache"] == "hit"
+    assert psnr(out, exact(model, x, {"context": context, "context_valid": None})) > 20
