@@ -41,7 +41,9 @@ class ShapeSpecialized:
     """A symbolic graph that compiles, per concrete shape of its inputs, a static copy with
     ``compile_static(static_gm, inputs, None)`` on the first call of that shape, and runs it. A graph
     that cannot be specialized (a data-dependent value, such as ``.item()``) compiles once as it is,
-    ``compile_static(gm, inputs, reason)``, for every shape: its sites stay as written, with the reason."""
+    ``compile_static(gm, inputs, reason)``, for every shape: its sites stay as written, with the reason.
+    So does every shape past Dynamo's ``recompile_limit`` distinct ones (each int input's value is
+    part of a shape: an int that is not a size would otherwise compile once per value)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], compile_static: StaticCompiler) -> None:
         # a copy now: once the backend returns, Dynamo drops metadata the passes read (each input's source)
@@ -55,21 +57,33 @@ class ShapeSpecialized:
         self.symbolic: Callable | None = None  # the graph compiled as it is, once it failed to specialize
 
     def __call__(self, *args: Any) -> Any:
-        if self.symbolic is not None:
-            return self.symbolic(*args)
         key = (tuple(args[i] for i in self.numbers), tuple(args[i].shape for i in self.sized))
         compiled = self.compiled.get(key)
-        if compiled is None:
-            try:
-                static = specialize(self.gm, args)
-            except Exception as exc:  # noqa: BLE001 - any failure: the graph as Dynamo traced it, never a crash
-                reason = (f"symbolic graph not specialized ({type(exc).__name__}: {str(exc)[:200]}); compiled as "
-                          "traced, its attention left as written. Fix: torch.compile(..., dynamic=False)")
-                self.symbolic = self.compile_static(self.gm, args, reason)
-                return self.symbolic(*args)
-            compiled = self.compiled[key] = self.compile_static(static, args, None)
-            counters[SPECIALIZE_COUNTER]["compiled"] += 1
+        if compiled is not None:
+            return compiled(*args)
+        if self.symbolic is not None:
+            return self.symbolic(*args)
+        limit = torch._dynamo.config.recompile_limit
+        if len(self.compiled) >= limit:  # an int that is no size (a step or frame counter) would compile per value
+            values = sorted({tuple(k[0]) for k in self.compiled})[:4]
+            return self._as_traced(args, f"symbolic graph met more than {limit} distinct shapes or int inputs "
+                                         f"(int inputs {values}, ...; Dynamo's recompile_limit); new ones run it "
+                                         "compiled as traced, their attention left as written. Fix: "
+                                         "torch.compile(..., dynamic=False), or pass a changing number as a tensor")
+        try:
+            static = specialize(self.gm, args)
+        except Exception as exc:  # noqa: BLE001 - any failure: the graph as Dynamo traced it, never a crash
+            return self._as_traced(args, f"symbolic graph not specialized ({type(exc).__name__}: {str(exc)[:200]}); "
+                                         "compiled as traced, its attention left as written. Fix: "
+                                         "torch.compile(..., dynamic=False)")
+        compiled = self.compiled[key] = self.compile_static(static, args, None)
+        counters[SPECIALIZE_COUNTER]["compiled"] += 1
         return compiled(*args)
+
+    def _as_traced(self, args: Sequence[Any], reason: str) -> Any:
+        """Compile the graph as Dynamo traced it (once, with ``reason``) and run it on ``args``."""
+        self.symbolic = self.compile_static(self.gm, args, reason)
+        return self.symbolic(*args)
 
 
 def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
@@ -94,13 +108,15 @@ def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
         else:
             value = _run(gm, node, fx.node.map_arg((node.args, node.kwargs), values.__getitem__), mode)
         values[node] = value
-        if node.op != "placeholder" and _is_constant(value):
+        if node.op != "placeholder" and _is_constant(value) and not _has_effects(node):
             env[node] = value
             continue
         new = graph.create_node(node.op, node.target, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__),
                                 name=node.name, type_expr=node.type)
         new.meta = {**node.meta, "example_value": value}
-        env[node] = new
+        # an int input stays a placeholder, but its users read the constant (a size inside a flattened
+        # block mask, say); a call kept for its effects (a vmap level) is read from its node
+        env[node] = value if node.op == "placeholder" and _is_constant(value) else new
     static = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     static.meta = dict(getattr(gm, "meta", {}))
     return static
@@ -123,6 +139,13 @@ def _run(gm: fx.GraphModule, node: fx.Node, inputs: tuple[tuple, dict], mode: Fa
         if node.op == "call_module":
             return gm.get_submodule(node.target)(*args, **kwargs)
     raise ValueError(f"specialize: node {node.name} has op {node.op!r}")
+
+
+def _has_effects(node: fx.Node) -> bool:
+    """Whether ``node`` must run though its value is a number: FX's impure calls, and functorch's
+    transforms' bookkeeping (``torch.vmap`` enters and leaves a level through calls that return it)."""
+    module = getattr(node.target, "__module__", "") or ""
+    return node.is_impure() or module.startswith(("torch._functorch", "torch._C._functorch"))
 
 
 def _is_constant(value: Any) -> bool:

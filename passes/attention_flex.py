@@ -162,11 +162,12 @@ def _is_identity(gm: fx.GraphModule, score_mod: object) -> bool:
 
 
 def _block_mask(flat: object) -> dict[str, object]:
-    """The parts of a flattened ``BlockMask``: the first tensors are the partial and full key-block
-    counts and indices; the last three entries the query and key block sizes and ``mask_mod``."""
+    """The parts of a flattened ``BlockMask``: its first four tensors (after its sequence lengths) are
+    the partial and full key-block counts and indices; the last three entries the query and key block
+    sizes and ``mask_mod``."""
     if not isinstance(flat, (tuple, list)):
         raise NotAttention(f"flex_attention's block mask is not a flattened BlockMask: {flat!r}")
-    first = next((i for i, x in enumerate(flat) if isinstance(x, fx.Node)), None)
+    first = next((i for i, x in enumerate(flat) if isinstance(x, fx.Node) and isinstance(example(x), torch.Tensor)), None)
     if first is None or len(flat) < first + 7:
         raise NotAttention("flex_attention's block mask has no block tensors in a layout this pass knows")
     kv_num, kv_idx, full_num, full_idx = flat[first:first + 4]

@@ -71,6 +71,56 @@ def test_a_graph_that_cannot_be_specialized_compiles_as_traced_with_the_reason()
     assert graph_site.status == "skipped" and "not specialized" in graph_site.reason and "dynamic=False" in graph_site.reason
 
 
+@torch.no_grad()
+def test_an_int_that_is_no_size_compiles_at_most_recompile_limit_copies_then_runs_as_traced():
+    """An int argument that changes every call (a step counter) is symbolic under ``dynamic=None``;
+    each value is a shape of its own, so past Dynamo's ``recompile_limit`` static copies the graph runs
+    compiled as traced, with the reason in the report, and still equals eager."""
+    def scaled(x, step: int):
+        return nn.functional.scaled_dot_product_attention(x, x, x) * (step + 1)
+
+    compiled = torch.compile(scaled, backend="light_interaction", options={"inner": "eager"})
+    x = torch.randn(1, 2, 16, 8)
+    before = _specialized()
+    for step in range(3 * torch._dynamo.config.recompile_limit):
+        torch.testing.assert_close(compiled(x, step), scaled(x, step), rtol=1e-5, atol=1e-5)
+    assert _specialized() - before <= torch._dynamo.config.recompile_limit
+    reasons = [s.reason for s in li_compile.report(compiled).sites if s.kind == "graph" and s.status == "skipped"]
+    assert any("recompile_limit" in r for r in reasons)
+
+
+@torch.no_grad()
+def test_a_vmap_inside_a_symbolic_graph_keeps_its_level_bookkeeping():
+    """``torch.vmap`` enters and leaves its level through calls that return an int: a static copy keeps
+    them (folding them away crashed), at every shape."""
+    def rows(x, w):
+        return torch.vmap(lambda row: (row * w).sum())(x)
+
+    compiled = torch.compile(rows, backend="light_interaction", options={"inner": "eager"}, dynamic=True)
+    for length in (3, 5):
+        x, w = torch.randn(length, 4), torch.randn(4)
+        torch.testing.assert_close(compiled(x, w), rows(x, w), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_flex_block_mask_passed_in_is_rewritten_at_every_shape_of_a_symbolic_graph():
+    """A BlockMask made outside the compiled function reaches a symbolic graph with its sequence
+    lengths as int inputs: the static copy reads them as constants, so the flex site (and the SDPA
+    site beside it) are rewritten at each shape, equal to eager."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def attend(q, block_mask):
+        return flex_attention(q, q, q, block_mask=block_mask) + nn.functional.scaled_dot_product_attention(q, q, q)
+
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"}, dynamic=True)
+    for length in (64, 96):
+        q = torch.randn(1, 2, length, 16)
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, length, length, device="cpu", BLOCK_SIZE=32)
+        torch.testing.assert_close(compiled(q, mask), attend(q, mask), rtol=1e-5, atol=1e-5)
+        sites = [s for s in li_compile.report(compiled).sites if s.kind in ("attention", "graph")][-2:]
+        assert [s.status for s in sites] == ["rewritten", "rewritten"], sites
+
+
 def _generation(dynamic, sparse_calls):
     """The tiny HY world, two blocks deep, along a loop (revisits hit the cache), every plan sparse."""
     world = hy_worldplay.build(dataclasses.replace(hy_worldplay.PRESETS["tiny"], depth=2, steps=2))
