@@ -13,8 +13,9 @@ With ``reuse_rows`` on, a chunk's attention calls at that sequence's shape run l
 Every op around attention is row-wise, so a block whose context rows attend as at the kept step
 outputs those rows as at that step: the whole model then runs as if the context's hidden states,
 and so its keys and values at every layer, were frozen at the first computed step. For a
-block-causal model (the context never attends to the chunk) that is exact: it is what the KV-cache
-form computes. For a bidirectional one it is an approximation whose error the last step, computed
+block-causal model (the context never attends to the chunk) whose context attends to nothing that
+depends on the step that is exact: it is what the KV-cache form computes (a timestep token in the
+prefix, which the context attends to, makes it an approximation like the bidirectional one). For a bidirectional one it is an approximation whose error the last step, computed
 in full, corrects: ``benchmarks/results/context_reuse.md`` measures it on the trained
 bidirectional world. What it saves is the attention of the context rows at the steps between
 (three quarters of HY full's FLOPs are attention; its context is 20 of 24 frames); the
@@ -43,7 +44,10 @@ breaks that). Each reuse checks it on the device: the context rows' keys, which 
 recompute from frozen hidden states, must equal those of the call that kept the rows: their
 projection on a fixed random ±1 vector, summed and summed in absolute value, each within
 ``FINGERPRINT_RTOL`` of the kept absolute sum. The check is read once, when the chunk ends (no
-synchronisation per call), and a mismatch raises there, naming the chunk.
+synchronisation per call), and a mismatch raises there, naming the chunk. The same check catches a
+model whose layers change the context rows with the step past the probe's first layer (a timestep
+modulating only the MLP): under ``"auto"`` that first mismatch also turns reuse off for the model,
+so only the one chunk needs generating again.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ STEP_DEPENDENT = ("the context's keys in the first layer differ between denoisin
                   "the step (e.g. one timestep for the whole sequence), so their rows cannot be reused")
 CALLS_VARY = ("the steps of a chunk make different numbers of attention calls at the video's shape (e.g. guidance on "
               "some steps only), so a kept row cannot be matched to its call")
+KEYS_DRIFTED = ("at a step that reused the context rows, the context's keys of a later attention call differed from "
+                "those of the step that kept them: a layer applied to the context rows depends on the step (a timestep "
+                "modulating some layers only) or the calls did not repeat in the same order")
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,9 @@ class ContextRowReuse:
                 values["context_rows_off"] = PROBED
             elif self.verdict is False:
                 values["context_rows_off"] = self.off_reason
+            if mismatch is not None and not failed and bool(mismatch) and not self.required:
+                self.verdict, self.off_reason = False, KEYS_DRIFTED  # never again for this model
+                values["context_rows_off"] = KEYS_DRIFTED
             if self.blocks is not None:
                 values.update(self.blocks.end_chunk())
             self.history.append(ChunkStats(self._chunk, values))
@@ -198,10 +208,10 @@ class ContextRowReuse:
         if failed:
             return
         if mismatch is not None and bool(mismatch):
-            raise RuntimeError(
-                f"context.reuse_rows: in chunk {chunk} an attention call reused context rows kept by another call (its "
-                "context keys differ): the model's calls did not repeat in the same order at every step (e.g. "
-                "guidance on some steps only). That chunk's output is wrong; turn context.reuse_rows off for this model")
+            after = ("turn context.reuse_rows off for this model" if self.required else
+                     "reuse is now off for this model (\"auto\"): generate the chunk again")
+            raise RuntimeError(f"context.reuse_rows: in chunk {chunk}, {KEYS_DRIFTED}. That chunk's output is not the "
+                               f"frozen-context one; {after}")
         if lost is not None:
             raise RuntimeError(f"context.row_blocks: in chunk {chunk} {lost}. That chunk's output is wrong; turn "
                                "context.row_blocks off for this model")

@@ -141,8 +141,13 @@ def test_nothing_is_reused_where_the_steps_or_the_rows_are_unknown(case):
     assert not reuse.applies(q, k, is_causal=case == "causal")
 
 
-def test_a_call_that_reuses_rows_kept_by_another_call_is_reported_when_the_chunk_ends():
+@pytest.mark.parametrize("required", [False, True])
+def test_a_call_whose_context_keys_differ_from_the_keepers_is_reported_when_the_chunk_ends(required):
+    """Keys that differ from the kept call's (the calls changed order, or a layer changes the context
+    rows with the step past the probe's first layer) raise when the chunk ends; under ``"auto"``
+    reuse is then off for the model, so the next chunk computes every row."""
     reuse = _reuse(steps=4)
+    reuse.required = required
     reuse.set_step(0)
     for call in (0, 1):  # e.g. guided and unguided calls
         q, k, v = _qkv(call, call=call)
@@ -150,9 +155,15 @@ def test_a_call_that_reuses_rows_kept_by_another_call_is_reported_when_the_chunk
     reuse.set_step(1)
     q, k, v = _qkv(5, call=1)  # the first call of the step is the second call of step 0
     reuse.attend(q, k, v, None, None, lambda: _dense(q, k, v))
-    with pytest.raises(RuntimeError, match="chunk 1 .* reused context rows kept by another call"):
+    with pytest.raises(RuntimeError, match="chunk 1, .* the context's keys of a later attention call differed"):
         reuse.end_chunk()
     assert not reuse._kept
+    assert reuse.verdict is (True if required else False)
+    reuse.begin_chunk(2, 4)
+    reuse.set_step(1)
+    assert reuse.applies(q, k, is_causal=False) is required
+    if not required:
+        assert "differed from those of the step that kept them" in reuse.history[-1].values["context_rows_off"]
 
 
 def test_a_models_first_chunk_computes_every_row_and_finds_its_context_keys_repeat_between_steps():
