@@ -110,7 +110,7 @@ class ChunkRunner:
         self.key = CallKey(gm, {placeholders.index(latent)} if latent is not None else set())
         self.current_key: Callable[[], Hashable] = lambda: None
         partition = _partitions(gm, steps)
-        self.split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
+        self.split = split_module(gm, None, lambda node: partition[node])
         for name, piece in list(self.split.named_children()):
             number = int(name.rsplit("_", 1)[1])
             lazy = _LazyCompiled(piece, inner, mode)
@@ -137,7 +137,9 @@ def _input_of(node: fx.Node) -> fx.Node | None:
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
     """Partition numbers for ``split_module``: ``2i + 1`` for the model piece of step ``i``; the rest
     after the last model piece it depends on (``2i + 2``), or 0 before any. Pieces depend only on
-    earlier rest partitions, so the split keeps the graph's order."""
+    earlier rest partitions, so the split runs the partitions in the order of their dependencies (not
+    of their first node: a step factor traced after a model call's extra output, in partition 0,
+    would then run after the pieces that need it)."""
     piece_of = {node: i for i, step in enumerate(steps) for node in step.piece}
     partition: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:

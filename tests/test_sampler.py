@@ -363,6 +363,34 @@ def test_guidance_inside_an_unrolled_step_skips_both_model_calls_on_a_hit():
         assert psnr(out, guided_chunk(noise(1), cond)) > 30
 
 
+@pytest.mark.parametrize("variant", ["per-step output", "self-conditioning"])
+def test_a_chunk_that_also_returns_each_steps_output_or_feeds_it_back_is_split_and_cached(variant):
+    """A step factor traced after a model call's extra output (``means.append(v.mean())``), or the
+    previous prediction fed back into the next call, still splits into per-step pieces: a miss is
+    exactly dense and a revisit skips the early model calls."""
+    model, sigmas = ToyDenoiser(), sigma_schedule(3)
+
+    def chunk(x, s):
+        means, previous = [], torch.zeros_like(x)
+        for i in range(3):
+            v = model(x + 0.1 * previous, s[i]) if variant == "self-conditioning" else model(x, s[i])
+            means.append(v.mean())
+            x = x + (s[i + 1] - s[i]) * v
+            previous = x - s[i + 1] * v
+        return x, torch.stack(means)
+
+    compiled = torch.compile(chunk, backend="light_interaction", fullgraph=True,
+                             options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    (out, means), calls, _ = run_chunk(compiled, compiled, HERE, sigmas, noise(0), sigmas, chunk=0)
+    with torch.no_grad():
+        dense = chunk(noise(0), sigmas)
+    assert calls == 3 and torch.equal(out, dense[0]) and torch.equal(means, dense[1])
+    (out, _), calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(1), sigmas, chunk=1)
+    assert calls == 1 and stats["steps_reused"] == 2
+    with torch.no_grad():
+        assert psnr(out, chunk(noise(1), sigmas)[0]) > 25
+
+
 def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no split today")
