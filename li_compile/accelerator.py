@@ -442,11 +442,12 @@ def accelerator(compiled: Any) -> Accelerator:
 
 class BlocksCompiled:
     """The mark ``li_compile.compile_repeated_blocks`` leaves on a model: the ``options`` its blocks
-    were compiled with. A deep copy or a pickle of the model runs eager (torch drops each block's
-    compiled call, as for any module compiled in place), so the mark is not copied: it becomes None."""
+    were compiled with, and ``how`` (``dynamic``, ``min_blocks`` and the other ``module.compile``
+    arguments). A deep copy or a pickle of the model runs eager (torch drops each block's compiled
+    call, as for any module compiled in place), so the mark is not copied: it becomes None."""
 
-    def __init__(self, options: Options) -> None:
-        self.options = options
+    def __init__(self, options: Options, how: dict[str, Any]) -> None:
+        self.options, self.how = options, how
 
     def __deepcopy__(self, memo: dict) -> None:
         return None

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from li_compile.accelerator import (
-    ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, BlocksCompiled, accelerator_of, blocks_options, share_accelerators,
+    ATTRIBUTE, BACKEND, BLOCKS_ATTRIBUTE, BlocksCompiled, accelerator_of, share_accelerators,
 )
 from li_compile.options import Options
 from li_compile.regions import MIN_BLOCKS
@@ -40,13 +40,15 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
     ``torch.compile``'s), all routed to ``model``'s accelerator; returns ``model``, whose top level
     stays eager. ``dynamic`` and ``compile_kwargs`` go to ``module.compile``. ``li_compile.accelerator
     (model)``, ``li_compile.report(model)`` and ``li_compile.cached(model, ...)`` then work on it.
-    Raises ``ValueError`` when ``model`` has no such list, or was compiled with other options."""
+    Raises ``ValueError`` when ``model`` has no such list, or was compiled with other options or
+    other ``dynamic``, ``min_blocks`` or compile arguments."""
     settings = Options.from_user(options)
-    before = blocks_options(model)
+    how = {"dynamic": dynamic, "min_blocks": min_blocks, **compile_kwargs}
+    before = model.__dict__.get(BLOCKS_ATTRIBUTE)
     if before is not None:
-        if before != settings:
-            raise ValueError(f"{type(model).__name__}'s blocks are already compiled with other options ({before}); "
-                             "compile a copy of the model for other options")
+        if (before.options, before.how) != (settings, how):
+            raise ValueError(f"{type(model).__name__}'s blocks are already compiled with other options or settings "
+                             f"({before.options}, {before.how}; now {how}): compile a copy of the model for others")
         return model
     blocks = compile_blocks_in_place(model, min_blocks, backend=BACKEND, options=options, dynamic=dynamic,
                                      **compile_kwargs)
@@ -64,7 +66,7 @@ def compile_repeated_blocks(model: nn.Module, options: Options | Mapping[str, An
     if settings.context.row_blocks:
         model.register_forward_pre_hook(ModelCallStart(settings))
     accelerator_of(model, settings)
-    model.__dict__[BLOCKS_ATTRIBUTE] = BlocksCompiled(settings)
+    model.__dict__[BLOCKS_ATTRIBUTE] = BlocksCompiled(settings, how)
     return model
 
 

@@ -6,7 +6,7 @@ full key blocks, its block sizes and its ``mask_mod`` as a graph) and whose ``sc
 A call is rewritten exactly when:
 
 - ``score_mod`` is the identity (it returns the score it is given): a mask is all the call applies;
-- only the output is used (no log-sum-exp or row max);
+- only the output is used (a log-sum-exp or row max asked for but never read is dropped);
 - the mask the block mask stands for fits ``MAX_MASK_ELEMENTS``.
 
 A call without a block mask (Dynamo passes FlexAttention's default: one listed block of
@@ -49,6 +49,9 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
     adds it, once the attention pass has checked the site). ``NotAttention`` names what is not
     rewritable."""
     q, k, v, score_mod, block_mask, scale = node.args[:6]
+    for user in list(node.users):  # a log-sum-exp asked for (return_lse=True) but never read: dead code
+        if user.target is operator.getitem and user.args[1] != 0 and _unread(user):
+            _erase_with_users(gm, user)
     users = list(node.users)
     if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
         raise NotAttention("flex_attention's log-sum-exp or row max is used: only its output can be rewritten; "
@@ -64,6 +67,19 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
     if not _masks_nothing(gm, blocks, values[0].shape[2], values[1].shape[2]):
         _check_expandable(_mask_shape(gm, blocks, values[0], values[1]))
     return sdpa_layout_match("flex_attention", users[0], (q, k, v), LABELS, (), float(scale), False, (node, users[0]))
+
+
+def _unread(node: fx.Node) -> bool:
+    """Whether nothing reads ``node``: no users, or only pure nodes that nothing reads."""
+    return not node.is_impure() and all(_unread(user) for user in node.users)
+
+
+def _erase_with_users(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase ``node`` (``_unread``) and everything computed from it, users first."""
+    for user in list(node.users):
+        if user in node.users:  # (not erased already through another of its inputs)
+            _erase_with_users(gm, user)
+    gm.graph.erase_node(node)
 
 
 def with_block_mask(gm: fx.GraphModule, match: AttentionMatch) -> AttentionMatch:

@@ -51,6 +51,9 @@ def sampler_pass(gm: fx.GraphModule, ctx: "PassContext") -> None:
         try:
             site = match_transformer(gm)
         except NotSampler as not_call:
+            if not_call.relevant and not not_chunk.relevant:  # a chunk function read as one model call: say both
+                sites.append(Site(KIND, "skipped", reason=f"{not_call}; as a chunk function: {not_chunk}"))
+                return
             for reason in (not_chunk, not_call):
                 if reason.relevant:
                     sites.append(Site(KIND, "skipped", reason=str(reason)))

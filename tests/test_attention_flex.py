@@ -206,6 +206,15 @@ def test_a_flex_call_that_cannot_be_rewritten_exactly_runs_as_written_with_the_r
     assert site.status == "skipped" and reason in site.reason, site.reason
 
 
+def test_a_log_sum_exp_asked_for_but_never_read_does_not_block_the_rewrite():
+    block_mask = create_block_mask(causal, None, None, 200, 300, device="cpu")
+
+    def attend(q, k, v):
+        return flex_attention(q, k, v, block_mask=block_mask, return_lse=True)[0]
+
+    assert compiled_alike(attend).status == "rewritten"
+
+
 def identity_score(score, b, h, q, kv):
     return score
 

@@ -68,6 +68,9 @@ def test_a_model_without_repeated_blocks_or_compiled_with_other_options_is_refus
     assert li_compile.compile_repeated_blocks(model, {"inner": "eager"}) is model  # the same options: as is
     with pytest.raises(ValueError, match="already compiled with other options"):
         li_compile.compile_repeated_blocks(model, {"inner": "eager", "sparsity": {"enabled": False}})
+    for other in ({"dynamic": None}, {"min_blocks": 2}, {"mode": "max-autotune-no-cudagraphs"}):
+        with pytest.raises(ValueError, match="already compiled with other options or settings"):
+            li_compile.compile_repeated_blocks(model, {"inner": "eager"}, **other)
 
 
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
