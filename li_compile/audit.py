@@ -44,12 +44,20 @@ class Audit:
         """The calls at lines no compiled graph of the backend holds."""
         return {line: n for line, n in self.calls.items() if line not in self.seen}
 
+    @property
+    def as_written(self) -> dict[str, int]:
+        """The calls at lines the backend's graphs hold only as skipped sites (cross-attention, a
+        ``score_mod``, sparsity off: left as written, dense; the report says why)."""
+        return {line: n for line, n in self.calls.items() if self.seen.get(line) == "skipped"}
+
     def __str__(self) -> str:
-        total, missed = sum(self.calls.values()), self.unaccelerated
+        total, missed, written = sum(self.calls.values()), self.unaccelerated, self.as_written
+        kept = (f"; {sum(written.values())} of them at skipped sites, left as written (the report's sites say why)"
+                if written else "")
         if not missed:
-            return f"audit: all {total} attention call(s) of one forward ran in the backend's graphs"
+            return f"audit: all {total} attention call(s) of one forward ran in the backend's graphs{kept}"
         lines = [f"audit: {sum(missed.values())} of {total} attention call(s) of one forward ran unaccelerated "
-                 "(eager code, a graph break, a graph compiled as written, or a call opaque to the passes):"]
+                 f"(eager code, a graph break, a graph compiled as written, or a call opaque to the passes){kept}:"]
         lines += [f"  {line}: {n} call(s)" for line, n in sorted(missed.items())]
         return "\n".join(lines)
 
@@ -84,7 +92,10 @@ def audit(compiled: Any, *args: Any, **kwargs: Any) -> Audit:
     mode = _AttentionCalls()
     with torch.no_grad(), torch.compiler.set_stance("force_eager"), mode:
         compiled(*args, **kwargs)
-    seen = {s.location: s.status for s in sites if s.kind == "attention" and not s.detail.get("opaque")}
+    seen: dict[str, str] = {}  # line -> "rewritten" where any site there was, else its sites' status
+    for site in sites:
+        if site.kind == "attention" and not site.detail.get("opaque") and seen.get(site.location) != "rewritten":
+            seen[site.location] = site.status
     acc.audit = Audit(dict(mode.calls), seen)
     return acc.audit
 

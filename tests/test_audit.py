@@ -74,6 +74,19 @@ def test_a_model_compiled_whole_has_nothing_unaccelerated():
     assert result.calls and not result.unaccelerated and "all 1 attention call(s)" in str(result)
 
 
+def test_a_call_at_a_skipped_site_ran_in_the_backends_graphs_but_as_written():
+    """With sparsity off every site is skipped: the calls are in the backend's graphs (nothing
+    unaccelerated by a graph break) but left as written, and the audit says so."""
+    model, x = Attention(), torch.randn(1, 16, 16)
+    compiled = torch.compile(model, backend="light_interaction",
+                             options={"inner": "eager", "sparsity": {"enabled": False}})
+    with torch.no_grad():
+        compiled(x)
+    result = li_compile.audit(compiled, x)
+    assert not result.unaccelerated and sum(result.as_written.values()) == 1
+    assert "1 of them at skipped sites, left as written" in str(result)
+
+
 CAUSAL = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 128, 128, device="cpu")
 
 
