@@ -73,7 +73,8 @@ def _inner(opts: Options, mode: str | None, compilation: Compilation) -> Callabl
     if records_cuda_graphs(mode):
         _record_regions(compilation, Regions(0, 1, f"mode {mode!r} captures CUDA graphs: compiled whole"))
         return inner
-    return compile_regions(inner, lambda regions: _record_regions(compilation, regions))
+    return compile_regions(inner, lambda regions: _record_regions(compilation, regions),
+                           lambda reason: compilation.note(Site("regions", "skipped", reason=reason)))
 
 
 def records_cuda_graphs(mode: str | None) -> bool:
@@ -89,5 +90,4 @@ def _record_regions(compilation: Compilation, regions: Regions) -> None:
                     "regions; identical regions compile once")
     else:
         site = Site("regions", "skipped", reason=f"compiled whole: {regions.reason}")
-    if site not in compilation.sites:
-        compilation.sites.append(site)
+    compilation.note(site)

@@ -45,14 +45,15 @@ INNER: dict[str, Callable] = {"inductor": compile_inductor, "eager": compile_eag
 
 
 def compile_or_as_written(inner: InnerCompiler, piece: fx.GraphModule, args: Sequence[Any], mode: str | None,
-                          what: str) -> Callable:
+                          what: str, failed: Callable[[str], None] = lambda reason: None) -> Callable:
     """``inner`` applied to ``piece`` (a piece of a split graph, compiled on its first call, with its
     real ``args``); if the inner compiler fails, ``piece`` as written, with a warning naming ``what``
-    it is: an uncompilable piece costs speed, never the run."""
+    it is and ``failed(reason)`` (for the report): an uncompilable piece costs speed, never the run."""
     try:
         return inner(piece, list(args), mode)
     except Exception as exc:  # noqa: BLE001 - an uncompilable piece still runs, as written
-        log.warning("light_interaction: inner compiler failed on %s (%s: %s); running it as written",
-                    what, type(exc).__name__, exc)
+        reason = f"inner compiler failed on {what} ({type(exc).__name__}: {str(exc)[:200]}); it runs as written"
+        log.warning("light_interaction: %s", reason)
+        failed(reason)
         return piece.forward
 

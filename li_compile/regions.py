@@ -73,12 +73,12 @@ def region_numbers(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], int]:
     return numbers, len({o for o in owners if o is not None})
 
 
-def compile_regions(inner: InnerCompiler, record: Callable[[Regions], None] = lambda regions: None
-                    ) -> InnerCompiler:
+def compile_regions(inner: InnerCompiler, record: Callable[[Regions], None] = lambda regions: None,
+                    failed: Callable[[str], None] = lambda reason: None) -> InnerCompiler:
     """``inner`` made regional: ``compile(gm, example_inputs, mode)`` cuts ``gm`` at its repeated
     blocks and returns a callable that runs the regions in order, each distinct region compiled by
     ``inner`` once (on its first call). ``record`` is told how each graph with ``MIN_BLOCKS`` or more
-    blocks was cut, or why it was not."""
+    blocks was cut, or why it was not; ``failed`` why a region runs as written (``compile_or_as_written``)."""
 
     def compile(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: Any) -> Callable:
         numbers, blocks = region_numbers(gm)
@@ -100,7 +100,7 @@ def compile_regions(inner: InnerCompiler, record: Callable[[Regions], None] = la
         structures: dict[Hashable, int] = {}
         names = [name for name, _ in split.named_children()]
         for name in names:
-            setattr(split, name, _Region(getattr(split, name), inner, mode, shared, structures))
+            setattr(split, name, _Region(getattr(split, name), inner, mode, shared, structures, failed))
         record(Regions(blocks, len(names)))
         return split  # its forward is FX code: each value is dropped after its last use
 
@@ -114,21 +114,23 @@ class _Region(torch.nn.Module):
     keeps each call from hashing the whole graph's node list)."""
 
     def __init__(self, piece: fx.GraphModule, inner: InnerCompiler, mode: Any,
-                 shared: dict[Hashable, Callable], structures: dict[Hashable, int]) -> None:
+                 shared: dict[Hashable, Callable], structures: dict[Hashable, int],
+                 failed: Callable[[str], None] = lambda reason: None) -> None:
         super().__init__()
         output = piece.graph.find_nodes(op="output")[0]
         self.single = not isinstance(output.args[0], (tuple, list))
         if self.single:  # inner compilers return a sequence of outputs: make the one value a 1-tuple
             output.args = ((output.args[0],),)
             piece.recompile()
-        self.piece, self.inner, self.mode, self.shared = piece, inner, mode, shared
+        self.piece, self.inner, self.mode, self.shared, self.failed = piece, inner, mode, shared, failed
         self.structure = structures.setdefault(structure_key(piece), len(structures))
 
     def forward(self, *args: Any) -> Any:
         key = (self.structure, inputs_key(args))
         compiled = self.shared.get(key)
         if compiled is None:
-            compiled = self.shared[key] = compile_or_as_written(self.inner, self.piece, args, self.mode, "a region")
+            compiled = self.shared[key] = compile_or_as_written(self.inner, self.piece, args, self.mode, "a region",
+                                                                     self.failed)
             counters[REGION_COUNTER]["compiled"] += 1
         out = compiled(*args)
         return out[0] if self.single else out

@@ -87,6 +87,11 @@ class Compilation:
     inner: str
     sites: list[Site] = field(default_factory=list)
 
+    def note(self, site: Site) -> None:
+        """Add ``site`` to the report unless an equal one is there (a piece compiled per shape says it once)."""
+        if site not in self.sites:
+            self.sites.append(site)
+
 
 @dataclass
 class ChunkStats:

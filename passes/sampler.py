@@ -87,7 +87,7 @@ def compile_with_cache(
     if not isinstance(found, list):
         return ModelCallRunner(inner(gm, example_inputs, mode), gm, found)
     try:
-        return ChunkRunner(gm, found, inner, mode)
+        return ChunkRunner(gm, found, inner, mode, lambda reason: compilation.note(Site("graph", "skipped", reason=reason)))
     except Exception as exc:  # noqa: BLE001 - a split we cannot make costs the cache, never correctness
         reason = f"could not split the chunk graph into per-step pieces ({type(exc).__name__}: {exc}); compiled whole"
         log.warning("light_interaction: %s", reason)

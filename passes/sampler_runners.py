@@ -73,14 +73,16 @@ class ModelCallRunner:
 class _LazyCompiled(torch.nn.Module):
     """A piece of a split graph, compiled by the inner compiler on its first call (real inputs)."""
 
-    def __init__(self, piece: fx.GraphModule, inner: InnerCompiler, mode: str | None) -> None:
+    def __init__(self, piece: fx.GraphModule, inner: InnerCompiler, mode: str | None,
+                 failed: Callable[[str], None]) -> None:
         super().__init__()
-        self.piece, self.inner, self.mode = piece, inner, mode
+        self.piece, self.inner, self.mode, self.failed = piece, inner, mode, failed
         self.compiled: Callable | None = None
 
     def forward(self, *args):
         if self.compiled is None:
-            self.compiled = compile_or_as_written(self.inner, self.piece, args, self.mode, "a chunk piece")
+            self.compiled = compile_or_as_written(self.inner, self.piece, args, self.mode, "a chunk piece",
+                                                  self.failed)
         return self.compiled(*args)
 
 
@@ -103,7 +105,9 @@ class _CachedStep(torch.nn.Module):
 class ChunkRunner:
     """A compiled chunk generation (unrolled denoising loop) whose model pieces go through the cache."""
 
-    def __init__(self, gm: fx.GraphModule, steps: list[Step], inner: InnerCompiler, mode: str | None) -> None:
+    def __init__(self, gm: fx.GraphModule, steps: list[Step], inner: InnerCompiler, mode: str | None,
+                 failed: Callable[[str], None] = lambda reason: None) -> None:
+        """``failed(reason)``: told when a piece's inner compile fails (the piece then runs as written)."""
         self.steps = len(steps)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         latent = _input_of(steps[0].x)  # the chunk's noise: the latent entering step 0 comes from it
@@ -113,7 +117,7 @@ class ChunkRunner:
         self.split = split_module(gm, None, lambda node: partition[node])
         for name, piece in list(self.split.named_children()):
             number = int(name.rsplit("_", 1)[1])
-            lazy = _LazyCompiled(piece, inner, mode)
+            lazy = _LazyCompiled(piece, inner, mode, failed)
             if number % 2:
                 index = number // 2
                 placeholders = [n.name for n in piece.graph.nodes if n.op == "placeholder"]

@@ -100,6 +100,22 @@ def test_blocks_that_differ_in_a_constant_compile_apart_and_stay_exact(compiles)
     assert len(compiles) == 4  # before, the 1.0 block, the 0.5 block, after
 
 
+def test_a_region_the_inner_compiler_fails_on_runs_as_written_and_the_report_says_why(monkeypatch):
+    def failing_on_blocks(gm, example_inputs, mode):
+        if any(n.target is nn.functional.scaled_dot_product_attention or "attention" in str(n.target)
+               for n in gm.graph.nodes):
+            raise RuntimeError("no kernel for this region")
+        return gm.forward
+
+    monkeypatch.setitem(inner.INNER, "eager", failing_on_blocks)
+    torch.manual_seed(0)
+    model, x = Stack(4), torch.randn(2, 8, 16)
+    compiled = _compiled(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    reasons = [s.reason for s in li_compile.report(compiled).sites if s.kind == "regions" and s.status == "skipped"]
+    assert reasons == ["inner compiler failed on a region (RuntimeError: no kernel for this region); it runs as written"]
+
+
 def test_inputs_of_another_layout_never_share_compiled_code():
     x = torch.randn(4, 8)
     same = inputs_key([torch.randn(4, 8)])
