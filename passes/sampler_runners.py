@@ -129,6 +129,14 @@ class ChunkRunner:
         return self.split(*args)
 
 
+def _ordered(node: fx.Node) -> bool:
+    """Whether ``node`` must keep its place among the graph's calls: an impure call, a random draw
+    (it advances the generator), or an in-place write (``add_``, ``out=``)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    random = name.startswith(("rand", "normal", "bernoulli", "multinomial", "uniform", "poisson", "exponential"))
+    return node.is_impure() or random or name.endswith("_") or "out" in node.kwargs
+
+
 def _input_of(node: fx.Node) -> fx.Node | None:
     """The graph input ``node`` is taken from by single-input ops (``noise[0]``, a view), or None."""
     while node.op != "placeholder":
@@ -140,13 +148,20 @@ def _input_of(node: fx.Node) -> fx.Node | None:
 
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
     """Partition numbers for ``split_module``: ``2i + 1`` for the model piece of step ``i``; the rest
-    after the last model piece it depends on (``2i + 2``), or 0 before any. Pieces depend only on
-    earlier rest partitions, so the split runs the partitions in the order of their dependencies (not
-    of their first node: a step factor traced after a model call's extra output, in partition 0,
-    would then run after the pieces that need it)."""
+    after the last model piece it depends on (``2i + 2``), and no earlier than where it stands in the
+    graph: ``2k`` after ``k`` whole pieces, so a random draw or an in-place write, and what reads
+    state such a write changed, keeps its place between the steps (one inside a piece's nodes joins
+    that piece). Pieces depend only on earlier partitions, and the split runs the partitions in the
+    order of their dependencies."""
     piece_of = {node: i for i, step in enumerate(steps) for node in step.piece}
+    nodes = list(gm.graph.nodes)
+    first, last = {}, {}
+    for position, node in enumerate(nodes):
+        if node in piece_of:
+            first.setdefault(piece_of[node], position)
+            last[piece_of[node]] = position
     partition: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
+    for position, node in enumerate(nodes):
         if node in piece_of:
             partition[node] = 2 * piece_of[node] + 1
             continue
@@ -154,7 +169,13 @@ def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
             2 * piece_of[i] + 2 if i in piece_of else partition[i]
             for i in node.all_input_nodes
         ]
-        partition[node] = max(after, default=0)
+        if node.op in ("placeholder", "get_attr", "output"):
+            partition[node] = max(after, default=0)
+            continue
+        done = sum(position > end for end in last.values())  # pieces wholly before this node
+        inside = done in first and first[done] < position  # among the nodes of the next piece
+        standing = 2 * done + 1 if inside and _ordered(node) else 2 * done
+        partition[node] = max([*after, standing])
     for node, number in partition.items():
         earlier = [partition[i] for i in node.all_input_nodes]
         if node in piece_of and any(p > number for p in earlier):

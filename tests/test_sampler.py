@@ -391,6 +391,49 @@ def test_a_chunk_that_also_returns_each_steps_output_or_feeds_it_back_is_split_a
         assert psnr(out, chunk(noise(1), sigmas)[0]) > 25
 
 
+def _drawing_between_steps(model, x, s, state):
+    for i in range(3):
+        v = model(x, s[i])
+        x = x + (s[i + 1] - s[i]) * v + 0.01 * (torch.randn_like(x) - torch.randn(x.shape))
+    return x
+
+
+def _drawing_in_the_call(model, x, s, state):
+    for i in range(3):
+        v = model(x + 0.01 * torch.randn(x.shape), s[i])
+        x = x + (s[i + 1] - s[i]) * v + 0.01 * torch.randn(4)[:, None, None, None]
+    return x
+
+
+def _writing_state_in_place(model, x, s, state):
+    for i in range(3):
+        v = model(x + state, s[i])
+        x = x + (s[i + 1] - s[i]) * v
+        state.add_(0.5)
+    return x
+
+
+@pytest.mark.parametrize("loop", [_drawing_between_steps, _drawing_in_the_call, _writing_state_in_place],
+                         ids=["draws between steps", "draws in the call", "state written in place"])
+def test_a_split_chunk_keeps_its_random_draws_and_in_place_writes_where_they_stand(loop):
+    """A draw that depends on nothing (``torch.randn(shape)``) or an in-place write of state the next
+    call reads runs where the loop has it, not before every step: a miss equals eager, draw for draw."""
+    model, sigmas = ToyDenoiser(), sigma_schedule(3)
+
+    def chunk(x, s, state):
+        return loop(model, x, s, state)
+
+    compiled = torch.compile(chunk, backend="light_interaction", fullgraph=True,
+                             options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    torch.manual_seed(7)
+    out, calls, _ = run_chunk(compiled, compiled, HERE, sigmas, noise(0), sigmas, torch.zeros(()), chunk=0)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = chunk(noise(0), sigmas, torch.zeros(()))
+    assert calls == 3 and torch.equal(out, expected)
+    assert all(s.status == "rewritten" for s in li_compile.report(compiled).sites if s.kind == "sampler")
+
+
 def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no split today")
