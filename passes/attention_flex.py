@@ -70,8 +70,11 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
 
 
 def _unread(node: fx.Node) -> bool:
-    """Whether nothing reads ``node``: no users, or only pure nodes that nothing reads."""
-    return not node.is_impure() and all(_unread(user) for user in node.users)
+    """Whether nothing reads ``node``: no users, or only calls that write nothing (no in-place op,
+    no ``out=``, nothing impure) and that nothing reads in turn."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    writes = node.is_impure() or name.endswith("_") or "out" in node.kwargs or name in ("setitem", "__setitem__")
+    return node.op in ("call_function", "call_method") and not writes and all(_unread(u) for u in node.users)
 
 
 def _erase_with_users(gm: fx.GraphModule, node: fx.Node) -> None:

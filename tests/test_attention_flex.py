@@ -215,6 +215,30 @@ def test_a_log_sum_exp_asked_for_but_never_read_does_not_block_the_rewrite():
     assert compiled_alike(attend).status == "rewritten"
 
 
+@pytest.mark.parametrize("write", ["copy_", "add_", "out="])
+def test_a_log_sum_exp_written_into_a_buffer_is_read_and_keeps_the_call_as_written(write):
+    block_mask = create_block_mask(causal, None, None, 200, 300, device="cpu")
+
+    def attend(q, k, v, buffer):
+        out, lse = flex_attention(q, k, v, block_mask=block_mask, return_lse=True)
+        if write == "copy_":
+            buffer.copy_(lse)
+        elif write == "add_":
+            buffer.add_(lse)
+        else:
+            torch.exp(lse, out=buffer)
+        return out
+
+    compiled = torch.compile(attend, backend="light_interaction", options={"inner": "eager"})
+    q, k, v = qkv()
+    written, expected = torch.zeros(1, 4, 200), torch.zeros(1, 4, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, written), attend(q, k, v, expected), **FP32)
+    torch.testing.assert_close(written, expected, **FP32)
+    (site,) = flex_sites(compiled)
+    assert site.status == "skipped" and "log-sum-exp" in site.reason
+
+
 def identity_score(score, b, h, q, kv):
     return score
 
