@@ -377,7 +377,9 @@ class RoutedGraph:
     def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:
         """The user's call's arguments by name (the signature an instance declares, as a wrapper
         module does, else the forward's or the function's; a ``**kwargs`` parameter's arguments by their
-        own names; by position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty when unknown."""
+        own names (``"kwargs['x']"`` where a parameter is named ``x``), a ``*args`` parameter's as
+        ``"args[0]"``, ...; by position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty
+        when unknown."""
         if frame is None or target is None:
             return {}
         args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
@@ -398,9 +400,15 @@ class RoutedGraph:
         if bound is None:
             return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
         arguments = {}
-        for name, value in bound.arguments.items():  # a **kwargs parameter's arguments go by their own names
+        for name, value in bound.arguments.items():
             kind = signature.parameters[name].kind
-            arguments.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+            if kind is inspect.Parameter.VAR_KEYWORD:  # by their own names, unless a parameter has that name
+                arguments.update({key if key not in bound.arguments else f"{name}[{key!r}]": item
+                                  for key, item in value.items()})
+            elif kind is inspect.Parameter.VAR_POSITIONAL:  # by position: never one name for them all
+                arguments.update({f"{name}[{i}]": item for i, item in enumerate(value)})
+            else:
+                arguments[name] = value
         return arguments
 
 

@@ -47,7 +47,8 @@ def light_interaction(
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, mode: str | None,
              symbolic_reason: str | None = None) -> Callable:
     """Passes, then the inner compiler behind the cache's runner; ``symbolic_reason``: why a symbolic
-    graph compiles as traced (a "graph" site in the report)."""
+    graph runs as traced (a "graph" site in the report), eagerly: handed the first call's concrete
+    inputs, an inner compiler such as Inductor would specialize the graph to them."""
     target, context = calling_target()
     # a graph whose model cannot be found gets an accelerator of its own: dense plans, no cache
     acc = accelerator_of(target, opts) if target is not None else Accelerator(opts, type(gm).__name__)
@@ -60,7 +61,8 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, m
     rewritten = run_passes(gm, ctx)
     # The inner compiler, behind the denoising cache's host runner if the sampler pass found a sampler;
     # each call runs for the model that makes it (Dynamo shares graphs between instances of a class).
-    compiled = compile_with_cache(rewritten, example_inputs, _inner(opts, mode, compilation), mode, compilation)
+    inner = INNER["eager"] if symbolic_reason is not None else _inner(opts, mode, compilation)
+    compiled = compile_with_cache(rewritten, example_inputs, inner, mode, compilation)
     return RoutedGraph(compiled, opts, acc, compilation)
 
 

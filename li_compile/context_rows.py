@@ -220,13 +220,15 @@ class ContextRowReuse:
                              "set context.reuse_rows to False or \"auto\" for this model")
 
     def reset(self) -> None:
-        """Forget the chunk statistics, any open chunk and the probe's verdict; then raise the open
-        chunk's error, if its output is wrong (``end_chunk``)."""
+        """Forget the chunk statistics, any open chunk and the probe's verdict (but not a drift found
+        at a reused step, ``KEYS_DRIFTED``: the model's layers, not its chunks, caused it); then raise
+        the open chunk's error, if its output is wrong (``end_chunk``)."""
         try:
             self.end_chunk()
         finally:
             self.history.clear()
-            self.verdict = None
+            if self.off_reason != KEYS_DRIFTED:
+                self.verdict = None
             if self.blocks is not None:
                 self.blocks.reset()
 

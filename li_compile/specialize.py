@@ -40,8 +40,10 @@ def _symbolic_size(x: Any) -> bool:
 class ShapeSpecialized:
     """A symbolic graph that compiles, per concrete shape of its inputs, a static copy with
     ``compile_static(static_gm, inputs, None)`` on the first call of that shape, and runs it. A graph
-    that cannot be specialized (a data-dependent value, such as ``.item()``) compiles once as it is,
-    ``compile_static(gm, inputs, reason)``, for every shape: its sites stay as written, with the reason.
+    that cannot be specialized (a data-dependent value, such as ``.item()``) is handed over once as it
+    is, ``compile_static(gm, inputs, reason)``, for every shape: its sites stay as written, with the
+    reason (the backend runs it eagerly: an inner compiler handed the first call's concrete inputs
+    would specialize to them).
     So does every shape past Dynamo's ``recompile_limit`` distinct ones (each int input's value is
     part of a shape: an int that is not a size would otherwise compile once per value)."""
 
@@ -68,20 +70,20 @@ class ShapeSpecialized:
             values = sorted({tuple(k[0]) for k in self.compiled})[:4]
             return self._as_traced(args, f"symbolic graph met more than {limit} distinct shapes or int inputs "
                                          f"(int inputs {values}, ...; Dynamo's recompile_limit); new ones run it "
-                                         "compiled as traced, their attention left as written. Fix: "
+                                         "as traced, eagerly, their attention left as written. Fix: "
                                          "torch.compile(..., dynamic=False), or pass a changing number as a tensor")
         try:
             static = specialize(self.gm, args)
         except Exception as exc:  # noqa: BLE001 - any failure: the graph as Dynamo traced it, never a crash
             return self._as_traced(args, f"symbolic graph not specialized ({type(exc).__name__}: {str(exc)[:200]}); "
-                                         "compiled as traced, its attention left as written. Fix: "
+                                         "run as traced, eagerly, its attention left as written. Fix: "
                                          "torch.compile(..., dynamic=False)")
         compiled = self.compiled[key] = self.compile_static(static, args, None)
         counters[SPECIALIZE_COUNTER]["compiled"] += 1
         return compiled(*args)
 
     def _as_traced(self, args: Sequence[Any], reason: str) -> Any:
-        """Compile the graph as Dynamo traced it (once, with ``reason``) and run it on ``args``."""
+        """Hand the graph over as Dynamo traced it (once, with ``reason``) and run it on ``args``."""
         self.symbolic = self.compile_static(self.gm, args, reason)
         return self.symbolic(*args)
 

@@ -460,3 +460,42 @@ def test_finding_10_revisit_inputs_passed_through_a_wrapper_stay_out_of_the_key(
     out, stats = cached_chunk(compiled, accelerator, x, {"context": context, "context_valid": None}, chunk=1)
     assert stats["cache"] == "hit"
     assert psnr(out, exact(model, x, {"context": context, "context_valid": None})) > 20
+
+
+class _PositionalOnly(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Conditioned()
+
+    def forward(self, x, sigma, /, context, **options):
+        return self.inner(x, sigma, context) * options.get("sigma", 1.0)
+
+
+@pytest.mark.parametrize("spelling", ["by position through a wrapper", "a keyword named like a parameter"])
+def test_finding_10_python_values_stay_in_the_key_however_they_are_passed(spelling):
+    """A float passed by position through ``forward(*args, **kwargs)`` (the latent's name there is
+    the whole ``args``), or a keyword that a ``**options`` parameter takes under the name of a
+    positional-only parameter (the timestep's), is part of the key like any Python value: a miss."""
+    torch.manual_seed(0)
+    x, context = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 2)
+    if spelling == "by position through a wrapper":
+        class Scaled(_Conditioned):
+            def forward(self, x, sigma, context, scale):
+                return super().forward(x, sigma, context) * scale
+
+        model = _Wrapper(Scaled(), declared=False)
+
+        def call(module, gain):
+            return lambda x, s: module(x, s, context, gain)
+    else:
+        model = _PositionalOnly()
+
+        def call(module, gain):
+            return lambda x, s: module(x, s, context, sigma=gain)
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
+    accelerator = li_compile.accelerator(compiled)
+    accelerator.configure(revisit_inputs=("context",))
+    cached_chunk(call(compiled, 1.0), accelerator, x, {})
+    out, stats = cached_chunk(call(compiled, 1.5), accelerator, x, {}, chunk=1)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(call(model, 1.5), x, {}), **FP32)

@@ -164,6 +164,8 @@ def test_a_call_whose_context_keys_differ_from_the_keepers_is_reported_when_the_
     assert reuse.applies(q, k, is_causal=False) is required
     if not required:
         assert "differed from those of the step that kept them" in reuse.history[-1].values["context_rows_off"]
+        reuse.reset()  # the drift is the model's: a reset does not turn reuse back on, as the error said
+        assert reuse.verdict is False
 
 
 def test_a_models_first_chunk_computes_every_row_and_finds_its_context_keys_repeat_between_steps():

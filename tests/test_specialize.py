@@ -90,6 +90,34 @@ def test_an_int_that_is_no_size_compiles_at_most_recompile_limit_copies_then_run
 
 
 @torch.no_grad()
+def test_past_the_limit_or_unspecializable_a_graph_runs_as_traced_for_every_later_shape(monkeypatch):
+    """With the default inner compiler (Inductor), the graph run as traced is not compiled for the
+    call that reached it: every later shape and int value still equals eager (a first call's concrete
+    inputs made Inductor specialize to them), and a graph that reads ``.item()`` runs at all."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    def scaled(x, step: int):
+        return nn.functional.scaled_dot_product_attention(x, x, x) * (step + 1)
+
+    compiled = torch.compile(scaled, backend="light_interaction", dynamic=True)
+    for length, step in ((16, 0), (24, 1), (32, 2), (24, 5)):
+        x = torch.randn(1, 2, length, 8)
+        torch.testing.assert_close(compiled(x, step), scaled(x, step), rtol=1e-5, atol=1e-5)
+
+    def item_scaled(x, gain):
+        return nn.functional.scaled_dot_product_attention(x, x, x) * gain.item()
+
+    torch._dynamo.config.capture_scalar_outputs = True
+    try:
+        compiled = torch.compile(item_scaled, backend="light_interaction", dynamic=True)
+        for length, gain in ((16, 1.0), (24, 3.0)):
+            x, g = torch.randn(1, 2, length, 8), torch.tensor(gain)
+            torch.testing.assert_close(compiled(x, g), item_scaled(x, g), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.config.capture_scalar_outputs = False
+
+
+@torch.no_grad()
 def test_a_vmap_inside_a_symbolic_graph_keeps_its_level_bookkeeping():
     """``torch.vmap`` enters and leaves its level through calls that return an int: a static copy keeps
     them (folding them away crashed), at every shape."""
