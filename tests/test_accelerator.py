@@ -218,6 +218,22 @@ def test_reset_inside_a_chunk_whose_reused_rows_went_wrong_raises_after_forgetti
         assert accelerator.denoise.active
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_chunk_with_poses_in_a_half_type_plans_as_with_float32_ones(dtype):
+    """Cameras in fp16 or bf16 pass the scope's check within their rounding, and the tile plan, which
+    checks them again, sees the nearest rigid poses: the chunk opens and plans alike."""
+    world, trajectory, accelerator = _opened_once()
+    frames, first = world.spec.chunk_frames, 3 * world.spec.chunk_frames
+    poses, history = trajectory.poses.float(), torch.zeros(first, *world.spec.latent_shape)
+    plans = []
+    for cast in (lambda p: p, lambda p: p.to(dtype)):
+        with accelerator.chunk(3, cast(poses[:first]), cast(poses[first:first + frames]), history,
+                               world.spec.sigmas()):
+            plans.append([slot.is_dense for slot in accelerator.plan])
+            plans.append(accelerator.controller.stats[-1].values["plan"])
+    assert plans[0] == plans[2] and plans[1] == plans[3] and not all(plans[0])
+
+
 def test_an_interrupted_chunk_keeps_none_of_its_outputs_in_the_cache():
     world, trajectory, accelerator = _opened_once()
     accelerator.reset()

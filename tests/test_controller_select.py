@@ -155,6 +155,27 @@ def test_bad_input_raises_value_error_naming_the_problem(poses, chunk_poses, lat
         _controller().select(0, poses, chunk_poses, latents)
 
 
+def test_a_bad_frame_among_the_recent_latents_is_named_by_its_index_in_the_history():
+    controller = ContextController(ContextOptions(window_rule="shrink_on_motion", window_max=4), Plan(), memory_k=4,
+                                   fov_y_deg=60.0)
+    latents = _moving_latents(20)
+    latents[18] = math.nan
+    yaw = [0.0] * 21
+    with pytest.raises(ValueError, match=r"latents\[18\] contains NaN or inf"):
+        controller.select(0, _turned(yaw[:20]), _turned(yaw[20:]), latents)
+
+
+@pytest.mark.parametrize("lens", [{"bounds": torch.tensor([[-1.0, 1, -1, 1]] * 2)},
+                                  {"fov_y_deg": torch.tensor([60.0, 70.0])}, {"fov_y_deg": True},
+                                  {"fov_y_deg": 60.0, "aspect": torch.tensor([1.0, 2.0])}])
+def test_a_lens_is_one_lens_for_every_camera(lens):
+    """One field of view (or one bounds rectangle) for the model's cameras, refused at construction
+    (a batch of lenses failed at the first chunk, deep in the similarity; a bool was a 1 degree lens)."""
+    with pytest.raises(ValueError, match="one lens for every camera"):
+        ContextController(ContextOptions(), Plan(), memory_k=4, **lens)
+    assert ContextController(ContextOptions(), Plan(), memory_k=4, fov_y_deg=torch.tensor([60.0])).bounds.shape == (4,)
+
+
 def test_bad_options_raise_value_error():
     with pytest.raises(ValueError, match="context.window_min"):
         _make({"window_min": 5, "window_max": 2})

@@ -42,7 +42,7 @@ from li_compile.controller.poses import bounds_from_fov, validate_bounds, valida
 from li_compile.controller.similarity import DEFAULT_FAR, DEFAULT_NEAR, similarity
 from li_compile.controller.selection import ContextSelection
 from li_compile.controller.tile_plan import TilePlanParams, mandatory_blocks
-from li_compile.controller.window import latent_dynamics, window_size
+from li_compile.controller.window import latent_dynamics, validate_latents, window_size
 from li_compile.options import ContextOptions, SparsityOptions
 from li_compile.passes.guards import take_fallbacks
 from li_compile.plan import Plan
@@ -89,9 +89,15 @@ class ContextController:
             raise ValueError(f"memory_k must be an int >= 0, got {memory_k!r}")
         if bounds is not None and fov_y_deg is not None:
             raise ValueError("give the lens as bounds or as fov_y_deg, not both")
+        for name, value in (("fov_y_deg", fov_y_deg), ("aspect", aspect)):
+            if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.numel() != 1):
+                raise ValueError(f"{name} must be one number (one lens for every camera), got {value!r}")
         if fov_y_deg is not None:
-            bounds = bounds_from_fov(fov_y_deg, aspect)
+            bounds = bounds_from_fov(torch.as_tensor(fov_y_deg).reshape(()), torch.as_tensor(aspect).reshape(()))
         self.bounds = None if bounds is None else validate_bounds(bounds)
+        if self.bounds is not None and self.bounds.shape != (4,):
+            raise ValueError(f"bounds must be (4,) (x_min, x_max, y_min, y_max: one lens for every camera), "
+                             f"got shape {tuple(self.bounds.shape)}")
         if not 0 < near < far:
             raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
         self.near, self.far = near, far
@@ -315,6 +321,7 @@ class ContextController:
         recent = latents[-opts.window_max :]
         if not opts.enabled or opts.window_rule == "fixed" or recent.shape[0] < 2:
             return opts.window_max, None
+        validate_latents(recent, first=latents.shape[0] - recent.shape[0])  # a bad frame by its index in the history
         dynamics = latent_dynamics(recent)
         window = window_size(dynamics, opts.window_rule, opts.window_min, opts.window_max)
         return int(window), round(float(dynamics), 4)

@@ -59,9 +59,11 @@ def validate_poses(poses: torch.Tensor, name: str = "poses", atol: float = ORTHO
     or inf, a bottom row other than ``[0, 0, 0, 1]``, a rotation block that is not orthonormal
     (``max |R^T R - I| > atol``) or that is a reflection (``det R = -1``; OpenCV cameras are
     right-handed: x right, y down, z forward). Poses given in a half type are checked within
-    ``HALF_ROUNDING`` of its machine epsilon instead, where that is looser than ``atol``.
+    ``HALF_ROUNDING`` of its machine epsilon instead, where that is looser than ``atol``, and returned
+    as the nearest rigid poses (the rotation's polar factor, the bottom row exact).
     """
-    if isinstance(poses, torch.Tensor) and poses.dtype in (torch.float16, torch.bfloat16):
+    half = isinstance(poses, torch.Tensor) and poses.dtype in (torch.float16, torch.bfloat16)
+    if half:
         atol = max(atol, HALF_ROUNDING * torch.finfo(poses.dtype).eps)
     poses = _as_float_tensor(poses, name, (4, 4))
     bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], device=poses.device)
@@ -87,6 +89,11 @@ def validate_poses(poses: torch.Tensor, name: str = "poses", atol: float = ORTHO
             f"{_first_bad(bad, name)} rotation has determinant {det[bad][0].item():.4f}, expected 1 "
             "(a reflection: OpenCV cameras are right-handed, x right, y down, z forward)"
         )
+    if half:  # the nearest rigid pose to the rounded one: later checks hold it to float32's tolerance
+        u, _, vh = torch.linalg.svd(rot)
+        poses = poses.clone()
+        poses[..., :3, :3] = u @ vh
+        poses[..., 3, :] = bottom
     return poses
 
 

@@ -24,8 +24,9 @@ DYNAMICS_HIGH = 0.5  # change at or above which they count as fully in motion (-
 _TINY = 1e-12  # keeps all-zero frames from dividing by zero
 
 
-def validate_latents(latents: torch.Tensor, name: str = "latents") -> torch.Tensor:
-    """Check recent latent frames ``(T, C, H, W)`` with ``T >= 2``; return them as float32.
+def validate_latents(latents: torch.Tensor, name: str = "latents", first: int = 0) -> torch.Tensor:
+    """Check recent latent frames ``(T, C, H, W)`` with ``T >= 2``; return them as float32. ``first``:
+    the index in ``name`` of ``latents[0]`` (the recent frames of a longer history).
 
     Raises ``ValueError`` for a non-tensor, a wrong rank, fewer than two frames, a non-float
     dtype, or NaN / inf values (naming the first bad frame). Models that keep time in another
@@ -42,7 +43,7 @@ def validate_latents(latents: torch.Tensor, name: str = "latents") -> torch.Tens
     latents = latents.float()
     bad = ~torch.isfinite(latents).flatten(1).all(1)
     if bad.any():
-        raise ValueError(f"{name}[{torch.nonzero(bad)[0].item()}] contains NaN or inf")
+        raise ValueError(f"{name}[{first + torch.nonzero(bad)[0].item()}] contains NaN or inf")
     return latents
 
 
