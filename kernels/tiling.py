@@ -286,12 +286,16 @@ def own_blocks(q_len: int, kv_len: int, block_q: int, block_k: int, device: str 
     keys). Kept by top-k selection so that no token loses its neighbourhood."""
     if q_len > kv_len:
         raise ValueError(f"queries ({q_len}) cannot be aligned to the end of fewer keys ({kv_len})")
-    offset = kv_len - q_len
-    starts = torch.arange(0, q_len, block_q, device=device)
-    first = (starts + offset) // block_k
-    last = (torch.clamp(starts + block_q, max=q_len) - 1 + offset) // block_k
-    kv = torch.arange(cdiv(kv_len, block_k), device=device)
-    return (kv >= first[:, None]) & (kv <= last[:, None])
+    return own_key_blocks(torch.arange(kv_len - q_len, kv_len, device=device), block_q, block_k, kv_len)
+
+
+def own_key_blocks(own_keys: torch.Tensor, block_q: int, block_k: int, kv_len: int) -> torch.Tensor:
+    """(Q, K) bool: the key blocks holding ``own_keys (Lq,)``, each query's own token among the keys
+    (in whatever order the call sees them: token or tile order), per query block."""
+    q_len = own_keys.shape[0]
+    own = torch.zeros(cdiv(q_len, block_q), cdiv(kv_len, block_k), dtype=torch.bool, device=own_keys.device)
+    own[torch.arange(q_len, device=own_keys.device) // block_q, own_keys // block_k] = True
+    return own
 
 
 def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -126,6 +126,9 @@ class PlanSlot:
         self._tiling: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None  # (given, on device)
         self.fallbacks: collections.Counter[str] = collections.Counter()
         self.topk_constants: Any = None  # built by li::planned_attention on its first top-k call
+        # the key index (token order) of query 0's own token, as the controller's layout says (a chunk's
+        # queries sit after the prefix and the context, before any suffix); None: aligned to the keys' end
+        self.own_offset: int | None = None
         self.dense_warmed: set[tuple] = set()  # mask forms whose dense route ran in a warm-up (``Plan.warming``)
         self.clear()
 

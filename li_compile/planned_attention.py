@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from li_compile.kernels.block_layout import BlockLayout
 from li_compile.kernels.block_sparse_attention import UnsupportedAttention, register_inference_only
 from li_compile.kernels.split_attention import split_attention
-from li_compile.kernels.tiling import own_blocks, topk_layout
+from li_compile.kernels.tiling import own_key_blocks, topk_layout
 from li_compile.plan import PlanSlot, slot_for_call
 from li_compile.running import running
 from li_compile.tiled_sequence import permute_mask
@@ -116,14 +116,23 @@ def _layout(q: torch.Tensor, k: torch.Tensor, slot: PlanSlot, density: float) ->
 
 
 def _topk_constants(slot: PlanSlot) -> tuple[torch.Tensor | None, BlockLayout]:
-    """What top-k selection needs per slot and never changes: the own-position blocks (None when
-    queries outnumber keys) and the all-full dense layout; built on the slot's first top-k call."""
-    if slot.topk_constants is None:
-        s, device = slot.signature, torch.device(slot.signature.device)
-        own = own_blocks(s.q_len, s.kv_len, s.block_q, s.block_k, device) if s.q_len <= s.kv_len else None
+    """What top-k selection needs per slot: the own-position blocks (None when queries outnumber
+    keys), in the order the call sees the keys (the slot's tile order, if any), and the all-full
+    dense layout; rebuilt only when the slot's own offset or tile order changes."""
+    s, device = slot.signature, torch.device(slot.signature.device)
+    key = (slot.own_offset, None if slot.tiling is None else id(slot.tiling[0]))
+    if slot.topk_constants is None or slot.topk_constants[0] != key:
+        offset = s.kv_len - s.q_len if slot.own_offset is None else slot.own_offset
+        own = None
+        if 0 <= offset <= s.kv_len - s.q_len:
+            own_keys = torch.arange(offset, offset + s.q_len, device=device)
+            if slot.tiling is not None:  # tiled query p is token query_perm[p]; its key sits at key_perm's inverse
+                query_perm, key_perm, _ = slot.tiling
+                own_keys = torch.argsort(key_perm)[offset + query_perm]
+            own = own_key_blocks(own_keys, s.block_q, s.block_k, s.kv_len)
         dense = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=device)
-        slot.topk_constants = (own, dense)
-    return slot.topk_constants
+        slot.topk_constants = (key, own, dense)
+    return slot.topk_constants[1:]
 
 
 def _capturing_cuda_graph(q: torch.Tensor) -> bool:

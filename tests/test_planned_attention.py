@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import li_compile
-from li_compile.plan import Plan, SlotSignature, find_slot
+from li_compile.plan import Plan, PlanSlot, SlotSignature, find_slot
 from li_compile.planned_attention import planned_attention
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
@@ -185,6 +185,33 @@ def test_a_compiled_site_follows_its_slot_in_place_without_recompiling(inner):
                 torch.testing.assert_close(compiled(q, k, v), expected, **FP32)
             slot.clear()
             torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), **FP32)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_density_below_one_keeps_each_query_blocks_own_tokens_behind_a_prefix_and_a_suffix(tiled):
+    """A chunk's queries over prefix + context + chunk + suffix keys: the blocks top-k keeps for
+    each query block's own position hold its own tokens (the chunk's, after the prefix and the
+    context), in token order and in tile order (sinks at the end), not the keys' last tokens."""
+    from li_compile.controller.attention_plan import mark_own_offset
+    from li_compile.kernels.block_layout import BlockLayout
+    from li_compile.planned_attention import _layout
+    from li_compile.sequence import SequenceLayout
+    from li_compile.tiled_sequence import TiledSequence
+
+    sequence = SequenceLayout(2, 2, 8, 8, prefix_tokens=48, suffix_tokens=16, queries="chunk")
+    slot = PlanSlot(SlotSignature(1, 1, sequence.q_len, sequence.kv_len, "cpu", 16, 16))
+    mark_own_offset([slot], sequence)
+    own_keys = sequence.frame_start(2) + torch.arange(sequence.q_len)  # each query's own token, token order
+    if tiled:
+        order = TiledSequence(sequence, (1, 4, 4))
+        layout = BlockLayout.dense(block_q=16, block_k=16, q_len=sequence.q_len, kv_len=sequence.kv_len)
+        slot.set_layout(layout, tiling=(order.query_perm, order.key_perm, order.query_inverse))
+        own_keys = order.key_inverse[own_keys[order.query_perm]]
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, sequence.q_len, 16, generator=g), torch.randn(1, 1, sequence.kv_len, 16, generator=g)
+    visited = _layout(q, k, slot, 0.01).block_mask()[0, 0]
+    rows = torch.arange(sequence.q_len) // 16
+    assert visited[rows, own_keys // 16].all()
 
 
 def topk_reference_mask(slot, q, k, density, within):

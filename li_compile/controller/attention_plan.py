@@ -108,6 +108,7 @@ def write_chunk_plan(plan: Plan, sequence: SequenceLayout, context_keep: torch.T
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
     if not slots:
         return {"plan": "no site", "density": 1.0, "slots": []}
+    mark_own_offset(slots, sequence)
     if bool(context_keep.all()):
         for slot in slots:
             slot.clear()
@@ -169,6 +170,7 @@ def write_tile_chunk_plan(
     slots = plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len)
     if not slots:
         return {"plan": "no site", "density": 1.0, "slots": []}
+    mark_own_offset(slots, sequence)
     if head_params is not None:
         check_calibrated_heads(len(head_params), slots)
     ours = (params,) if head_params is None else tuple(head_params)
@@ -189,6 +191,15 @@ def write_tile_chunk_plan(
     dense = sum(k for _, k in densities) / len(densities) > sparsity.max_density
     return {"plan": "dense" if dense else "sparse", "plan_kind": "tiles", "density": 1.0 if dense else planned,
             "plan_density": planned, "slots": [s.id for s in slots], "dropped": stats.dropped}
+
+
+def mark_own_offset(slots: Sequence[PlanSlot], sequence: SequenceLayout) -> None:
+    """Tell ``slots`` where their queries' own tokens sit among the keys of ``sequence``: query 0 is
+    key 0 when every token is a query, else the chunk's first token (after the prefix and the
+    context; a suffix follows the chunk). Top-k selection keeps each query block's own blocks."""
+    offset = 0 if sequence.queries == "all" else sequence.frame_start(sequence.context_frames)
+    for slot in slots:
+        slot.own_offset = offset
 
 
 def check_calibrated_heads(heads: int, slots: Sequence[PlanSlot]) -> None:
