@@ -90,12 +90,11 @@ def test_an_int_that_is_no_size_compiles_at_most_recompile_limit_copies_then_run
 
 
 @torch.no_grad()
-def test_past_the_limit_or_unspecializable_a_graph_runs_as_traced_for_every_later_shape(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=1)  # (not monkeypatch: undoing it deletes a config entry)
+def test_past_the_limit_or_unspecializable_a_graph_runs_as_traced_for_every_later_shape():
     """With the default inner compiler (Inductor), the graph run as traced is not compiled for the
     call that reached it: every later shape and int value still equals eager (a first call's concrete
     inputs made Inductor specialize to them), and a graph that reads ``.item()`` runs at all."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-
     def scaled(x, step: int):
         return nn.functional.scaled_dot_product_attention(x, x, x) * (step + 1)
 
