@@ -115,6 +115,7 @@ class ChunkRunner:
         self.current_key: Callable[[], Hashable] = lambda: None
         partition = _partitions(gm, steps)
         self.split = split_module(gm, None, lambda node: partition[node])
+        _in_partition_order(self.split)
         for name, piece in list(self.split.named_children()):
             number = int(name.rsplit("_", 1)[1])
             lazy = _LazyCompiled(piece, inner, mode, failed)
@@ -129,12 +130,46 @@ class ChunkRunner:
         return self.split(*args)
 
 
+_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "uniform", "poisson", "exponential", "cauchy", "geometric",
+           "dropout", "rrelu", "gumbel")
+
+
 def _ordered(node: fx.Node) -> bool:
     """Whether ``node`` must keep its place among the graph's calls: an impure call, a random draw
     (it advances the generator), or an in-place write (``add_``, ``out=``)."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    random = name.startswith(("rand", "normal", "bernoulli", "multinomial", "uniform", "poisson", "exponential"))
-    return node.is_impure() or random or name.endswith("_") or "out" in node.kwargs
+    return node.is_impure() or any(word in name for word in _RANDOM) or name.endswith("_") or "out" in node.kwargs
+
+
+def _in_partition_order(split: fx.GraphModule) -> None:
+    """Call ``split``'s partitions in the order of their numbers (a valid order: a partition reads
+    only lower ones), not torch's dependency sort, which may run one that nothing later reads (a
+    draw before the loop, a state written before it) after every piece."""
+    graph = split.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    calls = sorted((n for n in graph.nodes if n.op == "call_module"), key=lambda n: int(str(n.target).rsplit("_", 1)[1]))
+    for call in calls:
+        output.prepend(call)
+        for unpacked in [u for u in call.users if u.op == "call_function"]:
+            output.prepend(unpacked)
+    graph.lint()
+    split.recompile()
+
+
+def _computed_from(x: fx.Node, piece: set[fx.Node] | list[fx.Node]) -> list[fx.Node]:
+    """The nodes of ``piece`` computed from ``x`` (the step's latent), directly or not: the model
+    call proper, without what it only reads (a timestep embedding hoisted before the loop)."""
+    members, found, todo = set(piece), [], list(x.users)
+    seen = set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in members:
+            found.append(node)
+        todo.extend(node.users)
+    return found
 
 
 def _input_of(node: fx.Node) -> fx.Node | None:
@@ -150,18 +185,21 @@ def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
     """Partition numbers for ``split_module``: ``2i + 1`` for the model piece of step ``i``; the rest
     after the last model piece it depends on (``2i + 2``), and no earlier than where it stands in the
     graph: ``2k`` after ``k`` whole pieces, so a random draw or an in-place write, and what reads
-    state such a write changed, keeps its place between the steps (one inside a piece's nodes joins
-    that piece). Pieces depend only on earlier partitions, and the split runs the partitions in the
-    order of their dependencies."""
+    state such a write changed, keeps its place between the steps. One that stands among the nodes
+    of a step's model calls (from the first computed from the step's latent to its last) cannot be
+    kept there: ValueError (the chunk compiles whole, uncached). Partitions read only lower ones and
+    run in their numbers' order (``_in_partition_order``)."""
     piece_of = {node: i for i, step in enumerate(steps) for node in step.piece}
     nodes = list(gm.graph.nodes)
-    first, last = {}, {}
-    for position, node in enumerate(nodes):
+    at = {node: position for position, node in enumerate(nodes)}
+    last = {}
+    for node in nodes:
         if node in piece_of:
-            first.setdefault(piece_of[node], position)
-            last[piece_of[node]] = position
+            last[piece_of[node]] = at[node]
+    first = {i: min((at[n] for n in _computed_from(step.x, step.piece)), default=last.get(i, 0))
+             for i, step in enumerate(steps)}
     partition: dict[fx.Node, int] = {}
-    for position, node in enumerate(nodes):
+    for node in nodes:
         if node in piece_of:
             partition[node] = 2 * piece_of[node] + 1
             continue
@@ -172,10 +210,11 @@ def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
         if node.op in ("placeholder", "get_attr", "output"):
             partition[node] = max(after, default=0)
             continue
-        done = sum(position > end for end in last.values())  # pieces wholly before this node
-        inside = done in first and first[done] < position  # among the nodes of the next piece
-        standing = 2 * done + 1 if inside and _ordered(node) else 2 * done
-        partition[node] = max([*after, standing])
+        done = sum(at[node] > end for end in last.values())  # pieces wholly before this node
+        if _ordered(node) and done in first and first[done] < at[node]:
+            raise ValueError(f"{node.name} (a random draw or an in-place write) stands among the model calls of "
+                             f"step {done}: skipping those calls on a hit would skip or move it")
+        partition[node] = max([*after, 2 * done])
     for node, number in partition.items():
         earlier = [partition[i] for i in node.all_input_nodes]
         if node in piece_of and any(p > number for p in earlier):

@@ -166,7 +166,9 @@ def test_a_bad_frame_among_the_recent_latents_is_named_by_its_index_in_the_histo
 
 
 @pytest.mark.parametrize("lens", [{"bounds": torch.tensor([[-1.0, 1, -1, 1]] * 2)},
-                                  {"fov_y_deg": torch.tensor([60.0, 70.0])}, {"fov_y_deg": True},
+                                  {"fov_y_deg": torch.tensor([60.0, 70.0])}, {"fov_y_deg": [60.0, 70.0]},
+                                  {"fov_y_deg": True}, {"fov_y_deg": torch.tensor(True)},
+                                  {"fov_y_deg": 60.0, "aspect": None},
                                   {"fov_y_deg": 60.0, "aspect": torch.tensor([1.0, 2.0])}])
 def test_a_lens_is_one_lens_for_every_camera(lens):
     """One field of view (or one bounds rectangle) for the model's cameras, refused at construction

@@ -413,8 +413,24 @@ def _writing_state_in_place(model, x, s, state):
     return x
 
 
-@pytest.mark.parametrize("loop", [_drawing_between_steps, _drawing_in_the_call, _writing_state_in_place],
-                         ids=["draws between steps", "draws in the call", "state written in place"])
+def _drawing_before_the_loop(model, x, s, state):
+    extra = torch.randn(x.shape)  # read only after the loop
+    for i in range(3):
+        x = x + (s[i + 1] - s[i]) * model(x, s[i]) + 0.01 * torch.randn(x.shape)
+    return x + 0.1 * extra
+
+
+def _writing_state_before_the_loop(model, x, s, state):
+    state.add_(0.5)
+    for i in range(3):
+        x = x + (s[i + 1] - s[i]) * model(x + state, s[i])
+    return x
+
+
+@pytest.mark.parametrize("loop", [_drawing_between_steps, _drawing_in_the_call, _writing_state_in_place,
+                                  _drawing_before_the_loop, _writing_state_before_the_loop],
+                         ids=["draws between steps", "draws in the call", "state written in place",
+                              "a draw before the loop", "state written before the loop"])
 def test_a_split_chunk_keeps_its_random_draws_and_in_place_writes_where_they_stand(loop):
     """A draw that depends on nothing (``torch.randn(shape)``) or an in-place write of state the next
     call reads runs where the loop has it, not before every step: a miss equals eager, draw for draw."""
@@ -432,6 +448,31 @@ def test_a_split_chunk_keeps_its_random_draws_and_in_place_writes_where_they_sta
         expected = chunk(noise(0), sigmas, torch.zeros(()))
     assert calls == 3 and torch.equal(out, expected)
     assert all(s.status == "rewritten" for s in li_compile.report(compiled).sites if s.kind == "sampler")
+
+
+@pytest.mark.parametrize("between", ["draw", "write"])
+def test_a_draw_or_write_between_the_model_calls_of_one_step_keeps_the_chunk_whole(between):
+    """A random draw or an in-place write between a step's two guidance calls would be skipped or
+    moved if the calls were served: the chunk compiles whole, uncached, with the reason, and equals eager."""
+    model, sigmas = ToyDenoiser(), sigma_schedule(3)
+
+    def chunk(x, s, calls):
+        for i in range(3):
+            cond = model(x, s[i])
+            noise = torch.randn(x.shape) if between == "draw" else calls.add_(1)
+            uncond = model(0.5 * x, s[i])
+            x = x + (s[i + 1] - s[i]) * (uncond + 2.0 * (cond - uncond)) + 0.01 * noise
+        return x
+
+    compiled = torch.compile(chunk, backend="light_interaction", fullgraph=True,
+                             options={"inner": "eager", "cache": {"reuse_steps": 2}})
+    torch.manual_seed(3)
+    out, _, _ = run_chunk(compiled, compiled, HERE, sigmas, noise(0), sigmas, torch.zeros(()), chunk=0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert torch.equal(out, chunk(noise(0), sigmas, torch.zeros(())))
+    sites = [s for s in li_compile.report(compiled).sites if s.kind == "sampler"]
+    assert sites and all(s.status == "skipped" and "stands among the model calls" in s.reason for s in sites)
 
 
 def test_a_chunk_graph_that_cannot_be_split_is_compiled_whole_with_the_reason(monkeypatch):

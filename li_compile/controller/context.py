@@ -56,6 +56,18 @@ if TYPE_CHECKING:
 DEFAULT_MEMORY_K = 4  # memory frames retrieved per chunk at most (the dense policy's fixed k)
 
 
+def _one_number(name: str, value: object) -> torch.Tensor:
+    """``value`` (a number, or a one-element tensor or array) as a 0-d float tensor; ValueError naming
+    ``name`` otherwise (a batch of lenses, a bool, None)."""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or tensor.dtype == torch.bool or tensor.is_complex() or tensor.numel() != 1:
+        raise ValueError(f"{name} must be one number (one lens for every camera), got {value!r}")
+    return tensor.reshape(()).float()
+
+
 class ContextController:
     """Adaptive context for chunk-by-chunk world generation (see the module docstring).
 
@@ -89,11 +101,8 @@ class ContextController:
             raise ValueError(f"memory_k must be an int >= 0, got {memory_k!r}")
         if bounds is not None and fov_y_deg is not None:
             raise ValueError("give the lens as bounds or as fov_y_deg, not both")
-        for name, value in (("fov_y_deg", fov_y_deg), ("aspect", aspect)):
-            if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.numel() != 1):
-                raise ValueError(f"{name} must be one number (one lens for every camera), got {value!r}")
         if fov_y_deg is not None:
-            bounds = bounds_from_fov(torch.as_tensor(fov_y_deg).reshape(()), torch.as_tensor(aspect).reshape(()))
+            bounds = bounds_from_fov(_one_number("fov_y_deg", fov_y_deg), _one_number("aspect", aspect))
         self.bounds = None if bounds is None else validate_bounds(bounds)
         if self.bounds is not None and self.bounds.shape != (4,):
             raise ValueError(f"bounds must be (4,) (x_min, x_max, y_min, y_max: one lens for every camera), "
