@@ -117,21 +117,28 @@ _VIEWS = {operator.getitem, "view", "reshape", "transpose", "permute", "flatten"
           torch.narrow, torch.select, torch.chunk, torch.split, torch.movedim}
 
 
-def mutation_node(node: fx.Node) -> bool:
-    """Whether ``node`` updates an input, parameter or buffer (or a view of one) in place:
-    ``x.add_(...)``, ``x += y``, ``x[i] = ...``, ``copy_``. In-place updates of intermediates are local."""
+def written_base(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` writes in place, through views (``x.add_(...)``, ``x += y``, ``x[i] = ...``,
+    ``copy_``, ``relu(x, inplace=True)``, ``torch.exp(a, out=x)``), or None where it writes nothing."""
     target = _target(node)
     name = getattr(target, "__name__", target)
     if getattr(target, "__module__", None) in ("operator", "_operator"):
         in_place = target in _IN_PLACE_OPERATORS  # operator.or_ / and_ / not_ are a | b, a & b, not a
     else:
         in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")  # x.add_(...)
-    if not in_place or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    base = node.args[0]
-    while _target(base) in _VIEWS and base.args and isinstance(base.args[0], fx.Node):
-        base = base.args[0]
-    return base.op in ("placeholder", "get_attr")
+    written = node.kwargs.get("out") if isinstance(node.kwargs.get("out"), fx.Node) else None
+    if written is None and (in_place or node.kwargs.get("inplace") is True) and node.args:
+        written = node.args[0] if isinstance(node.args[0], fx.Node) else None
+    while written is not None and _target(written) in _VIEWS and written.args and isinstance(written.args[0], fx.Node):
+        written = written.args[0]
+    return written
+
+
+def mutation_node(node: fx.Node) -> bool:
+    """Whether ``node`` updates an input, parameter or buffer (or a view of one) in place. In-place
+    updates of intermediates are local."""
+    base = written_base(node)
+    return base is not None and base.op in ("placeholder", "get_attr")
 
 
 def mutation(nodes) -> str | None:

@@ -23,7 +23,7 @@ from torch.fx.passes.split_module import split_module
 
 from li_compile.cache_key import argument_values
 from li_compile.inner import InnerCompiler, compile_or_as_written
-from li_compile.passes.sampler_match import Step, TransformerSite, input_name, is_parameter
+from li_compile.passes.sampler_match import Step, TransformerSite, input_name, is_parameter, written_base
 from li_compile.running import running, running_arguments
 
 log = logging.getLogger("li_compile")
@@ -113,6 +113,7 @@ class ChunkRunner:
         latent = _input_of(steps[0].x)  # the chunk's noise: the latent entering step 0 comes from it
         self.key = CallKey(gm, {placeholders.index(latent)} if latent is not None else set())
         self.current_key: Callable[[], Hashable] = lambda: None
+        check_ordering(gm, steps)
         partition = _partitions(gm, steps)
         self.split = split_module(gm, None, lambda node: partition[node])
         _in_partition_order(self.split)
@@ -122,6 +123,9 @@ class ChunkRunner:
             if number % 2:
                 index = number // 2
                 placeholders = [n.name for n in piece.graph.nodes if n.op == "placeholder"]
+                if steps[index].x.name not in placeholders:
+                    raise ValueError(f"step {index}'s latent {steps[index].x.name} does not enter its model call "
+                                     "as it is (the call reads only values computed from it)")
                 lazy = _CachedStep(self, index, lazy, placeholders.index(steps[index].x.name))
             setattr(self.split, name, lazy)
 
@@ -130,15 +134,38 @@ class ChunkRunner:
         return self.split(*args)
 
 
-_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "uniform", "poisson", "exponential", "cauchy", "geometric",
-           "dropout", "rrelu", "gumbel")
+_RANDOM = {"normal", "normal_", "bernoulli", "bernoulli_", "multinomial", "poisson", "exponential_", "cauchy_",
+           "geometric_", "log_normal_", "uniform_", "random_", "rrelu", "rrelu_", "gumbel_softmax"}
 
 
-def _ordered(node: fx.Node) -> bool:
-    """Whether ``node`` must keep its place among the graph's calls: an impure call, a random draw
-    (it advances the generator), or an in-place write (``add_``, ``out=``)."""
+def _draws(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (it advances the generator): ``torch.rand*``, the
+    distributions' samplers, dropout and its kin."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.is_impure() or any(word in name for word in _RANDOM) or name.endswith("_") or "out" in node.kwargs
+    return name.startswith("rand") or name in _RANDOM or "dropout" in name
+
+
+def check_ordering(gm: fx.GraphModule, steps: list[Step]) -> None:
+    """Raise ValueError where serving a step's model calls, or running the split's partitions, could
+    change what the chunk computes: a random draw anywhere (a served step skips the draws in its
+    calls and shifts every later one), an impure call, or an in-place write other than one inside a
+    step's model calls to a tensor made and read only there (the split may run it before or after the
+    reads it stood between; a hit skips it)."""
+    piece_of = {node: i for i, step in enumerate(steps) for node in step.piece}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if _draws(node) or node.is_impure():
+            raise ValueError(f"{node.name} draws random numbers or has effects: a served step would skip it or "
+                             "move the draws after it")
+        base = written_base(node)
+        if base is None:
+            continue
+        piece = piece_of.get(node)
+        readers = [*base.users, *node.users]
+        if piece is None or piece_of.get(base) != piece or any(piece_of.get(r) != piece for r in readers):
+            raise ValueError(f"{node.name} writes {base.name} in place outside one step's model calls: the split "
+                             "could run it before or after the reads it stands between, and a hit would skip it")
 
 
 def _in_partition_order(split: fx.GraphModule) -> None:
@@ -156,22 +183,6 @@ def _in_partition_order(split: fx.GraphModule) -> None:
     split.recompile()
 
 
-def _computed_from(x: fx.Node, piece: set[fx.Node] | list[fx.Node]) -> list[fx.Node]:
-    """The nodes of ``piece`` computed from ``x`` (the step's latent), directly or not: the model
-    call proper, without what it only reads (a timestep embedding hoisted before the loop)."""
-    members, found, todo = set(piece), [], list(x.users)
-    seen = set()
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in members:
-            found.append(node)
-        todo.extend(node.users)
-    return found
-
-
 def _input_of(node: fx.Node) -> fx.Node | None:
     """The graph input ``node`` is taken from by single-input ops (``noise[0]``, a view), or None."""
     while node.op != "placeholder":
@@ -184,22 +195,13 @@ def _input_of(node: fx.Node) -> fx.Node | None:
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
     """Partition numbers for ``split_module``: ``2i + 1`` for the model piece of step ``i``; the rest
     after the last model piece it depends on (``2i + 2``), and no earlier than where it stands in the
-    graph: ``2k`` after ``k`` whole pieces, so a random draw or an in-place write, and what reads
-    state such a write changed, keeps its place between the steps. One that stands among the nodes
-    of a step's model calls (from the first computed from the step's latent to its last) cannot be
-    kept there: ValueError (the chunk compiles whole, uncached). Partitions read only lower ones and
-    run in their numbers' order (``_in_partition_order``)."""
+    graph (``2k`` after ``k`` whole pieces). Partitions read only lower ones and run in their numbers'
+    order (``_in_partition_order``); ``check_ordering`` refused what order could change."""
     piece_of = {node: i for i, step in enumerate(steps) for node in step.piece}
     nodes = list(gm.graph.nodes)
-    at = {node: position for position, node in enumerate(nodes)}
-    last = {}
-    for node in nodes:
-        if node in piece_of:
-            last[piece_of[node]] = at[node]
-    first = {i: min((at[n] for n in _computed_from(step.x, step.piece)), default=last.get(i, 0))
-             for i, step in enumerate(steps)}
+    last = {piece_of[node]: position for position, node in enumerate(nodes) if node in piece_of}
     partition: dict[fx.Node, int] = {}
-    for node in nodes:
+    for position, node in enumerate(nodes):
         if node in piece_of:
             partition[node] = 2 * piece_of[node] + 1
             continue
@@ -210,10 +212,7 @@ def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
         if node.op in ("placeholder", "get_attr", "output"):
             partition[node] = max(after, default=0)
             continue
-        done = sum(at[node] > end for end in last.values())  # pieces wholly before this node
-        if _ordered(node) and done in first and first[done] < at[node]:
-            raise ValueError(f"{node.name} (a random draw or an in-place write) stands among the model calls of "
-                             f"step {done}: skipping those calls on a hit would skip or move it")
+        done = sum(position > end for end in last.values())  # pieces wholly before this node
         partition[node] = max([*after, 2 * done])
     for node, number in partition.items():
         earlier = [partition[i] for i in node.all_input_nodes]
