@@ -45,7 +45,7 @@ INNER: dict[str, Callable] = {"inductor": compile_inductor, "eager": compile_eag
 
 
 def compile_or_as_written(inner: InnerCompiler, piece: fx.GraphModule, args: Sequence[Any], mode: str | None,
-                          what: str, failed: Callable[[str], None] = lambda reason: None) -> Callable:
+                          what: str, failed: Callable[[str], None]) -> Callable:
     """``inner`` applied to ``piece`` (a piece of a split graph, compiled on its first call, with its
     real ``args``); if the inner compiler fails, ``piece`` as written, with a warning naming ``what``
     it is and ``failed(reason)`` (for the report): an uncompilable piece costs speed, never the run."""

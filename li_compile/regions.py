@@ -115,7 +115,7 @@ class _Region(torch.nn.Module):
 
     def __init__(self, piece: fx.GraphModule, inner: InnerCompiler, mode: Any,
                  shared: dict[Hashable, Callable], structures: dict[Hashable, int],
-                 failed: Callable[[str], None] = lambda reason: None) -> None:
+                 failed: Callable[[str], None]) -> None:
         super().__init__()
         output = piece.graph.find_nodes(op="output")[0]
         self.single = not isinstance(output.args[0], (tuple, list))

@@ -106,7 +106,7 @@ class ChunkRunner:
     """A compiled chunk generation (unrolled denoising loop) whose model pieces go through the cache."""
 
     def __init__(self, gm: fx.GraphModule, steps: list[Step], inner: InnerCompiler, mode: str | None,
-                 failed: Callable[[str], None] = lambda reason: None) -> None:
+                 failed: Callable[[str], None]) -> None:
         """``failed(reason)``: told when a piece's inner compile fails (the piece then runs as written)."""
         self.steps = len(steps)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -170,8 +170,8 @@ def check_ordering(gm: fx.GraphModule, steps: list[Step]) -> None:
 
 def _in_partition_order(split: fx.GraphModule) -> None:
     """Call ``split``'s partitions in the order of their numbers (a valid order: a partition reads
-    only lower ones), not torch's dependency sort, which may run one that nothing later reads (a
-    draw before the loop, a state written before it) after every piece."""
+    only lower ones), not torch's dependency sort: the steps' model pieces then run in step order even
+    where a step's latent does not depend on the step before."""
     graph = split.graph
     output = next(n for n in graph.nodes if n.op == "output")
     calls = sorted((n for n in graph.nodes if n.op == "call_module"), key=lambda n: int(str(n.target).rsplit("_", 1)[1]))
@@ -194,14 +194,12 @@ def _input_of(node: fx.Node) -> fx.Node | None:
 
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
     """Partition numbers for ``split_module``: ``2i + 1`` for the model piece of step ``i``; the rest
-    after the last model piece it depends on (``2i + 2``), and no earlier than where it stands in the
-    graph (``2k`` after ``k`` whole pieces). Partitions read only lower ones and run in their numbers'
-    order (``_in_partition_order``); ``check_ordering`` refused what order could change."""
+    after the last model piece it depends on (``2i + 2``), or 0 before any. Partitions read only
+    lower ones and run in their numbers' order (``_in_partition_order``); ``check_ordering`` refused
+    every node whose place among the others could change what the chunk computes."""
     piece_of = {node: i for i, step in enumerate(steps) for node in step.piece}
-    nodes = list(gm.graph.nodes)
-    last = {piece_of[node]: position for position, node in enumerate(nodes) if node in piece_of}
     partition: dict[fx.Node, int] = {}
-    for position, node in enumerate(nodes):
+    for node in gm.graph.nodes:
         if node in piece_of:
             partition[node] = 2 * piece_of[node] + 1
             continue
@@ -209,11 +207,7 @@ def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
             2 * piece_of[i] + 2 if i in piece_of else partition[i]
             for i in node.all_input_nodes
         ]
-        if node.op in ("placeholder", "get_attr", "output"):
-            partition[node] = max(after, default=0)
-            continue
-        done = sum(position > end for end in last.values())  # pieces wholly before this node
-        partition[node] = max([*after, 2 * done])
+        partition[node] = max(after, default=0)
     for node, number in partition.items():
         earlier = [partition[i] for i in node.all_input_nodes]
         if node in piece_of and any(p > number for p in earlier):
