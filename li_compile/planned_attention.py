@@ -120,8 +120,10 @@ def _topk_constants(slot: PlanSlot) -> tuple[torch.Tensor | None, BlockLayout]:
     keys), in the order the call sees the keys (the slot's tile order, if any), and the all-full
     dense layout; rebuilt only when the slot's own offset or tile order changes."""
     s, device = slot.signature, torch.device(slot.signature.device)
-    key = (slot.own_offset, None if slot.tiling is None else id(slot.tiling[0]))
-    if slot.topk_constants is None or slot.topk_constants[0] != key:
+    tiling = None if slot.tiling is None else slot.tiling[0]
+    cached = slot.topk_constants
+    # the tile order is held, and compared by identity: an id() of a freed tensor can come back
+    if cached is None or cached[0] != slot.own_offset or cached[1] is not tiling:
         offset = s.kv_len - s.q_len if slot.own_offset is None else slot.own_offset
         own = None
         if 0 <= offset <= s.kv_len - s.q_len:
@@ -131,8 +133,8 @@ def _topk_constants(slot: PlanSlot) -> tuple[torch.Tensor | None, BlockLayout]:
                 own_keys = torch.argsort(key_perm)[offset + query_perm]
             own = own_key_blocks(own_keys, s.block_q, s.block_k, s.kv_len)
         dense = BlockLayout.dense(block_q=s.block_q, block_k=s.block_k, q_len=s.q_len, kv_len=s.kv_len, device=device)
-        slot.topk_constants = (key, own, dense)
-    return slot.topk_constants[1:]
+        slot.topk_constants = (slot.own_offset, tiling, own, dense)
+    return slot.topk_constants[2:]
 
 
 def _capturing_cuda_graph(q: torch.Tensor) -> bool:

@@ -214,6 +214,33 @@ def test_density_below_one_keeps_each_query_blocks_own_tokens_behind_a_prefix_an
     assert visited[rows, own_keys // 16].all()
 
 
+def test_density_below_one_follows_each_new_tile_order_even_when_python_reuses_an_id(monkeypatch):
+    """Top-k's own blocks follow the slot's current tile order after it changes, also when the new
+    order's tensor has the id() of one seen before (Python hands a freed object's id to the next:
+    every object is given one id here, the worst case)."""
+    import li_compile.planned_attention as planned
+    from li_compile.controller.attention_plan import mark_own_offset
+    from li_compile.kernels.block_layout import BlockLayout
+    from li_compile.sequence import SequenceLayout
+    from li_compile.tiled_sequence import TiledSequence
+
+    monkeypatch.setattr(planned, "id", lambda obj: 0, raising=False)
+    sequence = SequenceLayout(2, 2, 8, 8, prefix_tokens=16, queries="chunk")
+    slot = PlanSlot(SlotSignature(1, 1, sequence.q_len, sequence.kv_len, "cpu", 16, 16))
+    mark_own_offset([slot], sequence)
+    layout = BlockLayout.dense(block_q=16, block_k=16, q_len=sequence.q_len, kv_len=sequence.kv_len)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, sequence.q_len, 16, generator=g), torch.randn(1, 1, sequence.kv_len, 16, generator=g)
+    token_own = sequence.frame_start(2) + torch.arange(sequence.q_len)
+    rows = torch.arange(sequence.q_len) // 16
+    for sinks in ["end", "in_place", "end"]:  # the sinks moved: the chunk's keys sit 16 tokens apart
+        order = TiledSequence(sequence, (1, 4, 4), sinks=sinks)
+        slot.set_layout(layout, tiling=(order.query_perm, order.key_perm, order.query_inverse))
+        own_keys = order.key_inverse[token_own[order.query_perm]]
+        visited = planned._layout(q, k, slot, 0.01).block_mask()[0, 0]
+        assert visited[rows, own_keys // 16].all(), sinks
+
+
 def topk_reference_mask(slot, q, k, density, within):
     """The token mask that top-k selection inside ``within`` (a BlockLayout) should produce, built
     by brute force per row: the ceil(density * n) best pooled-score candidates plus the own blocks."""
