@@ -404,10 +404,25 @@ def _build_kernels() -> _Kernels:
             for m, n, w, s in CUDA_CONFIGS + SMALL_BLOCK_CONFIGS
         ]
         return triton.autotune(configs, key=list(AUTOTUNE_KEY), prune_configs_by={"early_config_prune": _prune},
-                               cache_results=True)(fixed)
+                               do_bench=_time_config, cache_results=True)(fixed)
 
     failure = _tma_unavailable()
     return _Kernels(fixed, autotuned(False), None if failure else autotuned(True), failure)
+
+
+# How long the autotuner runs each candidate config before and while timing it (ms of launches).
+# Triton's default, 25 + 100 ms, took 0.15 s a config at warm-up (H100, Matrix-Game full: 1.0 s of a
+# 3.6 s first launch). The configs it separates differ by 2-40% (`benchmarks/results/kernel_configs.md`),
+# which 20 ms of launches resolve (40 of a 0.5 ms call, after do_bench's own 5-launch estimate); a
+# near tie (within 1%: 128x64 tiles at 2 or 3 stages) may go either way, at no cost that matters.
+TUNING_MS = (5, 20)
+
+
+def _time_config(kernel_call: Callable[[], None], quantiles) -> list[float]:
+    """The autotuner's benchmark: Triton's ``do_bench`` over ``TUNING_MS``."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=TUNING_MS[0], rep=TUNING_MS[1], quantiles=quantiles)
 
 
 def _tma_unavailable() -> str | None:
