@@ -56,6 +56,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, m
     acc.records_cuda_graphs |= records_cuda_graphs(mode)
     if symbolic_reason is not None:
         compilation.sites.append(Site(kind="graph", status="skipped", reason=symbolic_reason))
+        compilation.inner = "eager"
     ctx = PassContext(options=opts, example_inputs=example_inputs, compilation=compilation, plan=acc.plan,
                       dynamic=dynamic_setting(context))
     rewritten = run_passes(gm, ctx)

@@ -102,6 +102,8 @@ def test_past_the_limit_or_unspecializable_a_graph_runs_as_traced_for_every_late
     for length, step in ((16, 0), (24, 1), (32, 2), (24, 5)):
         x = torch.randn(1, 2, length, 8)
         torch.testing.assert_close(compiled(x, step), scaled(x, step), rtol=1e-5, atol=1e-5)
+    traced = [c for c in li_compile.report(compiled).compilations if any(s.kind == "graph" for s in c.sites)]
+    assert traced and all(c.inner == "eager" for c in traced)  # the report names what ran it
 
     def item_scaled(x, gain):
         return nn.functional.scaled_dot_product_attention(x, x, x) * gain.item()
