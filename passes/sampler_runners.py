@@ -184,12 +184,28 @@ def _in_partition_order(split: fx.GraphModule) -> None:
 
 
 def _input_of(node: fx.Node) -> fx.Node | None:
-    """The graph input ``node`` is taken from by single-input ops (``noise[0]``, a view), or None."""
+    """The graph input ``node`` is taken from, or None: through single-input ops (``noise[0]``, a
+    view) and ops whose one other input has fewer elements (``noise * sigmas[0]``, a broadcast scale;
+    that input stays in the cache key). Two inputs of the full size (``noise + cond``) give None."""
     while node.op != "placeholder":
-        if node.op not in ("call_function", "call_method") or len(node.all_input_nodes) != 1:
+        if node.op not in ("call_function", "call_method"):
             return None
-        node = node.all_input_nodes[0]
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            sizes = [_numel(i) for i in inputs]
+            full = [i for i, size in zip(inputs, sizes) if size == _numel(node)]
+            if _numel(node) is None or None in sizes or len(full) != 1:
+                return None
+            inputs = full
+        node = inputs[0]
     return node
+
+
+def _numel(node: fx.Node) -> int | None:
+    """Elements of the tensor ``node`` traced to (Dynamo's example value), or None (not a tensor, or
+    a symbolic size)."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.numel() if isinstance(value, torch.Tensor) and isinstance(value.numel(), int) else None
 
 
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:
