@@ -40,6 +40,7 @@ from li_compile.passes.attention_rewrite import heads_shape, kv_heads, rewrite_s
 from li_compile.passes.attention_spellings import ADD_MASK, Sdpa, Softmax, example, read
 from li_compile.passes.attention_streams import TokenStreams
 from li_compile.passes.nested_regions import rewrite_nested
+from li_compile.passes.sampler_match import view_base, written_base
 from li_compile.plan import SlotSignature
 from li_compile.reporting import Site, user_location
 
@@ -124,9 +125,31 @@ def _check_rewritable(match: AttentionMatch, streams: TokenStreams, dynamic: obj
         raise NotAttention(f"{lossy}; left as written")
     if any(t.requires_grad for t in operands):
         raise NotAttention("needs gradients (traced with grad enabled); planned attention is inference-only: left as written")
+    written = _written_after_read(match)
+    if written is not None:
+        raise NotAttention(f"{written}: the rewritten site would read it after the write; left as written")
     if streams.is_cross_attention(match.q.node, match.k.node):
         names = ", ".join(sorted(n.name for n in streams.sources(match.k.node)))
         raise NotAttention(f"cross-attention (keys projected from other tokens: {names}) left dense")
+
+
+def _written_after_read(match: AttentionMatch) -> str | None:
+    """An in-place write, between two of the site's nodes, to a tensor (or a view of one) that an
+    earlier node of the site read (``p = softmax(q @ cache.mT)``, then ``cache.index_copy_(...)``, then
+    ``p @ v``): the rewritten site runs whole at its output, after the write. None where there is none.
+    Conservative: an op that may return its input (``x.float()``) counts as reading that input."""
+    nodes = set(match.nodes)
+    order = {node: i for i, node in enumerate(match.out.graph.nodes)}
+    first, last = min(order[n] for n in nodes), order[match.out]
+    for node in list(match.out.graph.nodes)[first + 1 : last]:
+        base = None if node in nodes else written_base(node)
+        if base is None:
+            continue
+        read = {view_base(i, may_alias=True) for n in nodes if order[n] < order[node] for i in n.all_input_nodes
+                if i not in nodes}
+        if base in read:
+            return f"{node.name} writes {base.name} in place between the scores and the output"
+    return None
 
 
 def _lossy(match: AttentionMatch, dtype: torch.dtype) -> str | None:

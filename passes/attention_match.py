@@ -170,6 +170,10 @@ def match_softmax(node: fx.Node) -> AttentionMatch:
     (softmax,) = [r for r in read(node) if isinstance(r, Softmax)]
     qk_node, qk, steps = _scores_chain(softmax.x, depth=0)
     _check_single_use([qk_node] + [n for n, _ in steps] + [node])
+    chain = {qk_node, *(n for n, _ in steps)}
+    for step_node, step in steps:
+        if isinstance(step.arg, fx.Node) and step.arg in chain:  # s + s: a user once, read twice
+            raise NotAttention(f"{step_node.name} combines the scores with themselves ({step.arg.name}), not with a mask")
     operands = _labelled(qk, "s")
     if len(operands) != 3:
         raise NotAttention(f"the scores contract {len(operands) - 1} tensors, attention contracts 2 (queries, keys)")

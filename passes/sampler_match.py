@@ -129,9 +129,23 @@ def written_base(node: fx.Node) -> fx.Node | None:
     written = node.kwargs.get("out") if isinstance(node.kwargs.get("out"), fx.Node) else None
     if written is None and (in_place or node.kwargs.get("inplace") is True) and node.args:
         written = node.args[0] if isinstance(node.args[0], fx.Node) else None
-    while written is not None and _target(written) in _VIEWS and written.args and isinstance(written.args[0], fx.Node):
-        written = written.args[0]
-    return written
+    return None if written is None else view_base(written)
+
+
+_VIEW_ATTRIBUTES = {("mT",), ("T",), ("mH",), ("H",), ("real",), ("imag",)}  # x.mT, as Dynamo traces it: getattr(x, "mT")
+# Ops that return their input itself where they have nothing to change (x.float() of a float tensor)
+_MAY_ALIAS = {"contiguous", "to", "type", "type_as", "float", "half", "bfloat16", "detach", torch.detach}
+
+
+def view_base(node: fx.Node, may_alias: bool = False) -> fx.Node:
+    """The tensor ``node`` is a view of, through views (``x.mT``, ``x[:, :4]``), or ``node`` itself;
+    with ``may_alias``, also through ops that may return their input (``_MAY_ALIAS``)."""
+    through = _VIEWS | _MAY_ALIAS if may_alias else _VIEWS
+    while node.args and isinstance(node.args[0], fx.Node) and (
+        _target(node) in through or (_target(node) is getattr and node.args[1:2] in _VIEW_ATTRIBUTES)
+    ):
+        node = node.args[0]
+    return node
 
 
 def mutation_node(node: fx.Node) -> bool:

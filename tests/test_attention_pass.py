@@ -165,6 +165,7 @@ NOT_ATTENTION = {
     ),
     "scaled_after_the_mask": (lambda t: ((t["q"] @ t["k"].mT + t["bias"]) * 0.3).softmax(-1) @ t["v"], "after a mask"),
     "sdpa_with_dropout": (lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], dropout_p=0.5), "dropout_p"),
+    "scores_added_to_themselves": (lambda t: (lambda s: (s + s).softmax(-1) @ t["v"])(t["q"] @ t["k"].mT), "themselves"),
 }
 
 
@@ -182,6 +183,42 @@ def test_softmax_graphs_that_are_not_attention_are_left_alone_with_a_reason(name
     found = sites(compiled)
     assert found and all(s.status == "skipped" for s in found)
     assert any(reason in s.reason for s in found), [s.reason for s in found]
+
+
+class CacheWrittenMidSite(torch.nn.Module):
+    """Scores against a key (or value) cache buffer, the cache written in place, then the values."""
+
+    def __init__(self, written: str, write: str) -> None:
+        super().__init__()
+        self.written, self.write = written, write
+        self.register_buffer("keys", torch.randn(B, H, LK, D))
+        self.register_buffer("values", torch.randn(B, H, LK, D))
+
+    def forward(self, q, new):
+        p = (q @ self.keys.mT * D**-0.5).softmax(-1)
+        cache = getattr(self, self.written)
+        if self.write == "index_copy_":
+            cache.index_copy_(2, torch.arange(2), new)
+        else:
+            cache[:, :, :2] = new
+        return p @ self.values
+
+
+@pytest.mark.parametrize("write", ["index_copy_", "setitem"])
+@pytest.mark.parametrize("written, status", [("keys", "skipped"), ("values", "rewritten")])
+def test_a_cache_written_in_place_between_the_scores_and_the_values_is_read_as_eager_reads_it(written, write, status):
+    """The rewritten site runs whole at its output: a write to what the scores read, made before
+    the output, keeps the site as written (the reason names the write); a write to the values only,
+    which eager also reads after it, is rewritten."""
+    eager, model = CacheWrittenMidSite(written, write), CacheWrittenMidSite(written, write)
+    model.load_state_dict(eager.state_dict())
+    compiled = compile_eager(model)
+    q, new = torch.randn(B, H, LQ, D), 10 * torch.randn(B, H, 2, D)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, new), eager(q, new), **FP32)
+    (site,) = sites(compiled)
+    assert site.status == status
+    assert status == "rewritten" or "in place between the scores and the output" in site.reason
 
 
 class RMSNorm(torch.nn.Module):
