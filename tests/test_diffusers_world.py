@@ -12,6 +12,7 @@ import torch
 
 import li_compile
 from li_compile.module_cache import CachedCalls
+from li_compile.worlds.report_tools import sharing_weights
 
 diffusers = pytest.importorskip("diffusers")
 from li_compile.worlds import diffusers_world  # noqa: E402  (needs diffusers)
@@ -30,23 +31,27 @@ def chunk_inputs(world, seed=0, padded=2):
     return x, torch.tensor(0.6), context, valid
 
 
+@pytest.mark.parametrize("copied", [False, True])
 @pytest.mark.parametrize("model", sorted(diffusers_world.MODELS))
-def test_padded_context_slots_never_reach_the_chunk(model):
-    """The key mask reaches the upstream self-attention: new content in a padded slot leaves the
+def test_padded_context_slots_never_reach_the_chunk(model, copied):
+    """The key mask reaches the upstream self-attention, in the world's model and in a deep copy of
+    it (what ``--blocks`` runs compile: ``sharing_weights``): new content in a padded slot leaves the
     chunk's velocity unchanged; in a valid slot, or with the mask off, it changes it."""
     world = diffusers_world.build("tiny", model=model)
+    denoiser = sharing_weights(world.model) if copied else world.model
     x, sigma, context, valid = chunk_inputs(world)
     other = context.clone()
     other[0, 0] += 1.0  # slot 0 is padding
     with torch.no_grad():
-        out = world.model(x, sigma, context, valid, world.text)
+        out = denoiser(x, sigma, context, valid, world.text)
         assert out.shape == x.shape
-        torch.testing.assert_close(world.model(x, sigma, other, valid, world.text), out, **FP32)
-        assert not torch.allclose(world.model(x, sigma, other, None, world.text),
-                                  world.model(x, sigma, context, None, world.text), **FP32)
+        torch.testing.assert_close(out, world.model(x, sigma, context, valid, world.text), **FP32)
+        torch.testing.assert_close(denoiser(x, sigma, other, valid, world.text), out, **FP32)
+        assert not torch.allclose(denoiser(x, sigma, other, None, world.text),
+                                  denoiser(x, sigma, context, None, world.text), **FP32)
         moved = context.clone()
         moved[0, -1] += 1.0  # the last slot holds a frame
-        assert not torch.allclose(world.model(x, sigma, moved, valid, world.text), out, **FP32)
+        assert not torch.allclose(denoiser(x, sigma, moved, valid, world.text), out, **FP32)
 
 
 @pytest.mark.parametrize("model", sorted(diffusers_world.MODELS))

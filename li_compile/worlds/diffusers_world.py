@@ -62,17 +62,26 @@ class VideoKeyMask:
         """Give ``attention`` (a diffusers attention module whose forward takes ``attention_mask``)
         ``combine(tokens, attention_mask)`` as its mask whenever ``tokens`` is set."""
         position = list(inspect.signature(attention.forward).parameters).index("attention_mask")
+        attention.register_forward_pre_hook(_MaskHook(self, position, combine), with_kwargs=True)
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if self.tokens is None:
-                return args, kwargs
-            if len(args) > position:
-                args = (*args[:position], combine(self.tokens, args[position]), *args[position + 1:])
-            else:
-                kwargs = {**kwargs, "attention_mask": combine(self.tokens, kwargs.get("attention_mask"))}
+
+class _MaskHook:
+    """The pre-hook ``VideoKeyMask.install`` registers: an object, not a closure, so that a deep copy
+    of the model (``copy.deepcopy``, ``sharing_weights``) reads the copy's ``VideoKeyMask``, not the
+    original's."""
+
+    def __init__(self, keys: VideoKeyMask, position: int, combine: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+        self.keys, self.position, self.combine = keys, position, combine
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        tokens, position = self.keys.tokens, self.position
+        if tokens is None:
             return args, kwargs
-
-        attention.register_forward_pre_hook(hook, with_kwargs=True)
+        if len(args) > position:
+            args = (*args[:position], self.combine(tokens, args[position]), *args[position + 1:])
+        else:
+            kwargs = {**kwargs, "attention_mask": self.combine(tokens, kwargs.get("attention_mask"))}
+        return args, kwargs
 
 
 def _key_mask(tokens: torch.Tensor, attention_mask: Any) -> torch.Tensor:
