@@ -520,10 +520,14 @@ def _target_of(frame: Any) -> Any:
     """The user's module or function that a ``compile_wrapper`` frame calls, or None."""
     if frame is None:
         return None
-    fn = inspect.unwrap(frame.f_locals.get("fn"))
-    owner = getattr(fn, "__self__", None)
-    target = owner if isinstance(owner, torch.nn.Module) else fn
+    target = _model_of(inspect.unwrap(frame.f_locals.get("fn")))
     return target if hasattr(target, "__dict__") else None
+
+
+def _model_of(fn: Any) -> Any:
+    """The module a bound method ``fn`` belongs to (its runtime state is the module's), else ``fn``."""
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else fn
 
 
 def dynamic_setting(context: Any) -> bool | None | str:
@@ -547,7 +551,7 @@ def _compiled_target(compiled: Any) -> tuple[Any, Any]:
             f"li_compile.compile_repeated_blocks), got "
             f"{type(compiled).__name__} {getattr(compiled, '__name__', '')!s}, which was not compiled by torch.compile"
         )
-    target = compiled if isinstance(compiled, torch.nn.Module) else inspect.unwrap(orig)
+    target = compiled if isinstance(compiled, torch.nn.Module) else _model_of(inspect.unwrap(orig))
     cells = [c.cell_contents for c in (getattr(impl, "__closure__", None) or ())]
     context = next((c for c in cells if isinstance(c, torch._dynamo.eval_frame._TorchDynamoContext)), None)
     return target, context

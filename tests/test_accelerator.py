@@ -107,6 +107,30 @@ def test_a_copied_model_gets_an_accelerator_of_its_own():
         torch.compile(world.model, backend="light_interaction", options=OPTIONS, dynamic=False))
 
 
+class MethodDenoiser(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def denoise(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).transpose(1, 3).unbind(2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_a_compiled_method_gets_its_models_accelerator_the_one_its_graphs_run_with():
+    """``torch.compile(model.denoise)``: the accelerator is the model's (the graphs run with it), one
+    per model, not one on the class's function."""
+    first, second = MethodDenoiser(), MethodDenoiser()
+    compiled = torch.compile(first.denoise, backend="light_interaction", options=OPTIONS)
+    other = torch.compile(second.denoise, backend="light_interaction", options=OPTIONS)
+    with torch.no_grad():
+        compiled(torch.randn(1, 8, 16))
+    acc = li_compile.accelerator(compiled)
+    assert acc is not li_compile.accelerator(other)
+    assert acc.plan.slots_for(q_len=8) and not li_compile.accelerator(other).plan.slots_for(q_len=8)
+    assert [s.status for s in li_compile.report(compiled).sites if s.kind == "attention"] == ["rewritten"]
+
+
 def test_the_accelerator_needs_a_light_interaction_compile():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="backend='light_interaction'"):
