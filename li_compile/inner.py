@@ -28,14 +28,8 @@ def compile_eager(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], mo
 
 
 def compile_tensorrt(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], mode: str | None) -> Callable:
-    """torch-tensorrt's Dynamo backend, if installed."""
-    try:
-        import torch_tensorrt  # noqa: F401  (registers the "tensorrt" Dynamo backend)
-    except ImportError as exc:
-        raise ImportError(
-            "light_interaction option inner='tensorrt' needs torch-tensorrt, which is not installed: "
-            "pip install li-compile[tensorrt]"
-        ) from exc
+    """torch-tensorrt's Dynamo backend (``Options`` checked that it is installed)."""
+    import torch_tensorrt  # noqa: F401  (registers the "tensorrt" Dynamo backend)
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend("tensorrt")(gm, example_inputs)

@@ -13,6 +13,7 @@ here, with a default a user can start from.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -214,6 +215,9 @@ class Options:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        if self.inner == "tensorrt" and importlib.util.find_spec("torch_tensorrt") is None:
+            raise ImportError("light_interaction option inner='tensorrt' needs torch-tensorrt, which is not installed: "
+                              "pip install li-compile[tensorrt]")
         if self.context.row_blocks and self.context.reuse_rows is False:
             raise ValueError("option 'context.row_blocks' runs blocks on the chunk's rows at the steps that reuse the "
                              "context rows: it needs context.reuse_rows True or \"auto\", got False")

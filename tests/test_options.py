@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import li_compile
 from li_compile import CacheOptions, ContextOptions, Options, SparsityOptions
 from li_compile.options import INNER_COMPILERS
 
@@ -73,16 +74,20 @@ def test_bad_options_fail_at_compile_time_through_torch_compile():
         fn(torch.ones(2))
 
 
-def test_tensorrt_inner_without_torch_tensorrt_says_how_to_install():
+@pytest.mark.parametrize("depth", [1, 4])  # 4 repeated blocks: compiled regionally, each region alone
+def test_tensorrt_inner_without_torch_tensorrt_says_how_to_install(depth):
     try:
         import torch_tensorrt  # noqa: F401
     except ImportError:
         pass
     else:
         pytest.skip("torch-tensorrt is installed here, so there is no missing-extra error to show")
-    fn = torch.compile(lambda x: x + 1, backend="light_interaction", options={"inner": "tensorrt"})
+    blocks = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()) for _ in range(depth)))
+    fn = torch.compile(blocks, backend="light_interaction", options={"inner": "tensorrt"})
     with pytest.raises(Exception, match=r"pip install li-compile\[tensorrt\]"):
-        fn(torch.ones(2))
+        fn(torch.ones(2, 4))
+    with pytest.raises(ImportError, match=r"pip install li-compile\[tensorrt\]"):
+        li_compile.compile_repeated_blocks(blocks, {"inner": "tensorrt"})
 
 
 @pytest.mark.parametrize(
