@@ -32,6 +32,9 @@ CACHE_SERVE = ("best", "blend")  # what a revisited frame is served: see li_comp
 # ``acts_with`` metadata: (the section's field, whether its value lets this option act, that value in words)
 _TILES = ("plan", lambda v: v == "tiles", '"tiles"')
 _ENABLED = ("enabled", lambda v: v is True, "True")
+_MEASURED_WINDOW = ("window_rule", lambda v: v != "fixed", 'other than "fixed"')
+# what makes a sparse plan, none of which acts while the context controller is off (every plan dense)
+PLAN_SHAPING = ("plan", "recent_radius", "visibility_margin", "context_queries", "max_density")
 
 
 def _choice(values: tuple[str, ...]) -> dict:
@@ -139,10 +142,10 @@ class ContextOptions:
     enabled: bool = True
     similarity: str = field(default="proxy", metadata={**_choice(SIMILARITY_MEASURES), "acts_with": _ENABLED})
     keep_threshold: float = field(default=0.1, metadata={**_range(0.0, 1.0), "acts_with": _ENABLED})
-    window_rule: str = field(default="fixed", metadata=_choice(WINDOW_RULES))
-    window_min: int = field(default=1, metadata=_range(1, None))
+    window_rule: str = field(default="fixed", metadata={**_choice(WINDOW_RULES), "acts_with": _ENABLED})
+    window_min: int = field(default=1, metadata={**_range(1, None), "acts_with": _MEASURED_WINDOW})
     window_max: int = field(default=8, metadata=_range(1, None))
-    fill_density: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    fill_density: float = field(default=0.75, metadata={**_range(0.0, 1.0), "acts_with": _ENABLED})
     reuse_rows: bool | str = field(default="auto", metadata={"auto_bool": True})
     row_blocks: bool = False
 
@@ -221,6 +224,15 @@ class Options:
         if self.context.row_blocks and self.context.reuse_rows is False:
             raise ValueError("option 'context.row_blocks' runs blocks on the chunk's rows at the steps that reuse the "
                              "context rows: it needs context.reuse_rows True or \"auto\", got False")
+        if not self.context.enabled:
+            shaping = [f"sparsity.{name}" for name in PLAN_SHAPING
+                       if getattr(self.sparsity, name) != SparsityOptions.__dataclass_fields__[name].default]
+            if shaping:
+                raise ValueError(f"option(s) {shaping} shape the controller's plans, which context.enabled=False turns "
+                                 "off (every plan dense): leave them out, or turn the controller on")
+        if self.context.row_blocks and not (self.sparsity.enabled and (self.context.enabled or self.context.reuse_rows is True)):
+            raise ValueError("option 'context.row_blocks' acts where the context rows are reused: it needs "
+                             "sparsity.enabled=True, and context.enabled=True or context.reuse_rows=True")
         if self.context.reuse_rows is True and not self.sparsity.enabled:
             raise ValueError("option 'context.reuse_rows' needs sparsity.enabled=True: the rows are reused inside "
                              "the rewritten attention sites, which sparsity.enabled=False leaves to the inner compiler")
@@ -268,6 +280,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         raise ValueError(f"option(s) {others} cannot act with {prefix}enabled=False: leave them out")
     for key in kwargs:
         acts_with = fields[key].metadata.get("acts_with")
+        if getattr(built, key) == fields[key].default:  # its default value changes nothing, acting or not
+            continue
         if acts_with is not None and not acts_with[1](getattr(built, acts_with[0])):
             raise ValueError(f"option {prefix + key!r} acts only with {prefix}{acts_with[0]} {acts_with[2]}, "
                              f"got {getattr(built, acts_with[0])!r}: set that too, or leave it out")
