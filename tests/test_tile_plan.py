@@ -162,6 +162,25 @@ def test_memory_plans_never_drop_a_tile_a_reference_frustum_test_sees():
     assert checked > 20  # the cases really contain visible tiles
 
 
+def test_memory_plans_never_drop_a_tile_seen_only_within_a_narrow_band_of_depths():
+    """Cameras turned and tilted every way (``random_poses``): a tile the reference sees only at
+    depths between two of a few sampled ones (seed 1340, tiles 11 and 12) is still visited: each
+    ray's visible depths are clipped exactly, not sampled."""
+    from li_compile.controller.poses import random_poses
+
+    tiled = _tiled(context=4, chunk=2, grid=(12, 20), tile=(1, 4, 4))
+    params, checked = TilePlanParams(), 0
+    for seed in range(1330, 1350):
+        poses = random_poses(6, 2.0, torch.Generator().manual_seed(seed))
+        memory, chunk = poses[:4], poses[4:]
+        seen = memory_visibility(tiled, memory, chunk, BOUNDS, params)
+        for m in range(4):
+            visible = _reference_visible(memory[m], chunk, *params.depth_range)
+            checked += int(visible.sum())
+            assert (seen[m][visible] > params.min_visibility).all(), f"seed {seed} memory {m}: {visible.nonzero().flatten().tolist()}"
+    assert checked > 20
+
+
 def test_camera_context_rows_never_drop_a_memory_tile_their_own_camera_sees():
     """The ``"camera"`` rule, per context frame: every tile of another memory frame that a reference
     frustum test from that frame's own camera sees is visited by that frame's query rows."""

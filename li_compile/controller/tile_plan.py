@@ -12,9 +12,9 @@ tile of the chunk the plan visits, in this order of priority:
    camera and projected; the window covers the projected segment (for a static camera, the tile
    itself). Later recent frames rank first;
 4. ``MEMORY``: in every memory frame, the tiles whose ray cone (the tile's rays, truncated at
-   ``depth_range``) the chunk's cameras see: the fraction of the cone's sample points inside any
-   chunk camera's frustum, widened by ``visibility_margin`` (``similarity.in_frustum``), must exceed
-   ``min_visibility``. The frame-level ``frustum_overlap`` applied to one tile's cone; ranked by it.
+   ``depth_range``) the chunk's cameras see: the share of the cone (its rays' depths, in log depth)
+   inside any chunk camera's frustum, widened by ``visibility_margin`` (as ``similarity.in_frustum``
+   widens it), must exceed ``min_visibility``. The frame-level ``frustum_overlap`` applied to one tile's cone; ranked by it.
 
 Context query tiles (``queries="all"``, HY-WorldPlay's full sequence) follow ``context_queries``:
 ``"dense"`` (every key that holds a frame: exact, costs nothing in accuracy), ``"camera"`` (their own
@@ -45,7 +45,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from li_compile.controller.poses import relative_pose, validate_bounds, validate_poses
-from li_compile.controller.similarity import DEFAULT_FAR, in_frustum
+from li_compile.controller.similarity import DEFAULT_FAR
 from li_compile.kernels.block_layout import INDEX_DTYPE, BlockLayout, cdiv, to_bcsr
 from li_compile.options import CONTEXT_QUERY_RULES
 from li_compile.tiled_sequence import TiledSequence
@@ -54,8 +54,7 @@ ROLES = ("pad", "memory", "recent")
 # Priority classes: class c spans [c, c + 1); a higher class is always kept before a lower one.
 OWN, SINK, RECENT, MEMORY = 4.0, 3.0, 2.0, 1.0
 NEVER = float("-inf")
-CONE_RAYS = 4  # a tile's ray cone is sampled on a CONE_RAYS x CONE_RAYS grid of rays ...
-CONE_DEPTHS = 6  # ... at CONE_DEPTHS depths spaced geometrically: surfaces near and far count alike
+CONE_RAYS = 4  # a tile's ray cone is sampled on a CONE_RAYS x CONE_RAYS grid of rays, each clipped exactly
 _IN_FRONT = 1e-6  # a reprojected point counts when its depth in the recent camera exceeds this
 
 
@@ -174,10 +173,10 @@ def memory_visibility(
 
     ``memory_poses: (M, 4, 4)``, ``chunk_poses: (F, 4, 4)``, ``bounds: (4,)``. The cone of tile
     (h, w) is its image rectangle's rays truncated at ``depth_range``, sampled at ``CONE_RAYS**2``
-    ray-cell centres times ``CONE_DEPTHS`` geometric depths (not equal volumes as in
-    ``similarity.frustum_samples``: what a key tile holds is a surface at some depth, and a near
-    surface matters as much as a far one); the score is the largest fraction of those points inside
-    one chunk camera's frustum, widened by ``visibility_margin``."""
+    ray-cell centres, each ray's visible depths measured exactly in log depth (not equal volumes as
+    in ``similarity.frustum_samples``: what a key tile holds is a surface at some depth, and a near
+    surface matters as much as a far one); the score is the largest share of the cone inside one
+    chunk camera's frustum, widened by ``visibility_margin`` (``cone_seen``)."""
     return cone_seen(tiled, memory_poses, chunk_poses, bounds, params).amax(1)
 
 
@@ -185,20 +184,49 @@ def cone_seen(
     tiled: TiledSequence, memory_poses: torch.Tensor, cameras: torch.Tensor, bounds: torch.Tensor,
     params: TilePlanParams,
 ) -> torch.Tensor:
-    """``memory_visibility`` per camera: ``(M, F, nh * nw)``, the fraction of each memory tile's ray
-    cone inside each of ``cameras (F, 4, 4)``'s frustums (widened by ``visibility_margin``)."""
+    """``memory_visibility`` per camera: ``(M, F, nh * nw)``, the share of each memory tile's ray cone
+    inside each of ``cameras (F, 4, 4)``'s frustums (widened by ``visibility_margin``), exact along
+    each ray: a ray's depths ``s`` in ``depth_range`` (the memory camera's) that a frustum contains
+    form one interval (the frustum is convex, the ray a line), found by clipping the ray against the
+    frustum's six planes; its share is measured in log depth, so near and far surfaces count alike.
+    Sampled depths missed a tile seen only between two samples."""
     near, far = params.depth_range
     cell = (torch.arange(CONE_RAYS) + 0.5) / CONE_RAYS  # ray grid over the tile's rectangle, cell centres
     fu, fv = torch.meshgrid(cell, cell, indexing="ij")
     boxes = _tile_image_boxes(tiled, bounds)  # (hw, 4)
     u = boxes[:, :1] + (boxes[:, 1:2] - boxes[:, :1]) * fu.reshape(1, -1)  # (hw, rays)
     v = boxes[:, 2:3] + (boxes[:, 3:4] - boxes[:, 2:3]) * fv.reshape(1, -1)
-    depths = torch.logspace(math.log10(near), math.log10(far), CONE_DEPTHS).clamp(near, far)
-    cone = torch.stack([u[..., None] * depths, v[..., None] * depths, depths.expand(*u.shape, -1)], -1)
-    cone = cone.reshape(len(boxes), -1, 3)  # (hw, S, 3) in the memory camera
+    rays = torch.stack([u, v, torch.ones_like(u)], -1)  # (hw, rays, 3): the point at depth s is s * ray
     to_camera = relative_pose(cameras[None], memory_poses[:, None])  # (M, F, 4, 4)
-    p = torch.einsum("mfij,hsj->mfhsi", to_camera[..., :3, :3], cone) + to_camera[:, :, None, None, :3, 3]
-    return in_frustum(p, bounds, near, far, params.visibility_margin).float().mean(-1)  # (M, F, hw)
+    a = torch.einsum("mfij,hrj->mfhri", to_camera[..., :3, :3], rays)  # p(s) = s * a + t, camera frame
+    t = to_camera[:, :, None, None, :3, 3].expand_as(a)
+    lo, hi = _ray_interval(a, t, bounds, near, far, params.visibility_margin)
+    inside = (hi.log() - lo.log()).clamp_min(0) / math.log(far / near)
+    return inside.mean(-1)  # (M, F, hw)
+
+
+def _ray_interval(a: torch.Tensor, t: torch.Tensor, bounds: torch.Tensor, near: float, far: float,
+                  margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The depths ``s`` in ``[near, far]`` where ``s * a + t`` (camera frame, ``(..., 3)``) lies in the
+    frustum of ``bounds`` over ``[near, far]`` widened by ``margin`` as ``similarity.in_frustum`` widens
+    it (sides by ``margin`` of the image, far plane by ``margin * far``, near plane in by ``margin *
+    near``): ``(lo, hi)``, empty where ``hi <= lo``. Each plane is a half-space ``c0 + c1 * s >= 0``."""
+    x_min, x_max, y_min, y_max = bounds.to(a.dtype).unbind()
+    dx, dy = margin * (x_max - x_min), margin * (y_max - y_min)
+    z_near, z_far = near * (1 - min(margin, 1.0)), far * (1 + margin)
+    (ax, ay, az), (tx, ty, tz) = a.unbind(-1), t.unbind(-1)
+    planes = [  # (c0, c1) of each half-space: depth, then x / z and y / z within the widened image
+        (tz - z_near, az), (z_far - tz, -az),
+        (tx - (x_min - dx) * tz, ax - (x_min - dx) * az), ((x_max + dx) * tz - tx, (x_max + dx) * az - ax),
+        (ty - (y_min - dy) * tz, ay - (y_min - dy) * az), ((y_max + dy) * tz - ty, (y_max + dy) * az - ay),
+    ]
+    lo, hi = torch.full_like(az, near), torch.full_like(az, far)
+    for c0, c1 in planes:
+        bound = -c0 / torch.where(c1 == 0, torch.ones_like(c1), c1)
+        lo = torch.where(c1 > 0, torch.maximum(lo, bound), lo)
+        hi = torch.where(c1 < 0, torch.minimum(hi, bound), hi)
+        hi = torch.where((c1 == 0) & (c0 < 0), lo, hi)  # parallel to the plane, outside it: empty
+    return lo, hi.clamp_min(lo)
 
 
 # -- priorities ---------------------------------------------------------------------------------
