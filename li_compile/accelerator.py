@@ -239,7 +239,18 @@ class Accelerator:
         compilations = [self._with_plan_reach(c) for c in self.compilations]
         return Report(self.name, compilations, [merged[c] for c in sorted(merged)],
                       None if self.calibration is None else self.calibration.table(),
-                      None if self.audit is None else str(self.audit), self.boundary_cache)
+                      None if self.audit is None else str(self.audit), self.boundary_cache, self._cache_idle())
+
+    def _cache_idle(self) -> str | None:
+        """Why the denoising cache, enabled, never had a call to act on in the chunks run, where no
+        sampler site says so; else None."""
+        if not self.options.cache.enabled or self.boundary_cache is not None or not self.denoise.history:
+            return None
+        if any(site.kind == "sampler" for c in self.compilations for site in c.sites):
+            return None  # a sampler site was found: rewritten, or skipped with its own reason
+        return ("never acted: no compiled graph holds a denoiser call (a latent and its timestep). With only the "
+                "blocks compiled (li_compile.compile_repeated_blocks), call the model through "
+                "li_compile.cached(model, latent=..., timestep=...)")
 
     def _with_plan_reach(self, compilation: Compilation) -> Compilation:
         """``compilation`` with a reason on every rewritten attention site whose sequence is not the

@@ -111,6 +111,7 @@ class Report:
     calibration: str | None = None  # the calibrated plans' recall per layer (``Calibration.table``)
     audit: str | None = None  # which attention calls ran outside the backend's graphs (``li_compile.audit``)
     boundary_cache: str | None = None  # the denoising cache around the whole call (``li_compile.cached``)
+    cache_idle: str | None = None  # why the enabled denoising cache never acted, where no site says so
 
     @property
     def sites(self) -> list[Site]:
@@ -134,6 +135,8 @@ class Report:
             lines += ["  " + line for line in self.audit.splitlines()]
         if self.boundary_cache is not None:
             lines.append(f"  denoising cache at the call boundary: {self.boundary_cache}")
+        if self.cache_idle is not None:
+            lines.append(f"  denoising cache: {self.cache_idle}")
         for stats in self.chunks:
             values = ", ".join(f"{k}={v}" for k, v in stats.values.items())
             lines.append(f"  chunk {stats.chunk}: {values}")

@@ -131,6 +131,26 @@ def test_a_world_with_only_its_blocks_compiled_generates_what_the_whole_compiled
                            lambda: _generation(name, True, sparse_calls), sparse_calls)
 
 
+@pytest.mark.parametrize("through_cached", [False, True])
+def test_blocks_compiled_without_the_boundary_cache_report_why_the_cache_never_acts(through_cached, sparse_calls):
+    """Only the blocks compiled, the model called directly: no graph holds a denoiser call, so the
+    cache never acts, and the report says so and what to do (``li_compile.cached``); behind it, the
+    cache acts and the report says nothing of the kind."""
+    world = _tiny("hy_worldplay")
+    trajectory = trajectories.make("loop", 4 * world.spec.chunk_frames, chunk_frames=world.spec.chunk_frames)
+    li_compile.compile_repeated_blocks(world.model, OPTIONS, min_blocks=2)
+    compiled = world.compile(lambda m: m)
+    if through_cached:
+        compiled.model = li_compile.cached(world.model, latent="x", timestep="sigma")
+    _, acc = generate_with_accelerator(compiled, world, trajectory, sparse_calls)
+    report = acc.report()
+    if through_cached:
+        assert report.cache_idle is None and "hit" in [c.values["cache"] for c in report.chunks]
+    else:
+        assert {c.values["cache"] for c in report.chunks} == {"off"}
+        assert "li_compile.cached" in report.cache_idle and "li_compile.cached" in str(report)
+
+
 def _dit(model: torch.nn.Module) -> torch.nn.Module:
     """The DiT a world's model runs (unwrapped from ``li_compile.cached`` and from ``MethodModule``)."""
     model = model.compiled if isinstance(model, li_compile.CachedCalls) else model
