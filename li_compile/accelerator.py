@@ -32,7 +32,7 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 from li_compile.audit import Audit
-from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest
+from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest, named_arguments
 from li_compile.calibrating import DEFAULT_ROWS, CalibrationRun
 from li_compile.context_rows import ContextRowReuse
 from li_compile.controller.buckets import CAPACITY_FRACTIONS
@@ -410,17 +410,7 @@ class RoutedGraph:
             bound = None
         if bound is None:
             return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
-        arguments = {}
-        for name, value in bound.arguments.items():
-            kind = signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:  # by their own names, unless a parameter has that name
-                arguments.update({key if key not in bound.arguments else f"{name}[{key!r}]": item
-                                  for key, item in value.items()})
-            elif kind is inspect.Parameter.VAR_POSITIONAL:  # by position: never one name for them all
-                arguments.update({f"{name}[{i}]": item for i, item in enumerate(value)})
-            else:
-                arguments[name] = value
-        return arguments
+        return named_arguments(bound)
 
 
 def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,

@@ -42,6 +42,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import inspect
 import types
 import weakref
 from typing import Collection, Mapping, Sequence
@@ -251,6 +252,24 @@ def leaves(value: object, depth: int = 0, path: tuple[int, ...] = ()) -> list:
     inner = [x for label, item in items
              for x in [*([("key", label)] if label is not None else []), *leaves(item, depth + 1, (*path, id(value)))]]
     return [("open", type(value).__qualname__), *inner, ("close",)]
+
+
+def named_arguments(bound: inspect.BoundArguments) -> dict[str, object]:
+    """A bound call's arguments by name: a ``**kwargs`` parameter's by their own names
+    (``"kwargs['x']"`` where a parameter is named ``x``), a ``*args`` parameter's as ``"args[0]"``, ...
+    (so that a revisit input passed by keyword through a ``forward(*args, **kwargs)`` wrapper is
+    found by its name)."""
+    arguments: dict[str, object] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:  # by their own names, unless a parameter has that name
+            arguments.update({key if key not in bound.arguments else f"{name}[{key!r}]": item
+                              for key, item in value.items()})
+        elif kind is inspect.Parameter.VAR_POSITIONAL:  # by position: never one name for them all
+            arguments.update({f"{name}[{i}]": item for i, item in enumerate(value)})
+        else:
+            arguments[name] = value
+    return arguments
 
 
 def argument_values(arguments: Mapping[str, object], excluded: Collection[str]) -> tuple:

@@ -21,6 +21,7 @@ from typing import Any, Hashable
 import torch
 
 from li_compile.accelerator import _compiled_target, accelerator
+from li_compile.cache_key import named_arguments
 
 
 class CachedCalls:
@@ -52,7 +53,7 @@ class CachedCalls:
         self.wrap: Any = None  # how the model returns its output: learnt from the first computed call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        arguments = self.signature.bind(*args, **kwargs).arguments
+        arguments = named_arguments(self.signature.bind(*args, **kwargs))
         latents = arguments[self.latent]
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"the latent argument {self.latent!r} must be a tensor, got {type(latents).__name__}")

@@ -462,6 +462,34 @@ def test_finding_10_revisit_inputs_passed_through_a_wrapper_stay_out_of_the_key(
     assert psnr(out, exact(model, x, {"context": context, "context_valid": None})) > 20
 
 
+class _KeywordWrapper(torch.nn.Module):
+    """A model behind ``forward(x, sigma, **kwargs)``: the latent and timestep named, the rest by keyword."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma, **kwargs):
+        return self.inner(x, sigma, **kwargs)
+
+
+def test_finding_10_the_boundary_cache_leaves_keyword_revisit_inputs_out_of_its_key_too():
+    """``li_compile.cached`` around a ``forward(x, sigma, **kwargs)`` model: a revisit input passed by
+    keyword is found by its own name (not keyed as the whole ``kwargs``), so a revisit whose context
+    mask is None where the first visit's was a tensor hits, as it does inside the compiled graph."""
+    torch.manual_seed(0)
+    model = _KeywordWrapper(_Conditioned())
+    compiled = torch.compile(model, backend="light_interaction", dynamic=False, options=OPTIONS)
+    dit = li_compile.cached(compiled, latent="x", timestep="sigma")
+    accelerator = li_compile.accelerator(compiled)
+    accelerator.configure(revisit_inputs=("context", "context_valid"))
+    x, context = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 2)
+    cached_chunk(dit, accelerator, x, {"context": context, "context_valid": torch.ones(1, 2, dtype=torch.bool)})
+    out, stats = cached_chunk(dit, accelerator, x, {"context": context, "context_valid": None}, chunk=1)
+    assert stats["cache"] == "hit"
+    assert psnr(out, exact(model, x, {"context": context, "context_valid": None})) > 20
+
+
 class _PositionalOnly(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
