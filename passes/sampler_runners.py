@@ -185,16 +185,16 @@ def _in_partition_order(split: fx.GraphModule) -> None:
 
 def _input_of(node: fx.Node) -> fx.Node | None:
     """The graph input ``node`` is taken from, or None: through single-input ops (``noise[0]``, a
-    view) and ops whose one other input has fewer elements (``noise * sigmas[0]``, a broadcast scale;
-    that input stays in the cache key). Two inputs of the full size (``noise + cond``) give None."""
+    view) and ops whose other inputs are single numbers (``noise * sigmas[0]``: a scale, which stays
+    in the cache key). Any other tensor mixed in (``noise + cond``, ``cond + noise[:, :, :1]``) gives
+    None: which input is the noise is then not known, and every input stays in the key."""
     while node.op != "placeholder":
         if node.op not in ("call_function", "call_method"):
             return None
         inputs = node.all_input_nodes
         if len(inputs) != 1:
-            sizes = [_numel(i) for i in inputs]
-            full = [i for i, size in zip(inputs, sizes) if size == _numel(node)]
-            if _numel(node) is None or None in sizes or len(full) != 1:
+            full = [i for i in inputs if _numel(i) == _numel(node)]
+            if _numel(node) is None or len(full) != 1 or any(_numel(i) != 1 for i in inputs if i is not full[0]):
                 return None
             inputs = full
         node = inputs[0]

@@ -317,13 +317,15 @@ def test_unrolled_chunk_steps_are_found_and_early_steps_reused_on_revisits(
 
 @pytest.mark.parametrize("start, hits", [
     (lambda noise, sigmas, cond: noise * sigmas[0], True),  # scaled by the schedule (EDM-style samplers)
-    (lambda noise, sigmas, cond: noise * sigmas[0] + cond[:, :1], True),  # plus a smaller input, keyed
+    (lambda noise, sigmas, cond: noise * sigmas[0] + cond[:, :1], False),  # another tensor mixed in: all keyed
+    (lambda noise, sigmas, cond: cond + noise[:, :, :1], False),  # the noise the smaller one: all keyed
+    (lambda noise, sigmas, cond: torch.lerp(cond, noise[:, :, :1], 0.5), False),
     (lambda noise, sigmas, cond: noise + cond, False),  # two latent-sized inputs: which is noise is not known
 ])
 def test_a_chunk_whose_noise_is_scaled_before_the_first_step_hits_on_revisits_and_keys_the_rest(start, hits):
-    """The noise is told by following the first step's latent back to one input: through broadcast
-    scales, never through an op with two inputs of the latent's size. What is not the noise stays in
-    the cache key: a revisit with other conditioning computes in full."""
+    """The noise is told by following the first step's latent back to one input: through scales by
+    single numbers, never through an op that mixes in another tensor (whichever is larger). What is
+    not the noise stays in the cache key: a revisit with other conditioning computes in full."""
     torch._dynamo.reset()
     model, sigmas = ToyDenoiser(), sigma_schedule(3, 1.0)
 
@@ -338,10 +340,11 @@ def test_a_chunk_whose_noise_is_scaled_before_the_first_step_hits_on_revisits_an
     run_chunk(compiled, compiled, HERE, sigmas, noise(0), cond, chunk=0)
     out, calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(1), cond, chunk=1)
     assert (stats["steps_reused"] > 0) == hits and calls == 3 - stats["steps_reused"]
-    out, calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(2), noise(8), chunk=2)
-    assert stats["steps_reused"] == 0 and calls == 3  # other conditioning: computed
-    with torch.no_grad():
-        torch.testing.assert_close(out, generate_chunk(noise(2), noise(8)), rtol=1e-5, atol=1e-5)
+    for chunk, cond in ((2, noise(8)), (3, noise(9))):  # other conditioning (chunk 3: chunk 2's noise again)
+        out, calls, stats = run_chunk(compiled, compiled, HERE, sigmas, noise(2), cond, chunk=chunk)
+        assert stats["steps_reused"] == 0 and calls == 3
+        with torch.no_grad():
+            torch.testing.assert_close(out, generate_chunk(noise(2), cond), rtol=1e-5, atol=1e-5)
 
 
 def test_a_loop_in_a_function_without_a_model_is_not_taken_for_a_sampler():
