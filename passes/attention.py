@@ -142,14 +142,27 @@ def _written_after_read(match: AttentionMatch) -> str | None:
     order = {node: i for i, node in enumerate(match.out.graph.nodes)}
     first, last = min(order[n] for n in nodes), order[match.out]
     for node in list(match.out.graph.nodes)[first + 1 : last]:
-        base = None if node in nodes else written_base(node)
-        if base is None:
+        written = set() if node in nodes else _written(node)
+        if not written:
             continue
         read = {view_base(i, may_alias=True) for n in nodes if order[n] < order[node] for i in n.all_input_nodes
                 if i not in nodes}
-        if base in read:
+        for base in written & read:
             return f"{node.name} writes {base.name} in place between the scores and the output"
     return None
+
+
+def _written(node: fx.Node) -> set[fx.Node]:
+    """The tensors ``node`` may write in place (through views): the one an in-place spelling names
+    (``written_base``), or, for an op whose schema mutates (a custom op with ``mutates_args``), every
+    tensor it takes."""
+    base = written_base(node)
+    if base is not None:
+        return {base}
+    schema = getattr(node.target, "_schema", None)
+    if node.op == "call_function" and (getattr(schema, "is_mutable", False) or node.is_impure()):
+        return {view_base(i) for i in node.all_input_nodes}
+    return set()
 
 
 def _lossy(match: AttentionMatch, dtype: torch.dtype) -> str | None:

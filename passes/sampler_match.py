@@ -112,9 +112,11 @@ _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.
                        operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
                        operator.ior, operator.ixor, operator.ilshift, operator.irshift}
 _VIEWS = {operator.getitem, "view", "reshape", "transpose", "permute", "flatten", "unflatten", "squeeze",
-          "unsqueeze", "expand", "narrow", "select", "unbind", "chunk", "split", "view_as", "movedim",
+          "unsqueeze", "expand", "expand_as", "narrow", "select", "unbind", "chunk", "split", "view_as", "movedim",
+          "swapaxes", "swapdims", "t", "adjoint", "diagonal", "unfold", "as_strided",
           torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze, torch.unsqueeze,
-          torch.narrow, torch.select, torch.chunk, torch.split, torch.movedim}
+          torch.narrow, torch.select, torch.chunk, torch.split, torch.movedim, torch.swapaxes, torch.swapdims,
+          torch.t, torch.adjoint, torch.diagonal, torch.as_strided, torch.unbind}
 
 
 def written_base(node: fx.Node) -> fx.Node | None:
@@ -134,7 +136,8 @@ def written_base(node: fx.Node) -> fx.Node | None:
 
 _VIEW_ATTRIBUTES = {("mT",), ("T",), ("mH",), ("H",), ("real",), ("imag",)}  # x.mT, as Dynamo traces it: getattr(x, "mT")
 # Ops that return their input itself where they have nothing to change (x.float() of a float tensor)
-_MAY_ALIAS = {"contiguous", "to", "type", "type_as", "float", "half", "bfloat16", "detach", torch.detach}
+_MAY_ALIAS = {"contiguous", "to", "type", "type_as", "float", "half", "bfloat16", "double", "detach", "dropout",
+              torch.detach, torch.nn.functional.dropout, torch.dropout}
 
 
 def view_base(node: fx.Node, may_alias: bool = False) -> fx.Node:

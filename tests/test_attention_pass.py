@@ -185,32 +185,46 @@ def test_softmax_graphs_that_are_not_attention_are_left_alone_with_a_reason(name
     assert any(reason in s.reason for s in found), [s.reason for s in found]
 
 
+@torch.library.custom_op("li_test::write_cache", mutates_args=("cache",))
+def write_cache(cache: torch.Tensor, new: torch.Tensor) -> None:
+    """A fused KV-cache write, as a custom op that declares what it mutates."""
+    cache[:, :, : new.shape[2]].copy_(new)
+
+
 class CacheWrittenMidSite(torch.nn.Module):
     """Scores against a key (or value) cache buffer, the cache written in place, then the values."""
 
-    def __init__(self, written: str, write: str) -> None:
+    def __init__(self, written: str, write: str, keys_t: str = "mT") -> None:
         super().__init__()
-        self.written, self.write = written, write
+        self.written, self.write, self.keys_t = written, write, keys_t
         self.register_buffer("keys", torch.randn(B, H, LK, D))
         self.register_buffer("values", torch.randn(B, H, LK, D))
 
     def forward(self, q, new):
-        p = (q @ self.keys.mT * D**-0.5).softmax(-1)
+        keys_t = self.keys.mT if self.keys_t == "mT" else self.keys.swapaxes(-2, -1)
+        p = (q @ keys_t * D**-0.5).softmax(-1)
         cache = getattr(self, self.written)
         if self.write == "index_copy_":
             cache.index_copy_(2, torch.arange(2), new)
-        else:
+        elif self.write == "setitem":
             cache[:, :, :2] = new
+        elif self.write == "setitem through a swapaxes view":
+            cache.swapaxes(-2, -1)[..., :2] = new.swapaxes(-2, -1)
+        else:
+            write_cache(cache, new)
         return p @ self.values
 
 
-@pytest.mark.parametrize("write", ["index_copy_", "setitem"])
+@pytest.mark.parametrize("keys_t", ["mT", "swapaxes"])
+@pytest.mark.parametrize("write", ["index_copy_", "setitem", "setitem through a swapaxes view", "a mutating custom op"])
 @pytest.mark.parametrize("written, status", [("keys", "skipped"), ("values", "rewritten")])
-def test_a_cache_written_in_place_between_the_scores_and_the_values_is_read_as_eager_reads_it(written, write, status):
-    """The rewritten site runs whole at its output: a write to what the scores read, made before
-    the output, keeps the site as written (the reason names the write); a write to the values only,
-    which eager also reads after it, is rewritten."""
-    eager, model = CacheWrittenMidSite(written, write), CacheWrittenMidSite(written, write)
+def test_a_cache_written_in_place_between_the_scores_and_the_values_is_read_as_eager_reads_it(written, write, keys_t,
+                                                                                             status):
+    """The rewritten site runs whole at its output: a write to what the scores read (through any
+    view, by any in-place spelling or an op whose schema mutates), made before the output, keeps the
+    site as written (the reason names the write); a write to the values only, which eager also reads
+    after it, is rewritten."""
+    eager, model = CacheWrittenMidSite(written, write, keys_t), CacheWrittenMidSite(written, write, keys_t)
     model.load_state_dict(eager.state_dict())
     compiled = compile_eager(model)
     q, new = torch.randn(B, H, LQ, D), 10 * torch.randn(B, H, 2, D)
