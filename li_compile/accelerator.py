@@ -33,7 +33,7 @@ import torch
 
 from li_compile.audit import Audit
 from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest, named_arguments
-from li_compile.calibrating import DEFAULT_ROWS, CalibrationRun
+from li_compile.calibrating import DEFAULT_ROWS, AttentionLayers, CalibrationRun
 from li_compile.context_rows import ContextRowReuse
 from li_compile.controller.buckets import CAPACITY_FRACTIONS
 from li_compile.controller.calibration import Calibration, widening_ladder
@@ -73,6 +73,7 @@ class Accelerator:
         self.revisit_inputs: frozenset[str] = frozenset()
         self.compilations: list[Compilation] = []  # graphs it compiled, and graphs of others it runs
         self.calibration: Calibration | None = None  # the per-head plans in effect
+        self.layers = AttentionLayers()  # the attention layers of the graphs it ran, as calibrations name them
         self.audit: Audit | None = None  # the latest li_compile.audit of this model
         self.boundary_cache: str | None = None  # how li_compile.cached calls this model, if it does
         self.records_cuda_graphs = False  # a graph of it compiled in a mode that records CUDA graphs
@@ -159,9 +160,43 @@ class Accelerator:
         """Write one plan per head from ``calibration`` (e.g. ``Calibration.from_json`` of a saved one)
         in every later chunk; None goes back to the options' single plan. The report shows its recall.
         ``ValueError`` naming why when the calibration cannot act on this model
-        (``ContextController.use_calibration``)."""
+        (``ContextController.use_calibration``) or was measured on other attention layers
+        (``check_layers``)."""
+        if calibration is not None:
+            self.check_layers(calibration, self._controller())
         self._controller().use_calibration(calibration)
         self.calibration = calibration
+
+    def check_layers(self, calibration: Calibration, controller: ContextController) -> None:
+        """ValueError unless ``calibration``, if measured on a model (``made_for``), was measured on
+        this one's layers: its layers must be named for this model's graphs (``{name}.graphN``); once
+        this model has run a graph with layers at the video layouts of ``controller``, some of the
+        calibration's graphs must be among those it ran; and in every one of them, its layers must be
+        that graph's layers at those layouts (``AttentionLayers``). A graph not run yet is checked at
+        the first chunk after it ran (``ChunkScope``), before that chunk's plan is written."""
+        if calibration.made_for is None or controller.layout is None:  # (no layout: the controller refuses it)
+            return
+        graphs: dict[str, set[str]] = {}
+        for layer in calibration.choice:
+            graphs.setdefault(layer.rpartition(".attention")[0], set()).add(layer)
+        foreign = sorted(g for g in graphs if g.rpartition(".graph")[0] != self.name)
+        if foreign:
+            raise ValueError(f"this calibration was measured on the layers of graphs {foreign}, not on "
+                             f"{self.name}'s ({self.name}.graphN): it was made for another model; calibrate this one")
+        shapes = controller.video_shapes()
+        ran = sorted(g for g in self.layers.shapes if self.layers.layers(g, shapes))
+        if ran and not graphs.keys() & set(ran):
+            raise ValueError(f"this calibration measured the layers of graphs {sorted(graphs)}, none of which this "
+                             f"model ran (it ran {ran}): it was made for another model or compilation; calibrate this one")
+        for graph in sorted(graphs.keys() & self.layers.shapes.keys()):
+            ours, theirs = self.layers.layers(graph, shapes), graphs[graph]
+            if theirs != ours:
+                unmeasured, unknown = sorted(ours - theirs), sorted(theirs - ours)
+                differ = [f"never measured {unmeasured}"] * bool(unmeasured) + [f"not in it {unknown}"] * bool(unknown)
+                raise ValueError(
+                    f"this calibration measured {len(theirs)} attention layer(s) of {graph}, which has {len(ours)} "
+                    f"({'; '.join(differ)}): it was made for another model or depth; calibrate this one"
+                )
 
     def reset(self) -> None:
         """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay).
@@ -319,6 +354,8 @@ class ChunkScope:
         planned = len(controller.stats)
         try:
             checked = acc.denoise.check_chunk(chunk_poses, sigmas)  # before any planning: a refusal leaves no state
+            if acc.calibration is not None:  # graphs run since it was applied
+                acc.check_layers(acc.calibration, controller)
             acc.prefetch_cache_key()  # the weights' norms compute on the device while the host plans
             self.selection = controller.select(self.chunk, past_poses, chunk_poses, past_latents)
             self.capacity = self.selection.capacity
@@ -380,10 +417,11 @@ class RoutedGraph:
         target = _target_of(frame)
         accelerator = accelerator_of(target, self.options) if target is not None else self.fallback
         accelerator.runs(self.compilation)
-        if accelerator.calibrating is not None:
-            accelerator.calibrating.begin_graph_call(self.compilation.graph_name)
+        accelerator.layers.begin_graph_call(self.compilation.graph_name)
         with running_for(accelerator, lambda: self._arguments(frame, target)):
-            return self.compiled(*args)
+            out = self.compiled(*args)
+        accelerator.layers.end_graph_call()
+        return out
 
     def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:
         """The user's call's arguments by name (the signature an instance declares, as a wrapper

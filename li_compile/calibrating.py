@@ -7,7 +7,7 @@ the one before) and leaves the slots dense, so the chunks compute exactly what d
 does. Every rewritten site that has candidates measures, for ``rows`` query rows spread over the
 sequence (padding rows left out), the dense attention probabilities and the share of them each
 candidate's blocks hold, per head; a layer is one site call within one graph call
-(``graph1.attention3``). ``finish`` keeps the worst chunk per layer, candidate and head and picks, per
+(``graph1.attention3``, ``AttentionLayers``). ``finish`` keeps the worst chunk per layer, candidate and head and picks, per
 layer and head, the narrowest candidate reaching the target (``Calibration.choose``; global heads
 stay dense). The accelerator then writes one plan per head (``Calibration.head_params``).
 
@@ -31,6 +31,34 @@ DEFAULT_ROWS = 256  # query rows measured per site call
 ROWS_PER_PASS = 64  # probabilities of this many rows at once: rows x heads x kv_len floats
 
 
+class AttentionLayers:
+    """A model's attention layers as calibration names them: the ``i``-th call of a rewritten attention
+    site (not causal) within one call of graph ``g`` is layer ``"{g}.attention{i}"``. ``shapes[g]``:
+    the ``(q_len, kv_len)`` of each layer of ``g``, from its first call."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._graph, self._calls = "", []
+
+    def begin_graph_call(self, graph: str) -> None:
+        """A compiled graph starts: its site calls are its layers, in order."""
+        self._graph, self._calls = graph, []
+
+    def call(self, q_len: int, kv_len: int) -> str:
+        """The name of the layer the site call of ``q_len`` x ``kv_len`` tokens now running is."""
+        self._calls.append((q_len, kv_len))
+        return f"{self._graph}.attention{len(self._calls) - 1}"
+
+    def end_graph_call(self) -> None:
+        """The graph returned: its layers are known (from its first call)."""
+        self.shapes.setdefault(self._graph, tuple(self._calls))
+
+    def layers(self, graph: str, shapes: set[tuple[int, int]]) -> set[str]:
+        """The layers of ``graph`` (one it ran) whose ``(q_len, kv_len)`` is in ``shapes``: the video
+        layouts, the layers a calibration measures."""
+        return {f"{graph}.attention{i}" for i, shape in enumerate(self.shapes[graph]) if shape in shapes}
+
+
 class CalibrationRun:
     """The kept-mass measurements of one calibration (module docstring).
 
@@ -48,7 +76,6 @@ class CalibrationRun:
         self.made_for: CalibrationSetting | None = None  # the setting of the chunks measured
         self.chunks = 0
         self._sites: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._graph, self._index = "", 0
 
     def write_candidates(self, plan: Plan, tiled: TiledSequence, roles: Sequence[str], context_poses: torch.Tensor,
                          chunk_poses: torch.Tensor, bounds: torch.Tensor, made_for: CalibrationSetting
@@ -72,16 +99,11 @@ class CalibrationRun:
         self.chunks += 1
         return {"plan": "dense", "plan_kind": "calibrating", "density": 1.0, "slots": [s.id for s in slots]}
 
-    def begin_graph_call(self, graph: str) -> None:
-        """A compiled graph starts: its site calls are its layers, in order."""
-        self._graph, self._index = graph, 0
-
-    def record(self, slot: PlanSlot, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+    def record(self, layer: str, slot: PlanSlot, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
                scale: float | None) -> None:
-        """Measure one site call (shapes as ``li::planned_attention``'s) against this chunk's candidates
-        of ``slot``; a slot without candidates this chunk (another shape) is skipped."""
-        layer = f"{self._graph}.attention{self._index}"
-        self._index += 1
+        """Measure one site call of ``layer`` (``AttentionLayers.call``; shapes as
+        ``li::planned_attention``'s) against this chunk's candidates of ``slot``; a slot without
+        candidates this chunk (another shape) is skipped."""
         site = self._sites.get(slot.id)
         if site is None:
             return

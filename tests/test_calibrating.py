@@ -5,7 +5,8 @@ and keys left out; chunks inside a calibration compute exactly what dense attent
 calibration to keep all the mass changes no answer afterwards; a looser one makes later plans
 sparse per head, with no recompilation, and the report prints the recall per layer; a saved
 calibration reloads to the same plans; a calibration that cannot act on a model (its controller
-writes no tile plan, or it was made for other heads, blocks, tile or depth range) is refused, naming why.
+writes no tile plan, or it was made for other heads, blocks, tile, depth range, lens or attention
+layers) is refused, naming why.
 """
 
 import dataclasses
@@ -41,14 +42,13 @@ def test_measured_kept_mass_equals_the_reference_softmax_without_padding():
     roles, bounds = ["pad", "recent"], bounds_from_fov(60.0, 1.0)
     candidates = widening_ladder(TilePlanParams(recent_radius=0, context_queries="frame_local"), 2)
     run = CalibrationRun(candidates, target=0.9, rows=10_000)
-    setting = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0))
+    setting = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0), tuple(bounds.tolist()))
     run.write_candidates(plan, tiled, roles, poses[:2], poses[2:], bounds, setting)
     assert slot.is_dense  # calibration chunks run dense
     generator = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, seq.q_len, 8, generator=generator) * 2 for _ in range(2))
     real = key_keep(tiled, roles)[tiled.key_inverse]  # token order: False on the padding frame
-    run.begin_graph_call("g")
-    run.record(slot, q, k, real[None, None, None, :], None)
+    run.record("g.attention0", slot, q, k, real[None, None, None, :], None)
 
     qt, kt = q[:, :, tiled.query_perm].double(), k[:, :, tiled.key_perm].double()
     probs = torch.softmax((qt @ kt.transpose(-1, -2) / 8**0.5).masked_fill(~key_keep(tiled, roles), float("-inf")), -1)
@@ -158,7 +158,7 @@ def _calibration(heads: int, made_for: CalibrationSetting | None) -> Calibration
     return Calibration(0.9, candidates, {"g.attention0": torch.ones(1, heads)}, {"g.attention0": [0] * heads}, made_for)
 
 
-FITS = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0))  # what _controller() plans with
+FITS = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0), tuple(bounds_from_fov(60.0, 1.0).tolist()))  # _controller()'s
 
 
 @pytest.mark.parametrize(
@@ -171,9 +171,10 @@ FITS = CalibrationSetting(16, 16, tile_shape(16), (0.1, 10.0))  # what _controll
         ({}, {"heads": 4}, "the calibration has plans for 4 heads, but the attention sites of .* tokens have 2 heads"),
         ({}, {"made_for": dataclasses.replace(FITS, block_q=32)}, r"another setting .*: block_q 32 vs 16"),
         ({"near": 0.5, "far": 20.0}, {}, r"another setting .*: depth_range \(0.1, 10.0\) vs \(0.5, 20.0\)"),
+        ({"fov_y_deg": 90.0}, {}, r"another setting .*: bounds \(-0.57.*\) vs \(-1.0, 1.0, -1.0, 1.0\)"),
     ],
     ids=["no_lens", "frame_plans", "controller_off", "no_layout", "other_heads",
-         "other_blocks", "other_depth_range"],
+         "other_blocks", "other_depth_range", "other_lens"],
 )
 def test_a_calibration_that_cannot_act_on_a_model_is_refused_naming_why(controller, calibration, match):
     plan = Plan()
@@ -228,3 +229,38 @@ def test_calibration_measures_its_candidates_where_the_options_plan_is_too_dense
     options = {**OPTIONS, "sparsity": {"block_q": 16, "block_k": 16}}
     scope = _run(world, trajectory, target=0.9, options=options, chunks=1)[0]
     assert scope.calibration is not None and scope.calibration.choice
+
+
+def test_a_calibration_of_other_attention_layers_is_refused_naming_them_before_any_plan_uses_it(trajectory):
+    """Measured on a depth-1 model: a model of another name refuses it when applied; a depth-2 model
+    of the same class, to which it was applied before any graph ran, refuses it at the first chunk,
+    before that chunk's plan is written, naming the layers never measured; a calibration of graphs
+    the model never ran (another compilation) is refused too."""
+    def measure(world):
+        return _run(world, trajectory, target=0.5, chunks=1, calibrate_chunks=1)[0].calibration
+
+    shallow = hy_worldplay.build(dataclasses.replace(hy_worldplay.PRESETS["tiny"], depth=1, steps=2), seed=0)
+    torch._dynamo.reset()
+    measured = Calibration.from_json(measure(shallow).to_json())
+    assert list(measured.choice) == ["HYWorldPlayDiT.graph1.attention0"]
+    torch._dynamo.reset()
+    recompiled = measure(shallow)  # the same model compiled again: its later graphs
+    assert not recompiled.choice.keys() & measured.choice.keys()
+
+    other = li_compile.accelerator(torch.compile(torch.nn.Linear(2, 2), backend="light_interaction", options=OPTIONS))
+    other.configure(memory_k=2, fov_y_deg=60.0, layout=_layout)
+    with pytest.raises(ValueError, match=r"measured on the layers of graphs \['HYWorldPlayDiT.graph1'\], not on Linear's"):
+        other.use_calibration(measured)
+
+    deeper = hy_worldplay.build(dataclasses.replace(shallow.spec, depth=2), seed=0)
+    torch._dynamo.reset()
+    setup = light_interaction_setup(deeper, OPTIONS)
+    accelerator = setup.driver(trajectory).accelerator
+    accelerator.use_calibration(measured)  # no graph has run: its layers are not known yet
+    setup.warm_up()
+    with pytest.raises(ValueError, match=r"measured 1 attention layer\(s\) of HYWorldPlayDiT.graph1, which has 2 "
+                                         r"\(never measured \['HYWorldPlayDiT.graph1.attention1'\]\)"):
+        generate(setup.world, trajectory, chunks=1, accelerator=accelerator, decode=False)
+    assert accelerator.controller.stats == []  # refused before the chunk's plan was written
+    with pytest.raises(ValueError, match=r"graphs \['HYWorldPlayDiT.graph\d+'\], none of which this model ran"):
+        accelerator.use_calibration(recompiled)

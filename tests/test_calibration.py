@@ -106,11 +106,14 @@ def test_a_frame_local_ladder_widens_its_context_rows_last_and_every_step_is_a_s
     assert masks[-1].sum() > masks[-2].sum()
 
 
+SETTING = CalibrationSetting(16, 16, (1, 4, 4), (0.1, 10.0), (-1.0, 1.0, -0.5, 0.5))
+
+
 def _saved_calibration() -> dict:
     """A valid calibration file (3 candidates, one layer "l" of 2 heads) as the JSON object to corrupt."""
     kept = torch.tensor([[0.5, 0.95], [0.95, 0.97], [1.0, 1.0]], dtype=torch.float64)
     calibration = Calibration(0.9, widening_ladder(TilePlanParams(), 3), {"l": kept}, {"l": [1, 0]},
-                              CalibrationSetting(16, 16, (1, 4, 4), (0.1, 10.0)))
+                              SETTING)
     return json.loads(calibration.to_json())
 
 
@@ -140,14 +143,16 @@ def _delete(key):
         (_delete("choice"), r"calibration has missing fields \['choice'\]"),
         (_set("made_for", "tile", value=[1, 4]), r"made_for.tile must be a list of 3 numbers, got \[1, 4\]"),
         (_delete("format_version"), r"calibration has no format_version"),
-        (_set("format_version", value=2), r"calibration format_version is 2, this li_compile reads version 1"),
+        (_set("format_version", value=3), r"calibration format_version is 3, this li_compile reads version 2"),
+        (_set("format_version", value=1), r"calibration format_version is 1, this li_compile reads version 2"),
+        (_set("made_for", "bounds", value=[1.0, -1.0, -0.5, 0.5]), r"bounds must be \(x_min, x_max, y_min, y_max\)"),
         (_set("candidates", 0, "visibility_margin", value="0.1"), r"visibility_margin must be >= 0 .*got '0.1'"),
         (_set("candidates", 0, "min_visibility", value=None), r"min_visibility must be in \[0, 1\), got None"),
         (_set("candidates", 0, "depth_range", value=["near", 2.0]), r"depth_range must be \(near, far\)"),
     ],
     ids=["choice_below_dense", "choice_past_the_candidates", "layers_differ", "heads_differ", "target_above_one",
          "target_zero", "unknown_field", "unknown_candidate_field", "missing_field", "bad_setting", "no_version",
-         "newer_version", "margin_a_string", "visibility_none", "depth_a_string"],
+         "newer_version", "older_version_without_lens", "empty_lens", "margin_a_string", "visibility_none", "depth_a_string"],
 )
 def test_a_corrupt_or_foreign_calibration_file_is_refused_naming_what_is_wrong(corrupt, match):
     data = _saved_calibration()
@@ -160,4 +165,4 @@ def test_a_corrupt_or_foreign_calibration_file_is_refused_naming_what_is_wrong(c
 def test_a_saved_calibration_keeps_the_setting_it_was_measured_in():
     data = _saved_calibration()
     assert data["format_version"] == FORMAT_VERSION
-    assert Calibration.from_json(json.dumps(data)).made_for == CalibrationSetting(16, 16, (1, 4, 4), (0.1, 10.0))
+    assert Calibration.from_json(json.dumps(data)).made_for == SETTING

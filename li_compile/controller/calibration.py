@@ -16,8 +16,9 @@ with missing, unknown or inconsistent fields), and ``table()`` prints the recall
 
 A calibration holds one choice per head, so it fits only a model with that many heads per layer;
 one measured on a model (``li_compile.calibrate``) also records the setting it was measured in
-(``made_for``: block sizes, tile, depth range), and a model in another setting refuses it
-(``ContextController.use_calibration``).
+(``made_for``: block sizes, tile, depth range, lens), and a model in another setting refuses it
+(``ContextController.use_calibration``), as does a model whose graphs have other attention layers
+than it measured (``Accelerator.use_calibration``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from li_compile.options import CONTEXT_QUERY_RULES
 from li_compile.kernels.block_layout import BlockLayout
 
 DENSE = -1  # the choice of a head no candidate serves: it stays dense
-FORMAT_VERSION = 1  # of Calibration.to_json's files; from_json reads this version only
+FORMAT_VERSION = 2  # of Calibration.to_json's files; from_json reads this version only (2: made_for has the lens)
 MARGIN_STEP = 0.1  # widening_ladder widens the visibility margin by this per step
 ROWS_PER_PASS = 1024  # kept_mass scores this many queries at once (bounds memory: rows x kv_len floats)
 
@@ -101,13 +102,15 @@ def check_target(target: float) -> None:
 class CalibrationSetting:
     """The setting a calibration was measured in, which a model must share to use it: the attention
     blocks ``block_q`` x ``block_k`` tokens (``sparsity.block_q``/``block_k``), the 3D ``tile`` of one
-    block in the tile order (t, h, w), and the scene's ``depth_range`` ``(near, far)`` (the
-    controller's ``near``/``far``)."""
+    block in the tile order (t, h, w), the scene's ``depth_range`` ``(near, far)`` (the
+    controller's ``near``/``far``) and the lens ``bounds`` ``(x_min, x_max, y_min, y_max)`` on the
+    image plane (the controller's ``bounds``, from ``fov_y_deg`` and ``aspect`` or given)."""
 
     block_q: int
     block_k: int
     tile: tuple[int, int, int]
     depth_range: tuple[float, float]
+    bounds: tuple[float, float, float, float]
 
     def __post_init__(self) -> None:
         sizes = (self.block_q, self.block_k, *self.tile)
@@ -118,6 +121,11 @@ class CalibrationSetting:
         numbers = len(depths) == 2 and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in depths)
         if not numbers or not 0 < depths[0] < depths[1]:
             raise ValueError(f"depth_range must be (near, far) with 0 < near < far, got {depths!r}")
+        b = self.bounds
+        numbers = len(b) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
+        if not numbers or not (b[0] < b[1] and b[2] < b[3]):
+            raise ValueError(f"bounds must be (x_min, x_max, y_min, y_max) with x_min < x_max and y_min < y_max, "
+                             f"got {b!r}")
 
     def differences(self, other: "CalibrationSetting") -> list[str]:
         """``"name ours vs theirs"`` for every field where ``other`` differs."""
@@ -271,9 +279,9 @@ class Calibration:
             _check_fields(made_for, "made_for", _SETTING_FIELDS)
             made_for = CalibrationSetting(made_for["block_q"], made_for["block_k"],
                                           _as_tuple(made_for["tile"], "made_for.tile", 3),
-                                          _as_tuple(made_for["depth_range"], "made_for.depth_range", 2))
+                                          _as_tuple(made_for["depth_range"], "made_for.depth_range", 2),
+                                          _as_tuple(made_for["bounds"], "made_for.bounds", 4))
         return cls(data["target"], tuple(candidates), kept, dict(data["choice"]), made_for)
-
 
 
 def _check_fields(data: object, what: str, fields: tuple[str, ...]) -> None:

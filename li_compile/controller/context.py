@@ -126,9 +126,11 @@ class ContextController:
 
     def calibration_setting(self) -> CalibrationSetting:
         """The setting a calibration of this controller's plans is measured in and must match: the
-        options' block sizes, the tile of one block (``tile_shape``) and the depth range (near, far)."""
+        options' block sizes, the tile of one block (``tile_shape``), the depth range (near, far) and
+        the lens (``bounds``; there is one wherever tile plans are written)."""
         sparsity = self.sparsity
-        return CalibrationSetting(sparsity.block_q, sparsity.block_k, tile_shape(sparsity.block_q), (self.near, self.far))
+        return CalibrationSetting(sparsity.block_q, sparsity.block_k, tile_shape(sparsity.block_q), (self.near, self.far),
+                                  tuple(self.bounds.tolist()))
 
     def calibration_refusal(self) -> str | None:
         """Why this model never writes camera tile plans, so that per-head plans (a calibration) cannot
@@ -148,20 +150,18 @@ class ContextController:
         if calibration is None:
             self.head_params = None
             return
+        refusal = self.calibration_refusal()
+        if refusal is not None:
+            raise ValueError(f"this calibration cannot act: no chunk gets a per-head tile plan, as {refusal}")
         ours = self.calibration_setting()
         if calibration.made_for is not None and calibration.made_for != ours:
             raise ValueError(
                 "this calibration was measured in another setting (calibration vs this model): "
                 f"{'; '.join(calibration.made_for.differences(ours))}; calibrate this model"
             )
-        if self.layout is not None:
-            for sequence in map(self.layout, self.warm_up_buckets()):
-                check_calibrated_heads(calibration.heads, self.plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len))
-        previous, self.head_params = self.head_params, calibration.head_params()
-        refusal = self.calibration_refusal()  # (with its plans: their floor decides where they act)
-        if refusal is not None:
-            self.head_params = previous
-            raise ValueError(f"this calibration cannot act: no chunk gets a per-head tile plan, as {refusal}")
+        for sequence in map(self.layout, self.warm_up_buckets()):  # (a layout is configured: no refusal)
+            check_calibrated_heads(calibration.heads, self.plan.slots_for(q_len=sequence.q_len, kv_len=sequence.kv_len))
+        self.head_params = calibration.head_params()
 
     def warm_up_buckets(self) -> tuple[int, ...]:
         """The context capacities ``select`` may return, ascending: run one chunk at each during
