@@ -105,14 +105,18 @@ class Accelerator:
         written), the lens (``fov_y_deg`` + ``aspect`` or ``bounds (4,)``), the depth range, the
         capacity buckets, and ``revisit_inputs``: names of forward arguments that derive from the
         cameras or the selected context (they may differ on a revisit and stay out of the cache
-        key; every other input is part of it). Returns ``self``."""
+        key; every other input is part of it). Returns ``self``. All or nothing: where the new
+        setting refuses the calibration in effect (``use_calibration``), it raises and nothing changes."""
         if isinstance(revisit_inputs, str) or not all(isinstance(n, str) for n in revisit_inputs):
             raise ValueError(f"revisit_inputs must be a sequence of argument names, got {revisit_inputs!r}")
-        self.controller = ContextController(
+        controller = ContextController(
             self.options.context, self.plan, sparsity=self.options.sparsity, memory_k=memory_k, bounds=bounds,
             fov_y_deg=fov_y_deg, aspect=aspect, near=near, far=far, capacity_fractions=capacity_fractions, layout=layout,
         )
-        self.revisit_inputs = frozenset(revisit_inputs)
+        if self.calibration is not None:  # a calibration outlives a reconfiguration that it fits
+            self.check_layers(self.calibration, controller)
+            controller.use_calibration(self.calibration)
+        self.controller, self.revisit_inputs = controller, frozenset(revisit_inputs)
         if self.context_rows is not None:
             self.context_rows.set_layouts(map(layout, self.controller.warm_up_buckets()) if layout is not None else ())
             named = [f"context.{n}" for n in ("reuse_rows", "row_blocks") if getattr(self.options.context, n) is True]
@@ -121,8 +125,6 @@ class Accelerator:
                 warnings.warn(f"{self.name}: option {' and '.join(named)} {verb} nothing to act on: "
                               + ("no layout was configured" if layout is None else "the layout's queries are the "
                                  "chunk's only (a KV-cache model) or it has no context frames"), stacklevel=2)
-        if self.calibration is not None:
-            self.use_calibration(self.calibration)  # a calibration outlives a reconfiguration
         return self
 
     def warm_up(self, call: Callable[[int], object]) -> None:

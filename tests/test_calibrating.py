@@ -16,13 +16,14 @@ import torch
 from torch._dynamo.utils import counters
 
 import li_compile
+from li_compile.accelerator import Accelerator
 from li_compile.calibrating import CalibrationRun
 from li_compile.controller.attention_plan import tile_shape, write_tile_chunk_plan
 from li_compile.controller.calibration import Calibration, CalibrationSetting, widening_ladder
 from li_compile.controller.context import ContextController
 from li_compile.controller.poses import bounds_from_fov, make_poses
 from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, key_keep, write_tile_plan
-from li_compile.options import ContextOptions, SparsityOptions
+from li_compile.options import ContextOptions, Options, SparsityOptions
 from li_compile.plan import Plan, SlotSignature
 from li_compile.sequence import SequenceLayout
 from li_compile.tiled_sequence import TiledSequence
@@ -183,6 +184,21 @@ def test_a_calibration_that_cannot_act_on_a_model_is_refused_naming_why(controll
     with pytest.raises(ValueError, match=match):
         ours.use_calibration(_calibration(**{"heads": 2, "made_for": FITS, **calibration}))
     assert ours.head_params is None
+
+
+@pytest.mark.parametrize("change, match", [({"near": 0.5, "far": 20.0}, "depth_range"), ({"fov_y_deg": 120.0}, "bounds")],
+                         ids=["depth_range", "lens"])
+def test_a_reconfiguration_the_calibration_does_not_fit_raises_and_changes_nothing(change, match):
+    accelerator = Accelerator(Options.from_user(OPTIONS), "m")
+    accelerator.configure(memory_k=2, fov_y_deg=60.0, layout=_layout, revisit_inputs=("context",))
+    calibration = Calibration(0.9, widening_ladder(TilePlanParams(depth_range=(0.1, 10.0)), 1),
+                              {"m.graph1.attention0": torch.ones(1, 2)}, {"m.graph1.attention0": [0, 0]}, FITS)
+    accelerator.use_calibration(calibration)
+    controller = accelerator.controller
+    with pytest.raises(ValueError, match=f"another setting .*: {match}"):
+        accelerator.configure(**{"memory_k": 3, "fov_y_deg": 60.0, "layout": _layout, **change})
+    assert accelerator.controller is controller and accelerator.revisit_inputs == {"context"}
+    assert controller.head_params == calibration.head_params() and accelerator.calibration is calibration
 
 
 def test_calibrated_plans_too_dense_to_pay_are_accepted_and_their_chunks_run_dense_saying_why():
