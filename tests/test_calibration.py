@@ -1,7 +1,8 @@
 """Calibration: kept mass is the softmax mass a plan visits (1 when dense); on a model built to have
 known local attention, calibration picks the narrowest plan reaching the target, a higher target
 never picks a narrower one, global heads stay dense, and the result survives a JSON round trip; a
-corrupt or foreign file is refused, naming what is wrong."""
+corrupt or foreign file is refused, naming what is wrong (kept masses outside [0, 1], a choice its
+kept masses and target do not give)."""
 
 import json
 
@@ -136,6 +137,12 @@ def _delete(key):
         (_set("choice", "l", value=[7, 0]), r"choice\['l'\] must list one candidate index in \[-1, 3\) per head"),
         (_set("kept", value={"other": [[0.5, 0.9]] * 3}), r"kept and choice must name the same layers"),
         (_set("kept", "l", value=[[0.1]]), r"kept\['l'\] must be \(candidates=3, heads=2\) .* got \(1, 1\)"),
+        (_set("kept", "l", 0, 0, value=float("nan")), r"kept\['l'\] must hold kept masses in \[0, 1\], got nan"),
+        (_set("kept", "l", 0, 1, value=-3.0), r"kept\['l'\] must hold kept masses in \[0, 1\], got -3.0"),
+        (_set("kept", "l", 2, 0, value=7.5), r"kept\['l'\] must hold kept masses in \[0, 1\], got 7.5"),
+        (_set("choice", "l", value=[0, 0]), r"choice\['l'\] is \[0, 0\], but kept\['l'\] at target 0.9 gives \[1, 0\]"),
+        (_set("choice", "l", value=[-1, 0]), r"choice\['l'\] is \[-1, 0\], but kept\['l'\] at target 0.9 gives \[1, 0\]"),
+        (_set("target", value=0.99), r"choice\['l'\] is \[1, 0\], but kept\['l'\] at target 0.99 gives \[2, 2\]"),
         (_set("target", value=7), r"target kept mass must be in \(0, 1\], got 7"),
         (_set("target", value=0), r"target kept mass must be in \(0, 1\], got 0"),
         (_set("tile_budget", value=3), r"calibration has unknown fields \['tile_budget'\]"),
@@ -150,7 +157,9 @@ def _delete(key):
         (_set("candidates", 0, "min_visibility", value=None), r"min_visibility must be in \[0, 1\), got None"),
         (_set("candidates", 0, "depth_range", value=["near", 2.0]), r"depth_range must be \(near, far\)"),
     ],
-    ids=["choice_below_dense", "choice_past_the_candidates", "layers_differ", "heads_differ", "target_above_one",
+    ids=["choice_below_dense", "choice_past_the_candidates", "layers_differ", "heads_differ", "kept_nan",
+         "kept_negative", "kept_above_one", "choice_narrower_than_kept_allows", "choice_dense_where_a_plan_reaches",
+         "target_above_the_choice", "target_above_one",
          "target_zero", "unknown_field", "unknown_candidate_field", "missing_field", "bad_setting", "no_version",
          "newer_version", "older_version_without_lens", "empty_lens", "margin_a_string", "visibility_none", "depth_a_string"],
 )

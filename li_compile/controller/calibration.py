@@ -38,6 +38,7 @@ DENSE = -1  # the choice of a head no candidate serves: it stays dense
 FORMAT_VERSION = 2  # of Calibration.to_json's files; from_json reads this version only (2: made_for has the lens)
 MARGIN_STEP = 0.1  # widening_ladder widens the visibility margin by this per step
 ROWS_PER_PASS = 1024  # kept_mass scores this many queries at once (bounds memory: rows x kv_len floats)
+MASS_ROUNDING = 1e-4  # a measured kept mass may exceed 1 by this much (fp32 softmax rows summing past 1)
 
 
 def kept_mass(
@@ -180,17 +181,22 @@ class Calibration:
                     f"kept[{layer!r}] must be (candidates={n}, heads={len(choice)}) as choice[{layer!r}] has "
                     f"{len(choice)} heads, got {shape}"
                 )
+            outside = kept.isnan() | (kept < 0) | (kept > 1 + MASS_ROUNDING)
+            if outside.any():
+                raise ValueError(f"kept[{layer!r}] must hold kept masses in [0, 1], got {float(kept[outside][0])}")
+            reaching = _narrowest_reaching(kept, self.target)
+            if list(choice) != reaching:
+                raise ValueError(
+                    f"choice[{layer!r}] is {list(choice)}, but kept[{layer!r}] at target {self.target} gives "
+                    f"{reaching} (per head the narrowest candidate reaching it, {DENSE} where none does)"
+                )
 
     @classmethod
     def choose(cls, target: float, candidates: Sequence[TilePlanParams], kept: Mapping[str, torch.Tensor],
                made_for: CalibrationSetting | None = None) -> "Calibration":
         """Per layer and head, the first (narrowest) candidate whose worst-chunk kept mass ``kept[layer]:
         (candidates, H)`` reaches ``target``; ``DENSE`` where none does."""
-        choice = {}
-        for layer, mass in kept.items():
-            reaches = mass >= target  # (candidates, H)
-            first = reaches.float().argmax(0)  # first True (0 when none: fixed below)
-            choice[layer] = [int(f) if reaches[:, h].any() else DENSE for h, f in enumerate(first)]
+        choice = {layer: _narrowest_reaching(mass, target) for layer, mass in kept.items()}
         return cls(target, tuple(candidates), dict(kept), choice, made_for)
 
     @property
@@ -282,6 +288,14 @@ class Calibration:
                                           _as_tuple(made_for["depth_range"], "made_for.depth_range", 2),
                                           _as_tuple(made_for["bounds"], "made_for.bounds", 4))
         return cls(data["target"], tuple(candidates), kept, dict(data["choice"]), made_for)
+
+
+def _narrowest_reaching(kept: torch.Tensor, target: float) -> list[int]:
+    """Per head, the first candidate whose kept mass ``kept: (candidates, H)`` reaches ``target``;
+    ``DENSE`` where none does."""
+    reaches = kept >= target
+    first = reaches.float().argmax(0)  # first True (0 when none: DENSE below)
+    return [int(f) if reaches[:, h].any() else DENSE for h, f in enumerate(first)]
 
 
 def _check_fields(data: object, what: str, fields: tuple[str, ...]) -> None:
