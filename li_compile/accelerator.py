@@ -150,8 +150,12 @@ class Accelerator:
         (``use_calibration``). ``candidates``: narrowest first, each plan a superset of the one before
         (default: ``widening_ladder`` from radius 0, margin 0 and frame-local context rows,
         ``CALIBRATION_STEPS`` steps, then the widest with camera and with dense context rows); ``rows``:
-        query rows measured per site call. The scope's ``calibration`` holds the result."""
+        query rows measured per site call. The scope's ``calibration`` holds the result. ``ValueError``
+        at once, naming why, where no chunk would get a tile plan to measure (``calibration_refusal``)."""
         controller = self._controller()
+        refusal = controller.calibration_refusal()
+        if refusal is not None:
+            raise ValueError(f"{self.name} cannot be calibrated: no chunk gets a tile plan to measure, as {refusal}")
         if candidates is None:  # from the narrowest plan up: radius 0, margin 0 and frame-local context rows
             narrowest = dataclasses.replace(controller.tile_params, recent_radius=0, visibility_margin=0.0,
                                             context_queries="frame_local")

@@ -141,8 +141,8 @@ class CalibrationRun:
         """The calibration of the measured chunks; ValueError when no site was measured."""
         if not self.worst:
             raise ValueError(
-                "calibration measured no attention site: run at least one chunk inside it, with tile plans in "
-                "effect (sparsity.plan='tiles', the lens configured, a plan floor below sparsity.max_density)"
+                "calibration measured no attention site: run at least one chunk inside it, through the compiled "
+                "model (its rewritten attention sites of the configured layout's shapes)"
             )
         return Calibration.choose(self.target, self.candidates, self.worst, self.made_for)
 

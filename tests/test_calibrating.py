@@ -136,11 +136,22 @@ def test_heads_a_calibration_keeps_dense_visit_every_block(world, trajectory, de
 def test_a_calibration_without_measured_chunks_says_what_it_needs(world, trajectory):
     setup = light_interaction_setup(world, OPTIONS)
     setup.driver(trajectory)
-    with pytest.raises(ValueError, match="calibration measured no attention site"):
+    with pytest.raises(ValueError, match="calibration measured no attention site") as refused:
         with li_compile.calibrate(setup.world.model, target=0.9):
             pass
+    assert "max_density" not in str(refused.value)  # calibration measures whatever a plan's floor
     with pytest.raises(ValueError, match=r"target kept mass must be in \(0, 1\], got 1.5"):
         li_compile.calibrate(setup.world.model, target=1.5)
+
+
+def test_calibrating_a_model_whose_controller_writes_no_tile_plan_is_refused_at_once_naming_why(world, trajectory):
+    off = {**OPTIONS, "sparsity": {"block_q": 16, "block_k": 16}, "context": {"enabled": False, "reuse_rows": False}}
+    setup = light_interaction_setup(world, off)
+    accelerator = setup.driver(trajectory).accelerator
+    with pytest.raises(ValueError, match=r"HYWorldPlayDiT cannot be calibrated: no chunk gets a tile plan to measure, "
+                                         r"as the context controller is off \(context.enabled=False\)"):
+        li_compile.calibrate(setup.world.model, target=0.9)  # before any chunk runs
+    assert accelerator.calibrating is None
 
 
 def _layout(capacity: int) -> SequenceLayout:
