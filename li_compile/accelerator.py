@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import itertools
 import sys
+import types
 import warnings
 from typing import Any, Callable, Hashable, Sequence
 
@@ -570,9 +571,13 @@ def _target_of(frame: Any) -> Any:
 
 
 def _model_of(fn: Any) -> Any:
-    """The module a bound method ``fn`` belongs to (its runtime state is the module's), else ``fn``."""
+    """The object a bound method ``fn`` belongs to (a module, a pipeline: the runtime state is that
+    instance's, not the class's function's), where it can hold attributes; else ``fn``."""
     owner = getattr(fn, "__self__", None)
-    return owner if isinstance(owner, torch.nn.Module) else fn
+    if isinstance(owner, torch.nn.Module):
+        return owner
+    instance = owner is not None and not isinstance(owner, (type, types.ModuleType))
+    return owner if instance and isinstance(getattr(owner, "__dict__", None), dict) else fn
 
 
 def dynamic_setting(context: Any) -> bool | None | str:

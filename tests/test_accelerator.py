@@ -117,10 +117,21 @@ class MethodDenoiser(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
-def test_a_compiled_method_gets_its_models_accelerator_the_one_its_graphs_run_with():
-    """``torch.compile(model.denoise)``: the accelerator is the model's (the graphs run with it), one
-    per model, not one on the class's function."""
-    first, second = MethodDenoiser(), MethodDenoiser()
+class Pipeline:
+    """Not a module: a pipeline object holding the model, whose method is compiled."""
+
+    def __init__(self) -> None:
+        self.model = MethodDenoiser()
+
+    def denoise(self, x):
+        return self.model.denoise(x)
+
+
+@pytest.mark.parametrize("owner", [MethodDenoiser, Pipeline])
+def test_a_compiled_method_gets_its_owners_accelerator_the_one_its_graphs_run_with(owner):
+    """``torch.compile(model.denoise)`` or ``torch.compile(pipeline.denoise)``: the accelerator is the
+    instance's (the graphs run with it), one per instance, not one on the class's function."""
+    first, second = owner(), owner()
     compiled = torch.compile(first.denoise, backend="light_interaction", options=OPTIONS)
     other = torch.compile(second.denoise, backend="light_interaction", options=OPTIONS)
     with torch.no_grad():
