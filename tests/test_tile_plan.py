@@ -2,6 +2,7 @@
 recent window, visible memory), that it is written in place at a fixed capacity, and that a capacity
 cut drops the lowest priorities first. The dense mask agrees with a brute-force construction."""
 
+import itertools
 import math
 
 import pytest
@@ -179,6 +180,37 @@ def test_memory_plans_never_drop_a_tile_seen_only_within_a_narrow_band_of_depths
             checked += int(visible.sum())
             assert (seen[m][visible] > params.min_visibility).all(), f"seed {seed} memory {m}: {visible.nonzero().flatten().tolist()}"
     assert checked > 20
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.3, 1.0])
+def test_a_cone_share_is_in_frustums_share_of_each_ray_sampled_densely(margin):
+    """Each tile's score is the share of its rays' depths (log-spaced over the depth range) inside
+    ``in_frustum`` widened by ``margin``, with the near slab ``in_frustum`` treats as a box: within
+    0.01 of 2000 sampled depths per ray, and never 0 where the samples see it."""
+    from li_compile.controller.poses import random_poses
+    from li_compile.controller.tile_plan import CONE_RAYS, cone_seen
+
+    tiled = _tiled(context=3, chunk=1, grid=(12, 20), tile=(1, 4, 4))
+    params = TilePlanParams(visibility_margin=margin)
+    near, far = params.depth_range
+    cell = (torch.arange(CONE_RAYS) + 0.5) / CONE_RAYS
+    fu, fv = torch.meshgrid(cell, cell, indexing="ij")
+    x_min, x_max, y_min, y_max = BOUNDS.unbind()
+    depths = torch.logspace(math.log10(near), math.log10(far), 2000)
+    cases = [random_poses(4, 0.1, torch.Generator().manual_seed(seed)) for seed in range(4)]
+    for poses in cases:  # cameras 0.1 apart: rays pass through the near slab
+        memory, cameras = poses[:3], poses[3:]
+        seen = cone_seen(tiled, memory, cameras, BOUNDS, params)[:, 0]  # (M, tiles)
+        for m, tile in itertools.product(range(3), range(15)):
+            r, c = divmod(tile, 5)
+            u = x_min + (c * 4 + 4 * fu.flatten()) / 20 * (x_max - x_min)
+            v = y_min + (r * 4 + 4 * fv.flatten()) / 12 * (y_max - y_min)
+            points = torch.stack([u[:, None] * depths, v[:, None] * depths, depths.expand(len(u), -1)], -1)
+            world = points @ memory[m, :3, :3].T + memory[m, :3, 3]
+            local = (world - cameras[0, :3, 3]) @ cameras[0, :3, :3]
+            sampled = in_frustum(local, BOUNDS, near, far, margin).float().mean()
+            assert abs(float(seen[m, tile]) - float(sampled)) < 0.01, (m, tile)
+            assert float(sampled) == 0 or seen[m, tile] > 0
 
 
 def test_camera_context_rows_never_drop_a_memory_tile_their_own_camera_sees():

@@ -186,10 +186,9 @@ def cone_seen(
 ) -> torch.Tensor:
     """``memory_visibility`` per camera: ``(M, F, nh * nw)``, the share of each memory tile's ray cone
     inside each of ``cameras (F, 4, 4)``'s frustums (widened by ``visibility_margin``), exact along
-    each ray: a ray's depths ``s`` in ``depth_range`` (the memory camera's) that a frustum contains
-    form one interval (the frustum is convex, the ray a line), found by clipping the ray against the
-    frustum's six planes; its share is measured in log depth, so near and far surfaces count alike.
-    Sampled depths missed a tile seen only between two samples."""
+    each ray: the ray's depths ``s`` in ``depth_range`` (the memory camera's) inside the frustum, found
+    by clipping the ray against its planes (``_ray_share_inside``) and measured in log depth, so near
+    and far surfaces count alike. Sampled depths missed a tile seen only between two samples."""
     near, far = params.depth_range
     cell = (torch.arange(CONE_RAYS) + 0.5) / CONE_RAYS  # ray grid over the tile's rectangle, cell centres
     fu, fv = torch.meshgrid(cell, cell, indexing="ij")
@@ -200,33 +199,38 @@ def cone_seen(
     to_camera = relative_pose(cameras[None], memory_poses[:, None])  # (M, F, 4, 4)
     a = torch.einsum("mfij,hrj->mfhri", to_camera[..., :3, :3], rays)  # p(s) = s * a + t, camera frame
     t = to_camera[:, :, None, None, :3, 3].expand_as(a)
-    lo, hi = _ray_interval(a, t, bounds, near, far, params.visibility_margin)
-    inside = (hi.log() - lo.log()).clamp_min(0) / math.log(far / near)
-    return inside.mean(-1)  # (M, F, hw)
+    return _ray_share_inside(a, t, bounds, near, far, params.visibility_margin).mean(-1)  # (M, F, hw)
 
 
-def _ray_interval(a: torch.Tensor, t: torch.Tensor, bounds: torch.Tensor, near: float, far: float,
-                  margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The depths ``s`` in ``[near, far]`` where ``s * a + t`` (camera frame, ``(..., 3)``) lies in the
-    frustum of ``bounds`` over ``[near, far]`` widened by ``margin`` as ``similarity.in_frustum`` widens
-    it (sides by ``margin`` of the image, far plane by ``margin * far``, near plane in by ``margin *
-    near``): ``(lo, hi)``, empty where ``hi <= lo``. Each plane is a half-space ``c0 + c1 * s >= 0``."""
+def _ray_share_inside(a: torch.Tensor, t: torch.Tensor, bounds: torch.Tensor, near: float, far: float,
+                      margin: float) -> torch.Tensor:
+    """The share, in log depth, of the depths ``s`` in ``[near, far]`` where ``s * a + t`` (camera
+    frame, ``(..., 3)``) lies inside ``similarity.in_frustum``'s frustum widened by ``margin``: ``(...)``.
+    That region is two convex pieces, each met by the ray in one interval: the cone ``x / z`` within the
+    widened image for ``z`` in ``[near, far (1 + margin)]``, and the box ``x / near`` within it for
+    ``z`` in ``[near (1 - margin), near]`` (``in_frustum`` divides by ``max(z, near)``)."""
     x_min, x_max, y_min, y_max = bounds.to(a.dtype).unbind()
     dx, dy = margin * (x_max - x_min), margin * (y_max - y_min)
+    left, right, bottom, top = x_min - dx, x_max + dx, y_min - dy, y_max + dy
     z_near, z_far = near * (1 - min(margin, 1.0)), far * (1 + margin)
     (ax, ay, az), (tx, ty, tz) = a.unbind(-1), t.unbind(-1)
-    planes = [  # (c0, c1) of each half-space: depth, then x / z and y / z within the widened image
-        (tz - z_near, az), (z_far - tz, -az),
-        (tx - (x_min - dx) * tz, ax - (x_min - dx) * az), ((x_max + dx) * tz - tx, (x_max + dx) * az - ax),
-        (ty - (y_min - dy) * tz, ay - (y_min - dy) * az), ((y_max + dy) * tz - ty, (y_max + dy) * az - ay),
-    ]
-    lo, hi = torch.full_like(az, near), torch.full_like(az, far)
-    for c0, c1 in planes:
-        bound = -c0 / torch.where(c1 == 0, torch.ones_like(c1), c1)
-        lo = torch.where(c1 > 0, torch.maximum(lo, bound), lo)
-        hi = torch.where(c1 < 0, torch.minimum(hi, bound), hi)
-        hi = torch.where((c1 == 0) & (c0 < 0), lo, hi)  # parallel to the plane, outside it: empty
-    return lo, hi.clamp_min(lo)
+    sides = {  # (c0, c1) of each half-space c0 + c1 * s >= 0 bounding x and y by ``w``: z (cone) or near (box)
+        "cone": lambda: [(tx - left * tz, ax - left * az), (right * tz - tx, right * az - ax),
+                         (ty - bottom * tz, ay - bottom * az), (top * tz - ty, top * az - ay)],
+        "box": lambda: [(tx - left * near, ax), (right * near - tx, -ax), (ty - bottom * near, ay), (top * near - ty, -ay)],
+    }
+    pieces = [[(tz - near, az), (z_far - tz, -az), *sides["cone"]()],
+              [(tz - z_near, az), (near - tz, -az), *sides["box"]()]]
+    inside = torch.zeros_like(az)
+    for planes in pieces:  # they meet only where z = near
+        lo, hi = torch.full_like(az, near), torch.full_like(az, far)
+        for c0, c1 in planes:
+            bound = -c0 / torch.where(c1 == 0, torch.ones_like(c1), c1)
+            lo = torch.where(c1 > 0, torch.maximum(lo, bound), lo)
+            hi = torch.where(c1 < 0, torch.minimum(hi, bound), hi)
+            hi = torch.where((c1 == 0) & (c0 < 0), lo, hi)  # parallel to the plane, outside it: empty
+        inside += hi.clamp_min(lo).log() - lo.log()  # an empty interval (hi <= lo, maybe hi < 0): 0
+    return inside / math.log(far / near)
 
 
 # -- priorities ---------------------------------------------------------------------------------
