@@ -290,9 +290,9 @@ class Accelerator:
             return None
         if any(site.kind == "sampler" for c in self.compilations for site in c.sites):
             return None  # a sampler site was found: rewritten, or skipped with its own reason
-        return ("never acted: no compiled graph holds a denoiser call (a latent and its timestep). With only the "
-                "blocks compiled (li_compile.compile_repeated_blocks), call the model through "
-                "li_compile.cached(model, latent=..., timestep=...)")
+        return ("never acted: no compiled graph holds a denoiser call it recognises (a latent and its timestep; "
+                "with only the blocks compiled, li_compile.compile_repeated_blocks, none does). Call the model "
+                "through li_compile.cached(model, latent=..., timestep=...)")
 
     def _with_plan_reach(self, compilation: Compilation) -> Compilation:
         """``compilation`` with a reason on every rewritten attention site whose sequence is not the

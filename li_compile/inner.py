@@ -28,7 +28,7 @@ def compile_eager(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], mo
 
 
 def compile_tensorrt(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], mode: str | None) -> Callable:
-    """torch-tensorrt's Dynamo backend (``Options`` checked that it is installed)."""
+    """torch-tensorrt's Dynamo backend (``Options`` checked that it imports)."""
     import torch_tensorrt  # noqa: F401  (registers the "tensorrt" Dynamo backend)
     from torch._dynamo.backends.registry import lookup_backend
 

@@ -13,7 +13,6 @@ here, with a default a user can start from.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -34,7 +33,7 @@ _TILES = ("plan", lambda v: v == "tiles", '"tiles"')
 _ENABLED = ("enabled", lambda v: v is True, "True")
 _MEASURED_WINDOW = ("window_rule", lambda v: v != "fixed", 'other than "fixed"')
 # what makes a sparse plan, none of which acts while the context controller is off (every plan dense)
-PLAN_SHAPING = ("plan", "recent_radius", "visibility_margin", "context_queries", "max_density")
+PLAN_SHAPING = ("plan", "recent_radius", "visibility_margin", "context_queries", "max_density", "flash_span")
 
 
 def _choice(values: tuple[str, ...]) -> dict:
@@ -90,8 +89,8 @@ class SparsityOptions:
     recent_radius: int = field(default=1, metadata={**_range(0, None), "acts_with": _TILES})
     visibility_margin: float = field(default=0.1, metadata={**_range(0.0, None), "acts_with": _TILES})
     context_queries: str = field(default="dense", metadata={**_choice(CONTEXT_QUERY_RULES), "acts_with": _TILES})
-    max_density: float = field(default=0.6, metadata=_range(0.0, 1.0))
-    flash_span: bool = True
+    max_density: float = field(default=0.6, metadata={**_range(0.0, 1.0), "acts_with": _TILES})
+    flash_span: bool = field(default=True, metadata={"acts_with": _TILES})
 
     def __post_init__(self) -> None:
         _validate(self, "sparsity.")
@@ -140,7 +139,7 @@ class ContextOptions:
     """
 
     enabled: bool = True
-    similarity: str = field(default="proxy", metadata={**_choice(SIMILARITY_MEASURES), "acts_with": _ENABLED})
+    similarity: str = field(default="proxy", metadata=_choice(SIMILARITY_MEASURES))  # off, it ranks the memory_k kept
     keep_threshold: float = field(default=0.1, metadata={**_range(0.0, 1.0), "acts_with": _ENABLED})
     window_rule: str = field(default="fixed", metadata={**_choice(WINDOW_RULES), "acts_with": _ENABLED})
     window_min: int = field(default=1, metadata={**_range(1, None), "acts_with": _MEASURED_WINDOW})
@@ -218,9 +217,12 @@ class Options:
 
     def __post_init__(self) -> None:
         _validate(self, "")
-        if self.inner == "tensorrt" and importlib.util.find_spec("torch_tensorrt") is None:
-            raise ImportError("light_interaction option inner='tensorrt' needs torch-tensorrt, which is not installed: "
-                              "pip install li-compile[tensorrt]")
+        if self.inner == "tensorrt":
+            try:
+                import torch_tensorrt  # noqa: F401  (registers the "tensorrt" Dynamo backend)
+            except Exception as exc:  # missing, or built for another torch: fails on import
+                raise ImportError("light_interaction option inner='tensorrt' needs torch-tensorrt, which does not "
+                                  f"import here ({type(exc).__name__}: {exc}): pip install li-compile[tensorrt]") from exc
         if self.context.row_blocks and self.context.reuse_rows is False:
             raise ValueError("option 'context.row_blocks' runs blocks on the chunk's rows at the steps that reuse the "
                              "context rows: it needs context.reuse_rows True or \"auto\", got False")
@@ -275,12 +277,13 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
             raise ValueError(f"unknown option {path!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: {sorted(fields)}")
         kwargs[key] = _check(fields[key], value, path)
     built = cls(**kwargs)
-    if prefix[:-1] in INERT_WHEN_DISABLED and kwargs.get("enabled") is False and len(kwargs) > 1:
-        others = sorted(f"{prefix}{k}" for k in kwargs if k != "enabled")
-        raise ValueError(f"option(s) {others} cannot act with {prefix}enabled=False: leave them out")
+    if prefix[:-1] in INERT_WHEN_DISABLED and kwargs.get("enabled") is False:
+        others = sorted(f"{prefix}{k}" for k in kwargs if k != "enabled" and getattr(built, k) != fields[k].default)
+        if others:  # (a key given its default value changes nothing, acting or not)
+            raise ValueError(f"option(s) {others} cannot act with {prefix}enabled=False: leave them out")
     for key in kwargs:
         acts_with = fields[key].metadata.get("acts_with")
-        if getattr(built, key) == fields[key].default:  # its default value changes nothing, acting or not
+        if getattr(built, key) == fields[key].default:
             continue
         if acts_with is not None and not acts_with[1](getattr(built, acts_with[0])):
             raise ValueError(f"option {prefix + key!r} acts only with {prefix}{acts_with[0]} {acts_with[2]}, "

@@ -52,6 +52,10 @@ def test_nested_dict_sets_section_fields():
         ({"context": {"enabled": False, "fill_density": 0.5}}, ["'context.fill_density'", "context.enabled True"]),
         ({"context": {"enabled": False}, "sparsity": {"recent_radius": 3}}, ["sparsity.recent_radius", "context.enabled=False"]),
         ({"context": {"enabled": False}, "sparsity": {"plan": "frames"}}, ["sparsity.plan", "context.enabled=False"]),
+        ({"context": {"enabled": False}, "sparsity": {"flash_span": False}}, ["sparsity.flash_span", "context.enabled=False"]),
+        ({"sparsity": {"plan": "frames", "max_density": 0.9}}, ["'sparsity.max_density'", 'sparsity.plan "tiles"']),
+        ({"sparsity": {"plan": "frames", "flash_span": False}}, ["'sparsity.flash_span'", 'sparsity.plan "tiles"']),
+        ({"cache": {"enabled": False, "capacity": 8}}, ["cache.capacity", "cache.enabled=False"]),
         ({"context": {"row_blocks": True}, "sparsity": {"enabled": False}}, ["'context.row_blocks'", "sparsity.enabled=True"]),
         ({"context": {"row_blocks": True, "enabled": False}}, ["'context.row_blocks'", "context.reuse_rows=True"]),
         ({"context": "fast"}, ["'context'", "keep_threshold"]),
@@ -73,6 +77,16 @@ def test_bad_options_name_the_key_and_the_valid_values(options, names):
         Options.from_user(options)
     for name in names:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("options", [
+    {"context": {"enabled": False, "similarity": "frustum"}},  # off, the controller still ranks the memory it keeps
+    {"context": {"enabled": False, "keep_threshold": 0.1}},  # a default value changes nothing, acting or not
+    {"cache": {"enabled": False, "reuse_steps": None}},
+    {"context": {"enabled": False, "reuse_rows": True, "row_blocks": True}},
+])
+def test_options_that_act_or_keep_their_defaults_are_accepted(options):
+    Options.from_user(options)
 
 
 def test_bad_options_fail_at_compile_time_through_torch_compile():
