@@ -13,6 +13,7 @@ here, with a default a user can start from.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -219,7 +220,7 @@ class Options:
         _validate(self, "")
         if self.inner == "tensorrt":
             try:
-                import torch_tensorrt  # noqa: F401  (registers the "tensorrt" Dynamo backend)
+                importlib.import_module("torch_tensorrt")  # (registers the "tensorrt" Dynamo backend)
             except Exception as exc:  # missing, or built for another torch: fails on import
                 raise ImportError("light_interaction option inner='tensorrt' needs torch-tensorrt, which does not "
                                   f"import here ({type(exc).__name__}: {exc}): pip install li-compile[tensorrt]") from exc
