@@ -431,17 +431,20 @@ class RoutedGraph:
         return out
 
     def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:
-        """The user's call's arguments by name (the signature an instance declares, as a wrapper
-        module does, else the forward's or the function's; a ``**kwargs`` parameter's arguments by their
+        """The user's call's arguments by name (for a compiled module, the signature an instance
+        declares, as a wrapper module does, else its forward's; else the compiled method's or
+        function's; a ``**kwargs`` parameter's arguments by their
         own names (``"kwargs['x']"`` where a parameter is named ``x``), a ``*args`` parameter's as
         ``"args[0]"``, ...; by position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty
         when unknown."""
         if frame is None or target is None:
             return {}
         args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
-        signature = vars(target).get("__signature__") if hasattr(target, "__dict__") else None
-        if signature is None:  # (an instance's own __signature__, as a wrapper module declares, comes first)
-            fn = target.forward if isinstance(target, torch.nn.Module) else target
+        fn, signature = inspect.unwrap(frame.f_locals.get("fn")), None
+        if isinstance(target, torch.nn.Module) and getattr(fn, "__self__", None) is target and _calls_module(fn):
+            signature = vars(target).get("__signature__")  # (an instance's own, as a wrapper module declares, first)
+            fn = target.forward
+        if signature is None:  # else the compiled method's or function's own
             code = getattr(fn, "__code__", fn)
             if code not in self._signatures:
                 try:
@@ -572,12 +575,20 @@ def _target_of(frame: Any) -> Any:
 
 def _model_of(fn: Any) -> Any:
     """The object a bound method ``fn`` belongs to (a module, a pipeline: the runtime state is that
-    instance's, not the class's function's), where it can hold attributes; else ``fn``."""
+    instance's, not the class's function's); else ``fn``. ValueError for an instance that cannot
+    hold attributes (``__slots__``): its instances would share one accelerator."""
     owner = getattr(fn, "__self__", None)
-    if isinstance(owner, torch.nn.Module):
-        return owner
-    instance = owner is not None and not isinstance(owner, (type, types.ModuleType))
-    return owner if instance and isinstance(getattr(owner, "__dict__", None), dict) else fn
+    if owner is None or isinstance(owner, (type, types.ModuleType)):  # a function, a classmethod
+        return fn
+    if not isinstance(owner, torch.nn.Module) and not isinstance(getattr(owner, "__dict__", None), dict):
+        raise ValueError(f"{type(owner).__name__} instances hold no attributes (__slots__), where light_interaction "
+                         "keeps a model's runtime state: compile a method of an object that can, or the module")
+    return owner
+
+
+def _calls_module(fn: Any) -> bool:
+    """Whether ``fn``, a module's bound method, is how ``torch.compile(module)`` calls it (its forward)."""
+    return getattr(fn, "__name__", "") in ("__call__", "_call_impl", "_wrapped_call_impl", "forward")
 
 
 def dynamic_setting(context: Any) -> bool | None | str:
@@ -618,4 +629,5 @@ def _compile_settings(context: Any) -> Any:
 
 
 def _name(target: Any) -> str:
-    return type(target).__name__ if isinstance(target, torch.nn.Module) else getattr(target, "__qualname__", repr(target))
+    """The model's name in reports and calibrations: a module's or instance's class, a function's name."""
+    return getattr(target, "__qualname__", None) or type(target).__name__

@@ -127,6 +127,23 @@ class Pipeline:
         return self.model.denoise(x)
 
 
+class SlottedPipeline:
+    __slots__ = ("model",)
+
+    def __init__(self) -> None:
+        self.model = MethodDenoiser()
+
+    def denoise(self, x):
+        return self.model.denoise(x)
+
+
+def test_a_compiled_method_of_an_object_that_holds_no_attributes_is_refused_naming_why():
+    pipeline = SlottedPipeline()
+    compiled = torch.compile(pipeline.denoise, backend="light_interaction", options=OPTIONS)
+    with pytest.raises(Exception, match="SlottedPipeline instances hold no attributes"), torch.no_grad():
+        compiled(torch.randn(1, 8, 16))
+
+
 @pytest.mark.parametrize("owner", [MethodDenoiser, Pipeline])
 def test_a_compiled_method_gets_its_owners_accelerator_the_one_its_graphs_run_with(owner):
     """``torch.compile(model.denoise)`` or ``torch.compile(pipeline.denoise)``: the accelerator is the

@@ -347,6 +347,39 @@ def test_a_chunk_whose_noise_is_scaled_before_the_first_step_hits_on_revisits_an
             torch.testing.assert_close(out, generate_chunk(noise(2), cond), rtol=1e-5, atol=1e-5)
 
 
+class Pipeline:
+    """Not a module: a pipeline whose compiled method is its chunk function, beside its own ``__call__``."""
+
+    def __init__(self) -> None:
+        self.model, self.sigmas = ToyDenoiser(), sigma_schedule(3, 1.0)
+
+    def __call__(self, noise, cam, text=None):  # the pipeline's entry point: other parameters
+        return self.run(noise, False, cam)
+
+    def run(self, noise, guidance, cam):
+        x, s = noise, self.sigmas
+        for i in range(len(s) - 1):
+            x = x + (s[i + 1] - s[i]) * (3.0 if guidance else 1.0) * self.model(x, s[i])
+        return x + 0.0 * cam.sum()
+
+
+def test_a_compiled_pipeline_method_binds_its_arguments_by_its_own_signature():
+    """The cache key names a compiled method's arguments by that method's parameters, not its
+    object's ``__call__``: a revisit with another Python value (``guidance``) computes in full, while
+    the declared revisit input (``cam``) stays out of the key."""
+    torch._dynamo.reset()
+    pipe = Pipeline()
+    compiled = torch.compile(pipe.run, backend="light_interaction", fullgraph=True, options={"inner": "eager"})
+    li_compile.accelerator(compiled).configure(revisit_inputs=("cam",))
+    run_chunk(compiled, compiled, HERE, pipe.sigmas, noise(0), False, torch.zeros(3), chunk=0)
+    out, calls, stats = run_chunk(compiled, compiled, HERE, pipe.sigmas, noise(1), True, torch.zeros(3), chunk=1)
+    assert stats["steps_reused"] == 0 and calls == 3
+    with torch.no_grad():
+        torch.testing.assert_close(out, pipe.run(noise(1), True, torch.zeros(3)), rtol=1e-5, atol=1e-5)
+    out, calls, stats = run_chunk(compiled, compiled, HERE, pipe.sigmas, noise(2), True, torch.ones(3), chunk=2)
+    assert stats["steps_reused"] > 0  # the same guidance, another cam: a revisit
+
+
 def test_a_loop_in_a_function_without_a_model_is_not_taken_for_a_sampler():
     def residual(x, w):
         for _ in range(3):
