@@ -157,8 +157,8 @@ def _written(node: fx.Node) -> set[fx.Node]:
     (``written_base``), or, for an op whose schema mutates (a custom op with ``mutates_args``), every
     tensor it takes."""
     base = written_base(node)
-    if base is not None:
-        return {base}
+    if base is not None:  # (through an op that may return its input: cache = keys.detach(); cache.mul_(3))
+        return {base, view_base(base, may_alias=True)}
     schema = getattr(node.target, "_schema", None)
     if node.op == "call_function" and (getattr(schema, "is_mutable", False) or node.is_impure()):
         return {view_base(i) for i in node.all_input_nodes}

@@ -210,13 +210,16 @@ class CacheWrittenMidSite(torch.nn.Module):
             cache[:, :, :2] = new
         elif self.write == "setitem through a swapaxes view":
             cache.swapaxes(-2, -1)[..., :2] = new.swapaxes(-2, -1)
+        elif self.write == "mul_ through detach":
+            cache.detach().mul_(3.0)
         else:
             write_cache(cache, new)
         return p @ self.values
 
 
 @pytest.mark.parametrize("keys_t", ["mT", "swapaxes"])
-@pytest.mark.parametrize("write", ["index_copy_", "setitem", "setitem through a swapaxes view", "a mutating custom op"])
+@pytest.mark.parametrize("write", ["index_copy_", "setitem", "setitem through a swapaxes view", "mul_ through detach",
+                                   "a mutating custom op"])
 @pytest.mark.parametrize("written, status", [("keys", "skipped"), ("values", "rewritten")])
 def test_a_cache_written_in_place_between_the_scores_and_the_values_is_read_as_eager_reads_it(written, write, keys_t,
                                                                                              status):
