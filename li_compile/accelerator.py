@@ -176,11 +176,12 @@ class Accelerator:
 
     def check_layers(self, calibration: Calibration, controller: ContextController) -> None:
         """ValueError unless ``calibration``, if measured on a model (``made_for``), was measured on
-        this one's layers: its layers must be named for this model's graphs (``{name}.graphN``); once
-        this model has run a graph with layers at the video layouts of ``controller``, some of the
-        calibration's graphs must be among those it ran; and in every one of them, its layers must be
-        that graph's layers at those layouts (``AttentionLayers``). A graph not run yet is checked at
-        the first chunk after it ran (``ChunkScope``), before that chunk's plan is written."""
+        one like this one: its layers must be named for this model (``{name}.graphN.attentionI``), and
+        every graph this model ran with layers at the video layouts of ``controller`` must have as many
+        of them as one of the calibration's graphs (another depth has another count). Graph numbers
+        follow the order graphs compile in (``dynamic=None``, a reset), so they are not compared. A
+        graph not run yet is checked at the first chunk after it ran (``ChunkScope``), before that
+        chunk's plan is written."""
         if calibration.made_for is None or controller.layout is None:  # (no layout: the controller refuses it)
             return
         graphs: dict[str, set[str]] = {}
@@ -190,19 +191,13 @@ class Accelerator:
         if foreign:
             raise ValueError(f"this calibration was measured on the layers of graphs {foreign}, not on "
                              f"{self.name}'s ({self.name}.graphN): it was made for another model; calibrate this one")
-        shapes = controller.video_shapes()
-        ran = sorted(g for g in self.layers.shapes if self.layers.layers(g, shapes))
-        if ran and not graphs.keys() & set(ran):
-            raise ValueError(f"this calibration measured the layers of graphs {sorted(graphs)}, none of which this "
-                             f"model ran (it ran {ran}): it was made for another model or compilation; calibrate this one")
-        for graph in sorted(graphs.keys() & self.layers.shapes.keys()):
-            ours, theirs = self.layers.layers(graph, shapes), graphs[graph]
-            if theirs != ours:
-                unmeasured, unknown = sorted(ours - theirs), sorted(theirs - ours)
-                differ = [f"never measured {unmeasured}"] * bool(unmeasured) + [f"not in it {unknown}"] * bool(unknown)
+        counts, shapes = {len(layers) for layers in graphs.values()}, controller.video_shapes()
+        for graph in sorted(self.layers.shapes):
+            ours = len(self.layers.layers(graph, shapes))
+            if ours and ours not in counts:
                 raise ValueError(
-                    f"this calibration measured {len(theirs)} attention layer(s) of {graph}, which has {len(ours)} "
-                    f"({'; '.join(differ)}): it was made for another model or depth; calibrate this one"
+                    f"this calibration measured graphs of {sorted(counts)} attention layer(s) at the video layouts, "
+                    f"and {graph}, which this model ran, has {ours}: it was made for another depth; calibrate this one"
                 )
 
     def reset(self) -> None:
