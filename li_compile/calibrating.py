@@ -135,7 +135,7 @@ class CalibrationRun:
             per_block = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (-1, block_k)).sum(-1)  # (B, H, r, K)
             on = masks.to(device)[:, rows // block_q].to(per_block.dtype)  # (C, r, K)
             kept += torch.einsum("bhrk,crk->ch", per_block, on).double()
-        return (kept / (B * len(pick))).cpu()
+        return (kept / (B * len(pick))).clamp(0.0, 1.0).cpu()  # (TF32 or fp32 sums may pass 1: a share is at most 1)
 
     def finish(self) -> Calibration:
         """The calibration of the measured chunks; ValueError when no site was measured."""
