@@ -177,8 +177,8 @@ class Accelerator:
     def check_layers(self, calibration: Calibration, controller: ContextController) -> None:
         """ValueError unless ``calibration``, if measured on a model (``made_for``), was measured on
         one like this one: its layers must be named for this model (``{name}.graphN.attentionI``), and
-        every graph this model ran with layers at the video layouts of ``controller`` must have as many
-        of them as one of the calibration's graphs (another depth has another count). Graph numbers
+        once this model ran graphs with layers at the video layouts of ``controller``, their layer
+        counts must be the calibration's graphs' (another depth has other counts). Graph numbers
         follow the order graphs compile in (``dynamic=None``, a reset), so they are not compared. A
         graph not run yet is checked at the first chunk after it ran (``ChunkScope``), before that
         chunk's plan is written."""
@@ -192,13 +192,14 @@ class Accelerator:
             raise ValueError(f"this calibration was measured on the layers of graphs {foreign}, not on "
                              f"{self.name}'s ({self.name}.graphN): it was made for another model; calibrate this one")
         counts, shapes = {len(layers) for layers in graphs.values()}, controller.video_shapes()
-        for graph in sorted(self.layers.shapes):
-            ours = len(self.layers.layers(graph, shapes))
-            if ours and ours not in counts:
-                raise ValueError(
-                    f"this calibration measured graphs of {sorted(counts)} attention layer(s) at the video layouts, "
-                    f"and {graph}, which this model ran, has {ours}: it was made for another depth; calibrate this one"
-                )
+        ours = {graph: len(self.layers.layers(graph, shapes)) for graph in sorted(self.layers.shapes)}
+        ours = {graph: n for graph, n in ours.items() if n}
+        if ours and set(ours.values()) != counts:  # (a graph break splits a forward: depth 3 as 1 + 2, depth 2 as 1 + 1)
+            raise ValueError(
+                f"this calibration measured graphs of {sorted(counts)} attention layer(s) at the video layouts, and "
+                f"this model ran graphs of {sorted(set(ours.values()))} ({', '.join(f'{g}: {n}' for g, n in ours.items())}): "
+                "it was made for another depth; calibrate this one"
+            )
 
     def reset(self) -> None:
         """Forget cached outputs and per-chunk statistics; plans dense again (compiled graphs stay).
@@ -412,7 +413,7 @@ class RoutedGraph:
 
     def __init__(self, compiled: Callable, options: Options, fallback: Accelerator, compilation: Compilation) -> None:
         self.compiled, self.options, self.fallback, self.compilation = compiled, options, fallback, compilation
-        self._signatures: dict[Any, inspect.Signature | None] = {}  # by the called function's code
+        self._signatures: dict[Any, inspect.Signature | None] = {}  # by the called function's code (call_signature)
 
     def __call__(self, *args: Any) -> Any:
         frame = _compile_wrapper_frame()
@@ -435,18 +436,7 @@ class RoutedGraph:
         if frame is None or target is None:
             return {}
         args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
-        fn, signature = inspect.unwrap(frame.f_locals.get("fn")), None
-        if isinstance(target, torch.nn.Module) and getattr(fn, "__self__", None) is target and _calls_module(fn):
-            signature = vars(target).get("__signature__")  # (an instance's own, as a wrapper module declares, first)
-            fn = target.forward
-        if signature is None:  # else the compiled method's or function's own
-            code = getattr(fn, "__code__", fn)
-            if code not in self._signatures:
-                try:
-                    self._signatures[code] = inspect.signature(fn)
-                except (TypeError, ValueError):
-                    self._signatures[code] = None
-            signature = self._signatures[code]
+        signature = call_signature(target, frame.f_locals.get("fn"), self._signatures)
         try:
             bound = signature.bind(*args, **kwargs) if signature is not None else None
         except TypeError:
@@ -564,32 +554,69 @@ def _target_of(frame: Any) -> Any:
     """The user's module or function that a ``compile_wrapper`` frame calls, or None."""
     if frame is None:
         return None
-    target = _model_of(inspect.unwrap(frame.f_locals.get("fn")))
+    target = _model_of(frame.f_locals.get("fn"))
     return target if hasattr(target, "__dict__") else None
 
 
 def _model_of(fn: Any) -> Any:
     """The object a bound method ``fn`` belongs to (a module, a pipeline: the runtime state is that
-    instance's, not the class's function's); else ``fn``. ValueError for an instance that cannot
-    hold attributes (``__slots__``): its instances would share one accelerator."""
+    instance's, not the class's function's; taken before any decorator is unwrapped); else ``fn``
+    unwrapped. ValueError for an instance that cannot hold attributes (``__slots__``): its instances
+    would share one accelerator."""
     owner = getattr(fn, "__self__", None)
     if owner is None or isinstance(owner, (type, types.ModuleType)):  # a function, a classmethod
-        return fn
+        return inspect.unwrap(fn)
     if not isinstance(owner, torch.nn.Module) and not isinstance(getattr(owner, "__dict__", None), dict):
         raise ValueError(f"{type(owner).__name__} instances hold no attributes (__slots__), where light_interaction "
                          "keeps a model's runtime state: compile a method of an object that can, or the module")
     return owner
 
 
-def _calls_module(fn: Any) -> bool:
-    """Whether ``fn``, a module's bound method, is how ``torch.compile(module)`` calls it (its forward)."""
-    return getattr(fn, "__name__", "") in ("__call__", "_call_impl", "_wrapped_call_impl", "forward")
+def call_signature(target: Any, fn: Any, cache: dict | None = None) -> inspect.Signature | None:
+    """The signature a call of ``fn`` (the callable ``torch.compile`` wrapped) on ``target`` (its model)
+    binds its arguments by: a module called as a module (its call, or a ``__call__`` override taking
+    only ``*args, **kwargs``) by the signature the instance declares (a wrapper module's) or its
+    forward's; any other method or function by its own (through decorators, without ``self``). None
+    where there is none. ``cache``: signatures by function code, kept across calls."""
+    def own(f: Any) -> inspect.Signature | None:
+        key = (getattr(inspect.unwrap(f), "__code__", f), isinstance(f, types.MethodType))
+        if cache is None or key not in cache:
+            try:
+                found = inspect.signature(f)
+            except (TypeError, ValueError):
+                found = None
+            if cache is None:
+                return found
+            cache[key] = found
+        return cache[key]
+
+    if isinstance(target, torch.nn.Module):
+        name = getattr(fn, "__name__", "") if getattr(fn, "__self__", None) is target else None
+        overridden = own(fn) if name == "__call__" else None
+        bare = overridden is not None and all(
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in overridden.parameters.values())
+        if fn is target or name in ("_call_impl", "_wrapped_call_impl", "forward") or bare:
+            return vars(target).get("__signature__") or own(target.forward)
+    signature = own(fn)
+    first = next(iter(signature.parameters), None) if signature is not None else None
+    if not isinstance(fn, types.MethodType) and first == "self":  # a method Dynamo unwrapped from its decorator
+        return None  # and its instance: called with or without it, so bound by position (every value keyed)
+    return signature
 
 
 def dynamic_setting(context: Any) -> bool | None | str:
     """The ``dynamic=`` the user gave ``torch.compile`` (``"unknown"`` if it cannot be found)."""
     settings = _compile_settings(context)
     return "unknown" if settings is None else settings.dynamic
+
+
+def compiled_signature(compiled: Any) -> inspect.Signature | None:
+    """The signature a call of ``compiled`` (a ``torch.compile`` result, or a model whose blocks are
+    compiled) binds its arguments by (``call_signature``)."""
+    target, _ = _compiled_target(compiled)
+    if isinstance(compiled, torch.nn.Module):  # the module itself was compiled (whole, in place, or its blocks)
+        return call_signature(target, target)
+    return call_signature(target, compiled._torchdynamo_orig_callable)
 
 
 def _compiled_target(compiled: Any) -> tuple[Any, Any]:
@@ -607,7 +634,7 @@ def _compiled_target(compiled: Any) -> tuple[Any, Any]:
             f"li_compile.compile_repeated_blocks), got "
             f"{type(compiled).__name__} {getattr(compiled, '__name__', '')!s}, which was not compiled by torch.compile"
         )
-    target = compiled if isinstance(compiled, torch.nn.Module) else _model_of(inspect.unwrap(orig))
+    target = compiled if isinstance(compiled, torch.nn.Module) else _model_of(orig)
     cells = [c.cell_contents for c in (getattr(impl, "__closure__", None) or ())]
     context = next((c for c in cells if isinstance(c, torch._dynamo.eval_frame._TorchDynamoContext)), None)
     return target, context

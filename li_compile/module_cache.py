@@ -15,12 +15,11 @@ only compute, so a step is never counted twice.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Hashable
 
 import torch
 
-from li_compile.accelerator import _compiled_target, accelerator
+from li_compile.accelerator import _compiled_target, accelerator, compiled_signature
 from li_compile.cache_key import named_arguments
 
 
@@ -38,9 +37,10 @@ class CachedCalls:
             raise ValueError(f"{getattr(target, '__name__', target)!r} is a compiled function: name the module whose "
                              "weights it computes with, cached(..., weights=model), so that new weights never hit "
                              "outputs of the old ones")
-        forward = target.forward if isinstance(target, torch.nn.Module) else target
-        # a wrapper module may state the signature it forwards to (``__signature__``)
-        self.signature = getattr(target, "__signature__", None) or inspect.signature(forward)
+        self.signature = compiled_signature(compiled)  # a wrapper module's declared one; a method's own
+        if self.signature is None:
+            raise ValueError(f"{getattr(target, '__name__', type(target).__name__)} has no signature to find "
+                             f"{latent!r} and {timestep!r} in")
         for name in (latent, timestep):
             if name not in self.signature.parameters:
                 raise ValueError(f"{type(target).__name__} takes no argument {name!r}; its arguments are "
