@@ -580,15 +580,15 @@ def call_signature(target: Any, fn: Any, cache: dict | None = None) -> inspect.S
     where there is none. ``cache``: signatures by function code, kept across calls."""
     def own(f: Any) -> inspect.Signature | None:
         key = (getattr(inspect.unwrap(f), "__code__", f), isinstance(f, types.MethodType))
-        if cache is None or key not in cache:
-            try:
-                found = inspect.signature(f)
-            except (TypeError, ValueError):
-                found = None
-            if cache is None:
-                return found
+        if cache is not None and key in cache:
+            return cache[key]
+        try:
+            found = inspect.signature(f)
+        except (TypeError, ValueError):
+            found = None
+        if cache is not None:
             cache[key] = found
-        return cache[key]
+        return found
 
     if isinstance(target, torch.nn.Module):
         name = getattr(fn, "__name__", "") if getattr(fn, "__self__", None) is target else None

@@ -44,9 +44,13 @@ class AttentionLayers:
         """A compiled graph starts: its site calls are its layers, in order."""
         self._graph, self._calls = graph, []
 
-    def call(self, q_len: int, kv_len: int) -> str:
-        """The name of the layer the site call of ``q_len`` x ``kv_len`` tokens now running is."""
+    def call(self, q_len: int, kv_len: int) -> None:
+        """A site call of ``q_len`` x ``kv_len`` tokens starts: the graph's next layer (``current``)."""
         self._calls.append((q_len, kv_len))
+
+    def current(self) -> str:
+        """The name of the layer whose site call is running (named only where it is needed: every
+        site call records its shape, and only a calibration reads names)."""
         return f"{self._graph}.attention{len(self._calls) - 1}"
 
     def end_graph_call(self) -> None:
@@ -101,7 +105,7 @@ class CalibrationRun:
 
     def record(self, layer: str, slot: PlanSlot, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
                scale: float | None) -> None:
-        """Measure one site call of ``layer`` (``AttentionLayers.call``; shapes as
+        """Measure one site call of ``layer`` (``AttentionLayers.current``; shapes as
         ``li::planned_attention``'s) against this chunk's candidates of ``slot``; a slot without
         candidates this chunk (another shape) is skipped."""
         site = self._sites.get(slot.id)

@@ -60,9 +60,9 @@ def planned_attention(
     model = running()
     slot = slot_for_call(None if model is None else model.plan, slot_id)
     if model is not None and not is_causal:
-        layer = model.layers.call(q.shape[-2], k.shape[-2])
+        model.layers.call(q.shape[-2], k.shape[-2])
         if model.calibrating is not None:
-            model.calibrating.record(layer, slot, q, k, attn_mask, scale)  # the slot is dense meanwhile
+            model.calibrating.record(model.layers.current(), slot, q, k, attn_mask, scale)  # the slot is dense meanwhile
     reuse = None if model is None or model.calibrating is not None or _capturing_cuda_graph(q) else model.context_rows
     planned = functools.partial(_planned, model, slot, q, k, v, attn_mask, kv_num_blocks, kv_indices,
                                 full_kv_num_blocks, full_kv_indices, key_keep, scale, is_causal, density)

@@ -138,16 +138,18 @@ def _written_after_read(match: AttentionMatch) -> str | None:
     earlier node of the site read (``p = softmax(q @ cache.mT)``, then ``cache.index_copy_(...)``, then
     ``p @ v``): the rewritten site runs whole at its output, after the write. None where there is none.
     Conservative: an op that may return its input (``x.float()``) counts as reading that input."""
-    nodes = set(match.nodes)
-    order = {node: i for i, node in enumerate(match.out.graph.nodes)}
-    first, last = min(order[n] for n in nodes), order[match.out]
-    for node in list(match.out.graph.nodes)[first + 1 : last]:
-        written = set() if node in nodes else _written(node)
-        if not written:
+    nodes, span, node = set(match.nodes), [], match.out
+    unseen = set(nodes)
+    while unseen and node.op != "root":  # back from the output to the site's first node
+        span.append(node)
+        unseen.discard(node)
+        node = node.prev
+    read: set[fx.Node] = set()
+    for node in reversed(span):
+        if node in nodes:
+            read |= {view_base(i, may_alias=True) for i in node.all_input_nodes if i not in nodes}
             continue
-        read = {view_base(i, may_alias=True) for n in nodes if order[n] < order[node] for i in n.all_input_nodes
-                if i not in nodes}
-        for base in written & read:
+        for base in _written(node) & read:
             return f"{node.name} writes {base.name} in place between the scores and the output"
     return None
 

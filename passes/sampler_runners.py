@@ -23,7 +23,7 @@ from torch.fx.passes.split_module import split_module
 
 from li_compile.cache_key import argument_values
 from li_compile.inner import InnerCompiler, compile_or_as_written
-from li_compile.passes.sampler_match import Step, TransformerSite, input_name, is_parameter, written_base
+from li_compile.passes.sampler_match import Step, TransformerSite, input_name, is_parameter, value, written_base
 from li_compile.running import running, running_arguments
 
 log = logging.getLogger("li_compile")
@@ -204,8 +204,8 @@ def _input_of(node: fx.Node) -> fx.Node | None:
 def _numel(node: fx.Node) -> int | None:
     """Elements of the tensor ``node`` traced to (Dynamo's example value), or None (not a tensor, or
     a symbolic size)."""
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value.numel() if isinstance(value, torch.Tensor) and isinstance(value.numel(), int) else None
+    example = value(node)
+    return example.numel() if isinstance(example, torch.Tensor) and isinstance(example.numel(), int) else None
 
 
 def _partitions(gm: fx.GraphModule, steps: list[Step]) -> dict[fx.Node, int]:

@@ -214,15 +214,13 @@ def _ray_share_inside(a: torch.Tensor, t: torch.Tensor, bounds: torch.Tensor, ne
     left, right, bottom, top = x_min - dx, x_max + dx, y_min - dy, y_max + dy
     z_near, z_far = near * (1 - min(margin, 1.0)), far * (1 + margin)
     (ax, ay, az), (tx, ty, tz) = a.unbind(-1), t.unbind(-1)
-    sides = {  # (c0, c1) of each half-space c0 + c1 * s >= 0 bounding x and y by ``w``: z (cone) or near (box)
-        "cone": lambda: [(tx - left * tz, ax - left * az), (right * tz - tx, right * az - ax),
-                         (ty - bottom * tz, ay - bottom * az), (top * tz - ty, top * az - ay)],
-        "box": lambda: [(tx - left * near, ax), (right * near - tx, -ax), (ty - bottom * near, ay), (top * near - ty, -ay)],
-    }
-    pieces = [[(tz - near, az), (z_far - tz, -az), *sides["cone"]()],
-              [(tz - z_near, az), (near - tz, -az), *sides["box"]()]]
+    # each piece's half-spaces c0 + c1 * s >= 0: its depth slab, then x and y within the image times z or near
+    cone = [(tz - near, az), (z_far - tz, -az), (tx - left * tz, ax - left * az), (right * tz - tx, right * az - ax),
+            (ty - bottom * tz, ay - bottom * az), (top * tz - ty, top * az - ay)]
+    box = [(tz - z_near, az), (near - tz, -az), (tx - left * near, ax), (right * near - tx, -ax),
+           (ty - bottom * near, ay), (top * near - ty, -ay)]
     inside = torch.zeros_like(az)
-    for planes in pieces:  # they meet only where z = near
+    for planes in (cone, box):  # they meet only where z = near
         lo, hi = torch.full_like(az, near), torch.full_like(az, far)
         for c0, c1 in planes:
             bound = -c0 / torch.where(c1 == 0, torch.ones_like(c1), c1)
