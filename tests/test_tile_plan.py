@@ -273,6 +273,36 @@ def test_recent_window_contains_where_the_tiles_content_was(motion, amount, dept
             assert window[q, tr * 8 + tc], f"query tile {q}: content at depth {depth:.2f} was in tile ({tr}, {tc})"
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), grid=st.tuples(st.integers(4, 16), st.integers(4, 16)),
+       tile=st.tuples(st.integers(1, 4), st.integers(1, 4)), radius=st.integers(0, 1))
+def test_the_recent_window_holds_every_in_front_point_of_each_query_tiles_centre_ray(seed, grid, tile, radius):
+    """Random camera pairs, so that a ray's depth range often crosses behind the recent camera: at 64
+    depths across ``depth_range`` the centre ray's points in front of the recent camera that project
+    into its image all land in visited tiles, including where the sampled segment's other end is
+    behind it."""
+    g = torch.Generator().manual_seed(seed)
+    tiled = TiledSequence(SequenceLayout(1, 1, *grid, 0, 0, "chunk"), (1, *tile))
+    bounds = bounds_from_fov(float(torch.rand(1, generator=g)) * 60 + 40, float(torch.rand(1, generator=g)) + 0.7)
+    recent, chunk = random_poses(2, float(torch.rand(1, generator=g)) * 0.5, g)
+    params = TilePlanParams(recent_radius=radius, depth_range=(0.5, 10.0))
+    window = recent_window(tiled, chunk[None], recent[None], bounds, params)[:, 0]
+    _, nh, nw = tiled.key_order.tiles
+    x_min, x_max, y_min, y_max = bounds.unbind()
+    depths = torch.logspace(math.log10(0.5), 1.0, 64)
+    for q in range(nh * nw):
+        row, col = tiled.key_order.tile_boxes[q, 1:].float().mean(-1)
+        x, y = x_min + col / grid[1] * (x_max - x_min), y_min + row / grid[0] * (y_max - y_min)
+        world = chunk[:3, :3] @ torch.stack([x * depths, y * depths, depths]) + chunk[:3, 3:]
+        cam = recent[:3, :3].T @ (world - recent[:3, 3:])  # (3, 64)
+        ahead = cam[2] > 1e-3
+        tc = ((cam[0, ahead] / cam[2, ahead] - x_min) / (x_max - x_min) * grid[1] // tile[1]).floor().long()
+        tr = ((cam[1, ahead] / cam[2, ahead] - y_min) / (y_max - y_min) * grid[0] // tile[0]).floor().long()
+        seen = (tr >= 0) & (tr < nh) & (tc >= 0) & (tc < nw)
+        landed = (tr * nw + tc)[seen]
+        assert window[q, landed].all(), f"query tile {q}: tiles {landed[~window[q, landed]].tolist()} not visited"
+
+
 def test_context_queries_follow_their_rule_in_the_full_sequence():
     tiled = _tiled(queries="all", context=2, tile=(1, 4, 4))
     poses = torch.stack([_yaw(0.0), _yaw(5.0), _yaw(10.0), _yaw(15.0)])

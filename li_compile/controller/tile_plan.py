@@ -137,7 +137,9 @@ def recent_window(
     ``depth_samples`` depths spaced geometrically over ``depth_range``, is carried from each of its
     frames' cameras into each recent camera and projected to tile coordinates. The tiles within
     ``recent_radius`` of the box of each projected point, and of each pair of consecutive points (a
-    segment of the epipolar line), are visited; points behind the recent camera count for nothing."""
+    segment of the epipolar line), are visited. A segment that crosses behind the recent camera
+    keeps its part in front: the half-line from its point in front out to the image's edge (the
+    tiles within ``recent_radius`` of it, found by clipping it against each tile)."""
     boxes = _tile_image_boxes(tiled, bounds)
     near, far = params.depth_range
     depths = torch.logspace(math.log10(near), math.log10(far), params.depth_samples).clamp(near, far)
@@ -149,9 +151,12 @@ def recent_window(
     valid = z > _IN_FRONT
     x_min, x_max, y_min, y_max = bounds.unbind()
     order = tiled.key_order
-    col = (p[..., 0] / z.clamp_min(_IN_FRONT) - x_min) / (x_max - x_min) * order.grid_w / tiled.tile[2]
-    row = (p[..., 1] / z.clamp_min(_IN_FRONT) - y_min) / (y_max - y_min) * order.grid_h / tiled.tile[1]
-    at = torch.stack([row, col], -1).floor()  # (R, F, hw, n, 2) tile coordinates (may lie off the grid)
+    per_row = order.grid_h / tiled.tile[1] / (y_max - y_min)  # tile rows per unit of image y, and columns per x
+    per_col = order.grid_w / tiled.tile[2] / (x_max - x_min)
+    col = (p[..., 0] / z.clamp_min(_IN_FRONT) - x_min) * per_col
+    row = (p[..., 1] / z.clamp_min(_IN_FRONT) - y_min) * per_row
+    exact = torch.stack([row, col], -1)  # (R, F, hw, n, 2) tile coordinates (may lie off the grid)
+    at = exact.floor()
     lo = torch.cat([at, torch.minimum(at[..., 1:, :], at[..., :-1, :])], -2)  # points, then consecutive pairs
     hi = torch.cat([at, torch.maximum(at[..., 1:, :], at[..., :-1, :])], -2)
     ok = torch.cat([valid, valid[..., 1:] & valid[..., :-1]], -1)  # (R, F, hw, boxes)
@@ -160,9 +165,46 @@ def recent_window(
     r = params.recent_radius
     inside = ((key >= lo[..., None, :] - r) & (key <= hi[..., None, :] + r)).all(-1)  # (R, F, hw, boxes, hw_k)
     per_frame = (inside & ok[..., None]).any(-2)  # (R, F, hw_q, hw_k)
+    per_frame |= _behind_crossings(p, exact, valid, torch.tensor([per_row, per_col]), key, r)
     frames_of_t = _frames_of_t(tiled, chunk_poses.shape[0])  # (chunk t-tiles, F)
     per_tile = (per_frame[:, None] & frames_of_t[None, :, :, None, None]).any(2)  # (R, T, hw_q, hw_k)
     return per_tile.permute(1, 2, 0, 3).reshape(-1, recent_poses.shape[0], nh * nw)
+
+
+def _behind_crossings(p: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, per_unit: torch.Tensor,
+                      key: torch.Tensor, radius: int) -> torch.Tensor:
+    """The key tiles (``key: (hw_k, 2)``, row and column) within ``radius`` of the in-front part of
+    each consecutive pair of reprojected points (``p: (..., n, 3)`` in the recent camera, ``exact``
+    their ``(..., n, 2)`` tile coordinates) whose other point is behind the camera: ``(..., hw_k)``.
+
+    That part's image is a half-line: from the point in front, away along the image direction of
+    where the segment crosses the camera's plane (as depth falls to 0 the projection runs off to
+    infinity that way; a segment through the camera's centre projects to its point alone). It is
+    clipped against every tile's box, widened by ``radius`` (Liang-Barsky), out to a length that
+    leaves the grid."""
+    straddle = valid[..., 1:] ^ valid[..., :-1]  # (..., n - 1)
+    first_in_front = valid[..., :-1, None]
+    start = torch.where(first_in_front, exact[..., :-1, :], exact[..., 1:, :])
+    front = torch.where(first_in_front, p[..., :-1, :], p[..., 1:, :])
+    back = torch.where(first_in_front, p[..., 1:, :], p[..., :-1, :])
+    share = (front[..., 2:] / (front[..., 2:] - back[..., 2:])).nan_to_num(0.0)  # of the way from front to back
+    crossing = front[..., :2] + (back[..., :2] - front[..., :2]) * share  # image-plane point at depth 0
+    direction = torch.stack([crossing[..., 1], crossing[..., 0]], -1) * per_unit  # (row, col), tile units
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    reach = start.norm(dim=-1, keepdim=True) + key.norm(dim=-1).max() + 2 * radius + 2
+    step = (direction * reach)[..., None, :]  # (..., n - 1, 1, 2)
+    origin = start[..., None, :]
+    lo, hi = key - radius, key + radius + 1  # (hw_k, 2) each tile's box, widened
+    moving = step.abs() > 1e-9
+    safe = torch.where(moving, step, torch.ones_like(step))
+    t_lo, t_hi = (lo - origin) / safe, (hi - origin) / safe
+    enter = torch.where(moving, torch.minimum(t_lo, t_hi), torch.full_like(t_lo, -math.inf))
+    leave = torch.where(moving, torch.maximum(t_lo, t_hi), torch.full_like(t_hi, math.inf))
+    still_inside = (moving | ((origin >= lo) & (origin <= hi))).all(-1)
+    enter = enter.amax(-1).clamp_min(0.0)
+    leave = leave.amin(-1).clamp_max(1.0)
+    hit = still_inside & (enter <= leave)  # (..., n - 1, hw_k)
+    return (hit & straddle[..., None]).any(-2)
 
 
 def memory_visibility(
