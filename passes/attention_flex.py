@@ -33,6 +33,7 @@ from torch import fx
 from li_compile.passes.attention_match import AttentionMatch, Mask, NotAttention, sdpa_layout_match
 from li_compile.passes.attention_rewrite import Emitter
 from li_compile.passes.attention_spellings import KEEP_MASK, example
+from li_compile.passes.sampler_match import written_base
 
 MAX_MASK_ELEMENTS = 1 << 26  # a materialised mask above this (64 MiB of bool) is not worth the rewrite
 LABELS = ("b0", "b1")
@@ -72,8 +73,7 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch:
 def _unread(node: fx.Node) -> bool:
     """Whether nothing reads ``node``: no users, or only calls that write nothing (no in-place op,
     no ``out=``, nothing impure) and that nothing reads in turn."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    writes = node.is_impure() or name.endswith("_") or "out" in node.kwargs or name in ("setitem", "__setitem__")
+    writes = node.is_impure() or written_base(node) is not None
     return node.op in ("call_function", "call_method") and not writes and all(_unread(u) for u in node.users)
 
 

@@ -127,7 +127,7 @@ def written_base(node: fx.Node) -> fx.Node | None:
     if getattr(target, "__module__", None) in ("operator", "_operator"):
         in_place = target in _IN_PLACE_OPERATORS  # operator.or_ / and_ / not_ are a | b, a & b, not a
     else:
-        in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")  # x.add_(...)
+        in_place = isinstance(name, str) and (name == "__setitem__" or name.endswith("_") and not name.endswith("__"))
     written = node.kwargs.get("out") if isinstance(node.kwargs.get("out"), fx.Node) else None
     if written is None and (in_place or node.kwargs.get("inplace") is True) and node.args:
         written = node.args[0] if isinstance(node.args[0], fx.Node) else None
