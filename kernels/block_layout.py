@@ -19,6 +19,9 @@ place without changing shapes)::
     full_kv_indices      (B|1, H|1, Q, C)  int32   or None
     key_keep             (B|1, kv_len)     bool    or None (every key kept)
 
+Any strides: a tensor whose last dim is not contiguous is copied for the kernel (a layout written
+in place every chunk should be contiguous, as every layout this package builds is).
+
 Index values are checked (``validate_layout``) when a layout is built on the CPU; on a GPU that would
 sync, so plans written in place there call ``validate_layout`` when they are written (the kernel
 never reads out of bounds either way: it clamps counts and skips bad indices).

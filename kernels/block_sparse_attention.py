@@ -16,6 +16,7 @@ to both. Softmax is online, in fp32, in base 2. A query row that sees no key ret
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -637,6 +638,10 @@ def prepare_call(
     the output is allocated, nothing is built or launched."""
     check_call(q, k, v, block_q, block_k)
     check_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, block_q, block_k)
+    check_scale(scale)
+    # the kernel reads each index row and the keep vector with unit stride (only leading strides are passed)
+    kv_indices, full_kv_indices, key_keep = (
+        t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (kv_indices, full_kv_indices, key_keep))
     B, H, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     check_site_mask(attn_mask, (B, H, Lq, Lk))
@@ -777,11 +782,22 @@ def _tma_eligible(q, k, v, flags) -> bool:
 
 
 def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:
-    """``span`` as (first, end) key blocks within [0, cdiv(kv_len, block_k)]; ValueError otherwise."""
+    """``span`` as (first, end) key blocks, ints within [0, cdiv(kv_len, block_k)]; ValueError
+    otherwise (``block_k`` first: a positive int)."""
+    check_sizes(block_k=block_k)
     kv_blocks = cdiv(kv_len, block_k)
-    if len(span) != 2 or not 0 <= span[0] <= span[1] <= kv_blocks:
-        raise ValueError(f"dense span must be (first, end) key blocks with 0 <= first <= end <= {kv_blocks}, got {tuple(span)}")
+    if (len(span) != 2 or any(isinstance(b, bool) or not hasattr(type(b), "__index__") for b in span)
+            or not 0 <= span[0] <= span[1] <= kv_blocks):
+        raise ValueError(f"dense span must be (first, end) int key blocks with 0 <= first <= end <= {kv_blocks}, "
+                         f"got {tuple(span)}")
     return int(span[0]), int(span[1])
+
+
+def check_scale(scale) -> None:
+    """Raise ``ValueError`` unless ``scale`` (of the scores) is None or a finite number: the kernel
+    takes it as a constant, not a tensor."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite number (a Python float), got {scale!r}")
 
 
 def _seed_strides(t: torch.Tensor, n: int) -> list[int]:

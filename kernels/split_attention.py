@@ -28,9 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv
+from li_compile.kernels.block_layout import BlockLayout, cdiv, check_sizes
 from li_compile.kernels.block_sparse_attention import (
-    KernelCall, check_span, folds_key_padding, launch_split, prepare_call, register_inference_only,
+    KernelCall, check_layout, check_scale, check_span, folds_key_padding, launch_split, prepare_call,
+    register_inference_only,
 )
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -165,11 +166,14 @@ def attend(
 def _attend(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep, attn_mask,
             block_q, block_k, scale, is_causal, span) -> tuple[torch.Tensor, str]:
     """``attend`` and the name of the path that ran (for benchmarks and reports)."""
+    check_sizes(block_q=block_q, block_k=block_k)
     span = check_span(span, k.shape[2], block_k)
+    check_scale(scale)
     lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, key_keep)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     route, seed, variant = _route(q, k, v, attn_mask, is_causal, span, block_k, scale)
     if route == "sdpa":
+        check_layout(q, k, *lists, block_q, block_k)  # the layout is not read, but must be one
         # the span is every key (listed blocks all lie inside it): dense attention is the answer,
         # SDPA's own call, with no log-sum-exp to ask for
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])

@@ -322,6 +322,50 @@ def test_a_span_outside_the_keys_is_refused():
         split_attention(q, k, v, layout, (2, 5))
 
 
+@pytest.mark.parametrize("span", [(0, 0), (1, 2)], ids=["kernel_alone", "with_span"])
+@pytest.mark.parametrize("strided", ["key_keep", "kv_indices", "full_kv_indices"])
+def test_layout_tensors_whose_last_dim_is_not_contiguous_give_the_same_attention(strided, span):
+    """The kernel reads index rows and the keep vector with unit stride: a transposed view of the same
+    values must give what its contiguous copy gives."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, torch.float32)
+    layout = random_layout(g, 1, 1, 64, 64, 16, 16)
+    fields = {"key_keep": layout.key_keep, "kv_indices": layout.kv_indices, "full_kv_indices": layout.full_kv_indices}
+    values = fields[strided]
+    fields[strided] = torch.stack([values, values], -1)[..., 0]  # the same values, every other element
+    assert torch.equal(fields[strided], values) and fields[strided].stride(-1) != 1
+    strided_layout = BlockLayout(layout.kv_num_blocks, fields["kv_indices"], layout.full_kv_num_blocks,
+                                 fields["full_kv_indices"], fields["key_keep"], 16, 16, 64, 64)
+    torch.testing.assert_close(split_attention(q, k, v, strided_layout, span), reference(q, k, v, layout, span),
+                               **TOLERANCE[torch.float32])
+
+
+def test_a_span_over_every_key_still_checks_the_layout_and_block_sizes():
+    """That route runs SDPA alone and never reads the layout, but a malformed layout or block size is
+    still refused, naming it, as on every other route."""
+    q, k, v = qkv(1, 1, 1, 32, 32, 16, torch.float32)
+    layout = BlockLayout.dense(block_q=16, block_k=16, q_len=32, kv_len=32)
+    op = torch.ops.li.split_attention
+    with pytest.raises(ValueError, match="kv_indices must be int32"):
+        op(q, k, v, layout.kv_num_blocks, layout.kv_indices.long(), None, None, None, None, 16, 16, None, False, 0, 2)
+    with pytest.raises(ValueError, match="key_keep must be bool"):
+        op(q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, torch.ones(1, 7, dtype=torch.bool), None,
+           16, 16, None, False, 0, 2)
+    with pytest.raises(ValueError, match="block_q must be a positive int, got 0"):
+        op(q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, None, None, 0, 16, None, False, 0, 2)
+    with pytest.raises(ValueError, match="block_k must be a positive int, got -16"):
+        op(q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, None, None, 16, -16, None, False, 0, 1)
+
+
+def test_a_fractional_span_or_a_tensor_scale_is_refused_naming_it():
+    q, k, v = qkv(1, 1, 1, 32, 32, 16, torch.float32)
+    layout = BlockLayout.dense(block_q=16, block_k=16, q_len=32, kv_len=32)
+    with pytest.raises(ValueError, match=r"int key blocks .* got \(0.5, 1.9\)"):
+        split_attention(q, k, v, layout, (0.5, 1.9))
+    with pytest.raises(ValueError, match="scale must be None or a finite number"):
+        bsa.sparse_attention(q, k, v, layout, scale=torch.tensor(0.5))
+
+
 @pytest.mark.parametrize("kv_len", [64, 70], ids=["whole_blocks", "ragged"])
 def test_the_tma_variant_computes_the_same_attention(monkeypatch, kv_len):
     """Hopper's descriptor loads (``USE_TMA``), run by the interpreter: same result as pointer loads,
