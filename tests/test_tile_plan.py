@@ -356,6 +356,27 @@ def test_the_plan_is_written_in_place_with_fixed_shapes_and_changes_with_the_cam
     assert layout.block_mask().shape == (1, 3, layout.q_blocks, layout.kv_blocks)
 
 
+def test_one_plan_per_head_all_alike_is_the_shared_plan_planned_once(monkeypatch):
+    """A calibration that chose one plan for every head writes what that plan alone writes, and
+    plans it for one head (the host work of a plan grows with the heads it is planned for)."""
+    import li_compile.controller.tile_plan as tile_plan_module
+
+    tiled = _tiled(context=4, tile=(1, 4, 4))
+    roles = ["memory", "memory", "recent", "recent"]
+    poses = torch.stack([_yaw(10.0 * i) for i in range(6)])
+    params = TilePlanParams(recent_radius=2, visibility_margin=0.3)
+    layouts = [empty_tile_plan(tiled, capacity=required_capacity(tiled, block_q=16, block_k=16) + 16, block_q=16,
+                               block_k=16, heads=3) for _ in range(2)]
+    planned_heads = []
+    write = tile_plan_module.write_priorities_
+    monkeypatch.setattr(tile_plan_module, "write_priorities_",
+                        lambda layout, prio, *rest: planned_heads.append(prio.shape[1]) or write(layout, prio, *rest))
+    write_tile_plan(layouts[0], tiled, roles, poses[:4], poses[4:], BOUNDS, params)
+    write_tile_plan(layouts[1], tiled, roles, poses[:4], poses[4:], BOUNDS, [params] * 3)
+    assert torch.equal(layouts[0].to_dense_mask(), layouts[1].to_dense_mask())
+    assert planned_heads == [1, 1]
+
+
 def test_a_capacity_cut_drops_the_lowest_priorities_first():
     tiled = _tiled(context=6, chunk=2, tile=(1, 4, 4))
     roles = ["memory"] * 4 + ["recent"] * 2

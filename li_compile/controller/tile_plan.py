@@ -581,6 +581,8 @@ def write_tile_plan(
     heads = layout.kv_num_blocks.shape[1]
     if len(per_head) not in (1, heads):
         raise ValueError(f"params must be one TilePlanParams or one per head ({heads}), got {len(per_head)}")
+    if len(set(per_head)) == 1:  # every head alike (a calibration that chose one plan): written once, broadcast
+        per_head = per_head[:1]
     grid = (layout.q_blocks, layout.kv_blocks)
     blocks: dict[TilePlanParams | None, torch.Tensor] = {}
     for p in per_head:
