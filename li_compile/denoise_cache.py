@@ -84,6 +84,9 @@ class Entry:
     outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     chunk: int = -1
     score: float = 1.0
+    # the timestep each output was computed at, per (step, call): one value, or an assembled entry's
+    # sources' values (None: not known); told where the stamp holds no schedule
+    timesteps: dict[tuple[int, int], frozenset] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -201,10 +204,11 @@ class DenoiseCache:
         if entry in self:
             del self._entries[entry.key]
 
-    def store(self, entry: Entry, step: int, output: torch.Tensor, call: int = 0) -> None:
-        """Keep ``output`` (a copy) as ``entry``'s stored output of model ``call`` at denoising ``step``.
-        Does nothing if the entry was evicted meanwhile; may evict other entries to stay within
-        ``max_bytes``."""
+    def store(self, entry: Entry, step: int, output: torch.Tensor, call: int = 0,
+              timestep: tuple[float, ...] | None = None) -> None:
+        """Keep ``output`` (a copy) as ``entry``'s stored output of model ``call`` at denoising ``step``
+        (computed at ``timestep``, if told). Does nothing if the entry was evicted meanwhile; may evict
+        other entries to stay within ``max_bytes``."""
         if tuple(output.shape) != entry.stamp.shape or output.dtype != entry.stamp.dtype:
             raise ValueError(
                 f"cached output must match the entry's stamp {entry.stamp.shape}/{entry.stamp.dtype}, "
@@ -212,6 +216,7 @@ class DenoiseCache:
             )
         if entry in self:
             entry.outputs[step, call] = output.detach().clone()
+            entry.timesteps[step, call] = frozenset({timestep})
             self._evict(keep=entry.key)
 
     def lookup(
@@ -226,6 +231,7 @@ class DenoiseCache:
         serve: str = "best",
         near_threshold: float | None = None,
         previous: torch.Tensor | None = None,
+        timestep: tuple[tuple[int, int], tuple[float, ...] | None] | None = None,
     ) -> Entry | None:
         """The revisit served to a chunk at ``poses``: among entries with the identical ``stamp`` and
         outputs for steps ``0 .. steps - 1``, per frame the best-matching past frame (``frame_axis``
@@ -239,7 +245,8 @@ class DenoiseCache:
         its score (a hit blends only frames matching at ``threshold``). ``previous``: the last camera
         ``(4, 4)`` of the chunk generated just before (whether stored or not); given, a near match
         that ``continues_path`` from it is a miss: the path goes on from there rather than coming
-        back."""
+        back. ``timestep``: ``((step, call), value)``, only entries whose output there was computed at
+        that timestep (``Entry.timesteps``) are candidates."""
         if near_threshold is not None and not 0.0 <= near_threshold <= threshold:
             raise ValueError(f"near_threshold must be in [0, threshold={threshold}], got {near_threshold}")
         accept = threshold if near_threshold is None else near_threshold
@@ -247,6 +254,7 @@ class DenoiseCache:
         candidates = [
             e for e in self._entries.values()
             if e.stamp == stamp and all((s, 0) in e.outputs for s in range(steps))
+            and (timestep is None or e.timesteps.get(timestep[0], {None}) == {timestep[1]})
         ]
         if frame_axis is not None:
             match = self._frame_match(current, candidates, frame_axis, accept, measure, max_distance, serve,
@@ -315,9 +323,12 @@ class DenoiseCache:
         outputs = {key: torch.cat([_blend(owners, frame, key, frame_axis) for frame in weights], frame_axis)
                    for key in keys}
         chunks = [owners[m][0].chunk for m in best]
-        for entry in {id(e): e for e, _ in sources}.values():
+        used = {id(e): e for e, _ in sources}.values()
+        for entry in used:
             self._entries.move_to_end(entry.key)
-        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count), score=worst)
+        timesteps = {key: frozenset().union(*(e.timesteps.get(key, {None}) for e in used)) for key in keys}
+        return Entry(-1, current, candidates[0].stamp, outputs, chunk=max(chunks, key=chunks.count), score=worst,
+                     timesteps=timesteps)
 
     def _evict(self, keep: int) -> None:
         """Drop least recently used entries (never ``keep``) until within capacity and ``max_bytes``."""

@@ -98,6 +98,7 @@ class _Chunk:
     measured: dict[int, float] = field(default_factory=dict)  # reuse_steps="auto": step -> served vs fresh dB
     levels: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> per-frame sigma, shaped to broadcast
     calls: dict[Hashable, int] = field(default_factory=dict)
+    stamp_calls: dict[Hashable, int] = field(default_factory=dict)  # (runner, step, stamp) -> calls so far
     step: int | None = None  # told by the loop (set_step), else counted per runner
     reused: int = 0
     computed: int = 0
@@ -267,6 +268,7 @@ class DenoiseRuntime:
         compute: Callable[[], torch.Tensor],
         steps: int | None = None,
         step: int | None = None,
+        timestep: object = None,
     ) -> torch.Tensor:
         """One model call of ``runner``: the stored output of the matched past chunk on an early step
         of a revisit, else ``compute()`` (stored on early steps).
@@ -276,16 +278,19 @@ class DenoiseRuntime:
         steps, where a lookup or a store needs it). ``step``: the denoising
         step, if the caller knows it (else the step told by ``set_step``, else the n-th call of
         ``runner`` in this chunk is step n); ``steps``: the chunk's step count, if known (the last
-        step is never served).
+        step is never served). ``timestep``: the call's timestep argument (a number or tensor), if
+        the caller knows it: in a chunk without ``sigmas``, whose stamp holds no schedule, an output
+        is served only to a call at the timestep it was computed at (a host read of it, each early
+        step), and the rest of the chunk computes once one is not. Calls of one step are counted
+        per stamp (guidance as separate calls: each call's conditioning has its own entry).
         """
         c = self._chunk
         if c is None or torch.is_grad_enabled() or self._outer:  # inference only: a served output has no gradient
             return compute()
-        call = 0
-        if step is None and c.step is not None:
+        told = step is None and c.step is not None
+        if told:
             step = c.step
-            call = c.calls.get((runner, step), 0)
-            c.calls[runner, step] = call + 1
+            c.calls[runner, step] = c.calls.get((runner, step), 0) + 1
         elif step is None:
             step = c.calls.get(runner, 0)
             c.calls[runner] = step + 1
@@ -296,9 +301,17 @@ class DenoiseRuntime:
         sigma = self._noise_level(step, latents) if c.sigmas is not None and self.options.stored == "x0" else None
         schedule = tuple(c.sigmas) if c.sigmas is not None else (steps,)
         stamp = Stamp.of(key(), latents, "raw" if sigma is None else "x0", schedule)
+        call = 0
+        if told:
+            call = c.stamp_calls.get((runner, step, stamp), 0)
+            c.stamp_calls[runner, step, stamp] = call + 1
+        timestep = timestep_values(timestep) if c.sigmas is None else None
         if stamp not in c.matches:
-            c.matches[stamp], c.served[stamp] = self._lookup(c, stamp, limit, latents)
+            c.matches[stamp], c.served[stamp] = self._lookup(c, stamp, limit, latents, ((step, call), timestep))
         entry = c.matches[stamp] if step < c.served[stamp] else None
+        if entry is not None and (step, call) in entry.outputs and entry.timesteps.get((step, call), {None}) != {timestep}:
+            c.served[stamp] = step  # computed at another timestep (another schedule): compute from here on
+            entry = None
         if entry is not None and (step, call) in entry.outputs and self.auto is not None and self.auto.chosen is None:
             out = compute()  # calibration: compute, and measure what serving would have given
             c.computed += 1
@@ -321,21 +334,24 @@ class DenoiseRuntime:
             stored = out if sigma is None else (latents - sigma * out).to(out.dtype)
             if stamp not in c.opened:
                 c.opened[stamp] = self.cache.open_entry(c.poses, stamp, c.chunk)
-            self.cache.store(c.opened[stamp], step, stored, call)
+            self.cache.store(c.opened[stamp], step, stored, call, timestep)
             c.finite.setdefault(stamp, []).append(torch.isfinite(stored).all())  # read in end_chunk: no sync here
         return out
 
-    def _lookup(self, c: "_Chunk", stamp: Stamp, limit: int, latents: torch.Tensor) -> tuple[Entry | None, int]:
+    def _lookup(self, c: "_Chunk", stamp: Stamp, limit: int, latents: torch.Tensor,
+                timestep: tuple[tuple[int, int], tuple[float, ...] | None]) -> tuple[Entry | None, int]:
         """The open chunk's match under ``stamp`` and how many early steps it serves: ``limit`` on a
-        revisit, ``near_reuse_steps`` (at most ``limit``) on a near revisit. While ``reuse_steps="auto"``
-        calibrates, only revisits count (a near one would skew what it measures)."""
+        revisit, ``near_reuse_steps`` (at most ``limit``) on a near revisit; ``timestep``: the
+        looking-up call's ``(step, call)`` and timestep, which the match's output there must share.
+        While ``reuse_steps="auto"`` calibrates, only revisits count (a near one would skew what it
+        measures)."""
         self._drop_non_finite()
         options = self.options
         calibrating = self.auto is not None and self.auto.chosen is None
         near = options.near_threshold if options.near_reuse_steps > 0 and not calibrating else None
         entry = self.cache.lookup(c.poses, stamp, limit, options.revisit_threshold,
                                   frame_axis=frame_axis(latents.shape, c.poses.shape[0]), serve=options.serve,
-                                  near_threshold=near, previous=self._previous)
+                                  near_threshold=near, previous=self._previous, timestep=timestep)
         if entry is None or entry.score >= options.revisit_threshold:
             return entry, limit
         return entry, min(options.near_reuse_steps, limit)
@@ -383,6 +399,16 @@ def frame_axis(shape: Sequence[int], frames: int) -> int | None:
     last = len(shape) - 1 if len(shape) == 3 else len(shape)
     axes = [a for a in range(1, last) if shape[a] == frames]
     return axes[0] if len(axes) == 1 else None
+
+
+def timestep_values(timestep: object) -> tuple[float, ...] | None:
+    """A model call's timestep argument as host numbers (a tensor's are read: a sync on the GPU), or
+    None for anything else (not known)."""
+    if isinstance(timestep, torch.Tensor):
+        return tuple(timestep.detach().flatten().double().tolist())
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        return (float(timestep),)
+    return None
 
 
 def check_sigmas(sigmas: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor, frames: int) -> list[Level]:

@@ -65,7 +65,7 @@ class CachedCalls:
             tensor, self.wrap = _unwrap(out)
             return tensor
 
-        served = runtime.step(self, lambda: self._key(arguments), latents, compute)
+        served = runtime.step(self, lambda: self._key(arguments), latents, compute, timestep=arguments.get(self.timestep))
         if self.wrap is None:  # served from entries another runner stored: learn the output's form once
             compute()
         return self.wrap(served)

@@ -67,7 +67,8 @@ class ModelCallRunner:
             return out
 
         latents = args[self.site.latent_index]
-        return (running().denoise.step(self, lambda: self.key(args), latents, compute),)
+        return (running().denoise.step(self, lambda: self.key(args), latents, compute,
+                                       timestep=args[self.site.timestep_index]),)
 
 
 class _LazyCompiled(torch.nn.Module):

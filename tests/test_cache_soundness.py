@@ -225,6 +225,54 @@ def test_finding_5_another_sigma_schedule_never_hits(second):
     torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs, second), **FP32)
 
 
+def stepped_chunk(compiled, accelerator, x, inputs, sigmas, chunk, told=None, calls=1):
+    """One chunk through the cache, the loop telling each step (``set_step``) and the cache told the
+    schedule ``told`` (None: not told); ``calls`` model calls per step, the first with ``inputs``,
+    the others with a null prompt (guidance as separate calls). (output, the chunk's stats)."""
+    null = {**inputs, "text": torch.zeros_like(inputs["text"])}
+    accelerator.denoise.begin_chunk(chunk, HERE, told)
+    try:
+        with torch.no_grad():
+            for i, (s0, s1) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+                accelerator.denoise.set_step(i)
+                outs = [compiled(x, torch.tensor(s0), **(inputs if n == 0 else null)) for n in range(calls)]
+                x = x + (s1 - s0) * (outs[0] if calls == 1 else outs[1] + 2.0 * (outs[0] - outs[1]))
+    finally:
+        stats = accelerator.denoise.end_chunk().values
+    return x, stats
+
+
+def test_finding_5_without_sigmas_an_output_serves_only_the_timestep_it_was_computed_at():
+    """The cache told no schedule keys none: an early output is served only to a call at the
+    timestep it was computed at. Another schedule of as many steps misses; one that starts alike and
+    then parts is served up to where it parts."""
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    inputs = inputs_of(world)
+    for chunk in range(2):  # the first chunk without sigmas teaches the step count; the second stores
+        stepped_chunk(compiled, accelerator, noise(world, chunk), inputs, SIGMAS, chunk)
+    _, stats = stepped_chunk(compiled, accelerator, noise(world, 2), inputs, SIGMAS, 2)
+    assert stats["cache"] == "hit" and stats["steps_reused"] == 2
+    other = [0.5, 0.375, 0.25, 0.125, 0.0]
+    out, stats = stepped_chunk(compiled, accelerator, noise(world, 3), inputs, other, 3)
+    assert stats["cache"] == "miss" and stats["steps_reused"] == 0
+    torch.testing.assert_close(out, exact(world.model, noise(world, 3), inputs, other), **FP32)
+    parting = [1.0, 0.9, 0.5, 0.25, 0.0]
+    _, stats = stepped_chunk(compiled, accelerator, noise(world, 4), inputs, parting, 4)
+    assert stats["steps_reused"] == 1
+
+
+def test_guidance_as_two_calls_per_step_serves_both_calls_on_a_revisit():
+    """The conditional and unconditional calls of a step key their own entries, each found and
+    served on a true revisit."""
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    inputs = inputs_of(world)
+    stepped_chunk(compiled, accelerator, noise(world, 0), inputs, SIGMAS, 0, told=SIGMAS, calls=2)
+    _, stats = stepped_chunk(compiled, accelerator, noise(world, 1), inputs, SIGMAS, 1, told=SIGMAS, calls=2)
+    assert (stats["cache_hits"], stats["cache_misses"], stats["steps_reused"]) == (2, 0, 4)
+
+
 def test_finding_6_a_non_finite_chunk_is_never_served_and_a_nan_sigma_is_refused():
     """A chunk that stored a non-finite output is dropped before the next lookup (its flag is read
     then, not at the chunk's end: no host-device sync there), so a revisit of it misses."""
