@@ -201,6 +201,10 @@ class DenoiseRuntime:
         self._chunk, self._previous = None, c.poses[-1]
         if c.sigmas is None:
             self._note_steps(c)
+        elif c.step is not None and c.last_served >= c.step:
+            raise ValueError(f"chunk {c.chunk}: its last step told, {c.step}, was served from the cache, but its sigmas "
+                             f"give {len(c.sigmas) - 1} steps: tell each step's number with chunk.step(i), 0 to "
+                             f"{len(c.sigmas) - 2}, once per step (the last step always computes)")
         return stats
 
     def _note_steps(self, c: "_Chunk") -> None:
@@ -233,9 +237,18 @@ class DenoiseRuntime:
         """Tell the open chunk that denoising ``step`` starts: model calls until the next
         ``set_step`` belong to it (the 1st, 2nd, ... call of a runner in it are told apart, so a
         step may call the model more than once). Without it, a runner's n-th call is step n."""
-        if self._chunk is None:
+        c = self._chunk
+        if c is None:
             raise ValueError("set_step() without begin_chunk(): no chunk is open")
-        self._chunk.step = step
+        if isinstance(step, bool) or not hasattr(type(step), "__index__") or int(step) < 0:
+            raise ValueError(f"chunk.step(i) takes the denoising step about to run, an int >= 0, got {step!r}")
+        step = int(step)
+        if c.sigmas is not None and step >= len(c.sigmas) - 1:
+            raise ValueError(f"chunk.step({step}): the chunk's sigmas give {len(c.sigmas) - 1} steps, numbered 0 to "
+                             f"{len(c.sigmas) - 2}")
+        if c.step is not None and step < c.step:
+            raise ValueError(f"chunk.step({step}) after chunk.step({c.step}): the steps of a chunk are told in order")
+        c.step = step
 
     def reuse_limit(self, steps: int | None = None) -> int:
         """How many early steps may be served in the open chunk: ``reuse_steps`` (``None``: every step

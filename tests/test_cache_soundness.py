@@ -225,16 +225,17 @@ def test_finding_5_another_sigma_schedule_never_hits(second):
     torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs, second), **FP32)
 
 
-def stepped_chunk(compiled, accelerator, x, inputs, sigmas, chunk, told=None, calls=1):
-    """One chunk through the cache, the loop telling each step (``set_step``) and the cache told the
-    schedule ``told`` (None: not told); ``calls`` model calls per step, the first with ``inputs``,
-    the others with a null prompt (guidance as separate calls). (output, the chunk's stats)."""
+def stepped_chunk(compiled, accelerator, x, inputs, sigmas, chunk, told=None, calls=1, labels=None):
+    """One chunk through the cache, the loop telling each step (``set_step``, the step's number or
+    its entry of ``labels``) and the cache told the schedule ``told`` (None: not told); ``calls``
+    model calls per step, the first with ``inputs``, the others with a null prompt (guidance as
+    separate calls). (output, the chunk's stats)."""
     null = {**inputs, "text": torch.zeros_like(inputs["text"])}
     accelerator.denoise.begin_chunk(chunk, HERE, told)
     try:
         with torch.no_grad():
             for i, (s0, s1) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-                accelerator.denoise.set_step(i)
+                accelerator.denoise.set_step(i if labels is None else labels[i])
                 outs = [compiled(x, torch.tensor(s0), **(inputs if n == 0 else null)) for n in range(calls)]
                 x = x + (s1 - s0) * (outs[0] if calls == 1 else outs[1] + 2.0 * (outs[0] - outs[1]))
     finally:
@@ -271,6 +272,38 @@ def test_guidance_as_two_calls_per_step_serves_both_calls_on_a_revisit():
     stepped_chunk(compiled, accelerator, noise(world, 0), inputs, SIGMAS, 0, told=SIGMAS, calls=2)
     _, stats = stepped_chunk(compiled, accelerator, noise(world, 1), inputs, SIGMAS, 1, told=SIGMAS, calls=2)
     assert (stats["cache_hits"], stats["cache_misses"], stats["steps_reused"]) == (2, 0, 4)
+
+
+@pytest.mark.parametrize("step, match", [(-1, "an int >= 0, got -1"), (True, "got True"), (1.0, "got 1.0"),
+                                         (4, "sigmas give 4 steps, numbered 0 to 3")])
+def test_a_step_number_outside_the_schedule_is_refused_naming_it(step, match):
+    world = tiny_world()
+    _, accelerator = accelerated(world)
+    accelerator.denoise.begin_chunk(0, HERE, SIGMAS)
+    with pytest.raises(ValueError, match=match):
+        accelerator.denoise.set_step(step)
+
+
+def test_steps_told_out_of_order_are_refused():
+    world = tiny_world()
+    _, accelerator = accelerated(world)
+    accelerator.denoise.begin_chunk(0, HERE, SIGMAS)
+    accelerator.denoise.set_step(2)
+    accelerator.denoise.set_step(2)  # a step's second call: told again, allowed
+    with pytest.raises(ValueError, match=r"chunk.step\(1\) after chunk.step\(2\)"):
+        accelerator.denoise.set_step(1)
+
+
+def test_a_revisit_whose_last_step_was_served_under_a_wrong_number_raises_when_it_ends():
+    """Steps told 0, 0, 0, 1 of a 4-step schedule: the real last step, told as 1, is an early step to
+    the cache (``reuse_steps=2``) and is served; the chunk cannot know that until it ends, and then it raises rather
+    than let the output pass (the last step always computes)."""
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    inputs = inputs_of(world)
+    stepped_chunk(compiled, accelerator, noise(world, 0), inputs, SIGMAS, 0, told=SIGMAS)
+    with pytest.raises(ValueError, match="its last step told, 1, was served from the cache"):
+        stepped_chunk(compiled, accelerator, noise(world, 1), inputs, SIGMAS, 1, told=SIGMAS, labels=[0, 0, 0, 1])
 
 
 def test_finding_6_a_non_finite_chunk_is_never_served_and_a_nan_sigma_is_refused():
