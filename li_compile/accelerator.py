@@ -33,7 +33,9 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 from li_compile.audit import Audit
-from li_compile.cache_key import DigestMemo, WeightsIdentity, conditioning_digest, named_arguments
+from li_compile.cache_key import (
+    DigestMemo, WeightsIdentity, check_revisit_inputs, conditioning_digest, named_arguments,
+)
 from li_compile.calibrating import DEFAULT_ROWS, AttentionLayers, CalibrationRun
 from li_compile.context_rows import ContextRowReuse
 from li_compile.controller.buckets import CAPACITY_FRACTIONS
@@ -421,22 +423,25 @@ class RoutedGraph:
         accelerator = accelerator_of(target, self.options) if target is not None else self.fallback
         accelerator.runs(self.compilation)
         accelerator.layers.begin_graph_call(self.compilation.graph_name)
-        with running_for(accelerator, lambda: self._arguments(frame, target)):
+        with running_for(accelerator, lambda: self._arguments(frame, target, accelerator)):
             out = self.compiled(*args)
         accelerator.layers.end_graph_call()
         return out
 
-    def _arguments(self, frame: Any, target: Any) -> dict[str, Any]:
+    def _arguments(self, frame: Any, target: Any, accelerator: Accelerator) -> dict[str, Any]:
         """The user's call's arguments by name (for a compiled module, the signature an instance
         declares, as a wrapper module does, else its forward's; else the compiled method's or
         function's; a ``**kwargs`` parameter's arguments by their
         own names (``"kwargs['x']"`` where a parameter is named ``x``), a ``*args`` parameter's as
         ``"args[0]"``, ...; by position, ``"0"``, ``"1"``, ..., where it does not bind them), or empty
-        when unknown."""
+        when unknown. ``ValueError`` where ``accelerator``'s ``revisit_inputs`` name no parameter
+        of that signature (``check_revisit_inputs``)."""
         if frame is None or target is None:
             return {}
         args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
         signature = call_signature(target, frame.f_locals.get("fn"), self._signatures)
+        if signature is not None:
+            check_revisit_inputs(accelerator.revisit_inputs, signature, type(target).__qualname__)
         try:
             bound = signature.bind(*args, **kwargs) if signature is not None else None
         except TypeError:

@@ -254,6 +254,20 @@ def leaves(value: object, depth: int = 0, path: tuple[int, ...] = ()) -> list:
     return [("open", type(value).__qualname__), *inner, ("close",)]
 
 
+def check_revisit_inputs(names: Collection[str], signature: inspect.Signature, callee: str) -> None:
+    """Raise ``ValueError`` naming the ``revisit_inputs`` ``names`` that are no parameter of
+    ``signature`` (the compiled call's, ``callee`` in the message): a misspelt name would leave the
+    input in the key, and revisits would never hit. A signature with ``*args`` or ``**kwargs`` (a
+    wrapper) may take any name: nothing is checked."""
+    parameters = signature.parameters.values()
+    if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters):
+        return
+    unknown = sorted(set(names) - {p.name for p in parameters})
+    if unknown:
+        raise ValueError(f"revisit_inputs names {unknown}, which {'is' if len(unknown) == 1 else 'are'} no parameter "
+                         f"of {callee}{signature}: give the names the call's parameters have")
+
+
 def named_arguments(bound: inspect.BoundArguments) -> dict[str, object]:
     """A bound call's arguments by name: a ``**kwargs`` parameter's by their own names
     (``"kwargs['x']"`` where a parameter is named ``x``), a ``*args`` parameter's as ``"args[0]"``, ...

@@ -20,7 +20,7 @@ from typing import Any, Hashable
 import torch
 
 from li_compile.accelerator import _compiled_target, accelerator, compiled_signature
-from li_compile.cache_key import named_arguments
+from li_compile.cache_key import check_revisit_inputs, named_arguments
 
 
 class CachedCalls:
@@ -71,6 +71,7 @@ class CachedCalls:
         return self.wrap(served)
 
     def _key(self, arguments: dict[str, Any]) -> Hashable | None:
+        check_revisit_inputs(self.accelerator.revisit_inputs, self.signature, "the cached call")
         excluded = {self.latent, self.timestep, *self.accelerator.revisit_inputs}
         weights = [*self.module.parameters(), *self.module.buffers()]  # now: load_state_dict(assign=True) swaps them
         return self.accelerator.cache_key(weights, [v for k, v in arguments.items() if k not in excluded])

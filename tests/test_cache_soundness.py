@@ -306,6 +306,19 @@ def test_a_revisit_whose_last_step_was_served_under_a_wrong_number_raises_when_i
         stepped_chunk(compiled, accelerator, noise(world, 1), inputs, SIGMAS, 1, told=SIGMAS, labels=[0, 0, 0, 1])
 
 
+@pytest.mark.parametrize("boundary", [False, True], ids=["compiled_model", "li_compile_cached"])
+def test_a_revisit_input_that_names_no_parameter_is_refused_naming_it(boundary):
+    """A misspelt revisit input would stay in the key and no revisit would ever hit: the first call
+    that keys raises, naming it and the call's parameters."""
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    accelerator.configure(memory_k=world.spec.memory, layout=world.layout,
+                          revisit_inputs=("context", "context_valid", "cameras", "actions"))
+    model = li_compile.cached(compiled, latent="x", timestep="sigma") if boundary else compiled
+    with pytest.raises(ValueError, match=r"revisit_inputs names \['cameras'\], which is no parameter of .*camera"):
+        cached_chunk(model, accelerator, noise(world, 0), inputs_of(world))
+
+
 def test_finding_6_a_non_finite_chunk_is_never_served_and_a_nan_sigma_is_refused():
     """A chunk that stored a non-finite output is dropped before the next lookup (its flag is read
     then, not at the chunk's end: no host-device sync there), so a revisit of it misses."""
