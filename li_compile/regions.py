@@ -4,7 +4,7 @@ Dynamo hands the backend the whole model as one graph, every block unrolled. Ind
 with that graph: a 54-block DiT at four context capacities takes many minutes to warm up. Here the
 graph is cut at its repeated blocks, found by the module each node was traced in
 (``node.meta["nn_module_stack"]``: the outermost module path ending in an index, such as
-``blocks.3``). Each block, and each stretch of top-level code between blocks, becomes one region.
+``blocks.3``, that holds modules of its own: a leaf of an ``nn.Sequential`` is no block). Each block, and each stretch of top-level code between blocks, becomes one region.
 Regions whose graphs are the same (same ops on the same constants, with weights as inputs) and whose
 inputs have the same shapes, strides, dtypes and devices share ONE compiled function: the first
 such region compiles it on its first call (real inputs), the others reuse it. The rewrites of the
@@ -47,18 +47,27 @@ class Regions:
     reason: str | None = None
 
 
-def block_of(node: fx.Node) -> str | None:
-    """The path of the outermost indexed module (``blocks.3``) ``node`` was traced in, or None."""
+def block_paths(gm: fx.GraphModule) -> set[str]:
+    """The module paths of ``gm``'s blocks: indexed modules (``blocks.3``) that hold modules of their
+    own in some node's module stack (``blocks.3.attn``). A leaf in a list (``nn.Sequential``'s
+    ``Linear``, ``SiLU``, as in a timestep embedding) is no block."""
+    paths = {path for n in gm.graph.nodes for path, _ in (n.meta.get("nn_module_stack") or {}).values()}
+    return {p for p in paths if _INDEXED.search(p) and any(q.startswith(p + ".") for q in paths)}
+
+
+def block_of(node: fx.Node, blocks: set[str]) -> str | None:
+    """The path of the outermost of ``blocks`` (``blocks.3``) ``node`` was traced in, or None."""
     stack = node.meta.get("nn_module_stack") or {}
-    return next((path for path, _ in stack.values() if _INDEXED.search(path)), None)
+    return next((path for path, _ in stack.values() if path in blocks), None)
 
 
 def region_numbers(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], int]:
     """Region number per non-placeholder node (consecutive runs of one block, or of top-level code, in
-    graph order) and the number of distinct blocks. A node traced with no module stack (one a pass
-    inserted) belongs to the block around it when the nodes before and after it agree."""
+    graph order) and the number of distinct blocks (``block_paths``). A node traced with no module
+    stack (one a pass inserted) belongs to the block around it when the nodes before and after it agree."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    owners = [block_of(n) if n.meta.get("nn_module_stack") else ... for n in nodes]
+    blocks = block_paths(gm)
+    owners = [block_of(n, blocks) if n.meta.get("nn_module_stack") else ... for n in nodes]
     for i, owner in enumerate(owners):
         if owner is ...:
             before = next((o for o in reversed(owners[:i]) if o is not ...), None)

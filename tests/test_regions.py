@@ -87,6 +87,29 @@ def test_a_model_with_fewer_blocks_than_the_threshold_compiles_whole(compiles):
     assert len(compiles) == 1
 
 
+class EmbeddedStack(Stack):
+    """``Stack`` with a timestep-style embedding in an ``nn.Sequential`` (Linear, SiLU, Linear)."""
+
+    def __init__(self, depth: int, width: int = 16) -> None:
+        super().__init__(depth, width)
+        self.embed = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+
+
+@pytest.mark.parametrize("depth", [MIN_BLOCKS - 2, MIN_BLOCKS])
+def test_the_leaves_of_a_sequential_are_not_blocks(compiles, depth):
+    """Only indexed modules holding modules of their own count as blocks: the embedding's three
+    leaves neither make a shallow model regional nor add to the blocks the report counts."""
+    torch.manual_seed(0)
+    model, x = EmbeddedStack(depth), torch.randn(2, 8, 16)
+    compiled = _compiled(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    rows = [s.reason for s in li_compile.report(compiled).sites if s.kind == "regions"]
+    if depth < MIN_BLOCKS:
+        assert len(compiles) == 1 and rows == []
+    else:
+        assert len(compiles) == 3 and rows and rows[0].startswith(f"{depth} repeated blocks")
+
+
 def test_regional_false_compiles_the_unrolled_graph(compiles):
     model, x = Stack(4), torch.randn(2, 8, 16)
     torch.testing.assert_close(_compiled(model, regional=False)(x), model(x), rtol=1e-5, atol=1e-6)
