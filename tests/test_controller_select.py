@@ -85,6 +85,17 @@ def test_window_follows_the_rule_on_static_and_moving_latents(rule, static, movi
     assert [s.values["window"] for s in controller.stats] == [static, moving]
 
 
+def test_past_latents_in_any_layout_after_the_frame_axis_give_the_same_window():
+    """The window measures each frame's change over all its values: ``(N, C, h, w)`` and a token
+    layout ``(N, h * w, C)`` of the same latents decide alike."""
+    controller = _controller(window_min=1, window_max=4, window_rule="shrink_on_motion")
+    past = _turned([0] * 8)
+    for latents in (_static_latents(8), _moving_latents(8)):
+        grid = controller.select(0, past, _turned([0]), latents)
+        tokens = controller.select(1, past, _turned([0]), latents.flatten(2).transpose(1, 2))
+        assert (grid.recent, grid.capacity) == (tokens.recent, tokens.capacity)
+
+
 def test_capacity_is_the_smallest_bucket_holding_the_kept_frames():
     controller = _controller(window_min=1, window_max=5, window_rule="shrink_on_motion")  # buckets 4, 6, 8
     assert controller.warm_up_buckets() == (4, 6, 8)
@@ -146,7 +157,7 @@ def test_capacity_buckets_cover_every_context_size():
         (_turned([0, 0]), _turned([0]).index_put((torch.tensor([0]), torch.tensor([2]), torch.tensor([3])),
                                                  torch.tensor(math.inf)), _static_latents(2),
          r"chunk_poses\[0\] contains NaN or inf"),
-        (_turned([0, 0]), _turned([0]), _static_latents(3), r"latents must be \(N, C, h, w\) with N = 2"),
+        (_turned([0, 0]), _turned([0]), _static_latents(3), r"latents must be \(N, ...\) with N = 2"),
     ],
     ids=["nan", "scaled-rotation", "wrong-shape", "single-pose", "inf-chunk", "latents-count"],
 )
@@ -176,6 +187,17 @@ def test_a_lens_is_one_lens_for_every_camera(lens):
     with pytest.raises(ValueError, match="one lens for every camera"):
         ContextController(ContextOptions(), Plan(), memory_k=4, **lens)
     assert ContextController(ContextOptions(), Plan(), memory_k=4, fov_y_deg=torch.tensor([60.0])).bounds.shape == (4,)
+
+
+def test_a_layout_is_a_function_of_the_capacity_checked_at_every_bucket():
+    """``layout`` gives the token layout at each context capacity: a layout itself, or a function
+    that ignores its capacity, is refused when configured, naming what was expected."""
+    with pytest.raises(ValueError, match="layout must be a function capacity -> SequenceLayout.*got SequenceLayout"):
+        ContextController(ContextOptions(), Plan(), memory_k=4, layout=SequenceLayout(6, 2, H, W))
+    with pytest.raises(ValueError, match=r"layout\(\d+\) must be a SequenceLayout with \d+ context frames .* got 6"):
+        ContextController(ContextOptions(), Plan(), memory_k=4, layout=lambda capacity: SequenceLayout(6, 2, H, W))
+    controller = ContextController(ContextOptions(), Plan(), memory_k=4, layout=lambda c: SequenceLayout(c, 2, H, W))
+    assert controller.layout(controller.buckets[0]).context_frames == controller.buckets[0]
 
 
 def test_bad_options_raise_value_error():

@@ -6,7 +6,7 @@
     selection = controller.select(chunk, poses, chunk_poses, latents)
     #   poses       (N, 4, 4)   camera-to-world of every past latent frame
     #   chunk_poses (F, 4, 4)   cameras of the frames about to be generated
-    #   latents     (N, C, h, w) the past generated latent frames
+    #   latents     (N, ...)     the past generated latent frames, one per pose (any layout after N)
     #   -> ContextSelection(memory=[...], recent=[...], capacity=...)
 
 Per chunk it
@@ -28,7 +28,7 @@ similar older frames whatever their score, and the full capacity.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -120,6 +120,8 @@ class ContextController:
         self.max_context = memory_k + self.options.window_max
         self.buckets = capacity_buckets(self.max_context, capacity_fractions)
         self.layout = layout
+        if layout is not None:
+            check_layout_function(layout, self.buckets)
         self.stats: list[ChunkStats] = []
         self._tiled: dict[int, TiledSequence] = {}  # capacity -> its tile order (permutations built once)
         self._floors: dict[tuple[int, TilePlanParams], float] = {}  # least tile-plan density (cameras aside)
@@ -317,9 +319,10 @@ class ContextController:
             raise ValueError(f"poses must be (N, 4, 4) for N past frames, got {tuple(poses.shape)}")
         if chunk_poses.ndim != 3 or chunk_poses.shape[0] < 1:
             raise ValueError(f"chunk_poses must be (F, 4, 4) with F >= 1, got {tuple(chunk_poses.shape)}")
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != poses.shape[0]:
+        if not isinstance(latents, torch.Tensor) or latents.ndim < 2 or latents.shape[0] != poses.shape[0]:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be (N, C, h, w) with N = {poses.shape[0]} past frames (one per pose), got {shape}")
+            raise ValueError(f"latents must be (N, ...) with N = {poses.shape[0]} past frames (one latent per pose, "
+                             f"any layout after), got {shape}")
         return poses, chunk_poses
 
     def _window(self, latents: torch.Tensor) -> tuple[int, float | None]:
@@ -366,4 +369,19 @@ class ContextController:
 
     def _capacity(self, frames: int) -> int:
         return bucket_for(frames, self.buckets) if self.options.enabled else self.max_context
+
+
+def check_layout_function(layout: object, capacities: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``layout`` is a function ``capacity -> SequenceLayout`` whose
+    layout at each of ``capacities`` has that many context frames."""
+    if not callable(layout):
+        raise ValueError(f"layout must be a function capacity -> SequenceLayout (the token layout at each context "
+                         f"capacity, e.g. lambda capacity: SequenceLayout(capacity, ...)), got {type(layout).__name__}")
+    for capacity in capacities:
+        sequence = layout(capacity)
+        if not isinstance(sequence, SequenceLayout) or sequence.context_frames != capacity:
+            got = (f"{sequence.context_frames} context frames" if isinstance(sequence, SequenceLayout)
+                   else type(sequence).__name__)
+            raise ValueError(f"layout({capacity}) must be a SequenceLayout with {capacity} context frames (one per "
+                             f"context slot), got {got}")
 

@@ -25,17 +25,18 @@ _TINY = 1e-12  # keeps all-zero frames from dividing by zero
 
 
 def validate_latents(latents: torch.Tensor, name: str = "latents", first: int = 0) -> torch.Tensor:
-    """Check recent latent frames ``(T, C, H, W)`` with ``T >= 2``; return them as float32. ``first``:
-    the index in ``name`` of ``latents[0]`` (the recent frames of a longer history).
+    """Check recent latent frames ``(T, ...)`` (one per frame, any layout: ``(T, C, H, W)``,
+    ``(T, H * W, C)``) with ``T >= 2``; return them as float32. ``first``: the index in ``name`` of
+    ``latents[0]`` (the recent frames of a longer history).
 
-    Raises ``ValueError`` for a non-tensor, a wrong rank, fewer than two frames, a non-float
-    dtype, or NaN / inf values (naming the first bad frame). Models that keep time in another
-    axis (``(B, C, T, H, W)``) pass one sample with time first: ``x[b].transpose(0, 1)``.
+    Raises ``ValueError`` for a non-tensor, no axis after the frames', fewer than two frames, a
+    non-float dtype, or NaN / inf values (naming the first bad frame). Models that keep time in
+    another axis (``(B, C, T, H, W)``) pass one sample with time first: ``x[b].transpose(0, 1)``.
     """
     if not isinstance(latents, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(latents).__name__}")
-    if latents.ndim != 4:
-        raise ValueError(f"{name} must be (T, C, H, W), got shape {tuple(latents.shape)}")
+    if latents.ndim < 2:
+        raise ValueError(f"{name} must be (T, ...), one latent per frame, got shape {tuple(latents.shape)}")
     if latents.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 frames to measure change, got T={latents.shape[0]}")
     if not latents.is_floating_point():
@@ -48,7 +49,7 @@ def validate_latents(latents: torch.Tensor, name: str = "latents", first: int = 
 
 
 def frame_changes(latents: torch.Tensor) -> torch.Tensor:
-    """Relative L1 change between consecutive frames: ``(T, C, H, W)`` -> ``(T - 1,)`` in [0, 2].
+    """Relative L1 change between consecutive frames: ``(T, ...)`` -> ``(T - 1,)`` in [0, 2].
 
     ``mean|x_t - x_{t-1}| / mean(|x_t| + |x_{t-1}|) * 2``: 0 for equal frames, 2 at most (the
     triangle inequality), unchanged when all latents are scaled by the same factor. Validates.
