@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -786,11 +787,19 @@ def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:
     otherwise (``block_k`` first: a positive int)."""
     check_sizes(block_k=block_k)
     kv_blocks = cdiv(kv_len, block_k)
-    if (len(span) != 2 or any(isinstance(b, bool) or not hasattr(type(b), "__index__") for b in span)
-            or not 0 <= span[0] <= span[1] <= kv_blocks):
+    blocks = [None if isinstance(b, bool) else _index(b) for b in span]
+    if len(blocks) != 2 or None in blocks or not 0 <= blocks[0] <= blocks[1] <= kv_blocks:
         raise ValueError(f"dense span must be (first, end) int key blocks with 0 <= first <= end <= {kv_blocks}, "
                          f"got {tuple(span)}")
-    return int(span[0]), int(span[1])
+    return blocks[0], blocks[1]
+
+
+def _index(value: object) -> int | None:
+    """``value`` as an int where it is an integer (a numpy or 0-d torch integer too), else None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_scale(scale) -> None:

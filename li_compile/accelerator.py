@@ -440,15 +440,15 @@ class RoutedGraph:
             return {}
         args, kwargs = frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})
         signature = call_signature(target, frame.f_locals.get("fn"), self._signatures)
-        if signature is not None:
-            check_revisit_inputs(accelerator.revisit_inputs, signature, type(target).__qualname__)
         try:
             bound = signature.bind(*args, **kwargs) if signature is not None else None
         except TypeError:
             bound = None
         if bound is None:
             return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
-        return named_arguments(bound)
+        arguments = named_arguments(bound)
+        check_revisit_inputs(accelerator.revisit_inputs, signature, type(target).__qualname__, arguments)
+        return arguments
 
 
 def calibrate(compiled: Any, target: float = 0.99, candidates: Sequence[TilePlanParams] | None = None,

@@ -254,18 +254,32 @@ def leaves(value: object, depth: int = 0, path: tuple[int, ...] = ()) -> list:
     return [("open", type(value).__qualname__), *inner, ("close",)]
 
 
-def check_revisit_inputs(names: Collection[str], signature: inspect.Signature, callee: str) -> None:
+def check_revisit_inputs(names: Collection[str], signature: inspect.Signature, callee: str,
+                         keys_of: Mapping[str, object] | None = None) -> None:
     """Raise ``ValueError`` naming the ``revisit_inputs`` ``names`` that are no parameter of
-    ``signature`` (the compiled call's, ``callee`` in the message): a misspelt name would leave the
-    input in the key, and revisits would never hit. A signature with ``*args`` or ``**kwargs`` (a
-    wrapper) may take any name: nothing is checked."""
+    ``signature`` (the compiled call's, ``callee`` in the message) nor, given the call's arguments
+    ``keys_of``, a key of a dict among them (``cond["camera"]``, which a compiled graph names by its
+    key): a misspelt name would leave the input in the key, and revisits would never hit. A
+    signature with ``*args`` or ``**kwargs`` (a wrapper) may take any name: nothing is checked."""
     parameters = signature.parameters.values()
     if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters):
         return
-    unknown = sorted(set(names) - {p.name for p in parameters})
+    unknown = sorted(set(names) - {p.name for p in parameters} - _mapping_keys(list((keys_of or {}).values())))
     if unknown:
+        where = " or a key of a dict argument" if keys_of is not None else ""
         raise ValueError(f"revisit_inputs names {unknown}, which {'is' if len(unknown) == 1 else 'are'} no parameter "
-                         f"of {callee}{signature}: give the names the call's parameters have")
+                         f"of {callee}{signature}{where}: give the names the call's parameters have")
+
+
+def _mapping_keys(values: list, depth: int = 0) -> set[str]:
+    """The string keys of the dicts among ``values``, through lists, tuples and nested dicts."""
+    keys: set[str] = set()
+    for value in values:
+        if isinstance(value, Mapping) and depth < MAX_NESTING:
+            keys |= {k for k in value if isinstance(k, str)} | _mapping_keys(list(value.values()), depth + 1)
+        elif isinstance(value, (list, tuple)) and depth < MAX_NESTING:
+            keys |= _mapping_keys(list(value), depth + 1)
+    return keys
 
 
 def named_arguments(bound: inspect.BoundArguments) -> dict[str, object]:

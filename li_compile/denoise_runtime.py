@@ -39,6 +39,7 @@ The stamp records which, so the two never mix.
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass, field
 import math
 from typing import Callable, Hashable, Iterator, Sequence
@@ -164,6 +165,15 @@ class DenoiseRuntime:
         if self._chunk is None:
             raise ValueError("end_chunk() without begin_chunk(): no chunk is open")
         c, s = self._chunk, self.cache.stats
+        if not failed and c.sigmas is not None and c.step is not None and (
+                c.step != len(c.sigmas) - 2 or c.last_served >= c.step):  # its steps were numbered wrongly
+            self.end_chunk(failed=True)  # keeps nothing: its outputs are stored under the wrong steps
+            steps = len(c.sigmas) - 1
+            what = (f"its last step told, {c.step}, was served from the cache" if c.last_served >= c.step
+                    else f"its last step told is {c.step}")
+            raise ValueError(f"chunk {c.chunk}: {what}, but its sigmas give {steps} steps: tell each step's number "
+                             f"with chunk.step(i), 0 to {steps - 1}, once per step (the last step always computes); "
+                             "the chunk keeps nothing in the cache")
         if failed:
             for entry in c.opened.values():
                 self.cache.discard(entry)
@@ -201,10 +211,6 @@ class DenoiseRuntime:
         self._chunk, self._previous = None, c.poses[-1]
         if c.sigmas is None:
             self._note_steps(c)
-        elif c.step is not None and c.last_served >= c.step:
-            raise ValueError(f"chunk {c.chunk}: its last step told, {c.step}, was served from the cache, but its sigmas "
-                             f"give {len(c.sigmas) - 1} steps: tell each step's number with chunk.step(i), 0 to "
-                             f"{len(c.sigmas) - 2}, once per step (the last step always computes)")
         return stats
 
     def _note_steps(self, c: "_Chunk") -> None:
@@ -240,9 +246,10 @@ class DenoiseRuntime:
         c = self._chunk
         if c is None:
             raise ValueError("set_step() without begin_chunk(): no chunk is open")
-        if isinstance(step, bool) or not hasattr(type(step), "__index__") or int(step) < 0:
+        number = whole_number(step)
+        if number is None or number < 0:
             raise ValueError(f"chunk.step(i) takes the denoising step about to run, an int >= 0, got {step!r}")
-        step = int(step)
+        step = number
         if c.sigmas is not None and step >= len(c.sigmas) - 1:
             raise ValueError(f"chunk.step({step}): the chunk's sigmas give {len(c.sigmas) - 1} steps, numbered 0 to "
                              f"{len(c.sigmas) - 2}")
@@ -412,6 +419,17 @@ def frame_axis(shape: Sequence[int], frames: int) -> int | None:
     last = len(shape) - 1 if len(shape) == 3 else len(shape)
     axes = [a for a in range(1, last) if shape[a] == frames]
     return axes[0] if len(axes) == 1 else None
+
+
+def whole_number(value: object) -> int | None:
+    """``value`` as an int where it is one (an int, a numpy or 0-d torch integer), else None (a bool,
+    a float, a float tensor)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def timestep_values(timestep: object) -> tuple[float, ...] | None:

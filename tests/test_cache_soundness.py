@@ -275,6 +275,7 @@ def test_guidance_as_two_calls_per_step_serves_both_calls_on_a_revisit():
 
 
 @pytest.mark.parametrize("step, match", [(-1, "an int >= 0, got -1"), (True, "got True"), (1.0, "got 1.0"),
+                                         (torch.tensor(1.5), r"got tensor\(1.5"),
                                          (4, "sigmas give 4 steps, numbered 0 to 3")])
 def test_a_step_number_outside_the_schedule_is_refused_naming_it(step, match):
     world = tiny_world()
@@ -317,6 +318,50 @@ def test_a_revisit_input_that_names_no_parameter_is_refused_naming_it(boundary):
     model = li_compile.cached(compiled, latent="x", timestep="sigma") if boundary else compiled
     with pytest.raises(ValueError, match=r"revisit_inputs names \['cameras'\], which is no parameter of .*camera"):
         cached_chunk(model, accelerator, noise(world, 0), inputs_of(world))
+
+
+class DictConditioned(torch.nn.Module):
+    """A denoiser taking its conditioning in a dict (``cond["text"]``, ``cond["camera"]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, sigma, cond: dict):
+        return self.lin(x) * torch.sin(3 * sigma) + cond["text"].mean() + 0.1 * cond["camera"].mean()
+
+
+def test_a_revisit_input_inside_a_dict_argument_is_named_by_its_key():
+    """A compiled graph names a tensor inside a dict argument by its key: ``revisit_inputs=("camera",)``
+    leaves ``cond["camera"]`` out of the key (a revisit with another camera hits), and is not refused."""
+    torch.manual_seed(0)
+    model = DictConditioned().eval()
+    compiled = torch.compile(model, backend="light_interaction", options=OPTIONS, dynamic=False)
+    accelerator = li_compile.accelerator(compiled)
+    accelerator.configure(revisit_inputs=("camera",))
+    text, kinds = torch.randn(4), []
+    for chunk in range(2):
+        accelerator.denoise.begin_chunk(chunk, HERE, SIGMAS)
+        with torch.no_grad():
+            x = torch.randn(1, 2, 8)
+            for s0, s1 in zip(SIGMAS[:-1], SIGMAS[1:]):
+                x = x + (s1 - s0) * compiled(x, torch.tensor(s0), {"text": text, "camera": torch.randn(3)})
+        kinds.append(accelerator.denoise.end_chunk().values["cache"])
+    assert kinds == ["miss", "hit"]
+
+
+def test_a_chunk_whose_steps_were_numbered_short_of_its_sigmas_raises_and_keeps_nothing():
+    """Steps told 0, 0, 0, 1 of a 4-step schedule store the real steps under wrong numbers: the chunk
+    raises when it ends and keeps none of them, so a correctly numbered revisit computes."""
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    inputs = inputs_of(world)
+    with pytest.raises(ValueError, match="its last step told is 1, but its sigmas give 4 steps"):
+        stepped_chunk(compiled, accelerator, noise(world, 0), inputs, SIGMAS, 0, told=SIGMAS, labels=[0, 0, 0, 1])
+    assert len(accelerator.denoise.cache) == 0
+    out, stats = stepped_chunk(compiled, accelerator, noise(world, 1), inputs, SIGMAS, 1, told=SIGMAS)
+    assert stats["cache"] == "miss"
+    torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs), **FP32)
 
 
 def test_finding_6_a_non_finite_chunk_is_never_served_and_a_nan_sigma_is_refused():

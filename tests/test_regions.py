@@ -110,6 +110,27 @@ def test_the_leaves_of_a_sequential_are_not_blocks(compiles, depth):
         assert len(compiles) == 3 and rows and rows[0].startswith(f"{depth} repeated blocks")
 
 
+class RawBlock(nn.Module):
+    """A block computing with its own parameters alone (fused weights), no submodules."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width) / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(x @ self.weight)
+
+
+def test_blocks_without_submodules_are_blocks_too(compiles):
+    torch.manual_seed(0)
+    model, x = Stack(1), torch.randn(2, 8, 16)
+    model.blocks = nn.ModuleList(RawBlock(16) for _ in range(MIN_BLOCKS + 2))
+    compiled = _compiled(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    rows = [s.reason for s in li_compile.report(compiled).sites if s.kind == "regions"]
+    assert len(compiles) == 3 and rows[0].startswith(f"{MIN_BLOCKS + 2} repeated blocks")
+
+
 def test_regional_false_compiles_the_unrolled_graph(compiles):
     model, x = Stack(4), torch.randn(2, 8, 16)
     torch.testing.assert_close(_compiled(model, regional=False)(x), model(x), rtol=1e-5, atol=1e-6)
