@@ -80,6 +80,7 @@ class Accelerator:
         self.audit: Audit | None = None  # the latest li_compile.audit of this model
         self.boundary_cache: str | None = None  # how li_compile.cached calls this model, if it does
         self.records_cuda_graphs = False  # a graph of it compiled in a mode that records CUDA graphs
+        self._warm_up_call: Callable[[int], object] | None = None  # warm_up's, run again by use_calibration
         self.open_chunk: ChunkScope | None = None  # the chunk scope entered and not yet exited
         self._weights, self._digests = WeightsIdentity(), DigestMemo()
         self._graph_ids = itertools.count(1)
@@ -136,8 +137,10 @@ class Accelerator:
         chunk: ``call(capacity)`` runs the model once on a context of that many slots (all padding is
         fine), and is called once per capacity; twice where the model compiled in a mode that records
         CUDA graphs (``mode="reduce-overhead"``: a graph records on its second call, with the warm-up
-        plan, whose replays then follow every later plan). See ``ContextController.warm_up``."""
+        plan, whose replays then follow every later plan). See ``ContextController.warm_up``. The
+        call is kept: ``use_calibration`` warms up again with the calibrated plans."""
         self._controller().warm_up(call, repeat=lambda: self.records_cuda_graphs)
+        self._warm_up_call = call
 
     @property
     def calibrating(self) -> CalibrationRun | None:
@@ -156,6 +159,9 @@ class Accelerator:
         query rows measured per site call. The scope's ``calibration`` holds the result. ``ValueError``
         at once, naming why, where no chunk would get a tile plan to measure (``calibration_refusal``)."""
         controller = self._controller()
+        if self.records_cuda_graphs:
+            raise ValueError(f"{self.name} cannot be calibrated: it records CUDA graphs (mode='reduce-overhead'), "
+                             "which replay the plans' kernel routes of their warm-up")
         refusal = controller.calibration_refusal()
         if refusal is not None:
             raise ValueError(f"{self.name} cannot be calibrated: no chunk gets a tile plan to measure, as {refusal}")
@@ -170,11 +176,21 @@ class Accelerator:
         in every later chunk; None goes back to the options' single plan. The report shows its recall.
         ``ValueError`` naming why when the calibration cannot act on this model
         (``ContextController.use_calibration``) or was measured on other attention layers
-        (``check_layers``)."""
+        (``check_layers``), or where the model records CUDA graphs (they keep the plans' kernel
+        routes of their warm-up). After ``warm_up``, its call runs again (one call per capacity
+        bucket, no gradients) with the calibrated plans, whose kernel shapes (a chunk's span split
+        off where the options' plans had none) then compile here rather than in a chunk."""
+        if calibration is not None and self.records_cuda_graphs:
+            raise ValueError(f"{self.name} records CUDA graphs (mode='reduce-overhead'): they replay the plans' kernel "
+                             "routes of their warm-up, which a calibration may change; compile it without a mode "
+                             "that records CUDA graphs to use a calibration")
         if calibration is not None:
             self.check_layers(calibration, self._controller())
         self._controller().use_calibration(calibration)
         self.calibration = calibration
+        if calibration is not None and self._warm_up_call is not None:
+            with torch.no_grad():
+                self._controller().warm_up(self._warm_up_call)
 
     def check_layers(self, calibration: Calibration, controller: ContextController) -> None:
         """ValueError unless ``calibration``, if measured on a model (``made_for``), was measured on

@@ -23,6 +23,7 @@ from li_compile.controller.calibration import Calibration, CalibrationSetting, w
 from li_compile.controller.context import ContextController
 from li_compile.controller.poses import bounds_from_fov, make_poses
 from li_compile.controller.tile_plan import TilePlanParams, empty_tile_plan, key_keep, write_tile_plan
+from li_compile.kernels.block_sparse_attention import launched_shapes
 from li_compile.options import ContextOptions, Options, SparsityOptions
 from li_compile.plan import Plan, SlotSignature
 from li_compile.sequence import SequenceLayout
@@ -68,7 +69,8 @@ def test_measured_kept_mass_equals_the_reference_softmax_without_padding():
 def _run(world, trajectory, target=None, chunks=3, calibrate_chunks=2, options=OPTIONS, calibration=None):
     """A light_interaction run of ``chunks`` chunks; with ``target``, after a calibration over
     ``calibrate_chunks`` chunks; with ``calibration``, using that one. Returns (calibration scope or
-    None, generation, accelerator, Dynamo frames compiled after the calibration)."""
+    None, generation, accelerator, Dynamo frames compiled after the calibration). The kernel call
+    shapes first launched by those chunks are in ``_run.new_kernel_shapes``."""
     setup = light_interaction_setup(world, options)
     setup.warm_up()
     driver = setup.driver(trajectory)
@@ -77,8 +79,9 @@ def _run(world, trajectory, target=None, chunks=3, calibrate_chunks=2, options=O
     if target is not None:
         with li_compile.calibrate(setup.world.model, target=target) as scope:
             generate(setup.world, trajectory, chunks=calibrate_chunks, accelerator=driver.accelerator, decode=False)
-    compiled = counters["frames"]["ok"]
+    compiled, shapes = counters["frames"]["ok"], launched_shapes()
     generation = generate(setup.world, trajectory, chunks=chunks, accelerator=driver.accelerator, decode=False)
+    _run.new_kernel_shapes = launched_shapes() - shapes
     return scope, generation, driver.accelerator, counters["frames"]["ok"] - compiled
 
 
@@ -112,6 +115,7 @@ def test_a_looser_target_picks_sparse_plans_per_head_that_reach_it_with_no_recom
     scope, generation, accelerator, recompiles = _run(world, trajectory, target=0.5)
     calibration = scope.calibration
     assert recompiles == 0 and torch.isfinite(generation.latents).all()
+    assert _run.new_kernel_shapes == 0  # the calibrated plans' kernel shapes were warmed up when it was applied
     assert min(s.values["density"] for s in accelerator.report().chunks) < 1
     for layer in calibration.choice:
         assert (calibration.recall(layer) >= 0.5).all()
@@ -119,6 +123,26 @@ def test_a_looser_target_picks_sparse_plans_per_head_that_reach_it_with_no_recom
     assert "calibrated tile plans" in report and all(layer in report for layer in calibration.choice)
     reloaded = Calibration.from_json(calibration.to_json())
     assert reloaded.head_params() == calibration.head_params() and reloaded.choice == calibration.choice
+
+
+def test_a_model_that_records_cuda_graphs_refuses_a_calibration(world, trajectory):
+    """Its graphs replay the kernel routes recorded at warm-up (a chunk's span split off or not),
+    which calibrated plans may change: refused at once, naming why."""
+    torch._dynamo.reset()
+    setup = light_interaction_setup(world, OPTIONS)
+    setup.warm_up()
+    accelerator = setup.driver(trajectory).accelerator
+    accelerator.records_cuda_graphs = True  # as a graph compiled with mode="reduce-overhead" marks it
+    heads = world.spec.heads
+    calibration = Calibration(0.99, widening_ladder(TilePlanParams(), 1), {"g.attention0": torch.ones(1, heads)},
+                              {"g.attention0": [0] * heads})
+    try:
+        with pytest.raises(ValueError, match="records CUDA graphs"):
+            accelerator.use_calibration(calibration)
+        with pytest.raises(ValueError, match="records CUDA graphs"):
+            li_compile.calibrate(setup.world.model, target=0.9)
+    finally:
+        accelerator.records_cuda_graphs = False  # the module's world keeps its accelerator
 
 
 def test_heads_a_calibration_keeps_dense_visit_every_block(world, trajectory, dense):
