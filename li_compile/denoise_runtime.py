@@ -190,10 +190,12 @@ class DenoiseRuntime:
         if calibrating:
             self.auto.record(c.measured, self.options.reuse_target_db, self.reuse_limit())  # the steps it measured
         kind = "calibration" if calibrating else "near hit" if near else "hit"
+        off = None if c.matches else self._off_reason(c)
         stats = ChunkStats(
             c.chunk,
             {
                 "cache": kind if hit else ("miss" if c.matches else "off"),
+                **({"cache_off": off} if off else {}),
                 "reused_chunk": hit[0] if hit else None,
                 "steps_reused": c.reused,
                 "steps_computed": c.computed,
@@ -212,6 +214,15 @@ class DenoiseRuntime:
         if c.sigmas is None:
             self._note_steps(c)
         return stats
+
+    def _off_reason(self, c: "_Chunk") -> str | None:
+        """Why a chunk of an enabled cache looked nothing up, where its schedule says so."""
+        if not self.options.enabled or c.sigmas is None or self.reuse_limit() > 0 or c.computed == 0:
+            return None
+        if self.options.stored == "x0" and min(c.sigmas[0] if isinstance(c.sigmas[0], tuple) else (c.sigmas[0],)) <= 0:
+            return ("sigmas[0] is 0: with cache.stored='x0' no step from the first at noise level 0 is served "
+                    "(sigmas run from the noisiest level down to 0)")
+        return None
 
     def _note_steps(self, c: "_Chunk") -> None:
         """Learn from a closed chunk without sigmas how many steps a chunk runs (the fewest seen), so

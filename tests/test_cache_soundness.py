@@ -364,6 +364,16 @@ def test_a_chunk_whose_steps_were_numbered_short_of_its_sigmas_raises_and_keeps_
     torch.testing.assert_close(out, exact(world.model, noise(world, 1), inputs), **FP32)
 
 
+def test_a_schedule_that_starts_clean_says_why_the_cache_is_off():
+    """Sigmas rising from 0 (a convention where 0 is the noise) leave nothing the default "x0"
+    storage may serve; the chunk's statistics say why rather than a bare "off"."""
+    world = tiny_world()
+    compiled, accelerator = accelerated(world)
+    rising = SIGMAS[::-1]
+    _, stats = cached_chunk(compiled, accelerator, noise(world, 0), inputs_of(world), sigmas=rising)
+    assert stats["cache"] == "off" and "sigmas[0] is 0" in stats["cache_off"]
+
+
 def test_finding_6_a_non_finite_chunk_is_never_served_and_a_nan_sigma_is_refused():
     """A chunk that stored a non-finite output is dropped before the next lookup (its flag is read
     then, not at the chunk's end: no host-device sync there), so a revisit of it misses."""
