@@ -32,6 +32,7 @@ Build one with ``BlockLayout.from_block_mask`` or ``BlockLayout.dense``; look at
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,17 @@ INDEX_DTYPE = torch.int32
 def cdiv(a: int, b: int) -> int:
     """Ceiling division: how many blocks of ``b`` cover ``a``."""
     return -(-a // b)
+
+
+def whole_number(value: object) -> int | None:
+    """``value`` as an int where it is one (an int, a numpy or 0-d torch integer), else None (a bool,
+    a bool tensor, a float, a float tensor)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_sizes(**sizes: object) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from li_compile.kernels.block_layout import BlockLayout, cdiv, check_sizes, validate_indices, validate_unique
+from li_compile.kernels.block_layout import (
+    BlockLayout, cdiv, check_sizes, validate_indices, validate_unique, whole_number,
+)
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # smallest M/N/K tl.dot takes on the GPU
@@ -787,19 +788,12 @@ def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:
     otherwise (``block_k`` first: a positive int)."""
     check_sizes(block_k=block_k)
     kv_blocks = cdiv(kv_len, block_k)
-    blocks = [None if isinstance(b, bool) else _index(b) for b in span]
+    blocks = [whole_number(b) for b in span]
     if len(blocks) != 2 or None in blocks or not 0 <= blocks[0] <= blocks[1] <= kv_blocks:
         raise ValueError(f"dense span must be (first, end) int key blocks with 0 <= first <= end <= {kv_blocks}, "
                          f"got {tuple(span)}")
     return blocks[0], blocks[1]
 
-
-def _index(value: object) -> int | None:
-    """``value`` as an int where it is an integer (a numpy or 0-d torch integer too), else None."""
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def check_scale(scale) -> None:

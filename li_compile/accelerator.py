@@ -141,6 +141,7 @@ class Accelerator:
         call is kept: ``use_calibration`` warms up again with the calibrated plans."""
         self._controller().warm_up(call, repeat=lambda: self.records_cuda_graphs)
         self._warm_up_call = call
+        self._refuse_cuda_graphs(self.calibration)  # (known only once its graphs compiled)
 
     @property
     def calibrating(self) -> CalibrationRun | None:
@@ -180,17 +181,31 @@ class Accelerator:
         routes of their warm-up). After ``warm_up``, its call runs again (one call per capacity
         bucket, no gradients) with the calibrated plans, whose kernel shapes (a chunk's span split
         off where the options' plans had none) then compile here rather than in a chunk."""
+        if self.open_chunk is not None:
+            raise ValueError(f"{self.name}: a calibration is applied between chunks, not inside chunk "
+                             f"{self.open_chunk.chunk}'s scope (its plan is written, and its cache entries open)")
+        if calibration is not None:
+            self._refuse_cuda_graphs(calibration)
+            self.check_layers(calibration, self._controller())
+        previous = self.calibration
+        self._controller().use_calibration(calibration)
+        self.calibration = calibration
+        if calibration is not None and self._warm_up_call is not None:
+            try:
+                with torch.no_grad():
+                    self._controller().warm_up(self._warm_up_call)
+            except BaseException:  # not applied: the calibration in effect before stays
+                self._controller().use_calibration(previous)
+                self.calibration = previous
+                raise
+
+    def _refuse_cuda_graphs(self, calibration: Calibration | None) -> None:
+        """ValueError where ``calibration`` acts on a model that records CUDA graphs: they replay the
+        plans' kernel routes of their warm-up, which a calibration may change."""
         if calibration is not None and self.records_cuda_graphs:
             raise ValueError(f"{self.name} records CUDA graphs (mode='reduce-overhead'): they replay the plans' kernel "
                              "routes of their warm-up, which a calibration may change; compile it without a mode "
                              "that records CUDA graphs to use a calibration")
-        if calibration is not None:
-            self.check_layers(calibration, self._controller())
-        self._controller().use_calibration(calibration)
-        self.calibration = calibration
-        if calibration is not None and self._warm_up_call is not None:
-            with torch.no_grad():
-                self._controller().warm_up(self._warm_up_call)
 
     def check_layers(self, calibration: Calibration, controller: ContextController) -> None:
         """ValueError unless ``calibration``, if measured on a model (``made_for``), was measured on
@@ -376,6 +391,7 @@ class ChunkScope:
         try:
             checked = acc.denoise.check_chunk(chunk_poses, sigmas)  # before any planning: a refusal leaves no state
             if acc.calibration is not None:  # graphs run since it was applied
+                acc._refuse_cuda_graphs(acc.calibration)
                 acc.check_layers(acc.calibration, controller)
             acc.prefetch_cache_key()  # the weights' norms compute on the device while the host plans
             self.selection = controller.select(self.chunk, past_poses, chunk_poses, past_latents)
@@ -401,6 +417,9 @@ class ChunkScope:
         failed = kind is not None
         try:
             acc.denoise.end_chunk(failed)
+        except BaseException:  # the chunk ended wrongly (its steps misnumbered): it decides nothing either
+            failed = True
+            raise
         finally:  # a plan holds for its chunk only: later calls outside a chunk run dense
             acc.plan.clear()
             if acc.context_rows is not None:

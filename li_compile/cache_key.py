@@ -255,31 +255,28 @@ def leaves(value: object, depth: int = 0, path: tuple[int, ...] = ()) -> list:
 
 
 def check_revisit_inputs(names: Collection[str], signature: inspect.Signature, callee: str,
-                         keys_of: Mapping[str, object] | None = None) -> None:
+                         arguments: Mapping[str, object] | None = None) -> None:
     """Raise ``ValueError`` naming the ``revisit_inputs`` ``names`` that are no parameter of
-    ``signature`` (the compiled call's, ``callee`` in the message) nor, given the call's arguments
-    ``keys_of``, a key of a dict among them (``cond["camera"]``, which a compiled graph names by its
-    key): a misspelt name would leave the input in the key, and revisits would never hit. A
-    signature with ``*args`` or ``**kwargs`` (a wrapper) may take any name: nothing is checked."""
+    ``signature`` (the compiled call's, ``callee`` in the message): a misspelt name would leave the
+    input in the key, and revisits would never hit. Nothing is checked for a signature with
+    ``*args`` or ``**kwargs`` (a wrapper), which may take any name, nor where the call's
+    ``arguments`` hold a dict (a compiled graph names a tensor inside one by its key, and another
+    call may pass other keys: guidance's unconditional dict)."""
     parameters = signature.parameters.values()
     if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters):
         return
-    unknown = sorted(set(names) - {p.name for p in parameters} - _mapping_keys(list((keys_of or {}).values())))
+    if arguments is not None and _holds_mapping(list(arguments.values())):
+        return
+    unknown = sorted(set(names) - {p.name for p in parameters})
     if unknown:
-        where = " or a key of a dict argument" if keys_of is not None else ""
         raise ValueError(f"revisit_inputs names {unknown}, which {'is' if len(unknown) == 1 else 'are'} no parameter "
-                         f"of {callee}{signature}{where}: give the names the call's parameters have")
+                         f"of {callee}{signature}: give the names the call's parameters have")
 
 
-def _mapping_keys(values: list, depth: int = 0) -> set[str]:
-    """The string keys of the dicts among ``values``, through lists, tuples and nested dicts."""
-    keys: set[str] = set()
-    for value in values:
-        if isinstance(value, Mapping) and depth < MAX_NESTING:
-            keys |= {k for k in value if isinstance(k, str)} | _mapping_keys(list(value.values()), depth + 1)
-        elif isinstance(value, (list, tuple)) and depth < MAX_NESTING:
-            keys |= _mapping_keys(list(value), depth + 1)
-    return keys
+def _holds_mapping(values: list, depth: int = 0) -> bool:
+    """Whether a dict is among ``values``, or inside their lists and tuples."""
+    return depth < MAX_NESTING and any(
+        isinstance(v, Mapping) or (isinstance(v, (list, tuple)) and _holds_mapping(list(v), depth + 1)) for v in values)
 
 
 def named_arguments(bound: inspect.BoundArguments) -> dict[str, object]:

@@ -39,7 +39,6 @@ The stamp records which, so the two never mix.
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass, field
 import math
 from typing import Callable, Hashable, Iterator, Sequence
@@ -48,6 +47,7 @@ import torch
 
 from li_compile.controller.poses import validate_poses
 from li_compile.denoise_cache import DenoiseCache, Entry, Stamp, chunk_poses
+from li_compile.kernels.block_layout import whole_number
 from li_compile.options import CacheOptions
 from li_compile.reporting import ChunkStats
 
@@ -430,17 +430,6 @@ def frame_axis(shape: Sequence[int], frames: int) -> int | None:
     last = len(shape) - 1 if len(shape) == 3 else len(shape)
     axes = [a for a in range(1, last) if shape[a] == frames]
     return axes[0] if len(axes) == 1 else None
-
-
-def whole_number(value: object) -> int | None:
-    """``value`` as an int where it is one (an int, a numpy or 0-d torch integer), else None (a bool,
-    a float, a float tensor)."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def timestep_values(timestep: object) -> tuple[float, ...] | None:

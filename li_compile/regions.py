@@ -4,8 +4,8 @@ Dynamo hands the backend the whole model as one graph, every block unrolled. Ind
 with that graph: a 54-block DiT at four context capacities takes many minutes to warm up. Here the
 graph is cut at its repeated blocks, found by the module each node was traced in
 (``node.meta["nn_module_stack"]``: the outermost module path ending in an index, such as
-``blocks.3``, that holds modules of its own or is no ``torch.nn`` layer: a ``Linear`` of an
-``nn.Sequential`` is no block). Each block, and each stretch of top-level code between blocks, becomes one region.
+``blocks.3``, one of ``MIN_BLOCKS`` or more of one class in one container: the ``Linear`` layers
+of an ``nn.Sequential`` are no blocks). Each block, and each stretch of top-level code between blocks, becomes one region.
 Regions whose graphs are the same (same ops on the same constants, with weights as inputs) and whose
 inputs have the same shapes, strides, dtypes and devices share ONE compiled function: the first
 such region compiles it on its first call (real inputs), the others reuse it. The rewrites of the
@@ -49,19 +49,17 @@ class Regions:
 
 
 def block_paths(gm: fx.GraphModule) -> set[str]:
-    """The module paths of ``gm``'s blocks: indexed modules (``blocks.3``) that hold modules of their
-    own in some node's module stack (``blocks.3.attn``) or are not a ``torch.nn`` layer (a block
-    computing with its own parameters alone). A ``torch.nn`` leaf in a list (``nn.Sequential``'s
-    ``Linear``, ``SiLU``, as in a timestep embedding) is no block."""
+    """The module paths of ``gm``'s repeated blocks: indexed modules (``blocks.3``) of one container
+    and one class, ``MIN_BLOCKS`` or more of them (a stack of transformer blocks, whatever they hold);
+    a few indexed layers (an ``nn.Sequential``'s ``Linear``, ``SiLU``, ``Linear`` of a timestep
+    embedding) are none."""
     kinds = {path: kind for n in gm.graph.nodes for path, kind in (n.meta.get("nn_module_stack") or {}).values()}
-    return {p for p, kind in kinds.items()
-            if _INDEXED.search(p) and (any(q.startswith(p + ".") for q in kinds) or not _torch_layer(kind))}
-
-
-def _torch_layer(kind: object) -> bool:
-    """Whether a module stack's class (or its qualified name) is one of ``torch.nn``'s own."""
-    name = f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind)
-    return name.startswith("torch.nn.")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path, kind in kinds.items():
+        index = _INDEXED.search(path)
+        if index:
+            groups.setdefault((path[: index.start()], str(kind)), []).append(path)
+    return {p for members in groups.values() if len(members) >= MIN_BLOCKS for p in members}
 
 
 def block_of(node: fx.Node, blocks: set[str]) -> str | None:

@@ -141,8 +141,29 @@ def test_a_model_that_records_cuda_graphs_refuses_a_calibration(world, trajector
             accelerator.use_calibration(calibration)
         with pytest.raises(ValueError, match="records CUDA graphs"):
             li_compile.calibrate(setup.world.model, target=0.9)
+        accelerator.records_cuda_graphs = False  # applied first, then its graphs record: refused at warm-up
+        accelerator.use_calibration(calibration)
+        accelerator.records_cuda_graphs = True
+        with pytest.raises(ValueError, match="records CUDA graphs"):
+            setup.warm_up()
     finally:
         accelerator.records_cuda_graphs = False  # the module's world keeps its accelerator
+        accelerator.use_calibration(None)
+
+
+def test_a_calibration_is_applied_between_chunks_not_inside_one(world, trajectory):
+    torch._dynamo.reset()
+    setup = light_interaction_setup(world, OPTIONS)
+    accelerator = setup.driver(trajectory).accelerator
+    heads = world.spec.heads
+    calibration = Calibration(0.99, widening_ladder(TilePlanParams(), 1), {"g.attention0": torch.ones(1, heads)},
+                              {"g.attention0": [0] * heads})
+    poses = trajectory.poses.float()
+    frames = world.spec.chunk_frames
+    with accelerator.chunk(0, poses[:0], poses[:frames], torch.zeros(0, *world.spec.latent_shape)):
+        with pytest.raises(ValueError, match="applied between chunks, not inside chunk 0"):
+            accelerator.use_calibration(calibration)
+    assert accelerator.calibration is None
 
 
 def test_heads_a_calibration_keeps_dense_visit_every_block(world, trajectory, dense):

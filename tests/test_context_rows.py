@@ -270,6 +270,36 @@ def test_auto_is_the_default_reuses_where_it_can_and_says_nothing_where_it_canno
         assert li_compile.Accelerator(li_compile.Options.from_user(off), "m").context_rows is None, off
 
 
+def test_a_chunk_whose_steps_end_short_of_its_sigmas_decides_nothing_as_the_probe():
+    """Its step numbering raises when it ends (the denoising cache's error, not the probe's), and as
+    any chunk that raised it decides nothing: the next chunk probes again."""
+    from li_compile.worlds.pipeline import chunk_noise, gather_context, sampler_update
+
+    spec = dataclasses.replace(hy_worldplay.PRESETS["tiny"], depth=2, steps=4)
+    world = hy_worldplay.build(spec, form="full")
+    trajectory = trajectories.make("loop", 4 * spec.chunk_frames)
+    options = {"inner": "eager", "sparsity": {"block_q": 16, "block_k": 16}, "context": {"keep_threshold": 0.0}}
+    compiled = world.compile(lambda m: torch.compile(m, backend="light_interaction", options=options, dynamic=False))
+    accelerator = li_compile.accelerator(compiled.model)
+    accelerator.configure(memory_k=spec.memory, fov_y_deg=trajectory.fov_y_deg, aspect=trajectory.aspect,
+                          layout=world.layout)
+    sigmas, frames, poses = spec.sigmas().float(), spec.chunk_frames, trajectory.poses.float()
+    history = torch.zeros(2 * frames, *spec.latent_shape)
+    with pytest.raises(ValueError, match="its last step told is 2, but its sigmas give 4 steps"):
+        with accelerator.chunk(0, poses[:0], poses[:frames], history[:0], sigmas) as scope:
+            context = gather_context(history[:0], poses[:0], scope.selection, scope.capacity, True)
+            inputs = compiled.inputs(context, poses[:frames], trajectory.actions()[:frames], 0)
+            noise = chunk_noise(compiled, 0, 0)
+            x = noise[0]
+            for step, told in enumerate([0, 1, 2, None]):  # the last step not told
+                if told is not None:
+                    scope.step(told)
+                x = sampler_update(spec.sampler, x, compiled.model(x, sigmas[step], **inputs), sigmas[step],
+                                   sigmas[step + 1], noise[step + 1])
+    assert accelerator.context_rows.verdict is None
+    assert accelerator.context_rows.history[-1].values["context_rows_off"].startswith("the probe chunk raised")
+
+
 def test_the_kept_rows_are_released_when_the_chunk_ends():
     reuse = _reuse(steps=3)
     reuse.set_step(0)

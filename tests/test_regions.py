@@ -131,6 +131,19 @@ def test_blocks_without_submodules_are_blocks_too(compiles):
     assert len(compiles) == 3 and rows[0].startswith(f"{MIN_BLOCKS + 2} repeated blocks")
 
 
+def test_a_stack_of_torch_transformer_layers_is_cut_into_regions(compiles):
+    """``nn.TransformerEncoderLayer`` in eval runs its fused path, calling none of its submodules:
+    its layers are blocks by being many of one class in one container."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model, x = nn.TransformerEncoder(layer, MIN_BLOCKS + 1, enable_nested_tensor=False).eval(), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        compiled = _compiled(model)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    rows = [s.reason for s in li_compile.report(compiled).sites if s.kind == "regions"]
+    assert rows and rows[0].startswith(f"{MIN_BLOCKS + 1} repeated blocks")
+
+
 def test_regional_false_compiles_the_unrolled_graph(compiles):
     model, x = Stack(4), torch.randn(2, 8, 16)
     torch.testing.assert_close(_compiled(model, regional=False)(x), model(x), rtol=1e-5, atol=1e-6)
