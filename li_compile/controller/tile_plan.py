@@ -181,19 +181,25 @@ def _behind_crossings(p: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor,
     where the segment crosses the camera's plane (as depth falls to 0 the projection runs off to
     infinity that way; a segment through the camera's centre projects to its point alone). It is
     clipped against every tile's box, widened by ``radius`` (Liang-Barsky), out to a length that
-    leaves the grid."""
-    straddle = valid[..., 1:] ^ valid[..., :-1]  # (..., n - 1)
-    first_in_front = valid[..., :-1, None]
-    start = torch.where(first_in_front, exact[..., :-1, :], exact[..., 1:, :])
-    front = torch.where(first_in_front, p[..., :-1, :], p[..., 1:, :])
-    back = torch.where(first_in_front, p[..., 1:, :], p[..., :-1, :])
+    leaves the grid. Only the crossing pairs are clipped (most chunks have none)."""
+    lead = valid.shape[:-1]
+    out = torch.zeros(math.prod(lead), key.shape[0], dtype=torch.int32)
+    straddle = (valid[..., 1:] ^ valid[..., :-1]).reshape(-1, valid.shape[-1] - 1)  # (pairs' owners, n - 1)
+    owner, pair = straddle.nonzero(as_tuple=True)
+    if owner.numel() == 0:
+        return out.bool().reshape(*lead, key.shape[0])
+    p, exact, valid = p.reshape(-1, *p.shape[-2:]), exact.reshape(-1, *exact.shape[-2:]), valid.reshape(-1, valid.shape[-1])
+    first_in_front = valid[owner, pair][:, None]  # (K, 1): the pair's first point is the one in front
+    start = torch.where(first_in_front, exact[owner, pair], exact[owner, pair + 1])
+    front = torch.where(first_in_front, p[owner, pair], p[owner, pair + 1])
+    back = torch.where(first_in_front, p[owner, pair + 1], p[owner, pair])
     share = (front[..., 2:] / (front[..., 2:] - back[..., 2:])).nan_to_num(0.0)  # of the way from front to back
     crossing = front[..., :2] + (back[..., :2] - front[..., :2]) * share  # image-plane point at depth 0
     direction = torch.stack([crossing[..., 1], crossing[..., 0]], -1) * per_unit  # (row, col), tile units
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     reach = start.norm(dim=-1, keepdim=True) + key.norm(dim=-1).max() + 2 * radius + 2
-    step = (direction * reach)[..., None, :]  # (..., n - 1, 1, 2)
-    origin = start[..., None, :]
+    step = (direction * reach)[:, None, :]  # (K, 1, 2)
+    origin = start[:, None, :]
     lo, hi = key - radius, key + radius + 1  # (hw_k, 2) each tile's box, widened
     moving = step.abs() > 1e-9
     safe = torch.where(moving, step, torch.ones_like(step))
@@ -203,8 +209,9 @@ def _behind_crossings(p: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor,
     still_inside = (moving | ((origin >= lo) & (origin <= hi))).all(-1)
     enter = enter.amax(-1).clamp_min(0.0)
     leave = leave.amin(-1).clamp_max(1.0)
-    hit = still_inside & (enter <= leave)  # (..., n - 1, hw_k)
-    return (hit & straddle[..., None]).any(-2)
+    hit = still_inside & (enter <= leave)  # (K, hw_k)
+    out.index_put_((owner,), hit.int(), accumulate=True)
+    return (out > 0).reshape(*lead, key.shape[0])
 
 
 def memory_visibility(
