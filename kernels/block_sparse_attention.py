@@ -795,7 +795,6 @@ def check_span(span, kv_len: int, block_k: int) -> tuple[int, int]:
     return blocks[0], blocks[1]
 
 
-
 def check_scale(scale) -> None:
     """Raise ``ValueError`` unless ``scale`` (of the scores) is None or a finite number: the kernel
     takes it as a constant, not a tensor."""

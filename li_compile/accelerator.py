@@ -56,6 +56,7 @@ CALIBRATION_STEPS = 4  # default calibration candidates: recent radius 0-3 tiles
 ATTRIBUTE = "_li_accelerators"  # on the user's module or function: {Options: Accelerator}
 BLOCKS_ATTRIBUTE = "_li_compiled_blocks"  # on a model li_compile.compile_repeated_blocks compiled: BlocksCompiled
 BACKEND = "light_interaction"
+CUDA_GRAPH_ROUTES = "it records CUDA graphs (mode='reduce-overhead'), which replay the plans' kernel routes of their warm-up"
 
 
 class Accelerator:
@@ -161,8 +162,7 @@ class Accelerator:
         at once, naming why, where no chunk would get a tile plan to measure (``calibration_refusal``)."""
         controller = self._controller()
         if self.records_cuda_graphs:
-            raise ValueError(f"{self.name} cannot be calibrated: it records CUDA graphs (mode='reduce-overhead'), "
-                             "which replay the plans' kernel routes of their warm-up")
+            raise ValueError(f"{self.name} cannot be calibrated: {CUDA_GRAPH_ROUTES}")
         refusal = controller.calibration_refusal()
         if refusal is not None:
             raise ValueError(f"{self.name} cannot be calibrated: no chunk gets a tile plan to measure, as {refusal}")
@@ -203,9 +203,8 @@ class Accelerator:
         """ValueError where ``calibration`` acts on a model that records CUDA graphs: they replay the
         plans' kernel routes of their warm-up, which a calibration may change."""
         if calibration is not None and self.records_cuda_graphs:
-            raise ValueError(f"{self.name} records CUDA graphs (mode='reduce-overhead'): they replay the plans' kernel "
-                             "routes of their warm-up, which a calibration may change; compile it without a mode "
-                             "that records CUDA graphs to use a calibration")
+            raise ValueError(f"{self.name} refuses a calibration: {CUDA_GRAPH_ROUTES}, which a calibration may change; "
+                             "compile it without a mode that records CUDA graphs to use one")
 
     def check_layers(self, calibration: Calibration, controller: ContextController) -> None:
         """ValueError unless ``calibration``, if measured on a model (``made_for``), was measured on

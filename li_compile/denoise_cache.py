@@ -92,6 +92,11 @@ class Entry:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.outputs.values())
 
+    def computed_at(self, key: tuple[int, int], timestep: tuple[float, ...] | None) -> bool:
+        """Whether the output at ``key`` (step, call) was computed at ``timestep`` (each source's, for
+        an assembled entry; None: not known, on both sides)."""
+        return self.timesteps.get(key, {None}) == {timestep}
+
 
 @dataclass
 class CacheStats:
@@ -254,7 +259,7 @@ class DenoiseCache:
         candidates = [
             e for e in self._entries.values()
             if e.stamp == stamp and all((s, 0) in e.outputs for s in range(steps))
-            and (timestep is None or e.timesteps.get(timestep[0], {None}) == {timestep[1]})
+            and (timestep is None or e.computed_at(*timestep))
         ]
         if frame_axis is not None:
             match = self._frame_match(current, candidates, frame_axis, accept, measure, max_distance, serve,

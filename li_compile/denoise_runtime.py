@@ -219,7 +219,7 @@ class DenoiseRuntime:
         """Why a chunk of an enabled cache looked nothing up, where its schedule says so."""
         if not self.options.enabled or c.sigmas is None or self.reuse_limit() > 0 or c.computed == 0:
             return None
-        if self.options.stored == "x0" and min(c.sigmas[0] if isinstance(c.sigmas[0], tuple) else (c.sigmas[0],)) <= 0:
+        if self.options.stored == "x0" and _clean(c.sigmas[0]):
             return ("sigmas[0] is 0: with cache.stored='x0' no step from the first at noise level 0 is served "
                     "(sigmas run from the noisiest level down to 0)")
         return None
@@ -287,7 +287,7 @@ class DenoiseRuntime:
             limit = self.auto.chosen
         limit = total - 1 if limit is None else min(limit, total - 1)
         if c.sigmas is not None and options.stored == "x0":
-            clean = [i for i, level in enumerate(c.sigmas) if min(level if isinstance(level, tuple) else (level,)) <= 0]
+            clean = [i for i, level in enumerate(c.sigmas) if _clean(level)]
             limit = min([limit, *clean])
         return limit
 
@@ -340,7 +340,7 @@ class DenoiseRuntime:
         if stamp not in c.matches:
             c.matches[stamp], c.served[stamp] = self._lookup(c, stamp, limit, latents, ((step, call), timestep))
         entry = c.matches[stamp] if step < c.served[stamp] else None
-        if entry is not None and (step, call) in entry.outputs and entry.timesteps.get((step, call), {None}) != {timestep}:
+        if entry is not None and (step, call) in entry.outputs and not entry.computed_at((step, call), timestep):
             c.served[stamp] = step  # computed at another timestep (another schedule): compute from here on
             entry = None
         if entry is not None and (step, call) in entry.outputs and self.auto is not None and self.auto.chosen is None:
@@ -401,7 +401,7 @@ class DenoiseRuntime:
         level <= 0 (nothing to divide by) or per-frame levels with no single frame axis to put them on."""
         c = self._chunk
         level = c.sigmas[step]
-        if min(level if isinstance(level, tuple) else (level,)) <= 0:
+        if _clean(level):
             raise ValueError(f"sigmas[{step}] = {level}: an early step reused from the cache needs noise levels > 0")
         if not isinstance(level, tuple):
             return level
@@ -430,6 +430,11 @@ def frame_axis(shape: Sequence[int], frames: int) -> int | None:
     last = len(shape) - 1 if len(shape) == 3 else len(shape)
     axes = [a for a in range(1, last) if shape[a] == frames]
     return axes[0] if len(axes) == 1 else None
+
+
+def _clean(level: Level) -> bool:
+    """Whether a step's noise level (or one of its frames', per frame) is 0: nothing to convert by."""
+    return min(level if isinstance(level, tuple) else (level,)) <= 0
 
 
 def timestep_values(timestep: object) -> tuple[float, ...] | None:
